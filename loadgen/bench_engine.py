@@ -1,0 +1,178 @@
+"""Output tokens/s of our batched engine against transformers `generate`, same checkpoint, one run.
+
+    python -m loadgen.bench_engine [--model DIR] [--num-requests 64] [--input-len 288 --output-len 144
+        --range-ratio 0.78] [--reference-requests 16] [--reference-batch 16] [--dtype auto] [--out FILE]
+
+The workload is design.md's: input lengths uniform in 64..512, output lengths uniform in 32..256
+(len·(1±R) as `vllm bench serve`), all requests submitted at once, greedy, EOS ignored.
+Ours runs every request through the engine (continuous batching, paged latent KV, chunked
+prefill). The reference runs `generate(do_sample=False)` on padded batches (left padding) of
+`--reference-batch`; each batch decodes until its longest request is done, and only the tokens
+the requests asked for are counted. transformers re-expands its whole latent cache through
+kv_b_proj at every step, so it is slow on long outputs: by default it runs the first
+`--reference-requests` requests, and ours is also timed on exactly those, so the headline
+ratio compares the same work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from shared.engine.engine import Engine, EngineConfig
+from shared.engine.sequence import SamplingParams
+from shared.model.config import ModelArgs
+from shared.model.kv_cache import LatentKVPool
+from shared.model.loader import load_model, resolve_dtype
+
+from .bench_model import memory_bandwidth, model_dir
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=288)
+    p.add_argument("--output-len", type=int, default=144)
+    p.add_argument("--range-ratio", type=float, default=0.78)  # 288·(1±0.78) = 64..512; 144 -> 32..256
+    p.add_argument("--reference-requests", type=int, default=16, help="0: skip the reference")
+    p.add_argument("--reference-batch", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-mib", type=int, default=1024)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def workload(opts, vocab: int) -> list[tuple[list[int], int]]:
+    gen = torch.Generator().manual_seed(opts.seed)
+
+    def lengths(mean: int) -> list[int]:
+        low, high = int(mean * (1 - opts.range_ratio)), int(mean * (1 + opts.range_ratio))
+        return torch.randint(low, high + 1, (opts.num_requests,), generator=gen).tolist()
+
+    ins, outs = lengths(opts.input_len), lengths(opts.output_len)
+    return [(torch.randint(3, vocab, (n,), generator=gen).tolist(), m) for n, m in zip(ins, outs)]
+
+
+def run_ours(model, requests, opts) -> dict:
+    engine = Engine(model, EngineConfig(kv_cache_bytes=opts.kv_cache_mib << 20, max_num_seqs=len(requests),
+                                        max_num_batched_tokens=opts.max_num_batched_tokens))
+    for i, (prompt, n) in enumerate(requests):
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=n, ignore_eos=True))
+    outputs: dict[str, list[int]] = {}
+    decode_steps: list[float] = []
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        running = engine.scheduler.running
+        pure_decode = not engine.scheduler.waiting and len(running) > 1 and all(s.num_uncomputed == 1 for s in running)
+        t = time.perf_counter()
+        deltas = engine.step()
+        if pure_decode:
+            decode_steps.append(time.perf_counter() - t)
+        for d in deltas:
+            outputs.setdefault(d.request_id, []).extend(d.token_ids)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(v) for v in outputs.values())
+    assert tokens == sum(n for _, n in requests)
+    return {"seconds": elapsed, "output_tokens": tokens, "output_tok_s": tokens / elapsed,
+            "median_decode_step_ms": 1e3 * sorted(decode_steps)[len(decode_steps) // 2] if decode_steps else None,
+            "preemptions": engine.scheduler.num_preemptions,
+            "tokens": [outputs[f"r{i}"] for i in range(len(requests))]}
+
+
+def run_reference(ref, requests, batch_size: int) -> dict:
+    tokens, outputs = 0, []
+    start = time.perf_counter()
+    for b in range(0, len(requests), batch_size):
+        chunk = requests[b:b + batch_size]
+        width = max(len(p) for p, _ in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, (p, _) in enumerate(chunk):
+            ids[row, width - len(p):] = torch.tensor(p)  # left padding, as generate wants
+            mask[row, width - len(p):] = 1
+        longest = max(n for _, n in chunk)
+        out = ref.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                           do_sample=False, pad_token_id=0)
+        for row, (_, n) in enumerate(chunk):
+            outputs.append(out[row, width:width + n].tolist())
+            tokens += n
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "output_tokens": tokens, "output_tok_s": tokens / elapsed, "tokens": outputs}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    opts = parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    path = model_dir(opts.model)
+    args = ModelArgs.from_file(path / "config.json")
+    dtype = resolve_dtype(opts.dtype, args)
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "loadgen.bench_engine", *sys.argv[1:]])
+    model = load_model(path, dtype=dtype)
+    requests = workload(opts, args.vocab_size)
+    # warm-up: a short request through every path once
+    run_ours(model, [(requests[0][0][:32], 4)], opts)
+    result = {"command": command, "dtype": str(dtype).removeprefix("torch."), "threads": opts.threads,
+              "num_requests": len(requests),
+              "input_tokens": sum(len(p) for p, _ in requests), "requested_output_tokens": sum(n for _, n in requests)}
+    result["ours_all"] = run_ours(model, requests, opts)
+    sub = requests[:opts.reference_requests]
+    if sub:
+        from transformers import DeepseekV3ForCausalLM
+
+        ref = DeepseekV3ForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+        with torch.inference_mode():
+            result["reference"] = run_reference(ref, sub, opts.reference_batch)
+        result["ours_subset"] = run_ours(model, sub, opts)
+        agree = [next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+                 for x, y in zip(result["ours_subset"]["tokens"], result["reference"]["tokens"])]
+        result["greedy_agreement_first_tokens"] = agree
+        result["ratio_subset"] = result["ours_subset"]["output_tok_s"] / result["reference"]["output_tok_s"]
+        result["ratio_all_vs_reference"] = result["ours_all"]["output_tok_s"] / result["reference"]["output_tok_s"]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = memory_bandwidth()["read_gbps"]
+    result["weight_read_bound_ms"] = 1e3 * weights / (bandwidth * 1e9)
+    result["memory_read_gb_s"] = bandwidth
+    result["kv_bytes_per_token"] = LatentKVPool.bytes_per_token(args, dtype)
+    report(result)
+    if opts.out:
+        slim = {k: ({kk: vv for kk, vv in v.items() if kk != "tokens"} if isinstance(v, dict) else v)
+                for k, v in result.items()}
+        opts.out.write_text(json.dumps(slim, indent=2) + "\n")
+    return result
+
+
+def report(r: dict) -> None:
+    print(f"\ncommand: {r['command']}")
+    print(f"{r['num_requests']} requests, {r['input_tokens']} input tokens, {r['requested_output_tokens']} output "
+          f"tokens, dtype={r['dtype']}, threads={r['threads']}")
+    rows = [("ours, all requests", r["ours_all"])]
+    if "reference" in r:
+        n = len(r["reference"]["tokens"])
+        rows += [(f"ours, first {n}", r["ours_subset"]), (f"transformers, first {n}", r["reference"])]
+    print(f"{'':28s} {'seconds':>9s} {'out tokens':>11s} {'out tok/s':>10s}")
+    for name, row in rows:
+        print(f"{name:28s} {row['seconds']:9.1f} {row['output_tokens']:11d} {row['output_tok_s']:10.1f}")
+    if "reference" in r:
+        print(f"ours/transformers output tok/s on the same {len(r['reference']['tokens'])} requests: "
+              f"{r['ratio_subset']:.2f}x; ours on all {r['num_requests']} vs that reference: "
+              f"{r['ratio_all_vs_reference']:.2f}x")
+        print(f"greedy tokens equal to the reference before the first difference: {r['greedy_agreement_first_tokens']}")
+    step = r["ours_all"]["median_decode_step_ms"]
+    if step:
+        print(f"median full-batch decode step {step:.1f} ms vs weight-read bound {r['weight_read_bound_ms']:.1f} ms "
+              f"({r['memory_read_gb_s']:.1f} GB/s): {step / r['weight_read_bound_ms']:.2f}x")
+    print(f"KV bytes per token: {r['kv_bytes_per_token']} (latent only); preemptions: {r['ours_all']['preemptions']}")
+
+
+if __name__ == "__main__":
+    main()

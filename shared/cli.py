@@ -1,0 +1,105 @@
+"""`streamoe`: the command line (design.md §3)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .cliargs import apply_env_defaults
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"streamoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamoe", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    init = commands.add_parser("init-model", help="write a deterministic random checkpoint of a preset")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    init.add_argument("--fp8", action="store_true", help="store linear weights as block-scaled float8_e4m3fn")
+    init.set_defaults(handler=_init_model)
+
+    gen = commands.add_parser("generate", help="offline generation from a raw prompt")
+    gen.add_argument("--model", type=Path, required=True, help="a Hugging Face model directory")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--json", action="store_true", help='print one line {"text": ..., "token_ids": [...]}')
+    gen.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], default="auto",
+                     help="compute dtype; auto: the checkpoint's, or fp32 on a CPU without native bf16")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    gen.set_defaults(handler=_generate)
+
+    for sub in (init, gen):
+        apply_env_defaults(sub)
+    return parser
+
+
+def _init_model(args: argparse.Namespace) -> int:
+    from .model.presets import init_model
+
+    path = init_model(args.dir, args.preset, seed=args.seed, dtype=args.dtype, fp8=args.fp8)
+    print(f"wrote {args.preset} checkpoint to {path}", file=sys.stderr)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+    from tokenizers import Tokenizer
+
+    from .engine.engine import Engine, EngineConfig
+    from .engine.sequence import SamplingParams
+    from .model.loader import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.temperature < 0:
+        raise ValueError(f"--temperature={args.temperature}: must be >= 0")
+    tokenizer_path = args.model / "tokenizer.json"
+    if not tokenizer_path.exists():
+        raise FileNotFoundError(f"{tokenizer_path}: the model directory has no tokenizer.json")
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    prompt_ids = tokenizer.encode(args.prompt).ids
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                            ignore_eos=args.ignore_eos)
+    params.validate()
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    engine = Engine(model, EngineConfig(kv_cache_bytes=_kv_bytes_for(model, len(prompt_ids) + args.max_tokens)))
+    engine.add_request("cli", prompt_ids, params)
+    token_ids: list[int] = []
+    while engine.has_unfinished():
+        for delta in engine.step():
+            token_ids.extend(delta.token_ids)
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"text": text, "token_ids": token_ids}, ensure_ascii=False))
+    else:
+        print(text)
+    return 0
+
+
+def _kv_bytes_for(model, num_tokens: int) -> int:
+    from .hashing import BLOCK_SIZE
+    from .model.kv_cache import LatentKVPool
+
+    blocks = -(-num_tokens // BLOCK_SIZE)
+    return blocks * BLOCK_SIZE * LatentKVPool.bytes_per_token(model.args, model.dtype)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

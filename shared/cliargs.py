@@ -1,0 +1,46 @@
+"""Command-line parsing shared by `streamoe` and every service.
+
+Every flag also reads `STREAMOE_<FLAG>` (upper case, dashes -> underscores); a flag on the
+command line wins over the variable, and the variable over the built-in default.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+
+ENV_PREFIX = "STREAMOE_"
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+def env_name(option: str) -> str:
+    return ENV_PREFIX + option.lstrip("-").upper().replace("-", "_")
+
+
+def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
+    """Replace each optional flag's default with its environment variable, where set."""
+    environ = os.environ if environ is None else environ
+    for action in parser._actions:
+        long_options = [o for o in action.option_strings if o.startswith("--")]
+        if not long_options or action.dest == "help":
+            continue
+        name = env_name(long_options[0])
+        if name not in environ:
+            continue
+        raw = environ[name]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            word = raw.strip().lower()
+            if word not in TRUE_WORDS | FALSE_WORDS:
+                parser.error(f"{name}={raw!r}: expected one of {sorted(TRUE_WORDS | FALSE_WORDS)}")
+            enabled = word in TRUE_WORDS
+            action.default = enabled if isinstance(action, argparse._StoreTrueAction) else not enabled
+            continue
+        try:
+            value = action.type(raw) if action.type else raw
+        except (TypeError, ValueError):
+            parser.error(f"{name}={raw!r}: not a valid value for {long_options[0]}")
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"{name}={raw!r}: choose from {', '.join(map(str, action.choices))}")
+        action.default = value
+        action.required = False

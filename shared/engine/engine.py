@@ -1,0 +1,182 @@
+"""The batched engine: add a request, abort a request, step -> deltas.
+
+`step()` is schedule, run, postprocess. The engine is synchronous and single-threaded; services
+call it from their compute thread.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from ..hashing import BLOCK_SIZE, root_hash
+from ..model.kv_cache import LatentKVPool
+from ..model.model import DeepseekV3
+from .block_manager import BlockManager
+from .runner import ModelRunner
+from .sampler import Sampler
+from .scheduler import ScheduledSeq, Scheduler
+from .sequence import SamplingParams, Sequence, Status
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; `field` names the culprit."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kv_cache_bytes: int = 512 << 20  # latent KV budget, preallocated
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    mode: str = "mixed"  # mixed | prefill | decode
+    share_prefixes: bool = True
+    model_fingerprint: str = ""  # seeds the block hash chain (design.md §4)
+
+
+@dataclass
+class Delta:
+    """New tokens of one request from one step; `index` is the output index of token_ids[0]."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop", "length", "abort"; None while running
+    num_cached_tokens: int = 0  # prompt tokens served from shared blocks
+    kv: torch.Tensor | None = None  # prefill mode: the prompt's latent KV [layers, P, C+R]
+
+
+class Engine:
+    def __init__(self, model: DeepseekV3, config: EngineConfig = EngineConfig()):
+        self.model = model
+        self.config = config
+        token_bytes = LatentKVPool.bytes_per_token(model.args, model.dtype)
+        num_blocks = config.kv_cache_bytes // (BLOCK_SIZE * token_bytes)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={config.kv_cache_bytes}: below one block "
+                             f"({BLOCK_SIZE * token_bytes} bytes)")
+        self.blocks = BlockManager(num_blocks, BLOCK_SIZE, config.share_prefixes)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.mode)
+        self.runner = ModelRunner(model, num_blocks, BLOCK_SIZE)
+        self.sampler = Sampler()
+        self.sequences: dict[str, Sequence] = {}
+        self.seeds: dict[str, int] = {}
+        self._arrivals = 0
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    cache_salt: str | None = None) -> None:
+        seq = self._new_sequence(request_id, prompt_ids, params, cache_salt)
+        self.scheduler.add(seq)
+
+    def add_prefilled(self, request_id: str, prompt_ids: list[int], params: SamplingParams, first_token: int,
+                      kv: torch.Tensor, cache_salt: str | None = None) -> bool:
+        """Decode mode: continue a request whose prompt KV [layers, P, C+R] and first token came from
+        a prefill worker. False (nothing kept) when its reserved span does not fit now."""
+        seq = self._new_sequence(request_id, prompt_ids, params, cache_salt, register=False)
+        seq.output_ids.append(first_token)
+        if not self.scheduler.can_admit_prefilled(seq):
+            return False
+        self.scheduler.admit_prefilled(seq)
+        self.runner.write_kv(seq, kv)
+        seq.num_computed = len(prompt_ids)
+        self._register(seq)
+        return True
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.sequences.pop(request_id, None)
+        if seq is None:
+            return False
+        self.seeds.pop(request_id, None)
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def step(self) -> list[Delta]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        logits = self.runner.run(scheduled)
+        return self.postprocess(scheduled, logits)
+
+    def postprocess(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> list[Delta]:
+        sampled = [item.seq for item in scheduled if item.sample]
+        tokens = self.sampler(logits, [s.params for s in sampled], [self.seeds[s.request_id] for s in sampled],
+                              [len(s.output_ids) for s in sampled])
+        for item in scheduled:
+            item.seq.num_computed += item.num_new
+            self.blocks.commit(item.seq)
+        deltas = []
+        for seq, token in zip(sampled, tokens):
+            deltas.append(self._advance(seq, token))
+        return deltas
+
+    def _advance(self, seq: Sequence, token: int) -> Delta:
+        index = len(seq.output_ids)
+        stops = set(seq.params.stop_token_ids)
+        if not seq.params.ignore_eos:
+            stops.update(self.model.args.eos_token_ids)
+        delta = Delta(seq.request_id, index, [], num_cached_tokens=seq.num_cached_prompt)
+        if token in stops:
+            delta.finish_reason = "stop"
+        else:
+            seq.output_ids.append(token)
+            delta.token_ids.append(token)
+            if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.model.args.max_position_embeddings:
+                delta.finish_reason = "length"
+        if self.config.mode == "prefill" and delta.finish_reason is None:
+            delta.kv = self.runner.read_kv(seq, len(seq.prompt_ids))
+            self._finish(seq, "prefilled")
+        elif delta.finish_reason is not None:
+            self._finish(seq, delta.finish_reason)
+        return delta
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.sequences.pop(seq.request_id, None)
+        self.seeds.pop(seq.request_id, None)
+
+    # -- validation -------------------------------------------------------------------------------
+    def _new_sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                      cache_salt: str | None, register: bool = True) -> Sequence:
+        args = self.model.args
+        if request_id in self.sequences:
+            raise RequestError("request_id", f"{request_id!r} is already running")
+        if not prompt_ids:
+            raise RequestError("prompt", "empty; give at least one token")
+        try:
+            params.validate()
+        except ValueError as e:
+            raise RequestError(str(e).split("=")[0], str(e)) from None
+        context = args.max_position_embeddings
+        if len(prompt_ids) >= context:
+            raise RequestError("prompt", f"{len(prompt_ids)} tokens; the model's context is {context} tokens")
+        for i, t in enumerate(prompt_ids):
+            if not isinstance(t, int) or not 0 <= t < args.vocab_size:
+                raise RequestError(f"prompt[{i}]", f"token id {t!r} is outside the vocabulary [0, {args.vocab_size})")
+        if len(prompt_ids) + params.max_tokens > context:
+            raise RequestError("max_tokens", f"{params.max_tokens} + {len(prompt_ids)} prompt tokens exceed the "
+                                             f"model's context of {context} tokens")
+        span = len(prompt_ids) + params.max_tokens
+        if Sequence.blocks_for(span) > self.blocks.num_blocks:
+            raise RequestError("max_tokens", f"prompt + max_tokens = {span} tokens can never fit the KV cache "
+                                             f"({self.blocks.num_blocks * BLOCK_SIZE} tokens)")
+        self._arrivals += 1
+        seq = Sequence(request_id, list(prompt_ids), params, self._arrivals,
+                       root_hash=root_hash(self.config.model_fingerprint, cache_salt))
+        if register:
+            self._register(seq)
+        return seq
+
+    def _register(self, seq: Sequence) -> None:
+        self.sequences[seq.request_id] = seq
+        seed = seq.params.seed
+        self.seeds[seq.request_id] = seed if seed is not None else secrets.randbits(63)
+        assert seq.status in (Status.WAITING, Status.RUNNING)

@@ -1,0 +1,58 @@
+"""The tensors of a step (nano-vllm's `ModelRunner`): owns the paged latent KV pool, turns a
+schedule into one ragged forward, returns the logits of the rows to sample. No policy here."""
+from __future__ import annotations
+
+import torch
+
+from ..model.attention import AttentionBatch, choose_absorbed
+from ..model.kv_cache import LatentKVPool
+from ..model.model import DeepseekV3
+from .scheduler import ScheduledSeq
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: DeepseekV3, num_blocks: int, block_size: int):
+        self.model = model
+        self.block_size = block_size
+        self.device = model.device
+        self.pool = LatentKVPool(model.args, num_blocks * block_size, model.dtype, self.device)
+        self._offsets = torch.arange(block_size, device=self.device)
+
+    def slots(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
+        """[num_tokens] cache slots of the sequence's first `num_tokens` positions."""
+        table = torch.tensor(seq.block_table, device=self.device)
+        return (table[:, None] * self.block_size + self._offsets).flatten()[:num_tokens]
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """One forward over every scheduled chunk -> logits [sampled rows, V] (fp32), in schedule order."""
+        args = self.model.args
+        ids, positions, new_slots, context_slots = [], [], [], []
+        query_lens, context_lens, absorbed = [], [], []
+        for item in scheduled:
+            seq, start = item.seq, item.seq.num_computed
+            end = start + item.num_new
+            slots = self.slots(seq, end)
+            ids.extend(seq.token_ids[start:end])
+            positions.append(torch.arange(start, end, device=self.device))
+            new_slots.append(slots[start:end])
+            context_slots.append(slots)
+            query_lens.append(item.num_new)
+            context_lens.append(end)
+            absorbed.append(choose_absorbed(args, item.num_new, end))
+        batch = AttentionBatch(query_lens, context_lens, absorbed, torch.cat(new_slots), context_slots)
+        batch.group_single_tokens()
+        hidden = self.model(torch.tensor(ids, device=self.device), torch.cat(positions), batch, self.pool)
+        ends = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
+        rows = ends[[i for i, item in enumerate(scheduled) if item.sample]]
+        return self.model.logits(hidden[rows])
+
+    def write_kv(self, seq: Sequence, kv: torch.Tensor) -> None:
+        """Decode mode: place a prompt's latent KV [layers, L, C+R] received from a prefill worker."""
+        slots = self.slots(seq, kv.shape[1])
+        self.pool.kv[:, slots] = kv.to(self.pool.kv.dtype)
+
+    def read_kv(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
+        """Prefill mode: a copy of the first `num_tokens` positions' latent KV [layers, L, C+R]."""
+        return self.pool.kv[:, self.slots(seq, num_tokens)].clone()

@@ -1,0 +1,77 @@
+"""Per-request state of the engine (nano-vllm's `Sequence`): tokens, progress, blocks, sampling."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from ..hashing import BLOCK_SIZE
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # not admitted, or preempted (its KV was dropped and will be recomputed)
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What a request asks of the sampler. Validated by `validate`, which names the bad field."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0 or -1: off
+    top_p: float = 1.0  # in (0, 1]
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens!r}: must be an integer >= 1")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature!r}: must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k={self.top_k!r}: must be -1, 0 (off) or a positive integer")
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: int  # admission order; the newest is preempted first
+    root_hash: bytes = b""  # parent of the first block's hash (model fingerprint + cache_salt)
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the cache
+    num_cached_prompt: int = 0  # prompt tokens whose KV came from shared blocks (not computed here)
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True until the prompt (and any output to recompute after a preemption) is in the cache."""
+        return self.num_uncomputed > 1 or self.num_computed < len(self.prompt_ids)
+
+    @property
+    def max_length(self) -> int:
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    @staticmethod
+    def blocks_for(num_tokens: int) -> int:
+        return -(-num_tokens // BLOCK_SIZE)

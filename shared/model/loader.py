@@ -1,0 +1,161 @@
+"""Load a Hugging Face DeepSeek-V3 directory into `DeepseekV3`.
+
+The model is built on the meta device, then every parameter is filled straight from the mapped
+safetensors files, one tensor at a time: peak memory stays near the weights' size. FP8 block-scaled
+weights are dequantized to the compute dtype as they are read. MTP layers
+(`model.layers.{num_hidden_layers}...`) are skipped. Only safetensors: never torch.load or pickle.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelArgs
+from .fp8 import dequantize_blockwise
+from .model import DeepseekV3
+from .safetensors_io import SafetensorsFile
+
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+               "fp16": torch.float16, "float16": torch.float16}
+FP32_TENSORS = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")  # routing stays fp32
+LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose tensors do not fit the model its config.json describes."""
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: without them a CPU runs bf16 matmuls ~100x slower than fp32."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # an older torch: read the flags
+        try:
+            flags = open("/proc/cpuinfo").read()
+        except OSError:
+            return False
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, args: ModelArgs, device: torch.device | str = "cpu") -> torch.dtype:
+    """The compute dtype. None or "auto": the checkpoint's, except that a 16-bit checkpoint on a CPU
+    without native bf16 units computes in fp32 (same weights, upcast exactly, far faster there)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        name = args.dtype
+        if torch.device(device).type == "cpu" and name in ("bfloat16", "float16") and not cpu_has_fast_bf16():
+            name = "float32"
+    else:
+        name = dtype
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype={name!r} is not supported: use one of auto, bf16, fp32, fp16")
+    return DTYPE_NAMES[name]
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> DeepseekV3:
+    """A ready, eval-mode model from a Hugging Face directory (config.json + safetensors)."""
+    path = Path(path)
+    args = ModelArgs.from_file(path / "config.json")
+    device = torch.device(device)
+    compute_dtype = resolve_dtype(dtype, args, device)
+    with torch.device("meta"):
+        model = DeepseekV3(args)
+    files = _open_files(path)
+    expected = dict(model.named_parameters())
+    expected.update(model.named_buffers())
+    located = _locate(files, expected, args)
+
+    for name, meta in expected.items():
+        if name not in located:
+            if name == "lm_head.weight" and args.tie_word_embeddings:
+                continue
+            raise CheckpointError(f"{path}: tensor {name!r} is missing from the checkpoint "
+                                  f"(looked in {', '.join(sorted(f.path.name for f in files.values()))})")
+        file = located[name]
+        if file.shape(name) != tuple(meta.shape):
+            raise CheckpointError(f"{file.path}: tensor {name!r} has shape {list(file.shape(name))}, "
+                                  f"the config expects {list(meta.shape)}")
+        target = torch.float32 if FP32_TENSORS.search(name) else compute_dtype
+        _assign(model, name, _read(file, name, located, args, target, device))
+    if args.tie_word_embeddings and "lm_head.weight" not in located:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _open_files(path: Path) -> dict[str, SafetensorsFile]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        names = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").exists():
+        names = ["model.safetensors"]
+    else:
+        if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+            raise CheckpointError(f"{path}: only pickle checkpoints (.bin/.pt) found; streamoe loads safetensors only")
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    files = {}
+    for name in names:
+        if not (path / name).exists():
+            raise CheckpointError(f"{index}: names shard {name!r}, which does not exist")
+        files[name] = SafetensorsFile(path / name)
+    return files
+
+
+def _locate(files: dict[str, SafetensorsFile], expected: dict[str, torch.Tensor],
+            args: ModelArgs) -> dict[str, SafetensorsFile]:
+    """name -> the file holding it; rejects tensors the model has no place for."""
+    located: dict[str, SafetensorsFile] = {}
+    for file in files.values():
+        for name in file.names:
+            if name in located:
+                raise CheckpointError(f"{file.path}: tensor {name!r} is also in {located[name].path.name}")
+            layer = LAYER_INDEX.match(name)
+            if layer and int(layer.group(1)) >= args.num_hidden_layers:
+                continue  # MTP (next-n prediction) layers: not run by this engine
+            if name.endswith("_scale_inv"):
+                if name.removesuffix("_scale_inv") not in expected:
+                    raise CheckpointError(f"{file.path}: unexpected tensor {name!r} (no weight of that name)")
+            elif name not in expected:
+                raise CheckpointError(f"{file.path}: unexpected tensor {name!r}; the config builds no such parameter")
+            located[name] = file
+    return located
+
+
+def _read(file: SafetensorsFile, name: str, located: dict[str, SafetensorsFile], args: ModelArgs,
+          target: torch.dtype, device: torch.device) -> torch.Tensor:
+    raw = file.get(name)
+    if raw.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        scale_file = located.get(name + "_scale_inv")
+        if scale_file is None:
+            raise CheckpointError(f"{file.path}: FP8 tensor {name!r} has no {name + '_scale_inv'!r}")
+        if args.fp8_block_size is None:
+            raise CheckpointError(f"{file.path}: tensor {name!r} is FP8 but config.json has no quantization_config")
+        try:
+            tensor = dequantize_blockwise(raw, scale_file.get(name + "_scale_inv"), args.fp8_block_size, target)
+        except ValueError as e:
+            raise CheckpointError(f"{file.path}: tensor {name!r}: {e}") from None
+        file.release(name)
+        return tensor.to(device)
+    if raw.dtype == target and device.type == "cpu":
+        return raw  # zero-copy view of the mapped file
+    tensor = raw.to(device=device, dtype=target, copy=True)
+    file.release(name)
+    return tensor
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor

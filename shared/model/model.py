@@ -1,0 +1,80 @@
+"""DeepSeek-V3 in plain PyTorch: ModelArgs -> DeepseekV3.
+
+Parameter names are the Hugging Face checkpoint's (`model.layers.3.mlp.experts.7.up_proj.weight`),
+so a state dict loads without renaming. The model knows nothing of I/O, parallelism or
+quantization; those are applied around it (loader, engine, EP).
+
+Legend: T = tokens in the step (sequences packed without padding), D = hidden, V = vocab.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import MLA, AttentionBatch, LatentCache
+from .config import ModelArgs
+from .moe import MLP, MoE
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.self_attn = MLA(args, layer)
+        self.mlp = MoE(args) if layer >= args.first_k_dense_replace else MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch,
+                cache: LatentCache | None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class DeepseekV3(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(args.rope, args.qk_rope_head_dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def set_moe_impl(self, impl: str) -> None:
+        """'batched' (default) or 'loop' (the slow per-token reference)."""
+        if impl not in ("batched", "loop"):
+            raise ValueError(f"moe impl {impl!r}: expected 'batched' or 'loop'")
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.impl = impl
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+                cache: LatentCache | None = None) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, D] (after the last norm)."""
+        h = self.model.embed_tokens(input_ids)  # [T, D]
+        cos, sin = self.rotary.cos_sin(positions, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, batch, cache)
+        return self.model.norm(h)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, D] -> logits [N, V] in fp32."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,35 @@
+"""Shared fixtures: preset checkpoints written once per test session."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
+
+# NOTE: two cores are shared by the whole suite; keep torch from oversubscribing them.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32(tmp_path_factory) -> Path:
+    from shared.model.presets import init_model
+
+    return init_model(tmp_path_factory.mktemp("tiny-fp32"), "tiny", seed=0, dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8(tmp_path_factory) -> Path:
+    from shared.model.presets import init_model
+
+    return init_model(tmp_path_factory.mktemp("tiny-fp8"), "tiny", seed=0, dtype="fp32", fp8=True)
+
+
+@pytest.fixture(scope="session")
+def small_bf16(tmp_path_factory) -> Path:
+    from shared.model.presets import init_model
+
+    return init_model(tmp_path_factory.mktemp("small-bf16"), "small", seed=0, dtype="bf16")

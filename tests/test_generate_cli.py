@@ -1,0 +1,60 @@
+"""`streamoe generate --json` (a real subprocess) against transformers generate(do_sample=False)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from reference import load_reference, reference_greedy
+
+PROMPTS = ["The quick brown fox", "def fib(n):\n    return", "你好，世界 🌍"]
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_generate_json_matches_transformers_greedy(tiny_fp32):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_fp32))
+    ref = load_reference(tiny_fp32)
+    covered = []
+    for prompt in PROMPTS:
+        proc = run_cli("generate", "--model", str(tiny_fp32), "--prompt", prompt, "--max-tokens", "64",
+                       "--ignore-eos", "--json", "--dtype", "fp32")
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.strip().splitlines()
+        assert len(lines) == 1, proc.stdout
+        result = json.loads(lines[0])
+        assert set(result) == {"text", "token_ids"}
+        assert len(result["token_ids"]) == 64
+        assert result["text"] == tokenizer.decode(result["token_ids"], skip_special_tokens=True)
+        expected = reference_greedy(ref, tokenizer(prompt)["input_ids"], 64)
+        n = expected.trusted
+        assert result["token_ids"][:n] == expected.tokens[:n], f"prompt {prompt!r}"
+        covered.append(n)
+    print(f"greedy tokens compared (of 64, outside near-ties): {covered}")
+    assert min(covered) >= 32, f"near-ties cut the comparison short: {covered}"
+
+
+def test_generate_flags_read_environment(tiny_fp32):
+    env = {"STREAMOE_MAX_TOKENS": "3", "STREAMOE_IGNORE_EOS": "1", "STREAMOE_DTYPE": "fp32"}
+    proc = run_cli("generate", "--model", str(tiny_fp32), "--prompt", "hi", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["token_ids"]) == 3
+    proc = run_cli("generate", "--model", str(tiny_fp32), "--prompt", "hi", "--json", "--max-tokens", "5", env=env)
+    assert len(json.loads(proc.stdout)["token_ids"]) == 5  # the flag wins over the variable
+
+
+def test_generate_bad_input_is_a_clear_error(tiny_fp32, tmp_path):
+    proc = run_cli("generate", "--model", str(tiny_fp32), "--prompt", "hi", "--max-tokens", "0")
+    assert proc.returncode == 2 and "max_tokens=0" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("generate", "--model", str(tiny_fp32), "--prompt", "hi", "--max-tokens", "5000")
+    assert proc.returncode == 2 and "2048" in proc.stderr
+    proc = run_cli("generate", "--model", str(tmp_path), "--prompt", "hi")
+    assert proc.returncode == 2 and "tokenizer.json" in proc.stderr
+    proc = run_cli("generate", "--model", str(tiny_fp32), "--prompt", "hi", env={"STREAMOE_MAX_TOKENS": "many"})
+    assert proc.returncode == 2 and "STREAMOE_MAX_TOKENS" in proc.stderr
