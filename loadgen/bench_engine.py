@@ -110,6 +110,13 @@ def run_reference(ref, requests, batch_size: int) -> dict:
     return {"seconds": elapsed, "output_tokens": tokens, "output_tok_s": tokens / elapsed, "tokens": outputs}
 
 
+def reference_kv_bytes_per_token(ref, vocab: int, n: int = 128) -> float:
+    """Bytes transformers' own cache holds per token of one unpadded sequence."""
+    out = ref(input_ids=torch.randint(3, vocab, (1, n)), use_cache=True, logits_to_keep=1)
+    layers = out.cache.layers
+    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values)) / n
+
+
 def main(argv: list[str] | None = None) -> dict:
     opts = parse_args(argv)
     torch.set_num_threads(opts.threads)
@@ -132,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         ref = DeepseekV3ForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
         with torch.inference_mode():
             result["reference"] = run_reference(ref, sub, opts.reference_batch)
+            result["reference_kv_bytes_per_token"] = reference_kv_bytes_per_token(ref, args.vocab_size)
         result["ours_subset"] = run_ours(model, sub, opts)
         agree = [next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
                  for x, y in zip(result["ours_subset"]["tokens"], result["reference"]["tokens"])]
@@ -171,7 +179,10 @@ def report(r: dict) -> None:
     if step:
         print(f"median full-batch decode step {step:.1f} ms vs weight-read bound {r['weight_read_bound_ms']:.1f} ms "
               f"({r['memory_read_gb_s']:.1f} GB/s): {step / r['weight_read_bound_ms']:.2f}x")
-    print(f"KV bytes per token: {r['kv_bytes_per_token']} (latent only); preemptions: {r['ours_all']['preemptions']}")
+    ref_kv = r.get("reference_kv_bytes_per_token")
+    print(f"KV bytes per token: ours {r['kv_bytes_per_token']} (latent only)"
+          + (f", transformers {ref_kv:.0f} (unpadded; a padded batch also holds its padding)" if ref_kv else "")
+          + f"; preemptions: {r['ours_all']['preemptions']}")
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .engine.engine import Engine, EngineConfig
     from .engine.sequence import SamplingParams
-    from .model.loader import load_model
+    from .model.loader import checkpoint_fingerprint, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,7 +79,8 @@ def _generate(args: argparse.Namespace) -> int:
                             ignore_eos=args.ignore_eos)
     params.validate()
     model = load_model(args.model, dtype=args.dtype, device=args.device)
-    engine = Engine(model, EngineConfig(kv_cache_bytes=_kv_bytes_for(model, len(prompt_ids) + args.max_tokens)))
+    engine = Engine(model, EngineConfig(kv_cache_bytes=_kv_bytes_for(model, len(prompt_ids) + args.max_tokens),
+                                        model_fingerprint=checkpoint_fingerprint(args.model, model.dtype)))
     engine.add_request("cli", prompt_ids, params)
     token_ids: list[int] = []
     while engine.has_unfinished():

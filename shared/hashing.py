@@ -44,11 +44,30 @@ def chain_hashes(root: bytes, token_ids: Sequence[int], block_size: int = BLOCK_
     return hashes
 
 
-def model_fingerprint(weight_files: Iterable[Path], dtype: str, numerics: str = "") -> str:
-    """A digest of the weights' bytes plus the settings that change the KV they produce."""
+def model_fingerprint(weight_files: Iterable[Path], dtype: str, numerics: str = "",
+                      cache_dir: Path | None = None) -> str:
+    """A digest of the weights' bytes plus the settings that change the KV they produce.
+
+    Each file's checksum is remembered in `cache_dir` keyed by its path, size and mtime, so a
+    large checkpoint is read in full once, not at every start."""
     h = hashlib.blake2b(digest_size=DIGEST_SIZE, person=b"streamoe-model")
-    for path in sorted(Path(p) for p in weight_files):
-        with open(path, "rb") as f:
-            h.update(hashlib.file_digest(f, "blake2b").digest())
+    for path in sorted(Path(p).resolve() for p in weight_files):
+        h.update(_file_checksum(path, cache_dir))
     h.update(f"|dtype={dtype}|{numerics}".encode())
     return h.hexdigest()
+
+
+def _file_checksum(path: Path, cache_dir: Path | None) -> bytes:
+    stat = path.stat()
+    key = hashlib.blake2b(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode(), digest_size=16).hexdigest()
+    memo = cache_dir / f"{key}.checksum" if cache_dir is not None else None
+    if memo is not None and memo.exists():
+        return bytes.fromhex(memo.read_text().strip())
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "blake2b").digest()
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(".tmp")
+        tmp.write_text(digest.hex())
+        tmp.replace(memo)  # atomic: a concurrent reader sees all or nothing
+    return digest

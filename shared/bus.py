@@ -1,0 +1,129 @@
+"""The one Redis-streams wrapper: consumer groups, at-least-once delivery, claims, dead letters,
+and bounded streams that never drop an unread or pending entry.
+
+- `publish` refuses (StreamFull) once a stream holds `cap` entries: the producer pushes back
+  (the gateway answers 429) instead of Redis dropping work.
+- `read` returns decoded messages; an entry that does not decode goes to the dead-letter stream
+  with the reason and is acked, and the consumer goes on.
+- A consumer acks only after what it produced from an entry is written (`ack`).
+- `claim_stale` takes over entries a dead consumer left pending (XAUTOCLAIM).
+- `trim` deletes, by MINID, only entries every group has delivered and acked.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from . import streams
+from .wire import WireError, decode, encode
+
+T = TypeVar("T")
+FIELD = b"m"  # the one field of an entry: the encoded message
+log = logging.getLogger(__name__)
+
+
+class StreamFull(RuntimeError):
+    """The stream is at its cap; retry later (the gateway turns this into a 429)."""
+
+    def __init__(self, stream: str, length: int, cap: int):
+        super().__init__(f"stream {stream} holds {length} entries (cap {cap})")
+        self.stream, self.length, self.cap = stream, length, cap
+
+
+@dataclass
+class Entry(Generic[T]):
+    entry_id: str
+    message: T
+
+
+class Bus:
+    def __init__(self, redis: Redis, consumer: str):
+        self.redis = redis
+        self.consumer = consumer  # unique per process: the instance id
+
+    async def ensure_group(self, stream: str, group: str) -> None:
+        """Create the group (and the stream) if missing; start from the stream's beginning."""
+        try:
+            await self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    async def publish(self, stream: str, msg: Any, cap: int | None = None) -> str:
+        if cap is not None:
+            length = await self.redis.xlen(stream)
+            if length >= cap:
+                raise StreamFull(stream, length, cap)
+        entry_id = await self.redis.xadd(stream, {FIELD: encode(msg)})
+        return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+    async def publish_many(self, items: list[tuple[str, Any]]) -> list[str]:
+        """Several entries in one round trip (pipelined, in order)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, msg in items:
+                pipe.xadd(stream, {FIELD: encode(msg)})
+            ids = await pipe.execute()
+        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+
+    async def read(self, stream: str, group: str, kind: type[T], count: int = 16,
+                   block_ms: int | None = 1000) -> list[Entry[T]]:
+        """New entries for this consumer; undecodable ones are dead-lettered, acked and skipped."""
+        reply = await self.redis.xreadgroup(group, self.consumer, {stream: ">"}, count=count, block=block_ms)
+        return await self._decode_entries(stream, group, kind, reply[0][1] if reply else [])
+
+    async def claim_stale(self, stream: str, group: str, kind: type[T], min_idle_ms: int,
+                          count: int = 16) -> list[Entry[T]]:
+        """Entries pending on any consumer for longer than `min_idle_ms`, now ours."""
+        reply = await self.redis.xautoclaim(stream, group, self.consumer, min_idle_time=min_idle_ms,
+                                            start_id="0-0", count=count)
+        return await self._decode_entries(stream, group, kind, [e for e in reply[1] if e[1] is not None])
+
+    async def ack(self, stream: str, group: str, *entry_ids: str) -> None:
+        if entry_ids:
+            await self.redis.xack(stream, group, *entry_ids)
+
+    async def trim(self, stream: str) -> int:
+        """Delete the entries every group has delivered and acked; returns how many went."""
+        groups = await self.redis.xinfo_groups(stream)
+        if not groups:
+            return 0
+        floor = None
+        for g in groups:
+            name = g["name"]
+            pending = await self.redis.xpending(stream, name)
+            if pending["pending"]:
+                candidate = _id_tuple(pending["min"])
+            else:  # everything delivered is acked: keep what comes after the last delivered
+                last = _id_tuple(g["last-delivered-id"])
+                candidate = (last[0], last[1] + 1)
+            floor = candidate if floor is None else min(floor, candidate)
+        return await self.redis.xtrim(stream, minid=f"{floor[0]}-{floor[1]}", approximate=False)
+
+    async def _decode_entries(self, stream: str, group: str, kind: type[T], raw: list) -> list[Entry[T]]:
+        out: list[Entry[T]] = []
+        for entry_id, fields in raw:
+            entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            payload = fields.get(FIELD) if isinstance(fields, dict) else None
+            try:
+                if payload is None:
+                    raise WireError(f"entry has no {FIELD.decode()!r} field")
+                out.append(Entry(entry_id, decode(payload, kind)))
+            except WireError as e:
+                await self.dead_letter(stream, group, entry_id, str(e), payload)
+        return out
+
+    async def dead_letter(self, stream: str, group: str, entry_id: str, reason: str, payload: bytes | None) -> None:
+        log.warning("dead-lettering %s %s: %s", stream, entry_id, reason)
+        await self.redis.xadd(streams.DEAD_LETTERS, {b"stream": stream, b"entry_id": entry_id,
+                                                     b"reason": reason, b"payload": payload or b""})
+        await self.ack(stream, group, entry_id)
+
+
+def _id_tuple(entry_id: str | bytes) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)

@@ -1,0 +1,107 @@
+"""Every struct that crosses a Redis stream, and nothing else (SGLang's io_struct.py).
+
+Named by the hop they travel: GenerateRequest (gateway -> tokenizer) -> TokenizedRequest
+(tokenizer -> cache -> balancer) -> PrefillTask (balancer -> a prefill rank) -> KVChunk (prefill
+-> a decode rank, one per layer) and TokenDelta (prefill/decode -> the request's gateway, through
+detokenization). Each carries the request id and one trace id. Encoding: shared/wire.py.
+"""
+from __future__ import annotations
+
+from .wire import TensorBlob, message
+
+
+@message("params")
+class Sampling:
+    """Sampling parameters as the gateway resolved them (defaults already applied)."""
+
+    max_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    seed: int | None = None
+    stop: list[str] | None = None  # stop strings, matched on detokenized text
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+
+@message("generate")
+class GenerateRequest:
+    request_id: str
+    trace_id: str
+    gateway_id: str  # replies go to this gateway instance's delta stream
+    sampling: Sampling
+    deadline: float  # unix seconds; nothing waits past it
+    prompt_text: str | None = None  # a text completion
+    prompt_ids: list[int] | None = None  # token ids given by the client
+    chat: list[dict[str, str]] | None = None  # chat messages, rendered with the model's template
+    cache_salt: str | None = None
+
+
+@message("tokenized")
+class TokenizedRequest:
+    request_id: str
+    trace_id: str
+    gateway_id: str
+    sampling: Sampling
+    deadline: float
+    prompt_ids: list[int]
+    cache_salt: str | None = None
+    num_cached_tokens: int = 0  # prefix tokens the cache service found (whole 64-token blocks)
+
+
+@message("prefill")
+class PrefillTask:
+    request: TokenizedRequest
+    decode_rank: int  # chosen at admission, so prefill can stream KV to it layer by layer
+
+
+@message("kv")
+class KVChunk:
+    """One layer of a prompt's latent KV, prefill -> decode."""
+
+    request_id: str
+    trace_id: str
+    layer: int
+    num_layers: int
+    kv: TensorBlob  # [prompt tokens, kv_lora_rank + qk_rope_head_dim]
+    checksum: str  # blake2b of kv.data; a mismatch fails loudly and the request is re-prefilled
+
+
+@message("delta")
+class TokenDelta:
+    request_id: str
+    trace_id: str
+    index: int  # output index of token_ids[0]: the gateway drops duplicates and notices gaps
+    token_ids: list[int]
+    finish_reason: str | None = None  # stop | length | abort | error
+    # NOTE: detokenizing this delta needs only what it carries: the few preceding token ids (and
+    # the text tail for stop strings), so any tokenizer replica can take it.
+    prefix_ids: list[int] | None = None
+    text_tail: str = ""
+    text: str | None = None  # set by the tokenizer on its way to the gateway
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+@message("abort")
+class Abort:
+    request_id: str
+    trace_id: str
+    reason: str
+
+
+@message("load")
+class LoadReport:
+    """A worker rank's load, for the prefill and decode balancers."""
+
+    role: str  # prefill | decode
+    rank: int
+    instance_id: str
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    pending_prefill_compute: float = 0.0  # sum of new x (cached + new) over queued prefills
+    pending_input_tokens: int = 0
+    time: float = 0.0

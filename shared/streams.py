@@ -1,0 +1,36 @@
+"""Every Redis stream, consumer group and key name, in one place.
+
+One stream carries one struct type (shared/messages.py). Names share the `{streamoe}` hash tag
+so a Redis Cluster keeps them in one slot where a script touches several.
+"""
+from __future__ import annotations
+
+PREFIX = "{streamoe}"
+
+REQUESTS = f"{PREFIX}:requests"  # GenerateRequest: gateway -> tokenizer
+TOKENIZED = f"{PREFIX}:tokenized"  # TokenizedRequest: tokenizer -> balancer
+DEAD_LETTERS = f"{PREFIX}:dead"  # entries that did not decode, with the reason
+
+
+def prefill_stream(rank: int) -> str:
+    return f"{PREFIX}:prefill:{rank}"  # PrefillTask
+
+
+def kv_stream(rank: int) -> str:
+    return f"{PREFIX}:kv:{rank}"  # KVChunk: prefill -> this decode rank
+
+
+def delta_stream(gateway_id: str) -> str:
+    return f"{PREFIX}:deltas:{gateway_id}"  # TokenDelta: workers -> tokenizer -> this gateway
+
+
+def group(service: str) -> str:
+    return f"{PREFIX}:group:{service}"
+
+
+def heartbeat_key(service: str, instance_id: str) -> str:
+    return f"{PREFIX}:hb:{service}:{instance_id}"
+
+
+def owner_key(request_id: str) -> str:
+    return f"{PREFIX}:owner:{request_id}"  # which decode rank runs a request, tokens emitted so far

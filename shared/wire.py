@@ -1,0 +1,128 @@
+"""The wire codec: dataclass structs <-> msgpack, with a schema version and validation on decode.
+
+Every struct that crosses a stream (shared/messages.py) is a frozen dataclass registered here
+under a short type tag. `decode` checks the version, the tag the stream expects, and the type of
+every field against the dataclass annotations, and raises `WireError` with the reason; the bus
+sends such entries to the dead-letter stream. Tensors travel as raw bytes with dtype and shape
+beside them (`TensorBlob`), never pickled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+import msgpack
+
+SCHEMA_VERSION = 1
+T = TypeVar("T")
+
+_REGISTRY: dict[str, type] = {}
+
+
+class WireError(ValueError):
+    """An entry that does not decode into the struct its stream carries."""
+
+
+def message(tag: str):
+    """Class decorator: a frozen dataclass that may cross a stream under `tag`."""
+    def wrap(cls):
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        if tag in _REGISTRY:
+            raise TypeError(f"message tag {tag!r} is used twice")
+        cls.TAG = tag
+        _REGISTRY[tag] = cls
+        return cls
+    return wrap
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorBlob:
+    """A tensor as bytes: little-endian, C order."""
+
+    dtype: str  # torch dtype name without the prefix: "float32", "bfloat16", "float8_e4m3fn"
+    shape: list[int]
+    data: bytes
+
+
+def encode(msg: Any) -> bytes:
+    tag = getattr(type(msg), "TAG", None)
+    if tag is None:
+        raise TypeError(f"{type(msg).__name__} is not a registered message")
+    return msgpack.packb({"v": SCHEMA_VERSION, "t": tag, "f": _to_plain(msg)}, use_bin_type=True)
+
+
+def decode(data: bytes, expected: type[T]) -> T:
+    try:
+        envelope = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types for garbage
+        raise WireError(f"not msgpack: {e}") from None
+    if not isinstance(envelope, dict) or not {"v", "t", "f"} <= envelope.keys():
+        raise WireError("not a streamoe envelope (needs v, t, f)")
+    if envelope["v"] != SCHEMA_VERSION:
+        raise WireError(f"schema version {envelope['v']!r}; this service speaks {SCHEMA_VERSION}")
+    if envelope["t"] != expected.TAG:
+        raise WireError(f"message type {envelope['t']!r} on a stream of {expected.TAG!r}")
+    return _from_plain(envelope["f"], expected, expected.TAG)
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def _from_plain(value: Any, kind: Any, path: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _from_plain(value, option, path)
+            except WireError as e:
+                errors.append(str(e))
+        raise WireError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {options}")
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise WireError(f"{path}: expected a map, got {type(value).__name__}")
+        hints = typing.get_type_hints(kind)
+        names = {f.name for f in dataclasses.fields(kind)}
+        unknown = set(value) - names
+        if unknown:
+            raise WireError(f"{path}: unknown field(s) {sorted(unknown)}")
+        fields = {}
+        for f in dataclasses.fields(kind):
+            if f.name not in value:
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                    continue
+                raise WireError(f"{path}.{f.name}: missing")
+            fields[f.name] = _from_plain(value[f.name], hints[f.name], f"{path}.{f.name}")
+        return kind(**fields)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise WireError(f"{path}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(kind)[:1]
+        items = [_from_plain(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        key_kind, value_kind = typing.get_args(kind)
+        if not isinstance(value, dict):
+            raise WireError(f"{path}: expected a map, got {type(value).__name__}")
+        return {_from_plain(k, key_kind, path): _from_plain(v, value_kind, f"{path}[{k!r}]") for k, v in value.items()}
+    if kind is Any:
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise WireError(f"{path}: expected {kind.__name__}, got {type(value).__name__} {value!r:.60}")
+    return value

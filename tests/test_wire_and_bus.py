@@ -1,0 +1,120 @@
+"""The wire codec and the Redis-streams bus, against a real redis-server."""
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from shared import streams
+from shared.bus import Bus, StreamFull
+from shared.messages import GenerateRequest, KVChunk, Sampling, TokenDelta
+from shared.wire import SCHEMA_VERSION, TensorBlob, WireError, decode, encode
+
+
+def request(i: int = 0) -> GenerateRequest:
+    return GenerateRequest(request_id=f"r{i}", trace_id=f"t{i}", gateway_id="gw0",
+                           sampling=Sampling(max_tokens=8, temperature=0.5, stop=["\n"]), deadline=1e10,
+                           prompt_ids=[1, 2, 3])
+
+
+def test_round_trip_and_tensor_blob():
+    msg = KVChunk("r", "t", layer=2, num_layers=3, kv=TensorBlob("bfloat16", [4, 80], b"\x01" * 640), checksum="ab")
+    assert decode(encode(msg), KVChunk) == msg
+    assert decode(encode(request()), GenerateRequest) == request()
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"\xc1garbage", "not msgpack"),
+    (msgpack.packb([1, 2]), "not a streamoe envelope"),
+    (msgpack.packb({"v": SCHEMA_VERSION + 1, "t": "generate", "f": {}}), "schema version"),
+    (msgpack.packb({"v": SCHEMA_VERSION, "t": "delta", "f": {}}), "message type 'delta'"),
+    (msgpack.packb({"v": SCHEMA_VERSION, "t": "generate", "f": {"request_id": "r"}}), "generate.trace_id: missing"),
+])
+def test_decode_rejects_with_reason(payload, reason):
+    with pytest.raises(WireError, match=reason):
+        decode(payload, GenerateRequest)
+
+
+def test_decode_checks_field_types():
+    good = msgpack.unpackb(encode(request()))
+    bad = dict(good, f=dict(good["f"], sampling=dict(good["f"]["sampling"], max_tokens="8")))
+    with pytest.raises(WireError, match=r"generate\.sampling\.max_tokens: expected int, got str"):
+        decode(msgpack.packb(bad), GenerateRequest)
+    bad = dict(good, f=dict(good["f"], prompt_ids=[1, "x"]))
+    with pytest.raises(WireError, match=r"prompt_ids"):
+        decode(msgpack.packb(bad), GenerateRequest)
+    bad = dict(good, f=dict(good["f"], surprise=1))
+    with pytest.raises(WireError, match=r"unknown field\(s\) \['surprise'\]"):
+        decode(msgpack.packb(bad), GenerateRequest)
+
+
+async def test_publish_read_ack(redis):
+    bus = Bus(redis, "c1")
+    group = streams.group("tokenizer")
+    await bus.ensure_group(streams.REQUESTS, group)
+    await bus.ensure_group(streams.REQUESTS, group)  # idempotent
+    ids = await bus.publish_many([(streams.REQUESTS, request(i)) for i in range(3)])
+    got = await bus.read(streams.REQUESTS, group, GenerateRequest, count=10, block_ms=100)
+    assert [e.entry_id for e in got] == ids and [e.message.request_id for e in got] == ["r0", "r1", "r2"]
+    assert (await redis.xpending(streams.REQUESTS, group))["pending"] == 3
+    await bus.ack(streams.REQUESTS, group, *ids)
+    assert (await redis.xpending(streams.REQUESTS, group))["pending"] == 0
+
+
+async def test_undecodable_entry_goes_to_dead_letters_and_reading_goes_on(redis):
+    bus = Bus(redis, "c1")
+    group = streams.group("tokenizer")
+    await bus.ensure_group(streams.REQUESTS, group)
+    await redis.xadd(streams.REQUESTS, {b"m": b"\xc1not msgpack"})
+    await bus.publish(streams.REQUESTS, request(1))
+    got = await bus.read(streams.REQUESTS, group, GenerateRequest, block_ms=100)
+    assert [e.message.request_id for e in got] == ["r1"]
+    dead = await redis.xrange(streams.DEAD_LETTERS)
+    assert len(dead) == 1 and b"not msgpack" in dead[0][1][b"reason"]
+    assert dead[0][1][b"stream"] == streams.REQUESTS.encode()
+    assert (await redis.xpending(streams.REQUESTS, group))["pending"] == 1  # only the good one
+
+
+async def test_dead_consumer_entries_are_claimed(redis):
+    group = streams.group("tokenizer")
+    dead, alive = Bus(redis, "dead"), Bus(redis, "alive")
+    await dead.ensure_group(streams.REQUESTS, group)
+    await dead.publish(streams.REQUESTS, request(7))
+    taken = await dead.read(streams.REQUESTS, group, GenerateRequest, block_ms=100)
+    assert len(taken) == 1  # and then the consumer dies without acking
+    assert await alive.read(streams.REQUESTS, group, GenerateRequest, block_ms=50) == []
+    assert await alive.claim_stale(streams.REQUESTS, group, GenerateRequest, min_idle_ms=60_000) == []
+    claimed = await alive.claim_stale(streams.REQUESTS, group, GenerateRequest, min_idle_ms=0)
+    assert [e.message.request_id for e in claimed] == ["r7"]
+    consumers = {c["name"]: c["pending"] for c in await redis.xinfo_consumers(streams.REQUESTS, group)}
+    assert consumers[b"alive"] == 1 and consumers[b"dead"] == 0
+
+
+async def test_trim_never_drops_unread_or_pending(redis):
+    stream = streams.delta_stream("gw0")
+    bus = Bus(redis, "c")
+    fast, slow = streams.group("fast"), streams.group("slow")
+    for g in (fast, slow):
+        await bus.ensure_group(stream, g)
+    ids = await bus.publish_many([(stream, TokenDelta(f"r{i}", "t", i, [i])) for i in range(6)])
+    got = await bus.read(stream, fast, TokenDelta, count=6, block_ms=100)
+    await bus.ack(stream, fast, *[e.entry_id for e in got])
+    slow_got = await bus.read(stream, slow, TokenDelta, count=4, block_ms=100)
+    await bus.ack(stream, slow, *[e.entry_id for e in slow_got[:2]])  # 2 acked, 2 pending, 2 unread
+    assert await bus.trim(stream) == 2
+    remaining = [e[0].decode() for e in await redis.xrange(stream)]
+    assert remaining == ids[2:]
+    await bus.ack(stream, slow, *[e.entry_id for e in slow_got[2:]])
+    rest = await bus.read(stream, slow, TokenDelta, count=10, block_ms=100)
+    assert [e.entry_id for e in rest] == ids[4:]
+    assert await bus.trim(stream) == 2  # the unread two are still pending on `slow`
+    await bus.ack(stream, slow, *[e.entry_id for e in rest])
+    assert await bus.trim(stream) == 2 and await redis.xlen(stream) == 0
+
+
+async def test_publish_pushes_back_at_the_cap(redis):
+    bus = Bus(redis, "c")
+    for i in range(3):
+        await bus.publish(streams.REQUESTS, request(i), cap=3)
+    with pytest.raises(StreamFull) as info:
+        await bus.publish(streams.REQUESTS, request(9), cap=3)
+    assert info.value.length == 3 and await redis.xlen(streams.REQUESTS) == 3
