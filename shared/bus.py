@@ -75,6 +75,17 @@ class Bus:
         reply = await self.redis.xreadgroup(group, self.consumer, {stream: ">"}, count=count, block=block_ms)
         return await self._decode_entries(stream, group, kind, reply[0][1] if reply else [])
 
+    async def read_streams(self, group: str, kinds: dict[str, type], count: int = 16,
+                           block_ms: int | None = 1000) -> list[tuple[str, Entry]]:
+        """New entries from several streams that share one group name, in one blocking call."""
+        reply = await self.redis.xreadgroup(group, self.consumer, {s: ">" for s in kinds}, count=count,
+                                            block=block_ms)
+        out = []
+        for stream, raw in reply or []:
+            stream = stream.decode() if isinstance(stream, bytes) else stream
+            out += [(stream, e) for e in await self._decode_entries(stream, group, kinds[stream], raw)]
+        return out
+
     async def claim_stale(self, stream: str, group: str, kind: type[T], min_idle_ms: int,
                           count: int = 16) -> list[Entry[T]]:
         """Entries pending on any consumer for longer than `min_idle_ms`, now ours."""

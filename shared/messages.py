@@ -69,15 +69,18 @@ class KVChunk:
 
 @message("delta")
 class TokenDelta:
+    """Workers -> tokenizer (ids only) -> the request's gateway (with text)."""
+
     request_id: str
     trace_id: str
+    gateway_id: str
     index: int  # output index of token_ids[0]: the gateway drops duplicates and notices gaps
     token_ids: list[int]
     finish_reason: str | None = None  # stop | length | abort | error
     # NOTE: detokenizing this delta needs only what it carries: the few preceding token ids (and
     # the text tail for stop strings), so any tokenizer replica can take it.
     prefix_ids: list[int] | None = None
-    text_tail: str = ""
+    stop: list[str] | None = None  # the request's stop strings, matched on the text
     text: str | None = None  # set by the tokenizer on its way to the gateway
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0

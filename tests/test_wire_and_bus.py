@@ -95,7 +95,7 @@ async def test_trim_never_drops_unread_or_pending(redis):
     fast, slow = streams.group("fast"), streams.group("slow")
     for g in (fast, slow):
         await bus.ensure_group(stream, g)
-    ids = await bus.publish_many([(stream, TokenDelta(f"r{i}", "t", i, [i])) for i in range(6)])
+    ids = await bus.publish_many([(stream, TokenDelta(f"r{i}", "t", "gw0", i, [i])) for i in range(6)])
     got = await bus.read(stream, fast, TokenDelta, count=6, block_ms=100)
     await bus.ack(stream, fast, *[e.entry_id for e in got])
     slow_got = await bus.read(stream, slow, TokenDelta, count=4, block_ms=100)

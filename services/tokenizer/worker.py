@@ -1,0 +1,123 @@
+"""The tokenizer service: prompts -> token ids (chat template included), and token deltas ->
+text, statelessly (services/tokenizer/detok.py), so any replica can take any entry."""
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from shared import streams
+from shared.messages import Abort, GenerateRequest, TokenDelta, TokenizedRequest
+from shared.service import Service, ServiceConfig
+
+from .detok import TokenBytes, delta_text
+
+GROUP = streams.group("tokenizer")
+KINDS = {streams.REQUESTS: GenerateRequest, streams.RAW_DELTAS: TokenDelta}
+
+
+class PromptError(ValueError):
+    pass
+
+
+class Encoder:
+    """Text, chat messages or ids -> prompt ids, exactly as the model's tokenizer files say."""
+
+    def __init__(self, model_dir: Path):
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        config_path = model_dir / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        self.bos_token, self.eos_token = config.get("bos_token"), config.get("eos_token")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        self.template = env.from_string(config["chat_template"]) if config.get("chat_template") else None
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, req: GenerateRequest) -> list[int]:
+        if req.prompt_ids is not None:
+            for i, t in enumerate(req.prompt_ids):
+                if not 0 <= t < self.vocab_size:
+                    raise PromptError(f"prompt[{i}]: token id {t} is outside the vocabulary [0, {self.vocab_size})")
+            ids = list(req.prompt_ids)
+        elif req.chat is not None:
+            if self.template is None:
+                raise PromptError("messages: this model has no chat template")
+            try:
+                text = self.template.render(messages=req.chat, bos_token=self.bos_token, eos_token=self.eos_token,
+                                            add_generation_prompt=True)
+            except TemplateError as e:
+                raise PromptError(f"messages: {e}") from None
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        else:
+            ids = self.tokenizer.encode(req.prompt_text or "").ids
+        if not ids:
+            raise PromptError("prompt: empty after tokenization")
+        return ids
+
+
+def _raise(message: str):
+    raise TemplateError(message)
+
+
+class TokenizerService(Service):
+    name = "tokenizer"
+
+    def __init__(self, config: ServiceConfig, model_dir: Path):
+        super().__init__(config)
+        self.encoder = Encoder(model_dir)
+        self.token_bytes = TokenBytes(self.encoder.tokenizer)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # never on the event loop
+
+    async def setup(self) -> None:
+        for stream in KINDS:
+            await self.bus.ensure_group(stream, GROUP)
+
+    async def loop(self) -> None:
+        while not self.stopping.is_set():
+            entries = await self.bus.read_streams(GROUP, KINDS, count=64, block_ms=200)
+            for stream, kind in KINDS.items():
+                entries += [(stream, e) for e in await self.bus.claim_stale(
+                    stream, GROUP, kind, self.config.claim_idle_ms, count=64)]
+            for stream, entry in entries:
+                await self.handle(stream, entry)
+
+    async def handle(self, stream: str, entry) -> None:
+        msg = entry.message
+        if stream == streams.REQUESTS:
+            await self.tokenize(msg)
+        else:
+            await self.detokenize(msg)
+        await self.bus.ack(stream, GROUP, entry.entry_id)  # after what it produced is written
+        self.messages.labels(stream=stream, outcome="ok").inc()
+
+    async def tokenize(self, req: GenerateRequest) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            ids = await loop.run_in_executor(self.pool, self.encoder.encode, req)
+        except PromptError as e:
+            self.log.info(json.dumps({"event": "bad_prompt", "trace_id": req.trace_id, "error": str(e)}))
+            await self.bus.publish(streams.delta_stream(req.gateway_id), TokenDelta(
+                req.request_id, req.trace_id, req.gateway_id, 0, [], finish_reason="error", error=str(e)))
+            return
+        await self.bus.publish(streams.TOKENIZED, TokenizedRequest(
+            req.request_id, req.trace_id, req.gateway_id, req.sampling, req.deadline, ids, req.cache_salt))
+
+    async def detokenize(self, delta: TokenDelta) -> None:
+        final = delta.finish_reason is not None
+        text = delta_text(self.token_bytes, delta.prefix_ids or [], delta.token_ids, delta.stop, final=final)
+        finish = "stop" if text.stopped else delta.finish_reason
+        out = TokenDelta(delta.request_id, delta.trace_id, delta.gateway_id, delta.index, delta.token_ids,
+                         finish_reason=finish, text=text.text, num_prompt_tokens=delta.num_prompt_tokens,
+                         num_cached_tokens=delta.num_cached_tokens, error=delta.error)
+        writes = [(streams.delta_stream(delta.gateway_id), out)]
+        if text.stopped and not final:
+            writes.append((streams.ABORTS, Abort(delta.request_id, delta.trace_id, "stop string")))
+        await self.bus.publish_many(writes)
+
+    async def teardown(self) -> None:
+        self.pool.shutdown(wait=False)

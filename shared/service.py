@@ -1,0 +1,155 @@
+"""The one service lifecycle: Redis, /health and /metrics on the service's own port, a heartbeat
+key with a TTL, SIGTERM/SIGINT -> stop reading, drain until a deadline, cancel the rest.
+
+A service subclasses `Service`, creates its groups in `setup` and runs its main loop in `loop`,
+which returns when `self.stopping` is set. Every default that matters is a field of ServiceConfig.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from redis.asyncio import Redis
+
+from . import streams
+from .bus import Bus
+from .cliargs import apply_env_defaults
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    redis_url: str
+    instance_id: str
+    host: str = "127.0.0.1"  # loopback unless a deployment asks for more
+    http_port: int = 0  # 0: any free port (written to the log)
+    heartbeat_ttl_s: float = 10.0
+    drain_timeout_s: float = 10.0
+    claim_idle_ms: int = 30_000  # entries pending this long on a dead consumer are taken over
+
+
+def add_service_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--instance-id", default=None, help="unique per process (default: host-pid-random)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--http-port", type=int, default=0)
+    parser.add_argument("--heartbeat-ttl-s", type=float, default=10.0)
+    parser.add_argument("--drain-timeout-s", type=float, default=10.0)
+    parser.add_argument("--claim-idle-ms", type=int, default=30_000)
+    parser.add_argument("--log-level", default="INFO")
+
+
+def parse_service_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    apply_env_defaults(parser)
+    args = parser.parse_args(argv)
+    if args.instance_id is None:
+        args.instance_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=_LOG_FORMAT)
+    return args
+
+
+def service_config(args: argparse.Namespace) -> ServiceConfig:
+    return ServiceConfig(args.redis_url, args.instance_id, args.host, args.http_port, args.heartbeat_ttl_s,
+                         args.drain_timeout_s, args.claim_idle_ms)
+
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+class Service:
+    name = "service"
+
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.log = logging.getLogger(f"streamoe.{self.name}")
+        self.registry = CollectorRegistry()
+        self.messages = Counter("streamoe_messages_total", "Messages handled, by stream and outcome",
+                                ["stream", "outcome"], registry=self.registry)
+        self.stopping = asyncio.Event()
+        self.ready = False
+        self.redis: Redis | None = None
+        self.bus: Bus | None = None
+        self.http_port: int | None = None
+
+    async def setup(self) -> None:
+        """Create consumer groups, load what the service needs."""
+
+    async def loop(self) -> None:
+        """The main loop; returns once `self.stopping` is set and in-flight work is done."""
+        await self.stopping.wait()
+
+    async def teardown(self) -> None:
+        """Release what setup took."""
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        self.redis = Redis.from_url(self.config.redis_url)
+        self.bus = Bus(self.redis, self.config.instance_id)
+        runner = await self._start_http()
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            await self.setup()
+            self.ready = True
+            self.log.info(json.dumps({"event": "ready", "service": self.name, "instance": self.config.instance_id,
+                                      "http_port": self.http_port}))
+            main = asyncio.create_task(self.loop())
+            stop = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
+            self.ready = False  # draining: /health answers 503
+            try:
+                await asyncio.wait_for(main, self.config.drain_timeout_s)
+            except asyncio.TimeoutError:
+                self.log.warning("drain deadline passed; cancelling the main loop")
+            stop.cancel()
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            await self.teardown()
+            await self.redis.delete(streams.heartbeat_key(self.name, self.config.instance_id))
+            await self.redis.aclose()
+            await runner.cleanup()
+        return 0
+
+    async def _start_http(self) -> web.AppRunner:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, self.config.http_port)
+        await site.start()
+        self.http_port = site._server.sockets[0].getsockname()[1]
+        return runner
+
+    async def _health(self, request: web.Request) -> web.Response:
+        status = 200 if self.ready else 503
+        body = {"status": "ok" if self.ready else ("draining" if self.stopping.is_set() else "starting"),
+                "service": self.name, "instance_id": self.config.instance_id}
+        return web.json_response(body, status=status)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _heartbeat(self) -> None:
+        key = streams.heartbeat_key(self.name, self.config.instance_id)
+        ttl_ms = int(self.config.heartbeat_ttl_s * 1000)
+        while True:
+            try:
+                await self.redis.set(key, json.dumps({"time": time.time(), "ready": self.ready,
+                                                      "http_port": self.http_port}), px=ttl_ms)
+            except Exception as e:  # Redis away: keep serving what we can, try again
+                self.log.warning("heartbeat failed: %s", e)
+            await asyncio.sleep(self.config.heartbeat_ttl_s / 3)

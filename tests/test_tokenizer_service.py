@@ -1,0 +1,142 @@
+"""The tokenizer service as a real process on a real Redis: encoding, detokenization, dead
+letters, a replica killed with -9, health, metrics and a clean SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from shared import streams
+from shared.bus import Bus
+from shared.messages import GenerateRequest, Sampling, TokenDelta, TokenizedRequest
+from shared.redis_server import free_port
+
+GW = "gw-test"
+
+
+def start(model_dir, redis_url, name: str, claim_idle_ms: int = 1000):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "services.tokenizer", "--model", str(model_dir),
+                             "--redis-url", redis_url, "--http-port", str(port), "--instance-id", name,
+                             "--claim-idle-ms", str(claim_idle_ms), "--drain-timeout-s", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise TimeoutError("tokenizer service not healthy in 60 s")
+
+
+def request(rid: str, **prompt) -> GenerateRequest:
+    return GenerateRequest(rid, f"trace-{rid}", GW, Sampling(max_tokens=4), time.time() + 60, **prompt)
+
+
+async def collect(bus: Bus, stream: str, kind, n: int, timeout: float = 20.0) -> list:
+    group = streams.group("test-reader")
+    await bus.ensure_group(stream, group)
+    out, deadline = [], time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        entries = await bus.read(stream, group, kind, count=100, block_ms=200)
+        out += [e.message for e in entries]
+        await bus.ack(stream, group, *[e.entry_id for e in entries])
+    return out
+
+
+@pytest.fixture()
+def tokenizer_service(tiny_fp32, redis_url, redis):
+    proc, port = start(tiny_fp32, redis_url, "tok-a")
+    yield proc, port
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+async def test_encodes_text_chat_and_ids_like_transformers(tokenizer_service, tiny_fp32, redis):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tiny_fp32))
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好 🌍, hi"}]
+    bus = Bus(redis, "test")
+    await bus.publish_many([(streams.REQUESTS, request("text", prompt_text="Hello, world")),
+                            (streams.REQUESTS, request("chat", chat=chat)),
+                            (streams.REQUESTS, request("ids", prompt_ids=[1, 5, 9]))])
+    got = {m.request_id: m for m in await collect(bus, streams.TOKENIZED, TokenizedRequest, 3)}
+    assert got["text"].prompt_ids == hf("Hello, world")["input_ids"]
+    assert got["chat"].prompt_ids == hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                            return_dict=False)
+    assert got["ids"].prompt_ids == [1, 5, 9]
+    assert got["text"].trace_id == "trace-text" and got["text"].gateway_id == GW
+
+
+async def test_bad_prompts_and_bad_entries(tokenizer_service, redis):
+    proc, port = tokenizer_service
+    bus = Bus(redis, "test")
+    await redis.xadd(streams.REQUESTS, {b"m": b"\x93garbage"})
+    await bus.publish_many([(streams.REQUESTS, request("role", chat=[{"role": "wizard", "content": "x"}])),
+                            (streams.REQUESTS, request("vocab", prompt_ids=[1, 99999])),
+                            (streams.REQUESTS, request("fine", prompt_text="ok"))])
+    errors = {m.request_id: m for m in await collect(bus, streams.delta_stream(GW), TokenDelta, 2)}
+    assert errors["role"].finish_reason == "error" and errors["role"].error.startswith("messages:")
+    assert "prompt[1]" in errors["vocab"].error and "99999" in errors["vocab"].error
+    assert [m.request_id for m in await collect(bus, streams.TOKENIZED, TokenizedRequest, 1)] == ["fine"]
+    dead = await redis.xrange(streams.DEAD_LETTERS)
+    assert len(dead) == 1 and dead[0][1][b"stream"] == streams.REQUESTS.encode()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        assert b'streamoe_messages_total{outcome="ok",stream="{streamoe}:requests"} 3.0' in r.read()
+
+
+async def test_detokenizes_statelessly_across_a_killed_replica(tokenizer_service, tiny_fp32, redis_url, redis):
+    """Deltas are spread over replica A (killed with -9 mid-stream), entries a dead consumer left
+    pending, and replica B; the gateway stream still gets exactly the text, in pieces that
+    concatenate to it, one delta per index."""
+    from tokenizers import Tokenizer
+
+    from services.tokenizer.detok import prefix_window
+
+    proc_a, _ = tokenizer_service
+    text = "你好，世界 🌍 — the quick brown fox; def f(x): return x"
+    ids = Tokenizer.from_file(str(tiny_fp32 / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    window = prefix_window(None)
+    deltas = [TokenDelta("r1", "t1", GW, i, [ids[i]], prefix_ids=ids[max(0, i - window):i],
+                         finish_reason="length" if i == len(ids) - 1 else None) for i in range(len(ids))]
+    bus = Bus(redis, "test")
+    third = len(deltas) // 3
+    await bus.publish_many([(streams.RAW_DELTAS, d) for d in deltas[:third]])
+    first = await collect(bus, streams.delta_stream(GW), TokenDelta, third)
+    proc_a.send_signal(signal.SIGKILL)
+    proc_a.wait()
+    ghost = Bus(redis, "ghost")  # a consumer that read entries and died before acking them
+    await bus.publish_many([(streams.RAW_DELTAS, d) for d in deltas[third:2 * third]])
+    taken = await ghost.read(streams.RAW_DELTAS, streams.group("tokenizer"), TokenDelta, count=100, block_ms=500)
+    assert len(taken) == third
+    await bus.publish_many([(streams.RAW_DELTAS, d) for d in deltas[2 * third:]])
+    proc_b, _ = start(tiny_fp32, redis_url, "tok-b", claim_idle_ms=500)
+    try:
+        rest = await collect(bus, streams.delta_stream(GW), TokenDelta, len(deltas) - third)
+    finally:
+        proc_b.kill()
+        proc_b.wait()
+    got = sorted(first + rest, key=lambda d: d.index)
+    assert [d.index for d in got] == list(range(len(ids)))
+    assert "".join(d.text for d in got) == text
+    assert got[-1].finish_reason == "length"
+
+
+async def test_sigterm_drains_and_exits_cleanly(tokenizer_service, redis):
+    proc, _ = tokenizer_service
+    assert await redis.exists(streams.heartbeat_key("tokenizer", "tok-a"))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert not await redis.exists(streams.heartbeat_key("tokenizer", "tok-a"))
