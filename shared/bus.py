@@ -72,14 +72,27 @@ class Bus:
     async def read(self, stream: str, group: str, kind: type[T], count: int = 16,
                    block_ms: int | None = 1000) -> list[Entry[T]]:
         """New entries for this consumer; undecodable ones are dead-lettered, acked and skipped."""
-        reply = await self.redis.xreadgroup(group, self.consumer, {stream: ">"}, count=count, block=block_ms)
+        try:
+            reply = await self.redis.xreadgroup(group, self.consumer, {stream: ">"}, count=count, block=block_ms)
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            await self.ensure_group(stream, group)  # Redis lost the stream (a flush, a restart without AOF)
+            return []
         return await self._decode_entries(stream, group, kind, reply[0][1] if reply else [])
 
     async def read_streams(self, group: str, kinds: dict[str, type], count: int = 16,
                            block_ms: int | None = 1000) -> list[tuple[str, Entry]]:
         """New entries from several streams that share one group name, in one blocking call."""
-        reply = await self.redis.xreadgroup(group, self.consumer, {s: ">" for s in kinds}, count=count,
-                                            block=block_ms)
+        try:
+            reply = await self.redis.xreadgroup(group, self.consumer, {s: ">" for s in kinds}, count=count,
+                                                block=block_ms)
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            for stream in kinds:
+                await self.ensure_group(stream, group)
+            return []
         out = []
         for stream, raw in reply or []:
             stream = stream.decode() if isinstance(stream, bytes) else stream
@@ -89,8 +102,14 @@ class Bus:
     async def claim_stale(self, stream: str, group: str, kind: type[T], min_idle_ms: int,
                           count: int = 16) -> list[Entry[T]]:
         """Entries pending on any consumer for longer than `min_idle_ms`, now ours."""
-        reply = await self.redis.xautoclaim(stream, group, self.consumer, min_idle_time=min_idle_ms,
-                                            start_id="0-0", count=count)
+        try:
+            reply = await self.redis.xautoclaim(stream, group, self.consumer, min_idle_time=min_idle_ms,
+                                                start_id="0-0", count=count)
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            await self.ensure_group(stream, group)
+            return []
         return await self._decode_entries(stream, group, kind, [e for e in reply[1] if e[1] is not None])
 
     async def ack(self, stream: str, group: str, *entry_ids: str) -> None:

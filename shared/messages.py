@@ -57,7 +57,9 @@ class PrefillTask:
 
 @message("kv")
 class KVChunk:
-    """One layer of a prompt's latent KV, prefill -> decode."""
+    """One layer of a prompt's latent KV, prefill -> decode. A handoff is `num_layers` chunks, sent
+    each as soon as its layer is computed, then a final chunk (layer == num_layers, no KV) that
+    carries the first token, sampled after the last layer."""
 
     request_id: str
     trace_id: str
@@ -65,6 +67,11 @@ class KVChunk:
     num_layers: int
     kv: TensorBlob  # [prompt tokens, kv_lora_rank + qk_rope_head_dim]
     checksum: str  # blake2b of kv.data; a mismatch fails loudly and the request is re-prefilled
+    # On the final chunk only: what the decode rank needs to continue the request.
+    request: TokenizedRequest | None = None
+    first_token: int = -1
+    finish_reason: str | None = None  # the first token already ended the request: drop the KV
+    sent_at: float = 0.0  # unix seconds when prefill wrote this chunk (layer-wise streaming shows)
 
 
 @message("delta")
@@ -105,6 +112,7 @@ class LoadReport:
     waiting: int
     kv_blocks_used: int
     kv_blocks_total: int
-    pending_prefill_compute: float = 0.0  # sum of new x (cached + new) over queued prefills
+    max_running: int = 0
+    pending_compute: float = 0.0  # sum of new x (cached + new) over queued prefills
     pending_input_tokens: int = 0
     time: float = 0.0

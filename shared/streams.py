@@ -26,6 +26,10 @@ def delta_stream(gateway_id: str) -> str:
     return f"{PREFIX}:deltas:{gateway_id}"  # TokenDelta: workers -> tokenizer -> this gateway
 
 
+def load_key(role: str, rank: int) -> str:
+    return f"{PREFIX}:load:{role}:{rank}"  # LoadReport of a worker rank, refreshed with a TTL
+
+
 def group(service: str) -> str:
     return f"{PREFIX}:group:{service}"
 

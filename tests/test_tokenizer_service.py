@@ -2,11 +2,7 @@
 letters, a replica killed with -9, health, metrics and a clean SIGTERM."""
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -15,28 +11,14 @@ import pytest
 from shared import streams
 from shared.bus import Bus
 from shared.messages import GenerateRequest, Sampling, TokenDelta, TokenizedRequest
-from shared.redis_server import free_port
+from procs import ServiceProcess
 
 GW = "gw-test"
 
 
-def start(model_dir, redis_url, name: str, claim_idle_ms: int = 1000):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "services.tokenizer", "--model", str(model_dir),
-                             "--redis-url", redis_url, "--http-port", str(port), "--instance-id", name,
-                             "--claim-idle-ms", str(claim_idle_ms), "--drain-timeout-s", "5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return proc, port
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise TimeoutError("tokenizer service not healthy in 60 s")
+def start(model_dir, redis_url, name: str, claim_idle_ms: int = 1000) -> ServiceProcess:
+    return ServiceProcess("services.tokenizer", redis_url, "--model", str(model_dir), "--claim-idle-ms",
+                          str(claim_idle_ms), "--drain-timeout-s", "5", instance_id=name)
 
 
 def request(rid: str, **prompt) -> GenerateRequest:
@@ -56,11 +38,9 @@ async def collect(bus: Bus, stream: str, kind, n: int, timeout: float = 20.0) ->
 
 @pytest.fixture()
 def tokenizer_service(tiny_fp32, redis_url, redis):
-    proc, port = start(tiny_fp32, redis_url, "tok-a")
-    yield proc, port
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    service = start(tiny_fp32, redis_url, "tok-a")
+    yield service
+    service.kill()
 
 
 async def test_encodes_text_chat_and_ids_like_transformers(tokenizer_service, tiny_fp32, redis):
@@ -81,7 +61,6 @@ async def test_encodes_text_chat_and_ids_like_transformers(tokenizer_service, ti
 
 
 async def test_bad_prompts_and_bad_entries(tokenizer_service, redis):
-    proc, port = tokenizer_service
     bus = Bus(redis, "test")
     await redis.xadd(streams.REQUESTS, {b"m": b"\x93garbage"})
     await bus.publish_many([(streams.REQUESTS, request("role", chat=[{"role": "wizard", "content": "x"}])),
@@ -93,7 +72,7 @@ async def test_bad_prompts_and_bad_entries(tokenizer_service, redis):
     assert [m.request_id for m in await collect(bus, streams.TOKENIZED, TokenizedRequest, 1)] == ["fine"]
     dead = await redis.xrange(streams.DEAD_LETTERS)
     assert len(dead) == 1 and dead[0][1][b"stream"] == streams.REQUESTS.encode()
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+    with urllib.request.urlopen(tokenizer_service.url("/metrics"), timeout=5) as r:
         assert b'streamoe_messages_total{outcome="ok",stream="{streamoe}:requests"} 3.0' in r.read()
 
 
@@ -105,7 +84,7 @@ async def test_detokenizes_statelessly_across_a_killed_replica(tokenizer_service
 
     from services.tokenizer.detok import prefix_window
 
-    proc_a, _ = tokenizer_service
+    proc_a = tokenizer_service.proc
     text = "你好，世界 🌍 — the quick brown fox; def f(x): return x"
     ids = Tokenizer.from_file(str(tiny_fp32 / "tokenizer.json")).encode(text, add_special_tokens=False).ids
     window = prefix_window(None)
@@ -122,12 +101,11 @@ async def test_detokenizes_statelessly_across_a_killed_replica(tokenizer_service
     taken = await ghost.read(streams.RAW_DELTAS, streams.group("tokenizer"), TokenDelta, count=100, block_ms=500)
     assert len(taken) == third
     await bus.publish_many([(streams.RAW_DELTAS, d) for d in deltas[2 * third:]])
-    proc_b, _ = start(tiny_fp32, redis_url, "tok-b", claim_idle_ms=500)
+    replica_b = start(tiny_fp32, redis_url, "tok-b", claim_idle_ms=500)
     try:
         rest = await collect(bus, streams.delta_stream(GW), TokenDelta, len(deltas) - third)
     finally:
-        proc_b.kill()
-        proc_b.wait()
+        replica_b.kill()
     got = sorted(first + rest, key=lambda d: d.index)
     assert [d.index for d in got] == list(range(len(ids)))
     assert "".join(d.text for d in got) == text
@@ -135,7 +113,7 @@ async def test_detokenizes_statelessly_across_a_killed_replica(tokenizer_service
 
 
 async def test_sigterm_drains_and_exits_cleanly(tokenizer_service, redis):
-    proc, _ = tokenizer_service
+    proc = tokenizer_service.proc
     assert await redis.exists(streams.heartbeat_key("tokenizer", "tok-a"))
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0

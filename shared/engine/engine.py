@@ -6,6 +6,7 @@ call it from their compute thread.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,11 +100,21 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     # -- the loop ---------------------------------------------------------------------------------
-    def step(self) -> list[Delta]:
+    def step(self, on_layer_kv: Callable[[int, list[tuple[str, torch.Tensor]]], None] | None = None) -> list[Delta]:
+        """One step. Prefill mode: `on_layer_kv(layer, [(request_id, kv [P, C+R])])` is called as soon
+        as each layer's KV of the prompts completing in this step is computed, while later layers
+        still run, so it can be streamed to decode."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        logits = self.runner.run(scheduled)
+        done = [] if on_layer_kv is None else [
+            (item.seq.request_id, self.runner.slots(item.seq, len(item.seq.prompt_ids)))
+            for item in scheduled if item.sample and item.seq.num_computed + item.num_new >= len(item.seq.prompt_ids)]
+
+        def hook(layer: int) -> None:
+            on_layer_kv(layer, [(rid, self.runner.pool.kv[layer, slots].clone()) for rid, slots in done])
+
+        logits = self.runner.run(scheduled, hook if done else None)
         return self.postprocess(scheduled, logits)
 
     def postprocess(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> list[Delta]:

@@ -25,7 +25,7 @@ class ModelRunner:
         return (table[:, None] * self.block_size + self._offsets).flatten()[:num_tokens]
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+    def run(self, scheduled: list[ScheduledSeq], on_layer=None) -> torch.Tensor:
         """One forward over every scheduled chunk -> logits [sampled rows, V] (fp32), in schedule order."""
         args = self.model.args
         ids, positions, new_slots, context_slots = [], [], [], []
@@ -43,7 +43,7 @@ class ModelRunner:
             absorbed.append(choose_absorbed(args, item.num_new, end))
         batch = AttentionBatch(query_lens, context_lens, absorbed, torch.cat(new_slots), context_slots)
         batch.group_single_tokens()
-        hidden = self.model(torch.tensor(ids, device=self.device), torch.cat(positions), batch, self.pool)
+        hidden = self.model(torch.tensor(ids, device=self.device), torch.cat(positions), batch, self.pool, on_layer)
         ends = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
         rows = ends[[i for i, item in enumerate(scheduled) if item.sample]]
         return self.model.logits(hidden[rows])

@@ -8,6 +8,8 @@ Legend: T = tokens in the step (sequences packed without padding), D = hidden, V
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -66,12 +68,15 @@ class DeepseekV3(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
-                cache: LatentCache | None = None) -> torch.Tensor:
-        """input_ids, positions [T] -> final hidden states [T, D] (after the last norm)."""
+                cache: LatentCache | None = None, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, D] (after the last norm).
+        `on_layer(i)` runs once layer i's KV is in the cache (layer-wise KV streaming)."""
         h = self.model.embed_tokens(input_ids)  # [T, D]
         cos, sin = self.rotary.cos_sin(positions, h.dtype)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, batch, cache)
+            if on_layer is not None:
+                on_layer(i)
         return self.model.norm(h)
 
     @torch.inference_mode()

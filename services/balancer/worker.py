@@ -1,0 +1,84 @@
+"""The balancer service: picks each request's prefill rank and decode rank at admission, from
+the ranks' load reports plus what it has sent them since (policies.py)."""
+from __future__ import annotations
+
+import time
+
+from shared import streams
+from shared.bus import Entry
+from shared.hashing import BLOCK_SIZE
+from shared.messages import LoadReport, PrefillTask, TokenDelta, TokenizedRequest
+from shared.service import Service
+from shared.wire import WireError, decode
+
+from .policies import DecodeLoad, PrefillLoad, attention_compute, choose_decode_rank, choose_prefill_rank
+
+GROUP = streams.group("balancer")
+
+
+class BalancerService(Service):
+    name = "balancer"
+
+    async def setup(self) -> None:
+        await self.bus.ensure_group(streams.TOKENIZED, GROUP)
+        self.backlog: list[Entry[TokenizedRequest]] = []  # no rank had room yet
+        # what we sent since each rank's last report: rank -> [(time, compute, tokens, blocks)]
+        self.sent: dict[tuple[str, int], list[tuple[float, float, int, int]]] = {}
+
+    async def loop(self) -> None:
+        while not self.stopping.is_set():
+            entries = await self.bus.read(streams.TOKENIZED, GROUP, TokenizedRequest, count=64,
+                                          block_ms=50 if self.backlog else 200)
+            entries += await self.bus.claim_stale(streams.TOKENIZED, GROUP, TokenizedRequest,
+                                                  self.config.claim_idle_ms)
+            pending, self.backlog = self.backlog + entries, []
+            for entry in pending:
+                await self.route(entry)
+
+    async def route(self, entry: Entry[TokenizedRequest]) -> None:
+        req = entry.message
+        if time.time() > req.deadline:
+            await self.fail(entry, "no worker could take the request before its deadline")
+            return
+        prefill, decode_ranks = await self.loads()
+        new = len(req.prompt_ids) - req.num_cached_tokens
+        reserve = -(-(len(req.prompt_ids) + req.sampling.max_tokens) // BLOCK_SIZE)
+        decode_rank = choose_decode_rank(decode_ranks, reserve) if decode_ranks else None
+        if not prefill or decode_rank is None:
+            self.backlog.append(entry)
+            return
+        prefill_rank = choose_prefill_rank(prefill, new, req.num_cached_tokens)
+        await self.bus.publish(streams.prefill_stream(prefill_rank), PrefillTask(req, decode_rank))
+        await self.bus.ack(streams.TOKENIZED, GROUP, entry.entry_id)
+        now = time.time()
+        self.sent.setdefault(("prefill", prefill_rank), []).append(
+            (now, attention_compute(new, req.num_cached_tokens), new, 0))
+        self.sent.setdefault(("decode", decode_rank), []).append((now, 0.0, 0, reserve))
+        self.messages.labels(stream=streams.TOKENIZED, outcome="routed").inc()
+
+    async def fail(self, entry: Entry[TokenizedRequest], reason: str) -> None:
+        req = entry.message
+        await self.bus.publish(streams.delta_stream(req.gateway_id), TokenDelta(
+            req.request_id, req.trace_id, req.gateway_id, 0, [], finish_reason="error", error=reason))
+        await self.bus.ack(streams.TOKENIZED, GROUP, entry.entry_id)
+
+    async def loads(self) -> tuple[list[PrefillLoad], list[DecodeLoad]]:
+        """Live ranks (a report key exists), each adjusted by what we sent after its report."""
+        keys = [k async for k in self.redis.scan_iter(match=f"{streams.PREFIX}:load:*", count=1000)]
+        reports = [r for r in await self.redis.mget(keys) if r is not None] if keys else []
+        prefill, decode_ranks = [], []
+        for raw in reports:
+            try:
+                report = decode(raw, LoadReport)
+            except WireError:
+                continue
+            since = [s for s in self.sent.get((report.role, report.rank), []) if s[0] > report.time]
+            self.sent[(report.role, report.rank)] = since
+            if report.role == "prefill":
+                prefill.append(PrefillLoad(report.rank, report.pending_compute + sum(s[1] for s in since),
+                                           report.pending_input_tokens + sum(s[2] for s in since)))
+            else:
+                decode_ranks.append(DecodeLoad(report.rank, report.kv_blocks_used + sum(s[3] for s in since),
+                                               report.kv_blocks_total, report.running + len(since),
+                                               report.max_running))
+        return prefill, decode_ranks

@@ -1,0 +1,9 @@
+"""python -m services.decode --model DIR --rank R [--ep-size 1] [--redis-url URL] ..."""
+import sys
+
+from shared.worker import worker_main
+
+from .worker import DecodeService
+
+if __name__ == "__main__":
+    sys.exit(worker_main(DecodeService))

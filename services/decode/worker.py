@@ -1,0 +1,123 @@
+"""A decode rank: receives a prompt's KV layer by layer (checksums verified), joins the request
+into its continuous batch, and emits indexed token deltas every step."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from shared import streams
+from shared.bus import Entry
+from shared.messages import KVChunk, TokenDelta
+from shared.tensors import checksum, from_blob
+from shared.wire import WireError
+from shared.worker import WorkerService
+
+from services.prefill.worker import sampling_params
+from services.tokenizer.detok import prefix_window
+
+GROUP = streams.group("decode")
+
+
+@dataclass
+class Handoff:
+    chunks: dict[int, KVChunk] = field(default_factory=dict)
+    entry_ids: list[str] = field(default_factory=list)
+
+
+class DecodeService(WorkerService):
+    name = role = "decode"
+
+    async def setup(self) -> None:
+        self.stream = streams.kv_stream(self.rank)
+        await self.bus.ensure_group(self.stream, GROUP)
+        self.handoffs: dict[str, Handoff] = {}
+        self.ready_to_admit: list[str] = []
+        self.history: dict[str, list[int]] = {}  # prompt + output so far, for the deltas' prefix ids
+        self.requests = {}
+        await self.report_load(force=True)
+
+    async def loop(self) -> None:
+        while not self.stopping.is_set():
+            idle = not self.engine.has_unfinished() and not self.ready_to_admit
+            entries = await self.bus.read(self.stream, GROUP, KVChunk, count=256, block_ms=100 if idle else None)
+            entries += await self.bus.claim_stale(self.stream, GROUP, KVChunk, self.config.claim_idle_ms, count=256)
+            for entry in entries:
+                self.receive(entry)
+            await self.admit_ready()
+            if self.engine.has_unfinished():
+                await self.step()
+            await self.report_load()
+
+    def receive(self, entry: Entry[KVChunk]) -> None:
+        chunk = entry.message
+        handoff = self.handoffs.setdefault(chunk.request_id, Handoff())
+        handoff.chunks[chunk.layer] = chunk
+        handoff.entry_ids.append(entry.entry_id)
+        if chunk.layer == chunk.num_layers:
+            self.ready_to_admit.append(chunk.request_id)
+
+    async def admit_ready(self) -> None:
+        waiting = []
+        for request_id in self.ready_to_admit:
+            handoff = self.handoffs[request_id]
+            final = handoff.chunks[self.num_layers]
+            if final.finish_reason is not None or request_id in self.history:
+                await self.consumed(request_id)  # finished at prefill, or a duplicate handoff
+                continue
+            try:
+                kv = self.assemble(handoff)
+            except WireError as e:
+                await self.reprefill(request_id, final, str(e))
+                continue
+            req = final.request
+            admitted = await self.compute(self.engine.add_prefilled, request_id, req.prompt_ids,
+                                          sampling_params(req.sampling), final.first_token, kv, req.cache_salt)
+            if not admitted:
+                waiting.append(request_id)  # reserved by the balancer, freed by a request finishing soon
+                continue
+            self.history[request_id] = req.prompt_ids + [final.first_token]
+            self.requests[request_id] = req
+            await self.consumed(request_id)
+        self.ready_to_admit = waiting
+
+    def assemble(self, handoff: Handoff) -> torch.Tensor:
+        """[layers, P, C+R]; any missing layer or checksum mismatch fails loudly."""
+        layers = []
+        for layer in range(self.num_layers):
+            chunk = handoff.chunks.get(layer)
+            if chunk is None:
+                raise WireError(f"layer {layer} of the KV handoff is missing")
+            if checksum(chunk.kv.data) != chunk.checksum:
+                raise WireError(f"layer {layer} of the KV handoff fails its checksum")
+            layers.append(from_blob(chunk.kv))
+        return torch.stack(layers)
+
+    async def reprefill(self, request_id: str, final: KVChunk, reason: str) -> None:
+        """Never decode on wrong KV: send the request back through the balancer."""
+        self.log.error(json.dumps({"event": "bad_kv", "trace_id": final.trace_id, "reason": reason}))
+        await self.bus.publish(streams.TOKENIZED, final.request)
+        await self.consumed(request_id)
+
+    async def consumed(self, request_id: str) -> None:
+        """KV handoff entries are acked and deleted once consumed."""
+        handoff = self.handoffs.pop(request_id)
+        await self.bus.ack(self.stream, GROUP, *handoff.entry_ids)
+        await self.redis.xdel(self.stream, *handoff.entry_ids)
+
+    async def step(self) -> None:
+        deltas = await self.compute(self.engine.step)
+        writes = []
+        for d in deltas:
+            req = self.requests[d.request_id]
+            history = self.history[d.request_id]
+            window = prefix_window(req.sampling.stop)
+            writes.append((streams.RAW_DELTAS, TokenDelta(
+                d.request_id, req.trace_id, req.gateway_id, d.index, d.token_ids, finish_reason=d.finish_reason,
+                prefix_ids=history[-window:], stop=req.sampling.stop, num_prompt_tokens=len(req.prompt_ids))))
+            history.extend(d.token_ids)
+            if d.finish_reason is not None:
+                del self.history[d.request_id], self.requests[d.request_id]
+        if writes:
+            await self.bus.publish_many(writes)

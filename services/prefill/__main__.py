@@ -1,0 +1,9 @@
+"""python -m services.prefill --model DIR --rank R [--ep-size 1] [--redis-url URL] ..."""
+import sys
+
+from shared.worker import worker_main
+
+from .worker import PrefillService
+
+if __name__ == "__main__":
+    sys.exit(worker_main(PrefillService))

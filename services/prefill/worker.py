@@ -1,0 +1,109 @@
+"""A prefill rank: batches prompts under a token budget, streams each layer's latent KV to the
+request's decode rank as soon as that layer is computed, and sends the first token at once."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from shared import streams
+from shared.engine.engine import RequestError
+from shared.engine.sequence import SamplingParams
+from shared.messages import KVChunk, PrefillTask, TokenDelta
+from shared.tensors import checksum, to_blob
+from shared.wire import TensorBlob
+from shared.worker import WorkerService
+
+from services.balancer.policies import attention_compute
+from services.tokenizer.detok import prefix_window
+
+GROUP = streams.group("prefill")
+NO_KV = TensorBlob("float32", [0], b"")  # the final chunk of a handoff carries no KV
+
+
+def sampling_params(s) -> SamplingParams:
+    return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                          seed=s.seed, stop_token_ids=tuple(s.stop_token_ids or ()), ignore_eos=s.ignore_eos)
+
+
+class PrefillService(WorkerService):
+    name = role = "prefill"
+
+    async def setup(self) -> None:
+        self.stream = streams.prefill_stream(self.rank)
+        await self.bus.ensure_group(self.stream, GROUP)
+        self.tasks: dict[str, tuple[str, PrefillTask]] = {}  # request id -> (entry id, task)
+        await self.report_load(force=True)
+
+    async def loop(self) -> None:
+        while not self.stopping.is_set():
+            idle = not self.engine.has_unfinished()
+            entries = await self.bus.read(self.stream, GROUP, PrefillTask, count=32, block_ms=100 if idle else None)
+            entries += await self.bus.claim_stale(self.stream, GROUP, PrefillTask, self.config.claim_idle_ms)
+            for entry in entries:
+                await self.admit(entry.entry_id, entry.message)
+            if self.engine.has_unfinished():
+                await self.step()
+            queued = [t.request for _, t in self.tasks.values()]
+            await self.report_load(
+                pending_compute=sum(attention_compute(len(r.prompt_ids) - r.num_cached_tokens, r.num_cached_tokens)
+                                    for r in queued),
+                pending_tokens=sum(len(r.prompt_ids) - r.num_cached_tokens for r in queued))
+
+    async def admit(self, entry_id: str, task: PrefillTask) -> None:
+        req = task.request
+        if req.request_id in self.tasks:
+            return  # a redelivery of a task already running here
+        try:
+            await self.compute(self.engine.add_request, req.request_id, req.prompt_ids,
+                               sampling_params(req.sampling), req.cache_salt)
+        except RequestError as e:
+            await self.bus.publish(streams.RAW_DELTAS, TokenDelta(req.request_id, req.trace_id, req.gateway_id, 0, [],
+                                                                  finish_reason="error", error=str(e)))
+            await self.bus.ack(self.stream, GROUP, entry_id)
+            return
+        self.tasks[req.request_id] = (entry_id, task)
+
+    async def step(self) -> None:
+        loop = asyncio.get_running_loop()
+        layers: asyncio.Queue = asyncio.Queue()
+
+        def on_layer_kv(layer, items):  # compute thread: hand the layer to the event loop, go on
+            loop.call_soon_threadsafe(layers.put_nowait, (layer, items))
+
+        sender = asyncio.create_task(self.send_layers(layers))
+        deltas = await self.compute(self.engine.step, on_layer_kv)
+        layers.put_nowait(None)
+        await sender
+        for delta in deltas:
+            await self.finish(delta)
+
+    async def send_layers(self, layers: asyncio.Queue) -> None:
+        while (item := await layers.get()) is not None:
+            layer, kvs = item
+            writes = []
+            for request_id, kv in kvs:
+                _, task = self.tasks[request_id]
+                blob = to_blob(kv)
+                writes.append((streams.kv_stream(task.decode_rank), KVChunk(
+                    request_id, task.request.trace_id, layer, self.num_layers, blob, checksum(blob.data),
+                    sent_at=time.time())))
+            await self.bus.publish_many(writes)
+
+    async def finish(self, delta) -> None:
+        entry_id, task = self.tasks.pop(delta.request_id)
+        req = task.request
+        first = delta.token_ids[0] if delta.token_ids else -1
+        done = delta.finish_reason if delta.finish_reason != "prefilled" else None
+        window = prefix_window(req.sampling.stop)
+        writes = [(streams.kv_stream(task.decode_rank), KVChunk(
+            req.request_id, req.trace_id, self.num_layers, self.num_layers, NO_KV, "", request=req,
+            first_token=first, finish_reason=done, sent_at=time.time()))]
+        writes.append((streams.RAW_DELTAS, TokenDelta(
+            req.request_id, req.trace_id, req.gateway_id, 0, list(delta.token_ids), finish_reason=done,
+            prefix_ids=req.prompt_ids[-window:], stop=req.sampling.stop, num_prompt_tokens=len(req.prompt_ids),
+            num_cached_tokens=delta.num_cached_tokens)))
+        await self.bus.publish_many(writes)
+        await self.bus.ack(self.stream, GROUP, entry_id)  # after the handoff and the first token are written
+        self.log.info(json.dumps({"event": "prefilled", "trace_id": req.trace_id, "decode_rank": task.decode_rank,
+                                  "finish": done}))

@@ -1,0 +1,85 @@
+"""What prefill and decode workers share: the engine on one compute thread (the "GPU stream"),
+Redis I/O on the event loop, and load reports for the balancer."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from . import streams
+from .engine.engine import Engine, EngineConfig
+from .messages import LoadReport
+from .model.loader import checkpoint_fingerprint, load_model
+from .service import Service, ServiceConfig
+from .wire import encode
+
+
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--ep-size", type=int, default=1)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kv-cache-mib", type=int, default=512)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: a share of the cores)")
+    parser.add_argument("--load-ttl-s", type=float, default=5.0)
+
+
+class WorkerService(Service):
+    role = "worker"
+
+    def __init__(self, config: ServiceConfig, args: argparse.Namespace):
+        super().__init__(config)
+        if args.ep_size != 1:
+            raise SystemExit(f"--ep-size={args.ep_size}: expert parallelism is not implemented yet; use 1")
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // 2))
+        self.args = args
+        self.rank = args.rank
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        self.engine = Engine(model, EngineConfig(
+            kv_cache_bytes=args.kv_cache_mib << 20, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, mode=self.role,
+            model_fingerprint=checkpoint_fingerprint(args.model, model.dtype)))
+        self.num_layers = model.args.num_hidden_layers
+        self.compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute")  # tensors never run on the loop
+        self._last_report = 0.0
+
+    async def compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.compute_pool, fn, *args)
+
+    async def report_load(self, force: bool = False, pending_compute: float = 0.0, pending_tokens: int = 0) -> None:
+        now = time.time()
+        if not force and now - self._last_report < self.args.load_ttl_s / 5:
+            return
+        self._last_report = now
+        blocks = self.engine.blocks
+        report = LoadReport(self.role, self.rank, self.config.instance_id, len(self.engine.scheduler.running),
+                            len(self.engine.scheduler.waiting), blocks.num_blocks - blocks.num_free, blocks.num_blocks,
+                            self.args.max_num_seqs, pending_compute, pending_tokens, now)
+        await self.redis.set(streams.load_key(self.role, self.rank), encode(report),
+                             px=int(self.args.load_ttl_s * 1000))
+
+    async def teardown(self) -> None:
+        await self.redis.delete(streams.load_key(self.role, self.rank))
+        self.compute_pool.shutdown(wait=False)
+
+
+def worker_main(service_cls: type[WorkerService], argv: list[str] | None = None) -> int:
+    """The `python -m services.prefill|decode` entry point."""
+    import uvloop
+
+    from .service import add_service_args, parse_service_args, service_config
+
+    parser = argparse.ArgumentParser(prog=f"python -m services.{service_cls.role}")
+    add_service_args(parser)
+    add_worker_args(parser)
+    parser.add_argument("--role", default=service_cls.role, choices=[service_cls.role])
+    args = parse_service_args(parser, argv)
+    return uvloop.run(service_cls(service_config(args), args).run())
