@@ -91,6 +91,7 @@ class TokenDelta:
     text: str | None = None  # set by the tokenizer on its way to the gateway
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    prompt_ids: list[int] | None = None  # on index 0 only: the prompt as tokenized (return_token_ids)
     error: str | None = None
 
 

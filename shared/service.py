@@ -123,10 +123,17 @@ class Service:
             await runner.cleanup()
         return 0
 
+    def make_app(self) -> web.Application:
+        return web.Application()
+
+    def add_routes(self, app: web.Application) -> None:
+        """More routes on the service's port (the gateway's API)."""
+
     async def _start_http(self) -> web.AppRunner:
-        app = web.Application()
+        app = self.make_app()
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
+        self.add_routes(app)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.http_port)

@@ -54,3 +54,25 @@ async def redis(redis_url):
     await client.flushdb()
     yield client
     await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def system(tiny_fp32, redis_url):
+    """The services, each its own process, on the session's Redis: tokenizer, balancer, prefill
+    rank 0, decode rank 0 and a gateway (the last)."""
+    from procs import ServiceProcess
+
+    import redis as sync_redis
+
+    sync_redis.Redis.from_url(redis_url).flushdb()  # once, before the services make their groups
+    worker = ["--model", str(tiny_fp32), "--dtype", "fp32", "--rank", "0", "--threads", "1", "--kv-cache-mib", "64"]
+    services = [ServiceProcess("services.tokenizer", redis_url, "--model", str(tiny_fp32)),
+                ServiceProcess("services.balancer", redis_url),
+                ServiceProcess("services.prefill", redis_url, *worker),
+                ServiceProcess("services.decode", redis_url, *worker),
+                ServiceProcess("services.gateway", redis_url, "--model", str(tiny_fp32), "--request-timeout-s", "120")]
+    yield services
+    for service in services:
+        service.terminate()
+    for service in services:
+        assert service.stop() == 0, service.log_tail()  # SIGTERM: drained and exited cleanly

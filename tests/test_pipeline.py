@@ -12,28 +12,10 @@ from reference import load_reference, reference_greedy
 from shared import streams
 from shared.bus import Bus
 from shared.messages import GenerateRequest, Sampling, TokenDelta
-from procs import ServiceProcess
 
 GW = "gw-pipeline"
 LENGTHS = [1, 3, 17, 64, 65, 130, 200, 300]
 MAX_TOKENS = [12, 20, 8, 16, 24, 10, 14, 18]
-
-
-@pytest.fixture(scope="module")
-def system(tiny_fp32, redis_url):
-    import redis as sync_redis
-
-    sync_redis.Redis.from_url(redis_url).flushdb()  # once, before the services make their groups
-    worker = ["--model", str(tiny_fp32), "--dtype", "fp32", "--rank", "0", "--threads", "1", "--kv-cache-mib", "64"]
-    services = [ServiceProcess("services.tokenizer", redis_url, "--model", str(tiny_fp32)),
-                ServiceProcess("services.balancer", redis_url),
-                ServiceProcess("services.prefill", redis_url, *worker),
-                ServiceProcess("services.decode", redis_url, *worker)]
-    yield services
-    for service in services:
-        service.terminate()
-    for service in services:
-        assert service.stop() == 0, service.log_tail()  # SIGTERM: drained and exited cleanly
 
 
 async def run_requests(redis, requests: list[GenerateRequest], timeout: float = 180) -> dict[str, list[TokenDelta]]:

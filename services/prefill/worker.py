@@ -102,7 +102,7 @@ class PrefillService(WorkerService):
         writes.append((streams.RAW_DELTAS, TokenDelta(
             req.request_id, req.trace_id, req.gateway_id, 0, list(delta.token_ids), finish_reason=done,
             prefix_ids=req.prompt_ids[-window:], stop=req.sampling.stop, num_prompt_tokens=len(req.prompt_ids),
-            num_cached_tokens=delta.num_cached_tokens)))
+            num_cached_tokens=delta.num_cached_tokens, prompt_ids=req.prompt_ids)))
         await self.bus.publish_many(writes)
         await self.bus.ack(self.stream, GROUP, entry_id)  # after the handoff and the first token are written
         self.log.info(json.dumps({"event": "prefilled", "trace_id": req.trace_id, "decode_rank": task.decode_rank,

@@ -113,7 +113,7 @@ class TokenizerService(Service):
         finish = "stop" if text.stopped else delta.finish_reason
         out = TokenDelta(delta.request_id, delta.trace_id, delta.gateway_id, delta.index, delta.token_ids,
                          finish_reason=finish, text=text.text, num_prompt_tokens=delta.num_prompt_tokens,
-                         num_cached_tokens=delta.num_cached_tokens, error=delta.error)
+                         num_cached_tokens=delta.num_cached_tokens, prompt_ids=delta.prompt_ids, error=delta.error)
         writes = [(streams.delta_stream(delta.gateway_id), out)]
         if text.stopped and not final:
             writes.append((streams.ABORTS, Abort(delta.request_id, delta.trace_id, "stop string")))

@@ -1,0 +1,31 @@
+"""python -m services.gateway --model DIR [--http-port 8000] [--api-key KEY ...] [--redis-url URL] ..."""
+import argparse
+import sys
+from pathlib import Path
+
+import uvloop
+
+from shared.service import add_service_args, parse_service_args, service_config
+
+from .app import GatewayService, GatewaySettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.gateway", description=__doc__)
+    add_service_args(parser)
+    parser.add_argument("--model", type=Path, required=True, help="model directory (generation_config.json)")
+    parser.add_argument("--served-model-name", default=None, help="default: the model directory's name")
+    parser.add_argument("--api-key", action="append", default=None, help="repeat for several keys")
+    parser.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    parser.add_argument("--max-inflight", type=int, default=256)
+    parser.add_argument("--request-timeout-s", type=float, default=600.0)
+    args = parse_service_args(parser, argv)
+    raw = [args.api_key] if isinstance(args.api_key, str) else args.api_key or []  # STREAMOE_API_KEY: one string
+    keys = tuple(k for arg in raw for k in arg.split(",") if k)
+    settings = GatewaySettings(args.model, args.served_model_name or args.model.resolve().name, keys,
+                               args.max_body_bytes, args.max_inflight, request_timeout_s=args.request_timeout_s)
+    return uvloop.run(GatewayService(service_config(args), settings).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

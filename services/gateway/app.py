@@ -1,0 +1,245 @@
+"""The gateway: OpenAI-compatible HTTP (and SSE) in front of the Redis streams.
+
+Each request gets an id and a trace id, goes to the request stream, and waits on a queue fed by
+this instance's delta stream (deltas are reordered by index; duplicates dropped). Admission is
+bounded: past `--max-inflight` requests, or when the request stream is at its cap, the answer
+is a fast 429 with Retry-After.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from shared import streams
+from shared.bus import StreamFull
+from shared.messages import Abort, GenerateRequest, TokenDelta
+from shared.service import Service, ServiceConfig
+
+from .protocol import ApiError, ParsedRequest, now, parse, usage
+
+GROUP = streams.group("gateway")
+
+
+@dataclass
+class Inflight:
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    next_index: int = 0
+    held: dict[int, TokenDelta] = field(default_factory=dict)  # arrived ahead of their turn
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    model_dir: Path
+    served_model_name: str
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 8 << 20
+    max_inflight: int = 256
+    request_stream_cap: int = 4096
+    request_timeout_s: float = 600.0
+    max_tokens_limit: int = 4096
+    chat_default_max_tokens: int = 256
+
+
+class GatewayService(Service):
+    name = "gateway"
+
+    def __init__(self, config: ServiceConfig, settings: GatewaySettings):
+        super().__init__(config)
+        self.settings = settings
+        self.inflight: dict[str, Inflight] = {}
+        self.defaults = _generation_defaults(settings.model_dir)
+        self.delta_stream = streams.delta_stream(config.instance_id)
+
+    def make_app(self) -> web.Application:
+        # NOTE: aiohttp refuses a body over client_max_size with 413 before reading it all.
+        return web.Application(client_max_size=self.settings.max_body_bytes, middlewares=[self._errors])
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/completions", lambda r: self.complete(r, chat=False))
+        app.router.add_post("/v1/chat/completions", lambda r: self.complete(r, chat=True))
+        app.router.add_get("/v1/models", self.models)
+
+    async def setup(self) -> None:
+        await self.bus.ensure_group(self.delta_stream, GROUP)
+
+    async def loop(self) -> None:
+        while not self.stopping.is_set() or self.inflight:
+            entries = await self.bus.read(self.delta_stream, GROUP, TokenDelta, count=256, block_ms=200)
+            for entry in entries:
+                self.dispatch(entry.message)
+            await self.bus.ack(self.delta_stream, GROUP, *[e.entry_id for e in entries])
+            if self.stopping.is_set() and not entries:
+                break
+
+    def dispatch(self, delta: TokenDelta) -> None:
+        state = self.inflight.get(delta.request_id)
+        if state is None or delta.index < state.next_index or delta.index in state.held:
+            return  # finished, or a duplicate
+        state.held[delta.index] = delta
+        while state.next_index in state.held:
+            d = state.held.pop(state.next_index)
+            state.queue.put_nowait(d)
+            state.next_index += max(1, len(d.token_ids))
+
+    # -- HTTP ---------------------------------------------------------------------------------------
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return web.json_response(e.body(), status=e.status, headers=e.headers)
+        except web.HTTPRequestEntityTooLarge:
+            e = ApiError(413, f"the body is over {self.settings.max_body_bytes} bytes", None)
+            return web.json_response(e.body(), status=413)
+
+    async def models(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        return web.json_response({"object": "list", "data": [
+            {"id": self.settings.served_model_name, "object": "model", "created": 0, "owned_by": "streamoe"}]})
+
+    def _authorize(self, request: web.Request) -> None:
+        if not self.settings.api_keys:
+            return
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not any(hmac.compare_digest(given.encode(), k.encode()) for k in self.settings.api_keys):
+            raise ApiError(401, "missing or wrong API key", None, "invalid_api_key")
+
+    async def complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        self._authorize(request)
+        if request.content_length is not None and request.content_length > self.settings.max_body_bytes:
+            raise ApiError(413, f"the body is over {self.settings.max_body_bytes} bytes")
+        try:
+            body = json.loads(await request.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        parsed = parse(body, chat, self.defaults, self.settings.max_tokens_limit)
+        if chat and "max_tokens" not in body and "max_completion_tokens" not in body:
+            parsed.sampling = _replace(parsed.sampling, max_tokens=self.settings.chat_default_max_tokens)
+        if parsed.model != self.settings.served_model_name:
+            raise ApiError(404, f"model={parsed.model!r} does not exist; this server serves "
+                                f"{self.settings.served_model_name!r}", "model", "model_not_found")
+        if len(self.inflight) >= self.settings.max_inflight:
+            raise _overloaded(f"{len(self.inflight)} requests in flight (the limit)")
+        request_id, trace_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+        deadline = time.time() + self.settings.request_timeout_s
+        self.inflight[request_id] = state = Inflight()
+        try:
+            try:
+                await self.bus.publish(streams.REQUESTS, GenerateRequest(
+                    request_id, trace_id, self.config.instance_id, parsed.sampling, deadline,
+                    prompt_text=parsed.prompt_text, prompt_ids=parsed.prompt_ids, chat=parsed.messages,
+                    cache_salt=parsed.cache_salt), cap=self.settings.request_stream_cap)
+            except StreamFull as e:
+                raise _overloaded(str(e)) from None
+            if parsed.stream:
+                return await self._stream(request, parsed, request_id, state, deadline)
+            return await self._whole(parsed, request_id, state, deadline)
+        except (asyncio.CancelledError, ConnectionResetError):
+            await self.bus.publish(streams.ABORTS, Abort(request_id, trace_id, "client disconnected"))
+            raise
+        finally:
+            self.inflight.pop(request_id, None)
+
+    async def _next(self, state: Inflight, deadline: float) -> TokenDelta:
+        try:
+            return await asyncio.wait_for(state.queue.get(), max(0.0, deadline - time.time()))
+        except asyncio.TimeoutError:
+            raise ApiError(504, "the request's deadline passed", None, "timeout") from None
+
+    async def _whole(self, parsed: ParsedRequest, request_id: str, state: Inflight, deadline: float) -> web.Response:
+        deltas = []
+        while True:
+            delta = await self._next(state, deadline)
+            if delta.finish_reason == "error":
+                raise ApiError(400, delta.error or "the request failed", None)
+            deltas.append(delta)
+            if delta.finish_reason:
+                break
+        text = "".join(d.text or "" for d in deltas)
+        token_ids = [t for d in deltas for t in d.token_ids]
+        first = deltas[0]
+        choice = {"index": 0, "finish_reason": deltas[-1].finish_reason, "logprobs": None}
+        if parsed.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        if parsed.return_token_ids:
+            choice["token_ids"] = token_ids
+        body = {"id": ("chatcmpl-" if parsed.chat else "cmpl-") + request_id, "created": now(),
+                "object": "chat.completion" if parsed.chat else "text_completion", "model": parsed.model,
+                "choices": [choice], "usage": usage(first.num_prompt_tokens, len(token_ids), first.num_cached_tokens)}
+        if parsed.return_token_ids:
+            body["prompt_token_ids"] = first.prompt_ids
+        return web.json_response(body)
+
+    async def _stream(self, request: web.Request, parsed: ParsedRequest, request_id: str, state: Inflight,
+                      deadline: float) -> web.StreamResponse:
+        first = await self._next(state, deadline)  # errors before the stream starts keep their status
+        if first.finish_reason == "error":
+            raise ApiError(400, first.error or "the request failed", None)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        kind = "chat.completion.chunk" if parsed.chat else "text_completion"
+        head = {"id": ("chatcmpl-" if parsed.chat else "cmpl-") + request_id, "object": kind, "created": now(),
+                "model": parsed.model}
+        completion = 0
+        delta: TokenDelta | None = first
+        try:
+            while delta is not None:
+                if delta.finish_reason == "error":
+                    await _event(response, {"error": ApiError(500, delta.error or "failed").body()["error"]})
+                    break
+                completion += len(delta.token_ids)
+                choice = {"index": 0, "finish_reason": delta.finish_reason, "logprobs": None}
+                if parsed.chat:
+                    choice["delta"] = {"content": delta.text or ""} if delta.index else \
+                        {"role": "assistant", "content": delta.text or ""}
+                else:
+                    choice["text"] = delta.text or ""
+                if parsed.return_token_ids:
+                    choice["token_ids"] = delta.token_ids
+                chunk = {**head, "choices": [choice]}
+                if parsed.return_token_ids and delta.index == 0:
+                    chunk["prompt_token_ids"] = delta.prompt_ids
+                await _event(response, chunk)
+                delta = None if delta.finish_reason else await self._next(state, deadline)
+            if parsed.include_usage:
+                await _event(response, {**head, "choices": [],
+                                        "usage": usage(first.num_prompt_tokens, completion, first.num_cached_tokens)})
+        except ApiError as e:  # the deadline passed mid-stream
+            await _event(response, e.body())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+async def _event(response: web.StreamResponse, payload: dict) -> None:
+    await response.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
+
+
+def _overloaded(why: str) -> ApiError:
+    return ApiError(429, f"overloaded: {why}; retry later", None, "overloaded",
+                    headers={"Retry-After": "1", "retry-after-ms": "1000"})
+
+
+def _replace(sampling, **changes):
+    from dataclasses import replace
+
+    return replace(sampling, **changes)
+
+
+def _generation_defaults(model_dir: Path) -> dict:
+    """Unset sampling parameters take generation_config.json, else OpenAI's defaults."""
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    out = {key: config[key] for key in ("temperature", "top_p", "top_k") if key in config}
+    if config.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out

@@ -1,0 +1,132 @@
+"""The OpenAI-compatible gateway through real HTTP, in front of the real services."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+import torch
+
+from procs import ServiceProcess
+from reference import load_reference, reference_greedy
+
+
+@pytest.fixture(scope="module")
+def gateway(system):
+    return system[-1]
+
+
+def model_name(tiny_fp32) -> str:
+    return tiny_fp32.resolve().name
+
+
+async def post(url: str, body, headers=None, raw: bytes | None = None):
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=raw if raw is not None else json.dumps(body),
+                                headers={"Content-Type": "application/json", **(headers or {})}) as r:
+            return r.status, dict(r.headers), await r.read()
+
+
+async def sse(url: str, body) -> list[dict]:
+    events = []
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json=body) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+            async for line in r.content:
+                line = line.decode().strip()
+                if line.startswith("data: "):
+                    events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+async def test_concurrent_greedy_completions_match_transformers(gateway, tiny_fp32):
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (1, 9, 40, 70, 129, 200, 5, 33)]
+    url = gateway.url("/v1/completions")
+    bodies = [{"model": model_name(tiny_fp32), "prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+               "return_token_ids": True, "stream": i % 2 == 1} for i, p in enumerate(prompts)]
+
+    async def one(body):
+        if not body["stream"]:
+            status, _, raw = await post(url, body)
+            assert status == 200, raw
+            reply = json.loads(raw)
+            assert reply["prompt_token_ids"] == body["prompt"]
+            assert reply["usage"]["prompt_tokens"] == len(body["prompt"]) and reply["usage"]["completion_tokens"] == 12
+            assert reply["usage"]["prompt_cache_hit_tokens"] + reply["usage"]["prompt_cache_miss_tokens"] == \
+                len(body["prompt"])
+            return reply["choices"][0]["token_ids"]
+        chunks = await sse(url, {**body, "stream_options": {"include_usage": True}})
+        assert chunks[-1]["usage"]["completion_tokens"] == 12 and chunks[-1]["choices"] == []
+        assert chunks[0]["prompt_token_ids"] == body["prompt"]
+        return [t for c in chunks[:-1] for t in c["choices"][0]["token_ids"]]
+
+    results = await asyncio.gather(*(one(b) for b in bodies))
+    ref = load_reference(tiny_fp32)
+    covered = 0
+    for prompt, tokens in zip(prompts, results):
+        expected = reference_greedy(ref, prompt, 12)
+        assert len(tokens) == 12 and tokens[:expected.trusted] == expected.tokens[:expected.trusted]
+        covered += expected.trusted
+    assert covered >= 0.7 * 12 * len(prompts)
+
+
+async def test_chat_streamed_equals_whole(gateway, tiny_fp32):
+    body = {"model": model_name(tiny_fp32), "messages": [{"role": "user", "content": "Hello 🌍"}],
+            "max_tokens": 10, "temperature": 0}
+    status, _, raw = await post(gateway.url("/v1/chat/completions"), body)
+    assert status == 200, raw
+    whole = json.loads(raw)
+    assert whole["object"] == "chat.completion" and whole["choices"][0]["message"]["role"] == "assistant"
+    chunks = await sse(gateway.url("/v1/chat/completions"), {**body, "stream": True})
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert streamed == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/v1/completions", {"model": "M", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "M", "prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ("/v1/completions", {"model": "M", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"model": "M", "prompt": {"a": 1}}, 400, "prompt"),
+    ("/v1/completions", {"model": "M", "prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "wizard", "content": "x"}]}, 400,
+     "messages[0].role"),
+    ("/v1/chat/completions", {"model": "M", "messages": []}, 400, "messages"),
+    ("/v1/completions", {"model": "other-model", "prompt": "x"}, 404, "model"),
+    ("/v1/completions", [1, 2], 400, None),
+])
+async def test_bad_input_gets_a_named_error(gateway, tiny_fp32, path, body, status, param):
+    if isinstance(body, dict) and body.get("model") == "M":
+        body["model"] = model_name(tiny_fp32)
+    code, _, raw = await post(gateway.url(path), body)
+    assert code == status, raw
+    error = json.loads(raw)["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+async def test_bad_json_and_oversized_body(gateway):
+    code, _, raw = await post(gateway.url("/v1/completions"), None, raw=b"{not json")
+    assert code == 400 and "not valid JSON" in json.loads(raw)["error"]["message"]
+    code, _, raw = await post(gateway.url("/v1/completions"), None, raw=b"x" * (9 << 20))
+    assert code == 413 and json.loads(raw)["error"]["type"] == "invalid_request_error"
+
+
+async def test_models_and_api_keys(gateway, tiny_fp32, redis_url):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.url("/v1/models")) as r:
+            assert (await r.json())["data"][0]["id"] == model_name(tiny_fp32)
+    keyed = ServiceProcess("services.gateway", redis_url, "--model", str(tiny_fp32), "--api-key", "k1,k2")
+    try:
+        body = {"model": model_name(tiny_fp32), "prompt": [5, 6], "max_tokens": 2}
+        code, _, raw = await post(keyed.url("/v1/completions"), body)
+        assert code == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"
+        code, _, _ = await post(keyed.url("/v1/completions"), body, {"Authorization": "Bearer wrong"})
+        assert code == 401
+        code, _, raw = await post(keyed.url("/v1/completions"), body, {"Authorization": "Bearer k2"})
+        assert code == 200, raw
+    finally:
+        assert keyed.stop() == 0
