@@ -45,7 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     gen.set_defaults(handler=_generate)
 
-    for sub in (init, gen):
+    upp = commands.add_parser("up", help="the whole system on this machine")
+    source = upp.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, default=None)
+    source.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    upp.add_argument("--host", default="127.0.0.1")
+    upp.add_argument("--port", type=int, default=8000)
+    upp.add_argument("--prefill-ep", type=int, default=1)
+    upp.add_argument("--decode-ep", type=int, default=1)
+    upp.add_argument("--redis-url", default=None, help="default: start an embedded redis-server")
+    upp.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], default="auto")
+    upp.add_argument("--device", default="cpu")
+    upp.add_argument("--api-key", default=None)
+    upp.add_argument("--ready-timeout", type=float, default=300.0)
+    upp.add_argument("--run-dir", type=Path, default=None, help="default: $STREAMOE_HOME/runs/<time>")
+    upp.set_defaults(handler=_up)
+
+    for sub in (init, gen, upp):
         apply_env_defaults(sub)
     return parser
 
@@ -92,6 +108,12 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         print(text)
     return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from .up import up
+
+    return up(args)
 
 
 def _kv_bytes_for(model, num_tokens: int) -> int:

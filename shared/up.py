@@ -1,0 +1,176 @@
+"""`streamoe up`: the whole system on one machine, as a process supervisor would run it.
+
+An embedded Redis when no URL is given (append-only file on, so a Redis restart keeps the
+streams), then every service as its own `python -m services.<name>` process with its log in the
+run directory, `processes.json` describing them, one `streamoe ready: URL` line on stdout once
+all are healthy, restarts with backoff for a service that dies, and a clean stop on SIGTERM/Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .redis_server import free_port, start_redis
+
+BACKOFF_S = (1, 2, 4, 8, 16, 30)
+
+
+@dataclass
+class Child:
+    name: str
+    module: str
+    args: list[str]
+    http_port: int
+    log_path: Path
+    rank: int | None = None
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started: list[float] = field(default_factory=list)
+
+    def start(self, common: list[str]) -> None:
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, *common, "--http-port", str(self.http_port),
+                                      "--instance-id", f"{self.name}-{os.getpid()}-{self.restarts}", *self.args],
+                                     stdout=log, stderr=log, start_new_session=True)
+        self.started.append(time.monotonic())
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def home() -> Path:
+    return Path(os.environ.get("STREAMOE_HOME", Path.home() / ".cache" / "streamoe")).expanduser()
+
+
+def resolve_model(args: argparse.Namespace) -> Path:
+    if args.model is not None:
+        return args.model
+    from .model.presets import init_model
+
+    path = home() / "models" / args.preset
+    if not (path / "model.safetensors").exists():
+        print(f"streamoe up: creating the {args.preset} preset in {path}", file=sys.stderr)
+        init_model(path, args.preset)
+    return path
+
+
+def up(args: argparse.Namespace) -> int:
+    if args.prefill_ep != 1 or args.decode_ep != 1:
+        print("streamoe up: expert parallelism is not implemented yet; use --prefill-ep 1 --decode-ep 1",
+              file=sys.stderr)
+        return 2
+    model = resolve_model(args)
+    run_dir = Path(args.run_dir or home() / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stopping = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    redis_proc = None
+    redis_url = args.redis_url
+    if redis_url is None:
+        redis_proc, redis_url = start_redis(run_dir / "redis", appendonly=True)
+    cores = os.cpu_count() or 2
+    worker = ["--model", str(model), "--dtype", args.dtype, "--device", args.device, "--rank", "0",
+              "--threads", str(max(1, cores // 2))]
+    gateway = ["--model", str(model)] + (["--api-key", args.api_key] if args.api_key else [])
+    children = [Child("tokenizer", "services.tokenizer", ["--model", str(model)], free_port(), run_dir / "tokenizer.log"),
+                Child("balancer", "services.balancer", [], free_port(), run_dir / "balancer.log"),
+                Child("prefill", "services.prefill", worker, free_port(), run_dir / "prefill-0.log", rank=0),
+                Child("decode", "services.decode", worker, free_port(), run_dir / "decode-0.log", rank=0),
+                Child("gateway", "services.gateway", gateway + ["--host", args.host], args.port,
+                      run_dir / "gateway.log")]
+    common = ["--redis-url", redis_url]
+    for child in children:
+        child.start(common)
+    write_processes(run_dir, children, redis_proc, redis_url)
+    deadline = time.monotonic() + args.ready_timeout
+    ready = False
+    code = 0
+    try:
+        while not stopping:
+            if not ready:
+                if all(c.healthy() for c in children):
+                    ready = True
+                    print(f"streamoe ready: http://{args.host}:{args.port}", flush=True)
+                elif time.monotonic() > deadline:
+                    bad = next(c for c in children if not c.healthy())
+                    print(f"streamoe up: {bad.name} not healthy within {args.ready_timeout} s; its log "
+                          f"({bad.log_path}):\n{bad.tail()}", file=sys.stderr)
+                    code = 1
+                    break
+            supervise(children, common, run_dir, redis_proc, redis_url)
+            time.sleep(0.5)
+    finally:
+        stop_all(children, redis_proc)
+    return code
+
+
+def supervise(children: list[Child], common: list[str], run_dir: Path, redis_proc, redis_url: str) -> None:
+    """Restart a dead service with backoff, as a process supervisor would."""
+    changed = False
+    now = time.monotonic()
+    for child in children:
+        if child.proc.poll() is None:
+            continue
+        if child.next_start == 0.0:
+            delay = BACKOFF_S[min(child.restarts, len(BACKOFF_S) - 1)]
+            child.next_start = now + delay
+            print(f"streamoe up: {child.name} exited with {child.proc.returncode}; restarting in {delay} s",
+                  file=sys.stderr, flush=True)
+        elif now >= child.next_start:
+            child.restarts += 1
+            child.next_start = 0.0
+            child.start(common)
+            changed = True
+    if changed:
+        write_processes(run_dir, children, redis_proc, redis_url)
+
+
+def write_processes(run_dir: Path, children: list[Child], redis_proc, redis_url: str) -> None:
+    entries = [{"name": c.name, "rank": c.rank, "pid": c.proc.pid, "ports": {"http": c.http_port},
+                "log": str(c.log_path), "restarts": c.restarts} for c in children]
+    if redis_proc is not None:
+        entries.append({"name": "redis", "rank": None, "pid": redis_proc.pid,
+                        "ports": {"redis": int(redis_url.rsplit(":", 1)[1].split("/")[0])}, "restarts": 0})
+    tmp = run_dir / "processes.json.tmp"
+    tmp.write_text(json.dumps({"redis_url": redis_url, "processes": entries}, indent=2) + "\n")
+    tmp.replace(run_dir / "processes.json")
+
+
+def stop_all(children: list[Child], redis_proc, timeout: float = 20.0) -> None:
+    for child in children:
+        if child.proc.poll() is None:
+            child.proc.terminate()
+    deadline = time.monotonic() + timeout
+    for child in children:
+        try:
+            child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.proc.kill()
+            child.proc.wait()
+    if redis_proc is not None:
+        redis_proc.terminate()
+        try:
+            redis_proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            redis_proc.kill()
+            redis_proc.wait()
