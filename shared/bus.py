@@ -45,10 +45,11 @@ class Bus:
         self.redis = redis
         self.consumer = consumer  # unique per process: the instance id
 
-    async def ensure_group(self, stream: str, group: str) -> None:
-        """Create the group (and the stream) if missing; start from the stream's beginning."""
+    async def ensure_group(self, stream: str, group: str, start_id: str = "0") -> None:
+        """Create the group (and the stream) if missing; from the stream's beginning, or "$":
+        only what is added from now on."""
         try:
-            await self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+            await self.redis.xgroup_create(stream, group, id=start_id, mkstream=True)
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise

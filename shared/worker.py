@@ -6,14 +6,16 @@ import argparse
 import asyncio
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from prometheus_client import Counter, Gauge
 
 from . import streams
 from .engine.engine import Engine, EngineConfig
-from .messages import LoadReport
+from .messages import Abort, LoadReport
 from .model.loader import checkpoint_fingerprint, load_model
 from .service import Service, ServiceConfig
 from .wire import encode
@@ -50,11 +52,37 @@ class WorkerService(Service):
         self.num_layers = model.args.num_hidden_layers
         self.compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute")  # tensors never run on the loop
         self._last_report = 0.0
+        self.aborted: deque[str] = deque(maxlen=4096)  # recent aborts, for handoffs that arrive late
+        labels = {"role": self.role, "rank": str(self.rank)}
+        self.kv_used = Gauge("streamoe_kv_blocks_used", "KV blocks in use (reserved included)", list(labels),
+                             registry=self.registry).labels(**labels)
+        self.aborts_done = Counter("streamoe_requests_aborted_total", "Running requests aborted on this rank",
+                                   list(labels), registry=self.registry).labels(**labels)
+        self.kv_total = Gauge("streamoe_kv_blocks_total", "KV blocks in the pool", list(labels),
+                              registry=self.registry).labels(**labels)
+
+    async def setup_aborts(self) -> None:
+        """Every worker instance sees every abort: a group of its own, from now on."""
+        self.abort_group = streams.group(f"aborts-{self.config.instance_id}")
+        await self.bus.ensure_group(streams.ABORTS, self.abort_group, start_id="$")
+
+    async def take_aborts(self) -> list[str]:
+        """Abort what this rank runs of the requests cancelled since the last call."""
+        entries = await self.bus.read(streams.ABORTS, self.abort_group, Abort, count=256, block_ms=None)
+        ids = [e.message.request_id for e in entries]
+        for request_id in ids:
+            self.aborted.append(request_id)
+            if await self.compute(self.engine.abort, request_id):
+                self.aborts_done.inc()
+        await self.bus.ack(streams.ABORTS, self.abort_group, *[e.entry_id for e in entries])
+        return ids
 
     async def compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.compute_pool, fn, *args)
 
     async def report_load(self, force: bool = False, pending_compute: float = 0.0, pending_tokens: int = 0) -> None:
+        self.kv_used.set(self.engine.blocks.num_blocks - self.engine.blocks.num_free)
+        self.kv_total.set(self.engine.blocks.num_blocks)
         now = time.time()
         if not force and now - self._last_report < self.args.load_ttl_s / 5:
             return
@@ -67,6 +95,7 @@ class WorkerService(Service):
                              px=int(self.args.load_ttl_s * 1000))
 
     async def teardown(self) -> None:
+        await self.redis.xgroup_destroy(streams.ABORTS, self.abort_group)
         await self.redis.delete(streams.load_key(self.role, self.rank))
         self.compute_pool.shutdown(wait=False)
 

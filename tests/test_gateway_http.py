@@ -130,3 +130,38 @@ async def test_models_and_api_keys(gateway, tiny_fp32, redis_url):
         assert code == 200, raw
     finally:
         assert keyed.stop() == 0
+
+
+def metric(service, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(service.url("/metrics"), timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} metric")
+
+
+def kv_blocks_used(service) -> float:
+    return metric(service, "streamoe_kv_blocks_used")
+
+
+async def test_client_disconnect_frees_decode_kv(system, tiny_fp32):
+    gateway, decode = system[-1], system[3]
+    assert kv_blocks_used(decode) == 0
+    body = {"model": model_name(tiny_fp32), "prompt": list(range(3, 300)), "max_tokens": 1500, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gateway.url("/v1/completions"), json=body) as r:
+            seen = 0
+            async for line in r.content:
+                seen += line.startswith(b"data: ")
+                if seen == 3:
+                    assert kv_blocks_used(decode) > 0  # decoding, its KV reserved
+                if seen == 5:
+                    break  # leaving the block closes the connection mid-stream
+    deadline = asyncio.get_running_loop().time() + 60
+    while kv_blocks_used(decode) > 0 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.2)
+    assert kv_blocks_used(decode) == 0, "the aborted request's KV was not freed"
+    assert metric(decode, "streamoe_requests_aborted_total") == 1  # freed by the abort, not by finishing

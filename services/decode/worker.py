@@ -36,6 +36,7 @@ class DecodeService(WorkerService):
         self.ready_to_admit: list[str] = []
         self.history: dict[str, list[int]] = {}  # prompt + output so far, for the deltas' prefix ids
         self.requests = {}
+        await self.setup_aborts()
         await self.report_load(force=True)
 
     async def loop(self) -> None:
@@ -45,6 +46,9 @@ class DecodeService(WorkerService):
             entries += await self.bus.claim_stale(self.stream, GROUP, KVChunk, self.config.claim_idle_ms, count=256)
             for entry in entries:
                 self.receive(entry)
+            for request_id in await self.take_aborts():
+                self.history.pop(request_id, None)
+                self.requests.pop(request_id, None)
             await self.admit_ready()
             if self.engine.has_unfinished():
                 await self.step()
@@ -63,8 +67,8 @@ class DecodeService(WorkerService):
         for request_id in self.ready_to_admit:
             handoff = self.handoffs[request_id]
             final = handoff.chunks[self.num_layers]
-            if final.finish_reason is not None or request_id in self.history:
-                await self.consumed(request_id)  # finished at prefill, or a duplicate handoff
+            if final.finish_reason is not None or request_id in self.history or request_id in self.aborted:
+                await self.consumed(request_id)  # finished at prefill, a duplicate handoff, or cancelled
                 continue
             try:
                 kv = self.assemble(handoff)

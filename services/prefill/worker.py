@@ -33,6 +33,7 @@ class PrefillService(WorkerService):
         self.stream = streams.prefill_stream(self.rank)
         await self.bus.ensure_group(self.stream, GROUP)
         self.tasks: dict[str, tuple[str, PrefillTask]] = {}  # request id -> (entry id, task)
+        await self.setup_aborts()
         await self.report_load(force=True)
 
     async def loop(self) -> None:
@@ -41,7 +42,14 @@ class PrefillService(WorkerService):
             entries = await self.bus.read(self.stream, GROUP, PrefillTask, count=32, block_ms=100 if idle else None)
             entries += await self.bus.claim_stale(self.stream, GROUP, PrefillTask, self.config.claim_idle_ms)
             for entry in entries:
+                if entry.message.request.request_id in self.aborted:
+                    await self.bus.ack(self.stream, GROUP, entry.entry_id)
+                    continue
                 await self.admit(entry.entry_id, entry.message)
+            for request_id in await self.take_aborts():
+                if request_id in self.tasks:
+                    entry_id, _ = self.tasks.pop(request_id)
+                    await self.bus.ack(self.stream, GROUP, entry_id)
             if self.engine.has_unfinished():
                 await self.step()
             queued = [t.request for _, t in self.tasks.values()]
