@@ -93,6 +93,7 @@ class TokenDelta:
     num_cached_tokens: int = 0
     prompt_ids: list[int] | None = None  # on index 0 only: the prompt as tokenized (return_token_ids)
     error: str | None = None
+    status: int = 0  # with finish_reason "error": the HTTP status it means (400 bad input, 503 no capacity)
 
 
 @message("abort")

@@ -165,3 +165,48 @@ async def test_client_disconnect_frees_decode_kv(system, tiny_fp32):
         await asyncio.sleep(0.2)
     assert kv_blocks_used(decode) == 0, "the aborted request's KV was not freed"
     assert metric(decode, "streamoe_requests_aborted_total") == 1  # freed by the abort, not by finishing
+
+
+async def test_overload_deadline_and_no_backend(system, tiny_fp32, redis_url):
+    """429 with Retry-After when the in-flight limit is reached; 504 when the deadline passes (and
+    the work is aborted); 503 when no worker can take the request before its deadline."""
+    name = model_name(tiny_fp32)
+    small = ServiceProcess("services.gateway", redis_url, "--model", str(tiny_fp32), "--max-inflight", "1",
+                           "--request-timeout-s", "1.5")
+    try:
+        long_body = {"model": name, "prompt": [5, 6, 7], "max_tokens": 1800, "ignore_eos": True, "temperature": 0}
+        slow = asyncio.create_task(post(small.url("/v1/completions"), long_body))
+        await asyncio.sleep(0.3)
+        code, headers, raw = await post(small.url("/v1/completions"), {"model": name, "prompt": "x"})
+        assert code == 429 and headers["Retry-After"] == "1" and headers["retry-after-ms"] == "1000"
+        assert json.loads(raw)["error"]["code"] == "overloaded"
+        code, _, raw = await slow
+        assert code == 504 and json.loads(raw)["error"]["code"] == "timeout"
+        decode = system[3]
+        deadline = asyncio.get_running_loop().time() + 30
+        while kv_blocks_used(decode) > 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.2)
+        assert kv_blocks_used(decode) == 0  # the timed-out request was aborted, not left running
+    finally:
+        assert small.stop() == 0
+
+
+async def test_no_backend_is_a_503(tiny_fp32, tmp_path):
+    """Only a tokenizer, a balancer and a gateway on a Redis of their own: no worker rank is live."""
+    from shared.redis_server import start_redis
+
+    redis_proc, url = start_redis(tmp_path / "redis", appendonly=False)
+    services = [ServiceProcess("services.tokenizer", url, "--model", str(tiny_fp32)),
+                ServiceProcess("services.balancer", url),
+                ServiceProcess("services.gateway", url, "--model", str(tiny_fp32), "--request-timeout-s", "2")]
+    try:
+        code, _, raw = await post(services[-1].url("/v1/completions"), {"model": model_name(tiny_fp32),
+                                                                        "prompt": "x", "max_tokens": 4})
+        assert code == 503 and json.loads(raw)["error"]["code"] == "backend_unavailable"
+    finally:
+        for s in services:
+            s.terminate()
+        for s in services:
+            assert s.stop() == 0, s.log_tail()
+        redis_proc.terminate()
+        redis_proc.wait()

@@ -38,7 +38,7 @@ class BalancerService(Service):
     async def route(self, entry: Entry[TokenizedRequest]) -> None:
         req = entry.message
         if time.time() > req.deadline:
-            await self.fail(entry, "no worker could take the request before its deadline")
+            await self.fail(entry, "no worker could take the request before its deadline", 503)
             return
         prefill, decode_ranks = await self.loads()
         new = len(req.prompt_ids) - req.num_cached_tokens
@@ -56,10 +56,10 @@ class BalancerService(Service):
         self.sent.setdefault(("decode", decode_rank), []).append((now, 0.0, 0, reserve))
         self.messages.labels(stream=streams.TOKENIZED, outcome="routed").inc()
 
-    async def fail(self, entry: Entry[TokenizedRequest], reason: str) -> None:
+    async def fail(self, entry: Entry[TokenizedRequest], reason: str, status: int) -> None:
         req = entry.message
         await self.bus.publish(streams.delta_stream(req.gateway_id), TokenDelta(
-            req.request_id, req.trace_id, req.gateway_id, 0, [], finish_reason="error", error=reason))
+            req.request_id, req.trace_id, req.gateway_id, 0, [], finish_reason="error", error=reason, status=status))
         await self.bus.ack(streams.TOKENIZED, GROUP, entry.entry_id)
 
     async def loads(self) -> tuple[list[PrefillLoad], list[DecodeLoad]]:

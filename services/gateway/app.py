@@ -32,6 +32,7 @@ class Inflight:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     next_index: int = 0
     held: dict[int, TokenDelta] = field(default_factory=dict)  # arrived ahead of their turn
+    finished: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class GatewayService(Service):
         self.inflight: dict[str, Inflight] = {}
         self.defaults = _generation_defaults(settings.model_dir)
         self.delta_stream = streams.delta_stream(config.instance_id)
+        self._live, self._live_checked = False, -1e9
 
     def make_app(self) -> web.Application:
         # NOTE: aiohttp refuses a body over client_max_size with 413 before reading it all.
@@ -127,6 +129,9 @@ class GatewayService(Service):
                                 f"{self.settings.served_model_name!r}", "model", "model_not_found")
         if len(self.inflight) >= self.settings.max_inflight:
             raise _overloaded(f"{len(self.inflight)} requests in flight (the limit)")
+        if not await self._backend_live():
+            raise ApiError(503, "no prefill or no decode worker is live; retry later", None, "backend_unavailable",
+                           headers={"Retry-After": "1", "retry-after-ms": "1000"})
         request_id, trace_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
         deadline = time.time() + self.settings.request_timeout_s
         self.inflight[request_id] = state = Inflight()
@@ -139,26 +144,40 @@ class GatewayService(Service):
             except StreamFull as e:
                 raise _overloaded(str(e)) from None
             if parsed.stream:
-                return await self._stream(request, parsed, request_id, state, deadline)
-            return await self._whole(parsed, request_id, state, deadline)
-        except (asyncio.CancelledError, ConnectionResetError):
-            await self.bus.publish(streams.ABORTS, Abort(request_id, trace_id, "client disconnected"))
-            raise
+                response = await self._stream(request, parsed, request_id, state, deadline)
+            else:
+                response = await self._whole(parsed, request_id, state, deadline)
+            return response
         finally:
             self.inflight.pop(request_id, None)
+            if not state.finished:  # a disconnect, a deadline, an error: stop the work everywhere
+                await asyncio.shield(self.bus.publish(streams.ABORTS, Abort(request_id, trace_id, "not finished")))
+
+    async def _backend_live(self) -> bool:
+        """At least one prefill and one decode rank report load (remembered for a second)."""
+        now_ = time.monotonic()
+        if now_ - self._live_checked < 1.0:
+            return self._live
+        roles = set()
+        async for key in self.redis.scan_iter(match=f"{streams.PREFIX}:load:*", count=1000):
+            roles.add((key.decode() if isinstance(key, bytes) else key).split(":")[2])
+        self._live, self._live_checked = {"prefill", "decode"} <= roles, now_
+        return self._live
 
     async def _next(self, state: Inflight, deadline: float) -> TokenDelta:
         try:
-            return await asyncio.wait_for(state.queue.get(), max(0.0, deadline - time.time()))
+            delta = await asyncio.wait_for(state.queue.get(), max(0.0, deadline - time.time()))
         except asyncio.TimeoutError:
             raise ApiError(504, "the request's deadline passed", None, "timeout") from None
+        state.finished = delta.finish_reason is not None  # the backend has ended it (error included)
+        return delta
 
     async def _whole(self, parsed: ParsedRequest, request_id: str, state: Inflight, deadline: float) -> web.Response:
         deltas = []
         while True:
             delta = await self._next(state, deadline)
             if delta.finish_reason == "error":
-                raise ApiError(400, delta.error or "the request failed", None)
+                raise _failed(delta)
             deltas.append(delta)
             if delta.finish_reason:
                 break
@@ -183,7 +202,7 @@ class GatewayService(Service):
                       deadline: float) -> web.StreamResponse:
         first = await self._next(state, deadline)  # errors before the stream starts keep their status
         if first.finish_reason == "error":
-            raise ApiError(400, first.error or "the request failed", None)
+            raise _failed(first)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         kind = "chat.completion.chunk" if parsed.chat else "text_completion"
@@ -222,6 +241,12 @@ class GatewayService(Service):
 
 async def _event(response: web.StreamResponse, payload: dict) -> None:
     await response.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
+
+
+def _failed(delta: TokenDelta) -> ApiError:
+    status = delta.status or 503
+    return ApiError(status, delta.error or "the request failed", None,
+                    "backend_unavailable" if status == 503 else None)
 
 
 def _overloaded(why: str) -> ApiError:

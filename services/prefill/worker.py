@@ -67,7 +67,7 @@ class PrefillService(WorkerService):
                                sampling_params(req.sampling), req.cache_salt)
         except RequestError as e:
             await self.bus.publish(streams.RAW_DELTAS, TokenDelta(req.request_id, req.trace_id, req.gateway_id, 0, [],
-                                                                  finish_reason="error", error=str(e)))
+                                                                  finish_reason="error", error=str(e), status=400))
             await self.bus.ack(self.stream, GROUP, entry_id)
             return
         self.tasks[req.request_id] = (entry_id, task)

@@ -102,7 +102,7 @@ class TokenizerService(Service):
         except PromptError as e:
             self.log.info(json.dumps({"event": "bad_prompt", "trace_id": req.trace_id, "error": str(e)}))
             await self.bus.publish(streams.delta_stream(req.gateway_id), TokenDelta(
-                req.request_id, req.trace_id, req.gateway_id, 0, [], finish_reason="error", error=str(e)))
+                req.request_id, req.trace_id, req.gateway_id, 0, [], finish_reason="error", error=str(e), status=400))
             return
         await self.bus.publish(streams.TOKENIZED, TokenizedRequest(
             req.request_id, req.trace_id, req.gateway_id, req.sampling, req.deadline, ids, req.cache_salt))
@@ -113,7 +113,8 @@ class TokenizerService(Service):
         finish = "stop" if text.stopped else delta.finish_reason
         out = TokenDelta(delta.request_id, delta.trace_id, delta.gateway_id, delta.index, delta.token_ids,
                          finish_reason=finish, text=text.text, num_prompt_tokens=delta.num_prompt_tokens,
-                         num_cached_tokens=delta.num_cached_tokens, prompt_ids=delta.prompt_ids, error=delta.error)
+                         num_cached_tokens=delta.num_cached_tokens, prompt_ids=delta.prompt_ids, error=delta.error,
+                         status=delta.status)
         writes = [(streams.delta_stream(delta.gateway_id), out)]
         if text.stopped and not final:
             writes.append((streams.ABORTS, Abort(delta.request_id, delta.trace_id, "stop string")))
