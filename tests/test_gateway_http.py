@@ -210,3 +210,31 @@ async def test_no_backend_is_a_503(tiny_fp32, tmp_path):
             assert s.stop() == 0, s.log_tail()
         redis_proc.terminate()
         redis_proc.wait()
+
+
+async def test_official_openai_client(gateway, tiny_fp32):
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=gateway.url("/v1"), api_key="unused", max_retries=0)
+    name = model_name(tiny_fp32)
+    models = await client.models.list()
+    assert [m.id for m in models.data] == [name]
+    chat = await client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=6, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 6
+    text = await client.completions.create(model=name, prompt="Hello", max_tokens=6, temperature=0)
+    assert text.usage.prompt_tokens >= 1 and text.choices[0].finish_reason == "length"
+    stream = await client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=6, temperature=0, stream=True,
+                                                  stream_options={"include_usage": True})
+    pieces, usage = [], None
+    async for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(pieces) == chat.choices[0].message.content and usage.completion_tokens == 6
+    streamed_text = await client.completions.create(model=name, prompt="Hello", max_tokens=6, temperature=0,
+                                                    stream=True)
+    assert "".join([c.choices[0].text async for c in streamed_text]) == text.choices[0].text
+    await client.close()
