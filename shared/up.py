@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .redis_server import free_port, start_redis
@@ -34,14 +34,12 @@ class Child:
     proc: subprocess.Popen | None = None
     restarts: int = 0
     next_start: float = 0.0
-    started: list[float] = field(default_factory=list)
 
     def start(self, common: list[str]) -> None:
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, *common, "--http-port", str(self.http_port),
                                       "--instance-id", f"{self.name}-{os.getpid()}-{self.restarts}", *self.args],
                                      stdout=log, stderr=log, start_new_session=True)
-        self.started.append(time.monotonic())
 
     def healthy(self) -> bool:
         try:

@@ -108,8 +108,11 @@ def test_block_hash_is_chained_and_fixed():
     assert h1 != block_hash(root, [1, 2, 4]) and h1 != block_hash(root_hash("other"), [1, 2, 3])
     assert chain_hashes(root, list(range(130)), block_size=64) == [
         block_hash(root, list(range(64))), block_hash(block_hash(root, list(range(64))), list(range(64, 128)))]
-    # the encoding is little-endian int32: pinned so every process and version agrees
-    assert block_hash(b"", [1]).hex() == block_hash(b"", [1]).hex()
+    # blake2b over parent + little-endian int32 ids: pinned so every process and version agrees
+    import hashlib
+    manual = hashlib.blake2b(b"\x01\x00\x00\x00", digest_size=16, person=b"streamoe-block").digest()
+    assert block_hash(b"", [1]) == manual
+    assert block_hash(b"", [1]).hex() == "ada6eca50211bf76ef31c227a4015b7c"
     assert root_hash("x", None) != root_hash("x", "")
 
 
