@@ -76,9 +76,7 @@ class Bus:
         try:
             reply = await self.redis.xreadgroup(group, self.consumer, {stream: ">"}, count=count, block=block_ms)
         except ResponseError as e:
-            if "NOGROUP" not in str(e):
-                raise
-            await self.ensure_group(stream, group)  # Redis lost the stream (a flush, a restart without AOF)
+            await self._recreate_lost_group(e, [stream], group)
             return []
         return await self._decode_entries(stream, group, kind, reply[0][1] if reply else [])
 
@@ -89,10 +87,7 @@ class Bus:
             reply = await self.redis.xreadgroup(group, self.consumer, {s: ">" for s in kinds}, count=count,
                                                 block=block_ms)
         except ResponseError as e:
-            if "NOGROUP" not in str(e):
-                raise
-            for stream in kinds:
-                await self.ensure_group(stream, group)
+            await self._recreate_lost_group(e, list(kinds), group)
             return []
         out = []
         for stream, raw in reply or []:
@@ -107,11 +102,16 @@ class Bus:
             reply = await self.redis.xautoclaim(stream, group, self.consumer, min_idle_time=min_idle_ms,
                                                 start_id="0-0", count=count)
         except ResponseError as e:
-            if "NOGROUP" not in str(e):
-                raise
-            await self.ensure_group(stream, group)
+            await self._recreate_lost_group(e, [stream], group)
             return []
         return await self._decode_entries(stream, group, kind, [e for e in reply[1] if e[1] is not None])
+
+    async def _recreate_lost_group(self, error: ResponseError, stream_names: list[str], group: str) -> None:
+        """Redis lost the stream or its group (a flush, a restart without AOF): make it again."""
+        if "NOGROUP" not in str(error):
+            raise error
+        for stream in stream_names:
+            await self.ensure_group(stream, group)
 
     async def ack(self, stream: str, group: str, *entry_ids: str) -> None:
         if entry_ids:

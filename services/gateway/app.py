@@ -12,7 +12,7 @@ import hmac
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from aiohttp import web
@@ -123,7 +123,7 @@ class GatewayService(Service):
             raise ApiError(400, f"the body is not valid JSON: {e}") from None
         parsed = parse(body, chat, self.defaults, self.settings.max_tokens_limit)
         if chat and "max_tokens" not in body and "max_completion_tokens" not in body:
-            parsed.sampling = _replace(parsed.sampling, max_tokens=self.settings.chat_default_max_tokens)
+            parsed.sampling = replace(parsed.sampling, max_tokens=self.settings.chat_default_max_tokens)
         if parsed.model != self.settings.served_model_name:
             raise ApiError(404, f"model={parsed.model!r} does not exist; this server serves "
                                 f"{self.settings.served_model_name!r}", "model", "model_not_found")
@@ -252,12 +252,6 @@ def _failed(delta: TokenDelta) -> ApiError:
 def _overloaded(why: str) -> ApiError:
     return ApiError(429, f"overloaded: {why}; retry later", None, "overloaded",
                     headers={"Retry-After": "1", "retry-after-ms": "1000"})
-
-
-def _replace(sampling, **changes):
-    from dataclasses import replace
-
-    return replace(sampling, **changes)
 
 
 def _generation_defaults(model_dir: Path) -> dict:
