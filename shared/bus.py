@@ -62,12 +62,15 @@ class Bus:
         entry_id = await self.redis.xadd(stream, {FIELD: encode(msg)})
         return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
-    async def publish_many(self, items: list[tuple[str, Any]]) -> list[str]:
-        """Several entries in one round trip (pipelined, in order)."""
+    async def publish_many(self, items: list[tuple[str, Any]], then=None) -> list[str]:
+        """Several entries in one round trip (pipelined, in order); `then(pipe)` may queue more
+        commands into the same round trip (after the entries)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, msg in items:
                 pipe.xadd(stream, {FIELD: encode(msg)})
-            ids = await pipe.execute()
+            if then is not None:
+                then(pipe)
+            ids = (await pipe.execute())[:len(items)]
         return [i.decode() if isinstance(i, bytes) else i for i in ids]
 
     async def read(self, stream: str, group: str, kind: type[T], count: int = 16,

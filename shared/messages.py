@@ -71,6 +71,7 @@ class KVChunk:
     request: TokenizedRequest | None = None
     first_token: int = -1
     finish_reason: str | None = None  # the first token already ended the request: drop the KV
+    computed_at: float = 0.0  # unix seconds when prefill finished computing this layer
     sent_at: float = 0.0  # unix seconds when prefill wrote this chunk (layer-wise streaming shows)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from . import streams
 from .bus import Bus
@@ -36,6 +36,8 @@ class ServiceConfig:
     heartbeat_ttl_s: float = 10.0
     drain_timeout_s: float = 10.0
     claim_idle_ms: int = 30_000  # entries pending this long on a dead consumer are taken over
+    housekeeping_s: float = 5.0  # how often streams are trimmed (and other periodic upkeep)
+    redis_connections: int = 128  # the pool's size; more callers wait their turn
 
 
 def add_service_args(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +48,7 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heartbeat-ttl-s", type=float, default=10.0)
     parser.add_argument("--drain-timeout-s", type=float, default=10.0)
     parser.add_argument("--claim-idle-ms", type=int, default=30_000)
+    parser.add_argument("--housekeeping-s", type=float, default=5.0, help="stream trimming period")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -60,7 +63,7 @@ def parse_service_args(parser: argparse.ArgumentParser, argv: list[str] | None =
 
 def service_config(args: argparse.Namespace) -> ServiceConfig:
     return ServiceConfig(args.redis_url, args.instance_id, args.host, args.http_port, args.heartbeat_ttl_s,
-                         args.drain_timeout_s, args.claim_idle_ms)
+                         args.drain_timeout_s, args.claim_idle_ms, args.housekeeping_s)
 
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -91,28 +94,49 @@ class Service:
     async def teardown(self) -> None:
         """Release what setup took."""
 
+    def trimmed_streams(self) -> list[str]:
+        """The streams this service consumes and keeps bounded: trimmed by MINID below what every
+        group has acked, so no unread or pending entry is ever dropped."""
+        return []
+
+    async def housekeeping(self) -> None:
+        """Periodic upkeep, off the main loop; by default trims `trimmed_streams()`."""
+        for stream in self.trimmed_streams():
+            await self.bus.trim(stream)
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        self.redis = Redis.from_url(self.config.redis_url)
+        # NOTE: a blocking pool: a burst of requests waits for a connection instead of failing
+        self.redis = Redis(connection_pool=BlockingConnectionPool.from_url(
+            self.config.redis_url, max_connections=self.config.redis_connections, timeout=10))
         self.bus = Bus(self.redis, self.config.instance_id)
         runner = await self._start_http()
         heartbeat = asyncio.create_task(self._heartbeat())
+        failed = False
         try:
             await self.setup()
             self.ready = True
             self.log.info(json.dumps({"event": "ready", "service": self.name, "instance": self.config.instance_id,
                                       "http_port": self.http_port}))
+            upkeep = asyncio.create_task(self._housekeeping())
             main = asyncio.create_task(self.loop())
             stop = asyncio.create_task(self.stopping.wait())
             await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
             self.ready = False  # draining: /health answers 503
-            try:
-                await asyncio.wait_for(main, self.config.drain_timeout_s)
-            except asyncio.TimeoutError:
+            self.log.info(json.dumps({"event": "draining", "service": self.name}))
+            await asyncio.wait({main}, timeout=self.config.drain_timeout_s)
+            if not main.done():
                 self.log.warning("drain deadline passed; cancelling the main loop")
+                main.cancel()
+                # NOTE: never wait on a loop that swallows its cancellation: exit regardless.
+                await asyncio.wait({main}, timeout=2.0)
+            elif main.exception() is not None:
+                self.log.error("the main loop failed: %r", main.exception())
+                failed = True
             stop.cancel()
+            upkeep.cancel()
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -121,7 +145,7 @@ class Service:
             await self.redis.delete(streams.heartbeat_key(self.name, self.config.instance_id))
             await self.redis.aclose()
             await runner.cleanup()
-        return 0
+        return 1 if failed else 0
 
     def make_app(self) -> web.Application:
         return web.Application()
@@ -134,7 +158,7 @@ class Service:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         self.add_routes(app)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)  # open keep-alives: don't wait long
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.http_port)
         await site.start()
@@ -150,12 +174,22 @@ class Service:
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.housekeeping_s)
+            try:
+                await self.housekeeping()
+            except Exception as e:  # Redis away, a stream not made yet: next round
+                self.log.warning("housekeeping failed: %r", e)
+
     async def _heartbeat(self) -> None:
         key = streams.heartbeat_key(self.name, self.config.instance_id)
         ttl_ms = int(self.config.heartbeat_ttl_s * 1000)
+        # where others reach this service's /metrics: a wildcard bind is reached by the host's name
+        host = socket.gethostname() if self.config.host in ("0.0.0.0", "::", "") else self.config.host
         while True:
             try:
-                await self.redis.set(key, json.dumps({"time": time.time(), "ready": self.ready,
+                await self.redis.set(key, json.dumps({"time": time.time(), "ready": self.ready, "host": host,
                                                       "http_port": self.http_port}), px=ttl_ms)
             except Exception as e:  # Redis away: keep serving what we can, try again
                 self.log.warning("heartbeat failed: %s", e)

@@ -11,14 +11,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from . import streams
 from .engine.engine import Engine, EngineConfig
-from .messages import Abort, LoadReport
+from .engine.sequence import SamplingParams
+from .messages import Abort, LoadReport, Sampling
 from .model.loader import checkpoint_fingerprint, load_model
 from .service import Service, ServiceConfig
 from .wire import encode
+
+
+_STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +37,12 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: a share of the cores)")
     parser.add_argument("--load-ttl-s", type=float, default=5.0)
+
+
+def sampling_params(s: Sampling) -> SamplingParams:
+    """The engine's parameters from the wire's (the gateway already applied the defaults)."""
+    return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                          seed=s.seed, stop_token_ids=tuple(s.stop_token_ids or ()), ignore_eos=s.ignore_eos)
 
 
 class WorkerService(Service):
@@ -60,6 +71,21 @@ class WorkerService(Service):
                                    list(labels), registry=self.registry).labels(**labels)
         self.kv_total = Gauge("streamoe_kv_blocks_total", "KV blocks in the pool", list(labels),
                               registry=self.registry).labels(**labels)
+        # NOTE: each worker rank counts as one GPU in `streamoe cost` (design.md §5): its seconds up.
+        self.gpu_seconds = Counter("streamoe_gpu_seconds", "Seconds this rank has been up (one GPU each)",
+                                   list(labels), registry=self.registry).labels(**labels)
+        self.tokens = Counter("streamoe_worker_tokens", "Tokens this rank computed, by kind "
+                              "(prefill: input_cache_hit, input_cache_miss; decode: output)",
+                              [*labels, "kind"], registry=self.registry)
+        self.step_seconds = Histogram("streamoe_step_seconds", "Engine step time", list(labels),
+                                      buckets=_STEP_BUCKETS, registry=self.registry).labels(**labels)
+        self.batch_tokens = Histogram("streamoe_batch_tokens", "Tokens computed per step", list(labels),
+                                      buckets=_BATCH_BUCKETS, registry=self.registry).labels(**labels)
+        self.running = Gauge("streamoe_running_requests", "Requests in the engine's batch", list(labels),
+                             registry=self.registry).labels(**labels)
+        self.waiting = Gauge("streamoe_waiting_requests", "Requests queued on this rank", list(labels),
+                             registry=self.registry).labels(**labels)
+        self._up_since = time.monotonic()
 
     async def setup_aborts(self) -> None:
         """Every worker instance sees every abort: a group of its own, from now on."""
@@ -80,9 +106,22 @@ class WorkerService(Service):
     async def compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.compute_pool, fn, *args)
 
+    async def timed_step(self, *args):
+        """One engine step on the compute thread, with its time and size in the metrics."""
+        start = time.perf_counter()
+        deltas = await self.compute(self.engine.step, *args)
+        self.step_seconds.observe(time.perf_counter() - start)
+        self.batch_tokens.observe(self.engine.last_num_tokens)
+        return deltas
+
     async def report_load(self, force: bool = False, pending_compute: float = 0.0, pending_tokens: int = 0) -> None:
         self.kv_used.set(self.engine.blocks.num_blocks - self.engine.blocks.num_free)
         self.kv_total.set(self.engine.blocks.num_blocks)
+        self.running.set(len(self.engine.scheduler.running))
+        self.waiting.set(len(self.engine.scheduler.waiting))
+        up = time.monotonic()
+        self.gpu_seconds.inc(up - self._up_since)
+        self._up_since = up
         now = time.time()
         if not force and now - self._last_report < self.args.load_ttl_s / 5:
             return

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 import torch
 
-from procs import ServiceProcess
+from procs import ServiceProcess, metric
 from reference import load_reference, reference_greedy
 
 
@@ -73,6 +73,46 @@ async def test_concurrent_greedy_completions_match_transformers(gateway, tiny_fp
     assert covered >= 0.7 * 12 * len(prompts)
 
 
+async def test_metrics_count_what_clients_saw(system, tiny_fp32):
+    """The gateway counts requests by outcome and code, tokens by kind and the latencies; workers
+    count their tokens and GPU time; /services lists every live service's metrics."""
+    gateway, prefill, decode = system[-1], system[2], system[3]
+    names = [("streamoe_tokens_total", {"kind": "input_cache_miss"}), ("streamoe_tokens_total", {"kind": "output"}),
+             ("streamoe_tokens_total", {"kind": "input_cache_hit"}),
+             ("streamoe_requests_total", {"outcome": "completed"}), ("streamoe_ttft_seconds_count", {}),
+             ("streamoe_e2e_seconds_count", {}), ("streamoe_tpot_seconds_count", {}),
+             ("streamoe_http_requests_total", {"route": "/v1/completions", "code": "400"})]
+    before = [metric(gateway, n, **labels) for n, labels in names]
+    worker_before = (metric(prefill, "streamoe_worker_tokens_total", kind="input_cache_miss"),
+                     metric(decode, "streamoe_worker_tokens_total", kind="output"))
+    url = gateway.url("/v1/completions")
+    lengths, max_tokens = [5, 70, 130], [4, 9, 1]
+    for i, (n, m) in enumerate(zip(lengths, max_tokens)):
+        body = {"model": model_name(tiny_fp32), "prompt": list(range(3, 3 + n)), "max_tokens": m, "temperature": 0,
+                "ignore_eos": True, "stream": i == 1}
+        status, _, raw = await post(url, body)
+        assert status == 200, raw
+    status, _, _ = await post(url, {"model": model_name(tiny_fp32), "prompt": "x", "max_tokens": -1})
+    assert status == 400
+    after = [metric(gateway, n, **labels) for n, labels in names]
+    miss, output, hit, *counts = [a - b for a, b in zip(after, before)]
+    # the prefill rank shares the prompts' common 64-token block in memory: cached, not computed
+    assert (miss, hit, output) == (sum(lengths) - 64, 64, sum(max_tokens))
+    assert counts == [3, 3, 3, 2, 1]
+    assert metric(prefill, "streamoe_worker_tokens_total", kind="input_cache_miss") - worker_before[0] == miss
+    # decode computes all but the first token, which prefill samples
+    assert metric(decode, "streamoe_worker_tokens_total", kind="output") - worker_before[1] == \
+        sum(max_tokens) - len(max_tokens)
+    assert metric(decode, "streamoe_gpu_seconds_total", role="decode", rank="0") > 0
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.url("/services")) as r:
+            listed = (await r.json())["services"]
+        assert sorted(s["name"] for s in listed) == ["balancer", "decode", "gateway", "prefill", "tokenizer"]
+        for entry in listed:
+            async with session.get(entry["metrics_url"]) as r:
+                assert r.status == 200 and "streamoe_messages_total" in await r.text()
+
+
 async def test_chat_streamed_equals_whole(gateway, tiny_fp32):
     body = {"model": model_name(tiny_fp32), "messages": [{"role": "user", "content": "Hello 🌍"}],
             "max_tokens": 10, "temperature": 0}
@@ -132,16 +172,6 @@ async def test_models_and_api_keys(gateway, tiny_fp32, redis_url):
         assert keyed.stop() == 0
 
 
-def metric(service, name: str) -> float:
-    import urllib.request
-
-    with urllib.request.urlopen(service.url("/metrics"), timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no {name} metric")
-
-
 def kv_blocks_used(service) -> float:
     return metric(service, "streamoe_kv_blocks_used")
 
@@ -165,6 +195,21 @@ async def test_client_disconnect_frees_decode_kv(system, tiny_fp32):
         await asyncio.sleep(0.2)
     assert kv_blocks_used(decode) == 0, "the aborted request's KV was not freed"
     assert metric(decode, "streamoe_requests_aborted_total") == 1  # freed by the abort, not by finishing
+
+
+async def test_a_burst_past_the_redis_pool_is_served_or_refused_cleanly(gateway, tiny_fp32):
+    """300 requests at once (more than the gateway's Redis connection pool): each gets a 200 or a
+    429, never a 500."""
+    url = gateway.url("/v1/completions")
+    body = {"model": model_name(tiny_fp32), "prompt": [7, 8, 9], "max_tokens": 1, "temperature": 0}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def one():
+            async with session.post(url, json=body) as r:
+                await r.read()
+                return r.status
+        statuses = await asyncio.gather(*[one() for _ in range(300)])
+    assert set(statuses) <= {200, 429}, sorted(set(statuses))
+    assert statuses.count(200) >= 100
 
 
 async def test_overload_deadline_and_no_backend(system, tiny_fp32, redis_url):

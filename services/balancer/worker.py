@@ -2,7 +2,10 @@
 the ranks' load reports plus what it has sent them since (policies.py)."""
 from __future__ import annotations
 
+import json
 import time
+
+from prometheus_client import Gauge
 
 from shared import streams
 from shared.bus import Entry
@@ -14,6 +17,7 @@ from shared.wire import WireError, decode
 from .policies import DecodeLoad, PrefillLoad, attention_compute, choose_decode_rank, choose_prefill_rank
 
 GROUP = streams.group("balancer")
+DEAD_LETTERS_KEPT = 10_000  # nobody consumes them: the newest are kept for inspection
 
 
 class BalancerService(Service):
@@ -24,6 +28,8 @@ class BalancerService(Service):
         self.backlog: list[Entry[TokenizedRequest]] = []  # no rank had room yet
         # what we sent since each rank's last report: rank -> [(time, compute, tokens, blocks)]
         self.sent: dict[tuple[str, int], list[tuple[float, float, int, int]]] = {}
+        self.stream_length = Gauge("streamoe_stream_length", "Entries in each stream (sampled by the balancer)",
+                                   ["stream"], registry=self.registry)
 
     async def loop(self) -> None:
         while not self.stopping.is_set():
@@ -34,6 +40,40 @@ class BalancerService(Service):
             pending, self.backlog = self.backlog + entries, []
             for entry in pending:
                 await self.route(entry)
+
+    def trimmed_streams(self) -> list[str]:
+        return [streams.TOKENIZED, streams.ABORTS]
+
+    async def housekeeping(self) -> None:
+        """The balancer keeps the shared streams: abort groups of dead workers go (they would hold
+        the aborts stream forever), streams are trimmed, lengths exported."""
+        await self.reap_abort_groups()
+        await super().housekeeping()
+        await self.redis.xtrim(streams.DEAD_LETTERS, maxlen=DEAD_LETTERS_KEPT, approximate=True)
+        names = [streams.REQUESTS, streams.TOKENIZED, streams.RAW_DELTAS, streams.ABORTS, streams.DEAD_LETTERS]
+        for pattern in (streams.prefill_stream("*"), streams.kv_stream("*"), streams.delta_stream("*")):
+            names += [k.decode() async for k in self.redis.scan_iter(match=pattern, count=1000, _type="stream")]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.xlen(name)
+            for name, length in zip(names, await pipe.execute()):
+                self.stream_length.labels(stream=name).set(length)
+
+    async def reap_abort_groups(self) -> None:
+        prefix = streams.group("aborts-")
+        try:
+            groups = await self.redis.xinfo_groups(streams.ABORTS)
+        except Exception:
+            return  # no aborts stream yet
+        for g in groups:
+            name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+            if not name.startswith(prefix):
+                continue
+            instance = name[len(prefix):]
+            alive = await self.redis.exists(*[streams.heartbeat_key(role, instance) for role in ("prefill", "decode")])
+            if not alive:
+                await self.redis.xgroup_destroy(streams.ABORTS, name)
+                self.log.info(json.dumps({"event": "reaped_abort_group", "instance": instance}))
 
     async def route(self, entry: Entry[TokenizedRequest]) -> None:
         req = entry.message

@@ -1,20 +1,23 @@
 """A decode rank: receives a prompt's KV layer by layer (checksums verified), joins the request
-into its continuous batch, and emits indexed token deltas every step."""
+into its continuous batch, records that it owns the request, and emits indexed token deltas
+every step."""
 from __future__ import annotations
 
 import json
+import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from prometheus_client import Counter, Gauge, Histogram
 
 from shared import streams
 from shared.bus import Entry
 from shared.messages import KVChunk, TokenDelta
 from shared.tensors import checksum, from_blob
-from shared.wire import WireError
-from shared.worker import WorkerService
+from shared.wire import WireError, encode
+from shared.worker import WorkerService, sampling_params
 
-from services.prefill.worker import sampling_params
 from services.tokenizer.detok import prefix_window
 
 GROUP = streams.group("decode")
@@ -24,6 +27,7 @@ GROUP = streams.group("decode")
 class Handoff:
     chunks: dict[int, KVChunk] = field(default_factory=dict)
     entry_ids: list[str] = field(default_factory=list)
+    layer0_received_at: float | None = None
 
 
 class DecodeService(WorkerService):
@@ -36,8 +40,29 @@ class DecodeService(WorkerService):
         self.ready_to_admit: list[str] = []
         self.history: dict[str, list[int]] = {}  # prompt + output so far, for the deltas' prefix ids
         self.requests = {}
+        self.finished: deque[str] = deque(maxlen=4096)  # a late duplicate handoff must not run them again
+        self.owner_ttl_ms = int(max(60.0, 6 * self.config.heartbeat_ttl_s) * 1000)
+        rank = {"rank": str(self.rank)}
+        self.handoffs_done = Counter(
+            "streamoe_kv_handoffs", "KV handoffs received; layerwise=yes when layer 0 arrived before prefill "
+            "had computed the last layer", ["rank", "layerwise"], registry=self.registry)
+        self.handoff_bytes = Counter("streamoe_kv_handoff_received_bytes", "Latent KV bytes received",
+                                     list(rank), registry=self.registry).labels(**rank)
+        self.handoff_latency = Histogram(
+            "streamoe_kv_handoff_seconds", "From prefill computing the last layer to the whole handoff here",
+            list(rank), registry=self.registry,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)).labels(**rank)
+        self.handoff_lead = Gauge(
+            "streamoe_kv_handoff_lead_seconds", "Last handoff: prefill's last-layer compute time minus the "
+            "arrival of layer 0 here (positive: streamed while prefill still ran)", list(rank),
+            registry=self.registry).labels(**rank)
+        self.reprefills = Counter("streamoe_kv_reprefills", "Handoffs refused (missing or corrupt KV) and "
+                                  "sent back to prefill", list(rank), registry=self.registry).labels(**rank)
         await self.setup_aborts()
         await self.report_load(force=True)
+
+    def trimmed_streams(self) -> list[str]:
+        return [self.stream]
 
     async def loop(self) -> None:
         while not self.stopping.is_set():
@@ -48,7 +73,8 @@ class DecodeService(WorkerService):
                 self.receive(entry)
             for request_id in await self.take_aborts():
                 self.history.pop(request_id, None)
-                self.requests.pop(request_id, None)
+                if self.requests.pop(request_id, None) is not None:
+                    await self.redis.delete(streams.owner_key(request_id))
             await self.admit_ready()
             if self.engine.has_unfinished():
                 await self.step()
@@ -59,6 +85,8 @@ class DecodeService(WorkerService):
         handoff = self.handoffs.setdefault(chunk.request_id, Handoff())
         handoff.chunks[chunk.layer] = chunk
         handoff.entry_ids.append(entry.entry_id)
+        if chunk.layer == 0:
+            handoff.layer0_received_at = time.time()
         if chunk.layer == chunk.num_layers:
             self.ready_to_admit.append(chunk.request_id)
 
@@ -67,7 +95,8 @@ class DecodeService(WorkerService):
         for request_id in self.ready_to_admit:
             handoff = self.handoffs[request_id]
             final = handoff.chunks[self.num_layers]
-            if final.finish_reason is not None or request_id in self.history or request_id in self.aborted:
+            if (final.finish_reason is not None or request_id in self.history or request_id in self.aborted
+                    or request_id in self.finished):
                 await self.consumed(request_id)  # finished at prefill, a duplicate handoff, or cancelled
                 continue
             try:
@@ -83,6 +112,10 @@ class DecodeService(WorkerService):
                 continue
             self.history[request_id] = req.prompt_ids + [final.first_token]
             self.requests[request_id] = req
+            await self.redis.hset(streams.owner_key(request_id), mapping={
+                "rank": self.rank, "instance_id": self.config.instance_id, "request": encode(req), "emitted": 1})
+            await self.redis.pexpire(streams.owner_key(request_id), self.owner_ttl_ms)
+            self.note_handoff(handoff)
             await self.consumed(request_id)
         self.ready_to_admit = waiting
 
@@ -98,9 +131,18 @@ class DecodeService(WorkerService):
             layers.append(from_blob(chunk.kv))
         return torch.stack(layers)
 
+    def note_handoff(self, handoff: Handoff) -> None:
+        last = handoff.chunks[self.num_layers - 1]
+        self.handoff_bytes.inc(sum(len(c.kv.data) for c in handoff.chunks.values()))
+        self.handoff_latency.observe(max(0.0, time.time() - last.computed_at))
+        lead = last.computed_at - handoff.layer0_received_at
+        self.handoff_lead.set(lead)
+        self.handoffs_done.labels(rank=str(self.rank), layerwise="yes" if lead > 0 else "no").inc()
+
     async def reprefill(self, request_id: str, final: KVChunk, reason: str) -> None:
         """Never decode on wrong KV: send the request back through the balancer."""
         self.log.error(json.dumps({"event": "bad_kv", "trace_id": final.trace_id, "reason": reason}))
+        self.reprefills.inc()
         await self.bus.publish(streams.TOKENIZED, final.request)
         await self.consumed(request_id)
 
@@ -111,8 +153,8 @@ class DecodeService(WorkerService):
         await self.redis.xdel(self.stream, *handoff.entry_ids)
 
     async def step(self) -> None:
-        deltas = await self.compute(self.engine.step)
-        writes = []
+        deltas = await self.timed_step()
+        writes, emitted, finished = [], [], []
         for d in deltas:
             req = self.requests[d.request_id]
             history = self.history[d.request_id]
@@ -121,7 +163,20 @@ class DecodeService(WorkerService):
                 d.request_id, req.trace_id, req.gateway_id, d.index, d.token_ids, finish_reason=d.finish_reason,
                 prefix_ids=history[-window:], stop=req.sampling.stop, num_prompt_tokens=len(req.prompt_ids))))
             history.extend(d.token_ids)
+            self.tokens.labels(role=self.role, rank=str(self.rank), kind="output").inc(len(d.token_ids))
             if d.finish_reason is not None:
                 del self.history[d.request_id], self.requests[d.request_id]
+                finished.append(d.request_id)
+                self.finished.append(d.request_id)
+            else:
+                emitted.append((d.request_id, len(history) - len(req.prompt_ids)))
+
+        def owners(pipe) -> None:  # in the deltas' round trip: the record never lags what was sent
+            for request_id, num_emitted in emitted:
+                pipe.hset(streams.owner_key(request_id), "emitted", num_emitted)
+                pipe.pexpire(streams.owner_key(request_id), self.owner_ttl_ms)
+            if finished:
+                pipe.delete(*[streams.owner_key(r) for r in finished])
+
         if writes:
-            await self.bus.publish_many(writes)
+            await self.bus.publish_many(writes, then=owners)

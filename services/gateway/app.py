@@ -16,12 +16,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from shared import streams
 from shared.bus import StreamFull
 from shared.messages import Abort, GenerateRequest, TokenDelta
 from shared.service import Service, ServiceConfig
 
+from .metrics import GatewayMetrics, RequestTimes
 from .protocol import ApiError, ParsedRequest, now, parse, usage
 
 GROUP = streams.group("gateway")
@@ -33,6 +35,8 @@ class Inflight:
     next_index: int = 0
     held: dict[int, TokenDelta] = field(default_factory=dict)  # arrived ahead of their turn
     finished: bool = False
+    outcome: str = "aborted"  # until the backend ends it, or the deadline passes
+    times: RequestTimes = field(default_factory=RequestTimes)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class GatewayService(Service):
         self.defaults = _generation_defaults(settings.model_dir)
         self.delta_stream = streams.delta_stream(config.instance_id)
         self._live, self._live_checked = False, -1e9
+        self.metrics = GatewayMetrics(self.registry)
 
     def make_app(self) -> web.Application:
         # NOTE: aiohttp refuses a body over client_max_size with 413 before reading it all.
@@ -67,9 +72,13 @@ class GatewayService(Service):
         app.router.add_post("/v1/completions", lambda r: self.complete(r, chat=False))
         app.router.add_post("/v1/chat/completions", lambda r: self.complete(r, chat=True))
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/services", self.services)
 
     async def setup(self) -> None:
         await self.bus.ensure_group(self.delta_stream, GROUP)
+
+    def trimmed_streams(self) -> list[str]:
+        return [self.delta_stream]
 
     async def loop(self) -> None:
         while not self.stopping.is_set() or self.inflight:
@@ -94,17 +103,44 @@ class GatewayService(Service):
     @web.middleware
     async def _errors(self, request: web.Request, handler):
         try:
-            return await handler(request)
+            response = await handler(request)
         except ApiError as e:
-            return web.json_response(e.body(), status=e.status, headers=e.headers)
+            response = web.json_response(e.body(), status=e.status, headers=e.headers)
         except web.HTTPRequestEntityTooLarge:
             e = ApiError(413, f"the body is over {self.settings.max_body_bytes} bytes", None)
-            return web.json_response(e.body(), status=413)
+            response = web.json_response(e.body(), status=413)
+        except web.HTTPException as e:  # aiohttp's own 404/405
+            response = e
+        except RedisError as e:  # Redis away or saturated: the backend is unavailable, not broken input
+            self.log.warning("redis error on %s: %r", request.path, e)
+            e = ApiError(503, "the request queue is unavailable; retry later", None, "backend_unavailable",
+                         headers={"Retry-After": "1", "retry-after-ms": "1000"})
+            response = web.json_response(e.body(), status=503, headers=e.headers)
+        route = request.match_info.route.resource
+        self.metrics.http.labels(route=route.canonical if route is not None else "other",
+                                 code=str(response.status)).inc()
+        if isinstance(response, web.HTTPException):
+            raise response
+        return response
 
     async def models(self, request: web.Request) -> web.Response:
         self._authorize(request)
         return web.json_response({"object": "list", "data": [
             {"id": self.settings.served_model_name, "object": "model", "created": 0, "owned_by": "streamoe"}]})
+
+    async def services(self, request: web.Request) -> web.Response:
+        """Every live service and where its metrics are (for `streamoe cost --url`)."""
+        out = []
+        async for key in self.redis.scan_iter(match=f"{streams.PREFIX}:hb:*", count=1000):
+            raw = await self.redis.get(key)
+            if raw is None:
+                continue  # expired between the scan and the read
+            beat = json.loads(raw)
+            name, instance = (key.decode() if isinstance(key, bytes) else key).split(":", 3)[2:]
+            if beat.get("http_port"):
+                out.append({"name": name, "instance_id": instance,
+                            "metrics_url": f"http://{beat.get('host', '127.0.0.1')}:{beat['http_port']}/metrics"})
+        return web.json_response({"services": sorted(out, key=lambda s: (s["name"], s["instance_id"]))})
 
     def _authorize(self, request: web.Request) -> None:
         if not self.settings.api_keys:
@@ -135,6 +171,7 @@ class GatewayService(Service):
         request_id, trace_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
         deadline = time.time() + self.settings.request_timeout_s
         self.inflight[request_id] = state = Inflight()
+        self.metrics.inflight.inc()
         try:
             try:
                 await self.bus.publish(streams.REQUESTS, GenerateRequest(
@@ -148,10 +185,18 @@ class GatewayService(Service):
             else:
                 response = await self._whole(parsed, request_id, state, deadline)
             return response
+        except ApiError as e:
+            state.outcome = "timeout" if e.status == 504 else "error"
+            raise
         finally:
             self.inflight.pop(request_id, None)
+            self.metrics.inflight.dec()
+            self.metrics.finished(state.times, state.outcome)
             if not state.finished:  # a disconnect, a deadline, an error: stop the work everywhere
-                await asyncio.shield(self.bus.publish(streams.ABORTS, Abort(request_id, trace_id, "not finished")))
+                try:
+                    await asyncio.shield(self.bus.publish(streams.ABORTS, Abort(request_id, trace_id, "not finished")))
+                except RedisError as e:
+                    self.log.warning(json.dumps({"event": "abort_not_sent", "trace_id": trace_id, "error": repr(e)}))
 
     async def _backend_live(self) -> bool:
         """At least one prefill and one decode rank report load (remembered for a second)."""
@@ -170,6 +215,12 @@ class GatewayService(Service):
         except asyncio.TimeoutError:
             raise ApiError(504, "the request's deadline passed", None, "timeout") from None
         state.finished = delta.finish_reason is not None  # the backend has ended it (error included)
+        if delta.finish_reason == "error":
+            state.outcome = "error"
+        else:
+            self.metrics.delta(state.times, len(delta.token_ids), delta.num_prompt_tokens, delta.num_cached_tokens)
+            if state.finished:
+                state.outcome = "completed"
         return delta
 
     async def _whole(self, parsed: ParsedRequest, request_id: str, state: Inflight, deadline: float) -> web.Response:
@@ -233,6 +284,7 @@ class GatewayService(Service):
                 await _event(response, {**head, "choices": [],
                                         "usage": usage(first.num_prompt_tokens, completion, first.num_cached_tokens)})
         except ApiError as e:  # the deadline passed mid-stream
+            state.outcome = "timeout"
             await _event(response, e.body())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

@@ -6,24 +6,20 @@ import asyncio
 import json
 import time
 
+from prometheus_client import Counter
+
 from shared import streams
 from shared.engine.engine import RequestError
-from shared.engine.sequence import SamplingParams
 from shared.messages import KVChunk, PrefillTask, TokenDelta
 from shared.tensors import checksum, to_blob
 from shared.wire import TensorBlob
-from shared.worker import WorkerService
+from shared.worker import WorkerService, sampling_params
 
 from services.balancer.policies import attention_compute
 from services.tokenizer.detok import prefix_window
 
 GROUP = streams.group("prefill")
 NO_KV = TensorBlob("float32", [0], b"")  # the final chunk of a handoff carries no KV
-
-
-def sampling_params(s) -> SamplingParams:
-    return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                          seed=s.seed, stop_token_ids=tuple(s.stop_token_ids or ()), ignore_eos=s.ignore_eos)
 
 
 class PrefillService(WorkerService):
@@ -33,8 +29,13 @@ class PrefillService(WorkerService):
         self.stream = streams.prefill_stream(self.rank)
         await self.bus.ensure_group(self.stream, GROUP)
         self.tasks: dict[str, tuple[str, PrefillTask]] = {}  # request id -> (entry id, task)
+        self.handoff_bytes = Counter("streamoe_kv_handoff_bytes", "Latent KV bytes sent to decode ranks",
+                                     ["rank"], registry=self.registry).labels(rank=str(self.rank))
         await self.setup_aborts()
         await self.report_load(force=True)
+
+    def trimmed_streams(self) -> list[str]:
+        return [self.stream]
 
     async def loop(self) -> None:
         while not self.stopping.is_set():
@@ -77,10 +78,10 @@ class PrefillService(WorkerService):
         layers: asyncio.Queue = asyncio.Queue()
 
         def on_layer_kv(layer, items):  # compute thread: hand the layer to the event loop, go on
-            loop.call_soon_threadsafe(layers.put_nowait, (layer, items))
+            loop.call_soon_threadsafe(layers.put_nowait, (layer, items, time.time()))
 
         sender = asyncio.create_task(self.send_layers(layers))
-        deltas = await self.compute(self.engine.step, on_layer_kv)
+        deltas = await self.timed_step(on_layer_kv)
         layers.put_nowait(None)
         await sender
         for delta in deltas:
@@ -88,20 +89,24 @@ class PrefillService(WorkerService):
 
     async def send_layers(self, layers: asyncio.Queue) -> None:
         while (item := await layers.get()) is not None:
-            layer, kvs = item
+            layer, kvs, computed_at = item
             writes = []
             for request_id, kv in kvs:
                 _, task = self.tasks[request_id]
                 blob = to_blob(kv)
+                self.handoff_bytes.inc(len(blob.data))
                 writes.append((streams.kv_stream(task.decode_rank), KVChunk(
                     request_id, task.request.trace_id, layer, self.num_layers, blob, checksum(blob.data),
-                    sent_at=time.time())))
+                    computed_at=computed_at, sent_at=time.time())))
             await self.bus.publish_many(writes)
 
     async def finish(self, delta) -> None:
         entry_id, task = self.tasks.pop(delta.request_id)
         req = task.request
         first = delta.token_ids[0] if delta.token_ids else -1
+        self.tokens.labels(role=self.role, rank=str(self.rank), kind="input_cache_hit").inc(delta.num_cached_tokens)
+        self.tokens.labels(role=self.role, rank=str(self.rank), kind="input_cache_miss").inc(
+            len(req.prompt_ids) - delta.num_cached_tokens)
         done = delta.finish_reason if delta.finish_reason != "prefilled" else None
         window = prefix_window(req.sampling.stop)
         writes = [(streams.kv_stream(task.decode_rank), KVChunk(

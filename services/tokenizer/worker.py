@@ -120,5 +120,8 @@ class TokenizerService(Service):
             writes.append((streams.ABORTS, Abort(delta.request_id, delta.trace_id, "stop string")))
         await self.bus.publish_many(writes)
 
+    def trimmed_streams(self) -> list[str]:
+        return list(KINDS)
+
     async def teardown(self) -> None:
         self.pool.shutdown(wait=False)

@@ -67,6 +67,7 @@ class Engine:
         self.sequences: dict[str, Sequence] = {}
         self.seeds: dict[str, int] = {}
         self._arrivals = 0
+        self.last_num_tokens = 0  # tokens computed by the last step (a metric)
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -105,6 +106,7 @@ class Engine:
         as each layer's KV of the prompts completing in this step is computed, while later layers
         still run, so it can be streamed to decode."""
         scheduled = self.scheduler.schedule()
+        self.last_num_tokens = sum(item.num_new for item in scheduled)
         if not scheduled:
             return []
         done = [] if on_layer_kv is None else [
