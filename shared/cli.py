@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import shlex
 import sys
 from pathlib import Path
 
 from .cliargs import apply_env_defaults
+from .economics import GPU_HOUR_USD, GPUS_PER_NODE, PRICES_PER_MILLION
+from .metrics_report import DEFAULT_URL, ScrapeError, collect, format_table, full_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,9 +65,68 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument("--run-dir", type=Path, default=None, help="default: $STREAMOE_HOME/runs/<time>")
     upp.set_defaults(handler=_up)
 
-    for sub in (init, gen, upp):
+    cost = commands.add_parser("cost", help="cost, revenue and margin from the services' counters (design.md §5)")
+    cost.add_argument("--url", type=_http_url, default=None,
+                      help="a gateway: read every service it lists at /services "
+                           f"(default {DEFAULT_URL} when neither --processes nor --metrics is given)")
+    cost.add_argument("--processes", type=Path, default=None, help="a `streamoe up` run's processes.json")
+    cost.add_argument("--metrics", nargs="+", default=[], metavar="FILE",
+                      help="saved Prometheus text files (STREAMOE_METRICS: paths separated by spaces)")
+    cost.add_argument("--gpu-hour-usd", type=_non_negative_float, default=GPU_HOUR_USD,
+                      help=f"USD per GPU-hour (default {GPU_HOUR_USD:g})")
+    cost.add_argument("--prices", type=_prices, default=PRICES_PER_MILLION, metavar="HIT,MISS,OUT",
+                      help="USD per 1M tokens: input cache hit, input cache miss, output "
+                           f"(default {','.join(f'{p:g}' for p in PRICES_PER_MILLION)})")
+    cost.add_argument("--gpus-per-node", type=_positive_int, default=GPUS_PER_NODE)
+    cost.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    cost.set_defaults(handler=_cost)
+
+    for sub in (init, gen, upp, cost):
         apply_env_defaults(sub)
     return parser
+
+
+class FlagValueError(argparse.ArgumentTypeError, ValueError):
+    """A bad flag value: argparse words it on the command line, `apply_env_defaults` from the environment."""
+
+
+def _non_negative_float(raw: str) -> float:
+    value = _non_negative(raw)
+    if value is None:
+        raise FlagValueError(f"{raw!r}: expected a number >= 0")
+    return value
+
+
+def _non_negative(raw: str) -> float | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise FlagValueError(f"{raw!r}: expected a whole number >= 1")
+    return value
+
+
+def _prices(raw: str) -> tuple[float, float, float]:
+    values = [_non_negative(part) for part in raw.split(",")]
+    if len(values) != 3 or None in values:
+        raise FlagValueError(f"{raw!r}: expected three USD prices >= 0 per 1M tokens, HIT,MISS,OUT "
+                             "(e.g. 0.14,0.55,2.19)")
+    return tuple(values)
+
+
+def _http_url(raw: str) -> str:
+    if not raw.startswith(("http://", "https://")):
+        raise FlagValueError(f"{raw!r}: expected an http:// or https:// URL, e.g. http://127.0.0.1:8000")
+    return raw
 
 
 def _init_model(args: argparse.Namespace) -> int:
@@ -114,6 +177,18 @@ def _up(args: argparse.Namespace) -> int:
     from .up import up
 
     return up(args)
+
+
+def _cost(args: argparse.Namespace) -> int:
+    files = shlex.split(args.metrics) if isinstance(args.metrics, str) else args.metrics  # STREAMOE_METRICS
+    try:
+        totals = collect([Path(f) for f in files], args.url, args.processes)
+    except ScrapeError as e:
+        print(f"streamoe cost: error: {e}", file=sys.stderr)
+        return 1
+    report = full_report(totals, args.gpu_hour_usd, args.prices, args.gpus_per_node)
+    print(json.dumps(report) if args.json else format_table(report))
+    return 0
 
 
 def _kv_bytes_for(model, num_tokens: int) -> int:

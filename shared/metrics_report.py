@@ -1,0 +1,201 @@
+"""`streamoe cost`: the design.md §5 report from the services' own Prometheus counters.
+
+Reads Prometheus text exposition (saved files, or live `/metrics` endpoints found through a
+gateway's `/services` or a `streamoe up` run's `processes.json`), sums the counters below over
+every source, and hands the totals to `economics.report`. Each worker rank counts as one GPU.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from . import economics
+from .economics import TokenCounts
+
+# NOTE: matched by sample name: the parser strips `_total` from a counter's family name only.
+TOKENS = "streamoe_tokens_total"  # gateway: {kind}
+GPU_SECONDS = "streamoe_gpu_seconds_total"  # worker rank, seconds up: {role, rank}
+WORKER_TOKENS = "streamoe_worker_tokens_total"  # worker rank: {role, rank, kind}
+KINDS = ("input_cache_hit", "input_cache_miss", "output")
+INPUT_KINDS = ("input_cache_hit", "input_cache_miss")
+DEFAULT_URL = "http://127.0.0.1:8000"
+SCRAPE_TIMEOUT_S = 5.0
+MAX_PARALLEL_SCRAPES = 16
+
+
+class ScrapeError(Exception):
+    """A live source that could not be read (`streamoe cost` exits 1)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status  # the HTTP status, when the server answered
+
+
+@dataclass
+class Totals:
+    """Counters summed over every source read so far."""
+
+    tokens: dict[str, float] = field(default_factory=dict)  # kind -> tokens (gateways)
+    gpu_seconds: dict[tuple[str, str], float] = field(default_factory=dict)  # (role, rank) -> s
+    worker_tokens: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (role, rank, kind) -> tokens
+    sources: list[str] = field(default_factory=list)
+
+    def add(self, text: str, source: str) -> None:
+        """Add one exposition's counters; a ValueError naming `source` if it is not Prometheus text."""
+        try:
+            samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+        except (ValueError, IndexError, KeyError) as e:
+            raise ValueError(f"{source}: not Prometheus text exposition ({e})") from None
+        for s in samples:
+            role, rank, kind = s.labels.get("role", ""), s.labels.get("rank", ""), s.labels.get("kind", "")
+            if s.name == TOKENS and kind in KINDS:
+                _inc(self.tokens, kind, s.value)
+            elif s.name == GPU_SECONDS:
+                _inc(self.gpu_seconds, (role, rank), s.value)
+            elif s.name == WORKER_TOKENS:
+                _inc(self.worker_tokens, (role, rank, kind), s.value)
+        self.sources.append(source)
+
+    def tokens_per_s(self, role: str, kinds: tuple[str, ...]) -> dict[str, float]:
+        """rank -> its tokens of `kinds` per second it has been up, for every rank of `role`."""
+        out = {}
+        for (r, rank), seconds in self.gpu_seconds.items():
+            if r == role:
+                num_tokens = sum(self.worker_tokens.get((role, rank, k), 0.0) for k in kinds)
+                out[rank] = num_tokens / seconds if seconds > 0 else 0.0
+        return {rank: out[rank] for rank in sorted(out, key=_rank_order)}
+
+
+def full_report(totals: Totals, gpu_hour_usd: float = economics.GPU_HOUR_USD,
+                prices: tuple[float, float, float] = economics.PRICES_PER_MILLION,
+                gpus_per_node: int = economics.GPUS_PER_NODE) -> dict:
+    """`economics.report` on the totals, plus per-rank throughput and the sources read."""
+    tokens = TokenCounts(*(round(totals.tokens.get(k, 0.0)) for k in KINDS))
+    out = economics.report(tokens, sum(totals.gpu_seconds.values()), gpu_hour_usd, tuple(prices), gpus_per_node)
+    out["prefill_input_tokens_per_s"] = totals.tokens_per_s("prefill", INPUT_KINDS)
+    out["decode_output_tokens_per_s"] = totals.tokens_per_s("decode", ("output",))
+    out["sources"] = list(totals.sources)
+    return out
+
+
+def collect(metrics_files: list[Path], url: str | None, processes_file: Path | None,
+            timeout: float = SCRAPE_TIMEOUT_S) -> Totals:
+    """Sum the files, plus every service behind `url` and in `processes_file` (each URL once).
+
+    With no source at all, the gateway at DEFAULT_URL. Raises FileNotFoundError or ValueError for
+    a bad file, ScrapeError for a live source that does not answer with Prometheus text.
+    """
+    totals = Totals()
+    for path in metrics_files:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--metrics {path}: no such file")
+        totals.add(path.read_bytes().decode("utf-8", errors="replace"), str(path))
+    urls: list[str] = []
+    if processes_file is not None:
+        urls += processes_metrics_urls(Path(processes_file))
+    if url is not None or (not metrics_files and processes_file is None):
+        urls += services_metrics_urls(url or DEFAULT_URL, timeout)
+    urls = list(dict.fromkeys(urls))
+    with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL_SCRAPES, len(urls)))) as pool:
+        texts = list(pool.map(lambda u: fetch(u, timeout), urls))
+    for u, text in zip(urls, texts):
+        try:
+            totals.add(text, u)
+        except ValueError as e:
+            raise ScrapeError(str(e)) from None
+    return totals
+
+
+def services_metrics_urls(base_url: str, timeout: float = SCRAPE_TIMEOUT_S) -> list[str]:
+    """The metrics URL of every live service the gateway at `base_url` lists at /services.
+
+    A gateway without /services (404): its own /metrics only, said on stderr.
+    """
+    base = base_url.rstrip("/")
+    try:
+        body = fetch(f"{base}/services", timeout)
+    except ScrapeError as e:
+        if e.status != 404:
+            raise
+        print(f"streamoe cost: {base}/services answered 404 (an older gateway?); reading {base}/metrics only, "
+              "so worker GPU time is missing unless --processes or --metrics adds it", file=sys.stderr)
+        return [f"{base}/metrics"]
+    try:
+        return [s["metrics_url"] for s in json.loads(body)["services"] if s.get("metrics_url")]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ScrapeError(f'{base}/services: expected {{"services": [{{"metrics_url": ...}}, ...]}}, '
+                          f"got {body[:200]!r} ({type(e).__name__}: {e})") from None
+
+
+def processes_metrics_urls(path: Path) -> list[str]:
+    """http://127.0.0.1:<http port>/metrics of each process in a `streamoe up` processes.json."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--processes {path}: no such file")
+    try:
+        entries = json.loads(path.read_text())["processes"]
+        return [f"http://127.0.0.1:{int(p['ports']['http'])}/metrics" for p in entries if "http" in p.get("ports", {})]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--processes {path}: not a `streamoe up` processes.json ({type(e).__name__}: {e})") from None
+
+
+def fetch(url: str, timeout: float = SCRAPE_TIMEOUT_S) -> str:
+    """GET `url` as text; ScrapeError (with the status, if any) when it cannot be read."""
+    # NOTE: no proxies from the environment: metrics ports are on the cluster's own network.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            return response.read().decode("utf-8", errors="replace")
+    except urllib.error.HTTPError as e:
+        raise ScrapeError(f"{url}: HTTP {e.code} {e.reason}", status=e.code) from None
+    except urllib.error.URLError as e:
+        raise ScrapeError(f"{url}: cannot connect ({e.reason}); is the service running?") from None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise ScrapeError(f"{url}: {type(e).__name__}: {e}") from None
+
+
+def format_table(report: dict) -> str:
+    """The report as an aligned, human-readable table."""
+    hit, miss, out = report["prices_per_million_usd"]
+    margin = report["margin_pct"]
+    rows = [("input tokens, cache hit", f"{report['input_cache_hit_tokens']:,}", ""),
+            ("input tokens, cache miss", f"{report['input_cache_miss_tokens']:,}", ""),
+            ("output tokens", f"{report['output_tokens']:,}", ""),
+            ("cache hit rate", f"{report['cache_hit_rate'] * 100:.2f}%", "of input tokens"),
+            ("GPU-hours", _num(report["gpu_hours"]), "each worker rank is one GPU"),
+            ("node-hours", _num(report["node_hours"]), ""),
+            ("cost", "$" + _num(report["cost_usd"]), f"at ${report['gpu_hour_usd']:,.2f} per GPU-hour"),
+            ("revenue", "$" + _num(report["revenue_usd"]),
+             f"at ${hit:g} / ${miss:g} / ${out:g} per 1M tokens (hit / miss / output)"),
+            ("margin", "n/a" if margin is None else f"{margin:.2f}%", "(revenue - cost) / cost")]
+    rows += [(f"prefill rank {rank}", f"{rate:,.2f}", "input tokens/s")
+             for rank, rate in report["prefill_input_tokens_per_s"].items()]
+    rows += [(f"decode rank {rank}", f"{rate:,.2f}", "output tokens/s")
+             for rank, rate in report["decode_output_tokens_per_s"].items()]
+    rows.append(("sources", str(len(report["sources"])), "\n".join(report["sources"])))
+    label_w = max(len(r[0]) for r in rows)
+    value_w = max(len(r[1]) for r in rows)
+    indent = "\n" + " " * (label_w + value_w + 4)  # a multi-line note (the sources) stays in its column
+    return "\n".join(f"{label:<{label_w}}  {value:>{value_w}}  {note.replace(chr(10), indent)}".rstrip()
+                     for label, value, note in rows)
+
+
+def _num(x: float) -> str:
+    # NOTE: a short test run's dollars and hours are well under 1: keep 4 significant digits there.
+    return f"{x:,.2f}" if x == 0 or abs(x) >= 1 else f"{x:.4g}"
+
+
+def _inc(counts: dict, key, value: float) -> None:
+    counts[key] = counts.get(key, 0.0) + value
+
+
+def _rank_order(rank: str) -> tuple:
+    return (0, int(rank), "") if rank.isdigit() else (1, 0, rank)

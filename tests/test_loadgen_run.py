@@ -1,0 +1,95 @@
+"""`python -m loadgen` as a user runs it: a subprocess against the real services (tiny model)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loadgen import workloads
+from loadgen.__main__ import parse_args
+
+ROOT = Path(__file__).parent.parent
+FIXTURES = Path(__file__).parent / "fixtures" / "loadgen"
+SMALL = ["--input-len", "40", "--output-len", "6", "--range-ratio", "0.5", "--vocab-size", "1024"]
+WORKLOADS = {
+    "random": ["random", "--num-requests", "8", *SMALL],
+    "shared-prefix": ["shared-prefix", "--num-requests", "8", "--prefix-len", "128", "--num-prefixes", "2",
+                      "--max-concurrency", "3", *SMALL],
+    "multi-turn": ["multi-turn", "--num-requests", "8", "--num-turns", "4", *SMALL],
+    "sharegpt": ["sharegpt", str(FIXTURES / "sharegpt_small.json"), "--num-requests", "6", "--output-len", "5"],
+    "trace": ["trace", str(FIXTURES / "trace_small.jsonl"), "--trace-speedup", "4"],
+}
+
+
+@pytest.fixture(scope="module")
+def url(system) -> str:
+    return system[-1].url("")
+
+
+def loadgen(url: str, tmp_path: Path, *args: str, timeout: float = 120) -> tuple[dict, str]:
+    out = tmp_path / "result.json"
+    done = subprocess.run([sys.executable, "-m", "loadgen", "--url", url, "--out", str(out), "--no-progress", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def planned(args: list[str]) -> workloads.Workload:
+    """The workload the subprocess built: the same flags and seed give the same requests."""
+    return workloads.build(parse_args(["--url", "http://unused", "--workload", *args]))
+
+
+def planned_output_tokens(w: workloads.Workload) -> int:
+    if w.conversations:
+        return sum(sum(c.output_lens) for c in w.conversations)
+    return sum(r.output_len for r in w.requests)
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_each_workload_completes_with_exact_token_counts(url, tmp_path, name):
+    args = WORKLOADS[name]
+    result, stdout = loadgen(url, tmp_path, "--workload", *args)
+    w = planned(args)
+    assert "streamoe load test result" in stdout
+    assert result["workload"] == name and result["num_requests"] == w.num_requests
+    assert result["completed"] == w.num_requests and result["errors"] == {"failed": 0}
+    assert result["total_output_tokens"] == planned_output_tokens(w)  # ignore_eos: exact
+    if isinstance(w.requests[0].prompt, list):  # token ids: the server counts exactly what was sent
+        assert result["total_input_tokens"] == sum(len(r.prompt) for r in w.requests)
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        assert 0 < result[f"median_{metric}_ms"] <= result[f"p90_{metric}_ms"] <= result[f"p99_{metric}_ms"]
+    assert result["mean_ttft_ms"] < result["mean_e2el_ms"]
+    assert result["output_throughput"] == pytest.approx(result["total_output_tokens"] / result["duration"])
+    assert result["economics"]["output_tokens"] == result["total_output_tokens"]
+    assert 0.0 <= result["cache_hit_rate"] <= 1.0
+    if name == "random":
+        assert result["cache_hit_rate"] == 0.0  # random prompts share no 64-token block
+    if name == "multi-turn":
+        assert result["cache_hit_rate_max"] > 0
+        assert result["cache_hit_rate"] <= result["cache_hit_rate_max"] + 1e-9  # no cache beats the bound
+    else:
+        assert result["cache_hit_rate_max"] is None
+
+
+def test_plot_writes_pngs(url, tmp_path):
+    import matplotlib.image
+
+    result, stdout = loadgen(url, tmp_path, "--workload", "random", "--num-requests", "6", *SMALL, "--rate", "20",
+                             "--plot", str(tmp_path / "plots"), "--slo", "ttft:60000", "tpot:60000")
+    assert result["completed"] == 6 and result["request_goodput"] == pytest.approx(result["request_throughput"])
+    for name in ("latency_cdf.png", "throughput_over_time.png"):
+        pixels = matplotlib.image.imread(tmp_path / "plots" / name)
+        assert pixels[..., :3].var() > 0 and f"wrote {tmp_path / 'plots' / name}" in stdout
+
+
+def test_duration_stops_the_run_by_itself(url, tmp_path):
+    started = time.monotonic()
+    result, _ = loadgen(url, tmp_path, "--workload", "random", "--num-requests", "2000", "--input-len", "20",
+                        "--output-len", "4", "--rate", "8", "--duration", "1.5", "--grace-period", "20")
+    assert time.monotonic() - started < 20
+    assert 1 <= result["completed"] < 2000 and result["errors"] == {"failed": 0}  # the grace let them finish
+    assert result["duration"] < 1.5 + 20
