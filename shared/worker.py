@@ -85,6 +85,9 @@ class WorkerService(Service):
                              registry=self.registry).labels(**labels)
         self.waiting = Gauge("streamoe_waiting_requests", "Requests queued on this rank", list(labels),
                              registry=self.registry).labels(**labels)
+        self.expert_tokens = Counter("streamoe_expert_tokens", "Tokens routed to each expert on this rank",
+                                     [*labels, "layer", "expert"], registry=self.registry)
+        self._expert_seen: dict[int, torch.Tensor] = {}
         self._up_since = time.monotonic()
 
     async def setup_aborts(self) -> None:
@@ -119,6 +122,7 @@ class WorkerService(Service):
         self.kv_total.set(self.engine.blocks.num_blocks)
         self.running.set(len(self.engine.scheduler.running))
         self.waiting.set(len(self.engine.scheduler.waiting))
+        self.count_expert_load()
         up = time.monotonic()
         self.gpu_seconds.inc(up - self._up_since)
         self._up_since = up
@@ -132,6 +136,19 @@ class WorkerService(Service):
                             self.args.max_num_seqs, pending_compute, pending_tokens, now)
         await self.redis.set(streams.load_key(self.role, self.rank), encode(report),
                              px=int(self.args.load_ttl_s * 1000))
+
+    def count_expert_load(self) -> None:
+        """The MoE layers' routed-token counts, as counters (what they gained since the last look)."""
+        for layer, block in enumerate(self.engine.model.model.layers):
+            load = getattr(block.mlp, "expert_load", None)
+            if load is None:
+                continue
+            now = load.cpu().clone()
+            gained = now - self._expert_seen.get(layer, torch.zeros_like(now))
+            self._expert_seen[layer] = now
+            for expert in gained.nonzero().flatten().tolist():
+                self.expert_tokens.labels(role=self.role, rank=str(self.rank), layer=str(layer),
+                                          expert=str(expert)).inc(int(gained[expert]))
 
     async def teardown(self) -> None:
         await self.redis.xgroup_destroy(streams.ABORTS, self.abort_group)

@@ -58,13 +58,10 @@ class ServiceProcess:
 
 
 def metric(service: ServiceProcess, name: str, **labels: str) -> float:
-    """One sample of a service's /metrics, by sample name and labels (0 when absent)."""
+    """The sum of a service's /metrics samples with this name and these labels (0 when absent)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(service.url("/metrics"), timeout=10) as r:
         text = r.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))

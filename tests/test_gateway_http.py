@@ -84,7 +84,8 @@ async def test_metrics_count_what_clients_saw(system, tiny_fp32):
              ("streamoe_http_requests_total", {"route": "/v1/completions", "code": "400"})]
     before = [metric(gateway, n, **labels) for n, labels in names]
     worker_before = (metric(prefill, "streamoe_worker_tokens_total", kind="input_cache_miss"),
-                     metric(decode, "streamoe_worker_tokens_total", kind="output"))
+                     metric(decode, "streamoe_worker_tokens_total", kind="output"),
+                     metric(prefill, "streamoe_expert_tokens_total"))
     url = gateway.url("/v1/completions")
     lengths, max_tokens = [5, 70, 130], [4, 9, 1]
     for i, (n, m) in enumerate(zip(lengths, max_tokens)):
@@ -100,6 +101,9 @@ async def test_metrics_count_what_clients_saw(system, tiny_fp32):
     assert (miss, hit, output) == (sum(lengths) - 64, 64, sum(max_tokens))
     assert counts == [3, 3, 3, 2, 1]
     assert metric(prefill, "streamoe_worker_tokens_total", kind="input_cache_miss") - worker_before[0] == miss
+    # each computed prompt token went to top_k = 4 experts in each of the tiny model's 2 MoE layers
+    await asyncio.sleep(1.5)  # expert counts are gathered with the load report, about once a second
+    assert metric(prefill, "streamoe_expert_tokens_total") - worker_before[2] == miss * 4 * 2
     # decode computes all but the first token, which prefill samples
     assert metric(decode, "streamoe_worker_tokens_total", kind="output") - worker_before[1] == \
         sum(max_tokens) - len(max_tokens)

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,42 @@ def url(system) -> str:
     return system[-1].url("")
 
 
+def gateway_counts(gateway) -> dict:
+    """What the gateway counted so far, and its TTFT histogram (upper bound -> cumulative count)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(gateway.url("/metrics"), timeout=10) as r:
+        families = list(text_string_to_metric_families(r.read().decode()))
+    out = {"ttft_buckets": {}}
+    for family in families:
+        for s in family.samples:
+            if s.name == "streamoe_tokens_total":
+                out[s.labels["kind"]] = s.value
+            elif s.name == "streamoe_requests_total":
+                out[s.labels["outcome"]] = s.value
+            elif s.name == "streamoe_ttft_seconds_bucket":
+                out["ttft_buckets"][float(s.labels["le"])] = s.value
+    return out
+
+
+def check_against_metrics(before: dict, after: dict, result: dict) -> None:
+    """The loadgen result agrees with what the gateway counted over the run: requests, tokens by
+    kind, and TTFTs (the gateway's clock runs inside the client's, so each request's TTFT at the
+    gateway is at most the client's and at most a few ms less)."""
+    delta = {k: after[k] - before[k] for k in ("completed", "input_cache_hit", "input_cache_miss", "output")}
+    assert delta["completed"] == result["completed"]
+    assert delta["output"] == result["total_output_tokens"]
+    assert delta["input_cache_hit"] + delta["input_cache_miss"] == result["total_input_tokens"]
+    assert delta["input_cache_hit"] == sum(r["cached_tokens"] for r in result["requests"])
+    client = sorted(r["ttft_ms"] / 1000 for r in result["requests"] if r["error"] is None)
+    n = len(client)
+    for bound, cumulative in after["ttft_buckets"].items():
+        at_gateway = cumulative - before["ttft_buckets"][bound]  # requests whose gateway TTFT <= bound
+        assert at_gateway >= sum(t <= bound for t in client), f"le={bound}"
+        assert at_gateway <= sum(t <= bound + 1.0 for t in client) or bound == float("inf"), f"le={bound}"
+    assert at_gateway == n
+
+
 def loadgen(url: str, tmp_path: Path, *args: str, timeout: float = 120) -> tuple[dict, str]:
     out = tmp_path / "result.json"
     done = subprocess.run([sys.executable, "-m", "loadgen", "--url", url, "--out", str(out), "--no-progress", *args],
@@ -50,9 +87,11 @@ def planned_output_tokens(w: workloads.Workload) -> int:
 
 
 @pytest.mark.parametrize("name", list(WORKLOADS))
-def test_each_workload_completes_with_exact_token_counts(url, tmp_path, name):
+def test_each_workload_completes_with_exact_token_counts(system, url, tmp_path, name):
     args = WORKLOADS[name]
-    result, stdout = loadgen(url, tmp_path, "--workload", *args)
+    before = gateway_counts(system[-1])
+    result, stdout = loadgen(url, tmp_path, "--workload", *args, "--save-requests")
+    check_against_metrics(before, gateway_counts(system[-1]), result)
     w = planned(args)
     assert "streamoe load test result" in stdout
     assert result["workload"] == name and result["num_requests"] == w.num_requests
@@ -93,3 +132,18 @@ def test_duration_stops_the_run_by_itself(url, tmp_path):
     assert time.monotonic() - started < 20
     assert 1 <= result["completed"] < 2000 and result["errors"] == {"failed": 0}  # the grace let them finish
     assert result["duration"] < 1.5 + 20
+
+
+def test_cost_report_reads_the_live_system(system, url):
+    """`streamoe cost --url` finds every service through the gateway and sums their counters:
+    the tokens equal the gateway's, and the two worker ranks count as two GPUs."""
+    done = subprocess.run([sys.executable, "-m", "shared.cli", "cost", "--url", url, "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    counted = gateway_counts(system[-1])
+    assert report["output_tokens"] == counted["output"] > 0
+    assert report["input_cache_hit_tokens"] + report["input_cache_miss_tokens"] == \
+        counted["input_cache_hit"] + counted["input_cache_miss"]
+    assert len(report["sources"]) == 5 and set(report["prefill_input_tokens_per_s"]) == {"0"}
+    assert report["decode_output_tokens_per_s"]["0"] > 0 and report["cost_usd"] > 0

@@ -19,11 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-body-bytes", type=int, default=8 << 20)
     parser.add_argument("--max-inflight", type=int, default=256)
     parser.add_argument("--request-timeout-s", type=float, default=600.0)
+    parser.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens accepted")
+    parser.add_argument("--chat-default-max-tokens", type=int, default=256,
+                        help="max_tokens of a chat request that sets none (decode KV is reserved for it)")
     args = parse_service_args(parser, argv)
     raw = [args.api_key] if isinstance(args.api_key, str) else args.api_key or []  # STREAMOE_API_KEY: one string
     keys = tuple(k for arg in raw for k in arg.split(",") if k)
     settings = GatewaySettings(args.model, args.served_model_name or args.model.resolve().name, keys,
-                               args.max_body_bytes, args.max_inflight, request_timeout_s=args.request_timeout_s)
+                               args.max_body_bytes, args.max_inflight, request_timeout_s=args.request_timeout_s,
+                               max_tokens_limit=args.max_tokens_limit,
+                               chat_default_max_tokens=args.chat_default_max_tokens)
     return uvloop.run(GatewayService(service_config(args), settings).run())
 
 

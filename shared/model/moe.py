@@ -74,10 +74,14 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
                                if args.n_shared_experts else None)
         self.impl = "batched"  # or "loop": the slow, obviously correct reference
+        self.expert_load: torch.Tensor | None = None  # [E] tokens routed to each expert so far (EPLB, metrics)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
         weights, ids = self.gate(x)
+        if self.expert_load is None:
+            self.expert_load = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        self.expert_load += torch.bincount(ids.flatten(), minlength=self.num_experts)
         routed = self.routed_loop(x, weights, ids) if self.impl == "loop" else self.routed_batched(x, weights, ids)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(x)

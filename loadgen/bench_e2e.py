@@ -1,0 +1,140 @@
+"""End to end through every service vs the in-process engine, same workload, one run.
+
+    python -m loadgen.bench_e2e [--preset small] [--num-requests 32] [--input-len 160]
+                                [--output-len 80] [--range-ratio 0.5] [--dtype auto]
+
+1. `streamoe up` serves the preset (its own Redis, tokenizer, balancer, prefill rank, decode
+   rank, gateway: each its own process); `python -m loadgen` sends the `random` workload, every
+   request at once, streamed, greedy, EOS ignored.
+2. The system is stopped; the batched engine of `streamoe generate` runs the same prompts (the
+   same token ids, from the same seeded workload) in this process, all submitted at once.
+Prints output tokens/s and TTFT p50 of both, and their ratios. On a 2-core machine the services
+split the cores (prefill and decode get one each) where the in-process engine has both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m loadgen.bench_e2e", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small", choices=["tiny", "small"])
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--input-len", type=int, default=160)
+    p.add_argument("--output-len", type=int, default=80)
+    p.add_argument("--range-ratio", type=float, default=0.5)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--out", type=Path, default=None, help="write both results as JSON")
+    return p.parse_args(argv)
+
+
+def loadgen_argv(args: argparse.Namespace, url: str, vocab_size: int, out: Path) -> list[str]:
+    return ["--url", url, "--workload", "random", "--num-requests", str(args.num_requests),
+            "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+            "--range-ratio", str(args.range_ratio), "--vocab-size", str(vocab_size), "--seed", str(args.seed),
+            "--rate", "inf", "--no-progress", "--out", str(out)]
+
+
+def through_services(args: argparse.Namespace, vocab_size: int, run_dir: Path) -> dict:
+    up = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--preset", args.preset, "--dtype", args.dtype,
+                           "--port", str(args.port), "--run-dir", str(run_dir)],
+                          stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = up.stdout.readline().strip()
+        if not line.startswith("streamoe ready: "):
+            raise SystemExit(f"streamoe up did not get ready: {line!r}")
+        url = line.removeprefix("streamoe ready: ")
+        run_loadgen(["--url", url, "--workload", "random", "--num-requests", "2", "--input-len", "32",
+                            "--output-len", "4", "--vocab-size", str(vocab_size), "--seed", "99", "--no-progress",
+                            "--out", str(run_dir / "warmup.json")])
+        out = run_dir / "loadgen.json"
+        argv = loadgen_argv(args, url, vocab_size, out)
+        result = run_loadgen(argv)
+        result["command"] = "python -m loadgen " + shlex.join(argv)
+        return result
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=120)
+
+
+def run_loadgen(argv: list[str]) -> dict:
+    out = Path(argv[argv.index("--out") + 1])
+    subprocess.run([sys.executable, "-m", "loadgen", *argv], check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def in_process(args: argparse.Namespace, model_dir: Path, vocab_size: int) -> dict:
+    from loadgen.__main__ import parse_args
+    from loadgen.workloads import build
+    from shared.engine.engine import Engine, EngineConfig
+    from shared.engine.sequence import SamplingParams
+    from shared.model.loader import checkpoint_fingerprint, load_model
+
+    opts = parse_args(loadgen_argv(args, "http://unused", vocab_size, Path(os.devnull)))
+    requests = build(opts).requests  # the very prompts loadgen sent
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = load_model(model_dir, dtype=args.dtype)
+    engine = Engine(model, EngineConfig(model_fingerprint=checkpoint_fingerprint(model_dir, model.dtype)))
+    engine.add_request("warm", list(range(6, 38)), SamplingParams(max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    start = time.perf_counter()
+    for i, r in enumerate(requests):
+        engine.add_request(str(i), r.prompt, SamplingParams(max_tokens=r.output_len, ignore_eos=True))
+    first: dict[str, float] = {}
+    output = 0
+    while engine.has_unfinished():
+        for delta in engine.step():
+            if delta.token_ids:
+                first.setdefault(delta.request_id, time.perf_counter() - start)
+            output += len(delta.token_ids)
+    duration = time.perf_counter() - start
+    return {"duration": duration, "completed": len(requests), "total_output_tokens": output,
+            "total_input_tokens": sum(len(r.prompt) for r in requests), "output_throughput": output / duration,
+            "median_ttft_ms": float(np.median(list(first.values()))) * 1000}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    from shared.up import home
+
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    vocab_size = _vocab(args.preset)
+    services = through_services(args, vocab_size, run_dir)  # creates the preset on first use
+    local = in_process(args, home() / "models" / args.preset, vocab_size)
+    print(f"{args.preset}, dtype {args.dtype}: {args.num_requests} requests at once, input {args.input_len} and "
+          f"output {args.output_len} tokens ±{args.range_ratio:.0%}; {os.cpu_count()} cores")
+    print(f"{'':32} {'completed':>9} {'in tok':>7} {'out tok':>7} {'seconds':>8} {'out tok/s':>9} {'TTFT p50 ms':>11}")
+    for name, r in (("through the services (HTTP)", services), ("in-process engine", local)):
+        print(f"{name:32} {r['completed']:>9} {r['total_input_tokens']:>7} {r['total_output_tokens']:>7} "
+              f"{r['duration']:>8.1f} {r['output_throughput']:>9.1f} {r['median_ttft_ms']:>11.0f}")
+    print(f"output tok/s, services / in-process: {services['output_throughput'] / local['output_throughput']:.2f}x")
+    print(f"TTFT p50, services / in-process: {services['median_ttft_ms'] / local['median_ttft_ms']:.2f}x")
+    print(f"loadgen: {services['command']}")
+    if args.out:
+        args.out.write_text(json.dumps({"services": services, "in_process": local}, indent=2) + "\n")
+    return 0
+
+
+def _vocab(preset: str) -> int:
+    from shared.model.presets import PRESETS
+
+    return PRESETS[preset]["vocab_size"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
