@@ -122,7 +122,10 @@ class Bus:
 
     async def trim(self, stream: str) -> int:
         """Delete the entries every group has delivered and acked; returns how many went."""
-        groups = await self.redis.xinfo_groups(stream)
+        try:
+            groups = await self.redis.xinfo_groups(stream)
+        except ResponseError:
+            return 0  # no such stream (yet)
         if not groups:
             return 0
         floor = None

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import streams
 from .bus import Bus
@@ -79,6 +81,7 @@ class Service:
         self.messages = Counter("streamoe_messages_total", "Messages handled, by stream and outcome",
                                 ["stream", "outcome"], registry=self.registry)
         self.stopping = asyncio.Event()
+        self._closing = asyncio.Event()  # ends the heartbeat and housekeeping loops
         self.ready = False
         self.redis: Redis | None = None
         self.bus: Bus | None = None
@@ -113,15 +116,15 @@ class Service:
             self.config.redis_url, max_connections=self.config.redis_connections, timeout=10))
         self.bus = Bus(self.redis, self.config.instance_id)
         runner = await self._start_http()
-        heartbeat = asyncio.create_task(self._heartbeat())
+        background = [asyncio.create_task(self._heartbeat())]
         failed = False
         try:
             await self.setup()
             self.ready = True
             self.log.info(json.dumps({"event": "ready", "service": self.name, "instance": self.config.instance_id,
                                       "http_port": self.http_port}))
-            upkeep = asyncio.create_task(self._housekeeping())
-            main = asyncio.create_task(self.loop())
+            background.append(asyncio.create_task(self._housekeeping()))
+            main = asyncio.create_task(self._loop_through_outages())
             stop = asyncio.create_task(self.stopping.wait())
             await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
             self.ready = False  # draining: /health answers 503
@@ -136,15 +139,23 @@ class Service:
                 self.log.error("the main loop failed: %r", main.exception())
                 failed = True
             stop.cancel()
-            upkeep.cancel()
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
-            await self.teardown()
-            await self.redis.delete(streams.heartbeat_key(self.name, self.config.instance_id))
-            await self.redis.aclose()
+            # NOTE: the loops end on their own at _closing; a cancel inside a Redis call can come
+            # out as a ConnectionError, so cancelling them is only the fallback, never awaited.
+            self._closing.set()
+            await asyncio.wait(background, timeout=3.0)
+            for task in background:
+                task.cancel()
+            try:
+                await asyncio.wait_for(self.teardown(), 5.0)
+                await asyncio.wait_for(self.redis.delete(streams.heartbeat_key(self.name, self.config.instance_id)),
+                                       2.0)
+            except (Exception, asyncio.TimeoutError) as e:  # Redis away: the TTLs clean up after us
+                self.log.warning("teardown incomplete: %r", e)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.redis.aclose(), 2.0)
             await runner.cleanup()
+            self.log.info(json.dumps({"event": "stopped", "service": self.name}))
         return 1 if failed else 0
 
     def make_app(self) -> web.Application:
@@ -174,9 +185,32 @@ class Service:
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def _housekeeping(self) -> None:
+    async def _loop_through_outages(self) -> None:
+        """The main loop, re-entered with backoff when Redis is unreachable (redis-py reconnects on
+        the next command); state lives on the service, so nothing accepted is dropped."""
+        backoff = 0.1
         while True:
-            await asyncio.sleep(self.config.housekeeping_s)
+            try:
+                await self.loop()
+                return
+            except (RedisConnectionError, RedisTimeoutError) as e:
+                if self.stopping.is_set():
+                    return
+                self.log.warning(json.dumps({"event": "redis_unreachable", "error": repr(e), "retry_in_s": backoff}))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, waking early when the service closes."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+
+    async def _housekeeping(self) -> None:
+        while not self._closing.is_set():
+            await self._pause(self.config.housekeeping_s)
+            if self._closing.is_set():
+                break
             try:
                 await self.housekeeping()
             except Exception as e:  # Redis away, a stream not made yet: next round
@@ -187,10 +221,10 @@ class Service:
         ttl_ms = int(self.config.heartbeat_ttl_s * 1000)
         # where others reach this service's /metrics: a wildcard bind is reached by the host's name
         host = socket.gethostname() if self.config.host in ("0.0.0.0", "::", "") else self.config.host
-        while True:
+        while not self._closing.is_set():
             try:
                 await self.redis.set(key, json.dumps({"time": time.time(), "ready": self.ready, "host": host,
                                                       "http_port": self.http_port}), px=ttl_ms)
             except Exception as e:  # Redis away: keep serving what we can, try again
                 self.log.warning("heartbeat failed: %s", e)
-            await asyncio.sleep(self.config.heartbeat_ttl_s / 3)
+            await self._pause(self.config.heartbeat_ttl_s / 3)
