@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument("--port", type=int, default=8000)
     upp.add_argument("--prefill-ep", type=int, default=1)
     upp.add_argument("--decode-ep", type=int, default=1)
+    upp.add_argument("--ep-wire", choices=["fp8", "exact"], default="fp8")
+    upp.add_argument("--num-redundant-experts", type=int, default=0)
     upp.add_argument("--redis-url", default=None, help="default: start an embedded redis-server")
     upp.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], default="auto")
     upp.add_argument("--device", default="cpu")

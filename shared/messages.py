@@ -119,3 +119,28 @@ class LoadReport:
     pending_compute: float = 0.0  # sum of new x (cached + new) over queued prefills
     pending_input_tokens: int = 0
     time: float = 0.0
+
+
+@message("expert_load")
+class ExpertLoad:
+    """An EP rank's routed-token counts since it started, for the expert-parallel balancer (EPLB)."""
+
+    role: str  # prefill | decode
+    group_id: str
+    rank: int
+    ep_size: int
+    num_slots: int  # physical expert slots per MoE layer (logical experts + redundant)
+    num_groups: int  # the model's expert groups (n_group): the hierarchical policy packs them on nodes
+    placement_version: int  # the placement this rank computes with now
+    counts: list[list[int]]  # [MoE layers][logical experts], cumulative
+    time: float = 0.0
+
+
+@message("placement")
+class PlacementUpdate:
+    """A new expert placement for one EP group: ranks stage its slots, then switch together."""
+
+    version: int  # increases by one per rollout; ranks report which one they use
+    phy2log: list[list[int]]  # [MoE layers][slots]: the logical expert of each physical slot
+    max_mean_before: float = 0.0  # rank-load balance of the window it was computed on, old placement
+    max_mean_after: float = 0.0  # the same window, new placement

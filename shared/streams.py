@@ -40,3 +40,15 @@ def heartbeat_key(service: str, instance_id: str) -> str:
 
 def owner_key(request_id: str) -> str:
     return f"{PREFIX}:owner:{request_id}"  # which decode rank runs a request, tokens emitted so far
+
+
+def ep_inbox(role: str, group_id: str, rank: int) -> str:
+    return f"{PREFIX}:ep:{role}:{group_id}:inbox:{rank}"  # all-to-all payloads and join hellos for one EP rank
+
+
+def expert_load_key(role: str, group_id: str, rank: int) -> str:
+    return f"{PREFIX}:eplb:load:{role}:{group_id}:{rank}"  # ExpertLoad of an EP rank, with a TTL
+
+
+def placement_key(role: str, group_id: str) -> str:
+    return f"{PREFIX}:eplb:placement:{role}:{group_id}"  # the latest PlacementUpdate of an EP group

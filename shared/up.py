@@ -72,8 +72,8 @@ def resolve_model(args: argparse.Namespace) -> Path:
 
 
 def up(args: argparse.Namespace) -> int:
-    if args.prefill_ep != 1 or args.decode_ep != 1:
-        print("streamoe up: expert parallelism is not implemented yet; use --prefill-ep 1 --decode-ep 1",
+    if args.prefill_ep < 1 or args.decode_ep < 1:
+        print(f"streamoe up: --prefill-ep={args.prefill_ep} --decode-ep={args.decode_ep}: each needs >= 1 rank",
               file=sys.stderr)
         return 2
     model = resolve_model(args)
@@ -87,13 +87,17 @@ def up(args: argparse.Namespace) -> int:
     if redis_url is None:
         redis_proc, redis_url = start_redis(run_dir / "redis", appendonly=True)
     cores = os.cpu_count() or 2
-    worker = ["--model", str(model), "--dtype", args.dtype, "--device", args.device, "--rank", "0",
-              "--threads", str(max(1, cores // 2))]
+    num_workers = args.prefill_ep + args.decode_ep
+    worker = ["--model", str(model), "--dtype", args.dtype, "--device", args.device,
+              "--threads", str(max(1, cores // num_workers)), "--ep-wire", args.ep_wire,
+              "--num-redundant-experts", str(args.num_redundant_experts)]
     gateway = ["--model", str(model)] + (["--api-key", args.api_key] if args.api_key else [])
     children = [Child("tokenizer", "services.tokenizer", ["--model", str(model)], free_port(), run_dir / "tokenizer.log"),
                 Child("balancer", "services.balancer", [], free_port(), run_dir / "balancer.log"),
-                Child("prefill", "services.prefill", worker, free_port(), run_dir / "prefill-0.log", rank=0),
-                Child("decode", "services.decode", worker, free_port(), run_dir / "decode-0.log", rank=0),
+                *[Child("prefill", "services.prefill", [*worker, "--rank", str(r), "--ep-size", str(args.prefill_ep)],
+                        free_port(), run_dir / f"prefill-{r}.log", rank=r) for r in range(args.prefill_ep)],
+                *[Child("decode", "services.decode", [*worker, "--rank", str(r), "--ep-size", str(args.decode_ep)],
+                        free_port(), run_dir / f"decode-{r}.log", rank=r) for r in range(args.decode_ep)],
                 Child("gateway", "services.gateway", gateway + ["--host", args.host], args.port,
                       run_dir / "gateway.log")]
     common = ["--redis-url", redis_url]

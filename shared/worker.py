@@ -15,6 +15,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from . import streams
 from .engine.engine import Engine, EngineConfig
+from .ep.rank import EPRank
 from .engine.sequence import SamplingParams
 from .messages import Abort, LoadReport, Sampling
 from .model.loader import checkpoint_fingerprint, load_model
@@ -37,6 +38,16 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: a share of the cores)")
     parser.add_argument("--load-ttl-s", type=float, default=5.0)
+    ep = parser.add_argument_group("expert parallelism")
+    ep.add_argument("--ep-wire", default="fp8", choices=["fp8", "exact"],
+                    help="fp8: FP8 dispatch (one scale per 128 channels), BF16 combine; exact: compute dtype")
+    ep.add_argument("--num-redundant-experts", type=int, default=0, help="extra expert slots per MoE layer")
+    ep.add_argument("--ep-timeout-s", type=float, default=30.0, help="a rank silent this long fails the exchange")
+    ep.add_argument("--ep-group-id", default=None, help="default: the role (one prefill and one decode group)")
+    ep.add_argument("--ep-join-timeout-s", type=float, default=300.0, help="how long to wait for every rank")
+    ep.add_argument("--overlap", choices=["on", "off", "auto"], default="auto",
+                    help="two overlapped micro-batches per step (auto: on for prefill, off for decode)")
+    ep.add_argument("--trace", type=Path, default=None, help="write this rank's stage timeline (Chrome trace JSON)")
 
 
 def sampling_params(s: Sampling) -> SamplingParams:
@@ -45,17 +56,18 @@ def sampling_params(s: Sampling) -> SamplingParams:
                           seed=s.seed, stop_token_ids=tuple(s.stop_token_ids or ()), ignore_eos=s.ignore_eos)
 
 
-class WorkerService(Service):
+class WorkerService(EPRank, Service):
     role = "worker"
 
     def __init__(self, config: ServiceConfig, args: argparse.Namespace):
         super().__init__(config)
-        if args.ep_size != 1:
-            raise SystemExit(f"--ep-size={args.ep_size}: expert parallelism is not implemented yet; use 1")
+        if not 0 <= args.rank < args.ep_size:
+            raise SystemExit(f"--rank={args.rank}: outside the EP group of --ep-size={args.ep_size}")
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // 2))
         self.args = args
         self.rank = args.rank
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        model = self.load_ep(args) if args.ep_size > 1 else load_model(args.model, dtype=args.dtype,
+                                                                        device=args.device)
         self.engine = Engine(model, EngineConfig(
             kv_cache_bytes=args.kv_cache_mib << 20, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, mode=self.role,
@@ -90,6 +102,10 @@ class WorkerService(Service):
         self._expert_seen: dict[int, torch.Tensor] = {}
         self._up_since = time.monotonic()
 
+    @property
+    def idle(self) -> bool:
+        return not self.engine.has_unfinished() and not self.group_busy
+
     async def setup_aborts(self) -> None:
         """Every worker instance sees every abort: a group of its own, from now on."""
         self.abort_group = streams.group(f"aborts-{self.config.instance_id}")
@@ -123,6 +139,7 @@ class WorkerService(Service):
         self.running.set(len(self.engine.scheduler.running))
         self.waiting.set(len(self.engine.scheduler.waiting))
         self.count_expert_load()
+        self.count_dispatched()
         up = time.monotonic()
         self.gpu_seconds.inc(up - self._up_since)
         self._up_since = up
@@ -150,7 +167,18 @@ class WorkerService(Service):
                 self.expert_tokens.labels(role=self.role, rank=str(self.rank), layer=str(layer),
                                           expert=str(expert)).inc(int(gained[expert]))
 
+    async def housekeeping(self) -> None:
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.flush)
+        if self.group is not None:
+            await self.eplb_upkeep()
+        await super().housekeeping()
+
     async def teardown(self) -> None:
+        if self.tracer is not None:
+            self.tracer.flush()
+        if self.group is not None:
+            await self.group.transport.close()
         await self.redis.xgroup_destroy(streams.ABORTS, self.abort_group)
         await self.redis.delete(streams.load_key(self.role, self.rank))
         self.compute_pool.shutdown(wait=False)

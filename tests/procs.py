@@ -12,7 +12,7 @@ from shared.redis_server import free_port
 
 class ServiceProcess:
     def __init__(self, module: str, redis_url: str, *args: str, instance_id: str | None = None,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, wait: bool = True):
         self.port = free_port()
         self._terminated = False
         self.instance_id = instance_id or f"{module}-{self.port}"
@@ -21,6 +21,13 @@ class ServiceProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", module, "--redis-url", redis_url,
                                       "--http-port", str(self.port), "--instance-id", self.instance_id, *args],
                                      stdout=subprocess.DEVNULL, stderr=self.log)
+        self.module, self.timeout = module, timeout
+        if wait:
+            self.wait_healthy()
+
+    def wait_healthy(self) -> None:
+        """Until /health answers 200 (the process exiting, or the timeout, raises)."""
+        module, timeout = self.module, self.timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

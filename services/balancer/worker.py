@@ -2,6 +2,7 @@
 the ranks' load reports plus what it has sent them since (policies.py)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -11,9 +12,10 @@ from shared import streams
 from shared.bus import Entry
 from shared.hashing import BLOCK_SIZE
 from shared.messages import LoadReport, PrefillTask, TokenDelta, TokenizedRequest
-from shared.service import Service
+from shared.service import Service, ServiceConfig
 from shared.wire import WireError, decode
 
+from .expert_lb import EPLBSettings, ExpertBalancer
 from .policies import DecodeLoad, PrefillLoad, attention_compute, choose_decode_rank, choose_prefill_rank
 
 GROUP = streams.group("balancer")
@@ -23,11 +25,18 @@ DEAD_LETTERS_KEPT = 10_000  # nobody consumes them: the newest are kept for insp
 class BalancerService(Service):
     name = "balancer"
 
+    def __init__(self, config: ServiceConfig, eplb: EPLBSettings = EPLBSettings(), eplb_interval_s: float = 30.0):
+        super().__init__(config)
+        self.experts = ExpertBalancer(eplb, self.log)
+        self.eplb_interval_s = eplb_interval_s
+
     async def setup(self) -> None:
         await self.bus.ensure_group(streams.TOKENIZED, GROUP)
         self.backlog: list[Entry[TokenizedRequest]] = []  # no rank had room yet
         # what we sent since each rank's last report: rank -> [(time, compute, tokens, blocks)]
         self.sent: dict[tuple[str, int], list[tuple[float, float, int, int]]] = {}
+        if self.eplb_interval_s > 0:
+            self.eplb_task = asyncio.create_task(self.balance_experts())
         self.stream_length = Gauge("streamoe_stream_length", "Entries in each stream (sampled by the balancer)",
                                    ["stream"], registry=self.registry)
 
@@ -40,6 +49,14 @@ class BalancerService(Service):
             pending, self.backlog = self.backlog + entries, []
             for entry in pending:
                 await self.route(entry)
+
+    async def balance_experts(self) -> None:
+        while not self._closing.is_set():
+            await self._pause(self.eplb_interval_s)
+            try:
+                await self.experts.tick(self.redis)
+            except Exception as e:  # Redis away: next interval
+                self.log.warning("EPLB tick failed: %r", e)
 
     def trimmed_streams(self) -> list[str]:
         return [streams.TOKENIZED, streams.ABORTS]

@@ -59,6 +59,7 @@ class DecodeService(WorkerService):
         self.reprefills = Counter("streamoe_kv_reprefills", "Handoffs refused (missing or corrupt KV) and "
                                   "sent back to prefill", list(rank), registry=self.registry).labels(**rank)
         await self.setup_aborts()
+        await self.setup_group()
         await self.report_load(force=True)
 
     def trimmed_streams(self) -> list[str]:
@@ -66,7 +67,7 @@ class DecodeService(WorkerService):
 
     async def loop(self) -> None:
         while not self.stopping.is_set():
-            idle = not self.engine.has_unfinished() and not self.ready_to_admit
+            idle = self.idle and not self.ready_to_admit
             entries = await self.bus.read(self.stream, GROUP, KVChunk, count=256, block_ms=100 if idle else None)
             entries += await self.bus.claim_stale(self.stream, GROUP, KVChunk, self.config.claim_idle_ms, count=256)
             for entry in entries:
@@ -76,7 +77,7 @@ class DecodeService(WorkerService):
                 if self.requests.pop(request_id, None) is not None:
                     await self.redis.delete(streams.owner_key(request_id))
             await self.admit_ready()
-            if self.engine.has_unfinished():
+            if await self.should_step():
                 await self.step()
             await self.report_load()
 

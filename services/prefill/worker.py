@@ -32,6 +32,7 @@ class PrefillService(WorkerService):
         self.handoff_bytes = Counter("streamoe_kv_handoff_bytes", "Latent KV bytes sent to decode ranks",
                                      ["rank"], registry=self.registry).labels(rank=str(self.rank))
         await self.setup_aborts()
+        await self.setup_group()
         await self.report_load(force=True)
 
     def trimmed_streams(self) -> list[str]:
@@ -39,8 +40,8 @@ class PrefillService(WorkerService):
 
     async def loop(self) -> None:
         while not self.stopping.is_set():
-            idle = not self.engine.has_unfinished()
-            entries = await self.bus.read(self.stream, GROUP, PrefillTask, count=32, block_ms=100 if idle else None)
+            entries = await self.bus.read(self.stream, GROUP, PrefillTask, count=32,
+                                          block_ms=100 if self.idle else None)
             entries += await self.bus.claim_stale(self.stream, GROUP, PrefillTask, self.config.claim_idle_ms)
             for entry in entries:
                 if entry.message.request.request_id in self.aborted:
@@ -51,7 +52,7 @@ class PrefillService(WorkerService):
                 if request_id in self.tasks:
                     entry_id, _ = self.tasks.pop(request_id)
                     await self.bus.ack(self.stream, GROUP, entry_id)
-            if self.engine.has_unfinished():
+            if await self.should_step():
                 await self.step()
             queued = [t.request for _, t in self.tasks.values()]
             await self.report_load(

@@ -68,6 +68,8 @@ class Engine:
         self.seeds: dict[str, int] = {}
         self._arrivals = 0
         self.last_num_tokens = 0  # tokens computed by the last step (a metric)
+        # EP: a step with nothing scheduled here still joins the group's exchanges (zero tokens)
+        self.on_idle_step: Callable[[], None] | None = None
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -108,6 +110,8 @@ class Engine:
         scheduled = self.scheduler.schedule()
         self.last_num_tokens = sum(item.num_new for item in scheduled)
         if not scheduled:
+            if self.on_idle_step is not None:
+                self.on_idle_step()
             return []
         done = [] if on_layer_kv is None else [
             (item.seq.request_id, self.runner.slots(item.seq, len(item.seq.prompt_ids)))

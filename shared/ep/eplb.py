@@ -152,6 +152,21 @@ def identity_placement(num_logical: int, num_replicas: int, num_gpus: int, num_l
     return _placement(phy2log, replica, logcnt)
 
 
+def placement_from_phy2log(phy2log, num_logical: int) -> Placement:
+    """The Placement a phy2log [L, P] describes (replicas numbered in slot order)."""
+    phy2log = np.asarray(phy2log, dtype=np.int64)
+    _require(phy2log.ndim == 2 and phy2log.size > 0, f"phy2log must be [layers, slots], got {phy2log.shape}")
+    logcnt = np.stack([np.bincount(row, minlength=num_logical) for row in phy2log])
+    _require(bool(np.all(logcnt >= 1)), "every logical expert needs at least one slot")
+    replica = np.zeros_like(phy2log)
+    for layer, row in enumerate(phy2log):
+        seen = np.zeros(num_logical, dtype=np.int64)
+        for slot, expert in enumerate(row):
+            replica[layer, slot] = seen[expert]
+            seen[expert] += 1
+    return _placement(phy2log, replica, logcnt)
+
+
 def rank_loads(weight, placement: Placement, num_gpus: int) -> np.ndarray:
     """Load each rank receives [L, G]: every expert's load split evenly over its replicas."""
     weight = np.asarray(weight, dtype=np.float64)

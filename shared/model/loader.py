@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,8 +61,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, args: ModelArgs, device: torc
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> DeepseekV3:
-    """A ready, eval-mode model from a Hugging Face directory (config.json + safetensors)."""
+               device: str | torch.device = "cpu", keep: Callable[[str], bool] | None = None) -> DeepseekV3:
+    """A ready, eval-mode model from a Hugging Face directory (config.json + safetensors).
+    `keep(name)` False leaves a tensor unread on the meta device (an EP rank reads only its
+    experts, then cuts the others away)."""
     path = Path(path)
     args = ModelArgs.from_file(path / "config.json")
     device = torch.device(device)
@@ -74,6 +77,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
     located = _locate(files, expected, args)
 
     for name, meta in expected.items():
+        if keep is not None and not keep(name):
+            continue
         if name not in located:
             if name == "lm_head.weight" and args.tie_word_embeddings:
                 continue
@@ -88,6 +93,22 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
     if args.tie_word_embeddings and "lm_head.weight" not in located:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+def read_tensors(path: str | Path, names: list[str], dtype: torch.dtype,
+                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Some tensors of a checkpoint, converted as load_model converts them (FP8 dequantized):
+    what an EP rank reads when a new placement gives it experts it did not hold."""
+    path = Path(path)
+    args = ModelArgs.from_file(path / "config.json")
+    files = _open_files(path)
+    located = {name: f for f in files.values() for name in f.names}
+    out = {}
+    for name in names:
+        if name not in located:
+            raise CheckpointError(f"{path}: tensor {name!r} is missing from the checkpoint")
+        out[name] = _read(located[name], name, located, args, dtype, torch.device(device)).clone()
+    return out
 
 
 def checkpoint_fingerprint(path: str | Path, dtype: torch.dtype) -> str:

@@ -1,0 +1,213 @@
+"""Expert parallelism as a pass over a built model: each MoE layer's routed experts are cut down
+to this rank's physical slots, and the layer exchanges tokens with the group (dispatch, expert
+compute, combine). Attention, dense layers, the gate and the shared expert stay local (data
+parallel); the model file itself knows nothing of this.
+
+Legend: T = tokens on this rank, K = experts per token, D = hidden, S = slots per rank,
+P = (token, slot) pairs, R = ranks.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..model.model import DeepseekV3
+from ..model.moe import MoE
+from .wire import decode_combine, decode_dispatch, encode_combine, encode_dispatch
+
+EXPERT_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+
+# (layer, phase, one payload per rank) -> one payload from each rank
+Exchange = Callable[[int, str, list[bytes]], list[bytes]]
+
+
+class EPMoE(nn.Module):
+    """One MoE layer of an EP rank: the gate and shared expert, and the experts of its slots."""
+
+    def __init__(self, moe: MoE, layer: int, rank: int, size: int, phy2log: list[int], exchange: Exchange,
+                 wire: str):
+        super().__init__()
+        self.layer, self.rank, self.size, self.wire = layer, rank, size, wire
+        self.num_experts = moe.num_experts
+        self.gate, self.shared_experts = moe.gate, moe.shared_experts
+        self.slots_per_rank = len(phy2log) // size
+        local = phy2log[rank * self.slots_per_rank:(rank + 1) * self.slots_per_rank]
+        self.experts = nn.ModuleList(moe.experts[e] for e in local)  # slot i holds logical expert local[i]
+        self.exchange = exchange
+        self.expert_load: torch.Tensor | None = None  # [E] tokens this rank routed, by logical expert
+        self.dispatched = torch.zeros(size, dtype=torch.int64)  # [R] tokens sent to each rank (self included)
+        self.set_placement(phy2log)
+
+    def set_placement(self, phy2log: list[int]) -> None:
+        """Where each logical expert's replicas are: log2phy [E, X] (padded with the first), logcnt [E]."""
+        replicas: list[list[int]] = [[] for _ in range(self.num_experts)]
+        for slot, expert in enumerate(phy2log):
+            replicas[expert].append(slot)
+        if any(not r for r in replicas):
+            raise ValueError(f"layer {self.layer}: experts {[e for e, r in enumerate(replicas) if not r]} "
+                             f"have no slot in the placement")
+        width = max(len(r) for r in replicas)
+        self.log2phy = torch.tensor([r + [r[0]] * (width - len(r)) for r in replicas])  # [E, X]
+        self.logcnt = torch.tensor([len(r) for r in replicas])  # [E]
+        self.phy2log = list(phy2log)
+
+    def local_slots(self, phy2log: list[int]) -> list[int]:
+        return phy2log[self.rank * self.slots_per_rank:(self.rank + 1) * self.slots_per_rank]
+
+    def stage(self, phy2log: list[int], read_expert: Callable[[int, int], nn.Module]) -> nn.ModuleList:
+        """This rank's slots under a new placement: experts it holds are reused, the others read
+        (`read_expert(layer, expert)`); runs off the compute thread while the old slots serve."""
+        if len(phy2log) != len(self.phy2log):
+            raise ValueError(f"layer {self.layer}: a placement of {len(phy2log)} slots; this group has "
+                             f"{len(self.phy2log)}")
+        held = dict(zip(self.local_slots(self.phy2log), self.experts))
+        return nn.ModuleList(held[e] if e in held else read_expert(self.layer, e) for e in self.local_slots(phy2log))
+
+    def switch(self, phy2log: list[int], experts: nn.ModuleList) -> None:
+        """Take a staged placement (between steps, on every rank at the same step)."""
+        self.set_placement(phy2log)
+        self.experts = experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> [T, D]; every rank of the group calls it at every MoE layer, T may be 0.
+        (The overlapped schedule calls the three parts itself, see overlap.py.)"""
+        sends, routing = self.prepare(x)
+        received = self.exchange(self.layer, "dispatch", sends)
+        returned = self.exchange(self.layer, "combine", self.serve(received, x.dtype))
+        return self.finish(x, routing, returned) + self.shared(x)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor | int:
+        return self.shared_experts(x) if self.shared_experts is not None and x.shape[0] else 0
+
+    def prepare(self, x: torch.Tensor) -> tuple[list[bytes], tuple]:
+        """Gate and route x [T, D] -> (one dispatch payload per rank, what finish needs)."""
+        num_tokens = x.shape[0]
+        if num_tokens:
+            weights, ids = self.gate(x)  # [T, K]
+        else:
+            k = self.gate.top_k
+            weights, ids = torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
+        if self.expert_load is None:
+            self.expert_load = torch.zeros(self.num_experts, dtype=torch.int64)
+        self.expert_load += torch.bincount(ids.flatten(), minlength=self.num_experts)
+        top_k = ids.shape[1]
+        slots = self.log2phy[ids, self.replicas(ids)]  # [T, K] physical slots
+        dest = slots // self.slots_per_rank
+        sends, sent_pairs = [], []
+        for r in range(self.size):
+            mask = dest == r  # [T, K]
+            tokens = mask.any(dim=1).nonzero().flatten()  # each token once per rank
+            self.dispatched[r] += tokens.numel()
+            position = torch.full((num_tokens,), -1, dtype=torch.long)
+            position[tokens] = torch.arange(tokens.numel())
+            t_idx, k_idx = mask.nonzero(as_tuple=True)  # pairs, in flat (token, k) order
+            sends.append(encode_dispatch(x[tokens], position[t_idx], slots[t_idx, k_idx] - r * self.slots_per_rank,
+                                         self.wire))
+            sent_pairs.append(t_idx * top_k + k_idx)
+        return sends, (weights, ids, sent_pairs)
+
+    def serve(self, received: list[bytes], dtype: torch.dtype) -> list[bytes]:
+        """The tokens every rank dispatched here -> their expert outputs, one combine payload each."""
+        outputs = self.compute_experts([decode_dispatch(raw, dtype) for raw in received])
+        return [encode_combine(y, self.wire) for y in outputs]
+
+    def finish(self, x: torch.Tensor, routing: tuple, returned: list[bytes]) -> torch.Tensor:
+        """The expert outputs back from every rank -> the routed part of the layer's output [T, D]."""
+        weights, ids, sent_pairs = routing
+        num_tokens, top_k = ids.shape
+        ys = torch.empty(num_tokens * top_k, x.shape[1], dtype=x.dtype)  # [T*K, D] by flat pair
+        for flat, raw in zip(sent_pairs, returned):
+            ys[flat] = decode_combine(raw).to(x.dtype)
+        # NOTE: the same ops, in the same order, as MoE.routed_batched: sorted by expert id, so
+        # with the exact wire every EP size sums what EP 1 sums.
+        order = ids.flatten().argsort(stable=True)
+        out = torch.zeros(x.shape, dtype=torch.float32)
+        out.index_add_(0, order // top_k, ys[order].float() * weights.flatten().index_select(0, order)[:, None])
+        return out.to(x.dtype)
+
+    def replicas(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [T, K] -> which replica of its expert each pair uses: the n-th pair of an expert goes
+        to replica (n + rank) mod its replica count, so replicas share an expert's load to within
+        one pair, and ranks start at different replicas."""
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        first = counts.cumsum(0) - counts  # [E] where each expert's run starts in the sorted order
+        nth = torch.empty_like(flat)
+        nth[order] = torch.arange(flat.numel()) - first[flat[order]]
+        return ((nth + self.rank) % self.logcnt[flat]).view(ids.shape)
+
+    def compute_experts(self, inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Per source rank (x [N, D], pair_token [P], pair_slot [P]) -> its outputs [P, D], every
+        slot's tokens from all sources run as one batch."""
+        xs = torch.cat([x[tok] for x, tok, _ in inputs]) if inputs else torch.empty(0)
+        slot = torch.cat([s for _, _, s in inputs])
+        order = slot.argsort(stable=True)
+        counts = torch.bincount(slot, minlength=self.slots_per_rank).tolist()
+        sorted_x = xs[order]
+        ys = torch.empty_like(sorted_x)
+        start = 0
+        for i, n in enumerate(counts):
+            if n:
+                ys[start:start + n] = self.experts[i](sorted_x[start:start + n])
+                start += n
+        out = torch.empty_like(ys)
+        out[order] = ys
+        return list(out.split([tok.numel() for _, tok, _ in inputs]))
+
+
+def moe_layers(model: DeepseekV3) -> list[int]:
+    return [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, (MoE, EPMoE))]
+
+
+def local_experts(phy2log: list[list[int]], moe_layer_ids: list[int], rank: int, size: int) -> dict[int, set[int]]:
+    """layer -> the logical experts this rank's slots hold (what its loader reads)."""
+    out = {}
+    for layer, row in zip(moe_layer_ids, phy2log):
+        per_rank = len(row) // size
+        out[layer] = set(row[rank * per_rank:(rank + 1) * per_rank])
+    return out
+
+
+def keep_tensor(local: dict[int, set[int]]) -> Callable[[str], bool]:
+    """A loader filter: routed-expert tensors of other ranks' experts are not read."""
+    def keep(name: str) -> bool:
+        m = EXPERT_TENSOR.match(name)
+        return m is None or int(m.group(2)) in local.get(int(m.group(1)), ())
+    return keep
+
+
+def apply_expert_parallel(model: DeepseekV3, rank: int, size: int, phy2log: list[list[int]], exchange: Exchange,
+                          wire: str = "fp8") -> list[EPMoE]:
+    """Replace every MoE layer by its EP form; phy2log [MoE layers][slots] (design: EPLB's)."""
+    layers = moe_layers(model)
+    if len(phy2log) != len(layers):
+        raise ValueError(f"the placement covers {len(phy2log)} MoE layers; the model has {len(layers)}")
+    out = []
+    for layer, row in zip(layers, phy2log):
+        if len(row) % size:
+            raise ValueError(f"layer {layer}: {len(row)} slots do not split over {size} ranks")
+        block = model.model.layers[layer]
+        block.mlp = EPMoE(block.mlp, layer, rank, size, row, exchange, wire)
+        out.append(block.mlp)
+    return out
+
+
+@torch.inference_mode()
+def idle_forward(model: DeepseekV3) -> None:
+    """A rank without work still joins every exchange of the group's step, with zero tokens (it
+    computes its experts for the others)."""
+    empty = torch.empty(0, model.args.hidden_size, dtype=model.dtype)
+    for block in model.model.layers:
+        if isinstance(block.mlp, EPMoE):
+            block.mlp(empty)
+
+
+def initial_placement(num_experts: int, num_slots: int, num_moe_layers: int) -> list[list[int]]:
+    """Before any load statistics: experts in order, extra slots as round-robin copies."""
+    if num_slots < num_experts:
+        raise ValueError(f"{num_slots} slots cannot hold {num_experts} experts")
+    return [[s % num_experts for s in range(num_slots)] for _ in range(num_moe_layers)]

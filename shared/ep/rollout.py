@@ -1,0 +1,77 @@
+"""A rank's side of an EPLB rollout: stage a new placement's experts in the background while the
+old placement keeps serving, then switch at a step every rank of the group agreed on.
+
+Agreement rides on the step's `go` exchange (group.py): each rank reports the newest placement
+version it has staged; when every rank reports version v, all switch to v before that step —
+the same step everywhere, since every rank sees the same reports. The balancer publishes
+version v + 1 only once every rank computes with v, so ranks never stage different versions.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..model.loader import read_tensors
+from ..model.moe import MLP
+from .moe import EPMoE
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+class Rollout:
+    def __init__(self, model_path: Path, dtype: torch.dtype, layers: list[EPMoE], version: int = 0):
+        self.model_path, self.dtype, self.layers = Path(model_path), dtype, layers
+        self.version = version  # the placement in use
+        self._staged: tuple[int, list[list[int]], list[nn.ModuleList]] | None = None
+        self._lock = threading.Lock()
+        self.num_experts_read = 0
+
+    @property
+    def staged_version(self) -> int:
+        """What this rank reports in the go exchange: its staged version, else the one in use."""
+        with self._lock:
+            return self._staged[0] if self._staged is not None else self.version
+
+    @property
+    def is_staging_free(self) -> bool:
+        with self._lock:
+            return self._staged is None
+
+    def read_expert(self, layer: int, expert: int) -> nn.Module:
+        prefix = f"model.layers.{layer}.mlp.experts.{expert}."
+        tensors = read_tensors(self.model_path, [prefix + p + ".weight" for p in PROJECTIONS], self.dtype)
+        hidden, inter = tensors[prefix + "gate_proj.weight"].shape[1], tensors[prefix + "gate_proj.weight"].shape[0]
+        with torch.device("meta"):
+            mlp = MLP(hidden, inter)
+        for p in PROJECTIONS:
+            getattr(mlp, p).weight = nn.Parameter(tensors[prefix + p + ".weight"], requires_grad=False)
+        self.num_experts_read += 1
+        return mlp
+
+    def stage(self, version: int, phy2log: list[list[int]]) -> None:
+        """Blocking (run it in a thread): read the experts the new placement adds to this rank."""
+        if version <= self.version:
+            return
+        if len(phy2log) != len(self.layers):
+            raise ValueError(f"placement version {version} covers {len(phy2log)} MoE layers; the model has "
+                             f"{len(self.layers)}")
+        staged = [moe.stage(row, self.read_expert) for moe, row in zip(self.layers, phy2log)]
+        with self._lock:
+            self._staged = (version, [list(r) for r in phy2log], staged)
+
+    def switch(self, version: int) -> bool:
+        """Between steps, on the compute thread: take the staged placement if it is `version`."""
+        with self._lock:
+            if self._staged is None or self._staged[0] != version:
+                return False
+            _, phy2log, staged = self._staged
+            for moe, row, experts in zip(self.layers, phy2log, staged):
+                moe.switch(row, experts)
+            self.version, self._staged = version, None
+            return True
+
+    def placement(self) -> list[list[int]]:
+        return [list(moe.phy2log) for moe in self.layers]

@@ -1,0 +1,126 @@
+"""Expert parallelism across processes over Redis: a prefill EP group and a decode EP group of two
+ranks each, behind the real gateway, tokenizer and balancer."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+import torch
+
+from procs import ServiceProcess, metric
+from reference import load_reference, reference_greedy
+
+
+@pytest.fixture(scope="module")
+def ep_system(tiny_fp32, redis_url):
+    import redis as sync_redis
+
+    sync_redis.Redis.from_url(redis_url).flushdb()
+    common = ["--model", str(tiny_fp32), "--dtype", "fp32", "--threads", "1", "--kv-cache-mib", "32",
+              "--ep-size", "2", "--ep-wire", "exact", "--ep-timeout-s", "4", "--num-redundant-experts", "2",
+              "--housekeeping-s", "0.5"]
+    started = {"tokenizer": ServiceProcess("services.tokenizer", redis_url, "--model", str(tiny_fp32)),
+               "balancer": ServiceProcess("services.balancer", redis_url, "--eplb-interval-s", "1",
+                                          "--eplb-min-tokens", "300", "--eplb-min-gain", "0.01")}
+    # NOTE: a rank is ready only once its whole group has joined: start both, then wait.
+    for role in ("prefill", "decode"):
+        pending = [ServiceProcess(f"services.{role}", redis_url, *common, "--rank", str(r), wait=False)
+                   for r in range(2)]
+        for r, service in enumerate(pending):
+            service.wait_healthy()
+            started[f"{role}{r}"] = service
+    started["gateway"] = ServiceProcess("services.gateway", redis_url, "--model", str(tiny_fp32),
+                                        "--request-timeout-s", "60")
+    yield started
+    for service in started.values():
+        service.terminate()
+    for service in started.values():
+        if service.proc.poll() is None:
+            service.stop()
+
+
+async def test_ep2_groups_serve_transformers_tokens(ep_system, tiny_fp32):
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (5, 40, 77, 130, 9, 64)]
+    url = ep_system["gateway"].url("/v1/completions")
+    model = tiny_fp32.resolve().name
+
+    async def one(session, prompt):
+        body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}
+        async with session.post(url, json=body) as r:
+            assert r.status == 200, await r.text()
+            return (await r.json())["choices"][0]["token_ids"]
+
+    async with aiohttp.ClientSession() as session:
+        outputs = await asyncio.gather(*[one(session, p) for p in prompts])
+    ref = load_reference(tiny_fp32)
+    for prompt, tokens in zip(prompts, outputs):
+        expected = reference_greedy(ref, prompt, 8)
+        assert tokens[:expected.trusted] == expected.tokens[:expected.trusted]
+    for role in ("prefill", "decode"):
+        for r in range(2):
+            service = ep_system[f"{role}{r}"]
+            # its half of the 16 + 2 expert slots of each of the 2 MoE layers: 9 experts x 3 matrices
+            assert metric(service, "streamoe_expert_weight_bytes") == 2 * 9 * 3 * 128 * 64 * 4
+            assert metric(service, "streamoe_ep_dispatched_tokens_total", peer=str(1 - r)) > 0
+            assert metric(service, "streamoe_ep_sent_bytes_total", phase="dispatch") > 0
+
+
+async def test_eplb_rolls_out_while_requests_stream(ep_system, tiny_fp32):
+    """The balancer computes placements from the ranks' expert load and both groups switch to
+    them while requests keep coming: every request completes with the reference's tokens."""
+    gen = torch.Generator().manual_seed(9)
+    url = ep_system["gateway"].url("/v1/completions")
+    model = tiny_fp32.resolve().name
+    ref = load_reference(tiny_fp32)
+
+    def switched(role: str) -> bool:
+        return all('"placement_switched"' in ep_system[f"{role}{r}"].log_tail(200000) for r in range(2))
+
+    async def one(session, prompt):
+        body = {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}
+        async with session.post(url, json=body) as r:
+            assert r.status == 200, await r.text()
+            return prompt, (await r.json())["choices"][0]["token_ids"]
+
+    done = []
+    deadline = time.monotonic() + 90
+    async with aiohttp.ClientSession() as session:
+        while not (switched("prefill") and switched("decode")) and time.monotonic() < deadline:
+            batch = [torch.randint(3, 1024, (int(n),), generator=gen).tolist()
+                     for n in torch.randint(20, 200, (4,), generator=gen)]
+            done += await asyncio.gather(*[one(session, p) for p in batch])
+    assert switched("prefill") and switched("decode"), "no placement was rolled out"
+    async with aiohttp.ClientSession() as session:  # and after the switch
+        done += await asyncio.gather(*[one(session, torch.randint(3, 1024, (50,), generator=gen).tolist())
+                                       for _ in range(4)])
+    for prompt, tokens in done:
+        expected = reference_greedy(ref, prompt, 6)
+        assert tokens[:expected.trusted] == expected.tokens[:expected.trusted]
+
+
+async def test_a_dead_group_rank_times_the_exchange_out(ep_system, tiny_fp32):
+    """kill -9 one decode rank while the group decodes: the other's exchange gives up within its
+    timeout with an error naming the silent rank, and the process ends instead of hanging."""
+    url = ep_system["gateway"].url("/v1/completions")
+    body = {"model": tiny_fp32.resolve().name, "prompt": [5, 6, 7, 8], "max_tokens": 1500, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json=body) as r:
+            seen = 0
+            async for line in r.content:
+                seen += line.startswith(b"data: ")
+                if seen == 3:
+                    break
+    ep_system["decode1"].kill()
+    survivor = ep_system["decode0"]
+    started = time.monotonic()
+    while survivor.proc.poll() is None and time.monotonic() - started < 30:
+        await asyncio.sleep(0.2)
+    assert survivor.proc.poll() not in (None, 0)
+    log = survivor.log_tail(20000)
+    assert "rank 1 of the decode EP group" in log and "within 4.0 s" in log, log[-2000:]
