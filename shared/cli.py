@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument("--decode-ep", type=int, default=1)
     upp.add_argument("--ep-wire", choices=["fp8", "exact"], default="fp8")
     upp.add_argument("--num-redundant-experts", type=int, default=0)
+    upp.add_argument("--ep-nodes", type=int, default=1, help="nodes each EP group spans (EPLB's hierarchy)")
     upp.add_argument("--redis-url", default=None, help="default: start an embedded redis-server")
     upp.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], default="auto")
     upp.add_argument("--device", default="cpu")

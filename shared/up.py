@@ -93,7 +93,8 @@ def up(args: argparse.Namespace) -> int:
               "--num-redundant-experts", str(args.num_redundant_experts)]
     gateway = ["--model", str(model)] + (["--api-key", args.api_key] if args.api_key else [])
     children = [Child("tokenizer", "services.tokenizer", ["--model", str(model)], free_port(), run_dir / "tokenizer.log"),
-                Child("balancer", "services.balancer", [], free_port(), run_dir / "balancer.log"),
+                Child("balancer", "services.balancer", ["--ep-nodes", str(args.ep_nodes)], free_port(),
+                      run_dir / "balancer.log"),
                 *[Child("prefill", "services.prefill", [*worker, "--rank", str(r), "--ep-size", str(args.prefill_ep)],
                         free_port(), run_dir / f"prefill-{r}.log", rank=r) for r in range(args.prefill_ep)],
                 *[Child("decode", "services.decode", [*worker, "--rank", str(r), "--ep-size", str(args.decode_ep)],

@@ -16,7 +16,7 @@ from shared.engine.sequence import SamplingParams
 from shared.ep.group import EPGroup
 from shared.ep.moe import apply_expert_parallel, idle_forward, initial_placement, keep_tensor, local_experts
 from shared.ep.overlap import Overlap, Tracer
-from shared.ep.transport import InProcessHub
+from shared.ep.transport import InProcessHub, RedisTransport
 from shared.ep.wire import dequantize_fp8, quantize_fp8
 from shared.model.loader import load_model
 
@@ -39,12 +39,17 @@ class Rank:
 
 
 async def make_ranks(path, size: int, wire: str = "exact", redundant: int = 0, overlap: bool = False,
-                     trace_dir=None) -> list[Rank]:
+                     trace_dir=None, redis_url: str | None = None) -> list[Rank]:
+    """EP ranks in this process, exchanging in process, or over Redis streams when given a URL."""
     placement = initial_placement(16, 16 + redundant, 2)
     ranks = [Rank(path, r, size, placement, wire) for r in range(size)]
-    hub = InProcessHub(size, timeout_s=60)
     loop = asyncio.get_running_loop()
-    transports = [hub.transport(r) for r in range(size)]
+    if redis_url is None:
+        hub = InProcessHub(size, timeout_s=60)
+        transports = [hub.transport(r) for r in range(size)]
+    else:
+        group_id = f"test-{size}-{redundant}-{overlap}"
+        transports = [RedisTransport(redis_url, "decode", r, size, group_id, timeout_s=60) for r in range(size)]
     await asyncio.gather(*[t.start() for t in transports])
     for r, (rank, transport) in enumerate(zip(ranks, transports)):
         rank.group = EPGroup(transport, loop, timeout_s=60)
@@ -90,9 +95,11 @@ def ep1_tokens(tiny_fp32, prompts):
     return out
 
 
-@pytest.mark.parametrize("size,redundant", [(1, 0), (2, 0), (4, 0), (4, 4)])
-async def test_exact_wire_gives_ep1_tokens_and_transformers(tiny_fp32, prompts, ep1_tokens, size, redundant):
-    ranks = await make_ranks(tiny_fp32, size, "exact", redundant)
+@pytest.mark.parametrize("size,redundant,over_redis", [(1, 0, False), (2, 0, False), (4, 0, False), (4, 4, False),
+                                                       (2, 0, True), (4, 4, True)])
+async def test_exact_wire_gives_ep1_tokens_and_transformers(tiny_fp32, prompts, ep1_tokens, size, redundant,
+                                                            over_redis, redis_url):
+    ranks = await make_ranks(tiny_fp32, size, "exact", redundant, redis_url=redis_url if over_redis else None)
     got = await run_group(ranks, prompts)
     assert got == ep1_tokens
     ref = load_reference(tiny_fp32)
@@ -113,6 +120,9 @@ async def test_exact_wire_gives_ep1_tokens_and_transformers(tiny_fp32, prompts, 
         if size > 1:
             sent = sum(moe.dispatched for moe in rank.moes)
             assert all(sent[p] > 0 for p in range(size) if p != r), sent
+            stats = rank.group.transport.stats
+            assert all(stats.sent_bytes[p] > 0 for p in range(size) if p != r) and stats.sent_bytes[r] == 0
+    await asyncio.gather(*[rank.group.transport.close() for rank in ranks])
 
 
 async def test_a_rank_without_work_joins_with_zero_tokens(tiny_fp32, prompts, ep1_tokens):
@@ -191,7 +201,7 @@ async def test_overlap_trace_shows_communication_under_the_other_micro_batch(tin
     comm = [e for e in events if e["tid"] == "communication"]
     assert {e["args"]["mb"] for e in compute} == {0, 1} and comm
     names = {e["name"].split(" ")[0] for e in compute}
-    assert {"ATTN", "SHARED", "MLP"} <= names
+    assert {"ATTN-0", "ATTN-1", "SHARED", "MLP"} <= names
 
     def overlapped(a, b):
         return a["ts"] < b["ts"] + b["dur"] and b["ts"] < a["ts"] + a["dur"]

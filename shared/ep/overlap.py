@@ -5,10 +5,12 @@ so the overlap is real concurrency, visible in the `--trace` timeline.
 
 Each micro-batch runs as a generator over the layers that yields at its communication points:
 `start` hands a payload to the group (the exchange begins at once), `wait` asks for the answer.
-The scheduler runs one micro-batch until it must wait for an answer that has not come, then the
-other, so the stages interleave as in DeepSeek's figures: ATTN, then the MoE layer's dispatch
-goes out while the SHARED expert computes; the routed experts (MLP) run on what every rank sent;
-the combine goes out while the other micro-batch computes.
+The scheduler hands the compute thread to the other micro-batch at every stage boundary where
+that one can go on (and whenever one must wait for an answer that has not come), so the stages
+alternate as in DeepSeek's figures: ATTN-0 (projections), ATTN-1 (core attention, output
+projection, gate), then the MoE layer's dispatch goes out while the SHARED expert computes; the
+routed experts (MLP) run on what every rank sent, and the combine goes out while the other
+micro-batch computes — the decode 5-stage pipeline, and prefill's ATTN/SHARED/MLP alternation.
 """
 from __future__ import annotations
 
@@ -70,10 +72,18 @@ def stages(model: DeepseekV3, inputs: Inputs, cache, mb: int) -> Generator[tuple
     h = model.model.embed_tokens(ids)  # [T, D]
     cos, sin = model.rotary.cos_sin(positions, h.dtype)
     for i, layer in enumerate(model.model.layers):
-        yield ("mark", f"ATTN l{i}")
+        attn = layer.self_attn
+        yield ("mark", f"ATTN-0 l{i}")  # MLA's down/up projections, the new KV into the cache
         if ids.numel():
-            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, batch, cache)
+            x = layer.input_layernorm(h)
+            q_nope, q_pe = attn.project_q(x, cos, sin)
+            kv = attn.project_kv(x, cos, sin)  # [T, C+R]
+            if cache is not None:
+                cache.store(attn.layer, batch.slot_mapping, kv)
         yield ("layer_done_attention", i)
+        yield ("mark", f"ATTN-1 l{i}")  # core attention, output projection, then the gate
+        if ids.numel():
+            h = h + attn.attend(q_nope, q_pe, kv, batch, cache)
         x = layer.post_attention_layernorm(h)
         mlp = layer.mlp
         if not isinstance(mlp, EPMoE):
@@ -108,6 +118,7 @@ class Overlap:
         value: list[object] = [None] * len(gens)
         waiting: dict[int, Future] = {}
         progress = [-1] * len(gens)
+        stage = ["EMBED"] * len(gens)  # the stage each micro-batch is in (for the trace)
         reported = -1
         turn = 0
         while any(r is None for r in results):
@@ -122,7 +133,7 @@ class Overlap:
             turn = m + 1
             if m in waiting:
                 value[m] = waiting.pop(m).result()
-            label, start = ("EMBED" if progress[m] < 0 and value[m] is None else "resume"), time.perf_counter()
+            label, start = stage[m], time.perf_counter()
             try:
                 while True:
                     request = gens[m].send(value[m])
@@ -132,6 +143,10 @@ class Overlap:
                         now = time.perf_counter()
                         self.tracer.add(f"{label} mb{m}", "compute", start, now, mb=m)
                         label, start = request[1], now
+                        stage[m] = label
+                        if any(k != m and (k not in waiting or waiting[k].done()) for k in live):
+                            label = None  # a stage boundary: the other micro-batch takes its turn
+                            break
                     elif kind == "layer_done_attention":
                         progress[m] = request[1]
                     elif kind == "start":
@@ -144,7 +159,8 @@ class Overlap:
             except StopIteration as done:
                 results[m] = done.value
                 progress[m] = len(model.model.layers)
-            self.tracer.add(f"{label} mb{m}", "compute", start, time.perf_counter(), mb=m)
+            if label is not None:
+                self.tracer.add(f"{label} mb{m}", "compute", start, time.perf_counter(), mb=m)
             floor = min(progress)
             if on_layer is not None:
                 for layer in range(reported + 1, min(floor + 1, len(model.model.layers))):
