@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument("--ep-wire", choices=["fp8", "exact"], default="fp8")
     upp.add_argument("--num-redundant-experts", type=int, default=0)
     upp.add_argument("--ep-nodes", type=int, default=1, help="nodes each EP group spans (EPLB's hierarchy)")
+    upp.add_argument("--prefill-overlap", choices=["on", "off", "auto"], default="auto",
+                     help="two overlapped micro-batches in the prefill group (auto: on)")
+    upp.add_argument("--decode-overlap", choices=["on", "off", "auto"], default="auto",
+                     help="two overlapped micro-batches in the decode group (auto: off)")
     upp.add_argument("--redis-url", default=None, help="default: start an embedded redis-server")
     upp.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], default="auto")
     upp.add_argument("--device", default="cpu")

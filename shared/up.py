@@ -95,9 +95,11 @@ def up(args: argparse.Namespace) -> int:
     children = [Child("tokenizer", "services.tokenizer", ["--model", str(model)], free_port(), run_dir / "tokenizer.log"),
                 Child("balancer", "services.balancer", ["--ep-nodes", str(args.ep_nodes)], free_port(),
                       run_dir / "balancer.log"),
-                *[Child("prefill", "services.prefill", [*worker, "--rank", str(r), "--ep-size", str(args.prefill_ep)],
+                *[Child("prefill", "services.prefill", [*worker, "--rank", str(r), "--ep-size", str(args.prefill_ep),
+                                                        "--overlap", args.prefill_overlap],
                         free_port(), run_dir / f"prefill-{r}.log", rank=r) for r in range(args.prefill_ep)],
-                *[Child("decode", "services.decode", [*worker, "--rank", str(r), "--ep-size", str(args.decode_ep)],
+                *[Child("decode", "services.decode", [*worker, "--rank", str(r), "--ep-size", str(args.decode_ep),
+                                                      "--overlap", args.decode_overlap],
                         free_port(), run_dir / f"decode-{r}.log", rank=r) for r in range(args.decode_ep)],
                 Child("gateway", "services.gateway", gateway + ["--host", args.host], args.port,
                       run_dir / "gateway.log")]

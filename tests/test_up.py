@@ -68,3 +68,35 @@ def test_up_serves_restarts_and_stops_cleanly(tiny_fp32, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_up_with_ep_groups(tiny_fp32, tmp_path):
+    """`--prefill-ep 2 --decode-ep 2`: two rank processes per role, ready only once each group has
+    formed, a request served through both groups, and a clean stop."""
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_fp32, model)
+    port = free_port()
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--port", str(port),
+                             "--run-dir", str(run_dir), "--ready-timeout", "180", "--prefill-ep", "2",
+                             "--decode-ep", "2", "--ep-wire", "exact", "--num-redundant-experts", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "STREAMOE_HOME": str(tmp_path / "home")})
+    try:
+        assert proc.stdout.readline().strip() == f"streamoe ready: http://127.0.0.1:{port}"
+        processes = json.loads((run_dir / "processes.json").read_text())["processes"]
+        ranks = sorted((p["name"], p["rank"]) for p in processes if p["name"] in ("prefill", "decode"))
+        assert ranks == [("decode", 0), ("decode", 1), ("prefill", 0), ("prefill", 1)]
+        body = complete(f"http://127.0.0.1:{port}", "tiny")
+        assert body["usage"]["completion_tokens"] == 5
+        for role in ("prefill", "decode"):
+            for r in range(2):
+                assert '"ep_group_joined"' in (run_dir / f"{role}-{r}.log").read_text()
+        pids = [p["pid"] for p in processes]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        time.sleep(0.5)
+        assert not [pid for pid in pids if alive(pid)], "processes left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
