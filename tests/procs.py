@@ -72,3 +72,12 @@ def metric(service: ServiceProcess, name: str, **labels: str) -> float:
         text = r.read().decode()
     return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
+async def greedy_token_ids(session, gateway: ServiceProcess, model: str, prompt: list[int], max_tokens: int) -> list[int]:
+    """One greedy, EOS-ignoring completion through the gateway -> its token ids."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    async with session.post(gateway.url("/v1/completions"), json=body) as r:
+        assert r.status == 200, await r.text()
+        return (await r.json())["choices"][0]["token_ids"]

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 import torch
 
-from procs import ServiceProcess
+from procs import ServiceProcess, greedy_token_ids
 from reference import load_reference, reference_greedy
 from shared import streams
 
@@ -57,15 +57,10 @@ async def test_killed_prefill_entries_are_claimed_and_complete(services, tiny_fp
     client = Redis.from_url(redis_url)
     gen = torch.Generator().manual_seed(31)
     prompts = [torch.randint(3, 1024, (600,), generator=gen).tolist() for _ in range(6)]
-    url = services["gateway"].url("/v1/completions")
     model = tiny_fp32.resolve().name
 
     async def one(session, prompt):
-        body = {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
-                "return_token_ids": True}
-        async with session.post(url, json=body) as r:
-            assert r.status == 200, await r.text()
-            return (await r.json())["choices"][0]["token_ids"]
+        return await greedy_token_ids(session, services["gateway"], model, prompt, 6)
 
     replacement = None
     try:

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 import torch
 
-from procs import ServiceProcess, metric
+from procs import ServiceProcess, greedy_token_ids, metric
 from reference import load_reference, reference_greedy
 
 
@@ -44,15 +44,10 @@ def ep_system(tiny_fp32, redis_url):
 async def test_ep2_groups_serve_transformers_tokens(ep_system, tiny_fp32):
     gen = torch.Generator().manual_seed(8)
     prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (5, 40, 77, 130, 9, 64)]
-    url = ep_system["gateway"].url("/v1/completions")
     model = tiny_fp32.resolve().name
 
     async def one(session, prompt):
-        body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
-                "return_token_ids": True}
-        async with session.post(url, json=body) as r:
-            assert r.status == 200, await r.text()
-            return (await r.json())["choices"][0]["token_ids"]
+        return await greedy_token_ids(session, ep_system["gateway"], model, prompt, 8)
 
     async with aiohttp.ClientSession() as session:
         outputs = await asyncio.gather(*[one(session, p) for p in prompts])
@@ -73,7 +68,6 @@ async def test_eplb_rolls_out_while_requests_stream(ep_system, tiny_fp32):
     """The balancer computes placements from the ranks' expert load and both groups switch to
     them while requests keep coming: every request completes with the reference's tokens."""
     gen = torch.Generator().manual_seed(9)
-    url = ep_system["gateway"].url("/v1/completions")
     model = tiny_fp32.resolve().name
     ref = load_reference(tiny_fp32)
 
@@ -81,11 +75,7 @@ async def test_eplb_rolls_out_while_requests_stream(ep_system, tiny_fp32):
         return all('"placement_switched"' in ep_system[f"{role}{r}"].log_tail(200000) for r in range(2))
 
     async def one(session, prompt):
-        body = {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
-                "return_token_ids": True}
-        async with session.post(url, json=body) as r:
-            assert r.status == 200, await r.text()
-            return prompt, (await r.json())["choices"][0]["token_ids"]
+        return prompt, await greedy_token_ids(session, ep_system["gateway"], model, prompt, 6)
 
     done = []
     deadline = time.monotonic() + 90

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from shared.redis_server import free_port
 
@@ -31,19 +32,35 @@ def complete(url: str, model: str) -> dict:
         return json.loads(r.read())
 
 
-def test_up_serves_restarts_and_stops_cleanly(tiny_fp32, tmp_path):
+def start_up(tiny_fp32, tmp_path, *flags: str) -> tuple[subprocess.Popen, str, Path]:
+    """`streamoe up` on a copy of the tiny checkpoint -> (process, URL, run dir) once ready."""
     model = tmp_path / "tiny"
     shutil.copytree(tiny_fp32, model)
     port = free_port()
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--port", str(port),
-                             "--run-dir", str(run_dir), "--ready-timeout", "180"],
+                             "--run-dir", str(run_dir), "--ready-timeout", "180", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "STREAMOE_HOME": str(tmp_path / "home")})
+    line = proc.stdout.readline().strip()
+    if line != f"streamoe ready: http://127.0.0.1:{port}":
+        proc.kill()
+        raise AssertionError(f"no ready line: {line!r}")
+    return proc, f"http://127.0.0.1:{port}", run_dir
+
+
+def stop_up(proc: subprocess.Popen, run_dir: Path) -> None:
+    """SIGTERM: exit 0 and nothing it started left running."""
+    pids = [p["pid"] for p in json.loads((run_dir / "processes.json").read_text())["processes"]]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    time.sleep(0.5)
+    assert not [pid for pid in pids if alive(pid)], "processes left behind"
+
+
+def test_up_serves_restarts_and_stops_cleanly(tiny_fp32, tmp_path):
+    proc, url, run_dir = start_up(tiny_fp32, tmp_path)
     try:
-        line = proc.stdout.readline().strip()
-        assert line == f"streamoe ready: http://127.0.0.1:{port}"
-        url = f"http://127.0.0.1:{port}"
         assert len(complete(url, "tiny")["choices"][0]["text"]) >= 0
         processes = json.loads((run_dir / "processes.json").read_text())["processes"]
         names = {p["name"] for p in processes}
@@ -60,11 +77,7 @@ def test_up_serves_restarts_and_stops_cleanly(tiny_fp32, tmp_path):
         assert restarted["pid"] != decode["pid"] and restarted["restarts"] == 1
         body = complete(url, "tiny")  # served again once the new decode rank is up
         assert body["usage"]["completion_tokens"] >= 1
-        pids = [p["pid"] for p in json.loads((run_dir / "processes.json").read_text())["processes"]]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        time.sleep(0.5)
-        assert not [pid for pid in pids if alive(pid)], "processes left behind"
+        stop_up(proc, run_dir)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -73,30 +86,17 @@ def test_up_serves_restarts_and_stops_cleanly(tiny_fp32, tmp_path):
 def test_up_with_ep_groups(tiny_fp32, tmp_path):
     """`--prefill-ep 2 --decode-ep 2`: two rank processes per role, ready only once each group has
     formed, a request served through both groups, and a clean stop."""
-    model = tmp_path / "tiny"
-    shutil.copytree(tiny_fp32, model)
-    port = free_port()
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--port", str(port),
-                             "--run-dir", str(run_dir), "--ready-timeout", "180", "--prefill-ep", "2",
-                             "--decode-ep", "2", "--ep-wire", "exact", "--num-redundant-experts", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "STREAMOE_HOME": str(tmp_path / "home")})
+    proc, url, run_dir = start_up(tiny_fp32, tmp_path, "--prefill-ep", "2", "--decode-ep", "2", "--ep-wire", "exact",
+                                  "--num-redundant-experts", "2")
     try:
-        assert proc.stdout.readline().strip() == f"streamoe ready: http://127.0.0.1:{port}"
         processes = json.loads((run_dir / "processes.json").read_text())["processes"]
         ranks = sorted((p["name"], p["rank"]) for p in processes if p["name"] in ("prefill", "decode"))
         assert ranks == [("decode", 0), ("decode", 1), ("prefill", 0), ("prefill", 1)]
-        body = complete(f"http://127.0.0.1:{port}", "tiny")
-        assert body["usage"]["completion_tokens"] == 5
+        assert complete(url, "tiny")["usage"]["completion_tokens"] == 5
         for role in ("prefill", "decode"):
             for r in range(2):
                 assert '"ep_group_joined"' in (run_dir / f"{role}-{r}.log").read_text()
-        pids = [p["pid"] for p in processes]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        time.sleep(0.5)
-        assert not [pid for pid in pids if alive(pid)], "processes left behind"
+        stop_up(proc, run_dir)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..model.model import DeepseekV3
-from ..model.moe import MoE
+from ..model.moe import MoE, run_grouped
 from .wire import decode_combine, decode_dispatch, encode_combine, encode_dispatch
 
 EXPERT_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
@@ -147,13 +147,7 @@ class EPMoE(nn.Module):
         slot = torch.cat([s for _, _, s in inputs])
         order = slot.argsort(stable=True)
         counts = torch.bincount(slot, minlength=self.slots_per_rank).tolist()
-        sorted_x = xs[order]
-        ys = torch.empty_like(sorted_x)
-        start = 0
-        for i, n in enumerate(counts):
-            if n:
-                ys[start:start + n] = self.experts[i](sorted_x[start:start + n])
-                start += n
+        ys = run_grouped(self.experts, xs[order], counts)
         out = torch.empty_like(ys)
         out[order] = ys
         return list(out.split([tok.numel() for _, tok, _ in inputs]))

@@ -103,14 +103,19 @@ class MoE(nn.Module):
         order = flat_ids.argsort(stable=True)
         token_of = order // top_k  # [T*K] source token of each sorted pair
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        xs = x.index_select(0, token_of)  # [T*K, D]
-        ys = torch.empty_like(xs)
-        start = 0
-        for expert_id, n in enumerate(counts):
-            if n:
-                ys[start:start + n] = self.experts[expert_id](xs[start:start + n])
-                start += n
+        ys = run_grouped(self.experts, x.index_select(0, token_of), counts)  # [T*K, D]
         ys = ys.float() * weights.flatten().index_select(0, order)[:, None]
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         out.index_add_(0, token_of, ys)
         return out.to(x.dtype)
+
+
+def run_grouped(experts, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """xs [N, D] sorted by expert, counts[e] rows for expert e -> each row through its expert."""
+    ys = torch.empty_like(xs)
+    start = 0
+    for expert_id, n in enumerate(counts):
+        if n:
+            ys[start:start + n] = experts[expert_id](xs[start:start + n])
+            start += n
+    return ys
