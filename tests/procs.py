@@ -81,3 +81,13 @@ async def greedy_token_ids(session, gateway: ServiceProcess, model: str, prompt:
     async with session.post(gateway.url("/v1/completions"), json=body) as r:
         assert r.status == 200, await r.text()
         return (await r.json())["choices"][0]["token_ids"]
+
+
+def stop_all(services) -> None:
+    """SIGTERM every still-running service at once, then wait for each (the killed ones included)."""
+    services = list(services)
+    for service in services:
+        service.terminate()
+    for service in services:
+        if service.proc.poll() is None:
+            service.stop()

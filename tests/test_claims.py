@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 import torch
 
-from procs import ServiceProcess, greedy_token_ids
+from procs import ServiceProcess, greedy_token_ids, stop_all
 from reference import load_reference, reference_greedy
 from shared import streams
 
@@ -35,11 +35,7 @@ def services(tiny_fp32, redis_url):
                                   "240"),
     }
     yield started
-    for service in started.values():
-        service.terminate()
-    for service in started.values():
-        if service.proc.poll() is None:
-            service.stop()
+    stop_all(started.values())
 
 
 async def pending_of(client, stream: str, group: str, consumer: str) -> int:

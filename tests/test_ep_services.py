@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 import torch
 
-from procs import ServiceProcess, greedy_token_ids, metric
+from procs import ServiceProcess, greedy_token_ids, metric, stop_all
 from reference import load_reference, reference_greedy
 
 
@@ -34,11 +34,7 @@ def ep_system(tiny_fp32, redis_url):
     started["gateway"] = ServiceProcess("services.gateway", redis_url, "--model", str(tiny_fp32),
                                         "--request-timeout-s", "60")
     yield started
-    for service in started.values():
-        service.terminate()
-    for service in started.values():
-        if service.proc.poll() is None:
-            service.stop()
+    stop_all(started.values())
 
 
 async def test_ep2_groups_serve_transformers_tokens(ep_system, tiny_fp32):
