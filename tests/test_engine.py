@@ -169,6 +169,40 @@ def test_prefill_then_decode_handoff(model, prompts):
     assert outputs == mixed
 
 
+def test_an_external_prefix_is_not_computed_again(model, prompts):
+    """The KV of a prompt's first blocks from outside (the on-disk prefix cache) goes into the pool
+    at admission: the tokens are the ones computed from scratch, the prefix counts as cached, and
+    fewer tokens are computed."""
+    requests = {f"r{i}": (prompts[i], SamplingParams(max_tokens=10, ignore_eos=True)) for i in (9, 15)}
+    scratch = run(Engine(model), requests)
+    prefill = Engine(model, EngineConfig(mode="prefill"))
+    for rid, (p, params) in requests.items():
+        prefill.add_request(rid, p, params)
+    kv = {}
+    while prefill.has_unfinished():
+        kv.update({d.request_id: d.kv for d in prefill.step()})
+    engine = Engine(model, EngineConfig(share_prefixes=False))
+    computed = 0
+    outputs = {rid: [] for rid in requests}
+    cached = {}
+    for rid, (p, params) in requests.items():
+        n = (len(p) - 1) // 64 * 64
+        engine.add_request(rid, p, params, prefix_kv=kv[rid][:, :n])
+        cached[rid] = n
+    while engine.has_unfinished():
+        deltas = engine.step()
+        computed += engine.last_num_tokens
+        for d in deltas:
+            outputs[d.request_id] += d.token_ids
+            assert d.num_cached_tokens == cached[d.request_id]
+    assert outputs == scratch
+    assert computed == sum(len(p) - cached[rid] + 9 for rid, (p, _) in requests.items())
+    with pytest.raises(RequestError, match="prefix_kv"):
+        engine.add_request("bad", prompts[9], SamplingParams(), prefix_kv=kv["r9"][:, :10])
+    with pytest.raises(RequestError, match="prefix_kv"):
+        engine.add_request("bad", prompts[9][:64], SamplingParams(), prefix_kv=kv["r9"][:, :64])
+
+
 @pytest.mark.parametrize("prompt, params, field", [
     ([], SamplingParams(), "prompt"),
     ([5] * 2048, SamplingParams(), "prompt"),

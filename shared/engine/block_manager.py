@@ -75,6 +75,10 @@ class BlockManager:
             self._take(block_id)
             seq.block_table.append(block_id)
         seq.num_computed = seq.num_cached_prompt = len(hits) * self.block_size
+        if seq.external_kv is not None:
+            # the engine writes the external prefix past the in-memory hits (nothing if they cover it)
+            seq.external_from = min(seq.num_computed, seq.external_kv.shape[1])
+            seq.num_computed = seq.num_cached_prompt = max(seq.num_computed, seq.external_kv.shape[1])
         self.grow(seq, num_tokens)
 
     # -- growth and release -----------------------------------------------------------------------

@@ -73,8 +73,14 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    cache_salt: str | None = None) -> None:
+                    cache_salt: str | None = None, prefix_kv: torch.Tensor | None = None) -> None:
+        """`prefix_kv` [layers, N, C+R]: the KV of the prompt's first N tokens (whole blocks, and
+        never the last prompt token), e.g. from the on-disk prefix cache: not computed again."""
+        if prefix_kv is not None and (prefix_kv.shape[1] % BLOCK_SIZE or prefix_kv.shape[1] >= len(prompt_ids)):
+            raise RequestError("prefix_kv", f"{prefix_kv.shape[1]} tokens: whole {BLOCK_SIZE}-token blocks, short "
+                                            f"of the {len(prompt_ids)}-token prompt's last token")
         seq = self._new_sequence(request_id, prompt_ids, params, cache_salt)
+        seq.external_kv = prefix_kv
         self.scheduler.add(seq)
 
     def add_prefilled(self, request_id: str, prompt_ids: list[int], params: SamplingParams, first_token: int,
@@ -108,6 +114,8 @@ class Engine:
         as each layer's KV of the prompts completing in this step is computed, while later layers
         still run, so it can be streamed to decode."""
         scheduled = self.scheduler.schedule()
+        for item in scheduled:
+            self._place_external_prefix(item.seq)
         self.last_num_tokens = sum(item.num_new for item in scheduled)
         if not scheduled:
             if self.on_idle_step is not None:
@@ -122,6 +130,14 @@ class Engine:
 
         logits = self.runner.run(scheduled, hook if done else None)
         return self.postprocess(scheduled, logits)
+
+    def _place_external_prefix(self, seq: Sequence) -> None:
+        """Just admitted with an external prefix: its KV goes into the blocks the admission gave it."""
+        if seq.external_kv is None:
+            return
+        if seq.external_from < seq.external_kv.shape[1]:
+            self.runner.write_kv(seq, seq.external_kv, start=seq.external_from)
+        seq.external_kv, seq.external_from = None, seq.external_kv.shape[1]
 
     def postprocess(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> list[Delta]:
         sampled = [item.seq for item in scheduled if item.sample]

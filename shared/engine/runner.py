@@ -72,10 +72,11 @@ class ModelRunner:
         batch.group_single_tokens()
         return torch.tensor(ids, device=self.device), torch.cat(positions), batch
 
-    def write_kv(self, seq: Sequence, kv: torch.Tensor) -> None:
-        """Decode mode: place a prompt's latent KV [layers, L, C+R] received from a prefill worker."""
-        slots = self.slots(seq, kv.shape[1])
-        self.pool.kv[:, slots] = kv.to(self.pool.kv.dtype)
+    def write_kv(self, seq: Sequence, kv: torch.Tensor, start: int = 0) -> None:
+        """Place the latent KV [layers, L, C+R] of the sequence's first L positions (from `start`
+        on): a prompt's KV from a prefill worker, or a prefix from the on-disk cache."""
+        slots = self.slots(seq, kv.shape[1])[start:]
+        self.pool.kv[:, slots] = kv[:, start:].to(self.pool.kv.dtype)
 
     def read_kv(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
         """Prefill mode: a copy of the first `num_tokens` positions' latent KV [layers, L, C+R]."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..hashing import BLOCK_SIZE
 
@@ -48,6 +49,10 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache
     num_cached_prompt: int = 0  # prompt tokens whose KV came from shared blocks (not computed here)
+    # A prefix's KV from outside the engine (the on-disk prefix cache): [layers, N, C+R], N whole
+    # blocks; written into the pool at admission, dropped once the prompt is computed.
+    external_kv: Any = None
+    external_from: int = 0  # at admission: where the external KV starts to be needed (after in-memory hits)
     finish_reason: str | None = None
     num_preemptions: int = 0
 
