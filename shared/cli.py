@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument("--ep-wire", choices=["fp8", "exact"], default="fp8")
     upp.add_argument("--num-redundant-experts", type=int, default=0)
     upp.add_argument("--ep-nodes", type=int, default=1, help="nodes each EP group spans (EPLB's hierarchy)")
+    upp.add_argument("--cache-dir", type=Path, default=None,
+                     help="the prefix cache's block store (default: $STREAMOE_HOME/cache)")
+    upp.add_argument("--cache-capacity-mib", type=int, default=8192)
+    upp.add_argument("--no-prefix-cache", action="store_true", help="run without the on-disk prefix cache")
     upp.add_argument("--prefill-overlap", choices=["on", "off", "auto"], default="auto",
                      help="two overlapped micro-batches in the prefill group (auto: on)")
     upp.add_argument("--decode-overlap", choices=["on", "off", "auto"], default="auto",

@@ -8,7 +8,8 @@ from __future__ import annotations
 PREFIX = "{streamoe}"
 
 REQUESTS = f"{PREFIX}:requests"  # GenerateRequest: gateway -> tokenizer
-TOKENIZED = f"{PREFIX}:tokenized"  # TokenizedRequest: tokenizer -> balancer
+TOKENIZED = f"{PREFIX}:tokenized"  # TokenizedRequest: tokenizer -> cache
+CACHED = f"{PREFIX}:cached"  # TokenizedRequest with its cached prefix found: cache -> balancer
 RAW_DELTAS = f"{PREFIX}:raw-deltas"  # TokenDelta (ids): prefill/decode -> tokenizer
 ABORTS = f"{PREFIX}:aborts"  # Abort: gateway or tokenizer (stop string) -> every worker
 DEAD_LETTERS = f"{PREFIX}:dead"  # entries that did not decode, with the reason

@@ -88,11 +88,15 @@ def up(args: argparse.Namespace) -> int:
         redis_proc, redis_url = start_redis(run_dir / "redis", appendonly=True)
     cores = os.cpu_count() or 2
     num_workers = args.prefill_ep + args.decode_ep
+    cache = [] if args.no_prefix_cache else ["--cache-dir", str(args.cache_dir or home() / "cache"),
+                                             "--cache-capacity-mib", str(args.cache_capacity_mib)]
     worker = ["--model", str(model), "--dtype", args.dtype, "--device", args.device,
               "--threads", str(max(1, cores // num_workers)), "--ep-wire", args.ep_wire,
-              "--num-redundant-experts", str(args.num_redundant_experts)]
+              "--num-redundant-experts", str(args.num_redundant_experts), *cache]
     gateway = ["--model", str(model)] + (["--api-key", args.api_key] if args.api_key else [])
     children = [Child("tokenizer", "services.tokenizer", ["--model", str(model)], free_port(), run_dir / "tokenizer.log"),
+                Child("cache", "services.cache", ["--model", str(model), "--dtype", args.dtype, "--device",
+                                                  args.device, *cache], free_port(), run_dir / "cache.log"),
                 Child("balancer", "services.balancer", ["--ep-nodes", str(args.ep_nodes)], free_port(),
                       run_dir / "balancer.log"),
                 *[Child("prefill", "services.prefill", [*worker, "--rank", str(r), "--ep-size", str(args.prefill_ep),

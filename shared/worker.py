@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import time
 from collections import deque
@@ -15,10 +16,11 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from . import streams
 from .engine.engine import Engine, EngineConfig
-from .ep.rank import EPRank
 from .engine.sequence import SamplingParams
+from .ep.rank import EPRank
 from .messages import Abort, LoadReport, Sampling
 from .model.loader import checkpoint_fingerprint, load_model
+from .prefix_cache import PrefixCache
 from .service import Service, ServiceConfig
 from .wire import encode
 
@@ -38,6 +40,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: a share of the cores)")
     parser.add_argument("--load-ttl-s", type=float, default=5.0)
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="the prefix cache's block store, shared with the cache service (omit: off)")
+    parser.add_argument("--cache-capacity-mib", type=int, default=8192)
     ep = parser.add_argument_group("expert parallelism")
     ep.add_argument("--ep-wire", default="fp8", choices=["fp8", "exact"],
                     help="fp8: FP8 dispatch (one scale per 128 channels), BF16 combine; exact: compute dtype")
@@ -105,6 +110,24 @@ class WorkerService(EPRank, Service):
     @property
     def idle(self) -> bool:
         return not self.engine.has_unfinished() and not self.group_busy
+
+    async def setup_prefix_cache(self) -> None:
+        self.prefix_cache = None
+        if self.args.cache_dir is not None:
+            self.prefix_cache = PrefixCache(self.args.cache_dir, self.args.cache_capacity_mib << 20, self.redis,
+                                            self.engine.config.model_fingerprint)
+        self.background: set[asyncio.Task] = set()
+
+    def in_background(self, coro) -> None:
+        """Work that must not delay a step (block writes): kept referenced until done."""
+        task = asyncio.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.warning(json.dumps({"event": "background_failed", "error": repr(task.exception())}))
 
     async def setup_aborts(self) -> None:
         """Every worker instance sees every abort: a group of its own, from now on."""

@@ -58,8 +58,8 @@ async def redis(redis_url):
 
 @pytest.fixture(scope="module")
 def system(tiny_fp32, redis_url):
-    """The services, each its own process, on the session's Redis: tokenizer, balancer, prefill
-    rank 0, decode rank 0 and a gateway (the last)."""
+    """The services, each its own process, on the session's Redis: tokenizer, cache (off: it passes
+    requests through), balancer, prefill rank 0, decode rank 0 and a gateway (the last)."""
     from procs import ServiceProcess
 
     import redis as sync_redis
@@ -67,6 +67,7 @@ def system(tiny_fp32, redis_url):
     sync_redis.Redis.from_url(redis_url).flushdb()  # once, before the services make their groups
     worker = ["--model", str(tiny_fp32), "--dtype", "fp32", "--rank", "0", "--threads", "1", "--kv-cache-mib", "64"]
     services = [ServiceProcess("services.tokenizer", redis_url, "--model", str(tiny_fp32)),
+                ServiceProcess("services.cache", redis_url, "--model", str(tiny_fp32)),  # no --cache-dir: off
                 ServiceProcess("services.balancer", redis_url),
                 ServiceProcess("services.prefill", redis_url, *worker),
                 ServiceProcess("services.decode", redis_url, *worker),

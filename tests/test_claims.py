@@ -26,6 +26,7 @@ def services(tiny_fp32, redis_url):
               *CLAIM]
     started = {
         "tokenizer": ServiceProcess("services.tokenizer", redis_url, "--model", str(tiny_fp32), *CLAIM),
+        "cache": ServiceProcess("services.cache", redis_url, "--model", str(tiny_fp32), *CLAIM),
         "balancer": ServiceProcess("services.balancer", redis_url, *CLAIM),
         # a small token budget: the victim holds its prompts for many steps
         "prefill": ServiceProcess("services.prefill", redis_url, *worker, "--max-num-batched-tokens", "128",

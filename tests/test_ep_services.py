@@ -22,6 +22,7 @@ def ep_system(tiny_fp32, redis_url):
               "--ep-size", "2", "--ep-wire", "exact", "--ep-timeout-s", "4", "--num-redundant-experts", "2",
               "--housekeeping-s", "0.5"]
     started = {"tokenizer": ServiceProcess("services.tokenizer", redis_url, "--model", str(tiny_fp32)),
+               "cache": ServiceProcess("services.cache", redis_url, "--model", str(tiny_fp32)),
                "balancer": ServiceProcess("services.balancer", redis_url, "--eplb-interval-s", "1",
                                           "--eplb-min-tokens", "300", "--eplb-min-gain", "0.01")}
     # NOTE: a rank is ready only once its whole group has joined: start both, then wait.

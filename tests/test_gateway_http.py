@@ -76,7 +76,7 @@ async def test_concurrent_greedy_completions_match_transformers(gateway, tiny_fp
 async def test_metrics_count_what_clients_saw(system, tiny_fp32):
     """The gateway counts requests by outcome and code, tokens by kind and the latencies; workers
     count their tokens and GPU time; /services lists every live service's metrics."""
-    gateway, prefill, decode = system[-1], system[2], system[3]
+    gateway, prefill, decode = system[-1], system[3], system[4]
     names = [("streamoe_tokens_total", {"kind": "input_cache_miss"}), ("streamoe_tokens_total", {"kind": "output"}),
              ("streamoe_tokens_total", {"kind": "input_cache_hit"}),
              ("streamoe_requests_total", {"outcome": "completed"}), ("streamoe_ttft_seconds_count", {}),
@@ -111,7 +111,7 @@ async def test_metrics_count_what_clients_saw(system, tiny_fp32):
     async with aiohttp.ClientSession() as session:
         async with session.get(gateway.url("/services")) as r:
             listed = (await r.json())["services"]
-        assert sorted(s["name"] for s in listed) == ["balancer", "decode", "gateway", "prefill", "tokenizer"]
+        assert sorted(s["name"] for s in listed) == ["balancer", "cache", "decode", "gateway", "prefill", "tokenizer"]
         for entry in listed:
             async with session.get(entry["metrics_url"]) as r:
                 assert r.status == 200 and "streamoe_messages_total" in await r.text()
@@ -181,7 +181,7 @@ def kv_blocks_used(service) -> float:
 
 
 async def test_client_disconnect_frees_decode_kv(system, tiny_fp32):
-    gateway, decode = system[-1], system[3]
+    gateway, decode = system[-1], system[4]
     assert kv_blocks_used(decode) == 0
     body = {"model": model_name(tiny_fp32), "prompt": list(range(3, 300)), "max_tokens": 1500, "temperature": 0,
             "ignore_eos": True, "stream": True}
@@ -231,7 +231,7 @@ async def test_overload_deadline_and_no_backend(system, tiny_fp32, redis_url):
         assert json.loads(raw)["error"]["code"] == "overloaded"
         code, _, raw = await slow
         assert code == 504 and json.loads(raw)["error"]["code"] == "timeout"
-        decode = system[3]
+        decode = system[4]
         deadline = asyncio.get_running_loop().time() + 30
         while kv_blocks_used(decode) > 0 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.2)

@@ -145,5 +145,5 @@ def test_cost_report_reads_the_live_system(system, url):
     assert report["output_tokens"] == counted["output"] > 0
     assert report["input_cache_hit_tokens"] + report["input_cache_miss_tokens"] == \
         counted["input_cache_hit"] + counted["input_cache_miss"]
-    assert len(report["sources"]) == 5 and set(report["prefill_input_tokens_per_s"]) == {"0"}
+    assert len(report["sources"]) == 6 and set(report["prefill_input_tokens_per_s"]) == {"0"}
     assert report["decode_output_tokens_per_s"]["0"] > 0 and report["cost_usd"] > 0

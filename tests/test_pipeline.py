@@ -104,7 +104,7 @@ async def test_bad_kv_handoffs_are_refused_and_reprefilled(system, tiny_fp32, cl
     """A handoff with a corrupted layer, and one missing a layer, both reach the decode rank (the
     test plays a faulty prefill): decode refuses them loudly, sends the requests back through the
     balancer, and they complete with the right tokens."""
-    decode = system[3]
+    decode = system[4]
     before = metric(decode, "streamoe_kv_reprefills_total")
     gen = torch.Generator().manual_seed(23)
     prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (40, 90)]
@@ -142,7 +142,7 @@ async def test_bad_kv_handoffs_are_refused_and_reprefilled(system, tiny_fp32, cl
 async def test_first_layer_reaches_decode_before_prefill_computes_the_last(system, client):
     """Layer-wise streaming: on a long prompt the decode rank has layer 0 of the KV before the
     prefill rank has computed its last layer (timestamps from both services, in decode's metrics)."""
-    decode = system[3]
+    decode = system[4]
     before = metric(decode, "streamoe_kv_handoffs_total", layerwise="yes")
     prompt = torch.randint(3, 1024, (1900,), generator=torch.Generator().manual_seed(3)).tolist()
     req = GenerateRequest("long", "trace-long", GW, Sampling(max_tokens=2, ignore_eos=True), time.time() + 300,
@@ -171,7 +171,7 @@ async def test_decode_records_ownership_while_running(system, client):
     assert len([t for d in deltas for t in d.token_ids]) == 300
     assert seen, "no ownership record was seen while the request ran"
     last = seen[-1]
-    assert last[b"rank"] == b"0" and last[b"instance_id"] == system[3].instance_id.encode()
+    assert last[b"rank"] == b"0" and last[b"instance_id"] == system[4].instance_id.encode()
     assert decode_message(last[b"request"], TokenizedRequest).prompt_ids == prompt
     emitted = [int(r[b"emitted"]) for r in seen]
     assert emitted == sorted(emitted) and 1 <= emitted[-1] <= 300 and len(set(emitted)) > 1

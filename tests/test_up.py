@@ -64,7 +64,7 @@ def test_up_serves_restarts_and_stops_cleanly(tiny_fp32, tmp_path):
         assert len(complete(url, "tiny")["choices"][0]["text"]) >= 0
         processes = json.loads((run_dir / "processes.json").read_text())["processes"]
         names = {p["name"] for p in processes}
-        assert names == {"tokenizer", "balancer", "prefill", "decode", "gateway", "redis"}
+        assert names == {"tokenizer", "cache", "balancer", "prefill", "decode", "gateway", "redis"}
         decode = next(p for p in processes if p["name"] == "decode")
         os.kill(decode["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 120

@@ -31,7 +31,7 @@ class BalancerService(Service):
         self.eplb_interval_s = eplb_interval_s
 
     async def setup(self) -> None:
-        await self.bus.ensure_group(streams.TOKENIZED, GROUP)
+        await self.bus.ensure_group(streams.CACHED, GROUP)
         self.backlog: list[Entry[TokenizedRequest]] = []  # no rank had room yet
         # what we sent since each rank's last report: rank -> [(time, compute, tokens, blocks)]
         self.sent: dict[tuple[str, int], list[tuple[float, float, int, int]]] = {}
@@ -42,9 +42,9 @@ class BalancerService(Service):
 
     async def loop(self) -> None:
         while not self.stopping.is_set():
-            entries = await self.bus.read(streams.TOKENIZED, GROUP, TokenizedRequest, count=64,
+            entries = await self.bus.read(streams.CACHED, GROUP, TokenizedRequest, count=64,
                                           block_ms=50 if self.backlog else 200)
-            entries += await self.bus.claim_stale(streams.TOKENIZED, GROUP, TokenizedRequest,
+            entries += await self.bus.claim_stale(streams.CACHED, GROUP, TokenizedRequest,
                                                   self.config.claim_idle_ms)
             pending, self.backlog = self.backlog + entries, []
             for entry in pending:
@@ -59,7 +59,7 @@ class BalancerService(Service):
                 self.log.warning("EPLB tick failed: %r", e)
 
     def trimmed_streams(self) -> list[str]:
-        return [streams.TOKENIZED, streams.ABORTS]
+        return [streams.CACHED, streams.ABORTS]
 
     async def housekeeping(self) -> None:
         """The balancer keeps the shared streams: abort groups of dead workers go (they would hold
@@ -67,7 +67,7 @@ class BalancerService(Service):
         await self.reap_abort_groups()
         await super().housekeeping()
         await self.redis.xtrim(streams.DEAD_LETTERS, maxlen=DEAD_LETTERS_KEPT, approximate=True)
-        names = [streams.REQUESTS, streams.TOKENIZED, streams.RAW_DELTAS, streams.ABORTS, streams.DEAD_LETTERS]
+        names = [streams.REQUESTS, streams.TOKENIZED, streams.CACHED, streams.RAW_DELTAS, streams.ABORTS, streams.DEAD_LETTERS]
         for pattern in (streams.prefill_stream("*"), streams.kv_stream("*"), streams.delta_stream("*")):
             names += [k.decode() async for k in self.redis.scan_iter(match=pattern, count=1000, _type="stream")]
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -106,18 +106,18 @@ class BalancerService(Service):
             return
         prefill_rank = choose_prefill_rank(prefill, new, req.num_cached_tokens)
         await self.bus.publish(streams.prefill_stream(prefill_rank), PrefillTask(req, decode_rank))
-        await self.bus.ack(streams.TOKENIZED, GROUP, entry.entry_id)
+        await self.bus.ack(streams.CACHED, GROUP, entry.entry_id)
         now = time.time()
         self.sent.setdefault(("prefill", prefill_rank), []).append(
             (now, attention_compute(new, req.num_cached_tokens), new, 0))
         self.sent.setdefault(("decode", decode_rank), []).append((now, 0.0, 0, reserve))
-        self.messages.labels(stream=streams.TOKENIZED, outcome="routed").inc()
+        self.messages.labels(stream=streams.CACHED, outcome="routed").inc()
 
     async def fail(self, entry: Entry[TokenizedRequest], reason: str, status: int) -> None:
         req = entry.message
         await self.bus.publish(streams.delta_stream(req.gateway_id), TokenDelta(
             req.request_id, req.trace_id, req.gateway_id, 0, [], finish_reason="error", error=reason, status=status))
-        await self.bus.ack(streams.TOKENIZED, GROUP, entry.entry_id)
+        await self.bus.ack(streams.CACHED, GROUP, entry.entry_id)
 
     async def loads(self) -> tuple[list[PrefillLoad], list[DecodeLoad]]:
         """Live ranks (a report key exists), each adjusted by what we sent after its report."""

@@ -59,6 +59,8 @@ class DecodeService(WorkerService):
         self.reprefills = Counter("streamoe_kv_reprefills", "Handoffs refused (missing or corrupt KV) and "
                                   "sent back to prefill", list(rank), registry=self.registry).labels(**rank)
         await self.setup_aborts()
+        await self.setup_prefix_cache()
+        self.engine.keep_finished_kv = self.prefix_cache is not None
         await self.setup_group()
         await self.report_load(force=True)
 
@@ -156,6 +158,7 @@ class DecodeService(WorkerService):
     async def step(self) -> None:
         deltas = await self.timed_step()
         writes, emitted, finished = [], [], []
+        salts = {d.request_id: self.requests[d.request_id].cache_salt for d in deltas if d.finish_reason}
         for d in deltas:
             req = self.requests[d.request_id]
             history = self.history[d.request_id]
@@ -181,3 +184,6 @@ class DecodeService(WorkerService):
 
         if writes:
             await self.bus.publish_many(writes, then=owners)
+        for request_id, token_ids, kv in self.engine.finished_kv:  # prompt + reply, for the next turn
+            self.in_background(self.prefix_cache.insert(token_ids, salts.get(request_id), kv))
+        self.engine.finished_kv.clear()

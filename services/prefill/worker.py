@@ -32,6 +32,7 @@ class PrefillService(WorkerService):
         self.handoff_bytes = Counter("streamoe_kv_handoff_bytes", "Latent KV bytes sent to decode ranks",
                                      ["rank"], registry=self.registry).labels(rank=str(self.rank))
         await self.setup_aborts()
+        await self.setup_prefix_cache()
         await self.setup_group()
         await self.report_load(force=True)
 
@@ -64,9 +65,13 @@ class PrefillService(WorkerService):
         req = task.request
         if req.request_id in self.tasks:
             return  # a redelivery of a task already running here
+        prefix = None
+        if req.num_cached_tokens and self.prefix_cache is not None:  # read and verified off the loop
+            prefix = await asyncio.to_thread(self.prefix_cache.load, req.prompt_ids, req.cache_salt,
+                                             req.num_cached_tokens)
         try:
             await self.compute(self.engine.add_request, req.request_id, req.prompt_ids,
-                               sampling_params(req.sampling), req.cache_salt)
+                               sampling_params(req.sampling), req.cache_salt, prefix)
         except RequestError as e:
             await self.bus.publish(streams.RAW_DELTAS, TokenDelta(req.request_id, req.trace_id, req.gateway_id, 0, [],
                                                                   finish_reason="error", error=str(e), status=400))
@@ -119,5 +124,8 @@ class PrefillService(WorkerService):
             num_cached_tokens=delta.num_cached_tokens, prompt_ids=req.prompt_ids)))
         await self.bus.publish_many(writes)
         await self.bus.ack(self.stream, GROUP, entry_id)  # after the handoff and the first token are written
+        if self.prefix_cache is not None and delta.kv is not None:  # the prompt's new full blocks, off the step
+            self.in_background(self.prefix_cache.insert(req.prompt_ids, req.cache_salt, delta.kv,
+                                                        skip_blocks=req.num_cached_tokens // 64))
         self.log.info(json.dumps({"event": "prefilled", "trace_id": req.trace_id, "decode_rank": task.decode_rank,
                                   "finish": done}))

@@ -70,6 +70,9 @@ class Engine:
         self.last_num_tokens = 0  # tokens computed by the last step (a metric)
         # EP: a step with nothing scheduled here still joins the group's exchanges (zero tokens)
         self.on_idle_step: Callable[[], None] | None = None
+        # the prefix cache's decode side: the computed KV of each request that finishes normally
+        self.keep_finished_kv = False
+        self.finished_kv: list[tuple[str, list[int], torch.Tensor]] = []  # (request id, token ids, KV)
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -172,6 +175,9 @@ class Engine:
         return delta
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        full = seq.num_computed // BLOCK_SIZE * BLOCK_SIZE
+        if self.keep_finished_kv and reason in ("stop", "length") and full:
+            self.finished_kv.append((seq.request_id, seq.token_ids[:full], self.runner.read_kv(seq, full)))
         self.scheduler.finish(seq, reason)
         self.sequences.pop(seq.request_id, None)
         self.seeds.pop(seq.request_id, None)

@@ -1,0 +1,78 @@
+"""The cache service: between the tokenizer and the balancer, it finds each request's longest
+prefix of verified cached blocks (design.md §1 "cache") so prefill computes only the rest and
+the prefill balancer counts only uncached tokens; it also keeps the store under its capacity.
+
+With the cache off it passes requests through (num_cached_tokens stays 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import Counter
+
+from shared import streams
+from shared.messages import TokenizedRequest
+from shared.model.config import ModelArgs
+from shared.model.loader import checkpoint_fingerprint, resolve_dtype
+from shared.prefix_cache import PrefixCache
+from shared.service import Service, ServiceConfig
+
+GROUP = streams.group("cache")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    model_dir: Path
+    directory: Path | None  # None: the cache is off
+    capacity_bytes: int = 8 << 30
+    dtype: str = "auto"
+    device: str = "cpu"
+
+
+class CacheService(Service):
+    name = "cache"
+
+    def __init__(self, config: ServiceConfig, settings: CacheSettings):
+        super().__init__(config)
+        self.settings = settings
+        self.cache: PrefixCache | None = None
+        self.tokens = Counter("streamoe_cache_lookup_tokens", "Prompt tokens looked up, by result (hit, miss)",
+                              ["result"], registry=self.registry)
+        self.evicted = Counter("streamoe_cache_evicted_blocks", "Blocks evicted to keep the store under capacity",
+                               registry=self.registry)
+
+    async def setup(self) -> None:
+        await self.bus.ensure_group(streams.TOKENIZED, GROUP)
+        if self.settings.directory is None:
+            return
+        args = ModelArgs.from_file(self.settings.model_dir / "config.json")
+        dtype = resolve_dtype(self.settings.dtype, args, self.settings.device)
+        self.cache = PrefixCache(self.settings.directory, self.settings.capacity_bytes, self.redis,
+                                 checkpoint_fingerprint(self.settings.model_dir, dtype))
+        if await self.cache.index.count() == 0:  # Redis lost the index (or a fresh one): the disk still holds blocks
+            found = await self.cache.index.rebuild(self.cache.store.scan())
+            self.log.info(json.dumps({"event": "index_rebuilt", "blocks": found}))
+
+    async def loop(self) -> None:
+        while not self.stopping.is_set():
+            entries = await self.bus.read(streams.TOKENIZED, GROUP, TokenizedRequest, count=64, block_ms=200)
+            entries += await self.bus.claim_stale(streams.TOKENIZED, GROUP, TokenizedRequest,
+                                                  self.config.claim_idle_ms)
+            for entry in entries:
+                req = entry.message
+                cached = await self.cache.lookup(req.prompt_ids, req.cache_salt) if self.cache else 0
+                self.tokens.labels(result="hit").inc(cached)
+                self.tokens.labels(result="miss").inc(len(req.prompt_ids) - cached)
+                await self.bus.publish(streams.CACHED, dataclasses.replace(req, num_cached_tokens=cached))
+                await self.bus.ack(streams.TOKENIZED, GROUP, entry.entry_id)  # after the downstream write
+
+    def trimmed_streams(self) -> list[str]:
+        return [streams.TOKENIZED]
+
+    async def housekeeping(self) -> None:
+        await super().housekeeping()
+        if self.cache is not None:
+            self.evicted.inc(await self.cache.evict())
