@@ -203,6 +203,30 @@ def test_an_external_prefix_is_not_computed_again(model, prompts):
         engine.add_request("bad", prompts[9][:64], SamplingParams(), prefix_kv=kv["r9"][:, :64])
 
 
+def test_finished_requests_leave_the_kv_of_every_token(model, prompts):
+    """Decode with the prefix cache on: a finished request's KV covers every token, its last one
+    included (computed in one more step, after the client got the answer), equal to a fresh
+    prefill of the whole sequence."""
+    prompt = prompts[12]  # 200 tokens; 56 more make 256: whole blocks, the last one ending on the reply
+    prefill = Engine(model, EngineConfig(mode="prefill"))
+    prefill.add_request("r", prompt, SamplingParams(max_tokens=56, ignore_eos=True))
+    (handoff,) = prefill.step()
+    decode = Engine(model, EngineConfig(mode="decode"))
+    decode.keep_finished_kv = True
+    assert decode.add_prefilled("r", prompt, SamplingParams(max_tokens=56, ignore_eos=True), handoff.token_ids[0],
+                                handoff.kv)
+    tokens = list(handoff.token_ids)
+    while decode.has_unfinished():
+        tokens += [t for d in decode.step() for t in d.token_ids]
+    assert len(tokens) == 56 and decode.blocks.num_free == decode.blocks.num_blocks
+    ((rid, token_ids, kv),) = decode.finished_kv
+    assert rid == "r" and token_ids == prompt + tokens and kv.shape[1] == 256
+    fresh = Engine(model, EngineConfig(mode="prefill"))
+    fresh.add_request("f", token_ids + [5], SamplingParams(max_tokens=2, ignore_eos=True))
+    (whole,) = fresh.step()
+    assert torch.allclose(kv, whole.kv[:, :256], atol=1e-4)
+
+
 @pytest.mark.parametrize("prompt, params, field", [
     ([], SamplingParams(), "prompt"),
     ([5] * 2048, SamplingParams(), "prompt"),

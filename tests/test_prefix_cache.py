@@ -59,13 +59,14 @@ def wait_for_blocks(directory, at_least: int, timeout: float = 30) -> int:
 
 async def test_turn_after_turn_hits_the_history(cached_system, tiny_fp32):
     """A conversation as token ids (each turn's prompt = the last prompt + its reply + new tokens):
-    turn n+1 finds 64 * floor(min(prompt_n + completion_n - 1, prompt_{n+1} - 1) / 64) tokens cached
-    (the reply's last token's KV is never computed), and the tokens are transformers' own."""
+    turn n+1 finds 64 * floor(min(prompt_n + completion_n, prompt_{n+1} - 1) / 64) tokens cached,
+    and the tokens are transformers' own."""
     gen = torch.Generator().manual_seed(77)
     ref = load_reference(tiny_fp32)
     prompt = torch.randint(3, 1024, (150,), generator=gen).tolist()
     history, cached_seen = [], []
-    for turn, (max_tokens, extra) in enumerate([(20, 30), (33, 50), (10, 0)]):
+    # turn 1 ends on a block boundary (150 + 42 = 192): its last token's KV is needed by turn 2
+    for turn, (max_tokens, extra) in enumerate([(42, 30), (33, 50), (10, 0)]):
         reply = await complete(cached_system, tiny_fp32, prompt, max_tokens)
         tokens = reply["choices"][0]["token_ids"]
         usage = reply["usage"]
@@ -76,11 +77,11 @@ async def test_turn_after_turn_hits_the_history(cached_system, tiny_fp32):
         assert tokens[:expected.trusted] == expected.tokens[:expected.trusted]
         if history:
             last_prompt, last_completion = history[-1]
-            assert cached_seen[-1] == 64 * (min(last_prompt + last_completion - 1, len(prompt) - 1) // 64)
+            assert cached_seen[-1] == 64 * (min(last_prompt + last_completion, len(prompt) - 1) // 64)
         history.append((len(prompt), len(tokens)))
-        wait_for_blocks(cached_system["dir"], (len(prompt) + len(tokens) - 1) // 64)
+        wait_for_blocks(cached_system["dir"], (len(prompt) + len(tokens)) // 64)
         prompt = prompt + tokens + torch.randint(3, 1024, (extra,), generator=gen).tolist()
-    assert cached_seen[1] > 0 and cached_seen[2] > cached_seen[1]
+    assert cached_seen == [0, 192, 192]  # turn 2 uses the block that ends on turn 1's last token
 
 
 def disk_hits(system) -> float:

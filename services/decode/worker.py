@@ -61,6 +61,7 @@ class DecodeService(WorkerService):
         await self.setup_aborts()
         await self.setup_prefix_cache()
         self.engine.keep_finished_kv = self.prefix_cache is not None
+        self.finishing_salts: dict[str, str | None] = {}
         await self.setup_group()
         await self.report_load(force=True)
 
@@ -158,7 +159,9 @@ class DecodeService(WorkerService):
     async def step(self) -> None:
         deltas = await self.timed_step()
         writes, emitted, finished = [], [], []
-        salts = {d.request_id: self.requests[d.request_id].cache_salt for d in deltas if d.finish_reason}
+        for d in deltas:
+            if d.finish_reason and self.prefix_cache is not None:  # its blocks are written a step later
+                self.finishing_salts[d.request_id] = self.requests[d.request_id].cache_salt
         for d in deltas:
             req = self.requests[d.request_id]
             history = self.history[d.request_id]
@@ -185,5 +188,5 @@ class DecodeService(WorkerService):
         if writes:
             await self.bus.publish_many(writes, then=owners)
         for request_id, token_ids, kv in self.engine.finished_kv:  # prompt + reply, for the next turn
-            self.in_background(self.prefix_cache.insert(token_ids, salts.get(request_id), kv))
+            self.in_background(self.prefix_cache.insert(token_ids, self.finishing_salts.pop(request_id, None), kv))
         self.engine.finished_kv.clear()

@@ -70,7 +70,8 @@ class Engine:
         self.last_num_tokens = 0  # tokens computed by the last step (a metric)
         # EP: a step with nothing scheduled here still joins the group's exchanges (zero tokens)
         self.on_idle_step: Callable[[], None] | None = None
-        # the prefix cache's decode side: the computed KV of each request that finishes normally
+        # the prefix cache's decode side: the KV of every token of each request that finishes
+        # normally (the last token's computed in one extra step, after the client has its answer)
         self.keep_finished_kv = False
         self.finished_kv: list[tuple[str, list[int], torch.Tensor]] = []  # (request id, token ids, KV)
 
@@ -152,6 +153,9 @@ class Engine:
         deltas = []
         for seq, token in zip(sampled, tokens):
             deltas.append(self._advance(seq, token))
+        for item in scheduled:
+            if not item.sample and item.seq.pending_finish is not None and item.seq.num_uncomputed == 0:
+                self._finish(item.seq, item.seq.pending_finish)  # every token's KV computed: blocks to the cache
         return deltas
 
     def _advance(self, seq: Sequence, token: int) -> Delta:
@@ -171,7 +175,10 @@ class Engine:
             delta.kv = self.runner.read_kv(seq, len(seq.prompt_ids))
             self._finish(seq, "prefilled")
         elif delta.finish_reason is not None:
-            self._finish(seq, delta.finish_reason)
+            if self.keep_finished_kv and delta.finish_reason in ("stop", "length") and seq.num_uncomputed == 1:
+                seq.pending_finish = delta.finish_reason  # the client has its answer; the KV of the last token next
+            else:
+                self._finish(seq, delta.finish_reason)
         return delta
 
     def _finish(self, seq: Sequence, reason: str) -> None:

@@ -82,7 +82,7 @@ class Scheduler:
             if not self._make_room(seq):
                 continue  # seq itself was the newest: preempted
             self.blocks.grow(seq, seq.num_tokens)
-            scheduled.append(ScheduledSeq(seq, 1, True))
+            scheduled.append(ScheduledSeq(seq, 1, seq.pending_finish is None))  # no sampling past the end
             budget -= 1
         # 2. prefills already running (the next chunk)
         for seq in self.running:

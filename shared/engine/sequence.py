@@ -53,6 +53,8 @@ class Sequence:
     # blocks; written into the pool at admission, dropped once the prompt is computed.
     external_kv: Any = None
     external_from: int = 0  # at admission: where the external KV starts to be needed (after in-memory hits)
+    # Finished, but its last token's KV is computed in one more step first (for the prefix cache)
+    pending_finish: str | None = None
     finish_reason: str | None = None
     num_preemptions: int = 0
 
