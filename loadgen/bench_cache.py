@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from .system import running_system
 
 
 def ttft(url: str, model: str, prompt: list[int]) -> tuple[float, int]:
@@ -50,14 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=8161)
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))
-    up = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--preset", args.preset, "--port", str(args.port),
-                           "--run-dir", str(tmp / "run"), "--cache-dir", str(tmp / "blocks")],
-                          stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        line = up.stdout.readline().strip()
-        if not line.startswith("streamoe ready: "):
-            raise SystemExit(f"streamoe up did not get ready: {line!r}")
-        url = line.removeprefix("streamoe ready: ")
+    with running_system("--preset", args.preset, "--port", str(args.port), "--run-dir", str(tmp / "run"),
+                        "--cache-dir", str(tmp / "blocks")) as url:
         vocab = 8192 if args.preset == "small" else 1024
         rng = np.random.default_rng(0)
         ttft(url, args.preset, rng.integers(6, vocab, 64).tolist())  # warm-up
@@ -72,9 +67,6 @@ def main(argv=None) -> int:
                    "--max-concurrency", str(args.conversations), "--no-progress", "--out", str(out)]
         subprocess.run([sys.executable, "-m", "loadgen", *loadgen], check=True, stdout=subprocess.DEVNULL)
         result = json.loads(out.read_text())
-    finally:
-        up.send_signal(signal.SIGTERM)
-        up.wait(timeout=120)
     print(f"{args.preset}: TTFT of a {args.prompt_len}-token prompt: uncached {miss * 1000:.0f} ms "
           f"({miss_cached} cached tokens), with {hit_cached} tokens cached {hit * 1000:.0f} ms: "
           f"{hit / miss:.3f}x")

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .system import running_system
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,25 +51,16 @@ def loadgen_argv(args: argparse.Namespace, url: str, vocab_size: int, out: Path)
 
 
 def through_services(args: argparse.Namespace, vocab_size: int, run_dir: Path) -> dict:
-    up = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--preset", args.preset, "--dtype", args.dtype,
-                           "--port", str(args.port), "--run-dir", str(run_dir)],
-                          stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        line = up.stdout.readline().strip()
-        if not line.startswith("streamoe ready: "):
-            raise SystemExit(f"streamoe up did not get ready: {line!r}")
-        url = line.removeprefix("streamoe ready: ")
+    with running_system("--preset", args.preset, "--dtype", args.dtype, "--port", str(args.port),
+                        "--run-dir", str(run_dir)) as url:
         run_loadgen(["--url", url, "--workload", "random", "--num-requests", "2", "--input-len", "32",
-                            "--output-len", "4", "--vocab-size", str(vocab_size), "--seed", "99", "--no-progress",
-                            "--out", str(run_dir / "warmup.json")])
+                     "--output-len", "4", "--vocab-size", str(vocab_size), "--seed", "99", "--no-progress",
+                     "--out", str(run_dir / "warmup.json")])
         out = run_dir / "loadgen.json"
         argv = loadgen_argv(args, url, vocab_size, out)
         result = run_loadgen(argv)
         result["command"] = "python -m loadgen " + shlex.join(argv)
         return result
-    finally:
-        up.send_signal(signal.SIGTERM)
-        up.wait(timeout=120)
 
 
 def run_loadgen(argv: list[str]) -> dict:
