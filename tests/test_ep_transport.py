@@ -203,18 +203,23 @@ async def main(url, group_id, rank, timeout_s):
     t = RedisTransport(url, "decode", rank, 2, group_id, timeout_s=timeout_s)
     await t.start(timeout_s=30.0)
     step = 0
-    while True:
-        key = f"s{step}:l3:mb0:dispatch"
-        t0 = time.monotonic()
-        try:
-            recv = await t.all_to_all(key, [f"{rank}->{p}@{step}".encode() * 1000 for p in range(2)])
-        except ExchangeTimeout as e:
-            print(f"timeout {step} {time.monotonic() - t0:.3f} {e}", flush=True)
-            return
-        assert recv == [f"{p}->{rank}@{step}".encode() * 1000 for p in range(2)], key
-        print(f"ok {step} {t.stats.received_bytes[1 - rank]}", flush=True)
-        step += 1
-        await asyncio.sleep(0.01)
+    try:
+        while True:
+            key = f"s{step}:l3:mb0:dispatch"
+            t0 = time.monotonic()
+            try:
+                recv = await t.all_to_all(key, [f"{rank}->{p}@{step}".encode() * 1000 for p in range(2)])
+            except ExchangeTimeout as e:
+                print(f"timeout {step} {time.monotonic() - t0:.3f} {e}", flush=True)
+                return
+            assert recv == [f"{p}->{rank}@{step}".encode() * 1000 for p in range(2)], key
+            print(f"ok {step} {t.stats.received_bytes[1 - rank]}", flush=True)
+            step += 1
+            await asyncio.sleep(0.01)
+    finally:
+        # NOTE: close, never leave the reader to asyncio.run's cancel: a cancel inside a blocking
+        # redis-py read can be swallowed, and the process would not exit.
+        await t.close()
 
 asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
 """
