@@ -189,7 +189,9 @@ async def test_inboxes_stay_bounded(redis_url, redis):
             await exchange(transports, f"s{step}:l0:mb0:dispatch")
             lengths.append(max([await redis.xlen(inbox) for inbox in inboxes]))
         await asyncio.sleep(0.1)
-        assert max(lengths) <= 2 * 3, lengths  # at most the entries of the exchanges in flight, not 60 x 3
+        # at most the entries of the exchanges in flight (not 60 x 3); the first rounds may still
+        # hold the join's hellos and replies, which the reader deletes as it goes
+        assert max(lengths[5:]) <= 2 * 3 and max(lengths) <= 2 * 3 + 2 * 3, lengths
         assert [await redis.xlen(inbox) for inbox in inboxes] == [0, 0, 0, 0]
     finally:
         await asyncio.gather(*(t.close() for t in transports))
