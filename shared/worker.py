@@ -107,6 +107,17 @@ class WorkerService(EPRank, Service):
         self._expert_seen: dict[int, torch.Tensor] = {}
         self._up_since = time.monotonic()
 
+    async def setup_worker(self) -> None:
+        """What every worker sets up after its own stream: aborts, the prefix cache, the EP group
+        (waits for every rank), and a first load report so the balancer sees it."""
+        await self.setup_aborts()
+        await self.setup_prefix_cache()
+        await self.setup_group()
+        await self.report_load(force=True)
+
+    def trimmed_streams(self) -> list[str]:
+        return [self.stream]  # the worker's own input stream
+
     @property
     def idle(self) -> bool:
         return not self.engine.has_unfinished() and not self.group_busy

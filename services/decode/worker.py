@@ -58,15 +58,9 @@ class DecodeService(WorkerService):
             registry=self.registry).labels(**rank)
         self.reprefills = Counter("streamoe_kv_reprefills", "Handoffs refused (missing or corrupt KV) and "
                                   "sent back to prefill", list(rank), registry=self.registry).labels(**rank)
-        await self.setup_aborts()
-        await self.setup_prefix_cache()
-        self.engine.keep_finished_kv = self.prefix_cache is not None
         self.finishing_salts: dict[str, str | None] = {}
-        await self.setup_group()
-        await self.report_load(force=True)
-
-    def trimmed_streams(self) -> list[str]:
-        return [self.stream]
+        await self.setup_worker()
+        self.engine.keep_finished_kv = self.prefix_cache is not None
 
     async def loop(self) -> None:
         while not self.stopping.is_set():

@@ -31,13 +31,7 @@ class PrefillService(WorkerService):
         self.tasks: dict[str, tuple[str, PrefillTask]] = {}  # request id -> (entry id, task)
         self.handoff_bytes = Counter("streamoe_kv_handoff_bytes", "Latent KV bytes sent to decode ranks",
                                      ["rank"], registry=self.registry).labels(rank=str(self.rank))
-        await self.setup_aborts()
-        await self.setup_prefix_cache()
-        await self.setup_group()
-        await self.report_load(force=True)
-
-    def trimmed_streams(self) -> list[str]:
-        return [self.stream]
+        await self.setup_worker()
 
     async def loop(self) -> None:
         while not self.stopping.is_set():

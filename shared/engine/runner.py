@@ -88,6 +88,6 @@ def _halve(scheduled: list[ScheduledSeq]) -> int:
     total, running = sum(item.num_new for item in scheduled), 0
     for i, item in enumerate(scheduled):
         if running + item.num_new / 2 >= total / 2:
-            return max(i, 1) if len(scheduled) > 1 else 1
+            return max(i, 1)
         running += item.num_new
     return len(scheduled)
