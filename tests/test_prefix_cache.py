@@ -102,6 +102,11 @@ async def test_salts_never_share_and_corrupt_blocks_are_misses(cached_system, ti
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 192
     assert disk_hits(cached_system) == before + 192
     assert again["choices"][0]["token_ids"] == first["choices"][0]["token_ids"]
+    # let decode finish its last step and write its blocks first (a write would replace a damaged file)
+    deadline = time.monotonic() + 30
+    while metric(cached_system["decode"], "streamoe_running_requests") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
     # damage every block on disk: each is detected and dropped, never used; the answer stays right
     damaged = {}
     for path in cached_system["dir"].glob("*/*.blk"):
