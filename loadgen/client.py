@@ -34,6 +34,7 @@ class Result:
     completion_tokens: int = 0
     cached_tokens: int = 0
     text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # every streamed chunk's, in order (return_token_ids)
 
     @property
     def ok(self) -> bool:
@@ -101,6 +102,7 @@ class Client:
             async with self.session.post(endpoint, json=body, headers=self.headers) as r:
                 if r.status != 200:
                     result.error, result.message = str(r.status), _error_message(await r.text())
+                    result.e2el_s = time.perf_counter() - sent  # how fast the refusal came
                     return
                 await self._read_stream(r, sent, result)
         except asyncio.TimeoutError:
@@ -128,7 +130,7 @@ class Client:
                 return
             if event.get("usage"):
                 _take_usage(event["usage"], result)
-            n = _chunk_tokens(event, pieces)
+            n = _chunk_tokens(event, pieces, result.token_ids)
             if n:
                 if result.ttft_s is None:
                     result.ttft_s = now - sent
@@ -144,8 +146,9 @@ class Client:
             result.completion_tokens = counted  # no usage chunk: count what arrived
 
 
-def _chunk_tokens(event: dict, pieces: list[str]) -> int:
-    """Tokens a chunk carries (its token_ids, else 1 when it has text); appends its text to pieces."""
+def _chunk_tokens(event: dict, pieces: list[str], ids: list[int]) -> int:
+    """Tokens a chunk carries (its token_ids, else 1 when it has text); appends its text to pieces
+    and its token ids to ids."""
     choices = event.get("choices") or []
     if not choices:
         return 0
@@ -154,6 +157,7 @@ def _chunk_tokens(event: dict, pieces: list[str]) -> int:
     piece = choice.get("text") or delta.get("content") or delta.get("reasoning_content") or ""
     pieces.append(piece)
     token_ids = choice.get("token_ids")
+    ids += token_ids or []
     return len(token_ids) if token_ids else (1 if piece else 0)
 
 

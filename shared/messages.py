@@ -47,6 +47,9 @@ class TokenizedRequest:
     prompt_ids: list[int]
     cache_salt: str | None = None
     num_cached_tokens: int = 0  # prefix tokens the cache service found (whole 64-token blocks)
+    # A request resumed after its decode rank died: the last `resumed` ids of prompt_ids are output
+    # the client already has; its next token is output index `resumed` (shared/ownership.py).
+    resumed: int = 0
 
 
 @message("prefill")

@@ -24,8 +24,10 @@ from .hashing import BLOCK_SIZE, chain_hashes, root_hash
 
 
 class PrefixCache:
-    def __init__(self, directory: Path, capacity_bytes: int, redis, model_fingerprint: str):
+    def __init__(self, directory: Path, capacity_bytes: int, redis, model_fingerprint: str,
+                 write_delay_s: float = 0.0):
         self.store = BlockStore(Path(directory), capacity_bytes)
+        self.write_delay_s = write_delay_s  # fault injection: a slow shared filesystem
         self.index = RedisIndex(redis, "cache", capacity_bytes)
         self.fingerprint = model_fingerprint
 
@@ -49,6 +51,8 @@ class PrefixCache:
               skip_blocks: int = 0) -> list[tuple[str, int]]:
         """Blocking: store the full blocks of `token_ids` whose KV [layers, >= len, C+R] is given,
         from block `skip_blocks` on -> (hash, size) of the blocks written."""
+        if self.write_delay_s:
+            time.sleep(self.write_delay_s)
         written = []
         num_blocks = min(len(token_ids), kv.shape[1]) // BLOCK_SIZE
         hashes = self.hashes(token_ids[:num_blocks * BLOCK_SIZE], cache_salt)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -115,6 +116,8 @@ class Service:
         self.redis = Redis(connection_pool=BlockingConnectionPool.from_url(
             self.config.redis_url, max_connections=self.config.redis_connections, timeout=10))
         self.bus = Bus(self.redis, self.config.instance_id)
+        if not await self._can_authenticate():
+            return 2
         runner = await self._start_http()
         background = [asyncio.create_task(self._heartbeat())]
         failed = False
@@ -158,6 +161,26 @@ class Service:
             self.log.info(json.dumps({"event": "stopped", "service": self.name}))
         return 1 if failed else 0
 
+    async def _can_authenticate(self) -> bool:
+        """False (with one clear log line) when Redis refuses our credentials: no retry can fix a
+        wrong password."""
+        try:
+            await self.redis.ping()
+            return True
+        except AuthenticationError as e:
+            kw = self.redis.connection_pool.connection_kwargs
+            where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
+            # NOTE: never the password itself, nor the URL that holds it
+            given = "with the password given" if kw.get("password") else "with no password given"
+            self.log.error(f"redis authentication failed for user {kw.get('username') or 'default'!r} at {where} "
+                           f"{given} ({str(e).rstrip('.')}); check the user and password in --redis-url "
+                           "(or STREAMOE_REDIS_URL)")
+        except RedisError:
+            return True  # unreachable or else: left to the paths below, as before this check
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.redis.aclose(), 2.0)
+        return False
+
     def make_app(self) -> web.Application:
         return web.Application()
 
@@ -200,6 +223,21 @@ class Service:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def until_written(self, write):
+        """`await write()` until Redis takes it, with backoff through an outage: for writes of what
+        exists nowhere else (a step's tokens). A write retried must be idempotent, or harmless twice
+        (token deltas are: the gateway drops a repeated index)."""
+        backoff = 0.1
+        while True:
+            try:
+                return await write()
+            except (RedisConnectionError, RedisTimeoutError) as e:
+                if self._closing.is_set():
+                    raise
+                self.log.warning(json.dumps({"event": "write_retried", "error": repr(e), "retry_in_s": backoff}))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, waking early when the service closes."""

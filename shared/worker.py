@@ -43,6 +43,8 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="the prefix cache's block store, shared with the cache service (omit: off)")
     parser.add_argument("--cache-capacity-mib", type=int, default=8192)
+    parser.add_argument("--cache-write-delay-s", type=float, default=0.0,
+                        help="fault injection: each block write first waits this long (a slow shared filesystem)")
     ep = parser.add_argument_group("expert parallelism")
     ep.add_argument("--ep-wire", default="fp8", choices=["fp8", "exact"],
                     help="fp8: FP8 dispatch (one scale per 128 channels), BF16 combine; exact: compute dtype")
@@ -104,6 +106,11 @@ class WorkerService(EPRank, Service):
                              registry=self.registry).labels(**labels)
         self.expert_tokens = Counter("streamoe_expert_tokens", "Tokens routed to each expert on this rank",
                                      [*labels, "layer", "expert"], registry=self.registry)
+        self.cache_write_seconds = Histogram("streamoe_cache_write_seconds", "Time to write one request's new "
+                                             "blocks to the prefix cache (off the step's path)", list(labels),
+                                             buckets=_STEP_BUCKETS, registry=self.registry).labels(**labels)
+        self.cache_blocks_written = Counter("streamoe_cache_blocks_written", "Blocks this rank wrote to the prefix "
+                                            "cache", list(labels), registry=self.registry).labels(**labels)
         self._expert_seen: dict[int, torch.Tensor] = {}
         self._up_since = time.monotonic()
 
@@ -126,8 +133,20 @@ class WorkerService(EPRank, Service):
         self.prefix_cache = None
         if self.args.cache_dir is not None:
             self.prefix_cache = PrefixCache(self.args.cache_dir, self.args.cache_capacity_mib << 20, self.redis,
-                                            self.engine.config.model_fingerprint)
+                                            self.engine.config.model_fingerprint, self.args.cache_write_delay_s)
         self.background: set[asyncio.Task] = set()
+
+    def write_blocks(self, token_ids: list[int], cache_salt: str | None, kv: torch.Tensor,
+                     skip_blocks: int = 0) -> None:
+        """Store full blocks in the prefix cache off the step's path: on another thread, while the
+        compute thread goes on with the next steps; timed in streamoe_cache_write_seconds."""
+        async def write() -> None:
+            start = time.perf_counter()
+            written = await self.prefix_cache.insert(token_ids, cache_salt, kv, skip_blocks)
+            self.cache_write_seconds.observe(time.perf_counter() - start)
+            self.cache_blocks_written.inc(written)
+
+        self.in_background(write())
 
     def in_background(self, coro) -> None:
         """Work that must not delay a step (block writes): kept referenced until done."""

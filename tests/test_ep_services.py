@@ -14,15 +14,19 @@ from reference import load_reference, reference_greedy
 
 
 @pytest.fixture(scope="module")
-def ep_system(tiny_fp32, redis_url):
+def ep_system(tiny_fp32, redis_url, tmp_path_factory):
     import redis as sync_redis
 
     sync_redis.Redis.from_url(redis_url).flushdb()
+    blocks = tmp_path_factory.mktemp("ep-blocks")
+    cache = ["--cache-dir", str(blocks), "--cache-capacity-mib", "64"]
+    # every block write waits 1 s: the two prefill ranks, which step together, write at the same moment
     common = ["--model", str(tiny_fp32), "--dtype", "fp32", "--threads", "1", "--kv-cache-mib", "32",
               "--ep-size", "2", "--ep-wire", "exact", "--ep-timeout-s", "4", "--num-redundant-experts", "2",
-              "--housekeeping-s", "0.5"]
+              "--housekeeping-s", "0.5", *cache, "--cache-write-delay-s", "1"]
     started = {"tokenizer": ServiceProcess("services.tokenizer", redis_url, "--model", str(tiny_fp32)),
-               "cache": ServiceProcess("services.cache", redis_url, "--model", str(tiny_fp32)),
+               "cache": ServiceProcess("services.cache", redis_url, "--model", str(tiny_fp32), "--dtype", "fp32",
+                                       *cache),
                "balancer": ServiceProcess("services.balancer", redis_url, "--eplb-interval-s", "1",
                                           "--eplb-min-tokens", "300", "--eplb-min-gain", "0.01")}
     # NOTE: a rank is ready only once its whole group has joined: start both, then wait.
@@ -34,8 +38,9 @@ def ep_system(tiny_fp32, redis_url):
             started[f"{role}{r}"] = service
     started["gateway"] = ServiceProcess("services.gateway", redis_url, "--model", str(tiny_fp32),
                                         "--request-timeout-s", "60")
+    started["blocks"] = blocks
     yield started
-    stop_all(started.values())
+    stop_all(s for s in started.values() if isinstance(s, ServiceProcess))
 
 
 async def test_ep2_groups_serve_transformers_tokens(ep_system, tiny_fp32):
@@ -88,6 +93,45 @@ async def test_eplb_rolls_out_while_requests_stream(ep_system, tiny_fp32):
     for prompt, tokens in done:
         expected = reference_greedy(ref, prompt, 6)
         assert tokens[:expected.trusted] == expected.tokens[:expected.trusted]
+
+
+async def test_two_prefill_ranks_writing_the_same_blocks_leave_one_good_copy(ep_system, tiny_fp32):
+    """The same prompt twice at once: the balancer sends one to each prefill rank, both ranks (and
+    then both decode ranks) write its blocks at the same moment; each block is one file that
+    verifies, no temporary file is left, and the prompt hits the cache afterwards."""
+    from services.cache.store import BlockStore
+    from shared.hashing import chain_hashes, root_hash
+    from shared.model.loader import checkpoint_fingerprint
+
+    gen = torch.Generator().manual_seed(10)
+    prompt = torch.randint(3, 1024, (200,), generator=gen).tolist()
+    model = tiny_fp32.resolve().name
+    ranks = [f"{role}{r}" for role in ("prefill", "decode") for r in range(2)]
+
+    def writes() -> dict[str, float]:
+        return {name: metric(ep_system[name], "streamoe_cache_write_seconds_count") for name in ranks}
+
+    before = writes()
+    async with aiohttp.ClientSession() as session:
+        first, second = await asyncio.gather(*[greedy_token_ids(session, ep_system["gateway"], model, prompt, 2)
+                                               for _ in range(2)])
+        assert first == second
+        deadline = time.monotonic() + 30
+        while any(writes()[n] == before[n] for n in ranks) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        after = writes()
+        assert all(after[n] > before[n] for n in ranks), (before, after)  # each rank took one and wrote
+        store = BlockStore(ep_system["blocks"], 64 << 20)
+        root = root_hash(checkpoint_fingerprint(tiny_fp32, torch.float32))
+        for i, h in enumerate(chain_hashes(root, prompt)):
+            assert store.get(h.hex(), prompt[i * 64:(i + 1) * 64]) is not None
+        assert not list(ep_system["blocks"].glob("*/.*.tmp"))  # the losers' temporary files are gone
+        body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}
+        async with session.post(ep_system["gateway"].url("/v1/completions"), json=body) as r:
+            again = await r.json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 192
+    assert again["choices"][0]["token_ids"] == first
 
 
 async def test_a_dead_group_rank_times_the_exchange_out(ep_system, tiny_fp32):

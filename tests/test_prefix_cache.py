@@ -84,6 +84,52 @@ async def test_turn_after_turn_hits_the_history(cached_system, tiny_fp32):
     assert cached_seen == [0, 192, 192]  # turn 2 uses the block that ends on turn 1's last token
 
 
+async def chat(system, tiny_fp32, messages: list[dict], max_tokens: int) -> dict:
+    body = {"model": tiny_fp32.resolve().name, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(system["gateway"].url("/v1/chat/completions"), json=body) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+
+async def test_a_chat_conversation_hits_its_whole_history(cached_system, tiny_fp32):
+    """Through the chat API, as a client sends it: each turn sends back the replies' text. Turn n+1
+    is an exact extension of turn n (the reply's generated ids, not its re-tokenized text: the
+    gateway remembers them), finds 64 * floor(min(p_n + c_n, p_{n+1} - 1) / 64) tokens cached,
+    and every reply is transformers' greedy answer to the prompt ids (so the same as with no cache)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny_fp32 / "tokenizer.json"))
+    ref = load_reference(tiny_fp32)
+    words = ["alpha", "river", "stone", "quiet", "maple", "orbit", "lemon", "cobalt", "tiger", "paper"]
+    gen = torch.Generator().manual_seed(80)
+    messages, history, cached_seen, lossy = [], [], [], 0
+    hits_before = metric(cached_system["tokenizer"], "streamoe_reply_memory_total", outcome="hit")
+    for turn, (user_words, max_tokens) in enumerate([(60, 70), (25, 41), (30, 20)]):
+        text = " ".join(words[int(i)] for i in torch.randint(0, len(words), (user_words,), generator=gen))
+        messages.append({"role": "user", "content": f"turn {turn}: {text}"})
+        reply = await chat(cached_system, tiny_fp32, messages, max_tokens)
+        choice, usage = reply["choices"][0], reply["usage"]
+        prompt, tokens = reply["prompt_token_ids"], choice["token_ids"]
+        cached_seen.append(usage["prompt_tokens_details"]["cached_tokens"])
+        expected = reference_greedy(ref, prompt, max_tokens)
+        assert tokens[:expected.trusted] == expected.tokens[:expected.trusted]
+        if history:
+            last_prompt, last_tokens = history[-1]
+            assert prompt[:len(last_prompt) + len(last_tokens)] == last_prompt + last_tokens  # an exact extension
+            assert cached_seen[-1] == 64 * (min(len(last_prompt) + len(last_tokens), len(prompt) - 1) // 64)
+        history.append((prompt, tokens))
+        content = choice["message"]["content"]
+        lossy += tokenizer.encode(content, add_special_tokens=False).ids != tokens
+        messages.append({"role": "assistant", "content": content})
+        wait_for_blocks(cached_system["dir"], (len(prompt) + len(tokens)) // 64)
+    assert cached_seen[1] >= 128 and cached_seen[2] >= cached_seen[1] + 64
+    # the case this is for: a reply whose text does not tokenize back to its ids was remembered
+    assert lossy >= 1
+    assert metric(cached_system["tokenizer"], "streamoe_reply_memory_total", outcome="hit") - hits_before == 3
+
+
 def disk_hits(system) -> float:
     """Prompt tokens the cache service found on disk so far (the prefill rank's in-memory blocks
     would hide the disk tier in `usage`)."""
@@ -152,3 +198,35 @@ async def test_blocks_on_disk_hit_after_the_cache_service_and_its_index_restart(
     assert '"index_rebuilt"' in cached_system["cache"].log_tail()
     await complete(cached_system, tiny_fp32, prompt, 4)
     assert disk_hits(cached_system) == 128  # the new cache service's first lookup, from the rebuilt index
+
+
+async def test_block_writes_stay_off_the_prefill_step(cached_system, tiny_fp32):
+    """Prefill steps with block writes off, then on with every write held up 2 s (a slow shared
+    filesystem): no step waits for a write (each stays far under 2 s, and the mean is the same as
+    with writes off within noise), though the writes did run and took their 2 s."""
+    redis_url, cache = cached_system["args"]
+    worker = ["--model", str(tiny_fp32), "--dtype", "fp32", "--rank", "0", "--threads", "1", "--kv-cache-mib", "64"]
+    gen = torch.Generator().manual_seed(81)
+
+    async def steps(prefill: ServiceProcess) -> tuple[float, float, float]:
+        """(step count, seconds, steps over 1 s) after four fresh 300-token prompts."""
+        for _ in range(4):
+            await complete(cached_system, tiny_fp32, torch.randint(3, 1024, (300,), generator=gen).tolist(), 2)
+        count = metric(prefill, "streamoe_step_seconds_count")
+        under_1s = metric(prefill, "streamoe_step_seconds_bucket", le="1.0")
+        return count, metric(prefill, "streamoe_step_seconds_sum"), count - under_1s
+
+    cached_system["prefill"].stop()
+    cached_system["prefill"] = off = ServiceProcess("services.prefill", redis_url, *worker)  # no --cache-dir
+    off_count, off_sum, _ = await steps(off)
+    off.stop()
+    cached_system["prefill"] = on = ServiceProcess("services.prefill", redis_url, *worker, *cache,
+                                                   "--cache-write-delay-s", "2")
+    on_count, on_sum, slow_steps = await steps(on)
+    assert slow_steps == 0
+    assert on_sum / on_count <= 2 * off_sum / off_count + 0.05
+    deadline = time.monotonic() + 30  # the writes end after their delay, in the background
+    while metric(on, "streamoe_cache_write_seconds_count") < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(on, "streamoe_cache_write_seconds_count") == 4  # one write per prompt (decode may win the race)
+    assert metric(on, "streamoe_cache_write_seconds_sum") >= 4 * 2.0

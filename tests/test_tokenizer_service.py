@@ -118,3 +118,40 @@ async def test_sigterm_drains_and_exits_cleanly(tokenizer_service, redis):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     assert not await redis.exists(streams.heartbeat_key("tokenizer", "tok-a"))
+
+
+def test_remembered_reply_ids_are_spliced_only_between_special_tokens(tiny_fp32, tmp_path):
+    """shared/reply_memory.py: an assistant message whose ids are remembered is encoded as those
+    ids; everything else exactly as the template's text; a template that does not frame replies
+    with special tokens falls back to the text."""
+    import json
+    import shutil
+
+    from services.tokenizer.worker import Encoder
+
+    encoder = Encoder(tiny_fp32)
+    lossy = [140, 90, 140, 522]  # byte tokens that are not UTF-8 on their own: the text says U+FFFD
+    text = encoder.tokenizer.decode(lossy, skip_special_tokens=False)
+    assert encoder.tokenizer.encode(text, add_special_tokens=False).ids != lossy
+    chat = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": text},
+            {"role": "user", "content": "and then?"}]
+    plain = encoder.encode(request("a", chat=chat))
+    spliced = encoder.encode(request("a", chat=chat), {1: lossy})
+    assert plain == encoder.tokenizer.encode(encoder._render(chat), add_special_tokens=False).ids
+    head = len(encoder.encode(request("a", chat=chat[:1])))  # through the assistant's opening special token
+    as_text = len(encoder.tokenizer.encode(text, add_special_tokens=False).ids)
+    assert spliced == plain[:head] + lossy + plain[head + as_text:]
+    # remembering a reply's own tokenization changes nothing
+    round_trip = encoder.tokenizer.encode("a plain reply", add_special_tokens=False).ids
+    chat[1]["content"] = "a plain reply"
+    assert encoder.encode(request("a", chat=chat), {1: round_trip}) == encoder.encode(request("a", chat=chat))
+    # a template whose reply is not framed by special tokens: the text, never the ids
+    other = tmp_path / "model"
+    shutil.copytree(tiny_fp32, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["chat_template"] = config["chat_template"].replace("<｜Assistant｜>{{ message['content'] }}",
+                                                              "<｜Assistant｜>Answer: {{ message['content'] }}")
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    unframed = Encoder(other)
+    chat[1]["content"] = text
+    assert unframed.encode(request("a", chat=chat), {1: lossy}) == unframed.encode(request("a", chat=chat))

@@ -6,9 +6,10 @@ import asyncio
 import json
 import time
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
+from redis.exceptions import RedisError
 
-from shared import streams
+from shared import ownership, streams
 from shared.bus import Entry
 from shared.hashing import BLOCK_SIZE
 from shared.messages import LoadReport, PrefillTask, TokenDelta, TokenizedRequest
@@ -37,6 +38,11 @@ class BalancerService(Service):
         self.sent: dict[tuple[str, int], list[tuple[float, float, int, int]]] = {}
         if self.eplb_interval_s > 0:
             self.eplb_task = asyncio.create_task(self.balance_experts())
+        self.resumed = Counter("streamoe_requests_resumed", "Requests of dead decode instances resumed on a live "
+                               "rank (by what was left: resumed, finished, expired)", ["outcome"],
+                               registry=self.registry)
+        self.forget_if_owner = self.redis.register_script(ownership.FORGET_IF_OWNER)
+        self.heartbeat_missing: dict[str, float] = {}  # decode instance -> when its heartbeat was first missed
         self.stream_length = Gauge("streamoe_stream_length", "Entries in each stream (sampled by the balancer)",
                                    ["stream"], registry=self.registry)
 
@@ -64,6 +70,7 @@ class BalancerService(Service):
     async def housekeeping(self) -> None:
         """The balancer keeps the shared streams: abort groups of dead workers go (they would hold
         the aborts stream forever), streams are trimmed, lengths exported."""
+        await self.resume_orphans()
         await self.reap_abort_groups()
         await super().housekeeping()
         await self.redis.xtrim(streams.DEAD_LETTERS, maxlen=DEAD_LETTERS_KEPT, approximate=True)
@@ -75,6 +82,59 @@ class BalancerService(Service):
                 pipe.xlen(name)
             for name, length in zip(names, await pipe.execute()):
                 self.stream_length.labels(stream=name).set(length)
+
+    async def resume_orphans(self) -> None:
+        """The requests of decode instances whose heartbeat is gone (kill -9, a crash, a drain cut
+        short) go on elsewhere, from the tokens their client already has (shared/ownership.py)."""
+        try:
+            instances = [raw.decode() for raw in await self.redis.smembers(ownership.DECODE_INSTANCES)]
+            alive = [await self.redis.exists(streams.heartbeat_key("decode", i)) for i in instances]
+        except RedisError:
+            self.heartbeat_missing.clear()  # after an outage, every instance gets a whole TTL to be seen again
+            raise
+        now = time.monotonic()
+        for instance, is_alive in zip(instances, alive):
+            if is_alive:
+                self.heartbeat_missing.pop(instance, None)
+                continue
+            # dead only once its heartbeat has been missing a whole TTL while Redis was up here: the
+            # keys of live ranks also lapse when Redis restarts or is out for a while
+            if now - self.heartbeat_missing.setdefault(instance, now) < self.config.heartbeat_ttl_s:
+                continue
+            for request_id in await self.redis.smembers(ownership.owned_key(instance)):
+                await self.resume(instance, request_id.decode())
+            if not await self.redis.scard(ownership.owned_key(instance)):  # gone once it owns nothing
+                await self.redis.srem(ownership.DECODE_INSTANCES, instance)
+                self.heartbeat_missing.pop(instance, None)
+
+    async def resume(self, instance: str, request_id: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(streams.owner_key(request_id))
+            pipe.get(ownership.ids_key(request_id))
+            owner, raw_ids = await pipe.execute()
+        keys = [streams.owner_key(request_id), ownership.ids_key(request_id), ownership.owned_key(instance)]
+        if owner.get(b"instance_id", b"").decode() == instance:  # else: finished, or owned by a live rank now
+            emitted = ownership.unpack_ids(raw_ids)
+            try:
+                original = decode(owner[b"request"], TokenizedRequest)
+            except (KeyError, WireError) as e:
+                original = None
+                self.log.error(json.dumps({"event": "bad_owner_record", "request_id": request_id, "error": str(e)}))
+            req = ownership.resumed_request(original, emitted) if original is not None else None
+            if original is None or time.time() >= original.deadline:
+                outcome = "expired"  # its gateway has answered already
+            elif req is not None:
+                await self.bus.publish(streams.TOKENIZED, req)  # through the cache (its prompt's blocks) again
+                outcome = "resumed"
+            else:  # every token was sent, only the end was not
+                await self.bus.publish(streams.delta_stream(original.gateway_id), TokenDelta(
+                    request_id, original.trace_id, original.gateway_id, len(emitted), [], finish_reason="length"))
+                outcome = "finished"
+            self.resumed.labels(outcome=outcome).inc()
+            self.log.info(json.dumps({"event": "request_resumed", "request_id": request_id, "outcome": outcome,
+                                      "trace_id": original.trace_id if original else None,
+                                      "dead_instance": instance, "emitted": len(emitted)}))
+        await self.forget_if_owner(keys=keys, args=[instance, request_id])
 
     async def reap_abort_groups(self) -> None:
         prefix = streams.group("aborts-")

@@ -11,16 +11,19 @@ from dataclasses import dataclass, field
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from shared import streams
+from shared import ownership, streams
 from shared.bus import Entry
 from shared.messages import KVChunk, TokenDelta
 from shared.tensors import checksum, from_blob
-from shared.wire import WireError, encode
+from shared.wire import WireError
 from shared.worker import WorkerService, sampling_params
 
 from services.tokenizer.detok import prefix_window
 
 GROUP = streams.group("decode")
+# A handoff that got no chunk this long is dropped: its prefill died mid-way (the prefill that
+# claims the task sends it whole again) or the request was cancelled before it ended.
+HANDOFF_IDLE_S = 60.0
 
 
 @dataclass
@@ -28,6 +31,7 @@ class Handoff:
     chunks: dict[int, KVChunk] = field(default_factory=dict)
     entry_ids: list[str] = field(default_factory=list)
     layer0_received_at: float | None = None
+    last_at: float = 0.0  # monotonic time of the latest chunk
 
 
 class DecodeService(WorkerService):
@@ -41,7 +45,7 @@ class DecodeService(WorkerService):
         self.history: dict[str, list[int]] = {}  # prompt + output so far, for the deltas' prefix ids
         self.requests = {}
         self.finished: deque[str] = deque(maxlen=4096)  # a late duplicate handoff must not run them again
-        self.owner_ttl_ms = int(max(60.0, 6 * self.config.heartbeat_ttl_s) * 1000)
+        self._swept_at = 0.0
         rank = {"rank": str(self.rank)}
         self.handoffs_done = Counter(
             "streamoe_kv_handoffs", "KV handoffs received; layerwise=yes when layer 0 arrived before prefill "
@@ -69,11 +73,17 @@ class DecodeService(WorkerService):
             entries += await self.bus.claim_stale(self.stream, GROUP, KVChunk, self.config.claim_idle_ms, count=256)
             for entry in entries:
                 self.receive(entry)
+            cancelled = []
             for request_id in await self.take_aborts():
                 self.history.pop(request_id, None)
                 if self.requests.pop(request_id, None) is not None:
-                    await self.redis.delete(streams.owner_key(request_id))
+                    cancelled.append(request_id)
+            if cancelled:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    ownership.forget(pipe, self.config.instance_id, cancelled)
+                    await pipe.execute()
             await self.admit_ready()
+            await self.drop_stale_handoffs()
             if await self.should_step():
                 await self.step()
             await self.report_load()
@@ -83,6 +93,7 @@ class DecodeService(WorkerService):
         handoff = self.handoffs.setdefault(chunk.request_id, Handoff())
         handoff.chunks[chunk.layer] = chunk
         handoff.entry_ids.append(entry.entry_id)
+        handoff.last_at = time.monotonic()
         if chunk.layer == 0:
             handoff.layer0_received_at = time.time()
         if chunk.layer == chunk.num_layers:
@@ -110,12 +121,24 @@ class DecodeService(WorkerService):
                 continue
             self.history[request_id] = req.prompt_ids + [final.first_token]
             self.requests[request_id] = req
-            await self.redis.hset(streams.owner_key(request_id), mapping={
-                "rank": self.rank, "instance_id": self.config.instance_id, "request": encode(req), "emitted": 1})
-            await self.redis.pexpire(streams.owner_key(request_id), self.owner_ttl_ms)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                ownership.record_admission(pipe, self.config.instance_id, self.rank, req, final.first_token)
+                await pipe.execute()
             self.note_handoff(handoff)
             await self.consumed(request_id)
         self.ready_to_admit = waiting
+
+    async def drop_stale_handoffs(self) -> None:
+        now = time.monotonic()
+        if now - self._swept_at < 1.0:
+            return
+        self._swept_at = now
+        waiting = set(self.ready_to_admit)
+        for request_id, handoff in list(self.handoffs.items()):
+            if request_id not in waiting and now - handoff.last_at > HANDOFF_IDLE_S:
+                self.log.warning(json.dumps({"event": "stale_handoff_dropped", "request_id": request_id,
+                                             "layers": len(handoff.chunks)}))
+                await self.consumed(request_id)
 
     def assemble(self, handoff: Handoff) -> torch.Tensor:
         """[layers, P, C+R]; any missing layer or checksum mismatch fails loudly."""
@@ -160,9 +183,11 @@ class DecodeService(WorkerService):
             req = self.requests[d.request_id]
             history = self.history[d.request_id]
             window = prefix_window(req.sampling.stop)
+            prompt_len = ownership.original_prompt_len(req)
             writes.append((streams.RAW_DELTAS, TokenDelta(
-                d.request_id, req.trace_id, req.gateway_id, d.index, d.token_ids, finish_reason=d.finish_reason,
-                prefix_ids=history[-window:], stop=req.sampling.stop, num_prompt_tokens=len(req.prompt_ids))))
+                d.request_id, req.trace_id, req.gateway_id, req.resumed + d.index, d.token_ids,
+                finish_reason=d.finish_reason, prefix_ids=history[-window:], stop=req.sampling.stop,
+                num_prompt_tokens=prompt_len)))
             history.extend(d.token_ids)
             self.tokens.labels(role=self.role, rank=str(self.rank), kind="output").inc(len(d.token_ids))
             if d.finish_reason is not None:
@@ -170,17 +195,15 @@ class DecodeService(WorkerService):
                 finished.append(d.request_id)
                 self.finished.append(d.request_id)
             else:
-                emitted.append((d.request_id, len(history) - len(req.prompt_ids)))
+                emitted.append((d.request_id, d.token_ids, len(history) - prompt_len))
 
         def owners(pipe) -> None:  # in the deltas' round trip: the record never lags what was sent
-            for request_id, num_emitted in emitted:
-                pipe.hset(streams.owner_key(request_id), "emitted", num_emitted)
-                pipe.pexpire(streams.owner_key(request_id), self.owner_ttl_ms)
-            if finished:
-                pipe.delete(*[streams.owner_key(r) for r in finished])
+            for request_id, token_ids, num_emitted in emitted:
+                ownership.record_tokens(pipe, request_id, token_ids, num_emitted)
+            ownership.forget(pipe, self.config.instance_id, finished)
 
         if writes:
-            await self.bus.publish_many(writes, then=owners)
+            await self.until_written(lambda: self.bus.publish_many(writes, then=owners))
         for request_id, token_ids, kv in self.engine.finished_kv:  # prompt + reply, for the next turn
-            self.in_background(self.prefix_cache.insert(token_ids, self.finishing_salts.pop(request_id, None), kv))
+            self.write_blocks(token_ids, self.finishing_salts.pop(request_id, None), kv)
         self.engine.finished_kv.clear()

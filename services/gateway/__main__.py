@@ -5,6 +5,7 @@ from pathlib import Path
 
 import uvloop
 
+from shared.reply_memory import DEFAULT_TTL_S
 from shared.service import add_service_args, parse_service_args, service_config
 
 from .app import GatewayService, GatewaySettings
@@ -22,13 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens accepted")
     parser.add_argument("--chat-default-max-tokens", type=int, default=256,
                         help="max_tokens of a chat request that sets none (decode KV is reserved for it)")
+    parser.add_argument("--reply-memory-ttl-s", type=int, default=DEFAULT_TTL_S,
+                        help="how long a chat reply's generated ids are remembered, so the next turn sending its "
+                             "text back is an exact extension of this one (0: off; shared/reply_memory.py)")
     args = parse_service_args(parser, argv)
     raw = [args.api_key] if isinstance(args.api_key, str) else args.api_key or []  # STREAMOE_API_KEY: one string
     keys = tuple(k for arg in raw for k in arg.split(",") if k)
     settings = GatewaySettings(args.model, args.served_model_name or args.model.resolve().name, keys,
                                args.max_body_bytes, args.max_inflight, request_timeout_s=args.request_timeout_s,
                                max_tokens_limit=args.max_tokens_limit,
-                               chat_default_max_tokens=args.chat_default_max_tokens)
+                               chat_default_max_tokens=args.chat_default_max_tokens,
+                               reply_memory_ttl_s=args.reply_memory_ttl_s)
     return uvloop.run(GatewayService(service_config(args), settings).run())
 
 

@@ -10,23 +10,28 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from shared import streams
 from shared.bus import StreamFull
 from shared.messages import Abort, GenerateRequest, TokenDelta
+from shared.reply_memory import DEFAULT_TTL_S, reply_key, tokenizer_digest
 from shared.service import Service, ServiceConfig
 
 from .metrics import GatewayMetrics, RequestTimes
-from .protocol import ApiError, ParsedRequest, now, parse, usage
+from .protocol import ApiError, ParsedRequest, decode_body, now, parse, usage
 
 GROUP = streams.group("gateway")
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's, for /v1/completions
+_LEADING_FIELD = re.compile(r"([a-z_]+(?:\[\d+\])?): ")
 
 
 @dataclass
@@ -50,6 +55,7 @@ class GatewaySettings:
     request_timeout_s: float = 600.0
     max_tokens_limit: int = 4096
     chat_default_max_tokens: int = 256
+    reply_memory_ttl_s: int = DEFAULT_TTL_S
 
 
 class GatewayService(Service):
@@ -63,6 +69,7 @@ class GatewayService(Service):
         self.delta_stream = streams.delta_stream(config.instance_id)
         self._live, self._live_checked = False, -1e9
         self.metrics = GatewayMetrics(self.registry)
+        self.tokenizer_digest = tokenizer_digest(settings.model_dir)
 
     def make_app(self) -> web.Application:
         # NOTE: aiohttp refuses a body over client_max_size with 413 before reading it all.
@@ -103,19 +110,26 @@ class GatewayService(Service):
     @web.middleware
     async def _errors(self, request: web.Request, handler):
         try:
+            if request.path.startswith("/v1"):  # as vLLM: the API needs a key; /health and /metrics stay open
+                self._authorize(request)
             response = await handler(request)
         except ApiError as e:
-            response = web.json_response(e.body(), status=e.status, headers=e.headers)
+            response = _error_response(e)
         except web.HTTPRequestEntityTooLarge:
-            e = ApiError(413, f"the body is over {self.settings.max_body_bytes} bytes", None)
-            response = web.json_response(e.body(), status=413)
-        except web.HTTPException as e:  # aiohttp's own 404/405
-            response = e
+            response = _error_response(ApiError(413, f"the body is over {self.settings.max_body_bytes} bytes", None))
+        except web.HTTPException as e:  # aiohttp's own 404/405: in OpenAI's shape too
+            response = _error_response(_routing_error(request, e)) if 400 <= e.status < 500 else e
         except RedisError as e:  # Redis away or saturated: the backend is unavailable, not broken input
             self.log.warning("redis error on %s: %r", request.path, e)
-            e = ApiError(503, "the request queue is unavailable; retry later", None, "backend_unavailable",
-                         headers={"Retry-After": "1", "retry-after-ms": "1000"})
-            response = web.json_response(e.body(), status=503, headers=e.headers)
+            response = _error_response(ApiError(503, "the request queue is unavailable; retry later", None,
+                                                "backend_unavailable",
+                                                headers={"Retry-After": "1", "retry-after-ms": "1000"}))
+        except ConnectionError:
+            raise  # the client went away mid-answer: there is no one to answer
+        except Exception:  # a bug: still OpenAI's shape for the client, the traceback in our log
+            self.log.exception("unhandled error on %s %s", request.method, request.path)
+            response = _error_response(ApiError(500, "internal error; the gateway's log has the details", None,
+                                                "internal_error"))
         route = request.match_info.route.resource
         self.metrics.http.labels(route=route.canonical if route is not None else "other",
                                  code=str(response.status)).inc()
@@ -124,7 +138,6 @@ class GatewayService(Service):
         return response
 
     async def models(self, request: web.Request) -> web.Response:
-        self._authorize(request)
         return web.json_response({"object": "list", "data": [
             {"id": self.settings.served_model_name, "object": "model", "created": 0, "owned_by": "streamoe"}]})
 
@@ -150,18 +163,13 @@ class GatewayService(Service):
             raise ApiError(401, "missing or wrong API key", None, "invalid_api_key")
 
     async def complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        self._authorize(request)
         if request.content_length is not None and request.content_length > self.settings.max_body_bytes:
             raise ApiError(413, f"the body is over {self.settings.max_body_bytes} bytes")
-        try:
-            body = json.loads(await request.read())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}") from None
-        parsed = parse(body, chat, self.defaults, self.settings.max_tokens_limit)
-        if chat and "max_tokens" not in body and "max_completion_tokens" not in body:
-            parsed.sampling = replace(parsed.sampling, max_tokens=self.settings.chat_default_max_tokens)
+        body = decode_body(await request.read())
+        parsed = parse(body, chat, self.defaults, self.settings.max_tokens_limit,
+                       self.settings.chat_default_max_tokens if chat else COMPLETION_DEFAULT_MAX_TOKENS)
         if parsed.model != self.settings.served_model_name:
-            raise ApiError(404, f"model={parsed.model!r} does not exist; this server serves "
+            raise ApiError(404, f"model={parsed.model[:80]!r} does not exist; this server serves "
                                 f"{self.settings.served_model_name!r}", "model", "model_not_found")
         if len(self.inflight) >= self.settings.max_inflight:
             raise _overloaded(f"{len(self.inflight)} requests in flight (the limit)")
@@ -228,7 +236,7 @@ class GatewayService(Service):
         while True:
             delta = await self._next(state, deadline)
             if delta.finish_reason == "error":
-                raise _failed(delta)
+                raise _failed(delta, parsed.chat)
             deltas.append(delta)
             if delta.finish_reason:
                 break
@@ -247,19 +255,34 @@ class GatewayService(Service):
                 "choices": [choice], "usage": usage(first.num_prompt_tokens, len(token_ids), first.num_cached_tokens)}
         if parsed.return_token_ids:
             body["prompt_token_ids"] = first.prompt_ids
+        await self._remember(parsed, text, token_ids, deltas[-1].finish_reason)
         return web.json_response(body)
+
+    async def _remember(self, parsed: ParsedRequest, text: str, token_ids: list[int], finish_reason: str) -> None:
+        """A finished chat reply's ids, for the tokenizer to find when the client sends the text back
+        (shared/reply_memory.py). Written before the client has the end of the reply, so its next
+        turn finds them. A reply cut by a stop string is not remembered: its ids go past its text."""
+        if not (parsed.chat and self.settings.reply_memory_ttl_s > 0 and text and token_ids) or \
+                finish_reason not in ("stop", "length") or parsed.sampling.stop:
+            return
+        try:
+            await self.redis.set(reply_key(self.tokenizer_digest, parsed.cache_salt, text), msgpack.packb(token_ids),
+                                 ex=self.settings.reply_memory_ttl_s)
+        except RedisError as e:  # an optimisation only: the reply itself is not at stake
+            self.log.warning(json.dumps({"event": "reply_not_remembered", "error": repr(e)}))
 
     async def _stream(self, request: web.Request, parsed: ParsedRequest, request_id: str, state: Inflight,
                       deadline: float) -> web.StreamResponse:
         first = await self._next(state, deadline)  # errors before the stream starts keep their status
         if first.finish_reason == "error":
-            raise _failed(first)
+            raise _failed(first, parsed.chat)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         kind = "chat.completion.chunk" if parsed.chat else "text_completion"
         head = {"id": ("chatcmpl-" if parsed.chat else "cmpl-") + request_id, "object": kind, "created": now(),
                 "model": parsed.model}
         completion = 0
+        text, token_ids = [], []
         delta: TokenDelta | None = first
         try:
             while delta is not None:
@@ -267,6 +290,10 @@ class GatewayService(Service):
                     await _event(response, {"error": ApiError(500, delta.error or "failed").body()["error"]})
                     break
                 completion += len(delta.token_ids)
+                text.append(delta.text or "")
+                token_ids += delta.token_ids
+                if delta.finish_reason:
+                    await self._remember(parsed, "".join(text), token_ids, delta.finish_reason)
                 choice = {"index": 0, "finish_reason": delta.finish_reason, "logprobs": None}
                 if parsed.chat:
                     choice["delta"] = {"content": delta.text or ""} if delta.index else \
@@ -295,10 +322,28 @@ async def _event(response: web.StreamResponse, payload: dict) -> None:
     await response.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
 
 
-def _failed(delta: TokenDelta) -> ApiError:
+def _failed(delta: TokenDelta, chat: bool) -> ApiError:
+    """A backend's refusal. Its 400s begin with the field at fault (`prompt: 2100 tokens; ...`):
+    that is the `param`, and a chat's prompt is its messages."""
     status = delta.status or 503
-    return ApiError(status, delta.error or "the request failed", None,
-                    "backend_unavailable" if status == 503 else None)
+    message = delta.error or "the request failed"
+    field = _LEADING_FIELD.match(message) if status == 400 else None
+    param = None if field is None else field[1]
+    if param is not None and chat and param.startswith("prompt"):
+        param, message = "messages", "messages (as the chat template renders them): " + message[field.end():]
+    return ApiError(status, message, param, "backend_unavailable" if status == 503 else None)
+
+
+def _error_response(e: ApiError) -> web.Response:
+    return web.json_response(e.body(), status=e.status, headers=e.headers)
+
+
+def _routing_error(request: web.Request, e: web.HTTPException) -> ApiError:
+    where = f"{request.method} {request.path[:200]}"
+    if isinstance(e, web.HTTPMethodNotAllowed):
+        return ApiError(405, f"{where}: use {', '.join(sorted(e.allowed_methods))}", None, "method_not_allowed",
+                        headers={"Allow": e.headers.get("Allow", "")})
+    return ApiError(e.status, f"{where}: {e.reason}" if e.status != 404 else f"Invalid URL ({where})", None)
 
 
 def _overloaded(why: str) -> ApiError:

@@ -98,7 +98,7 @@ class PrefillService(WorkerService):
                 writes.append((streams.kv_stream(task.decode_rank), KVChunk(
                     request_id, task.request.trace_id, layer, self.num_layers, blob, checksum(blob.data),
                     computed_at=computed_at, sent_at=time.time())))
-            await self.bus.publish_many(writes)
+            await self.until_written(lambda: self.bus.publish_many(writes))
 
     async def finish(self, delta) -> None:
         entry_id, task = self.tasks.pop(delta.request_id)
@@ -112,14 +112,15 @@ class PrefillService(WorkerService):
         writes = [(streams.kv_stream(task.decode_rank), KVChunk(
             req.request_id, req.trace_id, self.num_layers, self.num_layers, NO_KV, "", request=req,
             first_token=first, finish_reason=done, sent_at=time.time()))]
+        # a resumed request (its decode rank died) goes on at output index `resumed`
         writes.append((streams.RAW_DELTAS, TokenDelta(
-            req.request_id, req.trace_id, req.gateway_id, 0, list(delta.token_ids), finish_reason=done,
-            prefix_ids=req.prompt_ids[-window:], stop=req.sampling.stop, num_prompt_tokens=len(req.prompt_ids),
-            num_cached_tokens=delta.num_cached_tokens, prompt_ids=req.prompt_ids)))
-        await self.bus.publish_many(writes)
+            req.request_id, req.trace_id, req.gateway_id, req.resumed, list(delta.token_ids), finish_reason=done,
+            prefix_ids=req.prompt_ids[-window:], stop=req.sampling.stop,
+            num_prompt_tokens=len(req.prompt_ids) - req.resumed, num_cached_tokens=delta.num_cached_tokens,
+            prompt_ids=None if req.resumed else req.prompt_ids)))
+        await self.until_written(lambda: self.bus.publish_many(writes))
         await self.bus.ack(self.stream, GROUP, entry_id)  # after the handoff and the first token are written
         if self.prefix_cache is not None and delta.kv is not None:  # the prompt's new full blocks, off the step
-            self.in_background(self.prefix_cache.insert(req.prompt_ids, req.cache_salt, delta.kv,
-                                                        skip_blocks=req.num_cached_tokens // 64))
+            self.write_blocks(req.prompt_ids, req.cache_salt, delta.kv, skip_blocks=req.num_cached_tokens // 64)
         self.log.info(json.dumps({"event": "prefilled", "trace_id": req.trace_id, "decode_rank": task.decode_rank,
                                   "finish": done}))

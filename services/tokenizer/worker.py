@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgpack
+from prometheus_client import Counter
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from shared import streams
 from shared.messages import Abort, GenerateRequest, TokenDelta, TokenizedRequest
+from shared.reply_memory import reply_key, tokenizer_digest
 from shared.service import Service, ServiceConfig
 
 from .detok import TokenBytes, delta_text
 
 GROUP = streams.group("tokenizer")
+MARK = re.compile("\ue000([0-9]+)\ue001")  # where a remembered reply's ids go in the rendered template
 KINDS = {streams.REQUESTS: GenerateRequest, streams.RAW_DELTAS: TokenDelta}
 
 
@@ -37,8 +42,17 @@ class Encoder:
         env.globals["raise_exception"] = _raise
         self.template = env.from_string(config["chat_template"]) if config.get("chat_template") else None
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.specials = tuple(t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special)
+        self.digest = tokenizer_digest(model_dir)
 
-    def encode(self, req: GenerateRequest) -> list[int]:
+    def remembered_keys(self, req: GenerateRequest) -> dict[int, str]:
+        """Message index -> reply-memory key, for each assistant message of a chat request."""
+        if req.chat is None:
+            return {}
+        return {i: reply_key(self.digest, req.cache_salt, m["content"]) for i, m in enumerate(req.chat)
+                if m.get("role") == "assistant" and isinstance(m.get("content"), str) and m["content"]}
+
+    def encode(self, req: GenerateRequest, remembered: dict[int, list[int]] | None = None) -> list[int]:
         if req.prompt_ids is not None:
             for i, t in enumerate(req.prompt_ids):
                 if not 0 <= t < self.vocab_size:
@@ -47,16 +61,37 @@ class Encoder:
         elif req.chat is not None:
             if self.template is None:
                 raise PromptError("messages: this model has no chat template")
-            try:
-                text = self.template.render(messages=req.chat, bos_token=self.bos_token, eos_token=self.eos_token,
-                                            add_generation_prompt=True)
-            except TemplateError as e:
-                raise PromptError(f"messages: {e}") from None
-            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+            ids = (self._spliced(req.chat, remembered) if remembered else None) or \
+                self.tokenizer.encode(self._render(req.chat), add_special_tokens=False).ids
         else:
             ids = self.tokenizer.encode(req.prompt_text or "").ids
         if not ids:
             raise PromptError("prompt: empty after tokenization")
+        return ids
+
+    def _render(self, messages: list[dict]) -> str:
+        try:
+            return self.template.render(messages=messages, bos_token=self.bos_token, eos_token=self.eos_token,
+                                        add_generation_prompt=True)
+        except TemplateError as e:
+            raise PromptError(f"messages: {e}") from None
+
+    def _spliced(self, messages: list[dict], remembered: dict[int, list[int]]) -> list[int] | None:
+        """The template rendered with remembered replies' ids in place of their text, or None where a
+        reply is not framed by special tokens (then the text is tokenized whole, as always)."""
+        if any("\ue000" in str(m.get("content")) for m in messages):
+            return None  # the marker's own character in a message: do not guess
+        marked = [dict(m, content=f"\ue000{i}\ue001") if i in remembered else m for i, m in enumerate(messages)]
+        pieces = MARK.split(self._render(marked))  # text, index, text, index, ..., text
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                before, after = pieces[k - 1], pieces[k + 1]
+                if not (before.endswith(self.specials) and after.startswith(self.specials)):
+                    return None
+                ids += remembered[int(piece)]
+            else:
+                ids += self.tokenizer.encode(piece, add_special_tokens=False).ids
         return ids
 
 
@@ -72,6 +107,9 @@ class TokenizerService(Service):
         self.encoder = Encoder(model_dir)
         self.token_bytes = TokenBytes(self.encoder.tokenizer)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # never on the event loop
+        self.reply_memory = Counter("streamoe_reply_memory_total", "Assistant messages of chat requests whose "
+                                    "generated ids were remembered (hit) or not (miss)", ["outcome"],
+                                    registry=self.registry)
 
     async def setup(self) -> None:
         for stream in KINDS:
@@ -98,7 +136,8 @@ class TokenizerService(Service):
     async def tokenize(self, req: GenerateRequest) -> None:
         loop = asyncio.get_running_loop()
         try:
-            ids = await loop.run_in_executor(self.pool, self.encoder.encode, req)
+            remembered = await self.remembered(req)
+            ids = await loop.run_in_executor(self.pool, self.encoder.encode, req, remembered)
         except PromptError as e:
             self.log.info(json.dumps({"event": "bad_prompt", "trace_id": req.trace_id, "error": str(e)}))
             await self.bus.publish(streams.delta_stream(req.gateway_id), TokenDelta(
@@ -106,6 +145,20 @@ class TokenizerService(Service):
             return
         await self.bus.publish(streams.TOKENIZED, TokenizedRequest(
             req.request_id, req.trace_id, req.gateway_id, req.sampling, req.deadline, ids, req.cache_salt))
+
+    async def remembered(self, req: GenerateRequest) -> dict[int, list[int]]:
+        """The ids the gateway remembered for this chat's assistant messages (shared/reply_memory.py)."""
+        keys = self.encoder.remembered_keys(req)
+        if not keys:
+            return {}
+        found = {}
+        for i, raw in zip(keys, await self.redis.mget(list(keys.values()))):
+            ids = msgpack.unpackb(raw) if raw is not None else None
+            if isinstance(ids, list) and ids and all(type(t) is int and 0 <= t < self.encoder.vocab_size for t in ids):
+                found[i] = ids
+        self.reply_memory.labels(outcome="hit").inc(len(found))
+        self.reply_memory.labels(outcome="miss").inc(len(keys) - len(found))
+        return found
 
     async def detokenize(self, delta: TokenDelta) -> None:
         final = delta.finish_reason is not None

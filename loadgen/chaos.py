@@ -1,0 +1,232 @@
+"""Chaos: every accepted request completes, exactly once, while processes die; overload gets 429s.
+
+    python -m loadgen.chaos [--preset tiny | --model DIR] [--requests 200] [--concurrency 16]
+                            [--input-len 96] [--output-len 32] [--kill tokenizer,cache,balancer,prefill,decode]
+                            [--fault-window-s 60] [--kill-gap-s 2] [--overload-requests 200] [--out FILE]
+
+`streamoe up` runs the system (its supervisor restarts what dies) with fast failure detection
+(heartbeat TTL 2 s, pending entries claimed after 2 s idle). Three phases, one system:
+1. fault-free: the requests (random token-id prompts, streamed, greedy, EOS ignored, with
+   `return_token_ids`) in a closed loop of `--concurrency`; their outputs are the reference, their
+   rate the sustainable one;
+2. faults: the same requests again, spread over `--fault-window-s`, while a killer sends kill -9
+   to one process of each kind in turn, each once the previous one's restart answers /health;
+3. overload: `--overload-requests` at 10x the sustainable rate; the gateway admits up to its
+   `--max-inflight` (here `--gateway-max-inflight`) and answers the rest 429 at once.
+Counts per phase: sent, completed, lost (no complete answer), tokens duplicated or missing
+(a stream's token ids vs max_tokens), outputs that differ from the fault-free run, latency
+percentiles, and the 429s' latency.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+from .client import Client, Result, make_session
+from .system import running_system
+from .workloads import Request
+
+KINDS = ("tokenizer", "cache", "balancer", "prefill", "decode")
+FAST = {"STREAMOE_HEARTBEAT_TTL_S": "2", "STREAMOE_CLAIM_IDLE_MS": "2000", "STREAMOE_HOUSEKEEPING_S": "0.5"}
+
+
+@dataclass
+class Kill:
+    kind: str
+    pid: int
+    at_s: float  # after the faults phase started
+    healthy_again_s: float | None = None  # from the kill to the restarted process answering /health
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m loadgen.chaos", description=__doc__.split("\n\n")[0])
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    model.add_argument("--model", type=Path, default=None)
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=96)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--kill", default=",".join(KINDS), help="the kinds to kill, in order (comma-separated)")
+    p.add_argument("--fault-window-s", type=float, default=60.0, help="phase 2 sends its requests over this long")
+    p.add_argument("--kill-gap-s", type=float, default=2.0,
+                   help="from one restart answering /health (or the phase's start) to the next kill")
+    p.add_argument("--overload-requests", type=int, default=200)
+    p.add_argument("--gateway-max-inflight", type=int, default=32)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=8171)
+    p.add_argument("--run-dir", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="write the report as JSON")
+    args = p.parse_args(argv)
+    unknown = [k for k in args.kill.split(",") if k and k not in KINDS]
+    if unknown:
+        p.error(f"--kill={args.kill!r}: {unknown} are not among {list(KINDS)}")
+    return args
+
+
+def processes(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "processes.json").read_text())["processes"]
+
+
+async def healthy(session: aiohttp.ClientSession, port: int) -> bool:
+    try:
+        async with session.get(f"http://127.0.0.1:{port}/health", timeout=aiohttp.ClientTimeout(total=1)) as r:
+            return r.status == 200
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        return False
+
+
+async def killer(run_dir: Path, kinds: list[str], t0: float, gap_s: float) -> list[Kill]:
+    """kill -9 one process of each kind in turn; the next once the last one's successor is healthy."""
+    kills = []
+    async with aiohttp.ClientSession() as session:
+        for kind in kinds:
+            await asyncio.sleep(gap_s)
+            victim = next(p for p in processes(run_dir) if p["name"] == kind)
+            os.kill(victim["pid"], signal.SIGKILL)
+            kill = Kill(kind, victim["pid"], time.perf_counter() - t0)
+            kills.append(kill)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                now = next(p for p in processes(run_dir) if p["name"] == kind and p["rank"] == victim["rank"])
+                if now["pid"] != victim["pid"] and await healthy(session, now["ports"]["http"]):
+                    kill.healthy_again_s = time.perf_counter() - t0 - kill.at_s
+                    break
+                await asyncio.sleep(0.1)
+    return kills
+
+
+async def send(url: str, model: str, requests: list[Request], concurrency: int | None, gaps: np.ndarray,
+               timeout_s: float) -> tuple[list[Result], float]:
+    """Every request (arrivals `gaps` apart, at most `concurrency` in flight) -> results in request
+    order, and the seconds from the first send to the last answer."""
+    slots = asyncio.Semaphore(concurrency) if concurrency else None
+    results = [Result(r.output_len, 0.0) for r in requests]
+    async with make_session(timeout_s) as session:
+        client = Client(session, url, model)
+
+        async def one(i: int) -> None:
+            if slots is None:
+                await client.send(requests[i], results[i])
+                return
+            async with slots:
+                await client.send(requests[i], results[i])
+
+        start = time.perf_counter()
+        tasks = []
+        for i, gap in enumerate(gaps):
+            await asyncio.sleep(gap)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+    return results, time.perf_counter() - start
+
+
+async def metric(port: int, name: str, **labels: str) -> float:
+    """The sum of a service's /metrics samples with this name and these labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
+            text = await r.text()
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def summarize(results: list[Result], requests: list[Request], reference: list[Result] | None,
+              duration_s: float) -> dict:
+    done = [r for r in results if r.ok]
+    latencies = [r.e2el_s for r in done]
+    duplicated = sum(max(0, len(r.token_ids) - r.output_len) for r in done)
+    missing = sum(max(0, r.output_len - len(r.token_ids)) for r in done)
+    differing = [i for i, r in enumerate(results)
+                 if reference is not None and r.ok and reference[i].ok and r.token_ids != reference[i].token_ids]
+    errors: dict[str, int] = {}
+    for r in results:
+        if r.error:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    refused = [r for r in results if r.error == "429"]
+    return {"sent": len(results), "completed": len(done), "lost": len(results) - len(done) - len(refused),
+            "refused_429": len(refused), "errors": errors, "duplicated_tokens": duplicated,
+            "missing_tokens": missing, "differing_outputs": differing, "duration_s": duration_s,
+            "requests_per_s": len(done) / duration_s if duration_s else None,
+            "e2e_p50_s": percentile(latencies, 50), "e2e_p99_s": percentile(latencies, 99),
+            "ttft_p99_s": percentile([r.ttft_s for r in done], 99),
+            "refused_latency_p99_s": percentile([r.e2el_s for r in refused if r.e2el_s is not None], 99),
+            "error_messages": sorted({f"{r.error}: {r.message}" for r in results if r.error and r.error != "429"})[:5]}
+
+
+async def phases(args: argparse.Namespace, url: str, model: str, run_dir: Path) -> dict:
+    rng = np.random.default_rng(args.seed)
+    vocab = 8192 if args.preset == "small" and args.model is None else 1024
+    requests = [Request(args.output_len, rng.integers(6, vocab, args.input_len).tolist())
+                for _ in range(args.requests)]
+    timeout = 300.0
+    clean, clean_s = await send(url, model, requests, args.concurrency, np.zeros(len(requests)), timeout)
+    report = {"fault_free": summarize(clean, requests, None, clean_s)}
+    kinds = [k for k in args.kill.split(",") if k]
+    gaps = np.full(len(requests), args.fault_window_s / len(requests))
+    t0 = time.perf_counter()
+    kill_task = asyncio.create_task(killer(run_dir, kinds, t0, args.kill_gap_s))
+    faulty, faulty_s = await send(url, model, requests, args.concurrency, gaps, timeout)
+    kills = await kill_task
+    report["faults"] = summarize(faulty, requests, clean, faulty_s)
+    report["faults"]["kills"] = [asdict(k) for k in kills]
+    report["faults"]["kills_during_load"] = sum(k.at_s < faulty_s for k in kills)
+    balancer = next(p for p in processes(run_dir) if p["name"] == "balancer")
+    report["faults"]["resumed_by_balancer"] = await metric(balancer["ports"]["http"], "streamoe_requests_resumed_total",
+                                                           outcome="resumed")
+    sustainable = report["fault_free"]["requests_per_s"] or 1.0
+    over = [Request(args.output_len, rng.integers(6, vocab, args.input_len).tolist())
+            for _ in range(args.overload_requests)]
+    gaps = rng.exponential(1.0 / (10 * sustainable), len(over))
+    loaded, loaded_s = await send(url, model, over, None, gaps, timeout)
+    report["overload"] = summarize(loaded, over, None, loaded_s)
+    report["overload"]["rate_per_s"] = 10 * sustainable
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    run_dir = (args.run_dir or Path(tempfile.mkdtemp(prefix="chaos-"))).resolve()
+    model_args = ["--model", str(args.model)] if args.model else ["--preset", args.preset]
+    os.environ.update(FAST)
+    os.environ["STREAMOE_MAX_INFLIGHT"] = str(args.gateway_max_inflight)
+    with running_system(*model_args, "--dtype", args.dtype, "--port", str(args.port), "--run-dir",
+                        str(run_dir / "run"), "--cache-dir", str(run_dir / "blocks")) as url:
+        model = args.model.resolve().name if args.model else args.preset
+        report = asyncio.run(phases(args, url, model, run_dir / "run"))
+    report["command"] = "python -m loadgen.chaos " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    clean, faults, over = report["fault_free"], report["faults"], report["overload"]
+    print(f"fault-free: {clean['completed']}/{clean['sent']} completed, e2e p50 {clean['e2e_p50_s']:.3f} s, "
+          f"p99 {clean['e2e_p99_s']:.3f} s, {clean['requests_per_s']:.2f} requests/s")
+    print(f"faults ({', '.join(k['kind'] for k in faults['kills'])} killed, {faults['kills_during_load']} during "
+          f"the load): {faults['completed']}/{faults['sent']} completed, lost {faults['lost']}, duplicated tokens "
+          f"{faults['duplicated_tokens']}, missing tokens {faults['missing_tokens']}, outputs differing from the "
+          f"fault-free run {len(faults['differing_outputs'])}, resumed after their decode rank died "
+          f"{faults['resumed_by_balancer']:.0f}, e2e p99 {faults['e2e_p99_s']:.3f} s")
+    print(f"overload ({over['rate_per_s']:.1f} requests/s, 10x): {over['completed']} completed, "
+          f"{over['refused_429']} refused 429 (p99 {over['refused_latency_p99_s'] or 0:.4f} s), lost {over['lost']}")
+    print(report["command"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Who runs a request on the decode side, and how a dead rank's requests are resumed (design.md §3).
+
+A decode instance registers itself in one set, and for each request it admits keeps, in Redis:
+  - `owner:{id}` (hash): rank, instance, the request as it was handed off, tokens emitted;
+  - `owner:{id}:ids` (string): every output token id sent to the client so far, int32 LE;
+  - `owned:{instance}` (set): the request ids it runs.
+Each step's update travels in the same round trip as the step's deltas, so the record never
+lags what the client was sent. Records expire a minute past the request's deadline.
+
+When an instance's heartbeat is gone, the balancer resumes its requests: each becomes a new
+TokenizedRequest whose prompt is the original prompt plus every token already sent, whose
+`max_tokens` is what was left, and whose `resumed` says how many of the prompt's last ids are
+output. It goes through the cache service (the prompt's blocks are on disk) and the balancer to
+a live prefill and decode rank; its first new token carries index `resumed`, so the client's
+stream goes on with no token missing or repeated (the gateway drops any duplicate by index).
+"""
+from __future__ import annotations
+
+import dataclasses
+import struct
+from collections.abc import Iterable
+
+from . import streams
+from .messages import TokenizedRequest
+from .wire import encode
+
+DECODE_INSTANCES = f"{streams.PREFIX}:decode-instances"  # every decode instance that may own requests
+EXPIRE_AFTER_DEADLINE_S = 60
+
+
+def owned_key(instance_id: str) -> str:
+    return f"{streams.PREFIX}:owned:{instance_id}"
+
+
+def ids_key(request_id: str) -> str:
+    return streams.owner_key(request_id) + ":ids"
+
+
+def pack_ids(ids: Iterable[int]) -> bytes:
+    ids = list(ids)
+    return struct.pack(f"<{len(ids)}i", *ids)
+
+
+def unpack_ids(raw: bytes | None) -> list[int]:
+    raw = raw or b""
+    return list(struct.unpack(f"<{len(raw) // 4}i", raw[:len(raw) // 4 * 4]))
+
+
+def original_prompt_len(req: TokenizedRequest) -> int:
+    return len(req.prompt_ids) - req.resumed
+
+
+def record_admission(pipe, instance_id: str, rank: int, req: TokenizedRequest, first_token: int) -> None:
+    """Queue the records of a request just admitted (its first token came from prefill)."""
+    emitted = req.prompt_ids[original_prompt_len(req):] + [first_token]
+    expire_at = int(req.deadline + EXPIRE_AFTER_DEADLINE_S)
+    pipe.hset(streams.owner_key(req.request_id), mapping={
+        "rank": rank, "instance_id": instance_id, "request": encode(req), "emitted": len(emitted)})
+    pipe.set(ids_key(req.request_id), pack_ids(emitted))
+    for key in (streams.owner_key(req.request_id), ids_key(req.request_id)):
+        pipe.expireat(key, expire_at)
+    pipe.sadd(owned_key(instance_id), req.request_id)
+    pipe.sadd(DECODE_INSTANCES, instance_id)  # the balancer watches the instances that own requests
+
+
+def record_tokens(pipe, request_id: str, new_ids: list[int], emitted: int) -> None:
+    """`new_ids` were sent, `emitted` in all: idempotent, so a write retried after an outage is safe."""
+    pipe.hset(streams.owner_key(request_id), "emitted", emitted)
+    if new_ids:
+        pipe.setrange(ids_key(request_id), (emitted - len(new_ids)) * 4, pack_ids(new_ids))
+
+
+def forget(pipe, instance_id: str, request_ids: list[str]) -> None:
+    """A request finished or was cancelled: its records go."""
+    if request_ids:
+        pipe.delete(*[k for r in request_ids for k in (streams.owner_key(r), ids_key(r))])
+        pipe.srem(owned_key(instance_id), *request_ids)
+
+
+def resumed_request(req: TokenizedRequest, emitted_ids: list[int]) -> TokenizedRequest | None:
+    """The request `req` (as its dead decode rank held it) to run again after `emitted_ids` were
+    sent, or None when nothing is left to do."""
+    prompt = req.prompt_ids[:original_prompt_len(req)]
+    max_tokens = req.sampling.max_tokens + req.resumed  # the client's max_tokens
+    left = max_tokens - len(emitted_ids)
+    if left <= 0:
+        return None
+    sampling = dataclasses.replace(req.sampling, max_tokens=left)
+    return TokenizedRequest(req.request_id, req.trace_id, req.gateway_id, sampling, req.deadline,
+                            prompt + emitted_ids, req.cache_salt, resumed=len(emitted_ids))
+
+
+# Deletes a request's records only if the given instance still owns them (a resumed request may
+# already be owned, and recorded, by its new rank).
+FORGET_IF_OWNER = """
+if redis.call('HGET', KEYS[1], 'instance_id') == ARGV[1] then
+    redis.call('DEL', KEYS[1], KEYS[2])
+end
+redis.call('SREM', KEYS[3], ARGV[2])
+return 1
+"""

@@ -1,0 +1,78 @@
+"""1,000 requests cancelled at random moments (before prefill, during it, between prefill and
+decode, while decoding): every rank's KV blocks return to their starting count, no entry stays
+pending, and the system still answers correctly afterwards."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import aiohttp
+import torch
+
+from procs import greedy_token_ids, metric
+from reference import load_reference, reference_greedy
+from shared import streams
+
+
+async def pending_entries(client, stream: str) -> int:
+    try:
+        groups = await client.xinfo_groups(stream)
+    except Exception:  # never made: nothing pending
+        return 0
+    return sum(int(g["pending"]) for g in groups)
+
+
+async def test_a_thousand_random_cancels_free_every_block(system, tiny_fp32, redis_url):
+    from redis.asyncio import Redis
+
+    prefill, decode, gateway = system[3], system[4], system[5]
+    model = tiny_fp32.resolve().name
+    start = {name: metric(w, "streamoe_kv_blocks_used") for name, w in (("prefill", prefill), ("decode", decode))}
+    rng = random.Random(5)
+    gen = torch.Generator().manual_seed(5)
+    slots = asyncio.Semaphore(48)
+    outcomes = {"cancelled": 0, "finished": 0}
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        length = rng.randint(1000, 1900) if i % 5 == 0 else rng.randint(5, 200)  # long ones queue up at prefill
+        body = {"model": model, "prompt": torch.randint(3, 1024, (length,), generator=gen).tolist(),
+                "max_tokens": rng.randint(1, 400), "temperature": 0, "ignore_eos": True, "stream": i % 4 != 0}
+
+        async def call() -> None:
+            async with session.post(gateway.url("/v1/completions"), json=body) as r:
+                assert r.status in (200, 429), await r.text()
+                await r.read()
+
+        async with slots:
+            task = asyncio.create_task(call())
+            done, _ = await asyncio.wait({task}, timeout=rng.uniform(0.0, 0.6))
+            if done:
+                task.result()
+                outcomes["finished"] += 1
+                return
+            task.cancel()  # the client goes away: its connection closes
+            await asyncio.gather(task, return_exceptions=True)
+            outcomes["cancelled"] += 1
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*[one(session, i) for i in range(1000)])
+    assert outcomes["cancelled"] >= 300, outcomes
+    client = Redis.from_url(redis_url)
+    deadline = asyncio.get_running_loop().time() + 120
+    while asyncio.get_running_loop().time() < deadline:
+        now = {"prefill": metric(prefill, "streamoe_kv_blocks_used"), "decode": metric(decode, "streamoe_kv_blocks_used")}
+        pending = [await pending_entries(client, s) for s in (streams.prefill_stream(0), streams.kv_stream(0))]
+        if now == start and pending == [0, 0] and not metric(decode, "streamoe_running_requests"):
+            break
+        await asyncio.sleep(0.25)
+    assert now == start, (start, now)
+    assert pending == [0, 0]
+    assert metric(decode, "streamoe_requests_aborted_total") > 0  # freed by aborts, not only by finishing
+    assert not [k async for k in client.scan_iter(match=streams.owner_key("*"))]  # no ownership record left
+    await client.aclose()
+    # and it still serves, with transformers' tokens
+    prompt = torch.randint(3, 1024, (40,), generator=gen).tolist()
+    async with aiohttp.ClientSession() as session:
+        tokens = await greedy_token_ids(session, gateway, model, prompt, 12)
+    expected = reference_greedy(load_reference(tiny_fp32), prompt, 12)
+    assert tokens[:expected.trusted] == expected.tokens[:expected.trusted]

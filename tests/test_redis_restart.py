@@ -1,0 +1,113 @@
+"""Redis killed (kill -9) under load and started again on its append-only file: no request hangs
+past its deadline, each one admitted either completes with the right tokens or fails cleanly
+(503/504, or an error event on its stream), and the system serves again afterwards."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+import torch
+
+from procs import ServiceProcess, greedy_token_ids, stop_all
+from reference import load_reference, reference_greedy
+from shared.redis_server import free_port, start_redis
+
+FAST = ["--heartbeat-ttl-s", "2", "--claim-idle-ms", "2000", "--housekeeping-s", "0.5"]
+DEADLINE_S = 40
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory):
+    directory, port = tmp_path_factory.mktemp("aof"), free_port()
+    state = {"dir": directory, "port": port}
+    state["proc"], state["url"] = start_redis(directory, port=port, appendonly=True,
+                                              extra=["--appendfsync", "always"])
+    yield state
+    state["proc"].kill()
+    state["proc"].wait()
+
+
+@pytest.fixture(scope="module")
+def services(tiny_fp32, own_redis):
+    url = own_redis["url"]
+    worker = ["--model", str(tiny_fp32), "--dtype", "fp32", "--rank", "0", "--threads", "1", "--kv-cache-mib", "64",
+              *FAST]
+    started = [ServiceProcess("services.tokenizer", url, "--model", str(tiny_fp32), *FAST),
+               ServiceProcess("services.cache", url, "--model", str(tiny_fp32), *FAST),
+               ServiceProcess("services.balancer", url, *FAST),
+               ServiceProcess("services.prefill", url, *worker),
+               ServiceProcess("services.decode", url, *worker),
+               ServiceProcess("services.gateway", url, "--model", str(tiny_fp32), "--request-timeout-s",
+                              str(DEADLINE_S), *FAST)]
+    yield started
+    stop_all(started)
+
+
+async def stream(session, gateway: ServiceProcess, body: dict) -> dict:
+    """-> {"status", "tokens", "error", "seconds"} of one streamed request."""
+    start, tokens, error = time.monotonic(), [], None
+    async with session.post(gateway.url("/v1/completions"), json={**body, "stream": True}) as r:
+        if r.status != 200:
+            return {"status": r.status, "tokens": [], "error": await r.text(), "seconds": time.monotonic() - start}
+        async for line in r.content:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                error = event["error"]
+                continue
+            for choice in event.get("choices") or []:
+                tokens += choice.get("token_ids") or []
+    return {"status": 200, "tokens": tokens, "error": error, "seconds": time.monotonic() - start}
+
+
+async def test_requests_survive_or_fail_cleanly_across_a_redis_restart(services, own_redis, tiny_fp32):
+    gateway = services[-1]
+    model = tiny_fp32.resolve().name
+    gen = torch.Generator().manual_seed(31)
+    prompts = [torch.randint(3, 1024, (int(n),), generator=gen).tolist()
+               for n in torch.randint(10, 150, (24,), generator=gen)]
+    max_tokens = 100
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    timeout = aiohttp.ClientTimeout(total=DEADLINE_S + 30)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await greedy_token_ids(session, gateway, model, prompts[0][:8], 2)  # warm
+        running = [asyncio.create_task(stream(session, gateway, {**body, "prompt": p})) for p in prompts]
+        await asyncio.sleep(1.5)
+        own_redis["proc"].kill()  # kill -9
+        own_redis["proc"].wait()
+        await asyncio.sleep(3)
+        own_redis["proc"], _ = start_redis(own_redis["dir"], port=own_redis["port"], appendonly=True,
+                                           extra=["--appendfsync", "always"])
+        results = await asyncio.gather(*running)
+        # every service rode it out
+        assert all(s.proc.poll() is None for s in services), [s.log_tail() for s in services if s.proc.poll()]
+        # and serves again once it has reconnected
+        prompt = torch.randint(3, 1024, (30,), generator=gen).tolist()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                tokens = await greedy_token_ids(session, gateway, model, prompt, 10)
+                break
+            except AssertionError:  # 503 while the workers report load again
+                assert time.monotonic() < deadline, "the system does not serve after Redis came back"
+                await asyncio.sleep(0.5)
+    ref = load_reference(tiny_fp32)
+    expected = reference_greedy(ref, prompt, 10)
+    assert tokens[:expected.trusted] == expected.tokens[:expected.trusted]
+    completed = 0
+    for prompt, result in zip(prompts, results):
+        assert result["seconds"] < DEADLINE_S + 10, result  # nothing hangs past its deadline
+        if result["status"] == 200 and result["error"] is None:
+            assert len(result["tokens"]) == max_tokens
+            expected = reference_greedy(ref, prompt, max_tokens)
+            assert result["tokens"][:expected.trusted] == expected.tokens[:expected.trusted]
+            completed += 1
+        else:  # a clean failure: 503/504 before the stream, or an error event in it
+            assert result["status"] in (200, 503, 504), result
+            if result["status"] == 200:
+                assert result["error"]["code"] in ("timeout", "backend_unavailable", None), result
+    assert completed == len(prompts), [(r["status"], len(r["tokens"]), r["error"]) for r in results]

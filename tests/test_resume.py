@@ -1,0 +1,102 @@
+"""A decode rank killed (kill -9) while its requests stream: the balancer finds them through their
+ownership records once the rank's heartbeat is gone and resumes them (prompt + the tokens already
+sent, re-prefilled); each client's stream goes on with no token missing or repeated. Its own set
+of services, with short heartbeat and claim times so the test does not wait the defaults."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+import torch
+
+from procs import ServiceProcess, metric, stop_all
+from reference import load_reference, reference_greedy
+from shared import ownership, streams
+
+FAST = ["--heartbeat-ttl-s", "1.5", "--claim-idle-ms", "1500", "--housekeeping-s", "0.3"]
+
+
+@pytest.fixture(scope="module")
+def services(tiny_fp32, redis_url, tmp_path_factory):
+    import redis as sync_redis
+
+    sync_redis.Redis.from_url(redis_url).flushdb()
+    cache = ["--cache-dir", str(tmp_path_factory.mktemp("resume-blocks")), "--cache-capacity-mib", "64"]
+    worker = ["--model", str(tiny_fp32), "--dtype", "fp32", "--rank", "0", "--threads", "1", "--kv-cache-mib", "64",
+              *cache, *FAST]
+    started = {
+        "tokenizer": ServiceProcess("services.tokenizer", redis_url, "--model", str(tiny_fp32), *FAST),
+        "cache": ServiceProcess("services.cache", redis_url, "--model", str(tiny_fp32), "--dtype", "fp32", *cache,
+                                *FAST),
+        "balancer": ServiceProcess("services.balancer", redis_url, *FAST),
+        "prefill": ServiceProcess("services.prefill", redis_url, *worker),
+        "decode": ServiceProcess("services.decode", redis_url, *worker, instance_id="decode-victim"),
+        "gateway": ServiceProcess("services.gateway", redis_url, "--model", str(tiny_fp32), "--request-timeout-s",
+                                  "120", *FAST),
+    }
+    started["worker"] = worker
+    yield started
+    stop_all(s for s in started.values() if isinstance(s, ServiceProcess))
+
+
+async def stream_tokens(session, gateway: ServiceProcess, body: dict) -> tuple[list[int], dict]:
+    """The token ids of every streamed chunk, in order, and the usage."""
+    tokens, usage = [], None
+    async with session.post(gateway.url("/v1/completions"), json={**body, "stream": True,
+                                                                 "stream_options": {"include_usage": True}}) as r:
+        assert r.status == 200, await r.text()
+        async for line in r.content:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            for choice in event.get("choices") or []:
+                tokens += choice.get("token_ids") or []
+            usage = event.get("usage") or usage
+    return tokens, usage
+
+
+async def test_requests_of_a_killed_decode_rank_resume_on_its_successor(services, tiny_fp32, redis_url):
+    from redis.asyncio import Redis
+
+    gen = torch.Generator().manual_seed(90)
+    prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (70, 130, 33, 200)]
+    max_tokens = 160
+    model = tiny_fp32.resolve().name
+    client = Redis.from_url(redis_url)
+    async with aiohttp.ClientSession() as session:
+        body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}
+        running = [asyncio.create_task(stream_tokens(session, services["gateway"], {**body, "prompt": p}))
+                   for p in prompts]
+        # kill -9 once every request is running on the victim and has sent some tokens
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            owned = await client.smembers(ownership.owned_key("decode-victim"))
+            emitted = [await client.hget(streams.owner_key(r.decode()), "emitted") for r in owned]
+            if len(owned) == len(prompts) and all(e is not None and int(e) >= 5 for e in emitted):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("the requests never all ran on the victim")
+        services["decode"].proc.kill()
+        services["decode"].proc.wait()
+        # the supervisor's part: a new instance of the rank
+        services["decode"] = ServiceProcess("services.decode", redis_url, *services["worker"],
+                                            instance_id="decode-successor")
+        results = await asyncio.wait_for(asyncio.gather(*running), 120)
+    assert metric(services["balancer"], "streamoe_requests_resumed_total", outcome="resumed") == len(prompts)
+    ref = load_reference(tiny_fp32)
+    for prompt, (tokens, usage) in zip(prompts, results):
+        assert len(tokens) == max_tokens  # none missing, none twice
+        assert usage["completion_tokens"] == max_tokens and usage["prompt_tokens"] == len(prompt)
+        expected = reference_greedy(ref, prompt, max_tokens)
+        assert tokens[:expected.trusted] == expected.tokens[:expected.trusted]
+    # the records are gone: the dead instance's and the requests'
+    assert not await client.exists(ownership.owned_key("decode-victim"))
+    assert not [k async for k in client.scan_iter(match=streams.owner_key("*"))]
+    assert b"decode-victim" not in await client.smembers(ownership.DECODE_INSTANCES)
+    await client.aclose()
