@@ -13,7 +13,8 @@
    to one process of each kind in turn, each once the previous one's restart answers /health;
 3. overload: `--overload-requests` at 10x the sustainable rate; the gateway admits up to its
    `--max-inflight` (here `--gateway-max-inflight`) and answers the rest 429 at once.
-Counts per phase: sent, completed, lost (no complete answer), tokens duplicated or missing
+Counts per phase: sent, completed, refused before acceptance (429 overloaded, 503 while no rank of
+a role is live: both with Retry-After), lost (accepted, no complete answer), tokens duplicated or missing
 (a stream's token ids vs max_tokens), outputs that differ from the fault-free run, latency
 percentiles, and the 429s' latency.
 """
@@ -58,7 +59,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--input-len", type=int, default=96)
     p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--kill", default=",".join(KINDS), help="the kinds to kill, in order (comma-separated)")
+    p.add_argument("--kill", default=",".join(KINDS),
+                   help="what to kill, in order (comma-separated kinds; a worker's rank as kind:rank)")
+    p.add_argument("--prefill-ep", type=int, default=1)
+    p.add_argument("--decode-ep", type=int, default=1)
+    p.add_argument("--ep-timeout-s", type=float, default=5.0, help="how long an EP group waits for a silent rank")
+    p.add_argument("--ep-wire", default="exact", choices=["fp8", "exact"],
+                   help="exact by default: outputs are compared token for token, and fp8 rounding can flip a "
+                        "close call differently in another batch")
     p.add_argument("--fault-window-s", type=float, default=60.0, help="phase 2 sends its requests over this long")
     p.add_argument("--kill-gap-s", type=float, default=2.0,
                    help="from one restart answering /health (or the phase's start) to the next kill")
@@ -70,7 +78,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON")
     args = p.parse_args(argv)
-    unknown = [k for k in args.kill.split(",") if k and k not in KINDS]
+    unknown = [k for k in args.kill.split(",") if k and k.split(":")[0] not in KINDS]
     if unknown:
         p.error(f"--kill={args.kill!r}: {unknown} are not among {list(KINDS)}")
     return args
@@ -88,20 +96,23 @@ async def healthy(session: aiohttp.ClientSession, port: int) -> bool:
         return False
 
 
-async def killer(run_dir: Path, kinds: list[str], t0: float, gap_s: float) -> list[Kill]:
-    """kill -9 one process of each kind in turn; the next once the last one's successor is healthy."""
+async def killer(run_dir: Path, targets: list[str], t0: float, gap_s: float) -> list[Kill]:
+    """kill -9 each target (a kind, or kind:rank) in turn; the next once the last one's successor
+    answers /health."""
     kills = []
     async with aiohttp.ClientSession() as session:
-        for kind in kinds:
+        for target in targets:
+            kind, _, rank = target.partition(":")
             await asyncio.sleep(gap_s)
-            victim = next(p for p in processes(run_dir) if p["name"] == kind)
+            victim = next(p for p in processes(run_dir) if p["name"] == kind and (not rank or p["rank"] == int(rank)))
             os.kill(victim["pid"], signal.SIGKILL)
-            kill = Kill(kind, victim["pid"], time.perf_counter() - t0)
+            kill = Kill(target, victim["pid"], time.perf_counter() - t0)
             kills.append(kill)
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                now = next(p for p in processes(run_dir) if p["name"] == kind and p["rank"] == victim["rank"])
-                if now["pid"] != victim["pid"] and await healthy(session, now["ports"]["http"]):
+                group = [p for p in processes(run_dir) if p["name"] == kind]  # an EP group comes back whole
+                replaced = next(p for p in group if p["rank"] == victim["rank"])["pid"] != victim["pid"]
+                if replaced and all([await healthy(session, p["ports"]["http"]) for p in group]):
                     kill.healthy_again_s = time.perf_counter() - t0 - kill.at_s
                     break
                 await asyncio.sleep(0.1)
@@ -161,9 +172,16 @@ def summarize(results: list[Result], requests: list[Request], reference: list[Re
         if r.error:
             errors[r.error] = errors.get(r.error, 0) + 1
     refused = [r for r in results if r.error == "429"]
-    return {"sent": len(results), "completed": len(done), "lost": len(results) - len(done) - len(refused),
-            "refused_429": len(refused), "errors": errors, "duplicated_tokens": duplicated,
-            "missing_tokens": missing, "differing_outputs": differing, "duration_s": duration_s,
+    unavailable = [r for r in results if r.error == "503"]  # refused before acceptance: no live rank of a role
+    return {"sent": len(results), "completed": len(done),
+            "lost": len(results) - len(done) - len(refused) - len(unavailable),
+            "refused_429": len(refused), "refused_503": len(unavailable), "errors": errors,
+            "duplicated_tokens": duplicated,
+            "missing_tokens": missing, "differing_outputs": differing,
+            "not_completed": [i for i, r in enumerate(results) if not r.ok],
+            "differences": [{"request": i, "prompt": requests[i].prompt, "fault_free": reference[i].token_ids,
+                             "got": results[i].token_ids} for i in differing[:10]],
+            "duration_s": duration_s,
             "requests_per_s": len(done) / duration_s if duration_s else None,
             "e2e_p50_s": percentile(latencies, 50), "e2e_p99_s": percentile(latencies, 99),
             "ttft_p99_s": percentile([r.ttft_s for r in done], 99),
@@ -207,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     model_args = ["--model", str(args.model)] if args.model else ["--preset", args.preset]
     os.environ.update(FAST)
     os.environ["STREAMOE_MAX_INFLIGHT"] = str(args.gateway_max_inflight)
-    with running_system(*model_args, "--dtype", args.dtype, "--port", str(args.port), "--run-dir",
+    os.environ["STREAMOE_EP_TIMEOUT_S"] = str(args.ep_timeout_s)
+    with running_system(*model_args, "--dtype", args.dtype, "--port", str(args.port), "--prefill-ep",
+                        str(args.prefill_ep), "--decode-ep", str(args.decode_ep), "--ep-wire", args.ep_wire,
+                        "--run-dir",
                         str(run_dir / "run"), "--cache-dir", str(run_dir / "blocks")) as url:
         model = args.model.resolve().name if args.model else args.preset
         report = asyncio.run(phases(args, url, model, run_dir / "run"))
@@ -218,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fault-free: {clean['completed']}/{clean['sent']} completed, e2e p50 {clean['e2e_p50_s']:.3f} s, "
           f"p99 {clean['e2e_p99_s']:.3f} s, {clean['requests_per_s']:.2f} requests/s")
     print(f"faults ({', '.join(k['kind'] for k in faults['kills'])} killed, {faults['kills_during_load']} during "
-          f"the load): {faults['completed']}/{faults['sent']} completed, lost {faults['lost']}, duplicated tokens "
+          f"the load): {faults['completed']}/{faults['sent']} completed, {faults['refused_503']} refused 503 "
+          f"before acceptance, lost {faults['lost']}, duplicated tokens "
           f"{faults['duplicated_tokens']}, missing tokens {faults['missing_tokens']}, outputs differing from the "
           f"fault-free run {len(faults['differing_outputs'])}, resumed after their decode rank died "
           f"{faults['resumed_by_balancer']:.0f}, e2e p99 {faults['e2e_p99_s']:.3f} s")

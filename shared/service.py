@@ -139,7 +139,7 @@ class Service:
                 # NOTE: never wait on a loop that swallows its cancellation: exit regardless.
                 await asyncio.wait({main}, timeout=2.0)
             elif main.exception() is not None:
-                self.log.error("the main loop failed: %r", main.exception())
+                self.log.error("the main loop failed: %r", main.exception(), exc_info=main.exception())
                 failed = True
             stop.cancel()
         finally:

@@ -38,8 +38,13 @@ class Child:
     def start(self, common: list[str]) -> None:
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, *common, "--http-port", str(self.http_port),
-                                      "--instance-id", f"{self.name}-{os.getpid()}-{self.restarts}", *self.args],
+                                      "--instance-id", self.instance_id(), *self.args],
                                      stdout=log, stderr=log, start_new_session=True)
+
+    def instance_id(self) -> str:
+        """Unique per rank and per start: the heartbeat, abort group and owned requests are keyed by it."""
+        rank = "" if self.rank is None else f"-{self.rank}"
+        return f"{self.name}{rank}-{os.getpid()}-{self.restarts}"
 
     def healthy(self) -> bool:
         try:

@@ -6,7 +6,19 @@ import json
 import subprocess
 import sys
 
+from reference import load_reference, reference_greedy
 from shared.redis_server import free_port
+
+
+def differences_are_near_ties(model, faults: dict) -> None:
+    """An output that differs from the fault-free run's must differ only past a near-tie of the
+    reference (design.md §4): batches of other shapes round differently in the last bits."""
+    ref = load_reference(model)
+    for d in faults["differences"]:
+        expected = reference_greedy(ref, d["prompt"], len(d["fault_free"]))
+        for tokens in (d["fault_free"], d["got"]):
+            assert tokens[:expected.trusted] == expected.tokens[:expected.trusted], d
+    assert len(faults["differences"]) == len(faults["differing_outputs"]) <= 3
 
 
 def test_no_request_is_lost_while_each_kind_of_process_dies(tiny_fp32, tmp_path):
@@ -24,12 +36,37 @@ def test_no_request_is_lost_while_each_kind_of_process_dies(tiny_fp32, tmp_path)
     assert [k["kind"] for k in faults["kills"]] == ["tokenizer", "cache", "balancer", "prefill", "decode"]
     assert faults["kills_during_load"] == 5 and all(k["healthy_again_s"] is not None for k in faults["kills"])
     # every request completed, exactly once: no token missing or repeated, the fault-free outputs
-    assert faults["completed"] == faults["sent"] == 200, faults
-    assert faults["lost"] == 0 and faults["errors"] == {}
+    assert faults["lost"] == 0 and faults["errors"].keys() <= {"503"}, faults
+    # a 503 comes only while a restarted role has no live rank yet, refused before it was accepted
+    assert faults["completed"] + faults["refused_503"] == faults["sent"] == 200 and faults["refused_503"] <= 20
     assert faults["duplicated_tokens"] == 0 and faults["missing_tokens"] == 0
-    assert faults["differing_outputs"] == []
+    differences_are_near_ties(tiny_fp32, faults)
     assert faults["resumed_by_balancer"] >= 1  # the decode rank died with requests running
     # overload: the excess is refused at once, what was admitted completes
     assert over["refused_429"] > 0 and over["lost"] == 0 and over["errors"].keys() <= {"429"}
     assert over["completed"] + over["refused_429"] == over["sent"]
     assert over["refused_latency_p99_s"] < 1.0
+
+
+def test_ep_groups_losing_a_rank_lose_no_request(tiny_fp32, tmp_path):
+    """Prefill and decode as EP 2 groups: a decode rank, then a prefill rank, killed under load. The
+    survivors' exchanges time out and they exit; the supervisor restarts them, the groups form
+    again and serve. Every accepted request completes with the fault-free tokens; the decode
+    group's requests resume from what their clients have."""
+    out = tmp_path / "chaos-ep.json"
+    command = [sys.executable, "-m", "loadgen.chaos", "--model", str(tiny_fp32), "--dtype", "fp32",
+               "--prefill-ep", "2", "--decode-ep", "2", "--kill", "decode:1,prefill:0", "--ep-timeout-s", "5",
+               "--requests", "80", "--concurrency", "16", "--input-len", "96", "--output-len", "32",
+               "--fault-window-s", "60", "--overload-requests", "0", "--port", str(free_port()),
+               "--run-dir", str(tmp_path / "chaos"), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    faults = json.loads(out.read_text())["faults"]
+    assert faults["kills_during_load"] == 2 and all(k["healthy_again_s"] is not None for k in faults["kills"])
+    assert faults["lost"] == 0 and faults["errors"].keys() <= {"503"}, faults
+    assert faults["completed"] + faults["refused_503"] == faults["sent"], faults
+    # 503s only while a group was down; the groups serve again, whole, after their ranks rejoined
+    assert not set(faults["not_completed"]) & set(range(70, 80)), faults["not_completed"]
+    assert faults["duplicated_tokens"] == 0 and faults["missing_tokens"] == 0
+    differences_are_near_ties(tiny_fp32, faults)
+    assert faults["resumed_by_balancer"] >= 1

@@ -280,3 +280,33 @@ async def test_the_balancer_publishes_a_better_placement_from_reported_load(redi
     assert stored.phy2log == update.phy2log and all(sorted(set(row)) == list(range(16)) for row in stored.phy2log)
     await report(3)  # the ranks still report version 0: a rollout is under way
     assert await balancer.tick(redis) == []
+
+
+async def test_a_group_the_node_count_does_not_fit_is_skipped_and_the_others_go_on(redis, caplog):
+    """--ep-nodes 2 cannot split a 3-rank group: that group is skipped with a warning, while a
+    4-rank group (two ranks per node) still gets its placement."""
+    import logging
+
+    from services.balancer.expert_lb import EPLBSettings, ExpertBalancer
+    from shared import streams
+    from shared.messages import ExpertLoad
+    from shared.wire import encode
+
+    balancer = ExpertBalancer(EPLBSettings(window=4, min_tokens=100, ep_nodes=2), logging.getLogger("test"))
+    skew = [[1000 if e in (0, 1, 4, 5) else 10 for e in range(16)]] * 2  # hot in expert groups 0 and 1
+
+    async def report(scale: int):
+        for group, size, slots in (("even", 4, 20), ("odd", 3, 18)):
+            for rank in range(size):
+                counts = [[c * scale // size for c in row] for row in skew]
+                await redis.set(streams.expert_load_key("decode", group, rank),
+                                encode(ExpertLoad("decode", group, rank, size, slots, 4, 0, counts)))
+
+    await report(1)
+    await balancer.tick(redis)
+    await report(2)
+    with caplog.at_level(logging.WARNING):
+        updates = await balancer.tick(redis)
+    assert len(updates) == 1 and await redis.exists(streams.placement_key("decode", "even"))
+    assert not await redis.exists(streams.placement_key("decode", "odd"))
+    assert any("eplb_skipped" in r.message for r in caplog.records)

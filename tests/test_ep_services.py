@@ -111,7 +111,12 @@ async def test_two_prefill_ranks_writing_the_same_blocks_leave_one_good_copy(ep_
     def writes() -> dict[str, float]:
         return {name: metric(ep_system[name], "streamoe_cache_write_seconds_count") for name in ranks}
 
-    before = writes()
+    before = writes()  # the earlier tests' writes land late (each waits 1 s): let them all land first
+    while True:
+        await asyncio.sleep(1.5)
+        settled, before = before, writes()
+        if settled == before:
+            break
     async with aiohttp.ClientSession() as session:
         first, second = await asyncio.gather(*[greedy_token_ids(session, ep_system["gateway"], model, prompt, 2)
                                                for _ in range(2)])
@@ -124,6 +129,7 @@ async def test_two_prefill_ranks_writing_the_same_blocks_leave_one_good_copy(ep_
         store = BlockStore(ep_system["blocks"], 64 << 20)
         root = root_hash(checkpoint_fingerprint(tiny_fp32, torch.float32))
         for i, h in enumerate(chain_hashes(root, prompt)):
+            assert store.path_of(h.hex()).exists()
             assert store.get(h.hex(), prompt[i * 64:(i + 1) * 64]) is not None
         assert not list(ep_system["blocks"].glob("*/.*.tmp"))  # the losers' temporary files are gone
         body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": True,

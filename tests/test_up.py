@@ -96,6 +96,11 @@ def test_up_with_ep_groups(tiny_fp32, tmp_path):
         for role in ("prefill", "decode"):
             for r in range(2):
                 assert '"ep_group_joined"' in (run_dir / f"{role}-{r}.log").read_text()
+        # each rank its own instance id: heartbeats, abort groups and owned requests are keyed by it
+        with urllib.request.urlopen(f"{url}/services", timeout=10) as r:
+            live = json.loads(r.read())["services"]
+        for role in ("prefill", "decode"):
+            assert len({s["instance_id"] for s in live if s["name"] == role}) == 2, live
         stop_up(proc, run_dir)
     finally:
         if proc.poll() is None:

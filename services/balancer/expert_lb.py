@@ -53,7 +53,11 @@ class ExpertBalancer:
                 reports.setdefault((report.role, report.group_id), []).append(report)
         published = []
         for key, group in reports.items():
-            update = await self.consider(redis, key, group)
+            try:
+                update = await self.consider(redis, key, group)
+            except ValueError as e:  # e.g. --ep-nodes does not divide this group: the others go on
+                self.log.warning(json.dumps({"event": "eplb_skipped", "group": list(key), "error": str(e)}))
+                continue
             if update is not None:
                 published.append(update)
         return published

@@ -96,13 +96,15 @@ class DecodeService(WorkerService):
         handoff.last_at = time.monotonic()
         if chunk.layer == 0:
             handoff.layer0_received_at = time.time()
-        if chunk.layer == chunk.num_layers:
-            self.ready_to_admit.append(chunk.request_id)
+        if chunk.layer == chunk.num_layers and chunk.request_id not in self.ready_to_admit:
+            self.ready_to_admit.append(chunk.request_id)  # once, though a re-sent handoff brings two ends
 
     async def admit_ready(self) -> None:
         waiting = []
         for request_id in self.ready_to_admit:
-            handoff = self.handoffs[request_id]
+            handoff = self.handoffs.get(request_id)
+            if handoff is None:
+                continue  # consumed already
             final = handoff.chunks[self.num_layers]
             if (final.finish_reason is not None or request_id in self.history or request_id in self.aborted
                     or request_id in self.finished):
