@@ -2,21 +2,24 @@
 
     python -m loadgen.chaos [--preset tiny | --model DIR] [--requests 200] [--concurrency 16]
                             [--input-len 96] [--output-len 32] [--kill tokenizer,cache,balancer,prefill,decode]
-                            [--fault-window-s 60] [--kill-gap-s 2] [--overload-requests 200] [--out FILE]
+                            [--fault-window-s 60] [--kill-gap-s 2] [--prefill-ep N] [--decode-ep M]
+                            [--overload-requests 200] [--no-baseline] [--out FILE]
 
 `streamoe up` runs the system (its supervisor restarts what dies) with fast failure detection
-(heartbeat TTL 2 s, pending entries claimed after 2 s idle). Three phases, one system:
+(heartbeat TTL 2 s, pending entries claimed after 2 s idle). Phases, one system:
 1. fault-free: the requests (random token-id prompts, streamed, greedy, EOS ignored, with
    `return_token_ids`) in a closed loop of `--concurrency`; their outputs are the reference, their
    rate the sustainable one;
-2. faults: the same requests again, spread over `--fault-window-s`, while a killer sends kill -9
-   to one process of each kind in turn, each once the previous one's restart answers /health;
-3. overload: `--overload-requests` at 10x the sustainable rate; the gateway admits up to its
+2. the same requests spread over `--fault-window-s` with no fault: the latency baseline
+   (`--no-baseline` skips it);
+3. faults: the same arrivals again, while a killer sends kill -9 to each `--kill` target in turn
+   (a kind, or kind:rank in an EP group), each once the last one's restart answers /health;
+4. overload: `--overload-requests` at 10x the sustainable rate; the gateway admits up to its
    `--max-inflight` (here `--gateway-max-inflight`) and answers the rest 429 at once.
-Counts per phase: sent, completed, refused before acceptance (429 overloaded, 503 while no rank of
-a role is live: both with Retry-After), lost (accepted, no complete answer), tokens duplicated or missing
-(a stream's token ids vs max_tokens), outputs that differ from the fault-free run, latency
-percentiles, and the 429s' latency.
+Counts per phase: sent, completed, refused before acceptance (429 overloaded; 503 while no rank of
+a role is live, both with Retry-After), lost (accepted, never completely answered), tokens
+duplicated or missing (a stream's token ids vs max_tokens), outputs that differ from the
+fault-free run, latency percentiles, and the refusals' latency.
 """
 from __future__ import annotations
 
@@ -71,6 +74,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kill-gap-s", type=float, default=2.0,
                    help="from one restart answering /health (or the phase's start) to the next kill")
     p.add_argument("--overload-requests", type=int, default=200)
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="skip the fault-free pass at the faults phase's arrivals (its latencies are the baseline)")
     p.add_argument("--gateway-max-inflight", type=int, default=32)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -199,6 +204,9 @@ async def phases(args: argparse.Namespace, url: str, model: str, run_dir: Path) 
     report = {"fault_free": summarize(clean, requests, None, clean_s)}
     kinds = [k for k in args.kill.split(",") if k]
     gaps = np.full(len(requests), args.fault_window_s / len(requests))
+    if args.baseline:  # the latencies to compare with: the same arrivals, no fault
+        paced, paced_s = await send(url, model, requests, args.concurrency, gaps, timeout)
+        report["no_faults_same_arrivals"] = summarize(paced, requests, clean, paced_s)
     t0 = time.perf_counter()
     kill_task = asyncio.create_task(killer(run_dir, kinds, t0, args.kill_gap_s))
     faulty, faulty_s = await send(url, model, requests, args.concurrency, gaps, timeout)
@@ -238,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     clean, faults, over = report["fault_free"], report["faults"], report["overload"]
     print(f"fault-free: {clean['completed']}/{clean['sent']} completed, e2e p50 {clean['e2e_p50_s']:.3f} s, "
           f"p99 {clean['e2e_p99_s']:.3f} s, {clean['requests_per_s']:.2f} requests/s")
+    if "no_faults_same_arrivals" in report:
+        base = report["no_faults_same_arrivals"]
+        print(f"no faults, the faults phase's arrivals: {base['completed']}/{base['sent']} completed, e2e p50 "
+              f"{base['e2e_p50_s']:.3f} s, p99 {base['e2e_p99_s']:.3f} s")
     print(f"faults ({', '.join(k['kind'] for k in faults['kills'])} killed, {faults['kills_during_load']} during "
           f"the load): {faults['completed']}/{faults['sent']} completed, {faults['refused_503']} refused 503 "
           f"before acceptance, lost {faults['lost']}, duplicated tokens "

@@ -140,13 +140,15 @@ class WorkerService(EPRank, Service):
                      skip_blocks: int = 0) -> None:
         """Store full blocks in the prefix cache off the step's path: on another thread, while the
         compute thread goes on with the next steps; timed in streamoe_cache_write_seconds."""
-        async def write() -> None:
-            start = time.perf_counter()
-            written = await self.prefix_cache.insert(token_ids, cache_salt, kv, skip_blocks)
-            self.cache_write_seconds.observe(time.perf_counter() - start)
-            self.cache_blocks_written.inc(written)
+        self.in_background(self.store_blocks(token_ids, cache_salt, kv, skip_blocks))
 
-        self.in_background(write())
+    async def store_blocks(self, token_ids: list[int], cache_salt: str | None, kv: torch.Tensor,
+                           skip_blocks: int = 0) -> None:
+        """Store full blocks in the prefix cache (on another thread), timed; returns once written."""
+        start = time.perf_counter()
+        written = await self.prefix_cache.insert(token_ids, cache_salt, kv, skip_blocks)
+        self.cache_write_seconds.observe(time.perf_counter() - start)
+        self.cache_blocks_written.inc(written)
 
     def in_background(self, coro) -> None:
         """Work that must not delay a step (block writes): kept referenced until done."""

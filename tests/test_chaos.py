@@ -25,7 +25,7 @@ def test_no_request_is_lost_while_each_kind_of_process_dies(tiny_fp32, tmp_path)
     out = tmp_path / "chaos.json"
     command = [sys.executable, "-m", "loadgen.chaos", "--model", str(tiny_fp32), "--dtype", "fp32",
                "--requests", "200", "--concurrency", "16", "--input-len", "96", "--output-len", "32",
-               "--fault-window-s", "60", "--overload-requests", "200", "--gateway-max-inflight", "32",
+               "--fault-window-s", "60", "--overload-requests", "200", "--gateway-max-inflight", "32", "--no-baseline",
                "--port", str(free_port()), "--run-dir", str(tmp_path / "chaos"), "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -57,7 +57,7 @@ def test_ep_groups_losing_a_rank_lose_no_request(tiny_fp32, tmp_path):
     command = [sys.executable, "-m", "loadgen.chaos", "--model", str(tiny_fp32), "--dtype", "fp32",
                "--prefill-ep", "2", "--decode-ep", "2", "--kill", "decode:1,prefill:0", "--ep-timeout-s", "5",
                "--requests", "80", "--concurrency", "16", "--input-len", "96", "--output-len", "32",
-               "--fault-window-s", "60", "--overload-requests", "0", "--port", str(free_port()),
+               "--fault-window-s", "60", "--overload-requests", "0", "--no-baseline", "--port", str(free_port()),
                "--run-dir", str(tmp_path / "chaos"), "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

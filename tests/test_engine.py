@@ -227,6 +227,28 @@ def test_finished_requests_leave_the_kv_of_every_token(model, prompts):
     assert torch.allclose(kv, whole.kv[:, :256], atol=1e-4)
 
 
+def test_a_request_not_ending_on_a_block_boundary_leaves_its_blocks_at_once(model, prompts):
+    """Its full blocks are all computed when its last token is sampled: they come with the final
+    delta, no extra step; a request with no full block is reported too (KV None)."""
+    decode = Engine(model, EngineConfig(mode="decode"))
+    decode.keep_finished_kv = True
+    prefill = Engine(model, EngineConfig(mode="prefill"))
+    for rid, prompt, n in (("long", prompts[12], 30), ("short", prompts[0][:10], 3)):
+        prefill.add_request(rid, prompt, SamplingParams(max_tokens=n, ignore_eos=True))
+        (handoff,) = prefill.step()
+        assert decode.add_prefilled(rid, prompt, SamplingParams(max_tokens=n, ignore_eos=True), handoff.token_ids[0],
+                                    handoff.kv)
+    finished_at = {}
+    while decode.has_unfinished():
+        for d in decode.step():
+            if d.finish_reason:
+                finished_at[d.request_id] = {rid for rid, _, _ in decode.finished_kv}
+    assert "long" in finished_at["long"] and "short" in finished_at["short"]  # in the same step
+    entries = {rid: (ids, kv) for rid, ids, kv in decode.finished_kv}
+    assert len(entries["long"][0]) == 192 and entries["long"][1].shape[1] == 192  # 200 + 30 = 230: 3 blocks
+    assert entries["short"] == ([], None)
+
+
 @pytest.mark.parametrize("prompt, params, field", [
     ([], SamplingParams(), "prompt"),
     ([5] * 2048, SamplingParams(), "prompt"),

@@ -62,7 +62,7 @@ class DecodeService(WorkerService):
             registry=self.registry).labels(**rank)
         self.reprefills = Counter("streamoe_kv_reprefills", "Handoffs refused (missing or corrupt KV) and "
                                   "sent back to prefill", list(rank), registry=self.registry).labels(**rank)
-        self.finishing_salts: dict[str, str | None] = {}
+        self.held: dict[str, tuple[TokenDelta, str | None]] = {}  # request -> its final delta, cache salt
         await self.setup_worker()
         self.engine.keep_finished_kv = self.prefix_cache is not None
 
@@ -76,7 +76,7 @@ class DecodeService(WorkerService):
             cancelled = []
             for request_id in await self.take_aborts():
                 self.history.pop(request_id, None)
-                if self.requests.pop(request_id, None) is not None:
+                if self.requests.pop(request_id, None) is not None or self.held.pop(request_id, None):
                     cancelled.append(request_id)
             if cancelled:
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -179,22 +179,25 @@ class DecodeService(WorkerService):
         deltas = await self.timed_step()
         writes, emitted, finished = [], [], []
         for d in deltas:
-            if d.finish_reason and self.prefix_cache is not None:  # its blocks are written a step later
-                self.finishing_salts[d.request_id] = self.requests[d.request_id].cache_salt
-        for d in deltas:
             req = self.requests[d.request_id]
             history = self.history[d.request_id]
             window = prefix_window(req.sampling.stop)
             prompt_len = ownership.original_prompt_len(req)
-            writes.append((streams.RAW_DELTAS, TokenDelta(
-                d.request_id, req.trace_id, req.gateway_id, req.resumed + d.index, d.token_ids,
-                finish_reason=d.finish_reason, prefix_ids=history[-window:], stop=req.sampling.stop,
-                num_prompt_tokens=prompt_len)))
+            delta = TokenDelta(d.request_id, req.trace_id, req.gateway_id, req.resumed + d.index, d.token_ids,
+                               finish_reason=d.finish_reason, prefix_ids=history[-window:], stop=req.sampling.stop,
+                               num_prompt_tokens=prompt_len)
+            if d.finish_reason in ("stop", "length") and self.prefix_cache is not None:
+                # the end of the reply goes out once its blocks are stored, so the client's next turn
+                # finds its whole history; the records stay until then (a death resumes the end)
+                self.held[d.request_id] = (delta, req.cache_salt)
+            else:
+                writes.append((streams.RAW_DELTAS, delta))
             history.extend(d.token_ids)
             self.tokens.labels(role=self.role, rank=str(self.rank), kind="output").inc(len(d.token_ids))
             if d.finish_reason is not None:
                 del self.history[d.request_id], self.requests[d.request_id]
-                finished.append(d.request_id)
+                if d.request_id not in self.held:
+                    finished.append(d.request_id)
                 self.finished.append(d.request_id)
             else:
                 emitted.append((d.request_id, d.token_ids, len(history) - prompt_len))
@@ -207,5 +210,20 @@ class DecodeService(WorkerService):
         if writes:
             await self.until_written(lambda: self.bus.publish_many(writes, then=owners))
         for request_id, token_ids, kv in self.engine.finished_kv:  # prompt + reply, for the next turn
-            self.write_blocks(token_ids, self.finishing_salts.pop(request_id, None), kv)
+            self.in_background(self.store_then_send(request_id, token_ids, kv))
         self.engine.finished_kv.clear()
+
+    async def store_then_send(self, request_id: str, token_ids: list[int], kv: torch.Tensor | None) -> None:
+        """Store a finished request's blocks, then send the end of its reply (held till now)."""
+        delta, salt = self.held.get(request_id, (None, None))
+        if kv is not None:
+            try:
+                await self.store_blocks(token_ids, salt, kv)
+            except Exception as e:  # the cache is an optimisation: the reply goes out regardless
+                self.log.warning(json.dumps({"event": "blocks_not_stored", "request_id": request_id,
+                                             "error": repr(e)}))
+        self.held.pop(request_id, None)
+        if delta is not None:
+            await self.until_written(lambda: self.bus.publish_many(
+                [(streams.RAW_DELTAS, delta)],
+                then=lambda pipe: ownership.forget(pipe, self.config.instance_id, [request_id])))

@@ -73,7 +73,7 @@ class Engine:
         # the prefix cache's decode side: the KV of every token of each request that finishes
         # normally (the last token's computed in one extra step, after the client has its answer)
         self.keep_finished_kv = False
-        self.finished_kv: list[tuple[str, list[int], torch.Tensor]] = []  # (request id, token ids, KV)
+        self.finished_kv: list[tuple[str, list[int], torch.Tensor | None]] = []  # (request id, token ids, KV)
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -175,16 +175,18 @@ class Engine:
             delta.kv = self.runner.read_kv(seq, len(seq.prompt_ids))
             self._finish(seq, "prefilled")
         elif delta.finish_reason is not None:
-            if self.keep_finished_kv and delta.finish_reason in ("stop", "length") and seq.num_uncomputed == 1:
-                seq.pending_finish = delta.finish_reason  # the client has its answer; the KV of the last token next
+            if (self.keep_finished_kv and delta.finish_reason in ("stop", "length") and seq.num_uncomputed == 1
+                    and seq.num_tokens % BLOCK_SIZE == 0):
+                seq.pending_finish = delta.finish_reason  # the last token ends a full block: its KV next step
             else:
                 self._finish(seq, delta.finish_reason)
         return delta
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         full = seq.num_computed // BLOCK_SIZE * BLOCK_SIZE
-        if self.keep_finished_kv and reason in ("stop", "length") and full:
-            self.finished_kv.append((seq.request_id, seq.token_ids[:full], self.runner.read_kv(seq, full)))
+        if self.keep_finished_kv and reason in ("stop", "length"):  # every one, so its caller may wait for it
+            kv = self.runner.read_kv(seq, full) if full else None
+            self.finished_kv.append((seq.request_id, seq.token_ids[:full], kv))
         self.scheduler.finish(seq, reason)
         self.sequences.pop(seq.request_id, None)
         self.seeds.pop(seq.request_id, None)
