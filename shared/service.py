@@ -192,7 +192,8 @@ class Service:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         self.add_routes(app)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)  # open keep-alives: don't wait long
+        # NOTE: handler_cancellation: a client that goes away cancels its handler, which aborts the request
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.http_port)
         await site.start()

@@ -31,24 +31,24 @@ async def test_a_thousand_random_cancels_free_every_block(system, tiny_fp32, red
     rng = random.Random(5)
     gen = torch.Generator().manual_seed(5)
     slots = asyncio.Semaphore(48)
-    outcomes = {"cancelled": 0, "finished": 0}
+    outcomes = {"cancelled": 0, "finished": 0, "refused": 0}
 
     async def one(session: aiohttp.ClientSession, i: int) -> None:
         length = rng.randint(1000, 1900) if i % 5 == 0 else rng.randint(5, 200)  # long ones queue up at prefill
         body = {"model": model, "prompt": torch.randint(3, 1024, (length,), generator=gen).tolist(),
-                "max_tokens": rng.randint(1, 400), "temperature": 0, "ignore_eos": True, "stream": i % 4 != 0}
+                "max_tokens": rng.randint(150, 400), "temperature": 0, "ignore_eos": True, "stream": i % 4 != 0}
 
-        async def call() -> None:
+        async def call() -> int:
             async with session.post(gateway.url("/v1/completions"), json=body) as r:
                 assert r.status in (200, 429), await r.text()
                 await r.read()
+                return r.status
 
         async with slots:
             task = asyncio.create_task(call())
             done, _ = await asyncio.wait({task}, timeout=rng.uniform(0.0, 0.6))
             if done:
-                task.result()
-                outcomes["finished"] += 1
+                outcomes["finished" if task.result() == 200 else "refused"] += 1
                 return
             task.cancel()  # the client goes away: its connection closes
             await asyncio.gather(task, return_exceptions=True)
@@ -56,7 +56,7 @@ async def test_a_thousand_random_cancels_free_every_block(system, tiny_fp32, red
 
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*[one(session, i) for i in range(1000)])
-    assert outcomes["cancelled"] >= 300, outcomes
+    assert outcomes["cancelled"] >= 500, outcomes  # most run longer than their 0-0.6 s
     client = Redis.from_url(redis_url)
     deadline = asyncio.get_running_loop().time() + 120
     while asyncio.get_running_loop().time() < deadline:
