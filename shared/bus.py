@@ -7,11 +7,15 @@ and bounded streams that never drop an unread or pending entry.
   with the reason and is acked, and the consumer goes on.
 - A consumer acks only after what it produced from an entry is written (`ack`).
 - `claim_stale` takes over entries a dead consumer left pending (XAUTOCLAIM).
+- `reclaim_lost` re-reads entries a live consumer was handed but never saw: Redis delivered them
+  and the reply was lost (Redis killed between its AOF write and the reply; redis-py then retries
+  the read on a new connection and gets only newer entries).
 - `trim` deletes, by MINID, only entries every group has delivered and acked.
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -44,6 +48,7 @@ class Bus:
     def __init__(self, redis: Redis, consumer: str):
         self.redis = redis
         self.consumer = consumer  # unique per process: the instance id
+        self._reclaimed_at: dict[tuple[str, str], float] = {}
 
     async def ensure_group(self, stream: str, group: str, start_id: str = "0") -> None:
         """Create the group (and the stream) if missing; from the stream's beginning, or "$":
@@ -108,6 +113,20 @@ class Bus:
             await self._recreate_lost_group(e, [stream], group)
             return []
         return await self._decode_entries(stream, group, kind, [e for e in reply[1] if e[1] is not None])
+
+    async def reclaim_lost(self, stream: str, group: str, kind: type[T], idle_ms: int = 1000,
+                           every_s: float = 1.0) -> list[Entry[T]]:
+        """For a consumer that acks what it reads at once (its own stream or group): entries pending
+        longer than `idle_ms` were delivered to a read whose reply never arrived. At most one
+        XAUTOCLAIM per `every_s`; redelivered entries must be harmless twice."""
+        now = time.monotonic()
+        if now - self._reclaimed_at.get((stream, group), 0.0) < every_s:
+            return []
+        self._reclaimed_at[stream, group] = now
+        entries = await self.claim_stale(stream, group, kind, idle_ms, count=256)
+        if entries:
+            log.warning("re-reading %d entries of %s whose delivery was lost", len(entries), stream)
+        return entries
 
     async def _recreate_lost_group(self, error: ResponseError, stream_names: list[str], group: str) -> None:
         """Redis lost the stream or its group (a flush, a restart without AOF): make it again."""

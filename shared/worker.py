@@ -169,6 +169,7 @@ class WorkerService(EPRank, Service):
     async def take_aborts(self) -> list[str]:
         """Abort what this rank runs of the requests cancelled since the last call."""
         entries = await self.bus.read(streams.ABORTS, self.abort_group, Abort, count=256, block_ms=None)
+        entries += await self.bus.reclaim_lost(streams.ABORTS, self.abort_group, Abort)
         ids = [e.message.request_id for e in entries]
         for request_id in ids:
             self.aborted.append(request_id)

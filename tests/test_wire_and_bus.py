@@ -89,6 +89,22 @@ async def test_dead_consumer_entries_are_claimed(redis):
     assert consumers[b"alive"] == 1 and consumers[b"dead"] == 0
 
 
+async def test_an_entry_whose_read_reply_was_lost_is_read_again(redis):
+    """Redis delivered the entry (it is pending on this consumer) but the reply never arrived."""
+    group, bus = streams.group("gateway"), Bus(redis, "gw")
+    await bus.ensure_group(streams.REQUESTS, group)
+    await bus.publish(streams.REQUESTS, request(3))
+    await redis.xreadgroup(group, "gw", {streams.REQUESTS: ">"}, count=10)  # the reply that got lost
+    await bus.publish(streams.REQUESTS, request(4))
+    assert [e.message.request_id for e in await bus.read(streams.REQUESTS, group, GenerateRequest,
+                                                          block_ms=50)] == ["r4"]
+    assert await bus.reclaim_lost(streams.REQUESTS, group, GenerateRequest, idle_ms=60_000) == []  # too fresh
+    assert await bus.reclaim_lost(streams.REQUESTS, group, GenerateRequest, idle_ms=0) == []  # at most once a second
+    bus._reclaimed_at.clear()
+    again = await bus.reclaim_lost(streams.REQUESTS, group, GenerateRequest, idle_ms=0)
+    assert sorted(e.message.request_id for e in again) == ["r3", "r4"]  # r4 not acked yet either
+
+
 async def test_trim_never_drops_unread_or_pending(redis):
     stream = streams.delta_stream("gw0")
     bus = Bus(redis, "c")

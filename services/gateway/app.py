@@ -90,6 +90,7 @@ class GatewayService(Service):
     async def loop(self) -> None:
         while not self.stopping.is_set() or self.inflight:
             entries = await self.bus.read(self.delta_stream, GROUP, TokenDelta, count=256, block_ms=200)
+            entries += await self.bus.reclaim_lost(self.delta_stream, GROUP, TokenDelta)
             for entry in entries:
                 self.dispatch(entry.message)
             await self.bus.ack(self.delta_stream, GROUP, *[e.entry_id for e in entries])
