@@ -13,7 +13,8 @@
 2. the same requests spread over `--fault-window-s` with no fault: the latency baseline
    (`--no-baseline` skips it);
 3. faults: the same arrivals again, while a killer sends kill -9 to each `--kill` target in turn
-   (a kind, or kind:rank in an EP group), each once the last one's restart answers /health;
+   (a kind, or kind:rank in an EP group), each once the last one's restart answers /health; an EP
+   group's survivors re-form without the killed rank (no restart) and take its successor back in;
 4. overload: `--overload-requests` at 10x the sustainable rate; the gateway admits up to its
    `--max-inflight` (here `--gateway-max-inflight`) and answers the rest 429 at once.
 Counts per phase: sent, completed, refused before acceptance (429 overloaded; 503 while no rank of
@@ -51,6 +52,11 @@ class Kill:
     pid: int
     at_s: float  # after the faults phase started
     healthy_again_s: float | None = None  # from the kill to the restarted process answering /health
+    # an EP group's rank: the survivors re-form without it (no restart), then take its successor in
+    survivors_restarted: bool | None = None
+    group_without_it_s: float | None = None  # from the kill to every survivor computing without it
+    group_whole_s: float | None = None  # from the kill to every rank computing in the whole group again
+    completed_while_without: int | None = None  # requests finished while the group ran without the rank
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,6 +116,9 @@ async def killer(run_dir: Path, targets: list[str], t0: float, gap_s: float) -> 
             kind, _, rank = target.partition(":")
             await asyncio.sleep(gap_s)
             victim = next(p for p in processes(run_dir) if p["name"] == kind and (not rank or p["rank"] == int(rank)))
+            survivors = [p for p in processes(run_dir) if p["name"] == kind and p["pid"] != victim["pid"]]
+            in_group = rank != "" and kind in ("prefill", "decode") and survivors
+            reforms = [await reform_counts(p) for p in survivors] if in_group else []
             os.kill(victim["pid"], signal.SIGKILL)
             kill = Kill(target, victim["pid"], time.perf_counter() - t0)
             kills.append(kill)
@@ -117,21 +126,41 @@ async def killer(run_dir: Path, targets: list[str], t0: float, gap_s: float) -> 
             while time.monotonic() < deadline:
                 group = [p for p in processes(run_dir) if p["name"] == kind]  # an EP group comes back whole
                 replaced = next(p for p in group if p["rank"] == victim["rank"])["pid"] != victim["pid"]
+                if in_group and kill.group_without_it_s is None:
+                    if all([(await reform_counts(p))[0] > before[0] for p, before in zip(survivors, reforms)]):
+                        kill.group_without_it_s = time.perf_counter() - t0 - kill.at_s
                 if replaced and all([await healthy(session, p["ports"]["http"]) for p in group]):
                     kill.healthy_again_s = time.perf_counter() - t0 - kill.at_s
-                    break
+                    if not in_group or all([(await reform_counts(p))[1] > before[1]
+                                            for p, before in zip(survivors, reforms)]):
+                        break
                 await asyncio.sleep(0.1)
+            if in_group:
+                kill.group_whole_s = time.perf_counter() - t0 - kill.at_s
+                now = {p["rank"]: p["pid"] for p in processes(run_dir) if p["name"] == kind}
+                kill.survivors_restarted = any(now[p["rank"]] != p["pid"] for p in survivors)
     return kills
 
 
+async def reform_counts(process: dict) -> tuple[float, float]:
+    """(shrink, grow): how often this EP rank's group re-formed without a rank, and with one back."""
+    port = process["ports"]["http"]
+    try:
+        return (await metric(port, "streamoe_ep_reforms_total", change="shrink"),
+                await metric(port, "streamoe_ep_reforms_total", change="grow"))
+    except (aiohttp.ClientError, OSError):
+        return (0.0, 0.0)
+
+
 async def send(url: str, model: str, requests: list[Request], concurrency: int | None, gaps: np.ndarray,
-               timeout_s: float) -> tuple[list[Result], float]:
+               timeout_s: float, t0: float | None = None) -> tuple[list[Result], float]:
     """Every request (arrivals `gaps` apart, at most `concurrency` in flight) -> results in request
-    order, and the seconds from the first send to the last answer."""
+    order (times from `t0`, default the first send), and the seconds from the first send to the
+    last answer."""
     slots = asyncio.Semaphore(concurrency) if concurrency else None
     results = [Result(r.output_len, 0.0) for r in requests]
     async with make_session(timeout_s) as session:
-        client = Client(session, url, model)
+        client = Client(session, url, model, t0=t0)
 
         async def one(i: int) -> None:
             if slots is None:
@@ -209,9 +238,13 @@ async def phases(args: argparse.Namespace, url: str, model: str, run_dir: Path) 
         report["no_faults_same_arrivals"] = summarize(paced, requests, clean, paced_s)
     t0 = time.perf_counter()
     kill_task = asyncio.create_task(killer(run_dir, kinds, t0, args.kill_gap_s))
-    faulty, faulty_s = await send(url, model, requests, args.concurrency, gaps, timeout)
+    faulty, faulty_s = await send(url, model, requests, args.concurrency, gaps, timeout, t0)
     kills = await kill_task
     report["faults"] = summarize(faulty, requests, clean, faulty_s)
+    for k in kills:
+        if k.group_without_it_s is not None:  # finished between the re-forming and the rank's return
+            start, end = k.at_s + k.group_without_it_s, k.at_s + (k.group_whole_s or k.group_without_it_s)
+            k.completed_while_without = sum(r.ok and start <= r.start_s + r.e2el_s <= end for r in faulty)
     report["faults"]["kills"] = [asdict(k) for k in kills]
     report["faults"]["kills_during_load"] = sum(k.at_s < faulty_s for k in kills)
     balancer = next(p for p in processes(run_dir) if p["name"] == "balancer")
@@ -256,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{faults['duplicated_tokens']}, missing tokens {faults['missing_tokens']}, outputs differing from the "
           f"fault-free run {len(faults['differing_outputs'])}, resumed after their decode rank died "
           f"{faults['resumed_by_balancer']:.0f}, e2e p99 {faults['e2e_p99_s']:.3f} s")
+    for k in faults["kills"]:
+        if k["group_without_it_s"] is not None:
+            print(f"  {k['kind']}: its group computed without it {k['group_without_it_s']:.1f} s after the kill "
+                  f"(survivors restarted: {k['survivors_restarted']}), whole again at "
+                  f"{k['group_whole_s']:.1f} s; {k['completed_while_without']} requests finished in between")
     print(f"overload ({over['rate_per_s']:.1f} requests/s, 10x): {over['completed']} completed, "
           f"{over['refused_429']} refused 429 (p99 {over['refused_latency_p99_s'] or 0:.4f} s), lost {over['lost']}")
     print(report["command"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from prometheus_client import Counter, Gauge, Histogram
+from redis.exceptions import RedisError
 
 from . import streams
 from .engine.engine import Engine, EngineConfig
@@ -121,6 +123,7 @@ class WorkerService(EPRank, Service):
         await self.setup_prefix_cache()
         await self.setup_group()
         await self.report_load(force=True)
+        self.in_background(self.keep_load_report())
 
     def trimmed_streams(self) -> list[str]:
         return [self.stream]  # the worker's own input stream
@@ -204,11 +207,26 @@ class WorkerService(EPRank, Service):
             return
         self._last_report = now
         blocks = self.engine.blocks
-        report = LoadReport(self.role, self.rank, self.config.instance_id, len(self.engine.scheduler.running),
-                            len(self.engine.scheduler.waiting), blocks.num_blocks - blocks.num_free, blocks.num_blocks,
-                            self.args.max_num_seqs, pending_compute, pending_tokens, now)
-        await self.redis.set(streams.load_key(self.role, self.rank), encode(report),
+        self._report = LoadReport(self.role, self.rank, self.config.instance_id, len(self.engine.scheduler.running),
+                                  len(self.engine.scheduler.waiting), blocks.num_blocks - blocks.num_free,
+                                  blocks.num_blocks, self.args.max_num_seqs, pending_compute, pending_tokens, now)
+        await self.redis.set(streams.load_key(self.role, self.rank), encode(self._report),
                              px=int(self.args.load_ttl_s * 1000))
+
+    async def keep_load_report(self) -> None:
+        """While the main loop is held up (a long step, or the EP group waiting on a dead rank and
+        re-forming), the last load report is renewed, so the balancer keeps routing here and the
+        gateway does not answer 503 for a live rank."""
+        while not self._closing.is_set():
+            await self._pause(self.args.load_ttl_s / 3)
+            if time.time() - self._last_report < self.args.load_ttl_s / 2:
+                continue
+            try:
+                await self.redis.set(streams.load_key(self.role, self.rank),
+                                     encode(dataclasses.replace(self._report, time=time.time())),
+                                     px=int(self.args.load_ttl_s * 1000))
+            except RedisError as e:
+                self.log.warning(json.dumps({"event": "load_report_failed", "error": repr(e)}))
 
     def count_expert_load(self) -> None:
         """The MoE layers' routed-token counts, as counters (what they gained since the last look)."""
@@ -227,6 +245,7 @@ class WorkerService(EPRank, Service):
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.flush)
         if self.group is not None:
+            await self.membership_upkeep()
             await self.eplb_upkeep()
         await super().housekeeping()
 
@@ -234,6 +253,7 @@ class WorkerService(EPRank, Service):
         if self.tracer is not None:
             self.tracer.flush()
         if self.group is not None:
+            await self.membership.clear_alive()
             await self.group.transport.close()
         await self.redis.xgroup_destroy(streams.ABORTS, self.abort_group)
         await self.redis.delete(streams.load_key(self.role, self.rank))

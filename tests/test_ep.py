@@ -14,7 +14,8 @@ from reference import load_reference, reference_greedy
 from shared.engine.engine import Engine, EngineConfig
 from shared.engine.sequence import SamplingParams
 from shared.ep.group import EPGroup
-from shared.ep.moe import apply_expert_parallel, idle_forward, initial_placement, keep_tensor, local_experts
+from shared.ep.moe import (apply_expert_parallel, base_owners, idle_forward, initial_placement, keep_tensor,
+                           local_experts, member_owners)
 from shared.ep.overlap import Overlap, Tracer
 from shared.ep.transport import InProcessHub, RedisTransport
 from shared.ep.wire import dequantize_fp8, quantize_fp8
@@ -250,6 +251,61 @@ async def test_a_placement_rollout_while_requests_run_changes_nothing_they_see(t
     assert len(set(switched_at)) == 1 and len(switched_at) == 2  # both ranks, the same step
     assert all(ro.version == 1 and ro.placement() == new for ro in rollouts)
     assert sum(ro.num_experts_read for ro in rollouts) > 0
+
+
+def test_members_keep_their_slots_and_share_the_dead_ranks_evenly():
+    assert base_owners(8, 4) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert member_owners(8, 4, [0, 1, 2, 3]) == base_owners(8, 4)
+    assert member_owners(8, 4, [0, 2, 3]) == [0, 0, 0, 2, 2, 2, 3, 3]  # rank 1's two slots: to 0, then 2
+    assert member_owners(9, 3, [2]) == [2] * 9
+    owners = member_owners(20, 4, [1, 3])
+    assert [owners.count(r) for r in range(4)] == [0, 10, 0, 10]
+    assert owners[5:10] == [1] * 5 and owners[15:] == [3] * 5
+    with pytest.raises(ValueError):
+        member_owners(8, 4, [])
+    # what a rank's loader reads follows the owners map
+    assert local_experts([[0, 1, 2, 3, 0, 1, 2, 3]], [1], 0, 4, [0, 2, 3]) == {1: {0, 1, 2}}
+
+
+async def test_a_group_re_formed_without_a_rank_gives_ep1_tokens(tiny_fp32, prompts, ep1_tokens):
+    """EP 4 with redundant slots loses rank 1 after three steps: the other three re-form (epoch
+    1), each reads its share of rank 1's experts from the checkpoint, and their requests go on to
+    EP 1's tokens; a rank out of the group is sent nothing."""
+    from shared.ep.rollout import Rollout
+
+    ranks = await make_ranks(tiny_fp32, 4, "exact", redundant=4)
+    rollouts = [Rollout(tiny_fp32, torch.float32, r.moes) for r in ranks]
+    survivors = [0, 2, 3]
+    loop = asyncio.get_running_loop()
+    mine = {i: survivors[i % 3] for i in range(len(prompts))}
+    for i, prompt in enumerate(prompts):
+        ranks[mine[i]].engine.add_request(str(i), prompt, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    out = {i: [] for i in range(len(prompts))}
+    group = ranks
+    while True:
+        go = await asyncio.gather(*[r.group.begin_step(r.engine.has_unfinished()) for r in group])
+        if not go[0]:
+            break
+        results = await asyncio.gather(*[loop.run_in_executor(r.thread, r.engine.step) for r in group])
+        for deltas in results:
+            for d in deltas:
+                out[int(d.request_id)] += d.token_ids
+        if group is ranks and ranks[0].group.step == 3:  # rank 1 dies; the others re-form
+            await ranks[1].group.transport.close()
+            group = [ranks[r] for r in survivors]
+            owners = [member_owners(18 + 2, 4, survivors) for _ in range(2)]
+            for r in survivors:
+                staged = await asyncio.to_thread(rollouts[r].stage_members, rollouts[r].placement(), owners)
+                rollouts[r].switch_members(0, rollouts[r].placement(), owners, staged)
+                ranks[r].group.reform(1, survivors)
+            await asyncio.gather(*[r.group.transport.start() for r in group])
+            sent_to_1 = [sum(int(m.dispatched[1]) for m in r.moes) for r in group]
+    assert out == ep1_tokens
+    assert [sum(int(m.dispatched[1]) for m in r.moes) for r in group] == sent_to_1
+    assert all(rollouts[r].num_experts_read > 0 for r in survivors)
+    for r in survivors:  # its own slots and its share of rank 1's
+        assert [len(m.experts) for m in ranks[r].moes] == [member_owners(20, 4, survivors).count(r)] * 2
+    await asyncio.gather(*[r.group.transport.close() for r in group])
 
 
 async def test_the_balancer_publishes_a_better_placement_from_reported_load(redis):

@@ -9,6 +9,8 @@ import aiohttp
 import pytest
 import torch
 
+from loadgen.client import Client, Result
+from loadgen.workloads import Request
 from procs import ServiceProcess, greedy_token_ids, metric, stop_all
 from reference import load_reference, reference_greedy
 
@@ -38,7 +40,7 @@ def ep_system(tiny_fp32, redis_url, tmp_path_factory):
             started[f"{role}{r}"] = service
     started["gateway"] = ServiceProcess("services.gateway", redis_url, "--model", str(tiny_fp32),
                                         "--request-timeout-s", "60")
-    started["blocks"] = blocks
+    started["blocks"], started["worker_args"] = blocks, common
     yield started
     stop_all(s for s in started.values() if isinstance(s, ServiceProcess))
 
@@ -140,24 +142,73 @@ async def test_two_prefill_ranks_writing_the_same_blocks_leave_one_good_copy(ep_
     assert again["choices"][0]["token_ids"] == first
 
 
-async def test_a_dead_group_rank_times_the_exchange_out(ep_system, tiny_fp32):
-    """kill -9 one decode rank while the group decodes: the other's exchange gives up within its
-    timeout with an error naming the silent rank, and the process ends instead of hanging."""
-    url = ep_system["gateway"].url("/v1/completions")
-    body = {"model": tiny_fp32.resolve().name, "prompt": [5, 6, 7, 8], "max_tokens": 1500, "ignore_eos": True,
-            "temperature": 0, "stream": True}
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url, json=body) as r:
-            seen = 0
-            async for line in r.content:
-                seen += line.startswith(b"data: ")
-                if seen == 3:
-                    break
-    ep_system["decode1"].kill()
-    survivor = ep_system["decode0"]
-    started = time.monotonic()
-    while survivor.proc.poll() is None and time.monotonic() - started < 30:
-        await asyncio.sleep(0.2)
-    assert survivor.proc.poll() not in (None, 0)
-    log = survivor.log_tail(20000)
-    assert "rank 1 of the decode EP group" in log and "within 4.0 s" in log, log[-2000:]
+async def until(condition, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        await asyncio.sleep(0.25)
+
+
+async def test_groups_re_form_without_a_dead_rank_and_take_it_back(ep_system, tiny_fp32, redis_url):
+    """kill -9 one rank of each group while requests stream: the survivors re-form their groups
+    without it (the exchange timeout, then the roll call), serve on alone with the right tokens,
+    and take a new process for the rank back in; every request completes with the right tokens."""
+    model = tiny_fp32.resolve().name
+    gateway = ep_system["gateway"]
+    ref = load_reference(tiny_fp32)
+    gen = torch.Generator().manual_seed(12)
+
+    def prompts(n: int) -> list[list[int]]:
+        return [torch.randint(3, 1024, (int(k),), generator=gen).tolist()
+                for k in torch.randint(8, 120, (n,), generator=gen)]
+
+    def check(prompt: list[int], tokens: list[int], max_tokens: int) -> None:
+        expected = reference_greedy(ref, prompt, max_tokens)
+        assert len(tokens) == max_tokens and tokens[:expected.trusted] == expected.tokens[:expected.trusted]
+
+    def members(role: str, r: int) -> float:
+        return metric(ep_system[f"{role}{r}"], "streamoe_ep_group_members")
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        client = Client(session, gateway.url("").rstrip("/"), model)
+        before = prompts(4)
+        results = [Result(80, 0.0) for _ in before]
+        streaming = [asyncio.create_task(client.send(Request(80, p), r)) for p, r in zip(before, results)]
+        await until(lambda: all(len(r.token_ids) >= 2 for r in results), "every request streams")
+        for role in ("prefill", "decode"):
+            ep_system[f"{role}1"].kill()
+        started = time.monotonic()
+        await until(lambda: members("prefill", 0) == members("decode", 0) == 1, "the survivors re-form", 30)
+        assert time.monotonic() - started < 4 + 3 + 5  # the exchange timeout, the roll call, reading experts
+        for role in ("prefill", "decode"):
+            assert ep_system[f"{role}0"].proc.poll() is None
+            assert metric(ep_system[f"{role}0"], "streamoe_ep_reforms_total", change="shrink") == 1
+        await asyncio.sleep(5)  # the dead ranks' load reports expire: the balancer routes to the survivors
+        alone = prompts(3)
+        outputs = await asyncio.gather(*[greedy_token_ids(session, gateway, model, p, 12) for p in alone])
+        for prompt, tokens in zip(alone, outputs):
+            check(prompt, tokens, 12)
+
+        common = ep_system["worker_args"]
+        back = {role: ServiceProcess(f"services.{role}", redis_url, *common, "--rank", "1", wait=False)
+                for role in ("prefill", "decode")}
+        for role, service in back.items():
+            ep_system[f"{role}1"] = service
+            await asyncio.to_thread(service.wait_healthy)
+        await until(lambda: all(members(role, r) == 2 for role in back for r in range(2)), "the groups are whole")
+        for role in back:
+            for r in range(2):  # at once: the members and the new process joined each other
+                assert metric(ep_system[f"{role}{r}"], "streamoe_ep_reforms_total", change="grow") == 1
+        sent_to_1 = metric(ep_system["decode0"], "streamoe_ep_dispatched_tokens_total", peer="1")
+        whole = prompts(4)
+        outputs = await asyncio.gather(*[greedy_token_ids(session, gateway, model, p, 12) for p in whole])
+        for prompt, tokens in zip(whole, outputs):
+            check(prompt, tokens, 12)
+        assert metric(ep_system["decode0"], "streamoe_ep_dispatched_tokens_total", peer="1") > sent_to_1
+        for role in back:
+            for r in range(2):  # and stay joined
+                assert metric(ep_system[f"{role}{r}"], "streamoe_ep_reforms_total") == (2 if r == 0 else 1)
+        await asyncio.gather(*streaming)
+    for prompt, result in zip(before, results):
+        assert result.error is None, result.message
+        check(prompt, result.token_ids, 80)

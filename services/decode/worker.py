@@ -84,8 +84,7 @@ class DecodeService(WorkerService):
                     await pipe.execute()
             await self.admit_ready()
             await self.drop_stale_handoffs()
-            if await self.should_step():
-                await self.step()
+            await self.group_step(self.step)
             await self.report_load()
 
     def receive(self, entry: Entry[KVChunk]) -> None:

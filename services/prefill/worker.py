@@ -47,8 +47,7 @@ class PrefillService(WorkerService):
                 if request_id in self.tasks:
                     entry_id, _ = self.tasks.pop(request_id)
                     await self.bus.ack(self.stream, GROUP, entry_id)
-            if await self.should_step():
-                await self.step()
+            await self.group_step(self.step)
             queued = [t.request for _, t in self.tasks.values()]
             await self.report_load(
                 pending_compute=sum(attention_compute(len(r.prompt_ids) - r.num_cached_tokens, r.num_cached_tokens)
@@ -81,9 +80,11 @@ class PrefillService(WorkerService):
             loop.call_soon_threadsafe(layers.put_nowait, (layer, items, time.time()))
 
         sender = asyncio.create_task(self.send_layers(layers))
-        deltas = await self.timed_step(on_layer_kv)
-        layers.put_nowait(None)
-        await sender
+        try:
+            deltas = await self.timed_step(on_layer_kv)
+        finally:  # a failed step (its group lost a rank) still sends what it computed: it is the same
+            layers.put_nowait(None)
+            await sender
         for delta in deltas:
             await self.finish(delta)
 

@@ -1,10 +1,14 @@
 """An EP group as one rank sees it: the transport, the step every rank takes together, and the
 bridge that lets MoE layers on the compute thread exchange tokens through the event loop.
 
-Every exchange of a step is named `s{step}:l{layer}:{phase}`, so all ranks use the same key
-sequence. A step starts with a `go` exchange: each rank says whether it has work, and if any
-rank does, all of them step (a rank without work joins with zero tokens). A rank that stops
+Every exchange of a step is named `e{epoch}:s{step}:l{layer}:{phase}`, so all ranks use the same
+key sequence; the step count starts again at each epoch (each re-forming of the group, see
+membership.py). A step starts with a `go` exchange: each rank says whether it has work, and if
+any rank does, all of them step (a rank without work joins with zero tokens). A rank that stops
 answering makes every exchange raise `ExchangeTimeout` on the others, never a hang.
+
+The `go` exchange also carries what the group must agree on between steps: the placement version
+each rank has staged (rollout.py) and the ranks each has seen asking to join (a bit mask).
 """
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ class EPGroup:
         self.timeout_s = timeout_s
         self.observe = observe
         self.step = 0
+        self.epoch = 0
         self.agreed_version = 0  # the newest placement every rank has staged (rollout.py)
+        self.agreed_joiners = 0  # ranks every member has seen asking to join (bit mask)
         self.waited_s = 0.0  # compute thread blocked in exchange() (all of it exposed, no overlap)
 
     @property
@@ -38,24 +44,41 @@ class EPGroup:
     def size(self) -> int:
         return self.transport.size
 
-    async def begin_step(self, has_work: bool, staged_version: int = 0) -> bool:
-        """Every rank calls this once per loop turn; True when any rank of the group has work, and
-        then every rank must run one engine step (joining with zero tokens if it has none). Each
-        rank also reports the placement version it has staged: `agreed_version` is the newest one
-        all have, the same on every rank."""
+    @property
+    def members(self) -> list[int]:
+        return self.transport.members
+
+    def reform(self, epoch: int, members: list[int]) -> None:
+        """Exchange among `members` from now on, counting steps from 0 under the new epoch (the
+        caller then joins them: `await transport.start()`)."""
+        self.transport.set_members(members)
+        self.epoch, self.step = epoch, 0
+
+    def key(self, name: str) -> str:
+        return f"e{self.epoch}:s{self.step}:{name}"
+
+    async def begin_step(self, has_work: bool, staged_version: int = 0, joiners: int = 0) -> bool:
+        """Every member calls this once per loop turn; True when any member has work, and then every
+        member must run one engine step (joining with zero tokens if it has none). Each also reports
+        the placement version it has staged and the ranks it has seen asking to join:
+        `agreed_version` is the newest version all have staged, `agreed_joiners` the ranks all have
+        seen, the same on every member."""
         self.step += 1
-        mine = b"%d:%d" % (has_work, staged_version)
-        reports = [r.split(b":") for r in await self.transport.all_to_all(f"s{self.step}:go", [mine] * self.size,
-                                                                          self.timeout_s)]
-        self.agreed_version = min(int(version) for _, version in reports)
-        return any(flag == b"1" for flag, _ in reports)
+        mine = b"%d:%d:%d" % (has_work, staged_version, joiners)
+        reports = [r.split(b":") for r in await self.transport.all_to_all(self.key("go"), [mine] * self.size,
+                                                                          self.timeout_s) if r]
+        self.agreed_version = min(int(version) for _, version, _ in reports)
+        self.agreed_joiners = -1
+        for _, _, seen in reports:
+            self.agreed_joiners &= int(seen)
+        return any(flag == b"1" for flag, _, _ in reports)
 
     def start_exchange(self, name: str, sends: list[bytes]) -> Future:
         """From the compute thread: begin an all-to-all of the current step on the event loop; the
         future holds what every rank sent (or the ExchangeTimeout). `name` ends in its phase."""
         started = time.perf_counter()
         future = asyncio.run_coroutine_threadsafe(
-            self.transport.all_to_all(f"s{self.step}:{name}", sends, self.timeout_s), self.loop)
+            self.transport.all_to_all(self.key(name), sends, self.timeout_s), self.loop)
         if self.observe is not None:
             sent = sum(len(p) for i, p in enumerate(sends) if i != self.rank)
             phase = name.rsplit(":", 1)[-1]

@@ -3,6 +3,10 @@ to this rank's physical slots, and the layer exchanges tokens with the group (di
 compute, combine). Attention, dense layers, the gate and the shared expert stay local (data
 parallel); the model file itself knows nothing of this.
 
+Which rank holds a physical slot is the layer's `owners` map: slot // S while every rank is up;
+when a group re-forms without a rank, that rank's slots go to the survivors (`member_owners`), so
+the placement, and with it every token's routing, stays what it was.
+
 Legend: T = tokens on this rank, K = experts per token, D = hidden, S = slots per rank,
 P = (token, slot) pairs, R = ranks.
 """
@@ -28,18 +32,30 @@ class EPMoE(nn.Module):
     """One MoE layer of an EP rank: the gate and shared expert, and the experts of its slots."""
 
     def __init__(self, moe: MoE, layer: int, rank: int, size: int, phy2log: list[int], exchange: Exchange,
-                 wire: str):
+                 wire: str, owners: list[int] | None = None):
         super().__init__()
         self.layer, self.rank, self.size, self.wire = layer, rank, size, wire
         self.num_experts = moe.num_experts
         self.gate, self.shared_experts = moe.gate, moe.shared_experts
-        self.slots_per_rank = len(phy2log) // size
-        local = phy2log[rank * self.slots_per_rank:(rank + 1) * self.slots_per_rank]
-        self.experts = nn.ModuleList(moe.experts[e] for e in local)  # slot i holds logical expert local[i]
+        self.set_owners(owners or base_owners(len(phy2log), size))
+        # slot i of this rank holds logical expert local[i]
+        self.experts = nn.ModuleList(moe.experts[e] for e in self.local_slots(phy2log))
         self.exchange = exchange
         self.expert_load: torch.Tensor | None = None  # [E] tokens this rank routed, by logical expert
         self.dispatched = torch.zeros(size, dtype=torch.int64)  # [R] tokens sent to each rank (self included)
         self.set_placement(phy2log)
+
+    def set_owners(self, owners: list[int]) -> None:
+        """owners[slot] = the rank that computes it; each rank's slots, in slot order, are its local
+        slots 0, 1, ... (`local_index`)."""
+        self.owners = list(owners)
+        self.owner = torch.tensor(self.owners)  # [slots]
+        self.local_index = torch.zeros(len(owners), dtype=torch.long)  # [slots] index among its owner's
+        seen = [0] * self.size
+        for slot, rank in enumerate(self.owners):
+            self.local_index[slot] = seen[rank]
+            seen[rank] += 1
+        self.my_slots = [slot for slot, rank in enumerate(self.owners) if rank == self.rank]
 
     def set_placement(self, phy2log: list[int]) -> None:
         """Where each logical expert's replicas are: log2phy [E, X] (padded with the first), logcnt [E]."""
@@ -54,20 +70,27 @@ class EPMoE(nn.Module):
         self.logcnt = torch.tensor([len(r) for r in replicas])  # [E]
         self.phy2log = list(phy2log)
 
-    def local_slots(self, phy2log: list[int]) -> list[int]:
-        return phy2log[self.rank * self.slots_per_rank:(self.rank + 1) * self.slots_per_rank]
+    def local_slots(self, phy2log: list[int], owners: list[int] | None = None) -> list[int]:
+        """The logical experts of this rank's slots, under `owners` (default: the current map)."""
+        if owners is None:
+            return [phy2log[slot] for slot in self.my_slots]
+        return [phy2log[slot] for slot, rank in enumerate(owners) if rank == self.rank]
 
-    def stage(self, phy2log: list[int], read_expert: Callable[[int, int], nn.Module]) -> nn.ModuleList:
-        """This rank's slots under a new placement: experts it holds are reused, the others read
-        (`read_expert(layer, expert)`); runs off the compute thread while the old slots serve."""
+    def stage(self, phy2log: list[int], read_expert: Callable[[int, int], nn.Module],
+              owners: list[int] | None = None) -> nn.ModuleList:
+        """This rank's slots under a new placement (and owners map): experts it holds are reused, the
+        others read (`read_expert(layer, expert)`); runs off the compute thread while the old slots serve."""
         if len(phy2log) != len(self.phy2log):
             raise ValueError(f"layer {self.layer}: a placement of {len(phy2log)} slots; this group has "
                              f"{len(self.phy2log)}")
         held = dict(zip(self.local_slots(self.phy2log), self.experts))
-        return nn.ModuleList(held[e] if e in held else read_expert(self.layer, e) for e in self.local_slots(phy2log))
+        return nn.ModuleList(held[e] if e in held else read_expert(self.layer, e)
+                             for e in self.local_slots(phy2log, owners))
 
-    def switch(self, phy2log: list[int], experts: nn.ModuleList) -> None:
+    def switch(self, phy2log: list[int], experts: nn.ModuleList, owners: list[int] | None = None) -> None:
         """Take a staged placement (between steps, on every rank at the same step)."""
+        if owners is not None:
+            self.set_owners(owners)
         self.set_placement(phy2log)
         self.experts = experts
 
@@ -95,7 +118,7 @@ class EPMoE(nn.Module):
         self.expert_load += torch.bincount(ids.flatten(), minlength=self.num_experts)
         top_k = ids.shape[1]
         slots = self.log2phy[ids, self.replicas(ids)]  # [T, K] physical slots
-        dest = slots // self.slots_per_rank
+        dest = self.owner[slots]
         sends, sent_pairs = [], []
         for r in range(self.size):
             mask = dest == r  # [T, K]
@@ -104,15 +127,19 @@ class EPMoE(nn.Module):
             position = torch.full((num_tokens,), -1, dtype=torch.long)
             position[tokens] = torch.arange(tokens.numel())
             t_idx, k_idx = mask.nonzero(as_tuple=True)  # pairs, in flat (token, k) order
-            sends.append(encode_dispatch(x[tokens], position[t_idx], slots[t_idx, k_idx] - r * self.slots_per_rank,
+            sends.append(encode_dispatch(x[tokens], position[t_idx], self.local_index[slots[t_idx, k_idx]],
                                          self.wire))
             sent_pairs.append(t_idx * top_k + k_idx)
         return sends, (weights, ids, sent_pairs)
 
     def serve(self, received: list[bytes], dtype: torch.dtype) -> list[bytes]:
         """The tokens every rank dispatched here -> their expert outputs, one combine payload each."""
-        outputs = self.compute_experts([decode_dispatch(raw, dtype) for raw in received])
-        return [encode_combine(y, self.wire) for y in outputs]
+        sources = [r for r, raw in enumerate(received) if raw]  # ranks out of the group send nothing
+        outputs = self.compute_experts([decode_dispatch(received[r], dtype) for r in sources])
+        sends = [b""] * len(received)
+        for r, y in zip(sources, outputs):
+            sends[r] = encode_combine(y, self.wire)
+        return sends
 
     def finish(self, x: torch.Tensor, routing: tuple, returned: list[bytes]) -> torch.Tensor:
         """The expert outputs back from every rank -> the routed part of the layer's output [T, D]."""
@@ -120,7 +147,8 @@ class EPMoE(nn.Module):
         num_tokens, top_k = ids.shape
         ys = torch.empty(num_tokens * top_k, x.shape[1], dtype=x.dtype)  # [T*K, D] by flat pair
         for flat, raw in zip(sent_pairs, returned):
-            ys[flat] = decode_combine(raw).to(x.dtype)
+            if flat.numel():  # (a rank out of the group was sent no pairs and returns nothing)
+                ys[flat] = decode_combine(raw).to(x.dtype)
         # NOTE: the same ops, in the same order, as MoE.routed_batched: sorted by expert id, so
         # with the exact wire every EP size sums what EP 1 sums.
         order = ids.flatten().argsort(stable=True)
@@ -146,7 +174,7 @@ class EPMoE(nn.Module):
         xs = torch.cat([x[tok] for x, tok, _ in inputs]) if inputs else torch.empty(0)
         slot = torch.cat([s for _, _, s in inputs])
         order = slot.argsort(stable=True)
-        counts = torch.bincount(slot, minlength=self.slots_per_rank).tolist()
+        counts = torch.bincount(slot, minlength=len(self.experts)).tolist()
         ys = run_grouped(self.experts, xs[order], counts)
         out = torch.empty_like(ys)
         out[order] = ys
@@ -157,13 +185,37 @@ def moe_layers(model: DeepseekV3) -> list[int]:
     return [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, (MoE, EPMoE))]
 
 
-def local_experts(phy2log: list[list[int]], moe_layer_ids: list[int], rank: int, size: int) -> dict[int, set[int]]:
+def local_experts(phy2log: list[list[int]], moe_layer_ids: list[int], rank: int, size: int,
+                  members: list[int] | None = None) -> dict[int, set[int]]:
     """layer -> the logical experts this rank's slots hold (what its loader reads)."""
     out = {}
     for layer, row in zip(moe_layer_ids, phy2log):
-        per_rank = len(row) // size
-        out[layer] = set(row[rank * per_rank:(rank + 1) * per_rank])
+        owners = member_owners(len(row), size, members)
+        out[layer] = {row[slot] for slot, r in enumerate(owners) if r == rank}
     return out
+
+
+def base_owners(num_slots: int, size: int) -> list[int]:
+    """Every rank up: rank r holds slots [r*S, (r+1)*S)."""
+    per_rank = num_slots // size
+    return [slot // per_rank for slot in range(num_slots)]
+
+
+def member_owners(num_slots: int, size: int, members: list[int] | None = None) -> list[int]:
+    """The owners map of a group re-formed with `members` only: a member keeps its own slots, and
+    the slots of the ranks out of the group go, in order, each to the member holding fewest so far
+    (the lower rank on a tie). Every rank computes the same map from the same members."""
+    owners = base_owners(num_slots, size)
+    if members is None or set(members) == set(range(size)):
+        return owners
+    if not members:
+        raise ValueError("a group needs at least one member")
+    held = {m: owners.count(m) for m in members}
+    for slot, rank in enumerate(owners):
+        if rank not in held:
+            owners[slot] = min(held, key=lambda m: (held[m], m))
+            held[owners[slot]] += 1
+    return owners
 
 
 def keep_tensor(local: dict[int, set[int]]) -> Callable[[str], bool]:
@@ -175,8 +227,9 @@ def keep_tensor(local: dict[int, set[int]]) -> Callable[[str], bool]:
 
 
 def apply_expert_parallel(model: DeepseekV3, rank: int, size: int, phy2log: list[list[int]], exchange: Exchange,
-                          wire: str = "fp8") -> list[EPMoE]:
-    """Replace every MoE layer by its EP form; phy2log [MoE layers][slots] (design: EPLB's)."""
+                          wire: str = "fp8", members: list[int] | None = None) -> list[EPMoE]:
+    """Replace every MoE layer by its EP form; phy2log [MoE layers][slots] (design: EPLB's); with
+    `members`, the owners map of a group re-formed with those ranks only."""
     layers = moe_layers(model)
     if len(phy2log) != len(layers):
         raise ValueError(f"the placement covers {len(phy2log)} MoE layers; the model has {len(layers)}")
@@ -185,7 +238,7 @@ def apply_expert_parallel(model: DeepseekV3, rank: int, size: int, phy2log: list
         if len(row) % size:
             raise ValueError(f"layer {layer}: {len(row)} slots do not split over {size} ranks")
         block = model.model.layers[layer]
-        block.mlp = EPMoE(block.mlp, layer, rank, size, row, exchange, wire)
+        block.mlp = EPMoE(block.mlp, layer, rank, size, row, exchange, wire, member_owners(len(row), size, members))
         out.append(block.mlp)
     return out
 

@@ -1,6 +1,7 @@
 """An EP rank: what a prefill or decode worker adds when it is one rank of an expert-parallel
 group — its slice of the experts, the group's transport and step agreement, the overlapped
-micro-batches, and its side of EPLB (load reports, staged placements, the switch).
+micro-batches, its side of EPLB (load reports, staged placements, the switch), and the group's
+re-forming when a rank dies or comes back (membership.py).
 
 A mixin of WorkerService (shared/worker.py): it uses the service's args, role, rank, registry,
 log, redis, engine and compute thread.
@@ -21,10 +22,11 @@ from ..model.loader import load_model
 from ..model.model import DeepseekV3
 from ..wire import decode, encode
 from .group import EPGroup
-from .moe import apply_expert_parallel, initial_placement, keep_tensor, local_experts
+from .membership import Membership, Record, ranks_of
+from .moe import apply_expert_parallel, initial_placement, keep_tensor, local_experts, member_owners
 from .overlap import Overlap, Tracer
 from .rollout import Rollout
-from .transport import RedisTransport
+from .transport import ExchangeTimeout, RedisTransport
 
 # NOTE: the per-phase default, by measurement (README, "Overlap"): prefill is compute-bound and
 # hides its wire time; a decode micro-batch re-reads nearly every expert's weights (design.md §8).
@@ -37,6 +39,8 @@ class EPRank:
     tracer: Tracer | None = None
     _staging: asyncio.Task | None = None
     group_busy = False  # the group's last step had work somewhere: do not idle-block
+    membership: Membership | None = None
+    joiners_seen = 0  # ranks asking to join, as this rank last saw (bit mask)
 
     def load_ep(self, args: argparse.Namespace) -> DeepseekV3:
         """The model with only this rank's routed experts read and kept, in the placement the
@@ -66,6 +70,12 @@ class EPRank:
         Gauge("streamoe_expert_weight_bytes", "Routed-expert weight bytes resident on this rank", list(labels),
               registry=self.registry).labels(**labels).set(sum(
                   p.numel() * p.element_size() for moe in self.ep_layers for p in moe.experts.parameters()))
+        self.ep_members = Gauge("streamoe_ep_group_members", "Ranks in this rank's EP group now (fewer than "
+                                "ep_size while it runs without a dead rank)", list(labels),
+                                registry=self.registry).labels(**labels)
+        self.ep_reforms = Counter("streamoe_ep_reforms", "Times this rank's EP group re-formed: shrink (without a "
+                                  "rank that stopped answering) or grow (a rank back)", [*labels, "change"],
+                                  registry=self.registry)
         self._ep_tokens_seen = [0] * args.ep_size
         return model
 
@@ -89,29 +99,131 @@ class EPRank:
         self.ep_seconds.labels(**labels).observe(seconds)
 
     async def setup_group(self) -> None:
-        """Join the EP group (every rank must be up); a no-op without EP."""
+        """Join the EP group: with every rank when the group starts, or ask in when it already runs
+        (this rank restarted); a no-op without EP."""
         if self.args.ep_size == 1:
             return
         group_id = self.args.ep_group_id or self.role
         transport = RedisTransport(self.config.redis_url, self.role, self.rank, self.args.ep_size, group_id,
                                    timeout_s=self.args.ep_timeout_s, join_timeout_s=self.args.ep_join_timeout_s)
-        await transport.start()
         self.group = EPGroup(transport, asyncio.get_running_loop(), self.args.ep_timeout_s, self.observe_exchange)
+        self.membership = Membership(self.redis, self.role, group_id, self.rank, self.args.ep_size,
+                                     transport.incarnation)
         overlap = self.args.overlap == "on" or (self.args.overlap == "auto" and self.role in OVERLAP_BY_DEFAULT)
         if overlap:
             self.tracer = Tracer(self.args.trace, self.rank, self.role)
             self.engine.runner.overlap = Overlap(self.group, self.tracer)
         self.engine.on_idle_step = self.engine.runner.idle
         self.rollout = Rollout(self.args.model, self.engine.model.dtype, self.ep_layers, self.placement_version)
+        if await self.membership.others_alive():
+            await self.join_running_group()
+        else:
+            await self.start_group()
         self.log.info(json.dumps({"event": "ep_group_joined", "group": group_id, "rank": self.rank,
-                                  "size": self.args.ep_size}))
+                                  "size": self.args.ep_size, "epoch": self.group.epoch,
+                                  "members": self.group.members}))
+
+    async def start_group(self) -> None:
+        """Every rank joins; they agree on the epoch (one past the newest any of them has read)."""
+        everyone = list(range(self.args.ep_size))
+        self.group.transport.set_members(everyone)
+        await self.group.transport.start()
+        record = await self.membership.read()
+        seen = [int(r) for r in await self.group.transport.all_to_all(
+            "boot", [b"%d" % (record.epoch if record else 0)] * self.args.ep_size)]
+        record = await self.membership.commit(max(seen), everyone, self.rollout.version, self.rollout.placement())
+        self.group.reform(record.epoch, record.members)
+        await self.membership.renew_alive()
+        self.ep_members.set(len(record.members))
+
+    async def join_running_group(self) -> None:
+        """Ask the running group to take this rank in, and wait until its members have committed a
+        record with it; start the group anew if its members all went away meanwhile."""
+        transport = self.group.transport
+        transport.set_members([self.rank])
+        await transport.start()  # the reader runs: the members' hellos are answered
+        asked = await self.membership.read()
+        asked_epoch = asked.epoch if asked else 0
+        self.log.info(json.dumps({"event": "ep_join_asked", "rank": self.rank, "epoch": asked_epoch}))
+        while not self.stopping.is_set():
+            await self.membership.ask_to_join()
+            record = await self.membership.read()
+            if record is not None and record.epoch > asked_epoch and self.rank in record.members:
+                await self.membership.stop_asking()
+                await self.apply_membership(record)
+                return
+            if not await self.membership.others_alive():
+                await self.membership.stop_asking()
+                await self.start_group()
+                return
+            await asyncio.sleep(0.2)
+
+    async def apply_membership(self, record: Record) -> None:
+        """Compute with the record's members and placement: take a share of the slots of the ranks
+        out of the group (their experts read from the checkpoint), exchange among the members only,
+        count steps from 0 under the record's epoch, and join the members."""
+        owners = [member_owners(len(row), self.args.ep_size, record.members) for row in record.phy2log]
+        if owners != [moe.owners for moe in self.ep_layers] or record.phy2log != self.rollout.placement():
+            await self.compute(self.rollout.discard)  # an EPLB placement staged for the old members
+            staged = await asyncio.to_thread(self.rollout.stage_members, record.phy2log, owners)
+            await self.compute(self.rollout.switch_members, record.version, record.phy2log, owners, staged)
+        before = len(self.group.members)
+        self.group.reform(record.epoch, record.members)
+        await self.group.transport.start(self.args.ep_timeout_s)
+        await self.membership.renew_alive()
+        self.ep_members.set(len(record.members))
+        change = "shrink" if len(record.members) < before else "grow" if len(record.members) > before else "same"
+        self.ep_reforms.labels(role=self.role, rank=str(self.rank), change=change).inc()
+        self.log.info(json.dumps({"event": "ep_group_reformed", "change": change, "epoch": record.epoch,
+                                  "members": record.members, "experts_read": self.rollout.num_experts_read}))
+
+    async def group_step(self, step) -> None:
+        """One turn of the group: `await step()` when any member has work. An exchange that times
+        out (a rank died mid-step) re-forms the group without it; the step's work is not lost: the
+        engine advances only after a step completes, so the next turn computes it again."""
+        try:
+            if await self.should_step():
+                await step()
+        except ExchangeTimeout as e:
+            if self.group is None or self.stopping.is_set():
+                raise
+            await self.recover(e)
+
+    async def recover(self, error: ExchangeTimeout) -> None:
+        self.log.warning(json.dumps({"event": "ep_exchange_failed", "epoch": self.group.epoch,
+                                     "key": error.key, "missing": error.missing}))
+        settle_s = max(1.0, min(3.0, self.args.ep_timeout_s))
+        while not self.stopping.is_set():
+            record = await self.membership.read()
+            epoch = self.group.epoch
+            if record is None or record.epoch <= epoch:
+                called = await self.membership.roll_call(epoch + 1, set(self.group.members), settle_s)
+                record = await self.membership.commit(epoch, called, self.rollout.version, self.rollout.placement())
+            if self.rank not in record.members:  # counted out (too slow): ask in like a restarted rank
+                await self.join_running_group()
+                return
+            try:
+                await self.apply_membership(record)
+                return
+            except ExchangeTimeout as e:  # a member of the new record did not answer: again
+                error = e
+                self.log.warning(json.dumps({"event": "ep_reform_failed", "epoch": record.epoch,
+                                             "missing": e.missing}))
 
     async def should_step(self) -> bool:
-        """Without EP: when this rank has work. In a group: when any rank has (all step together)."""
+        """Without EP: when this rank has work. In a group: when any rank has (all step together).
+        A turn on which every member has seen a rank asking to join takes it in instead."""
         has_work = self.engine.has_unfinished()
         if self.group is None:
             return has_work
-        self.group_busy = await self.group.begin_step(has_work, self.rollout.staged_version)
+        self.group_busy = await self.group.begin_step(has_work, self.rollout.staged_version, self.joiners_seen)
+        if self.group.agreed_joiners:
+            members = sorted(set(self.group.members) | set(ranks_of(self.group.agreed_joiners)))
+            self.joiners_seen = 0
+            record = await self.membership.commit(self.group.epoch, members, self.rollout.version,
+                                                  self.rollout.placement())
+            await self.apply_membership(record)
+            return False
         if self.group.agreed_version > self.rollout.version:  # every rank staged it: switch, all at this step
             if await self.compute(self.rollout.switch, self.group.agreed_version):
                 self.log.info(json.dumps({"event": "placement_switched", "version": self.rollout.version,
@@ -127,8 +239,16 @@ class EPRank:
                 self.ep_tokens.labels(role=self.role, rank=str(self.rank), peer=str(peer)).inc(now - seen)
         self._ep_tokens_seen = total
 
+    async def membership_upkeep(self) -> None:
+        """A member renews its alive key and looks for ranks asking to join."""
+        if self.group.transport.rank not in self.group.members or self.group.epoch == 0:
+            return  # still joining
+        await self.membership.renew_alive()
+        self.joiners_seen = await self.membership.joiners(self.group.members)
+
     async def eplb_upkeep(self) -> None:
-        """Report this rank's expert load; stage a newer placement the balancer published."""
+        """Report this rank's expert load; stage a newer placement the balancer published (not
+        while the group runs without a rank: a placement is staged for every rank's slots)."""
         group_id = self.args.ep_group_id or self.role
         counts = [moe.expert_load.tolist() if moe.expert_load is not None else [0] * moe.num_experts
                   for moe in self.ep_layers]
@@ -137,7 +257,8 @@ class EPRank:
         await self.redis.set(streams.expert_load_key(self.role, group_id, self.rank), encode(report),
                              px=int(max(30.0, 6 * self.config.housekeeping_s) * 1000))
         raw = await self.redis.get(streams.placement_key(self.role, group_id))
-        if raw is None or self._staging is not None or not self.rollout.is_staging_free:
+        if (raw is None or self._staging is not None or not self.rollout.is_staging_free
+                or len(self.group.members) < self.args.ep_size):
             return
         update = decode(raw, PlacementUpdate)
         if update.version > self.rollout.version:

@@ -73,5 +73,23 @@ class Rollout:
             self.version, self._staged = version, None
             return True
 
+    def discard(self) -> None:
+        """Drop a staged placement (it was staged for slots this rank no longer holds)."""
+        with self._lock:
+            self._staged = None
+
+    def stage_members(self, phy2log: list[list[int]], owners: list[list[int]]) -> list[nn.ModuleList]:
+        """Blocking (run it in a thread): this rank's experts under a new owners map (the group
+        re-formed), reading those it does not hold."""
+        return [moe.stage(row, self.read_expert, o) for moe, row, o in zip(self.layers, phy2log, owners)]
+
+    def switch_members(self, version: int, phy2log: list[list[int]], owners: list[list[int]],
+                       staged: list[nn.ModuleList]) -> None:
+        """On the compute thread, between steps: compute with the staged owners map."""
+        with self._lock:
+            for moe, row, o, experts in zip(self.layers, phy2log, owners, staged):
+                moe.switch(row, experts, o)
+            self.version = version
+
     def placement(self) -> list[list[int]]:
         return [list(moe.phy2log) for moe in self.layers]

@@ -29,6 +29,10 @@ Join handshake (`start`); it also re-forms the group after a rank restarts:
    or addressed to, an earlier incarnation or run are dropped (`stats.dropped_stale`).
 After a rank restarts, the survivors' readers answer its HELLOs; a survivor calls `start()` again to
 wait until the newcomer has joined before its next exchange. One live process per rank is assumed.
+
+Members: a group re-formed without a dead rank (shared/ep/membership.py) exchanges among its
+`members` only (`set_members`): nothing is sent to the others, nothing awaited from them, and
+their slot of `recv` is b"".
 """
 from __future__ import annotations
 
@@ -90,6 +94,7 @@ class _Mailboxes:
 
     def __init__(self, size: int):
         self.size = size
+        self.members = set(range(size))  # whose payloads complete an exchange
         self._boxes: dict[str, dict[int, bytes]] = {}  # key -> src rank -> payload
         self._waiting: dict[str, asyncio.Event] = {}  # keys an all_to_all waits on: set when full
         self._abandoned: OrderedDict[str, None] = OrderedDict()
@@ -105,32 +110,32 @@ class _Mailboxes:
             return False
         box = self._boxes.setdefault(key, {})
         box[src] = payload
-        if len(box) == self.size and key in self._waiting:
+        if self.members.issubset(box) and key in self._waiting:
             self._waiting[key].set()
         return True
 
     def forget(self, src: int) -> None:
         """Drop what `src` sent to exchanges still incomplete: it came from an incarnation now gone."""
         for box in self._boxes.values():
-            if len(box) < self.size:
+            if not self.members.issubset(box):
                 box.pop(src, None)
 
     async def wait(self, key: str, timeout_s: float, group: str) -> list[bytes]:
         box = self._boxes.get(key, {})
-        if len(box) < self.size:
+        if not self.members.issubset(box):
             try:
                 await asyncio.wait_for(self._waiting[key].wait(), max(timeout_s, 0.0))
             except TimeoutError:
                 box = self._boxes.get(key, {})
-                missing = [p for p in range(self.size) if p not in box]
+                missing = sorted(self.members.difference(box))
                 raise ExchangeTimeout(key, missing, timeout_s, group) from None
             box = self._boxes[key]
-        return [box[p] for p in range(self.size)]
+        return [box.get(p, b"") if p in self.members else b"" for p in range(self.size)]
 
     def close(self, key: str) -> None:
         del self._waiting[key]
         box = self._boxes.pop(key, None)
-        if box is None or len(box) < self.size:  # timed out or cancelled: late arrivals are stale
+        if box is None or not self.members.issubset(box):  # timed out or cancelled: late arrivals are stale
             self._abandoned[key] = None
             if len(self._abandoned) > NUM_ABANDONED_KEYS:
                 self._abandoned.popitem(last=False)
@@ -151,8 +156,20 @@ class Transport(ABC):
         self._is_closed = False
 
     @property
+    def members(self) -> list[int]:
+        return sorted(self._mailboxes.members)
+
+    @property
     def peers(self) -> list[int]:
-        return [p for p in range(self.size) if p != self.rank]
+        """The other members: whom exchanges and the join handshake involve."""
+        return [p for p in self.members if p != self.rank]
+
+    def set_members(self, members: list[int]) -> None:
+        """Exchange among `members` only from now on (between exchanges; `start()` again to join them)."""
+        if self.rank not in members or not all(0 <= p < self.size for p in members):
+            raise ValueError(f"members {sorted(members)} of the {self.group}: must include rank {self.rank} "
+                             f"and lie in 0..{self.size - 1}")
+        self._mailboxes.members = set(members)
 
     @abstractmethod
     async def start(self, timeout_s: float | None = None) -> None:
@@ -234,7 +251,7 @@ class InProcessTransport(Transport):
         self._is_started = True
         self._hub._notify()
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while missing := [p for p in range(self.size) if self._hub.live(p) is None]:
+        while missing := [p for p in self.members if self._hub.live(p) is None]:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 raise ExchangeTimeout("join", missing, timeout_s, self.group, "did not join", JOIN_HINT)
@@ -312,6 +329,14 @@ class RedisTransport(Transport):
                 self._reader.cancel()
             if self._owns_redis:
                 await self.redis.aclose()
+
+    def set_members(self, members: list[int]) -> None:
+        """A rank that comes back into the group runs as a new process: forget what we knew of its
+        last incarnation, so `start()` joins the new one (data sent to the old one would be dropped)."""
+        for p in set(members) - set(self.members):
+            self._peer_incarnations.pop(p, None)
+            self._acked.discard(p)
+        super().set_members(members)
 
     async def _send(self, key: str, sends: list[bytes]) -> None:
         if self._reader is not None and self._reader.done():  # it ends only on close(): surface why
