@@ -245,7 +245,6 @@ class WorkerService(EPRank, Service):
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.flush)
         if self.group is not None:
-            await self.membership_upkeep()
             await self.eplb_upkeep()
         await super().housekeeping()
 

@@ -14,6 +14,7 @@ import json
 import time
 
 from prometheus_client import Counter, Gauge, Histogram
+from redis.exceptions import RedisError
 
 from .. import streams
 from ..messages import ExpertLoad, PlacementUpdate
@@ -31,6 +32,7 @@ from .transport import ExchangeTimeout, RedisTransport
 # NOTE: the per-phase default, by measurement (README, "Overlap"): prefill is compute-bound and
 # hides its wire time; a decode micro-batch re-reads nearly every expert's weights (design.md §8).
 OVERLAP_BY_DEFAULT = ("prefill",)
+MEMBERSHIP_PERIOD_S = 1.0  # alive keys renewed, join requests looked for (membership.ALIVE_TTL_S: 6 s)
 _SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -41,6 +43,7 @@ class EPRank:
     group_busy = False  # the group's last step had work somewhere: do not idle-block
     membership: Membership | None = None
     joiners_seen = 0  # ranks asking to join, as this rank last saw (bit mask)
+    joining = True  # not (yet, or any more) a member of the running group
 
     def load_ep(self, args: argparse.Namespace) -> DeepseekV3:
         """The model with only this rank's routed experts read and kept, in the placement the
@@ -119,6 +122,7 @@ class EPRank:
             await self.join_running_group()
         else:
             await self.start_group()
+        self.in_background(self.keep_membership())
         self.log.info(json.dumps({"event": "ep_group_joined", "group": group_id, "rank": self.rank,
                                   "size": self.args.ep_size, "epoch": self.group.epoch,
                                   "members": self.group.members}))
@@ -134,11 +138,13 @@ class EPRank:
         record = await self.membership.commit(max(seen), everyone, self.rollout.version, self.rollout.placement())
         self.group.reform(record.epoch, record.members)
         await self.membership.renew_alive()
+        self.joining = False
         self.ep_members.set(len(record.members))
 
     async def join_running_group(self) -> None:
         """Ask the running group to take this rank in, and wait until its members have committed a
         record with it; start the group anew if its members all went away meanwhile."""
+        self.joining = True
         transport = self.group.transport
         transport.set_members([self.rank])
         await transport.start()  # the reader runs: the members' hellos are answered
@@ -171,6 +177,8 @@ class EPRank:
         self.group.reform(record.epoch, record.members)
         await self.group.transport.start(self.args.ep_timeout_s)
         await self.membership.renew_alive()
+        self.joining = False
+        self.rollout.version = record.version
         self.ep_members.set(len(record.members))
         change = "shrink" if len(record.members) < before else "grow" if len(record.members) > before else "same"
         self.ep_reforms.labels(role=self.role, rank=str(self.rank), change=change).inc()
@@ -239,12 +247,17 @@ class EPRank:
                 self.ep_tokens.labels(role=self.role, rank=str(self.rank), peer=str(peer)).inc(now - seen)
         self._ep_tokens_seen = total
 
-    async def membership_upkeep(self) -> None:
-        """A member renews its alive key and looks for ranks asking to join."""
-        if self.group.transport.rank not in self.group.members or self.group.epoch == 0:
-            return  # still joining
-        await self.membership.renew_alive()
-        self.joiners_seen = await self.membership.joiners(self.group.members)
+    async def keep_membership(self) -> None:
+        """Every second, while a member: renew the alive key, look for ranks asking to join."""
+        while not self._closing.is_set():
+            await self._pause(MEMBERSHIP_PERIOD_S)
+            if self.joining:
+                continue
+            try:
+                await self.membership.renew_alive()
+                self.joiners_seen = await self.membership.joiners(self.group.members)
+            except RedisError as e:
+                self.log.warning(json.dumps({"event": "membership_upkeep_failed", "error": repr(e)}))
 
     async def eplb_upkeep(self) -> None:
         """Report this rank's expert load; stage a newer placement the balancer published (not
