@@ -151,8 +151,9 @@ async def until(condition, what: str, timeout_s: float = 60.0) -> None:
 
 async def test_groups_re_form_without_a_dead_rank_and_take_it_back(ep_system, tiny_fp32, redis_url):
     """kill -9 one rank of each group while requests stream: the survivors re-form their groups
-    without it (the exchange timeout, then the roll call), serve on alone with the right tokens,
-    and take a new process for the rank back in; every request completes with the right tokens."""
+    without it (the exchange timeout, then the roll call), serve on alone with the right tokens
+    (the requests routed to the dead ranks included), and take a new process for the rank back
+    in; every request completes with the right tokens."""
     model = tiny_fp32.resolve().name
     gateway = ep_system["gateway"]
     ref = load_reference(tiny_fp32)
@@ -178,6 +179,10 @@ async def test_groups_re_form_without_a_dead_rank_and_take_it_back(ep_system, ti
         for role in ("prefill", "decode"):
             ep_system[f"{role}1"].kill()
         started = time.monotonic()
+        # sent at once: the dead ranks' last load reports still stand, so the balancer routes some
+        # there; it takes them back from the dead ranks' streams once the reports have lapsed
+        early = prompts(4)
+        early_outputs = asyncio.gather(*[greedy_token_ids(session, gateway, model, p, 12) for p in early])
         await until(lambda: members("prefill", 0) == members("decode", 0) == 1, "the survivors re-form", 30)
         assert time.monotonic() - started < 4 + 3 + 5  # the exchange timeout, the roll call, reading experts
         for role in ("prefill", "decode"):
@@ -188,6 +193,9 @@ async def test_groups_re_form_without_a_dead_rank_and_take_it_back(ep_system, ti
         outputs = await asyncio.gather(*[greedy_token_ids(session, gateway, model, p, 12) for p in alone])
         for prompt, tokens in zip(alone, outputs):
             check(prompt, tokens, 12)
+        for prompt, tokens in zip(early, await early_outputs):  # all before the dead ranks come back
+            check(prompt, tokens, 12)
+        assert metric(ep_system["balancer"], "streamoe_orphaned_requests_moved_total") >= 1
 
         common = ep_system["worker_args"]
         back = {role: ServiceProcess(f"services.{role}", redis_url, *common, "--rank", "1", wait=False)

@@ -106,6 +106,7 @@ async def test_a_chat_conversation_hits_its_whole_history(cached_system, tiny_fp
     gen = torch.Generator().manual_seed(80)
     messages, history, cached_seen, lossy = [], [], [], 0
     hits_before = metric(cached_system["tokenizer"], "streamoe_reply_memory_total", outcome="hit")
+    stored_before = metric(cached_system["gateway"], "streamoe_replies_remembered_total")
     for turn, (user_words, max_tokens) in enumerate([(60, 70), (25, 41), (30, 20)]):
         text = " ".join(words[int(i)] for i in torch.randint(0, len(words), (user_words,), generator=gen))
         messages.append({"role": "user", "content": f"turn {turn}: {text}"})
@@ -128,6 +129,7 @@ async def test_a_chat_conversation_hits_its_whole_history(cached_system, tiny_fp
     # the case this is for: a reply whose text does not tokenize back to its ids was remembered
     assert lossy >= 1
     assert metric(cached_system["tokenizer"], "streamoe_reply_memory_total", outcome="hit") - hits_before == 3
+    assert metric(cached_system["gateway"], "streamoe_replies_remembered_total") - stored_before == 3
 
 
 def disk_hits(system) -> float:

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from shared import ownership, streams
 from shared.bus import Entry
 from shared.hashing import BLOCK_SIZE
-from shared.messages import LoadReport, PrefillTask, TokenDelta, TokenizedRequest
+from shared.messages import KVChunk, LoadReport, PrefillTask, TokenDelta, TokenizedRequest
 from shared.service import Service, ServiceConfig
 from shared.wire import WireError, decode
 
@@ -20,6 +20,9 @@ from .expert_lb import EPLBSettings, ExpertBalancer
 from .policies import DecodeLoad, PrefillLoad, attention_compute, choose_decode_rank, choose_prefill_rank
 
 GROUP = streams.group("balancer")
+# a worker role -> its ranks' input streams, what they carry, and the group its ranks read them in
+ORPHANED = {"prefill": (streams.prefill_stream, PrefillTask, streams.group("prefill")),
+            "decode": (streams.kv_stream, KVChunk, streams.group("decode"))}
 DEAD_LETTERS_KEPT = 10_000  # nobody consumes them: the newest are kept for inspection
 
 
@@ -43,6 +46,10 @@ class BalancerService(Service):
                                registry=self.registry)
         self.forget_if_owner = self.redis.register_script(ownership.FORGET_IF_OWNER)
         self.heartbeat_missing: dict[str, float] = {}  # decode instance -> when its heartbeat was first missed
+        self.rank_missing: dict[tuple[str, int], float] = {}  # worker rank -> when its load report was first missed
+        self.moved = Counter("streamoe_orphaned_requests_moved", "Requests taken from the input stream of a dead "
+                             "worker rank (a prefill task; a decode rank's unadmitted handoff) and routed again",
+                             ["role"], registry=self.registry)
         self.stream_length = Gauge("streamoe_stream_length", "Entries in each stream (sampled by the balancer)",
                                    ["stream"], registry=self.registry)
 
@@ -71,6 +78,7 @@ class BalancerService(Service):
         """The balancer keeps the shared streams: abort groups of dead workers go (they would hold
         the aborts stream forever), streams are trimmed, lengths exported."""
         await self.resume_orphans()
+        await self.move_orphaned_work()
         await self.reap_abort_groups()
         await super().housekeeping()
         await self.redis.xtrim(streams.DEAD_LETTERS, maxlen=DEAD_LETTERS_KEPT, approximate=True)
@@ -106,6 +114,48 @@ class BalancerService(Service):
             if not await self.redis.scard(ownership.owned_key(instance)):  # gone once it owns nothing
                 await self.redis.srem(ownership.DECODE_INSTANCES, instance)
                 self.heartbeat_missing.pop(instance, None)
+
+    async def move_orphaned_work(self) -> None:
+        """What waits in the input stream of a worker rank that is gone (no load report for a whole
+        heartbeat TTL while Redis was up here; a live rank renews it even mid-step) is routed again,
+        to the live ranks: entries delivered to it and never acked, and those it never read. A
+        prefill task goes back to routing; a KV handoff to a decode rank that never admitted it
+        sends its request to be prefilled again (the first token then repeats an index the gateway
+        drops). Its successor, if it comes, finds the stream empty."""
+        try:
+            found = []
+            for role, (stream_of, _, _) in ORPHANED.items():
+                names = [k.decode() async for k in self.redis.scan_iter(match=stream_of("*"), count=1000,
+                                                                          _type="stream")]
+                found += [(role, int(n.rsplit(":", 1)[1])) for n in names if n.rsplit(":", 1)[1].isdigit()]
+            live = [await self.redis.exists(streams.load_key(role, rank)) for role, rank in found]
+        except RedisError:
+            self.rank_missing.clear()  # after an outage, every rank gets a whole TTL to report again
+            raise
+        now = time.monotonic()
+        for (role, rank), is_live in zip(found, live):
+            if is_live:
+                self.rank_missing.pop((role, rank), None)
+            elif now - self.rank_missing.setdefault((role, rank), now) >= self.config.heartbeat_ttl_s:
+                await self.move_from(role, rank)
+
+    async def move_from(self, role: str, rank: int) -> None:
+        stream_of, kind, group = ORPHANED[role]
+        stream = stream_of(rank)
+        entries = await self.bus.claim_stale(stream, group, kind, 0, count=256)
+        entries += await self.bus.read(stream, group, kind, count=256, block_ms=None)
+        for entry in entries:
+            msg = entry.message
+            if role == "prefill":
+                await self.bus.publish(streams.CACHED, msg.request)  # loop() routes it again
+            elif msg.layer == msg.num_layers and msg.request is not None and msg.finish_reason is None:
+                await self.bus.publish(streams.TOKENIZED, msg.request)  # prefilled again, elsewhere
+            await self.bus.ack(stream, group, entry.entry_id)
+            await self.redis.xdel(stream, entry.entry_id)
+            if role == "prefill" or msg.layer == msg.num_layers:
+                self.moved.labels(role=role).inc()
+                self.log.info(json.dumps({"event": "orphaned_request_moved", "role": role, "dead_rank": rank,
+                                          "trace_id": (msg.request.trace_id if role == "prefill" else msg.trace_id)}))
 
     async def resume(self, instance: str, request_id: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:

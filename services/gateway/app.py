@@ -269,6 +269,7 @@ class GatewayService(Service):
         try:
             await self.redis.set(reply_key(self.tokenizer_digest, parsed.cache_salt, text), msgpack.packb(token_ids),
                                  ex=self.settings.reply_memory_ttl_s)
+            self.metrics.replies_remembered.inc()
         except RedisError as e:  # an optimisation only: the reply itself is not at stake
             self.log.warning(json.dumps({"event": "reply_not_remembered", "error": repr(e)}))
 

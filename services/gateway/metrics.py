@@ -29,6 +29,9 @@ class GatewayMetrics:
         self.requests = Counter("streamoe_requests_total", "Generation requests by outcome "
                                 "(completed, error, aborted: the client left, timeout: the deadline passed)",
                                 ["outcome"], registry=registry)
+        self.replies_remembered = Counter("streamoe_replies_remembered_total", "Chat replies whose generated ids "
+                                          "were stored for their next turn (shared/reply_memory.py)",
+                                          registry=registry)
         self.tokens = Counter("streamoe_tokens_total", "Tokens by kind: input_cache_hit, input_cache_miss, output",
                               ["kind"], registry=registry)
         self.inflight = Gauge("streamoe_gateway_inflight_requests", "Requests admitted and not finished",
