@@ -51,6 +51,7 @@ class Kill:
     kind: str
     pid: int
     at_s: float  # after the faults phase started
+    requests_on_it: int | None = None  # a worker: requests it ran or queued when killed (it waits for one)
     healthy_again_s: float | None = None  # from the kill to the restarted process answering /health
     # an EP group's rank: the survivors re-form without it (no restart), then take its successor in
     survivors_restarted: bool | None = None
@@ -119,8 +120,9 @@ async def killer(run_dir: Path, targets: list[str], t0: float, gap_s: float) -> 
             survivors = [p for p in processes(run_dir) if p["name"] == kind and p["pid"] != victim["pid"]]
             in_group = rank != "" and kind in ("prefill", "decode") and survivors
             reforms = [await reform_counts(p) for p in survivors] if in_group else []
+            busy = await requests_on(victim) if kind in ("prefill", "decode") else None
             os.kill(victim["pid"], signal.SIGKILL)
-            kill = Kill(target, victim["pid"], time.perf_counter() - t0)
+            kill = Kill(target, victim["pid"], time.perf_counter() - t0, requests_on_it=busy)
             kills.append(kill)
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
@@ -140,6 +142,20 @@ async def killer(run_dir: Path, targets: list[str], t0: float, gap_s: float) -> 
                 now = {p["rank"]: p["pid"] for p in processes(run_dir) if p["name"] == kind}
                 kill.survivors_restarted = any(now[p["rank"]] != p["pid"] for p in survivors)
     return kills
+
+
+async def requests_on(process: dict, wait_s: float = 10.0) -> int:
+    """Waits (up to wait_s) until the worker runs or queues a request: a kill under load hits one."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        port = process["ports"]["http"]
+        try:
+            n = await metric(port, "streamoe_running_requests") + await metric(port, "streamoe_waiting_requests")
+        except (aiohttp.ClientError, OSError):
+            n = 0
+        if n or time.monotonic() >= deadline:
+            return int(n)
+        await asyncio.sleep(0.02)
 
 
 async def reform_counts(process: dict) -> tuple[float, float]:

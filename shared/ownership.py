@@ -1,8 +1,9 @@
 """Who runs a request on the decode side, and how a dead rank's requests are resumed (design.md §3).
 
 A decode instance registers itself in one set, and for each request it admits keeps, in Redis:
-  - `owner:{id}` (hash): rank, instance, the request as it was handed off, tokens emitted;
-  - `owner:{id}:ids` (string): every output token id sent to the client so far, int32 LE;
+  - `owner:{id}` (hash): rank, instance, the request as it was handed off;
+  - `owner:{id}:ids` (string): every output token id sent to the client so far, int32 LE (its
+    length / 4 is how many were sent);
   - `owned:{instance}` (set): the request ids it runs.
 Each step's update travels in the same round trip as the step's deltas, so the record never
 lags what the client was sent. Records expire a minute past the request's deadline.
@@ -55,7 +56,7 @@ def record_admission(pipe, instance_id: str, rank: int, req: TokenizedRequest, f
     emitted = req.prompt_ids[original_prompt_len(req):] + [first_token]
     expire_at = int(req.deadline + EXPIRE_AFTER_DEADLINE_S)
     pipe.hset(streams.owner_key(req.request_id), mapping={
-        "rank": rank, "instance_id": instance_id, "request": encode(req), "emitted": len(emitted)})
+        "rank": rank, "instance_id": instance_id, "request": encode(req)})
     pipe.set(ids_key(req.request_id), pack_ids(emitted))
     for key in (streams.owner_key(req.request_id), ids_key(req.request_id)):
         pipe.expireat(key, expire_at)
@@ -65,7 +66,6 @@ def record_admission(pipe, instance_id: str, rank: int, req: TokenizedRequest, f
 
 def record_tokens(pipe, request_id: str, new_ids: list[int], emitted: int) -> None:
     """`new_ids` were sent, `emitted` in all: idempotent, so a write retried after an outage is safe."""
-    pipe.hset(streams.owner_key(request_id), "emitted", emitted)
     if new_ids:
         pipe.setrange(ids_key(request_id), (emitted - len(new_ids)) * 4, pack_ids(new_ids))
 

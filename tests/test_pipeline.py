@@ -11,7 +11,7 @@ import torch
 
 from procs import metric
 from reference import load_reference, reference_greedy
-from shared import streams
+from shared import ownership, streams
 from shared.bus import Bus
 from shared.messages import GenerateRequest, KVChunk, Sampling, TokenDelta, TokenizedRequest
 from shared.tensors import checksum, to_blob
@@ -163,17 +163,19 @@ async def test_decode_records_ownership_while_running(system, client):
     collect = asyncio.create_task(run_requests(client, [req]))
     seen = []
     while not collect.done():
-        record = await client.hgetall(streams.owner_key("owned"))
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(streams.owner_key("owned")).strlen(ownership.ids_key("owned"))
+            record, num_ids = await pipe.execute()
         if record:
-            seen.append(record)
+            seen.append((record, num_ids // 4))
         await asyncio.sleep(0.005)
     deltas = (await collect)["owned"]
     assert len([t for d in deltas for t in d.token_ids]) == 300
     assert seen, "no ownership record was seen while the request ran"
-    last = seen[-1]
+    last = seen[-1][0]
     assert last[b"rank"] == b"0" and last[b"instance_id"] == system[4].instance_id.encode()
     assert decode_message(last[b"request"], TokenizedRequest).prompt_ids == prompt
-    emitted = [int(r[b"emitted"]) for r in seen]
+    emitted = [n for _, n in seen]
     assert emitted == sorted(emitted) and 1 <= emitted[-1] <= 300 and len(set(emitted)) > 1
     assert not await client.exists(streams.owner_key("owned"))
 
