@@ -59,10 +59,12 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     ep.add_argument("--trace", type=Path, default=None, help="write this rank's stage timeline (Chrome trace JSON)")
 
 
-def sampling_params(s: Sampling) -> SamplingParams:
-    """The engine's parameters from the wire's (the gateway already applied the defaults)."""
+def sampling_params(s: Sampling, first_index: int = 0) -> SamplingParams:
+    """The engine's parameters from the wire's (the gateway already applied the defaults);
+    `first_index`: a resumed request's (TokenizedRequest.resumed)."""
     return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                          seed=s.seed, stop_token_ids=tuple(s.stop_token_ids or ()), ignore_eos=s.ignore_eos)
+                          seed=s.seed, stop_token_ids=tuple(s.stop_token_ids or ()), ignore_eos=s.ignore_eos,
+                          first_index=first_index)
 
 
 class WorkerService(EPRank, Service):

@@ -105,6 +105,15 @@ def test_seeded_sampling_is_batch_independent(model, prompts):
     assert other_seed != alone
 
 
+def test_a_resumed_seeded_request_draws_the_tokens_it_would_have(model, prompts):
+    """Resumed after 8 tokens (its decode rank died): prompt + those 8, starting at index 8."""
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_k=50, top_p=0.9, seed=77, ignore_eos=True)
+    whole = run(Engine(model), {"x": (prompts[3], params)})["x"]
+    rest = SamplingParams(max_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=77, ignore_eos=True,
+                          first_index=8)
+    assert run(Engine(model), {"x": (prompts[3] + whole[:8], rest)})["x"] == whole[8:]
+
+
 def test_abort_frees_every_block(model, prompts):
     engine = Engine(model, EngineConfig(kv_cache_bytes=40 * block_bytes(model)))
     start = engine.blocks.num_free

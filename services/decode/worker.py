@@ -116,7 +116,8 @@ class DecodeService(WorkerService):
                 continue
             req = final.request
             admitted = await self.compute(self.engine.add_prefilled, request_id, req.prompt_ids,
-                                          sampling_params(req.sampling), final.first_token, kv, req.cache_salt)
+                                          sampling_params(req.sampling, req.resumed), final.first_token, kv,
+                                          req.cache_salt)
             if not admitted:
                 waiting.append(request_id)  # reserved by the balancer, freed by a request finishing soon
                 continue

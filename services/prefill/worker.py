@@ -64,7 +64,7 @@ class PrefillService(WorkerService):
                                              req.num_cached_tokens)
         try:
             await self.compute(self.engine.add_request, req.request_id, req.prompt_ids,
-                               sampling_params(req.sampling), req.cache_salt, prefix)
+                               sampling_params(req.sampling, req.resumed), req.cache_salt, prefix)
         except RequestError as e:
             await self.bus.publish(streams.RAW_DELTAS, TokenDelta(req.request_id, req.trace_id, req.gateway_id, 0, [],
                                                                   finish_reason="error", error=str(e), status=400))

@@ -146,7 +146,7 @@ class Engine:
     def postprocess(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> list[Delta]:
         sampled = [item.seq for item in scheduled if item.sample]
         tokens = self.sampler(logits, [s.params for s in sampled], [self.seeds[s.request_id] for s in sampled],
-                              [len(s.output_ids) for s in sampled])
+                              [s.params.first_index + len(s.output_ids) for s in sampled])
         for item in scheduled:
             item.seq.num_computed += item.num_new
             self.blocks.commit(item.seq)

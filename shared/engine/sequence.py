@@ -25,6 +25,9 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # the output index of this request's first token: a request resumed after its decode rank died
+    # goes on at the index it stopped at, so a seeded one draws the same tokens it would have
+    first_index: int = 0
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:

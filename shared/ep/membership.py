@@ -2,10 +2,11 @@
 it changes, without stopping the ranks that are up.
 
 - Shrink: an exchange times out (a rank died). Every survivor adds itself to the roll call of the
-  next epoch, waits until all current members have answered or `settle_s` passed, and commits the
-  roll call as the new members. The commit is a compare-and-set on the epoch, so the first one
-  wins and every survivor applies that same record; a survivor left out (too slow to answer)
-  asks to join like a restarted rank.
+  next epoch, waits until all current members have answered (or all but the ranks the exchange
+  missed, for a grace second; or `settle_s` passed), and commits the roll call as the new
+  members. The commit is a compare-and-set on the epoch, so the first one wins and every
+  survivor applies that same record; a survivor left out (too slow to answer) asks to join like
+  a restarted rank.
 - Grow: a rank that starts while its group runs (a restarted one) asks to join and waits. The
   members agree in their `go` exchange that every one of them has seen the request (group.py),
   commit members + the joiner at that step, and all, the joiner too, apply that record.
@@ -81,17 +82,21 @@ class Membership:
                               record.epoch, record.encode())
         return await self.read()
 
-    async def roll_call(self, epoch: int, expected: set[int], settle_s: float) -> list[int]:
-        """Count this rank in for `epoch`; the ranks in once all `expected` are, or after settle_s."""
+    async def roll_call(self, epoch: int, expected: set[int], settle_s: float, suspects: set[int] = frozenset(),
+                        grace_s: float = 1.0) -> list[int]:
+        """Count this rank in for `epoch`; the ranks in once all `expected` are, or once all but the
+        `suspects` (the ranks a timed-out exchange missed) are and grace_s has passed, or after
+        settle_s."""
         key = f"{self.prefix}:rollcall:{epoch}"
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.sadd(key, self.rank)
             pipe.expire(key, ROLL_CALL_TTL_S)
             await pipe.execute()
-        deadline = time.monotonic() + settle_s
+        start = time.monotonic()
         while True:
             called = {int(m) for m in await self.redis.smembers(key)}
-            if expected <= called or time.monotonic() >= deadline:
+            waited = time.monotonic() - start
+            if expected <= called or (expected - suspects <= called and waited >= grace_s) or waited >= settle_s:
                 return sorted(called)
             await asyncio.sleep(0.05)
 

@@ -205,7 +205,8 @@ class EPRank:
             record = await self.membership.read()
             epoch = self.group.epoch
             if record is None or record.epoch <= epoch:
-                called = await self.membership.roll_call(epoch + 1, set(self.group.members), settle_s)
+                called = await self.membership.roll_call(epoch + 1, set(self.group.members), settle_s,
+                                                         set(error.missing))
                 record = await self.membership.commit(epoch, called, self.rollout.version, self.rollout.placement())
             if self.rank not in record.members:  # counted out (too slow): ask in like a restarted rank
                 await self.join_running_group()
@@ -230,7 +231,10 @@ class EPRank:
             self.joiners_seen = 0
             record = await self.membership.commit(self.group.epoch, members, self.rollout.version,
                                                   self.rollout.placement())
-            await self.apply_membership(record)
+            if self.rank in record.members:
+                await self.apply_membership(record)
+            else:  # a shrink committed meanwhile left this rank out
+                await self.join_running_group()
             return False
         if self.group.agreed_version > self.rollout.version:  # every rank staged it: switch, all at this step
             if await self.compute(self.rollout.switch, self.group.agreed_version):
