@@ -172,11 +172,11 @@ class GatewayService(Service):
         if parsed.model != self.settings.served_model_name:
             raise ApiError(404, f"model={parsed.model[:80]!r} does not exist; this server serves "
                                 f"{self.settings.served_model_name!r}", "model", "model_not_found")
-        if len(self.inflight) >= self.settings.max_inflight:
-            raise _overloaded(f"{len(self.inflight)} requests in flight (the limit)")
         if not await self._backend_live():
             raise ApiError(503, "no prefill or no decode worker is live; retry later", None, "backend_unavailable",
                            headers={"Retry-After": "1", "retry-after-ms": "1000"})
+        if len(self.inflight) >= self.settings.max_inflight:  # NOTE: no await from here to the slot taken
+            raise _overloaded(f"{len(self.inflight)} requests in flight (the limit)")
         request_id, trace_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
         deadline = time.time() + self.settings.request_timeout_s
         self.inflight[request_id] = state = Inflight()
