@@ -219,6 +219,11 @@ class GatewayService(Service):
         return self._live
 
     async def _next(self, state: Inflight, deadline: float) -> TokenDelta:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # NOTE: redis-py (8.1) can swallow a cancel that lands inside a command and go on; the
+            # task still counts it. A client gone while we published must not hold its slot to the end.
+            raise asyncio.CancelledError
         try:
             delta = await asyncio.wait_for(state.queue.get(), max(0.0, deadline - time.time()))
         except asyncio.TimeoutError:
