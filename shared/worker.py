@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import time
@@ -209,23 +208,23 @@ class WorkerService(EPRank, Service):
             return
         self._last_report = now
         blocks = self.engine.blocks
-        self._report = LoadReport(self.role, self.rank, self.config.instance_id, len(self.engine.scheduler.running),
-                                  len(self.engine.scheduler.waiting), blocks.num_blocks - blocks.num_free,
-                                  blocks.num_blocks, self.args.max_num_seqs, pending_compute, pending_tokens, now)
-        await self.redis.set(streams.load_key(self.role, self.rank), encode(self._report),
-                             px=int(self.args.load_ttl_s * 1000))
+        report = LoadReport(self.role, self.rank, self.config.instance_id, len(self.engine.scheduler.running),
+                            len(self.engine.scheduler.waiting), blocks.num_blocks - blocks.num_free, blocks.num_blocks,
+                            self.args.max_num_seqs, pending_compute, pending_tokens, now)
+        self._report = encode(report)
+        await self.redis.set(streams.load_key(self.role, self.rank), self._report, px=int(self.args.load_ttl_s * 1000))
 
     async def keep_load_report(self) -> None:
         """While the main loop is held up (a long step, or the EP group waiting on a dead rank and
         re-forming), the last load report is renewed, so the balancer keeps routing here and the
-        gateway does not answer 503 for a live rank."""
+        gateway does not answer 503 for a live rank. The report keeps its time: the balancer still
+        adds what it sent since."""
         while not self._closing.is_set():
             await self._pause(self.args.load_ttl_s / 3)
             if time.time() - self._last_report < self.args.load_ttl_s / 2:
                 continue
             try:
-                await self.redis.set(streams.load_key(self.role, self.rank),
-                                     encode(dataclasses.replace(self._report, time=time.time())),
+                await self.redis.set(streams.load_key(self.role, self.rank), self._report,
                                      px=int(self.args.load_ttl_s * 1000))
             except RedisError as e:
                 self.log.warning(json.dumps({"event": "load_report_failed", "error": repr(e)}))

@@ -146,16 +146,18 @@ class BalancerService(Service):
         entries += await self.bus.read(stream, group, kind, count=256, block_ms=None)
         for entry in entries:
             msg = entry.message
-            if role == "prefill":
-                await self.bus.publish(streams.CACHED, msg.request)  # loop() routes it again
-            elif msg.layer == msg.num_layers and msg.request is not None and msg.finish_reason is None:
-                await self.bus.publish(streams.TOKENIZED, msg.request)  # prefilled again, elsewhere
-            await self.bus.ack(stream, group, entry.entry_id)
-            await self.redis.xdel(stream, entry.entry_id)
-            if role == "prefill" or msg.layer == msg.num_layers:
+            if role == "prefill":  # loop() routes it again
+                request, to = msg.request, streams.CACHED
+            else:  # a handoff's final chunk carries the request: prefilled again, elsewhere
+                done = msg.layer < msg.num_layers or msg.finish_reason is not None
+                request, to = (None if done else msg.request), streams.TOKENIZED
+            if request is not None:
+                await self.bus.publish(to, request)
                 self.moved.labels(role=role).inc()
                 self.log.info(json.dumps({"event": "orphaned_request_moved", "role": role, "dead_rank": rank,
-                                          "trace_id": (msg.request.trace_id if role == "prefill" else msg.trace_id)}))
+                                          "trace_id": request.trace_id}))
+            await self.bus.ack(stream, group, entry.entry_id)
+            await self.redis.xdel(stream, entry.entry_id)
 
     async def resume(self, instance: str, request_id: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
