@@ -68,8 +68,14 @@ def metric(service: ServiceProcess, name: str, **labels: str) -> float:
     """The sum of a service's /metrics samples with this name and these labels (0 when absent)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(service.url("/metrics"), timeout=10) as r:
-        text = r.read().decode()
+    try:
+        with urllib.request.urlopen(service.url("/metrics"), timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        if service.proc.poll() is not None:  # say why it is gone: CI keeps only the test's output
+            raise RuntimeError(f"{service.module} exited with {service.proc.returncode}: "
+                               f"{service.log_tail()}") from None
+        raise
     return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 

@@ -270,7 +270,8 @@ def test_members_keep_their_slots_and_share_the_dead_ranks_evenly():
 async def test_a_group_re_formed_without_a_rank_gives_ep1_tokens(tiny_fp32, prompts, ep1_tokens):
     """EP 4 with redundant slots loses rank 1 after three steps: the other three re-form (epoch
     1), each reads its share of rank 1's experts from the checkpoint, and their requests go on to
-    EP 1's tokens; a rank out of the group is sent nothing."""
+    EP 1's tokens; a rank out of the group is sent nothing, and an EPLB placement staged for the
+    old owners is dropped."""
     from shared.ep.rollout import Rollout
 
     ranks = await make_ranks(tiny_fp32, 4, "exact", redundant=4)
@@ -293,11 +294,17 @@ async def test_a_group_re_formed_without_a_rank_gives_ep1_tokens(tiny_fp32, prom
         if group is ranks and ranks[0].group.step == 3:  # rank 1 dies; the others re-form
             await ranks[1].group.transport.close()
             group = [ranks[r] for r in survivors]
-            owners = [member_owners(18 + 2, 4, survivors) for _ in range(2)]
+            owners = [member_owners(16 + 4, 4, survivors) for _ in range(2)]
             for r in survivors:
+                # an EPLB placement staged just before (or landing while) the group re-forms
+                await asyncio.to_thread(rollouts[r].stage, 1, [row[1:] + row[:1] for row in rollouts[r].placement()])
+                assert rollouts[r].staged_version == 1
                 staged = await asyncio.to_thread(rollouts[r].stage_members, rollouts[r].placement(), owners)
                 rollouts[r].switch_members(0, rollouts[r].placement(), owners, staged)
                 ranks[r].group.reform(1, survivors)
+                # it holds the experts of the old owners' slots: reported as not staged, never switched to
+                assert rollouts[r].staged_version == 0 and rollouts[r].is_staging_free
+                assert not rollouts[r].switch(1)
             await asyncio.gather(*[r.group.transport.start() for r in group])
             sent_to_1 = [sum(int(m.dispatched[1]) for m in r.moes) for r in group]
     assert out == ep1_tokens

@@ -179,6 +179,38 @@ async def test_restarted_rank_rejoins_and_stale_entries_are_not_delivered(redis_
     assert not await redis.exists(inbox1, streams.ep_inbox("decode", group_id, 0))
 
 
+async def test_a_rank_taken_back_in_keeps_what_a_member_sent_before_it_re_joined(redis_url):
+    """Re-forming (membership.py): rank 1 dies, rank 0 goes on alone, a new rank 1 asks in, and
+    rank 0 takes it back and steps at once. The new rank 1 adds rank 0 to its members a moment
+    later: what rank 0 sent meanwhile must not be dropped, else the two wait on different steps."""
+    group_id = new_group_id()
+    r0, old1 = (RedisTransport(redis_url, "decode", rank, 2, group_id, timeout_s=5.0) for rank in range(2))
+    await asyncio.gather(r0.start(), old1.start())
+    await exchange([r0, old1], "e1:s1:go")
+    await old1.close()
+    r0.set_members([0])  # shrink
+    await r0.start(timeout_s=1.0)
+    assert await r0.all_to_all("e2:s1:go", [b"alone", b""]) == [b"alone", b""]
+    new1 = RedisTransport(redis_url, "decode", 1, 2, group_id, timeout_s=5.0)
+    new1.set_members([1])  # asking in: its reader answers the members' HELLOs
+    await new1.start(timeout_s=1.0)
+    try:
+        r0.set_members([0, 1])  # grow: the old incarnation cannot answer, the new one does
+        await r0.start(timeout_s=5.0)
+        new1.set_members([0, 1])  # it read the record: then rank 0's first step arrives
+        sent = asyncio.create_task(r0.all_to_all("e3:s1:go", [b"0->0", b"0->1"]))
+        deadline = time.monotonic() + 5
+        while new1.stats.received_messages[0] + new1.stats.dropped_stale == 0:
+            assert time.monotonic() < deadline, "rank 0's step never reached the new rank 1"
+            await asyncio.sleep(0.01)
+        await new1.start(timeout_s=5.0)
+        assert await new1.all_to_all("e3:s1:go", [b"1->0", b"1->1"], timeout_s=2.0) == [b"0->1", b"1->1"]
+        assert await sent == [b"0->0", b"1->0"]
+        assert new1.stats.dropped_stale == 0
+    finally:
+        await asyncio.gather(r0.close(), new1.close())
+
+
 async def test_inboxes_stay_bounded(redis_url, redis):
     group_id = new_group_id()
     transports = await make_group("redis", 4, redis_url, group_id=group_id)

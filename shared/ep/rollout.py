@@ -25,7 +25,8 @@ class Rollout:
     def __init__(self, model_path: Path, dtype: torch.dtype, layers: list[EPMoE], version: int = 0):
         self.model_path, self.dtype, self.layers = Path(model_path), dtype, layers
         self.version = version  # the placement in use
-        self._staged: tuple[int, list[list[int]], list[nn.ModuleList]] | None = None
+        # (version, phy2log, this rank's experts, the owners maps they were staged under)
+        self._staged: tuple[int, list[list[int]], list[nn.ModuleList], list[list[int]]] | None = None
         self._lock = threading.Lock()
         self.num_experts_read = 0
 
@@ -33,12 +34,25 @@ class Rollout:
     def staged_version(self) -> int:
         """What this rank reports in the go exchange: its staged version, else the one in use."""
         with self._lock:
-            return self._staged[0] if self._staged is not None else self.version
+            staged = self._valid_staged()
+            return staged[0] if staged is not None else self.version
 
     @property
     def is_staging_free(self) -> bool:
         with self._lock:
-            return self._staged is None
+            return self._valid_staged() is None
+
+    def owners(self) -> list[list[int]]:
+        return [list(moe.owners) for moe in self.layers]
+
+    def _valid_staged(self):
+        """The staged placement, dropped (under the lock) if the group re-formed since it was
+        staged: its experts are those of this rank's slots under the old owners map. A staging
+        that was in flight when the group re-formed lands after the re-forming dropped what was
+        staged; this is what keeps it from being switched to."""
+        if self._staged is not None and self._staged[3] != self.owners():
+            self._staged = None
+        return self._staged
 
     def read_expert(self, layer: int, expert: int) -> nn.Module:
         prefix = f"model.layers.{layer}.mlp.experts.{expert}."
@@ -58,18 +72,20 @@ class Rollout:
         if len(phy2log) != len(self.layers):
             raise ValueError(f"placement version {version} covers {len(phy2log)} MoE layers; the model has "
                              f"{len(self.layers)}")
-        staged = [moe.stage(row, self.read_expert) for moe, row in zip(self.layers, phy2log)]
         with self._lock:
-            self._staged = (version, [list(r) for r in phy2log], staged)
+            owners = self.owners()
+        staged = [moe.stage(row, self.read_expert, o) for moe, row, o in zip(self.layers, phy2log, owners)]
+        with self._lock:
+            self._staged = (version, [list(r) for r in phy2log], staged, owners)
 
     def switch(self, version: int) -> bool:
         """Between steps, on the compute thread: take the staged placement if it is `version`."""
         with self._lock:
-            if self._staged is None or self._staged[0] != version:
+            if self._valid_staged() is None or self._staged[0] != version:
                 return False
-            _, phy2log, staged = self._staged
-            for moe, row, experts in zip(self.layers, phy2log, staged):
-                moe.switch(row, experts)
+            _, phy2log, staged, owners = self._staged
+            for moe, row, experts, o in zip(self.layers, phy2log, staged, owners):
+                moe.switch(row, experts, o)
             self.version, self._staged = version, None
             return True
 

@@ -331,10 +331,11 @@ class RedisTransport(Transport):
                 await self.redis.aclose()
 
     def set_members(self, members: list[int]) -> None:
-        """A rank that comes back into the group runs as a new process: forget what we knew of its
-        last incarnation, so `start()` joins the new one (data sent to the old one would be dropped)."""
+        """A rank that comes back into the group must acknowledge us again before `start()` returns:
+        if it runs as a new process, its answer carries the new incarnation (data sent to the old
+        one would be dropped). Its incarnation as we know it is kept meanwhile: a rank joining a
+        running group adds the members it learnt a moment ago, and they may already be sending."""
         for p in set(members) - set(self.members):
-            self._peer_incarnations.pop(p, None)
             self._acked.discard(p)
         super().set_members(members)
 
