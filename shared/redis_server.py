@@ -4,6 +4,7 @@ Used by `streamoe up` (the embedded Redis) and by the test fixtures.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -33,11 +34,25 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def start_redis(directory: Path, port: int | None = None, appendonly: bool = True, host: str = "127.0.0.1",
-                extra: list[str] | None = None, timeout: float = 10.0) -> tuple[subprocess.Popen, str]:
-    """A redis-server bound to `host` with its data in `directory` -> (process, url)."""
+                extra: list[str] | None = None, timeout: float = 10.0,
+                password: str | None = None) -> tuple[subprocess.Popen, str]:
+    """A redis-server bound to `host` with its data in `directory` -> (process, url). With a
+    password, clients must AUTH; it lies in a config file only its owner can read (never on the
+    server's command line, which `ps` shows to everyone), and the URL carries it."""
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port(host)
-    args = [redis_server_binary(), "--port", str(port), "--bind", host, "--dir", str(directory),
+    config = []
+    if password is not None:
+        if not password or any(c.isspace() or c in "\"'@:/" for c in password):
+            raise ValueError("a Redis password for the embedded server must be non-empty, without blanks, "
+                             "quotes, '@', ':' or '/'")
+        path = directory / "secret.conf"
+        path.unlink(missing_ok=True)  # a file left by an earlier run keeps its mode: make it anew
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"requirepass {password}\n")
+        config = [str(path)]
+    args = [redis_server_binary(), *config, "--port", str(port), "--bind", host, "--dir", str(directory),
             "--appendonly", "yes" if appendonly else "no", "--save", "", "--protected-mode", "yes",
             *(extra or [])]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -47,7 +62,8 @@ def start_redis(directory: Path, port: int | None = None, appendonly: bool = Tru
             raise RuntimeError(f"redis-server exited with {proc.returncode}: {' '.join(args)}")
         try:
             with socket.create_connection((host, port), timeout=0.2):
-                return proc, f"redis://{host}:{port}/0"
+                auth = f":{password}@" if password is not None else ""
+                return proc, f"redis://{auth}{host}:{port}/0"
         except OSError:
             time.sleep(0.05)
     proc.kill()

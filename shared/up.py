@@ -1,9 +1,13 @@
 """`streamoe up`: the whole system on one machine, as a process supervisor would run it.
 
 An embedded Redis when no URL is given (append-only file on, so a Redis restart keeps the
-streams), then every service as its own `python -m services.<name>` process with its log in the
+streams; a password drawn for the run, so other local users cannot reach the streams), then every service as its own `python -m services.<name>` process with its log in the
 run directory, `processes.json` describing them, one `streamoe ready: URL` line on stdout once
 all are healthy, restarts with backoff for a service that dies, and a clean stop on SIGTERM/Ctrl-C.
+
+Secrets (the Redis URL, which may hold a password, and the API key) reach the services through
+their environment (`STREAMOE_REDIS_URL`, `STREAMOE_API_KEY`), never their command lines, which
+`ps` shows to every user; `processes.json` has the Redis URL without its password.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from secrets import token_hex
+from urllib.parse import urlsplit, urlunsplit
 
 from .redis_server import free_port, start_redis
 
@@ -35,11 +41,11 @@ class Child:
     restarts: int = 0
     next_start: float = 0.0
 
-    def start(self, common: list[str]) -> None:
+    def start(self, secrets: dict[str, str]) -> None:
         log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module, *common, "--http-port", str(self.http_port),
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, "--http-port", str(self.http_port),
                                       "--instance-id", self.instance_id(), *self.args],
-                                     stdout=log, stderr=log, start_new_session=True)
+                                     stdout=log, stderr=log, start_new_session=True, env={**os.environ, **secrets})
 
     def instance_id(self) -> str:
         """Unique per rank and per start: the heartbeat, abort group and owned requests are keyed by it."""
@@ -90,7 +96,7 @@ def up(args: argparse.Namespace) -> int:
     redis_proc = None
     redis_url = args.redis_url
     if redis_url is None:
-        redis_proc, redis_url = start_redis(run_dir / "redis", appendonly=True)
+        redis_proc, redis_url = start_redis(run_dir / "redis", appendonly=True, password=token_hex(24))
     cores = os.cpu_count() or 2
     num_workers = args.prefill_ep + args.decode_ep
     cache = [] if args.no_prefix_cache else ["--cache-dir", str(args.cache_dir or home() / "cache"),
@@ -98,7 +104,7 @@ def up(args: argparse.Namespace) -> int:
     worker = ["--model", str(model), "--dtype", args.dtype, "--device", args.device,
               "--threads", str(max(1, cores // num_workers)), "--ep-wire", args.ep_wire,
               "--num-redundant-experts", str(args.num_redundant_experts), *cache]
-    gateway = ["--model", str(model)] + (["--api-key", args.api_key] if args.api_key else [])
+    gateway = ["--model", str(model)]
     children = [Child("tokenizer", "services.tokenizer", ["--model", str(model)], free_port(), run_dir / "tokenizer.log"),
                 Child("cache", "services.cache", ["--model", str(model), "--dtype", args.dtype, "--device",
                                                   args.device, *cache], free_port(), run_dir / "cache.log"),
@@ -112,9 +118,11 @@ def up(args: argparse.Namespace) -> int:
                         free_port(), run_dir / f"decode-{r}.log", rank=r) for r in range(args.decode_ep)],
                 Child("gateway", "services.gateway", gateway + ["--host", args.host], args.port,
                       run_dir / "gateway.log")]
-    common = ["--redis-url", redis_url]
+    secrets = {"STREAMOE_REDIS_URL": redis_url}
+    if args.api_key:  # only the gateway checks it; every service would read STREAMOE_API_KEY alike
+        secrets["STREAMOE_API_KEY"] = args.api_key
     for child in children:
-        child.start(common)
+        child.start(secrets)
     write_processes(run_dir, children, redis_proc, redis_url)
     deadline = time.monotonic() + args.ready_timeout
     ready = False
@@ -131,14 +139,14 @@ def up(args: argparse.Namespace) -> int:
                           f"({bad.log_path}):\n{bad.tail()}", file=sys.stderr)
                     code = 1
                     break
-            supervise(children, common, run_dir, redis_proc, redis_url)
+            supervise(children, secrets, run_dir, redis_proc, redis_url)
             time.sleep(0.5)
     finally:
         stop_all(children, redis_proc)
     return code
 
 
-def supervise(children: list[Child], common: list[str], run_dir: Path, redis_proc, redis_url: str) -> None:
+def supervise(children: list[Child], secrets: dict[str, str], run_dir: Path, redis_proc, redis_url: str) -> None:
     """Restart a dead service with backoff, as a process supervisor would."""
     changed = False
     now = time.monotonic()
@@ -153,7 +161,7 @@ def supervise(children: list[Child], common: list[str], run_dir: Path, redis_pro
         elif now >= child.next_start:
             child.restarts += 1
             child.next_start = 0.0
-            child.start(common)
+            child.start(secrets)
             changed = True
     if changed:
         write_processes(run_dir, children, redis_proc, redis_url)
@@ -166,8 +174,18 @@ def write_processes(run_dir: Path, children: list[Child], redis_proc, redis_url:
         entries.append({"name": "redis", "rank": None, "pid": redis_proc.pid,
                         "ports": {"redis": int(redis_url.rsplit(":", 1)[1].split("/")[0])}, "restarts": 0})
     tmp = run_dir / "processes.json.tmp"
-    tmp.write_text(json.dumps({"redis_url": redis_url, "processes": entries}, indent=2) + "\n")
+    tmp.write_text(json.dumps({"redis_url": without_password(redis_url), "processes": entries}, indent=2) + "\n")
     tmp.replace(run_dir / "processes.json")
+
+
+def without_password(url: str) -> str:
+    """The URL with its password, if any, replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def stop_all(children: list[Child], redis_proc, timeout: float = 20.0) -> None:

@@ -8,8 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+
+import pytest
+import redis
 
 from shared.redis_server import free_port
 
@@ -25,9 +29,10 @@ def alive(pid: int) -> bool:
         return False
 
 
-def complete(url: str, model: str) -> dict:
+def complete(url: str, model: str, api_key: str | None = None) -> dict:
     body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": 5, "temperature": 0}).encode()
-    req = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+    req = urllib.request.Request(f"{url}/v1/completions", data=body, headers=headers)
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read())
 
@@ -59,12 +64,27 @@ def stop_up(proc: subprocess.Popen, run_dir: Path) -> None:
 
 
 def test_up_serves_restarts_and_stops_cleanly(tiny_fp32, tmp_path):
-    proc, url, run_dir = start_up(tiny_fp32, tmp_path)
+    proc, url, run_dir = start_up(tiny_fp32, tmp_path, "--api-key", "sk-up-test-key")
     try:
-        assert len(complete(url, "tiny")["choices"][0]["text"]) >= 0
-        processes = json.loads((run_dir / "processes.json").read_text())["processes"]
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            complete(url, "tiny")
+        assert len(complete(url, "tiny", "sk-up-test-key")["choices"][0]["text"]) >= 0
+        listed = json.loads((run_dir / "processes.json").read_text())
+        processes = listed["processes"]
         names = {p["name"] for p in processes}
         assert names == {"tokenizer", "cache", "balancer", "prefill", "decode", "gateway", "redis"}
+        # the embedded Redis wants the password drawn for the run; no command line shows it, nor
+        # the API key, and processes.json has the URL without it
+        password = (run_dir / "redis" / "secret.conf").read_text().split()[1]
+        assert oct((run_dir / "redis" / "secret.conf").stat().st_mode & 0o777) == "0o600"
+        port = next(p["ports"]["redis"] for p in processes if p["name"] == "redis")
+        assert listed["redis_url"] == f"redis://:***@127.0.0.1:{port}/0"
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        assert redis.Redis(port=port, password=password).ping()
+        for p in processes:
+            cmdline = open(f"/proc/{p['pid']}/cmdline", "rb").read()
+            assert password.encode() not in cmdline and b"sk-up-test-key" not in cmdline, p["name"]
         decode = next(p for p in processes if p["name"] == "decode")
         os.kill(decode["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 120
@@ -75,7 +95,7 @@ def test_up_serves_restarts_and_stops_cleanly(tiny_fp32, tmp_path):
                 break
             time.sleep(0.5)
         assert restarted["pid"] != decode["pid"] and restarted["restarts"] == 1
-        body = complete(url, "tiny")  # served again once the new decode rank is up
+        body = complete(url, "tiny", "sk-up-test-key")  # served again once the new decode rank is up
         assert body["usage"]["completion_tokens"] >= 1
         stop_up(proc, run_dir)
     finally:
