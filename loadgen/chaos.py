@@ -196,13 +196,11 @@ async def send(url: str, model: str, requests: list[Request], concurrency: int |
 
 async def metric(port: int, name: str, **labels: str) -> float:
     """The sum of a service's /metrics samples with this name and these labels."""
-    from prometheus_client.parser import text_string_to_metric_families
+    from shared.metrics_report import sample_sum
 
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
-            text = await r.text()
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+            return sample_sum(await r.text(), name, **labels)
 
 
 def percentile(values: list[float], q: float) -> float | None:

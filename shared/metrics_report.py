@@ -39,6 +39,12 @@ class ScrapeError(Exception):
         self.status = status  # the HTTP status, when the server answered
 
 
+def sample_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples named `name` with these labels in a Prometheus exposition (0 when absent)."""
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
 @dataclass
 class Totals:
     """Counters summed over every source read so far."""

@@ -1,6 +1,7 @@
-"""Start a real service process and wait until its /health answers 200."""
+"""Start a real service process and wait until its /health answers 200; read its metrics and SSE replies."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -66,7 +67,7 @@ class ServiceProcess:
 
 def metric(service: ServiceProcess, name: str, **labels: str) -> float:
     """The sum of a service's /metrics samples with this name and these labels (0 when absent)."""
-    from prometheus_client.parser import text_string_to_metric_families
+    from shared.metrics_report import sample_sum
 
     try:
         with urllib.request.urlopen(service.url("/metrics"), timeout=10) as r:
@@ -76,8 +77,7 @@ def metric(service: ServiceProcess, name: str, **labels: str) -> float:
             raise RuntimeError(f"{service.module} exited with {service.proc.returncode}: "
                                f"{service.log_tail()}") from None
         raise
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+    return sample_sum(text, name, **labels)
 
 
 async def greedy_token_ids(session, gateway: ServiceProcess, model: str, prompt: list[int], max_tokens: int) -> list[int]:
@@ -87,6 +87,13 @@ async def greedy_token_ids(session, gateway: ServiceProcess, model: str, prompt:
     async with session.post(gateway.url("/v1/completions"), json=body) as r:
         assert r.status == 200, await r.text()
         return (await r.json())["choices"][0]["token_ids"]
+
+
+async def sse_events(response):
+    """The JSON events of an OpenAI-style SSE response (aiohttp), without the closing [DONE]."""
+    async for line in response.content:
+        if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+            yield json.loads(line[6:])
 
 
 def stop_all(services) -> None:

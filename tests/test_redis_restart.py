@@ -4,14 +4,13 @@ past its deadline, each one admitted either completes with the right tokens or f
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import aiohttp
 import pytest
 import torch
 
-from procs import ServiceProcess, greedy_token_ids, stop_all
+from procs import ServiceProcess, greedy_token_ids, sse_events, stop_all
 from reference import load_reference, reference_greedy
 from shared.redis_server import free_port, start_redis
 
@@ -52,10 +51,7 @@ async def stream(session, gateway: ServiceProcess, body: dict) -> dict:
     async with session.post(gateway.url("/v1/completions"), json={**body, "stream": True}) as r:
         if r.status != 200:
             return {"status": r.status, "tokens": [], "error": await r.text(), "seconds": time.monotonic() - start}
-        async for line in r.content:
-            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                continue
-            event = json.loads(line[6:])
+        async for event in sse_events(r):
             if "error" in event:
                 error = event["error"]
                 continue

@@ -5,14 +5,13 @@ of services, with short heartbeat and claim times so the test does not wait the 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import aiohttp
 import pytest
 import torch
 
-from procs import ServiceProcess, metric, stop_all
+from procs import ServiceProcess, metric, sse_events, stop_all
 from reference import load_reference, reference_greedy
 from shared import ownership, streams
 
@@ -48,10 +47,7 @@ async def stream_tokens(session, gateway: ServiceProcess, body: dict) -> tuple[l
     async with session.post(gateway.url("/v1/completions"), json={**body, "stream": True,
                                                                  "stream_options": {"include_usage": True}}) as r:
         assert r.status == 200, await r.text()
-        async for line in r.content:
-            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                continue
-            event = json.loads(line[6:])
+        async for event in sse_events(r):
             assert "error" not in event, event
             for choice in event.get("choices") or []:
                 tokens += choice.get("token_ids") or []
