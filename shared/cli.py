@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .cliargs import apply_env_defaults
 from .economics import GPU_HOUR_USD, GPUS_PER_NODE, PRICES_PER_MILLION
+from .ep.eplb import NodeCounts
 from .metrics_report import DEFAULT_URL, ScrapeError, collect, format_table, full_report
 
 
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument("--decode-ep", type=int, default=1)
     upp.add_argument("--ep-wire", choices=["fp8", "exact"], default="fp8")
     upp.add_argument("--num-redundant-experts", type=int, default=0)
-    upp.add_argument("--ep-nodes", type=int, default=1, help="nodes each EP group spans (EPLB's hierarchy)")
+    upp.add_argument("--ep-nodes", type=NodeCounts.parse, default=NodeCounts(), metavar="N|GROUP=N,...",
+                     help="nodes each EP group spans (EPLB's hierarchy): one count, or per group, e.g. decode=2")
     upp.add_argument("--cache-dir", type=Path, default=None,
                      help="the prefix cache's block store (default: $STREAMOE_HOME/cache)")
     upp.add_argument("--cache-capacity-mib", type=int, default=8192)

@@ -109,7 +109,8 @@ def check_groups(workers: dict[str, list[argparse.Namespace]], balancer: argpars
         assert ranks == list(range(size)), f"{role}: ranks {ranks} for --ep-size {size}"
         slots = {num_experts + a.num_redundant_experts for a in group}
         assert len(slots) == 1 and slots.pop() % size == 0, f"{role}: expert slots do not split over {size} ranks"
-        assert size % balancer.ep_nodes == 0, f"{role}: EP {size} does not split over --ep-nodes {balancer.ep_nodes}"
+        nodes = balancer.ep_nodes.of(group[0].ep_group_id or role)
+        assert size % nodes == 0, f"{role}: EP {size} does not split over --ep-nodes {balancer.ep_nodes}"
 
 
 def check_engines(cache: argparse.Namespace, workers: dict[str, list[argparse.Namespace]]) -> None:

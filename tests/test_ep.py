@@ -345,17 +345,22 @@ async def test_the_balancer_publishes_a_better_placement_from_reported_load(redi
     assert await balancer.tick(redis) == []
 
 
-async def test_a_group_the_node_count_does_not_fit_is_skipped_and_the_others_go_on(redis, caplog):
+@pytest.mark.parametrize("ep_nodes,published", [("2", ["even"]), ("2,odd=1", ["even", "odd"])])
+async def test_a_group_the_node_count_does_not_fit_is_skipped_and_the_others_go_on(redis, caplog, ep_nodes,
+                                                                                   published):
     """--ep-nodes 2 cannot split a 3-rank group: that group is skipped with a warning, while a
-    4-rank group (two ranks per node) still gets its placement."""
+    4-rank group (two ranks per node) still gets its placement; given its own count
+    (`2,odd=1`), the 3-rank group gets one too."""
     import logging
 
     from services.balancer.expert_lb import EPLBSettings, ExpertBalancer
     from shared import streams
+    from shared.ep.eplb import NodeCounts
     from shared.messages import ExpertLoad
     from shared.wire import encode
 
-    balancer = ExpertBalancer(EPLBSettings(window=4, min_tokens=100, ep_nodes=2), logging.getLogger("test"))
+    balancer = ExpertBalancer(EPLBSettings(window=4, min_tokens=100, ep_nodes=NodeCounts.parse(ep_nodes)),
+                              logging.getLogger("test"))
     skew = [[1000 if e in (0, 1, 4, 5) else 10 for e in range(16)]] * 2  # hot in expert groups 0 and 1
 
     async def report(scale: int):
@@ -370,6 +375,24 @@ async def test_a_group_the_node_count_does_not_fit_is_skipped_and_the_others_go_
     await report(2)
     with caplog.at_level(logging.WARNING):
         updates = await balancer.tick(redis)
-    assert len(updates) == 1 and await redis.exists(streams.placement_key("decode", "even"))
-    assert not await redis.exists(streams.placement_key("decode", "odd"))
-    assert any("eplb_skipped" in r.message for r in caplog.records)
+    assert len(updates) == len(published)
+    for group in ("even", "odd"):
+        assert await redis.exists(streams.placement_key("decode", group)) == (group in published)
+    assert any("eplb_skipped" in r.message for r in caplog.records) == (published == ["even"])
+
+
+def test_ep_nodes_values():
+    from shared.ep.eplb import NodeCounts
+
+    assert NodeCounts.parse("4").of("decode") == 4
+    counts = NodeCounts.parse("decode=18, prefill=4")
+    assert (counts.of("decode"), counts.of("prefill"), counts.of("g1")) == (18, 4, 1)
+    assert NodeCounts.parse("2,decode=18").of("prefill") == 2
+    assert NodeCounts.parse(str(counts)) == counts
+    for bad, why in (("0", "'0' is neither"), ("decode=x", "'decode=x' is neither"), ("=3", "'=3' is neither"),
+                     ("2,3", "two counts for every group"), ("a=1,a=2", "group 'a' is given twice"), ("", "neither")):
+        with pytest.raises(ValueError, match=why):
+            NodeCounts.parse(bad)
+    from services.balancer.__main__ import main
+    with pytest.raises(SystemExit):
+        main(["--ep-nodes", "decode=0"])

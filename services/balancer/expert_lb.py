@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shared import streams
-from shared.ep.eplb import LoadWindow, balance, placement_from_phy2log, rank_loads, rebalance_experts
+from shared.ep.eplb import LoadWindow, NodeCounts, balance, placement_from_phy2log, rank_loads, rebalance_experts
 from shared.ep.moe import initial_placement
 from shared.messages import ExpertLoad, PlacementUpdate
 from shared.wire import WireError, decode, encode
@@ -23,7 +23,7 @@ from shared.wire import WireError, decode, encode
 @dataclass(frozen=True)
 class EPLBSettings:
     window: int = 10  # intervals in the moving window
-    ep_nodes: int = 1  # nodes an EP group spans (the hierarchical policy packs expert groups on them)
+    ep_nodes: NodeCounts = NodeCounts()  # nodes each EP group spans (the hierarchical policy packs expert groups)
     min_gain: float = 0.05  # publish when max/mean rank load falls by at least this fraction
     min_tokens: int = 1000  # routed tokens the window must hold before a placement is computed
 
@@ -84,7 +84,8 @@ class ExpertBalancer:
         num_layers, num_experts = total.shape
         phy2log = current.phy2log if current else initial_placement(num_experts, reports[0].num_slots, num_layers)
         before = balance(rank_loads(total, placement_from_phy2log(phy2log, num_experts), ep_size))[1]
-        new = rebalance_experts(total, reports[0].num_slots, reports[0].num_groups, self.settings.ep_nodes, ep_size)
+        new = rebalance_experts(total, reports[0].num_slots, reports[0].num_groups, self.settings.ep_nodes.of(key[1]),
+                                ep_size)
         after = balance(rank_loads(total, new, ep_size))[1]
         if after > before * (1 - self.settings.min_gain):
             return None

@@ -9,6 +9,7 @@ Letter legend for shape comments: L = MoE layers, E = logical experts, P = physi
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import numpy as np
@@ -236,3 +237,44 @@ class LoadWindow:
         """Sum of the intervals in the window [L, E] (a copy); raises before the first add."""
         _require(self._ring is not None, "LoadWindow.total() before any add(): no shape known yet")
         return self._ring.sum(axis=0)
+
+
+class NodeCountError(argparse.ArgumentTypeError, ValueError):
+    """A bad `--ep-nodes` value (argparse words it as the flag's error; the environment path too)."""
+
+
+@dataclass(frozen=True)
+class NodeCounts:
+    """How many nodes each EP group spans, for EPLB's hierarchical policy: one count for every
+    group, or one per group id (`--ep-group-id`, by default the group's role), e.g.
+    `decode=18,prefill=4`, or a default and exceptions, `1,decode=18`. Groups not named take the
+    default (1 if none is given)."""
+
+    default: int = 1
+    by_group: tuple[tuple[str, int], ...] = ()
+
+    def of(self, group_id: str) -> int:
+        return dict(self.by_group).get(group_id, self.default)
+
+    def __str__(self) -> str:
+        return ",".join([str(self.default)] + [f"{g}={n}" for g, n in self.by_group])
+
+    @classmethod
+    def parse(cls, text: str) -> NodeCounts:
+        default, by_group = None, {}
+        for part in str(text).split(","):
+            name, eq, count = part.strip().rpartition("=")
+            name = name.strip()
+            count = count.strip()
+            if not (count.isascii() and count.isdigit()) or int(count) < 1 or (eq and not name):
+                raise NodeCountError(f"{text!r}: each part is a node count >= 1 (every group) or GROUP=COUNT, "
+                                     f"e.g. 4, or decode=18,prefill=4; {part.strip()!r} is neither")
+            if not eq:
+                if default is not None:
+                    raise NodeCountError(f"{text!r}: two counts for every group ({default} and {count})")
+                default = int(count)
+            elif name in by_group:
+                raise NodeCountError(f"{text!r}: group {name!r} is given twice")
+            else:
+                by_group[name] = int(count)
+        return cls(1 if default is None else default, tuple(sorted(by_group.items())))
