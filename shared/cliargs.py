@@ -14,6 +14,11 @@ TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 
 
+class FlagValueError(argparse.ArgumentTypeError, ValueError):
+    """A flag's type function refusing a value, with the reason: argparse shows it for the flag,
+    and the environment path below for the variable."""
+
+
 def env_name(option: str) -> str:
     return ENV_PREFIX + option.lstrip("-").upper().replace("-", "_")
 
@@ -38,6 +43,8 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, st
             continue
         try:
             value = action.type(raw) if action.type else raw
+        except FlagValueError as e:
+            parser.error(f"{name}={raw!r}: not a valid value for {long_options[0]}: {e}")
         except (TypeError, ValueError):
             parser.error(f"{name}={raw!r}: not a valid value for {long_options[0]}")
         if action.choices is not None and value not in action.choices:

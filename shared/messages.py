@@ -56,6 +56,7 @@ class TokenizedRequest:
 class PrefillTask:
     request: TokenizedRequest
     decode_rank: int  # chosen at admission, so prefill can stream KV to it layer by layer
+    decode_group: str = "decode"  # the decode rank's group (--ep-group-id)
 
 
 @message("kv")
@@ -122,6 +123,7 @@ class LoadReport:
     pending_compute: float = 0.0  # sum of new x (cached + new) over queued prefills
     pending_input_tokens: int = 0
     time: float = 0.0
+    group_id: str = ""  # its group (--ep-group-id); "": the role's default group
 
 
 @message("expert_load")

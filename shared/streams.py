@@ -15,20 +15,23 @@ ABORTS = f"{PREFIX}:aborts"  # Abort: gateway or tokenizer (stop string) -> ever
 DEAD_LETTERS = f"{PREFIX}:dead"  # entries that did not decode, with the reason
 
 
-def prefill_stream(rank: int) -> str:
-    return f"{PREFIX}:prefill:{rank}"  # PrefillTask
+# A worker rank is named by its group and its rank in the group: several groups of one role may
+# share a Redis (`--ep-group-id`, by default the role; a worker without EP is a group of one).
+
+def prefill_stream(group_id: str, rank: int | str) -> str:
+    return f"{PREFIX}:prefill:{group_id}:{rank}"  # PrefillTask
 
 
-def kv_stream(rank: int) -> str:
-    return f"{PREFIX}:kv:{rank}"  # KVChunk: prefill -> this decode rank
+def kv_stream(group_id: str, rank: int | str) -> str:
+    return f"{PREFIX}:kv:{group_id}:{rank}"  # KVChunk: prefill -> this decode rank
 
 
 def delta_stream(gateway_id: str) -> str:
     return f"{PREFIX}:deltas:{gateway_id}"  # TokenDelta: workers -> tokenizer -> this gateway
 
 
-def load_key(role: str, rank: int) -> str:
-    return f"{PREFIX}:load:{role}:{rank}"  # LoadReport of a worker rank, refreshed with a TTL
+def load_key(role: str, group_id: str, rank: int | str) -> str:
+    return f"{PREFIX}:load:{role}:{group_id}:{rank}"  # LoadReport of a worker rank, refreshed with a TTL
 
 
 def group(service: str) -> str:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
 from . import streams
+from .cliargs import FlagValueError
 from .engine.engine import Engine, EngineConfig
 from .engine.sequence import SamplingParams
 from .ep.rank import EPRank
@@ -28,6 +30,17 @@ from .wire import encode
 
 _STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+_GROUP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def group_id(text: str) -> str:
+    """--ep-group-id: it names Redis keys and streams, so letters, digits, '_', '.', '-' only."""
+    if not _GROUP_ID.fullmatch(text):
+        raise FlagValueError(f"{text!r}: 1-63 letters, digits, '_', '.' or '-', starting with a "
+                                         "letter or digit")
+    return text
 
 
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +64,8 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
                     help="fp8: FP8 dispatch (one scale per 128 channels), BF16 combine; exact: compute dtype")
     ep.add_argument("--num-redundant-experts", type=int, default=0, help="extra expert slots per MoE layer")
     ep.add_argument("--ep-timeout-s", type=float, default=30.0, help="a rank silent this long fails the exchange")
-    ep.add_argument("--ep-group-id", default=None, help="default: the role (one prefill and one decode group)")
+    ep.add_argument("--ep-group-id", type=group_id, default=None,
+                    help="this rank's group, for several groups of one role on one Redis (default: the role)")
     ep.add_argument("--ep-join-timeout-s", type=float, default=300.0, help="how long to wait for every rank")
     ep.add_argument("--overlap", choices=["on", "off", "auto"], default="auto",
                     help="two overlapped micro-batches per step (auto: on for prefill, off for decode)")
@@ -76,6 +90,7 @@ class WorkerService(EPRank, Service):
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // 2))
         self.args = args
         self.rank = args.rank
+        self.group_id = args.ep_group_id or self.role
         model = self.load_ep(args) if args.ep_size > 1 else load_model(args.model, dtype=args.dtype,
                                                                         device=args.device)
         self.engine = Engine(model, EngineConfig(
@@ -210,9 +225,9 @@ class WorkerService(EPRank, Service):
         blocks = self.engine.blocks
         report = LoadReport(self.role, self.rank, self.config.instance_id, len(self.engine.scheduler.running),
                             len(self.engine.scheduler.waiting), blocks.num_blocks - blocks.num_free, blocks.num_blocks,
-                            self.args.max_num_seqs, pending_compute, pending_tokens, now)
+                            self.args.max_num_seqs, pending_compute, pending_tokens, now, self.group_id)
         self._report = encode(report)
-        await self.redis.set(streams.load_key(self.role, self.rank), self._report, px=int(self.args.load_ttl_s * 1000))
+        await self.redis.set(streams.load_key(self.role, self.group_id, self.rank), self._report, px=int(self.args.load_ttl_s * 1000))
 
     async def keep_load_report(self) -> None:
         """While the main loop is held up (a long step, or the EP group waiting on a dead rank and
@@ -224,7 +239,7 @@ class WorkerService(EPRank, Service):
             if time.time() - self._last_report < self.args.load_ttl_s / 2:
                 continue
             try:
-                await self.redis.set(streams.load_key(self.role, self.rank), self._report,
+                await self.redis.set(streams.load_key(self.role, self.group_id, self.rank), self._report,
                                      px=int(self.args.load_ttl_s * 1000))
             except RedisError as e:
                 self.log.warning(json.dumps({"event": "load_report_failed", "error": repr(e)}))
@@ -256,7 +271,7 @@ class WorkerService(EPRank, Service):
             await self.membership.clear_alive()
             await self.group.transport.close()
         await self.redis.xgroup_destroy(streams.ABORTS, self.abort_group)
-        await self.redis.delete(streams.load_key(self.role, self.rank))
+        await self.redis.delete(streams.load_key(self.role, self.group_id, self.rank))
         self.compute_pool.shutdown(wait=False)
 
 

@@ -74,7 +74,7 @@ async def test_greedy_requests_match_transformers(system, tiny_fp32, client):
         assert deltas[0].num_prompt_tokens == len(prompt)
     assert covered >= 0.7 * sum(MAX_TOKENS), f"near-ties left only {covered} tokens to compare"
     # every KV handoff entry was consumed and deleted; the decode rank holds no KV any more
-    assert await redis.xlen(streams.kv_stream(0)) == 0
+    assert await redis.xlen(streams.kv_stream("decode", 0)) == 0
 
 
 async def test_text_prompt_with_stop_string(system, tiny_fp32, client):
@@ -121,8 +121,8 @@ async def test_bad_kv_handoffs_are_refused_and_reprefilled(system, tiny_fp32, cl
             digest = checksum(blob.data)
             if i == 0 and layer == 2:  # the first one's last layer is damaged in transit
                 blob = TensorBlob(blob.dtype, blob.shape, blob.data[:-4] + b"\0\0\0\0")
-            writes.append((streams.kv_stream(0), KVChunk(req.request_id, req.trace_id, layer, layers, blob, digest)))
-        writes.append((streams.kv_stream(0), KVChunk(req.request_id, req.trace_id, layers, layers,
+            writes.append((streams.kv_stream("decode", 0), KVChunk(req.request_id, req.trace_id, layer, layers, blob, digest)))
+        writes.append((streams.kv_stream("decode", 0), KVChunk(req.request_id, req.trace_id, layers, layers,
                                                      TensorBlob("float32", [0], b""), "", request=req, first_token=5)))
     got = await run_requests(client, requests, writes=writes)
     ref = load_reference(tiny_fp32)
@@ -136,7 +136,7 @@ async def test_bad_kv_handoffs_are_refused_and_reprefilled(system, tiny_fp32, cl
     assert metric(decode, "streamoe_kv_reprefills_total") == before + 2
     assert "fails its checksum" in decode.log_tail(20000) and "layer 1 of the KV handoff is missing" in \
         decode.log_tail(20000)
-    assert await client.xlen(streams.kv_stream(0)) == 0  # refused handoffs are deleted too
+    assert await client.xlen(streams.kv_stream("decode", 0)) == 0  # refused handoffs are deleted too
 
 
 async def test_first_layer_reaches_decode_before_prefill_computes_the_last(system, client):
@@ -184,7 +184,7 @@ async def test_streams_are_trimmed_once_consumed(system, client):
     """Housekeeping trims what every group has acked (design.md §3, Delivery): after the requests
     above, the request and token streams empty out without anyone deleting them by hand."""
     deadline = time.monotonic() + 30
-    names = [streams.REQUESTS, streams.TOKENIZED, streams.RAW_DELTAS, streams.prefill_stream(0)]
+    names = [streams.REQUESTS, streams.TOKENIZED, streams.RAW_DELTAS, streams.prefill_stream("prefill", 0)]
     lengths = {}
     while time.monotonic() < deadline:
         lengths = {n: await client.xlen(n) for n in names}

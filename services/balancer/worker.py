@@ -1,5 +1,6 @@
 """The balancer service: picks each request's prefill rank and decode rank at admission, from
-the ranks' load reports plus what it has sent them since (policies.py)."""
+the ranks' load reports plus what it has sent them since (policies.py). A rank is a worker of one
+group: (group id, rank), so several groups of a role can share the work."""
 from __future__ import annotations
 
 import asyncio
@@ -37,8 +38,8 @@ class BalancerService(Service):
     async def setup(self) -> None:
         await self.bus.ensure_group(streams.CACHED, GROUP)
         self.backlog: list[Entry[TokenizedRequest]] = []  # no rank had room yet
-        # what we sent since each rank's last report: rank -> [(time, compute, tokens, blocks)]
-        self.sent: dict[tuple[str, int], list[tuple[float, float, int, int]]] = {}
+        # what we sent since each rank's last report: (role, group, rank) -> [(time, compute, tokens, blocks)]
+        self.sent: dict[tuple[str, str, int], list[tuple[float, float, int, int]]] = {}
         if self.eplb_interval_s > 0:
             self.eplb_task = asyncio.create_task(self.balance_experts())
         self.resumed = Counter("streamoe_requests_resumed", "Requests of dead decode instances resumed on a live "
@@ -46,7 +47,7 @@ class BalancerService(Service):
                                registry=self.registry)
         self.forget_if_owner = self.redis.register_script(ownership.FORGET_IF_OWNER)
         self.heartbeat_missing: dict[str, float] = {}  # decode instance -> when its heartbeat was first missed
-        self.rank_missing: dict[tuple[str, int], float] = {}  # worker rank -> when its load report was first missed
+        self.rank_missing: dict[tuple[str, str, int], float] = {}  # (role, group, rank) -> load report first missed
         self.moved = Counter("streamoe_orphaned_requests_moved", "Requests taken from the input stream of a dead "
                              "worker rank (a prefill task; a decode rank's unadmitted handoff) and routed again",
                              ["role"], registry=self.registry)
@@ -82,8 +83,9 @@ class BalancerService(Service):
         await self.reap_abort_groups()
         await super().housekeeping()
         await self.redis.xtrim(streams.DEAD_LETTERS, maxlen=DEAD_LETTERS_KEPT, approximate=True)
-        names = [streams.REQUESTS, streams.TOKENIZED, streams.CACHED, streams.RAW_DELTAS, streams.ABORTS, streams.DEAD_LETTERS]
-        for pattern in (streams.prefill_stream("*"), streams.kv_stream("*"), streams.delta_stream("*")):
+        names = [streams.REQUESTS, streams.TOKENIZED, streams.CACHED, streams.RAW_DELTAS, streams.ABORTS,
+                 streams.DEAD_LETTERS]
+        for pattern in (streams.prefill_stream("*", "*"), streams.kv_stream("*", "*"), streams.delta_stream("*")):
             names += [k.decode() async for k in self.redis.scan_iter(match=pattern, count=1000, _type="stream")]
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
@@ -125,23 +127,24 @@ class BalancerService(Service):
         try:
             found = []
             for role, (stream_of, _, _) in ORPHANED.items():
-                names = [k.decode() async for k in self.redis.scan_iter(match=stream_of("*"), count=1000,
+                names = [k.decode() async for k in self.redis.scan_iter(match=stream_of("*", "*"), count=1000,
                                                                           _type="stream")]
-                found += [(role, int(n.rsplit(":", 1)[1])) for n in names if n.rsplit(":", 1)[1].isdigit()]
-            live = [await self.redis.exists(streams.load_key(role, rank)) for role, rank in found]
+                found += [(role, group, int(rank)) for group, rank in (n.rsplit(":", 2)[1:] for n in names)
+                          if rank.isdigit()]
+            live = [await self.redis.exists(streams.load_key(*worker)) for worker in found]
         except RedisError:
             self.rank_missing.clear()  # after an outage, every rank gets a whole TTL to report again
             raise
         now = time.monotonic()
-        for (role, rank), is_live in zip(found, live):
+        for worker, is_live in zip(found, live):
             if is_live:
-                self.rank_missing.pop((role, rank), None)
-            elif now - self.rank_missing.setdefault((role, rank), now) >= self.config.heartbeat_ttl_s:
-                await self.move_from(role, rank)
+                self.rank_missing.pop(worker, None)
+            elif now - self.rank_missing.setdefault(worker, now) >= self.config.heartbeat_ttl_s:
+                await self.move_from(*worker)
 
-    async def move_from(self, role: str, rank: int) -> None:
+    async def move_from(self, role: str, group_id: str, rank: int) -> None:
         stream_of, kind, group = ORPHANED[role]
-        stream = stream_of(rank)
+        stream = stream_of(group_id, rank)
         entries = await self.bus.claim_stale(stream, group, kind, 0, count=256)
         entries += await self.bus.read(stream, group, kind, count=256, block_ms=None)
         for entry in entries:
@@ -154,8 +157,8 @@ class BalancerService(Service):
             if request is not None:
                 await self.bus.publish(to, request)
                 self.moved.labels(role=role).inc()
-                self.log.info(json.dumps({"event": "orphaned_request_moved", "role": role, "dead_rank": rank,
-                                          "trace_id": request.trace_id}))
+                self.log.info(json.dumps({"event": "orphaned_request_moved", "role": role, "group": group_id,
+                                          "dead_rank": rank, "trace_id": request.trace_id}))
             await self.bus.ack(stream, group, entry.entry_id)
             await self.redis.xdel(stream, entry.entry_id)
 
@@ -209,20 +212,22 @@ class BalancerService(Service):
         if time.time() > req.deadline:
             await self.fail(entry, "no worker could take the request before its deadline", 503)
             return
-        prefill, decode_ranks = await self.loads()
+        prefill, decode_ranks, workers = await self.loads()
         new = len(req.prompt_ids) - req.num_cached_tokens
         reserve = -(-(len(req.prompt_ids) + req.sampling.max_tokens) // BLOCK_SIZE)
-        decode_rank = choose_decode_rank(decode_ranks, reserve) if decode_ranks else None
-        if not prefill or decode_rank is None:
+        decode_index = choose_decode_rank(decode_ranks, reserve) if decode_ranks else None
+        if not prefill or decode_index is None:
             self.backlog.append(entry)
             return
-        prefill_rank = choose_prefill_rank(prefill, new, req.num_cached_tokens)
-        await self.bus.publish(streams.prefill_stream(prefill_rank), PrefillTask(req, decode_rank))
+        _, prefill_group, prefill_rank = prefill_worker = workers[choose_prefill_rank(prefill, new,
+                                                                                      req.num_cached_tokens)]
+        _, decode_group, decode_rank = decode_worker = workers[decode_index]
+        await self.bus.publish(streams.prefill_stream(prefill_group, prefill_rank),
+                               PrefillTask(req, decode_rank, decode_group))
         await self.bus.ack(streams.CACHED, GROUP, entry.entry_id)
         now = time.time()
-        self.sent.setdefault(("prefill", prefill_rank), []).append(
-            (now, attention_compute(new, req.num_cached_tokens), new, 0))
-        self.sent.setdefault(("decode", decode_rank), []).append((now, 0.0, 0, reserve))
+        self.sent.setdefault(prefill_worker, []).append((now, attention_compute(new, req.num_cached_tokens), new, 0))
+        self.sent.setdefault(decode_worker, []).append((now, 0.0, 0, reserve))
         self.messages.labels(stream=streams.CACHED, outcome="routed").inc()
 
     async def fail(self, entry: Entry[TokenizedRequest], reason: str, status: int) -> None:
@@ -231,23 +236,26 @@ class BalancerService(Service):
             req.request_id, req.trace_id, req.gateway_id, 0, [], finish_reason="error", error=reason, status=status))
         await self.bus.ack(streams.CACHED, GROUP, entry.entry_id)
 
-    async def loads(self) -> tuple[list[PrefillLoad], list[DecodeLoad]]:
-        """Live ranks (a report key exists), each adjusted by what we sent after its report."""
-        keys = [k async for k in self.redis.scan_iter(match=f"{streams.PREFIX}:load:*", count=1000)]
-        reports = [r for r in await self.redis.mget(keys) if r is not None] if keys else []
-        prefill, decode_ranks = [], []
+    async def loads(self) -> tuple[list[PrefillLoad], list[DecodeLoad], list[tuple[str, str, int]]]:
+        """Live ranks (a report key exists), each adjusted by what we sent after its report. The
+        policies see each as an index into the list of (role, group, rank) returned last."""
+        keys = sorted([k async for k in self.redis.scan_iter(match=f"{streams.PREFIX}:load:*", count=1000)])
+        reports = [r for r in await self.redis.mget(keys) if r is not None] if keys else []  # ties: in key order
+        prefill, decode_ranks, workers = [], [], []
         for raw in reports:
             try:
                 report = decode(raw, LoadReport)
             except WireError:
                 continue
-            since = [s for s in self.sent.get((report.role, report.rank), []) if s[0] > report.time]
-            self.sent[(report.role, report.rank)] = since
+            worker = (report.role, report.group_id or report.role, report.rank)
+            since = [s for s in self.sent.get(worker, []) if s[0] > report.time]
+            self.sent[worker] = since
+            workers.append(worker)
             if report.role == "prefill":
-                prefill.append(PrefillLoad(report.rank, report.pending_compute + sum(s[1] for s in since),
+                prefill.append(PrefillLoad(len(workers) - 1, report.pending_compute + sum(s[1] for s in since),
                                            report.pending_input_tokens + sum(s[2] for s in since)))
             else:
-                decode_ranks.append(DecodeLoad(report.rank, report.kv_blocks_used + sum(s[3] for s in since),
+                decode_ranks.append(DecodeLoad(len(workers) - 1, report.kv_blocks_used + sum(s[3] for s in since),
                                                report.kv_blocks_total, report.running + len(since),
                                                report.max_running))
-        return prefill, decode_ranks
+        return prefill, decode_ranks, workers

@@ -38,7 +38,7 @@ class DecodeService(WorkerService):
     name = role = "decode"
 
     async def setup(self) -> None:
-        self.stream = streams.kv_stream(self.rank)
+        self.stream = streams.kv_stream(self.group_id, self.rank)
         await self.bus.ensure_group(self.stream, GROUP)
         self.handoffs: dict[str, Handoff] = {}
         self.ready_to_admit: list[str] = []

@@ -26,7 +26,7 @@ class PrefillService(WorkerService):
     name = role = "prefill"
 
     async def setup(self) -> None:
-        self.stream = streams.prefill_stream(self.rank)
+        self.stream = streams.prefill_stream(self.group_id, self.rank)
         await self.bus.ensure_group(self.stream, GROUP)
         self.tasks: dict[str, tuple[str, PrefillTask]] = {}  # request id -> (entry id, task)
         self.handoff_bytes = Counter("streamoe_kv_handoff_bytes", "Latent KV bytes sent to decode ranks",
@@ -96,7 +96,7 @@ class PrefillService(WorkerService):
                 _, task = self.tasks[request_id]
                 blob = to_blob(kv)
                 self.handoff_bytes.inc(len(blob.data))
-                writes.append((streams.kv_stream(task.decode_rank), KVChunk(
+                writes.append((streams.kv_stream(task.decode_group, task.decode_rank), KVChunk(
                     request_id, task.request.trace_id, layer, self.num_layers, blob, checksum(blob.data),
                     computed_at=computed_at, sent_at=time.time())))
             await self.until_written(lambda: self.bus.publish_many(writes))
@@ -110,7 +110,7 @@ class PrefillService(WorkerService):
             len(req.prompt_ids) - delta.num_cached_tokens)
         done = delta.finish_reason if delta.finish_reason != "prefilled" else None
         window = prefix_window(req.sampling.stop)
-        writes = [(streams.kv_stream(task.decode_rank), KVChunk(
+        writes = [(streams.kv_stream(task.decode_group, task.decode_rank), KVChunk(
             req.request_id, req.trace_id, self.num_layers, self.num_layers, NO_KV, "", request=req,
             first_token=first, finish_reason=done, sent_at=time.time()))]
         # a resumed request (its decode rank died) goes on at output index `resumed`

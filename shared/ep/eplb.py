@@ -9,10 +9,11 @@ Letter legend for shape comments: L = MoE layers, E = logical experts, P = physi
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..cliargs import FlagValueError
 
 
 @dataclass(frozen=True, eq=False)
@@ -239,7 +240,7 @@ class LoadWindow:
         return self._ring.sum(axis=0)
 
 
-class NodeCountError(argparse.ArgumentTypeError, ValueError):
+class NodeCountError(FlagValueError):
     """A bad `--ep-nodes` value (argparse words it as the flag's error; the environment path too)."""
 
 

@@ -3,8 +3,8 @@ group — its slice of the experts, the group's transport and step agreement, th
 micro-batches, its side of EPLB (load reports, staged placements, the switch), and the group's
 re-forming when a rank dies or comes back (membership.py).
 
-A mixin of WorkerService (shared/worker.py): it uses the service's args, role, rank, registry,
-log, redis, engine and compute thread.
+A mixin of WorkerService (shared/worker.py): it uses the service's args, role, rank, group_id,
+registry, log, redis, engine and compute thread.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ class EPRank:
 
         client = sync_redis.Redis.from_url(args.redis_url)
         try:
-            raw = client.get(streams.placement_key(self.role, args.ep_group_id or self.role))
+            raw = client.get(streams.placement_key(self.role, self.group_id))
         finally:
             client.close()
         return decode(raw, PlacementUpdate) if raw else None
@@ -106,7 +106,7 @@ class EPRank:
         (this rank restarted); a no-op without EP."""
         if self.args.ep_size == 1:
             return
-        group_id = self.args.ep_group_id or self.role
+        group_id = self.group_id
         transport = RedisTransport(self.config.redis_url, self.role, self.rank, self.args.ep_size, group_id,
                                    timeout_s=self.args.ep_timeout_s, join_timeout_s=self.args.ep_join_timeout_s)
         self.group = EPGroup(transport, asyncio.get_running_loop(), self.args.ep_timeout_s, self.observe_exchange)
@@ -266,7 +266,7 @@ class EPRank:
     async def eplb_upkeep(self) -> None:
         """Report this rank's expert load; stage a newer placement the balancer published (not
         while the group runs without a rank: a placement is staged for every rank's slots)."""
-        group_id = self.args.ep_group_id or self.role
+        group_id = self.group_id
         counts = [moe.expert_load.tolist() if moe.expert_load is not None else [0] * moe.num_experts
                   for moe in self.ep_layers]
         report = ExpertLoad(self.role, group_id, self.rank, self.args.ep_size, len(self.ep_layers[0].phy2log),
