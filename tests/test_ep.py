@@ -393,6 +393,9 @@ def test_ep_nodes_values():
                      ("2,3", "two counts for every group"), ("a=1,a=2", "group 'a' is given twice"), ("", "neither")):
         with pytest.raises(ValueError, match=why):
             NodeCounts.parse(bad)
-    from services.balancer.__main__ import main
-    with pytest.raises(SystemExit):
-        main(["--ep-nodes", "decode=0"])
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "services.balancer", "--ep-nodes", "decode=0"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "argument --ep-nodes: 'decode=0': each part is" in done.stderr, done.stderr
