@@ -38,6 +38,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
+from shared.metrics_report import sample_sum
+
 from .client import Client, Result, make_session
 from .system import running_system
 from .workloads import Request
@@ -148,9 +150,9 @@ async def requests_on(process: dict, wait_s: float = 10.0) -> int:
     """Waits (up to wait_s) until the worker runs or queues a request: a kill under load hits one."""
     deadline = time.monotonic() + wait_s
     while True:
-        port = process["ports"]["http"]
         try:
-            n = await metric(port, "streamoe_running_requests") + await metric(port, "streamoe_waiting_requests")
+            text = await scrape(process["ports"]["http"])
+            n = sample_sum(text, "streamoe_running_requests") + sample_sum(text, "streamoe_waiting_requests")
         except (aiohttp.ClientError, OSError):
             n = 0
         if n or time.monotonic() >= deadline:
@@ -160,12 +162,12 @@ async def requests_on(process: dict, wait_s: float = 10.0) -> int:
 
 async def reform_counts(process: dict) -> tuple[float, float]:
     """(shrink, grow): how often this EP rank's group re-formed without a rank, and with one back."""
-    port = process["ports"]["http"]
     try:
-        return (await metric(port, "streamoe_ep_reforms_total", change="shrink"),
-                await metric(port, "streamoe_ep_reforms_total", change="grow"))
+        text = await scrape(process["ports"]["http"])
     except (aiohttp.ClientError, OSError):
         return (0.0, 0.0)
+    return (sample_sum(text, "streamoe_ep_reforms_total", change="shrink"),
+            sample_sum(text, "streamoe_ep_reforms_total", change="grow"))
 
 
 async def send(url: str, model: str, requests: list[Request], concurrency: int | None, gaps: np.ndarray,
@@ -194,13 +196,16 @@ async def send(url: str, model: str, requests: list[Request], concurrency: int |
     return results, time.perf_counter() - start
 
 
-async def metric(port: int, name: str, **labels: str) -> float:
-    """The sum of a service's /metrics samples with this name and these labels."""
-    from shared.metrics_report import sample_sum
-
+async def scrape(port: int) -> str:
+    """A service's /metrics text."""
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
-            return sample_sum(await r.text(), name, **labels)
+            return await r.text()
+
+
+async def metric(port: int, name: str, **labels: str) -> float:
+    """The sum of a service's /metrics samples with this name and these labels."""
+    return sample_sum(await scrape(port), name, **labels)
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -38,8 +38,7 @@ _GROUP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 def group_id(text: str) -> str:
     """--ep-group-id: it names Redis keys and streams, so letters, digits, '_', '.', '-' only."""
     if not _GROUP_ID.fullmatch(text):
-        raise FlagValueError(f"{text!r}: 1-63 letters, digits, '_', '.' or '-', starting with a "
-                                         "letter or digit")
+        raise FlagValueError(f"{text!r}: 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit")
     return text
 
 
@@ -91,6 +90,7 @@ class WorkerService(EPRank, Service):
         self.args = args
         self.rank = args.rank
         self.group_id = args.ep_group_id or self.role
+        self.load_key = streams.load_key(self.role, self.group_id, self.rank)
         model = self.load_ep(args) if args.ep_size > 1 else load_model(args.model, dtype=args.dtype,
                                                                         device=args.device)
         self.engine = Engine(model, EngineConfig(
@@ -227,7 +227,10 @@ class WorkerService(EPRank, Service):
                             len(self.engine.scheduler.waiting), blocks.num_blocks - blocks.num_free, blocks.num_blocks,
                             self.args.max_num_seqs, pending_compute, pending_tokens, now, self.group_id)
         self._report = encode(report)
-        await self.redis.set(streams.load_key(self.role, self.group_id, self.rank), self._report, px=int(self.args.load_ttl_s * 1000))
+        await self.send_load_report()
+
+    async def send_load_report(self) -> None:
+        await self.redis.set(self.load_key, self._report, px=int(self.args.load_ttl_s * 1000))
 
     async def keep_load_report(self) -> None:
         """While the main loop is held up (a long step, or the EP group waiting on a dead rank and
@@ -239,8 +242,7 @@ class WorkerService(EPRank, Service):
             if time.time() - self._last_report < self.args.load_ttl_s / 2:
                 continue
             try:
-                await self.redis.set(streams.load_key(self.role, self.group_id, self.rank), self._report,
-                                     px=int(self.args.load_ttl_s * 1000))
+                await self.send_load_report()
             except RedisError as e:
                 self.log.warning(json.dumps({"event": "load_report_failed", "error": repr(e)}))
 
@@ -271,7 +273,7 @@ class WorkerService(EPRank, Service):
             await self.membership.clear_alive()
             await self.group.transport.close()
         await self.redis.xgroup_destroy(streams.ABORTS, self.abort_group)
-        await self.redis.delete(streams.load_key(self.role, self.group_id, self.rank))
+        await self.redis.delete(self.load_key)
         self.compute_pool.shutdown(wait=False)
 
 

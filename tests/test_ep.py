@@ -61,9 +61,17 @@ async def make_ranks(path, size: int, wire: str = "exact", redundant: int = 0, o
     return ranks
 
 
+async def step_ranks(ranks: list[Rank], out: dict[int, list[int]]) -> None:
+    """One engine step on every rank at once, each on its compute thread; tokens appended to `out`."""
+    loop = asyncio.get_running_loop()
+    results = await asyncio.gather(*[loop.run_in_executor(r.thread, r.engine.step) for r in ranks])
+    for deltas in results:
+        for d in deltas:
+            out[int(d.request_id)] += d.token_ids
+
+
 async def run_group(ranks: list[Rank], prompts: list[list[int]]) -> dict[int, list[int]]:
     """Prompt i runs on rank i % size; every step all ranks step together."""
-    loop = asyncio.get_running_loop()
     for i, prompt in enumerate(prompts):
         ranks[i % len(ranks)].engine.add_request(str(i), prompt, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
     out: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
@@ -72,10 +80,7 @@ async def run_group(ranks: list[Rank], prompts: list[list[int]]) -> dict[int, li
         assert len(set(go)) == 1  # every rank sees the same answer
         if not go[0]:
             return out
-        results = await asyncio.gather(*[loop.run_in_executor(r.thread, r.engine.step) for r in ranks])
-        for deltas in results:
-            for d in deltas:
-                out[int(d.request_id)] += d.token_ids
+        await step_ranks(ranks, out)
 
 
 @pytest.fixture(scope="module")
@@ -237,10 +242,7 @@ async def test_a_placement_rollout_while_requests_run_changes_nothing_they_see(t
                 switched_at.append(r.group.step)
         if not go[0]:
             break
-        results = await asyncio.gather(*[loop.run_in_executor(r.thread, r.engine.step) for r in ranks])
-        for deltas in results:
-            for d in deltas:
-                out[int(d.request_id)] += d.token_ids
+        await step_ranks(ranks, out)
         if ranks[0].group.step == 3:  # the load so far decides the new placement
             load = sum(torch.stack([m.expert_load for m in r.moes]) for r in ranks).numpy()
             new = rebalance_experts(load, 18, 4, 1, 2).phy2log.tolist()
@@ -277,7 +279,6 @@ async def test_a_group_re_formed_without_a_rank_gives_ep1_tokens(tiny_fp32, prom
     ranks = await make_ranks(tiny_fp32, 4, "exact", redundant=4)
     rollouts = [Rollout(tiny_fp32, torch.float32, r.moes) for r in ranks]
     survivors = [0, 2, 3]
-    loop = asyncio.get_running_loop()
     mine = {i: survivors[i % 3] for i in range(len(prompts))}
     for i, prompt in enumerate(prompts):
         ranks[mine[i]].engine.add_request(str(i), prompt, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
@@ -287,10 +288,7 @@ async def test_a_group_re_formed_without_a_rank_gives_ep1_tokens(tiny_fp32, prom
         go = await asyncio.gather(*[r.group.begin_step(r.engine.has_unfinished()) for r in group])
         if not go[0]:
             break
-        results = await asyncio.gather(*[loop.run_in_executor(r.thread, r.engine.step) for r in group])
-        for deltas in results:
-            for d in deltas:
-                out[int(d.request_id)] += d.token_ids
+        await step_ranks(group, out)
         if group is ranks and ranks[0].group.step == 3:  # rank 1 dies; the others re-form
             await ranks[1].group.transport.close()
             group = [ranks[r] for r in survivors]

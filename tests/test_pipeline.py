@@ -109,6 +109,7 @@ async def test_bad_kv_handoffs_are_refused_and_reprefilled(system, tiny_fp32, cl
     gen = torch.Generator().manual_seed(23)
     prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (40, 90)]
     layers, width = 3, 64 + 16  # tiny: 3 layers, kv_lora_rank 64 + qk_rope_head_dim 16
+    kv = streams.kv_stream("decode", 0)
     writes, requests = [], []
     for i, prompt in enumerate(prompts):
         req = TokenizedRequest(f"bad{i}", f"trace-bad{i}", GW, Sampling(max_tokens=10, ignore_eos=True),
@@ -121,9 +122,9 @@ async def test_bad_kv_handoffs_are_refused_and_reprefilled(system, tiny_fp32, cl
             digest = checksum(blob.data)
             if i == 0 and layer == 2:  # the first one's last layer is damaged in transit
                 blob = TensorBlob(blob.dtype, blob.shape, blob.data[:-4] + b"\0\0\0\0")
-            writes.append((streams.kv_stream("decode", 0), KVChunk(req.request_id, req.trace_id, layer, layers, blob, digest)))
-        writes.append((streams.kv_stream("decode", 0), KVChunk(req.request_id, req.trace_id, layers, layers,
-                                                     TensorBlob("float32", [0], b""), "", request=req, first_token=5)))
+            writes.append((kv, KVChunk(req.request_id, req.trace_id, layer, layers, blob, digest)))
+        writes.append((kv, KVChunk(req.request_id, req.trace_id, layers, layers, TensorBlob("float32", [0], b""), "",
+                                   request=req, first_token=5)))
     got = await run_requests(client, requests, writes=writes)
     ref = load_reference(tiny_fp32)
     for req in requests:

@@ -32,12 +32,12 @@ class EPMoE(nn.Module):
     """One MoE layer of an EP rank: the gate and shared expert, and the experts of its slots."""
 
     def __init__(self, moe: MoE, layer: int, rank: int, size: int, phy2log: list[int], exchange: Exchange,
-                 wire: str, owners: list[int] | None = None):
+                 wire: str):
         super().__init__()
         self.layer, self.rank, self.size, self.wire = layer, rank, size, wire
         self.num_experts = moe.num_experts
         self.gate, self.shared_experts = moe.gate, moe.shared_experts
-        self.set_owners(owners or base_owners(len(phy2log), size))
+        self.set_owners(base_owners(len(phy2log), size))  # a re-formed group switches to another (switch)
         # slot i of this rank holds logical expert local[i]
         self.experts = nn.ModuleList(moe.experts[e] for e in self.local_slots(phy2log))
         self.exchange = exchange
@@ -227,9 +227,8 @@ def keep_tensor(local: dict[int, set[int]]) -> Callable[[str], bool]:
 
 
 def apply_expert_parallel(model: DeepseekV3, rank: int, size: int, phy2log: list[list[int]], exchange: Exchange,
-                          wire: str = "fp8", members: list[int] | None = None) -> list[EPMoE]:
-    """Replace every MoE layer by its EP form; phy2log [MoE layers][slots] (design: EPLB's); with
-    `members`, the owners map of a group re-formed with those ranks only."""
+                          wire: str = "fp8") -> list[EPMoE]:
+    """Replace every MoE layer by its EP form; phy2log [MoE layers][slots] (design: EPLB's)."""
     layers = moe_layers(model)
     if len(phy2log) != len(layers):
         raise ValueError(f"the placement covers {len(phy2log)} MoE layers; the model has {len(layers)}")
@@ -238,7 +237,7 @@ def apply_expert_parallel(model: DeepseekV3, rank: int, size: int, phy2log: list
         if len(row) % size:
             raise ValueError(f"layer {layer}: {len(row)} slots do not split over {size} ranks")
         block = model.model.layers[layer]
-        block.mlp = EPMoE(block.mlp, layer, rank, size, row, exchange, wire, member_owners(len(row), size, members))
+        block.mlp = EPMoE(block.mlp, layer, rank, size, row, exchange, wire)
         out.append(block.mlp)
     return out
 

@@ -106,11 +106,10 @@ class EPRank:
         (this rank restarted); a no-op without EP."""
         if self.args.ep_size == 1:
             return
-        group_id = self.group_id
-        transport = RedisTransport(self.config.redis_url, self.role, self.rank, self.args.ep_size, group_id,
+        transport = RedisTransport(self.config.redis_url, self.role, self.rank, self.args.ep_size, self.group_id,
                                    timeout_s=self.args.ep_timeout_s, join_timeout_s=self.args.ep_join_timeout_s)
         self.group = EPGroup(transport, asyncio.get_running_loop(), self.args.ep_timeout_s, self.observe_exchange)
-        self.membership = Membership(self.redis, self.role, group_id, self.rank, self.args.ep_size,
+        self.membership = Membership(self.redis, self.role, self.group_id, self.rank, self.args.ep_size,
                                      transport.incarnation)
         overlap = self.args.overlap == "on" or (self.args.overlap == "auto" and self.role in OVERLAP_BY_DEFAULT)
         if overlap:
@@ -123,7 +122,7 @@ class EPRank:
         else:
             await self.start_group()
         self.in_background(self.keep_membership())
-        self.log.info(json.dumps({"event": "ep_group_joined", "group": group_id, "rank": self.rank,
+        self.log.info(json.dumps({"event": "ep_group_joined", "group": self.group_id, "rank": self.rank,
                                   "size": self.args.ep_size, "epoch": self.group.epoch,
                                   "members": self.group.members}))
 
@@ -169,7 +168,7 @@ class EPRank:
         out of the group (their experts read from the checkpoint), exchange among the members only,
         count steps from 0 under the record's epoch, and join the members."""
         owners = [member_owners(len(row), self.args.ep_size, record.members) for row in record.phy2log]
-        if owners != [moe.owners for moe in self.ep_layers] or record.phy2log != self.rollout.placement():
+        if owners != self.rollout.owners() or record.phy2log != self.rollout.placement():
             await self.compute(self.rollout.discard)  # an EPLB placement staged for the old members
             staged = await asyncio.to_thread(self.rollout.stage_members, record.phy2log, owners)
             await self.compute(self.rollout.switch_members, record.version, record.phy2log, owners, staged)
@@ -266,14 +265,13 @@ class EPRank:
     async def eplb_upkeep(self) -> None:
         """Report this rank's expert load; stage a newer placement the balancer published (not
         while the group runs without a rank: a placement is staged for every rank's slots)."""
-        group_id = self.group_id
         counts = [moe.expert_load.tolist() if moe.expert_load is not None else [0] * moe.num_experts
                   for moe in self.ep_layers]
-        report = ExpertLoad(self.role, group_id, self.rank, self.args.ep_size, len(self.ep_layers[0].phy2log),
+        report = ExpertLoad(self.role, self.group_id, self.rank, self.args.ep_size, len(self.ep_layers[0].phy2log),
                             self.num_groups, self.rollout.version, counts, time.time())
-        await self.redis.set(streams.expert_load_key(self.role, group_id, self.rank), encode(report),
+        await self.redis.set(streams.expert_load_key(self.role, self.group_id, self.rank), encode(report),
                              px=int(max(30.0, 6 * self.config.housekeeping_s) * 1000))
-        raw = await self.redis.get(streams.placement_key(self.role, group_id))
+        raw = await self.redis.get(streams.placement_key(self.role, self.group_id))
         if (raw is None or self._staging is not None or not self.rollout.is_staging_free
                 or len(self.group.members) < self.args.ep_size):
             return
