@@ -131,6 +131,18 @@ async def test_exact_wire_gives_ep1_tokens_and_transformers(tiny_fp32, prompts, 
     await asyncio.gather(*[rank.group.transport.close() for rank in ranks])
 
 
+@pytest.mark.parametrize("backend", ["loop", "bmm", "weight-major"])
+async def test_every_moe_backend_gives_ep1_tokens_with_redundant_slots(tiny_fp32, prompts, ep1_tokens, backend):
+    """EP 4 with 4 redundant slots, each rank on its own stack of slots, in each backend: the
+    tokens of EP 1 (on the default grouped backend)."""
+    ranks = await make_ranks(tiny_fp32, 4, "exact", 4)
+    for rank in ranks:
+        rank.model.set_moe_backend(backend)
+        assert all(len(moe.stack) == 5 for moe in rank.moes)
+    assert await run_group(ranks, prompts) == ep1_tokens
+    await asyncio.gather(*[rank.group.transport.close() for rank in ranks])
+
+
 async def test_a_rank_without_work_joins_with_zero_tokens(tiny_fp32, prompts, ep1_tokens):
     """Only rank 0 gets requests; rank 1 still steps (it computes its experts for rank 0)."""
     ranks = await make_ranks(tiny_fp32, 2, "exact")
@@ -149,7 +161,9 @@ async def test_a_rank_without_work_joins_with_zero_tokens(tiny_fp32, prompts, ep
 
 def fp8_roundtrip_reference(model):
     """EP 1 with the fp8 wire's rounding applied by hand: routed experts see their inputs after an
-    e4m3 round trip (one scale per token per 128 channels) and their outputs after a bf16 one."""
+    e4m3 round trip (one scale per token per 128 channels) and their outputs after a bf16 one
+    (through each expert's module: the `loop` backend)."""
+    model.set_moe_backend("loop")
     for block in model.model.layers[1:]:
         for expert in block.mlp.experts:
             original = expert.forward

@@ -13,6 +13,7 @@ import torch
 
 from modelcheck import incremental_logits, packed_logits
 from reference import EXPERT_TIE, GateRecorder, load_reference, selection_gap
+from shared.model.experts import BACKENDS
 from shared.model.loader import load_model
 
 TOL = 1e-4
@@ -73,18 +74,19 @@ def tiny_pair(tiny_fp32):
     return load_model(tiny_fp32, dtype="fp32"), load_reference(tiny_fp32)
 
 
-@pytest.mark.parametrize("impl", ["batched", "loop"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("absorbed", [False, True], ids=["expanded", "absorbed"])
-def test_tiny_logits_match_reference(tiny_pair, impl, absorbed):
+def test_tiny_logits_match_reference(tiny_pair, backend, absorbed):
     ours, ref = tiny_pair
-    ours.set_moe_impl(impl)
+    default = ours.model.layers[1].mlp.plan
+    ours.set_moe_backend(backend)
     try:
         prompts = prompts_for(ours.args.vocab_size)
         for prompt, logits in zip(prompts, packed_logits(ours, prompts, absorbed=absorbed)):
             diff = (logits - reference_logits(ref, prompt)).abs().max().item()
             assert diff <= TOL, f"prompt of {len(prompt)} tokens: max |diff| {diff:.2e}"
     finally:
-        ours.set_moe_impl("batched")
+        ours.set_moe_backend(default)
 
 
 def check_incremental(ours, ref, steps: int = 32):

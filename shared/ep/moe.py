@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..model.model import DeepseekV3
-from ..model.moe import MoE, run_grouped
+from ..model.experts import ExpertStack, combine, expert_counts, run_experts
+from ..model.moe import MoE
 from .wire import decode_combine, decode_dispatch, encode_combine, encode_dispatch
 
 EXPERT_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
@@ -38,8 +39,9 @@ class EPMoE(nn.Module):
         self.num_experts = moe.num_experts
         self.gate, self.shared_experts = moe.gate, moe.shared_experts
         self.set_owners(base_owners(len(phy2log), size))  # a re-formed group switches to another (switch)
-        # slot i of this rank holds logical expert local[i]
-        self.experts = nn.ModuleList(moe.experts[e] for e in self.local_slots(phy2log))
+        # local slot i holds logical expert local_slots[i]: this rank's own stack, redundant copies included
+        self.use_stack(ExpertStack.from_experts([moe.experts[e] for e in self.local_slots(phy2log)]))
+        self.plan = moe.plan
         self.exchange = exchange
         self.expert_load: torch.Tensor | None = None  # [E] tokens this rank routed, by logical expert
         self.dispatched = torch.zeros(size, dtype=torch.int64)  # [R] tokens sent to each rank (self included)
@@ -76,23 +78,28 @@ class EPMoE(nn.Module):
             return [phy2log[slot] for slot in self.my_slots]
         return [phy2log[slot] for slot, rank in enumerate(owners) if rank == self.rank]
 
+    def use_stack(self, stack: ExpertStack) -> None:
+        self.stack = stack
+        self.experts = stack.modules  # views of the stack, one per local slot
+
     def stage(self, phy2log: list[int], read_expert: Callable[[int, int], nn.Module],
-              owners: list[int] | None = None) -> nn.ModuleList:
-        """This rank's slots under a new placement (and owners map): experts it holds are reused, the
-        others read (`read_expert(layer, expert)`); runs off the compute thread while the old slots serve."""
+              owners: list[int] | None = None) -> ExpertStack:
+        """This rank's stack of slots under a new placement (and owners map): experts it holds are
+        copied from the current stack, the others read (`read_expert(layer, expert)`); runs off the
+        compute thread while the current stack serves."""
         if len(phy2log) != len(self.phy2log):
             raise ValueError(f"layer {self.layer}: a placement of {len(phy2log)} slots; this group has "
                              f"{len(self.phy2log)}")
         held = dict(zip(self.local_slots(self.phy2log), self.experts))
-        return nn.ModuleList(held[e] if e in held else read_expert(self.layer, e)
-                             for e in self.local_slots(phy2log, owners))
+        return ExpertStack.from_experts([held[e] if e in held else read_expert(self.layer, e)
+                                         for e in self.local_slots(phy2log, owners)])
 
-    def switch(self, phy2log: list[int], experts: nn.ModuleList, owners: list[int] | None = None) -> None:
+    def switch(self, phy2log: list[int], stack: ExpertStack, owners: list[int] | None = None) -> None:
         """Take a staged placement (between steps, on every rank at the same step)."""
         if owners is not None:
             self.set_owners(owners)
         self.set_placement(phy2log)
-        self.experts = experts
+        self.use_stack(stack)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D]; every rank of the group calls it at every MoE layer, T may be 0.
@@ -149,12 +156,9 @@ class EPMoE(nn.Module):
         for flat, raw in zip(sent_pairs, returned):
             if flat.numel():  # (a rank out of the group was sent no pairs and returns nothing)
                 ys[flat] = decode_combine(raw).to(x.dtype)
-        # NOTE: the same ops, in the same order, as MoE.routed_batched: sorted by expert id, so
-        # with the exact wire every EP size sums what EP 1 sums.
-        order = ids.flatten().argsort(stable=True)
-        out = torch.zeros(x.shape, dtype=torch.float32)
-        out.index_add_(0, order // top_k, ys[order].float() * weights.flatten().index_select(0, order)[:, None])
-        return out.to(x.dtype)
+        # NOTE: MoE.routed_grouped's combine: with the exact wire every EP size sums what EP 1 sums
+        rows = torch.arange(num_tokens * top_k).view(num_tokens, top_k)
+        return combine(ys, rows, ids, weights).to(x.dtype)
 
     def replicas(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [T, K] -> which replica of its expert each pair uses: the n-th pair of an expert goes
@@ -174,8 +178,10 @@ class EPMoE(nn.Module):
         xs = torch.cat([x[tok] for x, tok, _ in inputs]) if inputs else torch.empty(0)
         slot = torch.cat([s for _, _, s in inputs])
         order = slot.argsort(stable=True)
-        counts = torch.bincount(slot, minlength=len(self.experts)).tolist()
-        ys = run_grouped(self.experts, xs[order], counts)
+        backend = self.plan.choose(-(-slot.numel() // self.gate.top_k))
+        # (the per-pair reference has no meaning for pairs from several ranks: one expert at a time)
+        ys = run_experts("loop" if backend == "reference" else backend, xs[order],
+                         expert_counts(slot, len(self.stack)), self.stack)
         out = torch.empty_like(ys)
         out[order] = ys
         return list(out.split([tok.numel() for _, tok, _ in inputs]))

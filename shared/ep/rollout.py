@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..model.loader import read_tensors
-from ..model.moe import MLP
+from ..model.experts import MLP, ExpertStack
 from .moe import EPMoE
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -26,7 +26,7 @@ class Rollout:
         self.model_path, self.dtype, self.layers = Path(model_path), dtype, layers
         self.version = version  # the placement in use
         # (version, phy2log, this rank's experts, the owners maps they were staged under)
-        self._staged: tuple[int, list[list[int]], list[nn.ModuleList], list[list[int]]] | None = None
+        self._staged: tuple[int, list[list[int]], list[ExpertStack], list[list[int]]] | None = None
         self._lock = threading.Lock()
         self.num_experts_read = 0
 
@@ -94,13 +94,13 @@ class Rollout:
         with self._lock:
             self._staged = None
 
-    def stage_members(self, phy2log: list[list[int]], owners: list[list[int]]) -> list[nn.ModuleList]:
+    def stage_members(self, phy2log: list[list[int]], owners: list[list[int]]) -> list[ExpertStack]:
         """Blocking (run it in a thread): this rank's experts under a new owners map (the group
         re-formed), reading those it does not hold."""
         return [moe.stage(row, self.read_expert, o) for moe, row, o in zip(self.layers, phy2log, owners)]
 
     def switch_members(self, version: int, phy2log: list[list[int]], owners: list[list[int]],
-                       staged: list[nn.ModuleList]) -> None:
+                       staged: list[ExpertStack]) -> None:
         """On the compute thread, between steps: compute with the staged owners map."""
         with self._lock:
             for moe, row, o, experts in zip(self.layers, phy2log, owners, staged):

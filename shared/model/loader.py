@@ -19,7 +19,9 @@ from torch import nn
 from ..hashing import model_fingerprint
 from .config import ModelArgs
 from .fp8 import dequantize_blockwise
+from .experts import ExpertStack, MoEPlan, default_plan
 from .model import DeepseekV3
+from .moe import MoE
 from .safetensors_io import SafetensorsFile
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -61,10 +63,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, args: ModelArgs, device: torc
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu", keep: Callable[[str], bool] | None = None) -> DeepseekV3:
+               device: str | torch.device = "cpu", keep: Callable[[str], bool] | None = None,
+               moe_backend: str | MoEPlan | None = None) -> DeepseekV3:
     """A ready, eval-mode model from a Hugging Face directory (config.json + safetensors).
     `keep(name)` False leaves a tensor unread on the meta device (an EP rank reads only its
-    experts, then cuts the others away)."""
+    experts, then cuts the others away). `moe_backend`: a backend or plan (experts.py; `auto` is
+    resolved by calibration before, shared/numerics.py); None: experts.default_plan."""
     path = Path(path)
     args = ModelArgs.from_file(path / "config.json")
     device = torch.device(device)
@@ -75,6 +79,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
     expected = dict(model.named_parameters())
     expected.update(model.named_buffers())
     located = _locate(files, expected, args)
+    _stack_experts(model, keep, compute_dtype, device)
 
     for name, meta in expected.items():
         if keep is not None and not keep(name):
@@ -89,9 +94,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
             raise CheckpointError(f"{file.path}: tensor {name!r} has shape {list(file.shape(name))}, "
                                   f"the config expects {list(meta.shape)}")
         target = torch.float32 if FP32_TENSORS.search(name) else compute_dtype
-        _assign(model, name, _read(file, name, located, args, target, device))
+        if _assign(model, name, _read(file, name, located, args, target, device)):
+            file.release(name)  # copied into its expert stack: the file's pages are not needed twice
     if args.tie_word_embeddings and "lm_head.weight" not in located:
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.set_moe_backend(moe_backend if moe_backend is not None else default_plan(device, compute_dtype))
     return model.eval()
 
 
@@ -186,10 +193,35 @@ def _read(file: SafetensorsFile, name: str, located: dict[str, SafetensorsFile],
     return tensor
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _stack_experts(model: DeepseekV3, keep: Callable[[str], bool] | None, dtype: torch.dtype,
+                   device: torch.device) -> None:
+    """Each MoE layer whose experts are all read gets its stack (w13, w2) allocated now; the
+    experts' tensors are then copied into its views as they are read. (An EP rank keeps a few
+    experts per layer and stacks its own slots, shared/ep/moe.py.)"""
+    args = model.args
+    for i, block in enumerate(model.model.layers):
+        if not isinstance(block.mlp, MoE):
+            continue
+        prefix = f"model.layers.{i}.mlp.experts."
+        if keep is not None and not all(keep(f"{prefix}{e}.{p}.weight") for e in range(args.n_routed_experts)
+                                        for p in ("gate_proj", "up_proj", "down_proj")):
+            continue
+        block.mlp.use_stack(ExpertStack.empty(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size,
+                                              dtype, device))
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
+    """Put a tensor read from the checkpoint in its place; True when it was copied into memory the
+    model already holds (a view of an expert stack)."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
+    current = module._parameters.get(leaf)
+    if current is not None and not current.is_meta:
+        with torch.no_grad():
+            current.copy_(tensor)
+        return True
     if leaf in module._parameters:
         module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
     else:
         module._buffers[leaf] = tensor
+    return False

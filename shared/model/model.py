@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import MLA, AttentionBatch, LatentCache
 from .config import ModelArgs
+from .experts import MoEPlan, check_supported
 from .moe import MLP, MoE
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -58,13 +59,15 @@ class DeepseekV3(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    def set_moe_impl(self, impl: str) -> None:
-        """'batched' (default) or 'loop' (the slow per-token reference)."""
-        if impl not in ("batched", "loop"):
-            raise ValueError(f"moe impl {impl!r}: expected 'batched' or 'loop'")
+    def set_moe_backend(self, backend: str | MoEPlan) -> MoEPlan:
+        """How every MoE layer runs its routed experts: a backend of experts.BACKENDS or a plan by
+        token count (`1:loop,16:weight-major`); refused, naming device and dtype, where it cannot run."""
+        plan = backend if isinstance(backend, MoEPlan) else MoEPlan.parse(backend)
+        check_supported(plan, self.device, self.dtype)
         for module in self.modules():
-            if isinstance(module, MoE):
-                module.impl = impl
+            if hasattr(module, "plan") and isinstance(module.plan, MoEPlan):
+                module.plan = plan
+        return plan
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,

@@ -9,19 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers, experts and shared experts alike."""
-
-    def __init__(self, dim: int, inter_dim: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+from .experts import MLP, ExpertStack, MoEPlan, combine, expert_counts, run_experts
 
 
 class Gate(nn.Module):
@@ -63,32 +51,49 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts (top-K of E, group-limited) plus the always-on shared expert(s)."""
+    """Routed experts (top-K of E, group-limited) plus the always-on shared expert(s).
+
+    The routed experts run as one grouped pass over the layer's expert stack (experts.py): pairs
+    sorted by expert, per-expert counts kept on the device, one backend call, a fixed-order combine."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.num_experts = args.n_routed_experts
         self.gate = Gate(args)
+        # per-expert modules until the loader stacks them (`stack_experts`); then views of the stack
         self.experts = nn.ModuleList(MLP(args.hidden_size, args.moe_intermediate_size)
                                      for _ in range(args.n_routed_experts))
+        self.stack: ExpertStack | None = None
         self.shared_experts = (MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
                                if args.n_shared_experts else None)
-        self.impl = "batched"  # or "loop": the slow, obviously correct reference
+        self.plan = MoEPlan.single("grouped")  # set_moe_backend
         self.expert_load: torch.Tensor | None = None  # [E] tokens routed to each expert so far (EPLB, metrics)
+
+    def use_stack(self, stack: ExpertStack) -> None:
+        """Compute from `stack`; the per-expert modules become views of it."""
+        self.stack = stack
+        self.experts = stack.modules
+
+    def stack_experts(self) -> None:
+        """Copy the per-expert weights into one stack (the loader fills a stack directly instead)."""
+        self.use_stack(ExpertStack.from_experts(list(self.experts)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
-        weights, ids = self.gate(x)
+        weights, ids = self.gate(x)  # [T, K]
+        counts = expert_counts(ids, self.num_experts)  # [E]
         if self.expert_load is None:
             self.expert_load = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
-        self.expert_load += torch.bincount(ids.flatten(), minlength=self.num_experts)
-        routed = self.routed_loop(x, weights, ids) if self.impl == "loop" else self.routed_batched(x, weights, ids)
+        self.expert_load += counts
+        backend = self.plan.choose(x.shape[0])
+        routed = (self.routed_loop(x, weights, ids) if backend == "reference"
+                  else self.routed_grouped(x, weights, ids, counts, backend))
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(x)
         return routed
 
     def routed_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """One token and one chosen expert at a time."""
+        """One token and one chosen expert at a time (the obviously correct reference)."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for t in range(x.shape[0]):
             for k in range(ids.shape[1]):
@@ -96,26 +101,13 @@ class MoE(nn.Module):
                 out[t] += weights[t, k] * expert(x[t:t + 1])[0].float()
         return out.to(x.dtype)
 
-    def routed_batched(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Sort the (token, expert) pairs by expert, run one matmul chain per expert, scatter back."""
+    def routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
+                       backend: str) -> torch.Tensor:
+        """Sort the (token, expert) pairs by expert, run every expert in one backend call, combine."""
+        if self.stack is None:
+            self.stack_experts()
         top_k = ids.shape[1]
-        flat_ids = ids.flatten()  # [T*K]
-        order = flat_ids.argsort(stable=True)
-        token_of = order // top_k  # [T*K] source token of each sorted pair
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        ys = run_grouped(self.experts, x.index_select(0, token_of), counts)  # [T*K, D]
-        ys = ys.float() * weights.flatten().index_select(0, order)[:, None]
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        out.index_add_(0, token_of, ys)
-        return out.to(x.dtype)
-
-
-def run_grouped(experts, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """xs [N, D] sorted by expert, counts[e] rows for expert e -> each row through its expert."""
-    ys = torch.empty_like(xs)
-    start = 0
-    for expert_id, n in enumerate(counts):
-        if n:
-            ys[start:start + n] = experts[expert_id](xs[start:start + n])
-            start += n
-    return ys
+        order = ids.flatten().argsort(stable=True)  # [T*K] pairs by expert
+        ys = run_experts(backend, x.index_select(0, order // top_k), counts, self.stack)  # [T*K, D]
+        rows = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        return combine(ys, rows.view(ids.shape), ids, weights).to(x.dtype)
