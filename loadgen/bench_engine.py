@@ -29,9 +29,10 @@ from shared.engine.engine import Engine, EngineConfig
 from shared.engine.sequence import SamplingParams
 from shared.model.config import ModelArgs
 from shared.model.kv_cache import LatentKVPool
-from shared.model.loader import load_model, resolve_dtype
+from shared.model.loader import load_model
+from shared.model.moe import MoE
 
-from .bench_model import memory_bandwidth, model_dir
+from .bench_model import matmul_rate, memory_bandwidth, model_dir, resolve_numerics, step_cost, touched_experts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-mib", type=int, default=1024)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--moe-backend", default="auto", help="MoE backend or plan; auto: calibrated")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compare-loop", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run every request with the `loop` MoE backend (the engine before stacking)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
@@ -63,21 +68,32 @@ def workload(opts, vocab: int) -> list[tuple[list[int], int]]:
     return [(torch.randint(3, vocab, (n,), generator=gen).tolist(), m) for n, m in zip(ins, outs)]
 
 
-def run_ours(model, requests, opts) -> dict:
+def run_ours(model, requests, opts, roof: tuple[float, float] | None = None) -> dict:
+    """Every request through the engine; `roof` (read B/s, FLOP/s): each full-batch decode step is
+    also compared with its roofline (bench_model.step_cost)."""
     engine = Engine(model, EngineConfig(kv_cache_bytes=opts.kv_cache_mib << 20, max_num_seqs=len(requests),
                                         max_num_batched_tokens=opts.max_num_batched_tokens))
     for i, (prompt, n) in enumerate(requests):
         engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=n, ignore_eos=True))
     outputs: dict[str, list[int]] = {}
     decode_steps: list[float] = []
+    over_bound: list[tuple[int, float]] = []  # (running requests, step / roofline)
+    loads = [block.mlp.expert_load for block in model.model.layers if isinstance(block.mlp, MoE)]
     start = time.perf_counter()
     while engine.has_unfinished():
         running = engine.scheduler.running
         pure_decode = not engine.scheduler.waiting and len(running) > 1 and all(s.num_uncomputed == 1 for s in running)
+        contexts = [s.num_computed + 1 for s in running]
         t = time.perf_counter()
         deltas = engine.step()
         if pure_decode:
             decode_steps.append(time.perf_counter() - t)
+            if roof is not None and None not in loads:
+                touched, loads = touched_experts(model, loads)
+                nbytes, flops = step_cost(model, contexts, touched)
+                over_bound.append((len(contexts), decode_steps[-1] / max(nbytes / roof[0], flops / roof[1])))
+        if roof is not None:
+            loads = [block.mlp.expert_load.clone() for block in model.model.layers if isinstance(block.mlp, MoE)]
         for d in deltas:
             outputs.setdefault(d.request_id, []).extend(d.token_ids)
     elapsed = time.perf_counter() - start
@@ -85,8 +101,13 @@ def run_ours(model, requests, opts) -> dict:
     assert tokens == sum(n for _, n in requests)
     return {"seconds": elapsed, "output_tokens": tokens, "output_tok_s": tokens / elapsed,
             "median_decode_step_ms": 1e3 * sorted(decode_steps)[len(decode_steps) // 2] if decode_steps else None,
+            "median_over_bound_at_full_batch": _median([r for n, r in over_bound if n == len(requests)]),
             "preemptions": engine.scheduler.num_preemptions,
             "tokens": [outputs[f"r{i}"] for i in range(len(requests))]}
+
+
+def _median(values: list[float]) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
 
 
 def run_reference(ref, requests, batch_size: int) -> dict:
@@ -122,16 +143,26 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(opts.threads)
     path = model_dir(opts.model)
     args = ModelArgs.from_file(path / "config.json")
-    dtype = resolve_dtype(opts.dtype, args)
+    dtype, plan, source = resolve_numerics(opts, args)
     command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "loadgen.bench_engine", *sys.argv[1:]])
-    model = load_model(path, dtype=dtype)
+    model = load_model(path, dtype=dtype, device=opts.device, moe_backend=plan)
     requests = workload(opts, args.vocab_size)
     # warm-up: a short request through every path once
     run_ours(model, [(requests[0][0][:32], 4)], opts)
-    result = {"command": command, "dtype": str(dtype).removeprefix("torch."), "threads": opts.threads,
-              "num_requests": len(requests),
+    bandwidth = memory_bandwidth(device=opts.device)["read_gbps"]
+    rate = matmul_rate(dtype, opts.device)
+    result = {"command": command, "dtype": str(dtype).removeprefix("torch."), "moe_backend": plan.text,
+              "numerics_source": source, "device": opts.device, "threads": opts.threads,
+              "num_requests": len(requests), "memory_read_gb_s": bandwidth, "matmul_flop_s": rate,
               "input_tokens": sum(len(p) for p, _ in requests), "requested_output_tokens": sum(n for _, n in requests)}
-    result["ours_all"] = run_ours(model, requests, opts)
+    result["ours_all"] = run_ours(model, requests, opts, (bandwidth * 1e9, rate))
+    if opts.compare_loop:
+        model.set_moe_backend("loop")
+        result["ours_all_loop"] = run_ours(model, requests, opts, (bandwidth * 1e9, rate))
+        model.set_moe_backend(plan)
+        result["ratio_chosen_vs_loop"] = result["ours_all"]["output_tok_s"] / result["ours_all_loop"]["output_tok_s"]
+        result["greedy_equal_chosen_vs_loop"] = sum(a == b for a, b in zip(result["ours_all"]["tokens"],
+                                                                           result["ours_all_loop"]["tokens"]))
     sub = requests[:opts.reference_requests]
     if sub:
         from transformers import DeepseekV3ForCausalLM
@@ -146,10 +177,6 @@ def main(argv: list[str] | None = None) -> dict:
         result["greedy_agreement_first_tokens"] = agree
         result["ratio_subset"] = result["ours_subset"]["output_tok_s"] / result["reference"]["output_tok_s"]
         result["ratio_all_vs_reference"] = result["ours_all"]["output_tok_s"] / result["reference"]["output_tok_s"]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    bandwidth = memory_bandwidth()["read_gbps"]
-    result["weight_read_bound_ms"] = 1e3 * weights / (bandwidth * 1e9)
-    result["memory_read_gb_s"] = bandwidth
     result["kv_bytes_per_token"] = LatentKVPool.bytes_per_token(args, dtype)
     report(result)
     if opts.out:
@@ -162,23 +189,30 @@ def main(argv: list[str] | None = None) -> dict:
 def report(r: dict) -> None:
     print(f"\ncommand: {r['command']}")
     print(f"{r['num_requests']} requests, {r['input_tokens']} input tokens, {r['requested_output_tokens']} output "
-          f"tokens, dtype={r['dtype']}, threads={r['threads']}")
-    rows = [("ours, all requests", r["ours_all"])]
+          f"tokens, dtype={r['dtype']}, moe_backend={r['moe_backend']} ({r['numerics_source']}), "
+          f"device={r['device']}, threads={r['threads']}")
+    rows = [(f"ours ({r['moe_backend']}), all", r["ours_all"])]
+    if "ours_all_loop" in r:
+        rows.append(("ours (loop), all", r["ours_all_loop"]))
     if "reference" in r:
         n = len(r["reference"]["tokens"])
         rows += [(f"ours, first {n}", r["ours_subset"]), (f"transformers, first {n}", r["reference"])]
-    print(f"{'':28s} {'seconds':>9s} {'out tokens':>11s} {'out tok/s':>10s}")
+    print(f"{'':36s} {'seconds':>9s} {'out tokens':>11s} {'out tok/s':>10s} {'step@full':>10s} {'÷ bound':>8s}")
     for name, row in rows:
-        print(f"{name:28s} {row['seconds']:9.1f} {row['output_tokens']:11d} {row['output_tok_s']:10.1f}")
+        step, over = row.get("median_decode_step_ms"), row.get("median_over_bound_at_full_batch")
+        print(f"{name:36s} {row['seconds']:9.1f} {row['output_tokens']:11d} {row['output_tok_s']:10.1f} "
+              + (f"{step:8.1f}ms" if step else f"{'':10s}") + (f" {over:7.2f}x" if over else ""))
+    if "ratio_chosen_vs_loop" in r:
+        print(f"chosen backend vs loop on the same {r['num_requests']} requests: {r['ratio_chosen_vs_loop']:.2f}x "
+              f"output tok/s; greedy outputs identical for {r['greedy_equal_chosen_vs_loop']} of {r['num_requests']}")
     if "reference" in r:
         print(f"ours/transformers output tok/s on the same {len(r['reference']['tokens'])} requests: "
               f"{r['ratio_subset']:.2f}x; ours on all {r['num_requests']} vs that reference: "
               f"{r['ratio_all_vs_reference']:.2f}x")
         print(f"greedy tokens equal to the reference before the first difference: {r['greedy_agreement_first_tokens']}")
-    step = r["ours_all"]["median_decode_step_ms"]
-    if step:
-        print(f"median full-batch decode step {step:.1f} ms vs weight-read bound {r['weight_read_bound_ms']:.1f} ms "
-              f"({r['memory_read_gb_s']:.1f} GB/s): {step / r['weight_read_bound_ms']:.2f}x")
+    print(f"roofline: read {r['memory_read_gb_s']:.1f} GB/s, matmul {r['matmul_flop_s'] / 1e9:.0f} GFLOP/s; "
+          "step@full = median decode step with every request running, ÷ bound = that step over "
+          "max(bytes / bandwidth, FLOPs / rate) (loadgen/bench_model.py: step_cost)")
     ref_kv = r.get("reference_kv_bytes_per_token")
     print(f"KV bytes per token: ours {r['kv_bytes_per_token']} (latent only)"
           + (f", transformers {ref_kv:.0f} (unpadded; a padded batch also holds its padding)" if ref_kv else "")

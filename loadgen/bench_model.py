@@ -23,10 +23,13 @@ from pathlib import Path
 
 import torch
 
+from shared.ep.moe import EPMoE
 from shared.model.attention import AttentionBatch
 from shared.model.kv_cache import LatentKVPool
 from shared.model.config import ModelArgs
-from shared.model.loader import load_model, resolve_dtype
+from shared.model.experts import MoEPlan
+from shared.model.loader import load_model
+from shared.model.moe import MoE
 from shared.model.presets import init_model
 
 DEFAULT_DIR = Path.home() / ".cache" / "streamoe" / "models" / "small-bench"
@@ -40,7 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=32, help="decode steps after the prefill token")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="compute dtype; auto: bf16 where the CPU has native bf16 units (AMX/AVX512-BF16), else fp32")
+                   help="compute dtype; auto: calibrated, as the services resolve it (shared/numerics.py)")
+    p.add_argument("--moe-backend", default="auto", help="MoE backend or plan; auto: calibrated")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--roofline-batches", default="1,16,64", help="running requests of the roofline steps ('' : skip)")
+    p.add_argument("--roofline-steps", type=int, default=4, help="decode steps timed per backend and batch")
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare with transformers (--no-reference: the roofline only)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the numbers here as JSON")
@@ -79,7 +88,6 @@ def run_ours(model, prompts: torch.Tensor, steps: int) -> tuple[float, float, to
         pos = n + step  # position (and slot offset) of the token being fed
         batch = AttentionBatch(query_lens=[1] * b, context_lens=[pos + 1] * b, absorbed=[True] * b,
                                slot_mapping=slots[:, pos], context_slots=[slots[i, :pos + 1] for i in range(b)])
-        batch.group_single_tokens()  # one padded attention over all sequences, as the engine runs it
         hidden = model(token, torch.full((b,), pos), batch, pool)  # [B, D]
         token = model.logits(hidden).argmax(-1)
         tokens.append(token)
@@ -110,21 +118,125 @@ def run_reference(ref, prompts: torch.Tensor, steps: int) -> tuple[float, float,
 
 
 # -- memory bandwidth -----------------------------------------------------------------------------
-def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5, device: str = "cpu") -> dict[str, float]:
     """GB/s of streaming reads (sum of a ~1 GiB tensor: what a decode step does to its weights)
     and of a copy (read + write, counted as 2x the bytes). Best of `repeats`."""
-    src = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    src = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     nbytes = src.numel() * 4
     best_sum = best_copy = float("inf")
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         src.sum()
+        _sync(device)
         t1 = time.perf_counter()
         dst.copy_(src)
+        _sync(device)
         t2 = time.perf_counter()
         best_sum, best_copy = min(best_sum, t1 - t0), min(best_copy, t2 - t1)
     return {"read_gbps": nbytes / best_sum / 1e9, "copy_gbps": 2 * nbytes / best_copy / 1e9}
+
+
+def matmul_rate(dtype: torch.dtype, device: str = "cpu", size: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of a square matmul in `dtype` (the compute roof of the roofline). Best of `repeats`."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def resolve_numerics(opts: argparse.Namespace, args: ModelArgs) -> tuple[torch.dtype, MoEPlan, str]:
+    """--dtype and --moe-backend as a service resolves them (auto: calibrated, or the cached
+    calibration of this machine): (compute dtype, MoE plan, source)."""
+    from shared.numerics import Shapes, resolve
+
+    numerics = resolve(Shapes.of(args), opts.device, opts.threads, opts.dtype, opts.moe_backend)
+    print(f"numerics: dtype {numerics.dtype}, moe backend {numerics.moe_backend} ({numerics.source})", flush=True)
+    return numerics.torch_dtype, MoEPlan.parse(numerics.moe_backend), numerics.source
+
+
+# -- roofline -------------------------------------------------------------------------------------
+def step_cost(model, contexts: list[int], touched: int) -> tuple[float, float]:
+    """(bytes read, FLOPs) of one decode step of len(contexts) sequences: every weight but the
+    routed experts and the embedding table, the `touched` experts (summed over MoE layers) the
+    step's tokens chose, one embedding row per token, and each sequence's latent KV; FLOPs are
+    2 per weight per token it multiplies plus the absorbed attention over each context."""
+    args = model.args
+    b = len(contexts)
+    routed = {id(p) for block in model.model.layers if isinstance(block.mlp, (MoE, EPMoE))
+              for p in block.mlp.experts.parameters()}
+    embed = model.model.embed_tokens.weight
+    others = [p for p in model.parameters() if id(p) not in routed and p is not embed]
+    expert_params = 3 * args.hidden_size * args.moe_intermediate_size
+    num_moe = sum(isinstance(block.mlp, (MoE, EPMoE)) for block in model.model.layers)
+    item = model.dtype.itemsize
+    nbytes = (sum(p.numel() * p.element_size() for p in others) + b * args.hidden_size * embed.element_size()
+              + touched * expert_params * item + sum(contexts) * args.num_hidden_layers * args.kv_cache_dim * item)
+    h, c, r = args.num_attention_heads, args.kv_lora_rank, args.qk_rope_head_dim
+    attention = sum(2 * h * (args.qk_nope_head_dim * c + c * args.v_head_dim + (2 * c + r) * n) for n in contexts)
+    flops = (2 * b * sum(p.numel() for p in others if p.dim() == 2)
+             + 2 * b * args.num_experts_per_tok * num_moe * expert_params + args.num_hidden_layers * attention)
+    return nbytes, flops
+
+
+def touched_experts(model, before: list[torch.Tensor]) -> tuple[int, list[torch.Tensor]]:
+    """Distinct experts the last step routed to, summed over MoE layers (from the load counters)."""
+    now = [block.mlp.expert_load.clone() for block in model.model.layers if isinstance(block.mlp, MoE)]
+    return sum(int(((a - b) > 0).sum()) for a, b in zip(now, before)), now
+
+
+def run_roofline(model, plan: MoEPlan, batch: int, input_len: int, steps: int, gen: torch.Generator,
+                 bandwidth: float, rate: float) -> dict:
+    """Prefill `batch` prompts, then time `steps` decode steps with the chosen plan and with `loop`
+    alternately; the median step of each against the step's roofline."""
+    args = model.args
+    span = input_len + 2 * steps + 1
+    pool = LatentKVPool(args, batch * span, model.dtype, model.device)
+    slots = torch.arange(batch * span).view(batch, span)
+    prompts = torch.randint(3, args.vocab_size, (batch, input_len), generator=gen)
+    for first in range(0, batch, 16):  # prefill 16 prompts at a time
+        part = prompts[first:first + 16]
+        n = part.shape[0]
+        prefill = AttentionBatch([input_len] * n, [input_len] * n, [False] * n,
+                                 slot_mapping=slots[first:first + n, :input_len].reshape(-1),
+                                 context_slots=[slots[first + i, :input_len] for i in range(n)])
+        model(part.reshape(-1), torch.arange(input_len).repeat(n), prefill, pool)
+    token = torch.randint(3, args.vocab_size, (batch,), generator=gen)
+    loads = [block.mlp.expert_load.clone() for block in model.model.layers if isinstance(block.mlp, MoE)]
+    times: dict[str, list[float]] = {"chosen": [], "loop": []}
+    costs = []
+    for step in range(2 * steps):
+        which = "chosen" if step % 2 == 0 else "loop"
+        model.set_moe_backend(plan if which == "chosen" else "loop")
+        pos = input_len + step
+        decode = AttentionBatch([1] * batch, [pos + 1] * batch, [True] * batch, slot_mapping=slots[:, pos],
+                                context_slots=[slots[i, :pos + 1] for i in range(batch)])
+        start = time.perf_counter()
+        token = model.logits(model(token, torch.full((batch,), pos), decode, pool)).argmax(-1)
+        times[which].append(time.perf_counter() - start)
+        touched, loads = touched_experts(model, loads)
+        costs.append(step_cost(model, [pos + 1] * batch, touched))
+    model.set_moe_backend(plan)
+    nbytes = sorted(c[0] for c in costs)[len(costs) // 2]
+    flops = sorted(c[1] for c in costs)[len(costs) // 2]
+    bound = max(nbytes / (bandwidth * 1e9), flops / rate)
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"batch": batch, "context": input_len, "step_ms": 1e3 * median["chosen"], "loop_step_ms": 1e3 * median["loop"],
+            "bytes": nbytes, "flops": flops, "bytes_ms": 1e3 * nbytes / (bandwidth * 1e9), "flops_ms": 1e3 * flops / rate,
+            "bound_ms": 1e3 * bound, "over_bound": median["chosen"] / bound, "loop_over_bound": median["loop"] / bound}
 
 
 def leading_agreement(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -137,63 +249,29 @@ def main(argv: list[str] | None = None) -> dict:
     opts = parse_args(argv)
     torch.set_num_threads(opts.threads)  # explicit: both models share this pool
     path = model_dir(opts.model)
-    dtype = resolve_dtype(opts.dtype, ModelArgs.from_file(path / "config.json"))
+    dtype, plan, source = resolve_numerics(opts, ModelArgs.from_file(path / "config.json"))
     opts.dtype = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "loadgen.bench_model", *sys.argv[1:]])
     b, n, steps = opts.batch, opts.input_len, opts.output_len
-
-    from transformers import DeepseekV3ForCausalLM  # imported late: slow, and only this tool needs it
-    ours = load_model(path, dtype=opts.dtype)
-    ref = DeepseekV3ForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    vocab = ours.args.vocab_size
+    ours = load_model(path, dtype=dtype, device=opts.device, moe_backend=plan)
     if n + steps > ours.args.max_position_embeddings:
         raise SystemExit(f"--input-len + --output-len = {n + steps} exceeds the model's context")
     gen = torch.Generator().manual_seed(opts.seed)
-    prompts = torch.randint(3, vocab, (b, n), generator=gen)  # ids 0..2 are the special tokens
-
+    report = {"command": command, "model": str(path), "batch": b, "input_len": n, "output_len": steps,
+              "dtype": opts.dtype, "moe_backend": plan.text, "numerics_source": source, "threads": opts.threads,
+              "device": opts.device, "repeats": REPEATS}
     with torch.inference_mode():
-        bandwidth = memory_bandwidth()
-        # Warm-up: a short run of each (allocator, oneDNN kernels, lazy init) before any timing.
-        warm = prompts[:, : min(n, 16)]
-        run_ours(ours, warm, 2)
-        run_reference(ref, warm, 2)
-
-        times: dict[str, list[tuple[float, float]]] = {"ours": [], "ref": []}
-        for _ in range(REPEATS):  # interleaved so a noisy moment hits both sides alike
-            *t, our_tokens = run_ours(ours, prompts, steps)
-            times["ours"].append(tuple(t))
-            *t, ref_tokens = run_reference(ref, prompts, steps)
-            times["ref"].append(tuple(t))
-
-    best = {k: (min(t[0] for t in v), min(t[1] for t in v)) for k, v in times.items()}
-    results = {}
-    for k, (prefill_s, decode_s) in best.items():
-        results[k] = {"prefill_s": prefill_s, "prefill_tok_s": b * n / prefill_s,
-                      "decode_s": decode_s, "decode_tok_s": b * steps / decode_s,
-                      "decode_step_ms": 1e3 * decode_s / max(steps, 1)}
-
-    # Weight-read bound: every parameter read once per decode step, at streaming-read speed. This
-    # slightly overstates the bytes (only B embedding rows are read; with B*K picks of E experts a
-    # few experts may be untouched), so "step / bound" is a conservative (low) ratio.
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-    bound_ms = 1e3 * weight_bytes / (bandwidth["read_gbps"] * 1e9)
-    agree = leading_agreement(our_tokens[0], ref_tokens[0])
-    first_all = int((our_tokens[:, 0] == ref_tokens[:, 0]).sum())
-    report = {
-        "command": command, "model": str(path), "batch": b, "input_len": n, "output_len": steps,
-        "dtype": opts.dtype, "threads": opts.threads, "repeats": REPEATS,
-        "reference": {"transformers": __import__("transformers").__version__,
-                      "attn_implementation": ref.config._attn_implementation,
-                      "experts_implementation": getattr(ref.config, "_experts_implementation", None)},
-        "ours": results["ours"], "ref": results["ref"],
-        "ratio_prefill_tok_s": results["ours"]["prefill_tok_s"] / results["ref"]["prefill_tok_s"],
-        "ratio_decode_tok_s": results["ours"]["decode_tok_s"] / results["ref"]["decode_tok_s"],
-        "memory_bandwidth": bandwidth, "weight_bytes": weight_bytes, "decode_bound_ms": bound_ms,
-        "decode_step_over_bound": results["ours"]["decode_step_ms"] / bound_ms,
-        "loadavg_1min": os.getloadavg()[0],  # other processes on the box make the numbers noisy
-        "greedy_agree_seq0": agree, "greedy_tokens_seq0": steps + 1,
-        "first_token_agree_sequences": first_all,
-    }
+        bandwidth = memory_bandwidth(device=opts.device)
+        report["memory_bandwidth"] = bandwidth
+        if opts.reference:
+            report.update(compare_reference(ours, path, dtype, gen, opts))
+        if opts.roofline_batches:
+            rate = matmul_rate(dtype, opts.device)
+            report["matmul_flop_s"] = rate
+            report["roofline"] = [run_roofline(ours, plan, int(batch), n, opts.roofline_steps, gen,
+                                               bandwidth["read_gbps"], rate)
+                                  for batch in opts.roofline_batches.split(",")]
+    report["loadavg_1min"] = os.getloadavg()[0]  # other processes on the box make the numbers noisy
     print_report(report)
     if opts.out is not None:
         opts.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -201,26 +279,70 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def compare_reference(ours, path: Path, dtype: torch.dtype, gen: torch.Generator, opts) -> dict:
+    """Ours against transformers on the same prompts: prefill and decode throughput, best of REPEATS."""
+    from transformers import DeepseekV3ForCausalLM  # imported late: slow, and only this needs it
+
+    b, n, steps = opts.batch, opts.input_len, opts.output_len
+    ref = DeepseekV3ForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    prompts = torch.randint(3, ours.args.vocab_size, (b, n), generator=gen)  # ids 0..2 are the special tokens
+    # Warm-up: a short run of each (allocator, oneDNN kernels, lazy init) before any timing.
+    warm = prompts[:, : min(n, 16)]
+    run_ours(ours, warm, 2)
+    run_reference(ref, warm, 2)
+    times: dict[str, list[tuple[float, float]]] = {"ours": [], "ref": []}
+    for _ in range(REPEATS):  # interleaved so a noisy moment hits both sides alike
+        *t, our_tokens = run_ours(ours, prompts, steps)
+        times["ours"].append(tuple(t))
+        *t, ref_tokens = run_reference(ref, prompts, steps)
+        times["ref"].append(tuple(t))
+    best = {k: (min(t[0] for t in v), min(t[1] for t in v)) for k, v in times.items()}
+    results = {}
+    for k, (prefill_s, decode_s) in best.items():
+        results[k] = {"prefill_s": prefill_s, "prefill_tok_s": b * n / prefill_s,
+                      "decode_s": decode_s, "decode_tok_s": b * steps / decode_s,
+                      "decode_step_ms": 1e3 * decode_s / max(steps, 1)}
+    return {
+        "reference": {"transformers": __import__("transformers").__version__,
+                      "attn_implementation": ref.config._attn_implementation,
+                      "experts_implementation": getattr(ref.config, "_experts_implementation", None)},
+        "ours": results["ours"], "ref": results["ref"],
+        "ratio_prefill_tok_s": results["ours"]["prefill_tok_s"] / results["ref"]["prefill_tok_s"],
+        "ratio_decode_tok_s": results["ours"]["decode_tok_s"] / results["ref"]["decode_tok_s"],
+        "greedy_agree_seq0": leading_agreement(our_tokens[0], ref_tokens[0]), "greedy_tokens_seq0": steps + 1,
+        "first_token_agree_sequences": int((our_tokens[:, 0] == ref_tokens[:, 0]).sum()),
+    }
+
+
 def print_report(r: dict) -> None:
     print(f"\ncommand: {r['command']}")
-    ref = r["reference"]
-    print(f"model {r['model']}  batch={r['batch']} input_len={r['input_len']} output_len={r['output_len']} "
-          f"dtype={r['dtype']} threads={r['threads']}  best of {r['repeats']}")
-    print(f"reference: transformers {ref['transformers']} attn={ref['attn_implementation']} "
-          f"experts={ref['experts_implementation']}\n")
-    print(f"{'':14}{'prefill s':>11}{'prefill tok/s':>15}{'decode s':>10}{'decode tok/s':>14}{'ms/step':>10}")
-    for name in ("ours", "ref"):
-        x = r[name]
-        print(f"{name:14}{x['prefill_s']:11.3f}{x['prefill_tok_s']:15.1f}{x['decode_s']:10.3f}"
-              f"{x['decode_tok_s']:14.1f}{x['decode_step_ms']:10.1f}")
-    print(f"\nours/ref prefill tok/s: {r['ratio_prefill_tok_s']:.2f}x   decode tok/s: {r['ratio_decode_tok_s']:.2f}x")
-    print(f"1-min load average at the end: {r['loadavg_1min']:.2f} (on {os.cpu_count()} cores)")
+    print(f"model {r['model']}  dtype={r['dtype']} moe_backend={r['moe_backend']} ({r['numerics_source']}) "
+          f"device={r['device']} threads={r['threads']}")
     bw = r["memory_bandwidth"]
     print(f"memory bandwidth: read {bw['read_gbps']:.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s")
-    print(f"weights {r['weight_bytes'] / 1e6:.0f} MB -> decode weight-read bound {r['decode_bound_ms']:.1f} ms/step; "
-          f"ours {r['ours']['decode_step_ms']:.1f} ms/step = {r['decode_step_over_bound']:.1f}x the bound")
-    print(f"greedy agreement, sequence 0: first {r['greedy_agree_seq0']} of {r['greedy_tokens_seq0']} tokens; "
-          f"first token equal in {r['first_token_agree_sequences']} of {r['batch']} sequences")
+    if "ours" in r:
+        ref = r["reference"]
+        print(f"\nbatch={r['batch']} input_len={r['input_len']} output_len={r['output_len']}, best of "
+              f"{r['repeats']}; reference: transformers {ref['transformers']} attn={ref['attn_implementation']} "
+              f"experts={ref['experts_implementation']}")
+        print(f"{'':14}{'prefill s':>11}{'prefill tok/s':>15}{'decode s':>10}{'decode tok/s':>14}{'ms/step':>10}")
+        for name in ("ours", "ref"):
+            x = r[name]
+            print(f"{name:14}{x['prefill_s']:11.3f}{x['prefill_tok_s']:15.1f}{x['decode_s']:10.3f}"
+                  f"{x['decode_tok_s']:14.1f}{x['decode_step_ms']:10.1f}")
+        print(f"ours/ref prefill tok/s: {r['ratio_prefill_tok_s']:.2f}x   decode tok/s: {r['ratio_decode_tok_s']:.2f}x")
+        print(f"greedy agreement, sequence 0: first {r['greedy_agree_seq0']} of {r['greedy_tokens_seq0']} tokens; "
+              f"first token equal in {r['first_token_agree_sequences']} of {r['batch']} sequences")
+    if "roofline" in r:
+        print(f"\ndecode step against its roofline (matmul {r['matmul_flop_s'] / 1e9:.0f} GFLOP/s in {r['dtype']}, "
+              f"read {bw['read_gbps']:.1f} GB/s), context {r['input_len']}:")
+        print(f"{'running':>8}{'MB read':>9}{'GFLOP':>8}{'bytes ms':>10}{'flops ms':>10}{'bound ms':>10}"
+              f"{'step ms':>9}{'÷ bound':>9}{'loop ms':>9}{'÷ bound':>9}")
+        for x in r["roofline"]:
+            print(f"{x['batch']:8d}{x['bytes'] / 1e6:9.0f}{x['flops'] / 1e9:8.2f}{x['bytes_ms']:10.1f}"
+                  f"{x['flops_ms']:10.1f}{x['bound_ms']:10.1f}{x['step_ms']:9.1f}{x['over_bound']:8.2f}x"
+                  f"{x['loop_step_ms']:9.1f}{x['loop_over_bound']:8.2f}x")
+    print(f"1-min load average at the end: {r['loadavg_1min']:.2f} (on {os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":

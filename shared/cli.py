@@ -12,6 +12,10 @@ from .cliargs import apply_env_defaults
 from .economics import GPU_HOUR_USD, GPUS_PER_NODE, PRICES_PER_MILLION
 from .ep.eplb import NodeCounts
 from .metrics_report import DEFAULT_URL, ScrapeError, collect, format_table, full_report
+from .numerics import moe_backend_flag
+
+MOE_BACKEND_HELP = ("routed experts: auto (calibrated: the fastest per tokens per step), loop, grouped, bmm, "
+                    "weight-major, reference, or a plan, e.g. 1:loop,16:weight-major")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help='print one line {"text": ..., "token_ids": [...]}')
     gen.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], default="auto",
-                     help="compute dtype; auto: the checkpoint's, or fp32 on a CPU without native bf16")
+                     help="compute dtype; auto: the checkpoint's or fp32, whichever calibration measures faster")
+    gen.add_argument("--moe-backend", type=moe_backend_flag, default="auto", metavar="auto|BACKEND|PLAN",
+                     help=MOE_BACKEND_HELP)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     gen.set_defaults(handler=_generate)
@@ -71,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument("--decode-overlap", choices=["on", "off", "auto"], default="auto",
                      help="two overlapped micro-batches in the decode group (auto: off)")
     upp.add_argument("--redis-url", default=None, help="default: start an embedded redis-server")
-    upp.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], default="auto")
+    upp.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], default="auto",
+                     help="compute dtype; auto: calibrated once here, then given to every worker")
+    upp.add_argument("--moe-backend", type=moe_backend_flag, default="auto", metavar="auto|BACKEND|PLAN",
+                     help=MOE_BACKEND_HELP)
     upp.add_argument("--device", default="cpu")
     upp.add_argument("--api-key", default=None)
     upp.add_argument("--ready-timeout", type=float, default=300.0)
@@ -157,6 +166,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .engine.engine import Engine, EngineConfig
     from .engine.sequence import SamplingParams
     from .model.loader import checkpoint_fingerprint, load_model
+    from .numerics import Shapes, resolve
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -170,7 +180,10 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                             ignore_eos=args.ignore_eos)
     params.validate()
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    numerics = resolve(Shapes.of_model(args.model), args.device, args.threads, args.dtype, args.moe_backend)
+    print(f"streamoe generate: --dtype {numerics.dtype} --moe-backend {numerics.moe_backend} ({numerics.source})",
+          file=sys.stderr)
+    model = load_model(args.model, dtype=numerics.dtype, device=args.device, moe_backend=numerics.moe_backend)
     engine = Engine(model, EngineConfig(kv_cache_bytes=_kv_bytes_for(model, len(prompt_ids) + args.max_tokens),
                                         model_fingerprint=checkpoint_fingerprint(args.model, model.dtype)))
     engine.add_request("cli", prompt_ids, params)

@@ -72,6 +72,27 @@ def service_config(args: argparse.Namespace) -> ServiceConfig:
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
+async def can_authenticate(redis: Redis, log: logging.Logger) -> bool:
+    """False (with one clear log line, and the client closed) when Redis refuses our credentials:
+    no retry can fix a wrong password. Also what a worker checks before it calibrates."""
+    try:
+        await redis.ping()
+        return True
+    except AuthenticationError as e:
+        kw = redis.connection_pool.connection_kwargs
+        where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
+        # NOTE: never the password itself, nor the URL that holds it
+        given = "with the password given" if kw.get("password") else "with no password given"
+        log.error(f"redis authentication failed for user {kw.get('username') or 'default'!r} at {where} "
+                  f"{given} ({str(e).rstrip('.')}); check the user and password in --redis-url "
+                  "(or STREAMOE_REDIS_URL)")
+    except RedisError:
+        return True  # unreachable or else: left to the paths below, as before this check
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(redis.aclose(), 2.0)
+    return False
+
+
 class Service:
     name = "service"
 
@@ -162,24 +183,11 @@ class Service:
         return 1 if failed else 0
 
     async def _can_authenticate(self) -> bool:
-        """False (with one clear log line) when Redis refuses our credentials: no retry can fix a
-        wrong password."""
-        try:
-            await self.redis.ping()
-            return True
-        except AuthenticationError as e:
-            kw = self.redis.connection_pool.connection_kwargs
-            where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
-            # NOTE: never the password itself, nor the URL that holds it
-            given = "with the password given" if kw.get("password") else "with no password given"
-            self.log.error(f"redis authentication failed for user {kw.get('username') or 'default'!r} at {where} "
-                           f"{given} ({str(e).rstrip('.')}); check the user and password in --redis-url "
-                           "(or STREAMOE_REDIS_URL)")
-        except RedisError:
-            return True  # unreachable or else: left to the paths below, as before this check
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.redis.aclose(), 2.0)
-        return False
+        return await can_authenticate(self.redis, self.log)
+
+    def health_fields(self) -> dict:
+        """More fields for /health (a worker's numerics)."""
+        return {}
 
     def make_app(self) -> web.Application:
         return web.Application()
@@ -203,7 +211,7 @@ class Service:
     async def _health(self, request: web.Request) -> web.Response:
         status = 200 if self.ready else 503
         body = {"status": "ok" if self.ready else ("draining" if self.stopping.is_set() else "starting"),
-                "service": self.name, "instance_id": self.config.instance_id}
+                "service": self.name, "instance_id": self.config.instance_id, **self.health_fields()}
         return web.json_response(body, status=status)
 
     async def _metrics(self, request: web.Request) -> web.Response:

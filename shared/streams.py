@@ -56,3 +56,13 @@ def expert_load_key(role: str, group_id: str, rank: int) -> str:
 
 def placement_key(role: str, group_id: str) -> str:
     return f"{PREFIX}:eplb:placement:{role}:{group_id}"  # the latest PlacementUpdate of an EP group
+
+
+def numerics_key(weights_checksum: str) -> str:
+    """The deployment's calibrated dtype and MoE plan for one checkpoint (shared/numerics.py):
+    set once (SET NX) by the first worker that calibrates; every rank and the cache adopt it."""
+    return f"{PREFIX}:numerics:{weights_checksum}"
+
+
+def numerics_lock_key(weights_checksum: str) -> str:
+    return f"{PREFIX}:numerics-lock:{weights_checksum}"  # held (with a TTL) by the worker calibrating now

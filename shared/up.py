@@ -8,6 +8,10 @@ all are healthy, restarts with backoff for a service that dies, and a clean stop
 Secrets (the Redis URL, which may hold a password, and the API key) reach the services through
 their environment (`STREAMOE_REDIS_URL`, `STREAMOE_API_KEY`), never their command lines, which
 `ps` shows to every user; `processes.json` has the Redis URL without its password.
+
+`--dtype auto` and `--moe-backend auto` are calibrated here, once, before any service starts, with
+the workers' thread count (shared/numerics.py); every worker and the cache service get the
+concrete values, which are printed on stderr and kept in processes.json under "numerics".
 """
 from __future__ import annotations
 
@@ -88,6 +92,10 @@ def up(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     model = resolve_model(args)
+    cores = os.cpu_count() or 2
+    num_workers = args.prefill_ep + args.decode_ep
+    threads = max(1, cores // num_workers)
+    numerics = calibrate(model, args, threads)  # before Redis and the services: a refusal leaves nothing running
     run_dir = Path(args.run_dir or home() / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     stopping = []
@@ -97,16 +105,14 @@ def up(args: argparse.Namespace) -> int:
     redis_url = args.redis_url
     if redis_url is None:
         redis_proc, redis_url = start_redis(run_dir / "redis", appendonly=True, password=token_hex(24))
-    cores = os.cpu_count() or 2
-    num_workers = args.prefill_ep + args.decode_ep
     cache = [] if args.no_prefix_cache else ["--cache-dir", str(args.cache_dir or home() / "cache"),
                                              "--cache-capacity-mib", str(args.cache_capacity_mib)]
-    worker = ["--model", str(model), "--dtype", args.dtype, "--device", args.device,
-              "--threads", str(max(1, cores // num_workers)), "--ep-wire", args.ep_wire,
+    worker = ["--model", str(model), "--dtype", numerics.dtype, "--moe-backend", numerics.moe_backend,
+              "--device", args.device, "--threads", str(threads), "--ep-wire", args.ep_wire,
               "--num-redundant-experts", str(args.num_redundant_experts), *cache]
     gateway = ["--model", str(model)]
     children = [Child("tokenizer", "services.tokenizer", ["--model", str(model)], free_port(), run_dir / "tokenizer.log"),
-                Child("cache", "services.cache", ["--model", str(model), "--dtype", args.dtype, "--device",
+                Child("cache", "services.cache", ["--model", str(model), "--dtype", numerics.dtype, "--device",
                                                   args.device, *cache], free_port(), run_dir / "cache.log"),
                 Child("balancer", "services.balancer", ["--ep-nodes", str(args.ep_nodes)], free_port(),
                       run_dir / "balancer.log"),
@@ -123,7 +129,8 @@ def up(args: argparse.Namespace) -> int:
         secrets["STREAMOE_API_KEY"] = args.api_key
     for child in children:
         child.start(secrets)
-    write_processes(run_dir, children, redis_proc, redis_url)
+    record = {"dtype": numerics.dtype, "moe_backend": numerics.moe_backend, "source": numerics.source}
+    write_processes(run_dir, children, redis_proc, redis_url, record)
     deadline = time.monotonic() + args.ready_timeout
     ready = False
     code = 0
@@ -139,14 +146,25 @@ def up(args: argparse.Namespace) -> int:
                           f"({bad.log_path}):\n{bad.tail()}", file=sys.stderr)
                     code = 1
                     break
-            supervise(children, secrets, run_dir, redis_proc, redis_url)
+            supervise(children, secrets, run_dir, redis_proc, redis_url, record)
             time.sleep(0.5)
     finally:
         stop_all(children, redis_proc)
     return code
 
 
-def supervise(children: list[Child], secrets: dict[str, str], run_dir: Path, redis_proc, redis_url: str) -> None:
+def calibrate(model: Path, args: argparse.Namespace, threads: int):
+    """The concrete --dtype and --moe-backend for every worker, measured (or cached) here."""
+    from .numerics import Shapes, resolve
+
+    numerics = resolve(Shapes.of_model(model), args.device, threads, args.dtype, args.moe_backend)
+    print(f"streamoe up: --dtype {numerics.dtype} --moe-backend {numerics.moe_backend} ({numerics.source}, "
+          f"{threads} threads per worker)", file=sys.stderr, flush=True)
+    return numerics
+
+
+def supervise(children: list[Child], secrets: dict[str, str], run_dir: Path, redis_proc, redis_url: str,
+              numerics: dict) -> None:
     """Restart a dead service with backoff, as a process supervisor would."""
     changed = False
     now = time.monotonic()
@@ -164,17 +182,19 @@ def supervise(children: list[Child], secrets: dict[str, str], run_dir: Path, red
             child.start(secrets)
             changed = True
     if changed:
-        write_processes(run_dir, children, redis_proc, redis_url)
+        write_processes(run_dir, children, redis_proc, redis_url, numerics)
 
 
-def write_processes(run_dir: Path, children: list[Child], redis_proc, redis_url: str) -> None:
+def write_processes(run_dir: Path, children: list[Child], redis_proc, redis_url: str, numerics: dict) -> None:
+    """processes.json: the Redis URL (no password), each process, and the numerics every worker got."""
     entries = [{"name": c.name, "rank": c.rank, "pid": c.proc.pid, "ports": {"http": c.http_port},
                 "log": str(c.log_path), "restarts": c.restarts} for c in children]
     if redis_proc is not None:
         entries.append({"name": "redis", "rank": None, "pid": redis_proc.pid,
                         "ports": {"redis": int(redis_url.rsplit(":", 1)[1].split("/")[0])}, "restarts": 0})
     tmp = run_dir / "processes.json.tmp"
-    tmp.write_text(json.dumps({"redis_url": without_password(redis_url), "processes": entries}, indent=2) + "\n")
+    tmp.write_text(json.dumps({"redis_url": without_password(redis_url), "processes": entries,
+                               "numerics": numerics}, indent=2) + "\n")
     tmp.replace(run_dir / "processes.json")
 
 

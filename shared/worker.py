@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import time
@@ -23,6 +24,7 @@ from .engine.sequence import SamplingParams
 from .ep.rank import EPRank
 from .messages import Abort, LoadReport, Sampling
 from .model.loader import checkpoint_fingerprint, load_model
+from .numerics import Numerics, Shapes, agree, moe_backend_flag, resolve, weights_checksum
 from .prefix_cache import PrefixCache
 from .service import Service, ServiceConfig
 from .wire import encode
@@ -46,7 +48,11 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--ep-size", type=int, default=1)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
+                        help="compute dtype; auto: the deployment's calibrated choice (shared/numerics.py)")
+    parser.add_argument("--moe-backend", type=moe_backend_flag, default="auto", metavar="auto|BACKEND|PLAN",
+                        help="routed experts: auto (calibrated), loop, grouped, bmm, weight-major, reference, "
+                             "or a plan by tokens per step, e.g. 1:loop,16:weight-major")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kv-cache-mib", type=int, default=512)
     parser.add_argument("--max-num-seqs", type=int, default=64)
@@ -82,17 +88,24 @@ def sampling_params(s: Sampling, first_index: int = 0) -> SamplingParams:
 class WorkerService(EPRank, Service):
     role = "worker"
 
-    def __init__(self, config: ServiceConfig, args: argparse.Namespace):
+    def __init__(self, config: ServiceConfig, args: argparse.Namespace, numerics: Numerics | None = None):
+        """`numerics`: resolved by worker_main (the deployment's); None: resolved here, locally."""
         super().__init__(config)
         if not 0 <= args.rank < args.ep_size:
             raise SystemExit(f"--rank={args.rank}: outside the EP group of --ep-size={args.ep_size}")
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // 2))
+        torch.set_num_threads(worker_threads(args))
+        self.numerics = numerics or resolve(Shapes.of_model(args.model), args.device, worker_threads(args),
+                                            args.dtype, args.moe_backend)
+        # the concrete values from here on (load_ep reads args.dtype), in a copy: the caller's stays as given
+        args = argparse.Namespace(**{**vars(args), "dtype": self.numerics.dtype,
+                                     "moe_backend": self.numerics.moe_backend})
         self.args = args
         self.rank = args.rank
         self.group_id = args.ep_group_id or self.role
         self.load_key = streams.load_key(self.role, self.group_id, self.rank)
         model = self.load_ep(args) if args.ep_size > 1 else load_model(args.model, dtype=args.dtype,
                                                                         device=args.device)
+        model.set_moe_backend(args.moe_backend)  # refused, naming device and dtype, where it cannot run
         self.engine = Engine(model, EngineConfig(
             kv_cache_bytes=args.kv_cache_mib << 20, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, mode=self.role,
@@ -102,6 +115,9 @@ class WorkerService(EPRank, Service):
         self._last_report = 0.0
         self.aborted: deque[str] = deque(maxlen=4096)  # recent aborts, for handoffs that arrive late
         labels = {"role": self.role, "rank": str(self.rank)}
+        Gauge("streamoe_numerics_info", "The dtype and MoE plan this rank computes with, and where they came "
+              "from (measured, cached, flag)", ["dtype", "moe_backend", "source"], registry=self.registry).labels(
+            self.numerics.dtype, self.numerics.moe_backend, self.numerics.source).set(1)
         self.kv_used = Gauge("streamoe_kv_blocks_used", "KV blocks in use (reserved included)", list(labels),
                              registry=self.registry).labels(**labels)
         self.aborts_done = Counter("streamoe_requests_aborted_total", "Running requests aborted on this rank",
@@ -143,6 +159,9 @@ class WorkerService(EPRank, Service):
 
     def trimmed_streams(self) -> list[str]:
         return [self.stream]  # the worker's own input stream
+
+    def health_fields(self) -> dict:
+        return self.numerics.health()
 
     @property
     def idle(self) -> bool:
@@ -277,6 +296,41 @@ class WorkerService(EPRank, Service):
         self.compute_pool.shutdown(wait=False)
 
 
+def worker_threads(args: argparse.Namespace) -> int:
+    """--threads, or a share of the cores: what the rank computes with, so what calibration times."""
+    return args.threads or max(1, (os.cpu_count() or 1) // 2)
+
+
+async def deployment_numerics(args: argparse.Namespace, log: logging.Logger) -> Numerics | None:
+    """--dtype and --moe-backend before the model loads: the value the deployment published in
+    Redis, else this rank's calibration, published for the other ranks (shared/numerics.py).
+    None: Redis refused our credentials (logged once)."""
+    from redis.asyncio import Redis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from .service import can_authenticate
+
+    shapes = Shapes.of_model(args.model)
+    checksum = weights_checksum(args.model)
+    redis = Redis.from_url(args.redis_url)
+    if not await can_authenticate(redis, log):
+        return None
+    try:
+        for delay in (0.5, 1, 2, 4, 8, 15, 30, None):  # a pod may start before Redis
+            try:
+                return await agree(redis, checksum, args.dtype, args.moe_backend, lambda: resolve(
+                    shapes, args.device, worker_threads(args), args.dtype, args.moe_backend))
+            except (RedisConnectionError, RedisTimeoutError) as e:
+                if delay is None:
+                    raise SystemExit(f"--dtype={args.dtype} --moe-backend={args.moe_backend}: Redis stayed "
+                                     f"unreachable ({e}); check --redis-url, or give both values explicitly")
+                log.warning(json.dumps({"event": "numerics_redis_unreachable", "error": repr(e), "retry_in_s": delay}))
+                await asyncio.sleep(delay)
+    finally:
+        await redis.aclose()
+
+
 def worker_main(service_cls: type[WorkerService], argv: list[str] | None = None) -> int:
     """The `python -m services.prefill|decode` entry point."""
     import uvloop
@@ -288,4 +342,10 @@ def worker_main(service_cls: type[WorkerService], argv: list[str] | None = None)
     add_worker_args(parser)
     parser.add_argument("--role", default=service_cls.role, choices=[service_cls.role])
     args = parse_service_args(parser, argv)
-    return uvloop.run(service_cls(service_config(args), args).run())
+    try:
+        numerics = asyncio.run(deployment_numerics(args, logging.getLogger(f"streamoe.{service_cls.name}")))
+    except ValueError as e:  # a plan this device and dtype cannot run, a checkpoint without weights
+        raise SystemExit(f"{parser.prog}: error: {e}") from None
+    if numerics is None:
+        return 2
+    return uvloop.run(service_cls(service_config(args), args, numerics).run())

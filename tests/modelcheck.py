@@ -38,8 +38,7 @@ def incremental_logits(model, prompts: list[list[int]], continuations: list[list
         pos = [lens[i] + step for i in live]
         batch = AttentionBatch([1] * len(live), [p + 1 for p in pos], [True] * len(live),
                                slot_mapping=torch.stack([slots[i][p] for i, p in zip(live, pos)]),
-                               context_slots=[slots[i][:p + 1] for i, p in zip(live, pos)])
-        batch.group_single_tokens()  # the engine's padded decode attention
+                               context_slots=[slots[i][:p + 1] for i, p in zip(live, pos)])  # chunked decode
         ids = torch.tensor([continuations[i][step] for i in live])
         logits = model.logits(model(ids, torch.tensor(pos), batch, pool))
         for i, row in zip(live, logits):

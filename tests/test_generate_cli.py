@@ -58,3 +58,17 @@ def test_generate_bad_input_is_a_clear_error(tiny_fp32, tmp_path):
     assert proc.returncode == 2 and "tokenizer.json" in proc.stderr
     proc = run_cli("generate", "--model", str(tiny_fp32), "--prompt", "hi", env={"STREAMOE_MAX_TOKENS": "many"})
     assert proc.returncode == 2 and "STREAMOE_MAX_TOKENS" in proc.stderr
+
+
+def test_generate_calibrates_once_then_reuses_it(tiny_fp32, tmp_path):
+    """`--dtype auto --moe-backend auto`: measured on the first run, read back on the next; the
+    choice on stderr, stdout still the one JSON line."""
+    env = {"STREAMOE_HOME": str(tmp_path)}
+    args = ("generate", "--model", str(tiny_fp32), "--prompt", "hi", "--json", "--max-tokens", "2",
+            "--dtype", "auto", "--moe-backend", "auto", "--threads", "1")
+    first, second = run_cli(*args, env=env), run_cli(*args, env=env)
+    for proc, source in ((first, "measured"), (second, "cached")):
+        assert proc.returncode == 0, proc.stderr
+        assert len(json.loads(proc.stdout)["token_ids"]) == 2
+        assert "streamoe generate: --dtype fp32 --moe-backend " in proc.stderr and f"({source})" in proc.stderr
+    assert len(list((tmp_path / "numerics").glob("*.json"))) == 1

@@ -73,6 +73,15 @@ def test_up_serves_restarts_and_stops_cleanly(tiny_fp32, tmp_path):
         processes = listed["processes"]
         names = {p["name"] for p in processes}
         assert names == {"tokenizer", "cache", "balancer", "prefill", "decode", "gateway", "redis"}
+        # numerics calibrated once by `up` (an fp32 checkpoint stays fp32), the same on every worker
+        numerics = listed["numerics"]
+        assert numerics["dtype"] == "fp32" and numerics["source"] in ("measured", "cached"), numerics
+        for p in processes:
+            if p["name"] in ("prefill", "decode"):
+                with urllib.request.urlopen(f"http://127.0.0.1:{p['ports']['http']}/health", timeout=10) as r:
+                    health = json.loads(r.read())
+                assert (health["dtype"], health["moe_backend"]) == (numerics["dtype"], numerics["moe_backend"])
+                assert health["calibration"] == "flag", health  # `up` gave it the values
         # the embedded Redis wants the password drawn for the run; no command line shows it, nor
         # the API key, and processes.json has the URL without it
         password = (run_dir / "redis" / "secret.conf").read_text().split()[1]

@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=None, help="the block store (omit: the cache is off)")
     parser.add_argument("--cache-capacity-mib", type=int, default=8192)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
-                        help="the workers' compute dtype (it changes the KV, so the blocks' keys)")
+                        help="the workers' compute dtype (it changes the KV, so the blocks' keys); auto: wait "
+                             "for the value the workers calibrated and published in Redis")
     parser.add_argument("--device", default="cpu")
     args = parse_service_args(parser, argv)
     settings = CacheSettings(args.model, args.cache_dir, args.cache_capacity_mib << 20, args.dtype, args.device)

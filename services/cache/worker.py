@@ -15,8 +15,8 @@ from prometheus_client import Counter
 
 from shared import streams
 from shared.messages import TokenizedRequest
-from shared.model.config import ModelArgs
-from shared.model.loader import checkpoint_fingerprint, resolve_dtype
+from shared.model.loader import DTYPE_NAMES, checkpoint_fingerprint
+from shared.numerics import wait_published, weights_checksum
 from shared.prefix_cache import PrefixCache
 from shared.service import Service, ServiceConfig
 
@@ -28,7 +28,7 @@ class CacheSettings:
     model_dir: Path
     directory: Path | None  # None: the cache is off
     capacity_bytes: int = 8 << 30
-    dtype: str = "auto"
+    dtype: str = "auto"  # auto: the value the workers published (shared/numerics.py), waited for
     device: str = "cpu"
 
 
@@ -48,10 +48,15 @@ class CacheService(Service):
         await self.bus.ensure_group(streams.TOKENIZED, GROUP)
         if self.settings.directory is None:
             return
-        args = ModelArgs.from_file(self.settings.model_dir / "config.json")
-        dtype = resolve_dtype(self.settings.dtype, args, self.settings.device)
+        dtype = self.settings.dtype
+        if dtype == "auto":  # never measured here: the workers' calibrated dtype keys their blocks
+            published = await wait_published(self.redis, weights_checksum(self.settings.model_dir), self.stopping)
+            if published is None:
+                return  # stopped while waiting
+            dtype = published.dtype
+            self.log.info(json.dumps({"event": "numerics_adopted", "dtype": dtype}))
         self.cache = PrefixCache(self.settings.directory, self.settings.capacity_bytes, self.redis,
-                                 checkpoint_fingerprint(self.settings.model_dir, dtype))
+                                 checkpoint_fingerprint(self.settings.model_dir, DTYPE_NAMES[dtype]))
         if await self.cache.index.count() == 0:  # Redis lost the index (or a fresh one): the disk still holds blocks
             found = await self.cache.index.rebuild(self.cache.store.scan())
             self.log.info(json.dumps({"event": "index_rebuilt", "blocks": found}))

@@ -109,6 +109,10 @@ class DecodeService(WorkerService):
                     or request_id in self.finished):
                 await self.consumed(request_id)  # finished at prefill, a duplicate handoff, or cancelled
                 continue
+            refusal = self.foreign_dtype(request_id, handoff)
+            if refusal is not None:
+                await self.refuse(request_id, final, refusal)
+                continue
             try:
                 kv = self.assemble(handoff)
             except WireError as e:
@@ -161,6 +165,29 @@ class DecodeService(WorkerService):
         lead = last.computed_at - handoff.layer0_received_at
         self.handoff_lead.set(lead)
         self.handoffs_done.labels(rank=str(self.rank), layerwise="yes" if lead > 0 else "no").inc()
+
+    def foreign_dtype(self, request_id: str, handoff: Handoff) -> str | None:
+        """Why a handoff's KV cannot join this rank's batch when it is in another dtype than this
+        rank computes in (None: it is in ours). Never cast: the values would not be the ones a
+        prefill in our dtype computes, and the blocks would be cached under the wrong fingerprint."""
+        mine = str(self.engine.model.dtype).removeprefix("torch.")
+        theirs = {c.kv.dtype for layer, c in handoff.chunks.items() if layer < self.num_layers} - {mine}
+        if not theirs:
+            return None
+        return (f"KV handoff of request {request_id} is {', '.join(sorted(theirs))}; this decode rank computes in "
+                f"{mine}: give prefill and decode the same --dtype (or both auto, on one Redis)")
+
+    async def refuse(self, request_id: str, final: KVChunk, reason: str) -> None:
+        """End a request whose handoff no retry can fix (a prefill computing in another dtype) with an
+        error to its client: re-prefilling would send the same KV again, forever."""
+        self.log.error(json.dumps({"event": "kv_refused", "trace_id": final.trace_id, "reason": reason}))
+        req = final.request
+        # index resumed + 1: right after the first token, which prefill has sent
+        await self.until_written(lambda: self.bus.publish(streams.RAW_DELTAS, TokenDelta(
+            request_id, req.trace_id, req.gateway_id, req.resumed + 1, [], finish_reason="error", error=reason,
+            status=500)))
+        self.finished.append(request_id)  # a redelivered handoff is dropped, not refused twice
+        await self.consumed(request_id)
 
     async def reprefill(self, request_id: str, final: KVChunk, reason: str) -> None:
         """Never decode on wrong KV: send the request back through the balancer."""

@@ -1,11 +1,18 @@
 """The tensors of a step (nano-vllm's `ModelRunner`): owns the paged latent KV pool, turns a
-schedule into one ragged forward, returns the logits of the rows to sample. No policy here."""
+schedule into one ragged forward, returns the logits of the rows to sample. No policy here.
+
+A step's index tensors are built on the host from Python ints without a loop over sequences'
+tensors, then copied to the device without waiting (pinned memory on CUDA), so the forward never
+synchronises. Legend: S = scheduled sequences, T = new tokens of the step, W = positions covered by
+the longest context's blocks."""
 from __future__ import annotations
+
+from itertools import accumulate
 
 import torch
 
 from ..model.attention import AttentionBatch, choose_absorbed
-from ..model.kv_cache import LatentKVPool
+from ..model.kv_cache import LatentKVPool, plan_reads, to_device
 from ..model.model import DeepseekV3
 from .scheduler import ScheduledSeq
 from .sequence import Sequence
@@ -28,6 +35,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq], on_layer=None) -> torch.Tensor:
         """One forward over every scheduled chunk -> logits [sampled rows, V] (fp32), in schedule order."""
+        # the last row of each sampled chunk, on its way to the device before the forward starts
+        ends = accumulate(item.num_new for item in scheduled)
+        rows = torch.tensor([end - 1 for end, item in zip(ends, scheduled) if item.sample], dtype=torch.long)
+        rows = to_device(rows, self.device)
         if self.overlap is None:
             ids, positions, batch = self.inputs(scheduled)
             hidden = self.model(ids, positions, batch, self.pool, on_layer)
@@ -35,9 +46,7 @@ class ModelRunner:
             split = _halve(scheduled)
             halves = [self.inputs(part) for part in (scheduled[:split], scheduled[split:])]
             hidden = torch.cat(self.overlap.run(self.model, halves, self.pool, on_layer))
-        ends = torch.tensor([item.num_new for item in scheduled], device=self.device).cumsum(0) - 1
-        rows = ends[[i for i, item in enumerate(scheduled) if item.sample]]
-        return self.model.logits(hidden[rows])
+        return self.model.logits(hidden.index_select(0, rows))
 
     def idle(self) -> None:
         """EP: a step with nothing scheduled here still joins every exchange of the group."""
@@ -50,27 +59,28 @@ class ModelRunner:
             self.overlap.run(self.model, [empty_inputs(self.device)] * 2, self.pool)
 
     def inputs(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
-        """The ragged step's token ids [T], positions [T] and attention metadata."""
+        """The ragged step's token ids [T], positions [T] and attention metadata (with its read plan)."""
         args = self.model.args
         if not scheduled:
             empty = torch.empty(0, dtype=torch.long, device=self.device)
             return empty, empty, AttentionBatch([], [], [])
-        ids, positions, new_slots, context_slots = [], [], [], []
-        query_lens, context_lens, absorbed = [], [], []
-        for item in scheduled:
-            seq, start = item.seq, item.seq.num_computed
-            end = start + item.num_new
-            slots = self.slots(seq, end)
-            ids.extend(seq.token_ids[start:end])
-            positions.append(torch.arange(start, end, device=self.device))
-            new_slots.append(slots[start:end])
-            context_slots.append(slots)
-            query_lens.append(item.num_new)
-            context_lens.append(end)
-            absorbed.append(choose_absorbed(args, item.num_new, end))
-        batch = AttentionBatch(query_lens, context_lens, absorbed, torch.cat(new_slots), context_slots)
-        batch.group_single_tokens()
-        return torch.tensor(ids, device=self.device), torch.cat(positions), batch
+        starts = [item.seq.num_computed for item in scheduled]
+        query_lens = [item.num_new for item in scheduled]
+        context_lens = [start + n for start, n in zip(starts, query_lens)]
+        absorbed = [choose_absorbed(args, n, end) for n, end in zip(query_lens, context_lens)]
+        ids = [t for item, start, end in zip(scheduled, starts, context_lens) for t in item.seq.token_ids[start:end]]
+        width = -(-max(context_lens) // self.block_size)  # blocks that hold the longest context
+        tables = [item.seq.block_table[:width] for item in scheduled]
+        blocks = torch.tensor([table + [0] * (width - len(table)) for table in tables])  # [S, W / block]
+        slot_table = (blocks[:, :, None] * self.block_size + torch.arange(self.block_size)).flatten(1)  # [S, W]
+        lens = torch.tensor(query_lens)
+        seq_of = torch.repeat_interleave(torch.arange(len(scheduled)), lens)  # [T]
+        first = torch.tensor(starts) - (lens.cumsum(0) - lens)  # [S] position minus step row, per sequence
+        positions = torch.arange(len(ids)) + first[seq_of]  # [T]
+        plan = plan_reads(query_lens, context_lens, absorbed, slot_table)
+        slot_mapping = to_device(slot_table[seq_of, positions], self.device)
+        batch = AttentionBatch(query_lens, context_lens, absorbed, slot_mapping, plan=plan.to(self.device))
+        return to_device(torch.tensor(ids, dtype=torch.long), self.device), to_device(positions, self.device), batch
 
     def write_kv(self, seq: Sequence, kv: torch.Tensor, start: int = 0) -> None:
         """Place the latent KV [layers, L, C+R] of the sequence's first L positions (from `start`

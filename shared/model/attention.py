@@ -2,23 +2,32 @@
 
 Legend: T = tokens in the step (all sequences packed, no padding), t = one sequence's new tokens,
 L = that sequence's context (cached + new), H = heads, C = kv_lora_rank, R = qk_rope_head_dim,
-N = qk_nope_head_dim, V = v_head_dim.
+N = qk_nope_head_dim, V = v_head_dim, S = sequences of a padded group (queries padded to t, contexts
+to L), B = single-token decodes, K = decode chunk, W = a padded head width.
 
 - expanded path: up-project the cached latent into per-head keys/values, then attend (prefill).
 - absorbed path: fold W_UK into the query and W_UV into the output, so attention reads the
   latent cache directly as one shared key of C+R channels and value of C channels (decode).
 Both give the same result up to rounding; `AttentionBatch.absorbed` picks one per sequence.
+
+A step's single-token absorbed decodes are attended together, chunk by chunk over their paged
+contexts (online softmax, no padded copy of the contexts); the other sequences go through one SDPA
+call per group of a path (by default the sequences of one shape, see `kv_cache.MAX_PADDING`). The
+indices come from the step's `ReadPlan`, so the per-layer work reads no device value on the host.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from .config import ModelArgs
+from .kv_cache import DecodeChunks, PaddedGroup, ReadPlan, plan_reads
 from .norm import RMSNorm
 from .rope import apply_rotary
 
@@ -33,38 +42,25 @@ class LatentCache(Protocol):
 
 @dataclass
 class AttentionBatch:
-    """A ragged step: sequence i owns tokens [starts[i], starts[i] + query_lens[i]) of the step."""
+    """A ragged step: sequence i owns tokens [starts[i], starts[i] + query_lens[i]) of the step.
+
+    `plan` holds the step's index tensors. Left out, it is built here from `context_slots` (the
+    slots each sequence attends to, read through the cache) or, without them, for a step without a
+    cache; the engine builds it itself, on the host, and moves it to the device without waiting."""
 
     query_lens: list[int]  # new tokens of each sequence
     context_lens: list[int]  # tokens each sequence attends to after this step (cached + new)
     absorbed: list[bool]  # per sequence: absorbed (latent) path, else expanded
     slot_mapping: torch.Tensor | None = None  # [T] cache slot of each new token
     context_slots: list[torch.Tensor] | None = None  # per sequence [L] slots of its whole context
-    # Optional: single-token absorbed sequences attended together, contexts padded to one length.
-    grouped: list[int] | None = None  # indices of those sequences (each has query_len 1)
-    grouped_slots: torch.Tensor | None = None  # [B, Lmax] their context slots, padding repeats a slot
-    grouped_valid: torch.Tensor | None = None  # [B, Lmax] bool, False on padding
+    plan: ReadPlan | None = field(default=None, repr=False)
 
     @classmethod
-    def prefill(cls, query_lens: list[int], absorbed: bool = False) -> "AttentionBatch":
+    def prefill(cls, query_lens: list[int], absorbed: bool = False,
+                device: torch.device | str = "cpu") -> "AttentionBatch":
         """Sequences with no cached prefix, attended without a cache."""
-        return cls(list(query_lens), list(query_lens), [absorbed] * len(query_lens))
-
-    def group_single_tokens(self) -> None:
-        """Attend all single-token absorbed sequences in one padded batch instead of one by one."""
-        grouped = [i for i, (q, a) in enumerate(zip(self.query_lens, self.absorbed)) if q == 1 and a]
-        if len(grouped) < 2 or self.context_slots is None:
-            return
-        device = self.context_slots[grouped[0]].device
-        longest = max(self.context_lens[i] for i in grouped)
-        padded = torch.zeros(len(grouped), longest, dtype=torch.long, device=device)
-        valid = torch.zeros(len(grouped), longest, dtype=torch.bool, device=device)
-        for row, i in enumerate(grouped):
-            n = self.context_lens[i]
-            padded[row, :n] = self.context_slots[i]
-            padded[row, n:] = self.context_slots[i][0]  # any real slot; masked out
-            valid[row, :n] = True
-        self.grouped, self.grouped_slots, self.grouped_valid = grouped, padded, valid
+        lens, paths = list(query_lens), [absorbed] * len(query_lens)
+        return cls(lens, lens, paths, plan=plan_reads(lens, lens, paths, None).to(torch.device(device)))
 
     def __post_init__(self) -> None:
         if not (len(self.query_lens) == len(self.context_lens) == len(self.absorbed)):
@@ -72,6 +68,19 @@ class AttentionBatch:
         for q, c in zip(self.query_lens, self.context_lens):
             if q < 1 or c < q:
                 raise ValueError(f"AttentionBatch: query_len={q}, context_len={c} (need 1 <= query_len <= context_len)")
+        if self.plan is not None:
+            return
+        if self.context_slots is None:
+            self.plan = plan_reads(self.query_lens, self.context_lens, self.absorbed, None)
+            return
+        if [len(s) for s in self.context_slots] != self.context_lens:
+            raise ValueError("AttentionBatch: context_slots do not match context_lens")
+        if not self.context_slots:
+            self.plan = ReadPlan(is_cached=True)
+            return
+        rows = pad_sequence([s.cpu() for s in self.context_slots], batch_first=True)  # [S, L] slot of each position
+        plan = plan_reads(self.query_lens, self.context_lens, self.absorbed, rows)
+        self.plan = plan.to(self.context_slots[0].device)
 
 
 def choose_absorbed(args: ModelArgs, query_len: int, context_len: int) -> bool:
@@ -133,78 +142,111 @@ class MLA(nn.Module):
 
     def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, batch: AttentionBatch,
                cache: LatentCache | None) -> torch.Tensor:
+        """q_nope [T, H, N], q_pe [T, H, R], the step's new cache rows kv [T, C+R] -> [T, D]. Reads the
+        contexts through `cache` when the plan indexes pool slots, else from `kv` itself."""
+        plan = batch.plan
+        if plan.is_cached and cache is None:
+            raise ValueError("this batch attends to cached contexts: it needs a cache")
+
+        def read(rows: torch.Tensor) -> torch.Tensor:
+            return cache.load(self.layer, rows) if plan.is_cached else kv.index_select(0, rows)
+
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)  # [T, H, V]
-        starts = [0]
-        for t in batch.query_lens:
-            starts.append(starts[-1] + t)
-        grouped = set(batch.grouped or ())
-        if grouped:
-            rows = torch.tensor([starts[i] for i in batch.grouped], device=q_nope.device)
-            size = batch.grouped_slots.shape
-            context = cache.load(self.layer, batch.grouped_slots.flatten()).view(*size, -1)  # [B, Lmax, C+R]
-            out[rows] = self._absorbed_padded(q_nope[rows], q_pe[rows], context, batch.grouped_valid)
-        for i, (t, ctx_len) in enumerate(zip(batch.query_lens, batch.context_lens)):
-            if i in grouped:
-                continue
-            start = starts[i]
-            if cache is None:
-                if ctx_len != t:
-                    raise ValueError("attention without a cache needs context_len == query_len")
-                context = kv[start:start + t]
-            else:
-                context = cache.load(self.layer, batch.context_slots[i])  # [L, C+R]
-            path = self._absorbed if batch.absorbed[i] else self._expanded
-            out[start:start + t] = path(q_nope[start:start + t], q_pe[start:start + t], context)
+        if plan.decode is not None:
+            rows = plan.decode.rows
+            out.index_copy_(0, rows, self._decode(q_nope.index_select(0, rows), q_pe.index_select(0, rows),
+                                                  plan.decode, read))
+        for group in plan.groups:
+            path = self._absorbed if group.is_absorbed else self._expanded
+            out.index_copy_(0, group.token_rows, path(q_nope, q_pe, group, read))
         return self.o_proj(out.view(out.shape[0], -1))
 
     def _w_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, :self.nope_dim], w[:, self.nope_dim:]  # W_UK [H, N, C], W_UV [H, V, C]
 
-    def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        t, length = q_nope.shape[0], context.shape[0]
-        latent, k_pe = context.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.kv_b_proj(latent).view(length, self.num_heads, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [L, H, N], [L, H, V]
-        k = torch.cat([k_nope, k_pe[:, None, :].expand(length, self.num_heads, self.rope_dim)], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1)  # [t, H, N+R]
+    def _absorb_q(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:
+        """q_nope [n, H, N], q_pe [n, H, R] -> the latent-space query [n, H, C+R]."""
+        q_latent = torch.bmm(q_nope.transpose(0, 1), self._w_b()[0]).transpose(0, 1)  # [n, H, C]
+        return torch.cat([q_latent, q_pe], dim=-1)
+
+    def _absorb_out(self, o_latent: torch.Tensor) -> torch.Tensor:
+        """o_latent [n, H, C] -> [n, H, V] through W_UV, in o_latent's dtype."""
+        w_uv = self._w_b()[1].to(o_latent.dtype)
+        return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+
+    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, plan: DecodeChunks,
+                read: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """B single-token queries (rows in the plan's order) -> [B, H, V]. Each chunk's scores and
+        the running max / sum / latent output are fp32; the probabilities meet the latent in its dtype."""
+        q = self._absorb_q(q_nope, q_pe)  # [B, H, C+R]
+        size, offset = plan.chunk, 0
+        for c, (n, full) in enumerate(zip(plan.num_rows, plan.num_full)):
+            span = slice(offset, offset + n * size)
+            offset += n * size
+            context = read(plan.slots[span]).view(n, size, -1)  # [n, K, C+R]
+            latent = context[..., :self.kv_lora_rank]
+            scores = torch.bmm(q[:n], context.transpose(1, 2)).float().mul_(self.scale)  # [n, H, K]
+            if full < n:  # rows whose context ends inside this chunk
+                scores[full:].masked_fill_(plan.is_pad[span].view(n, 1, size)[full:], float("-inf"))
+            if len(plan.num_rows) == 1:  # the whole contexts at once: a plain softmax
+                probs = scores.softmax(dim=-1).to(context.dtype)
+                return self._absorb_out(torch.bmm(probs, latent))
+            chunk_max = scores.amax(dim=-1)  # [n, H]
+            if c == 0:
+                running_max = chunk_max
+                probs = scores.sub_(chunk_max[..., None]).exp_()
+                total = probs.sum(dim=-1)  # [B, H]
+                o_latent = torch.bmm(probs.to(context.dtype), latent).float()  # [B, H, C]
+                continue
+            new_max = torch.maximum(running_max[:n], chunk_max)
+            decay = (running_max[:n] - new_max).exp_()  # rescales what earlier chunks summed
+            probs = scores.sub_(new_max[..., None]).exp_()
+            total[:n].mul_(decay).add_(probs.sum(dim=-1))
+            o_latent[:n].mul_(decay[..., None]).add_(torch.bmm(probs.to(context.dtype), latent))
+            running_max[:n] = new_max
+        # W_UV in fp32 too: the chunks' partial outputs were already rounded once each
+        return self._absorb_out(o_latent.div_(total[..., None])).to(q.dtype)
+
+    def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, group: PaddedGroup,
+                  read: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The group's queries against per-head keys/values up-projected from its contexts -> [Tg, H, V].
+        Keys and values are padded to one head width W so SDPA can take its fused kernels."""
+        h, n, r, v = self.num_heads, self.nope_dim, self.rope_dim, self.v_dim
+        width = max(n + r, v)
+        latent, k_pe = read(group.context_rows).split([self.kv_lora_rank, r], dim=-1)  # [sum L, C], [sum L, R]
+        length = latent.shape[0]
+        k_nope, value = self.kv_b_proj(latent).view(length, h, n + v).split([n, v], dim=-1)
+        pad = latent.new_zeros(())  # widens q and k with zeros (dot products unchanged), v with don't-cares
+        keys_values = torch.cat([k_nope, k_pe[:, None].expand(length, h, r), pad.expand(length, h, width - n - r),
+                                 value, pad.expand(length, h, width - v)], dim=-1)  # [sum L, H, 2W]
+        q_rows = group.query_rows
+        q = torch.cat([q_nope.index_select(0, q_rows), q_pe.index_select(0, q_rows),
+                       pad.expand(len(q_rows), h, width - n - r)], dim=-1)  # [S*t, H, W]
+        out = self._padded_sdpa(q, keys_values, group, width)  # [Tg, H, W]
+        return out[..., :v]
+
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, group: PaddedGroup,
+                  read: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The group's queries against its latent contexts, one key/value head shared by all -> [Tg, H, V]."""
+        q_rows = group.query_rows
+        q = self._absorb_q(q_nope.index_select(0, q_rows), q_pe.index_select(0, q_rows))  # [S*t, H, C+R]
+        context = read(group.context_rows)[:, None]  # [sum L, 1, C+R]: the latent is its own value
+        out = self._padded_sdpa(q, context, group, None)  # [Tg, H, C+R]
+        return self._absorb_out(out[..., :self.kv_lora_rank])
+
+    def _padded_sdpa(self, q: torch.Tensor, keys_values: torch.Tensor, group: PaddedGroup,
+                     split: int | None) -> torch.Tensor:
+        """q [S*t, H, W] against packed keys_values [sum L, Hk, *] (keys | values at `split`, or one
+        tensor for both) -> [Tg, H, W]. SDPA's fused kernels keep the scores and softmax statistics in
+        fp32 and meet the values with probabilities in the input dtype, as the decode does."""
+        s, t, length = group.num_seqs, group.max_query, group.max_context
+        if group.context_pos is not None:
+            keys_values = keys_values.index_select(0, group.context_pos)  # [S*L, Hk, *]
+        keys_values = keys_values.view(s, length, *keys_values.shape[1:]).transpose(1, 2)  # [S, Hk, L, *]
+        keys, values = (keys_values, keys_values) if split is None else keys_values.split(split, dim=-1)
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-            attn_mask=_causal_mask(t, length, q.device), scale=self.scale)  # [H, t, V]
-        return out.transpose(0, 1)
-
-    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        t, length = q_nope.shape[0], context.shape[0]
-        w_uk, w_uv = self._w_b()
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, t, C]
-        q = torch.cat([q_latent, q_pe.transpose(0, 1)], dim=-1)  # [H, t, C+R]
-        scores = torch.matmul(q, context.t()).float() * self.scale  # [H, t, L]
-        mask = _causal_mask(t, length, q.device)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1).to(context.dtype)
-        o_latent = torch.matmul(probs, context[:, :self.kv_lora_rank])  # [H, t, C]
-        out = torch.bmm(o_latent, w_uv.transpose(1, 2))  # [H, t, V]
-        return out.transpose(0, 1)
-
-
-    def _absorbed_padded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, context: torch.Tensor,
-                         valid: torch.Tensor) -> torch.Tensor:
-        """B single-token queries at once: q_nope [B, H, N], q_pe [B, H, R], context [B, L, C+R],
-        valid [B, L] -> [B, H, V]."""
-        w_uk, w_uv = self._w_b()
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, C]
-        q = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, C+R]
-        scores = torch.bmm(q, context.transpose(1, 2)).float() * self.scale  # [B, H, L]
-        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(context.dtype)
-        o_latent = torch.bmm(probs, context[..., :self.kv_lora_rank])  # [B, H, C]
-        return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, V]
-
-
-def _causal_mask(t: int, length: int, device: torch.device) -> torch.Tensor | None:
-    """[t, L] bool, True where query i may see key j: j <= (L - t) + i. None when t == 1."""
-    if t == 1:
-        return None
-    rows = torch.arange(t, device=device)[:, None] + (length - t)
-    return torch.arange(length, device=device)[None, :] <= rows
+            q.view(s, t, *q.shape[1:]).transpose(1, 2), keys, values, attn_mask=group.mask,
+            is_causal=group.mask is None, scale=self.scale, enable_gqa=keys.shape[1] != q.shape[1])  # [S, H, t, W]
+        out = out.transpose(1, 2).reshape(s * t, out.shape[1], out.shape[3])
+        return out if group.query_pos is None else out.index_select(0, group.query_pos)

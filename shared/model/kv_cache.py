@@ -1,13 +1,31 @@
-"""The latent KV pool: per layer, one row of `kv_lora_rank + qk_rope_head_dim` values per slot.
+"""The latent KV pool, and the per-step plan of which rows each sequence's attention reads.
 
 Only the MLA latent is cached (no per-head keys or values). Who owns which slot is decided
-elsewhere (the engine's block manager); this class only holds the tensor.
+elsewhere (the engine's block manager); the pool only holds the tensor.
+
+The read plan is built once per step on the host from Python ints and a [S, W] table of each
+sequence's rows (the pool slot of every position, or without a cache the step's own rows), so the
+forward never reads a device value back. Legend: S = sequences, B = single-token decodes,
+K = decode chunk, t / L = longest query / context of a padded group.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from .config import ModelArgs
+
+# A decode chunk gathers about this many latent rows over all its sequences: small enough to stay
+# in the CPU's caches between the gather and the two matmuls, big enough that the per-chunk ops
+# stay few (measured on the small preset, fp32 and bf16, 1..64 sequences of 64..2200 tokens).
+DECODE_CHUNK_ROWS = 8192
+BLOCK = 64  # chunks are whole cache blocks
+# A prefill group may cost this many times the attention of its sequences one by one. Measured on
+# the CPU (2 threads, small preset, 8-12 sequences of 64-512 new tokens, some with cached prefixes),
+# any padding costs more than another SDPA call: sequences are batched only where their padded
+# layout costs nothing (same query and context lengths). A GPU, where a call costs more, may want more.
+MAX_PADDING = 1.0
 
 
 class LatentKVPool:
@@ -26,3 +44,160 @@ class LatentKVPool:
     def load(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """slots [L] -> [L, C+R]."""
         return self.kv[layer].index_select(0, slots)
+
+
+@dataclass
+class DecodeChunks:
+    """Single-token sequences attended chunk by chunk over their contexts (flash-decoding).
+
+    Rows are sorted by context length, longest first, so the sequences that reach chunk c are a
+    prefix of the rows: only the last chunk of each sequence is padded (and masked)."""
+
+    chunk: int  # K context positions per chunk
+    num_rows: list[int]  # per chunk: how many leading rows reach it
+    num_full: list[int]  # per chunk: how many leading rows fill it (the rest end inside it)
+    rows: torch.Tensor  # [B] the sequences' token rows in the step, in sorted order
+    slots: torch.Tensor  # [sum_c num_rows[c] * K] chunk-major context rows; padding repeats a real one
+    is_pad: torch.Tensor  # [sum_c num_rows[c] * K] bool, laid out as `slots`
+
+
+@dataclass
+class PaddedGroup:
+    """Sequences of one attention path attended in one call, queries padded to t and contexts to L."""
+
+    is_absorbed: bool
+    num_seqs: int
+    max_query: int
+    max_context: int
+    token_rows: torch.Tensor  # [Tg] the group's token rows in the step, sequence by sequence
+    query_rows: torch.Tensor  # [S * t] token row of each padded query; padding repeats a real one
+    query_pos: torch.Tensor | None  # [Tg] each token's place among the padded queries; None: no padding
+    context_rows: torch.Tensor  # [sum L] every sequence's context rows, packed
+    context_pos: torch.Tensor | None  # [S * L] packed context index of each padded key; None: no padding
+    mask: torch.Tensor | None  # [S, 1, t, L] bool, True where a query may see a key; None: plain causal
+
+
+@dataclass
+class ReadPlan:
+    """Everything the attention of one step indexes with, built once and shared by every layer."""
+
+    is_cached: bool  # rows are pool slots; else rows of the step's own new KV
+    decode: DecodeChunks | None = None
+    groups: list[PaddedGroup] = field(default_factory=list)
+
+    def to(self, device: torch.device) -> "ReadPlan":
+        """The plan with its tensors on `device`: from pinned memory without blocking on CUDA."""
+        def move(part):
+            return replace(part, **{f.name: to_device(getattr(part, f.name), device) for f in fields(part)
+                                    if isinstance(getattr(part, f.name), torch.Tensor)})
+
+        return ReadPlan(self.is_cached, None if self.decode is None else move(self.decode),
+                        [move(group) for group in self.groups])
+
+
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor onto `device`; for CUDA pinned first, so the copy is queued, not waited for."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+def plan_reads(query_lens: list[int], context_lens: list[int], absorbed: list[bool], rows: torch.Tensor | None,
+               chunk: int | None = None, max_padding: float = MAX_PADDING) -> ReadPlan:
+    """The read plan of a ragged step, on the CPU. `rows` [S, W] (W >= every context length) holds
+    the pool slot of each sequence's positions; None without a cache (each sequence then attends
+    to its own new tokens). Single-token absorbed sequences with a cache are decoded in chunks of
+    `chunk` positions (by default `decode_chunk`); the others go in groups of one path, each group
+    costing at most `max_padding` times its sequences' own attention."""
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"decode chunk={chunk}: must be >= 1")
+    plan = ReadPlan(is_cached=rows is not None)
+    if not query_lens:
+        return plan
+    q_lens = torch.tensor(query_lens)
+    token_start = q_lens.cumsum(0) - q_lens  # [S] first step row of each sequence
+    if rows is None:
+        if query_lens != context_lens:
+            raise ValueError("attention without a cache needs context_len == query_len")
+        rows = token_start[:, None] + torch.arange(max(query_lens))
+    decode, paths = [], {False: [], True: []}
+    for i, (q, a) in enumerate(zip(query_lens, absorbed)):
+        (decode if plan.is_cached and q == 1 and a else paths[a]).append(i)
+    if decode:
+        chunk = chunk or decode_chunk(len(decode), max(context_lens[i] for i in decode))
+        plan.decode = _decode_chunks(decode, context_lens, token_start, rows, chunk)
+    for is_absorbed, members in paths.items():
+        for bucket in _buckets(members, query_lens, context_lens, max_padding):
+            plan.groups.append(_padded_group(is_absorbed, bucket, query_lens, context_lens, token_start, rows))
+    return plan
+
+
+def _buckets(members: list[int], query_lens: list[int], context_lens: list[int], max_padding: float) -> list[list[int]]:
+    """Sequences in groups whose padded attention costs at most `max_padding` times what they cost
+    one by one: longest contexts first, a group closes when the next sequence would not fit."""
+    def cost(t: int, length: int) -> int:  # query-key pairs SDPA computes: causal skips the upper triangle
+        return t * (t + 1) // 2 if t == length else t * length
+
+    buckets: list[tuple[list[int], int, int, bool]] = []  # members, longest query, own cost, all causal
+    for i in sorted(members, key=lambda i: (-context_lens[i], -query_lens[i])):
+        t, length = query_lens[i], context_lens[i]
+        if buckets:
+            group, longest_t, own, is_causal = buckets[-1]
+            longest_t, own, is_causal = max(longest_t, t), own + cost(t, length), is_causal and t == length
+            padded = (len(group) + 1) * cost(longest_t, longest_t if is_causal else context_lens[group[0]])
+            if padded <= max_padding * own:
+                buckets[-1] = (group + [i], longest_t, own, is_causal)
+                continue
+        buckets.append(([i], t, cost(t, length), t == length))
+    return [group for group, *_ in buckets]
+
+
+def decode_chunk(num_seqs: int, longest: int) -> int:
+    """Positions per decode chunk: about DECODE_CHUNK_ROWS rows in all, at least two blocks, and no
+    more than the longest context needs (then one chunk, padded only to its last block)."""
+    per_seq = max(2 * BLOCK, DECODE_CHUNK_ROWS // num_seqs // BLOCK * BLOCK)
+    return min(per_seq, -(-longest // BLOCK) * BLOCK)
+
+
+def _ranges(lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ranges of `lens` [S] laid end to end: each element's range and index within it, [sum]."""
+    owner = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    return owner, torch.arange(len(owner)) - (lens.cumsum(0) - lens)[owner]
+
+
+def _decode_chunks(members: list[int], context_lens: list[int], token_start: torch.Tensor, rows: torch.Tensor,
+                   chunk: int) -> DecodeChunks:
+    order = sorted(members, key=lambda i: -context_lens[i])
+    lens = [context_lens[i] for i in order]
+    num_chunks = -(-lens[0] // chunk)
+    num_rows = [sum(n > c * chunk for n in lens) for c in range(num_chunks)]
+    num_full = [sum(n >= (c + 1) * chunk for n in lens) for c in range(num_chunks)]
+    seqs, seq_lens = torch.tensor(order), torch.tensor(lens)
+    pair_chunk, pair_row = _ranges(torch.tensor(num_rows))  # [P] the (chunk, sorted row) of each pair
+    positions = pair_chunk[:, None] * chunk + torch.arange(chunk)  # [P, K]
+    last = seq_lens[pair_row, None] - 1
+    slots = rows[seqs[pair_row, None], torch.minimum(positions, last)]
+    return DecodeChunks(chunk, num_rows, num_full, token_start[seqs], slots.flatten(), (positions > last).flatten())
+
+
+def _padded_group(is_absorbed: bool, members: list[int], query_lens: list[int], context_lens: list[int],
+                  token_start: torch.Tensor, rows: torch.Tensor) -> PaddedGroup:
+    q_list, c_list = [query_lens[i] for i in members], [context_lens[i] for i in members]
+    max_q, max_c = max(q_list), max(c_list)
+    seqs, q_lens, c_lens = torch.tensor(members), torch.tensor(q_list), torch.tensor(c_list)
+    starts = token_start[seqs]
+    owner, within = _ranges(q_lens)
+    queries, keys = torch.arange(max_q), torch.arange(max_c)
+    query_rows = starts[:, None] + torch.minimum(queries, q_lens[:, None] - 1)  # [S, t]
+    ctx_owner, ctx_within = _ranges(c_lens)
+    context_pos = (c_lens.cumsum(0) - c_lens)[:, None] + torch.minimum(keys, c_lens[:, None] - 1)  # [S, L]
+    # Query i of a sequence sees keys up to (L - t) + i: padding keys only ever reach padding queries,
+    # whose outputs are dropped, so no row is empty. Without a cached prefix that is plain causal.
+    mask = None if q_list == c_list else (keys <= (c_lens - q_lens)[:, None, None] + queries[:, None])[:, None]
+    return PaddedGroup(
+        is_absorbed=is_absorbed, num_seqs=len(members), max_query=max_q, max_context=max_c,
+        token_rows=starts[owner] + within, query_rows=query_rows.flatten(),
+        query_pos=None if min(q_list) == max_q else owner * max_q + within,
+        context_rows=rows[seqs[ctx_owner], ctx_within],
+        context_pos=None if min(c_list) == max_c else context_pos.flatten(), mask=mask)
