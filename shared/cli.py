@@ -12,10 +12,7 @@ from .cliargs import apply_env_defaults
 from .economics import GPU_HOUR_USD, GPUS_PER_NODE, PRICES_PER_MILLION
 from .ep.eplb import NodeCounts
 from .metrics_report import DEFAULT_URL, ScrapeError, collect, format_table, full_report
-from .numerics import moe_backend_flag
-
-MOE_BACKEND_HELP = ("routed experts: auto (calibrated: the fastest per tokens per step), loop, grouped, bmm, "
-                    "weight-major, reference, or a plan, e.g. 1:loop,16:weight-major")
+from .numerics import MOE_BACKEND_HELP, moe_backend_flag
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ Calibration times, at the model's shapes and with the caller's torch thread coun
 candidate dtype and each token bucket B in BUCKETS:
 - one routed MoE layer: random weights in an `ExpertStack`, random top-K routing of B tokens,
   the (token, expert) pairs sorted by expert, `experts.run_experts`, once per candidate backend
-  (loop, grouped where `check_supported` allows it, bmm, weight-major; never `reference`);
+  (loop, sparse, grouped where `check_supported` allows it, bmm, weight-major; never `reference`);
 - one dense matmul [B, hidden] @ [hidden, intermediate_size] (attention and the dense layers).
 Each trial is warmed up once, then repeated until REPEATS runs or TRIAL_BUDGET_S, and stopped as
 soon as it is GIVE_UP× slower than the best backend so far in its bucket; the whole calibration
@@ -48,7 +48,7 @@ from .model.experts import ExpertStack, MoEPlan, check_supported, expert_counts,
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # config.json -> flag
 BUCKETS = (1, 4, 16, 64, 256)  # tokens per step: decode batches up to chunked prefills
-TIMED_BACKENDS = ("loop", "grouped", "bmm", "weight-major")
+TIMED_BACKENDS = ("loop", "sparse", "grouped", "bmm", "weight-major")
 CALIBRATION_BYTES = 256 << 20
 NEAR_TIE = 1.1  # a bucket keeps the backend below it when that is within 10% of the fastest (noise)
 GIVE_UP = 3.0  # a trial this many times slower than its bucket's best so far cannot win: stop it
@@ -58,6 +58,8 @@ TRIAL_BUDGET_S = 0.1  # stop repeating a trial that has run this long (its best 
 # decides on what it has (the buckets measured so far; the first dtype when the second is unfinished)
 CALIBRATION_BUDGET_S = 20.0
 SOURCES = ("measured", "cached", "flag")
+MOE_BACKEND_HELP = ("routed experts: auto (calibrated: the fastest per tokens per step), loop, sparse, grouped, bmm, "
+                    "weight-major, reference, or a plan, e.g. 1:loop,16:weight-major")
 LOCK_TTL_MS = 120_000  # a worker that dies calibrating holds the others up this long at most
 log = logging.getLogger("streamoe.numerics")
 
@@ -158,7 +160,8 @@ def cache_key(machine: str, torch_version: str, device: str, shapes: Shapes, thr
               dtype: str, moe_backend: str) -> str:
     """The local cache's key: every input that changes what calibration would choose."""
     blob = json.dumps({"machine": machine, "torch": torch_version, "device": str(device), "shapes": asdict(shapes),
-                       "threads": threads, "dtype": dtype, "moe_backend": moe_backend}, sort_keys=True)
+                       "threads": threads, "dtype": dtype, "moe_backend": moe_backend,
+                       "candidates": TIMED_BACKENDS, "buckets": BUCKETS}, sort_keys=True)
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
 

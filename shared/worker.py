@@ -24,7 +24,7 @@ from .engine.sequence import SamplingParams
 from .ep.rank import EPRank
 from .messages import Abort, LoadReport, Sampling
 from .model.loader import checkpoint_fingerprint, load_model
-from .numerics import Numerics, Shapes, agree, moe_backend_flag, resolve, weights_checksum
+from .numerics import MOE_BACKEND_HELP, Numerics, Shapes, agree, moe_backend_flag, resolve, weights_checksum
 from .prefix_cache import PrefixCache
 from .service import Service, ServiceConfig
 from .wire import encode
@@ -51,8 +51,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
                         help="compute dtype; auto: the deployment's calibrated choice (shared/numerics.py)")
     parser.add_argument("--moe-backend", type=moe_backend_flag, default="auto", metavar="auto|BACKEND|PLAN",
-                        help="routed experts: auto (calibrated), loop, grouped, bmm, weight-major, reference, "
-                             "or a plan by tokens per step, e.g. 1:loop,16:weight-major")
+                        help=MOE_BACKEND_HELP)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kv-cache-mib", type=int, default=512)
     parser.add_argument("--max-num-seqs", type=int, default=64)
