@@ -60,6 +60,7 @@ def through_services(args: argparse.Namespace, vocab_size: int, run_dir: Path) -
         argv = loadgen_argv(args, url, vocab_size, out)
         result = run_loadgen(argv)
         result["command"] = "python -m loadgen " + shlex.join(argv)
+        result["numerics"] = json.loads((run_dir / "processes.json").read_text()).get("numerics")
         return result
 
 
@@ -78,8 +79,14 @@ def in_process(args: argparse.Namespace, model_dir: Path, vocab_size: int) -> di
 
     opts = parse_args(loadgen_argv(args, "http://unused", vocab_size, Path(os.devnull)))
     requests = build(opts).requests  # the very prompts loadgen sent
+    from shared.model.config import ModelArgs
+    from shared.numerics import Shapes, resolve
+
     torch.set_num_threads(os.cpu_count() or 1)
-    model = load_model(model_dir, dtype=args.dtype)
+    # the numerics `streamoe up` would choose with this process's threads (calibrated, or cached)
+    numerics = resolve(Shapes.of(ModelArgs.from_file(model_dir / "config.json")), "cpu", torch.get_num_threads(),
+                       args.dtype, "auto")
+    model = load_model(model_dir, dtype=numerics.torch_dtype, moe_backend=numerics.moe_backend)
     engine = Engine(model, EngineConfig(model_fingerprint=checkpoint_fingerprint(model_dir, model.dtype)))
     engine.add_request("warm", list(range(6, 38)), SamplingParams(max_tokens=4, ignore_eos=True))
     while engine.has_unfinished():
@@ -97,7 +104,8 @@ def in_process(args: argparse.Namespace, model_dir: Path, vocab_size: int) -> di
     duration = time.perf_counter() - start
     return {"duration": duration, "completed": len(requests), "total_output_tokens": output,
             "total_input_tokens": sum(len(r.prompt) for r in requests), "output_throughput": output / duration,
-            "median_ttft_ms": float(np.median(list(first.values()))) * 1000}
+            "median_ttft_ms": float(np.median(list(first.values()))) * 1000,
+            "numerics": {"dtype": numerics.dtype, "moe_backend": numerics.moe_backend}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['duration']:>8.1f} {r['output_throughput']:>9.1f} {r['median_ttft_ms']:>11.0f}")
     print(f"output tok/s, services / in-process: {services['output_throughput'] / local['output_throughput']:.2f}x")
     print(f"TTFT p50, services / in-process: {services['median_ttft_ms'] / local['median_ttft_ms']:.2f}x")
+    print(f"numerics: services {services['numerics']}, in-process {local['numerics']}")
     print(f"loadgen: {services['command']}")
     if args.out:
         args.out.write_text(json.dumps({"services": services, "in_process": local}, indent=2) + "\n")

@@ -71,7 +71,7 @@ def run_ours(model, prompts: torch.Tensor, steps: int) -> tuple[float, float, to
     Returns (prefill seconds, decode seconds, greedy tokens [B, steps + 1])."""
     args = model.args
     b, n = prompts.shape
-    span = n + steps  # each sequence owns a contiguous run of slots (no block manager here)
+    span = -(-(n + steps) // 64) * 64  # each sequence owns a contiguous run of whole 64-slot blocks
     pool = LatentKVPool(args, b * span, model.dtype, model.device)  # allocated outside the timing
     slots = torch.arange(b * span).view(b, span)
 
@@ -203,7 +203,7 @@ def run_roofline(model, plan: MoEPlan, batch: int, input_len: int, steps: int, g
     """Prefill `batch` prompts, then time `steps` decode steps with the chosen plan and with `loop`
     alternately; the median step of each against the step's roofline."""
     args = model.args
-    span = input_len + 2 * steps + 1
+    span = -(-(input_len + 2 * steps + 1) // 64) * 64  # each sequence on whole 64-slot blocks, as the engine's
     pool = LatentKVPool(args, batch * span, model.dtype, model.device)
     slots = torch.arange(batch * span).view(batch, span)
     prompts = torch.randint(3, args.vocab_size, (batch, input_len), generator=gen)
