@@ -34,29 +34,12 @@ class CheckpointError(ValueError):
     """A checkpoint whose tensors do not fit the model its config.json describes."""
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: without them a CPU runs bf16 matmuls ~100x slower than fp32."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # an older torch: read the flags
-        try:
-            flags = open("/proc/cpuinfo").read()
-        except OSError:
-            return False
-        return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, args: ModelArgs, device: torch.device | str = "cpu") -> torch.dtype:
-    """The compute dtype. None or "auto": the checkpoint's, except that a 16-bit checkpoint on a CPU
-    without native bf16 units computes in fp32 (same weights, upcast exactly, far faster there)."""
+def resolve_dtype(dtype: str | torch.dtype | None, args: ModelArgs) -> torch.dtype:
+    """The compute dtype. None or "auto": the checkpoint's. (A deployment's `--dtype auto` is
+    chosen by measurement before anything loads, shared/numerics.py; no guess from CPU flags here.)"""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in (None, "auto"):
-        name = args.dtype
-        if torch.device(device).type == "cpu" and name in ("bfloat16", "float16") and not cpu_has_fast_bf16():
-            name = "float32"
-    else:
-        name = dtype
+    name = args.dtype if dtype in (None, "auto") else dtype
     if name not in DTYPE_NAMES:
         raise ValueError(f"dtype={name!r} is not supported: use one of auto, bf16, fp32, fp16")
     return DTYPE_NAMES[name]
@@ -72,7 +55,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
     path = Path(path)
     args = ModelArgs.from_file(path / "config.json")
     device = torch.device(device)
-    compute_dtype = resolve_dtype(dtype, args, device)
+    compute_dtype = resolve_dtype(dtype, args)
     with torch.device("meta"):
         model = DeepseekV3(args)
     files = _open_files(path)
