@@ -8,10 +8,18 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 ENV_PREFIX = "STREAMOE_"
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+
+def home() -> Path:
+    """$STREAMOE_HOME (default ~/.cache/streamoe): presets, runs, the prefix cache, checksums and
+    the numerics' calibrations live under it."""
+    return Path(os.environ.get("STREAMOE_HOME", Path.home() / ".cache" / "streamoe")).expanduser()
 
 
 class FlagValueError(argparse.ArgumentTypeError, ValueError):

@@ -42,6 +42,7 @@ import torch
 
 from . import streams
 from .cliargs import FlagValueError
+from .cliargs import home as streamoe_home  # (resolve takes a `home` of its own)
 from .model.config import ModelArgs
 from .model.experts import ExpertStack, MoEPlan, check_supported, expert_counts, run_experts
 
@@ -57,7 +58,6 @@ TRIAL_BUDGET_S = 0.1  # stop repeating a trial that has run this long (its best 
 # NOTE: on a busy machine every op can wait for a core; past this the calibration stops measuring and
 # decides on what it has (the buckets measured so far; the first dtype when the second is unfinished)
 CALIBRATION_BUDGET_S = 20.0
-SOURCES = ("measured", "cached", "flag")
 MOE_BACKEND_HELP = ("routed experts: auto (calibrated: the fastest per tokens per step), loop, sparse, grouped, bmm, "
                     "weight-major, reference, or a plan, e.g. 1:loop,16:weight-major")
 LOCK_TTL_MS = 120_000  # a worker that dies calibrating holds the others up this long at most
@@ -163,10 +163,6 @@ def cache_key(machine: str, torch_version: str, device: str, shapes: Shapes, thr
                        "threads": threads, "dtype": dtype, "moe_backend": moe_backend,
                        "candidates": TIMED_BACKENDS, "buckets": BUCKETS}, sort_keys=True)
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
-
-
-def streamoe_home() -> Path:
-    return Path(os.environ.get("STREAMOE_HOME", Path.home() / ".cache" / "streamoe")).expanduser()
 
 
 @dataclass

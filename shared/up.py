@@ -28,6 +28,7 @@ from pathlib import Path
 from secrets import token_hex
 from urllib.parse import urlsplit, urlunsplit
 
+from .cliargs import home
 from .redis_server import free_port, start_redis
 
 BACKOFF_S = (1, 2, 4, 8, 16, 30)
@@ -68,10 +69,6 @@ class Child:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
-
-
-def home() -> Path:
-    return Path(os.environ.get("STREAMOE_HOME", Path.home() / ".cache" / "streamoe")).expanduser()
 
 
 def resolve_model(args: argparse.Namespace) -> Path:

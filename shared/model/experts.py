@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 BACKENDS = ("reference", "loop", "sparse", "grouped", "bmm", "weight-major")
-SYNC_FREE = ("grouped",)  # the backends that never read a device value on the host
 
 
 class MLP(nn.Module):
@@ -75,10 +74,6 @@ class ExpertStack:
 
     def __len__(self) -> int:
         return self.w13.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
 
 
 def _view_mlp(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> MLP:

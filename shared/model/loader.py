@@ -8,7 +8,6 @@ weights are dequantized to the compute dtype as they are read. MTP layers
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..cliargs import home
 from ..hashing import model_fingerprint
 from .config import ModelArgs
 from .fp8 import dequantize_blockwise
@@ -105,11 +105,10 @@ def checkpoint_fingerprint(path: str | Path, dtype: torch.dtype) -> str:
     """The model fingerprint that seeds block hashes: the weight files' checksums (remembered
     under $STREAMOE_HOME/checksums) plus the compute dtype, which changes the KV values."""
     path = Path(path)
-    home = Path(os.environ.get("STREAMOE_HOME", Path.home() / ".cache" / "streamoe")).expanduser()
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no safetensors files to fingerprint")
-    return model_fingerprint(files, str(dtype).removeprefix("torch."), cache_dir=home / "checksums")
+    return model_fingerprint(files, str(dtype).removeprefix("torch."), cache_dir=home() / "checksums")
 
 
 def _open_files(path: Path) -> dict[str, SafetensorsFile]:
