@@ -18,7 +18,8 @@ from shared.model.kv_cache import LatentKVPool, plan_reads
 from shared.model.model import DeepseekV3
 from shared.model.presets import preset_config
 
-RTOL = 1e-5  # of the largest output: fp32 rounding, far below any masking or rescaling mistake
+RTOL = 1e-4  # of the largest output: fp32 rounding through several matmuls (seen up to 1.2e-5, its size
+# varying with the kernels the CPU picks), far below any masking or rescaling mistake (1e-2 and up)
 CHUNK = 64  # small decode chunks, so short contexts already span several
 
 
