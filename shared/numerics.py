@@ -27,6 +27,7 @@ A deployment agrees through Redis (`agree`): the first worker to calibrate publi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,7 +35,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -156,12 +156,17 @@ def machine_id(device: str | torch.device) -> str:
     return f"{device.type}|{first.get('model name', '?')}|{first.get('flags', first.get('Features', ''))}"
 
 
+# Raised when a backend's kernels change (a cached choice was measured on the old ones).
+KERNELS_VERSION = 2
+
+
 def cache_key(machine: str, torch_version: str, device: str, shapes: Shapes, threads: int,
               dtype: str, moe_backend: str) -> str:
     """The local cache's key: every input that changes what calibration would choose."""
     blob = json.dumps({"machine": machine, "torch": torch_version, "device": str(device), "shapes": asdict(shapes),
                        "threads": threads, "dtype": dtype, "moe_backend": moe_backend,
-                       "candidates": TIMED_BACKENDS, "buckets": BUCKETS}, sort_keys=True)
+                       "candidates": TIMED_BACKENDS, "buckets": BUCKETS,
+                       "kernels": KERNELS_VERSION}, sort_keys=True)
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
 
@@ -206,11 +211,12 @@ def measure(shapes: Shapes, dtype: torch.dtype, device: torch.device, backends: 
         order = ids.flatten().argsort(stable=True)  # pairs sorted by expert
         xs = x[order // top_k].contiguous()  # pair p = t * K + k belongs to token t
         counts = expert_counts(ids, slots)
-        timings.dense[tokens] = _best(lambda: x @ dense_w, device)
+        timings.dense[tokens] = _best(lambda x=x: x @ dense_w, device)
         best = math.inf
         timings.moe[tokens] = {}
         for backend in backends:
-            took = _best(lambda: run_experts(backend, xs, counts, stack), device, GIVE_UP * best, deadline)
+            took = _best(lambda b=backend, xs=xs, counts=counts: run_experts(b, xs, counts, stack), device,
+                         GIVE_UP * best, deadline)
             timings.moe[tokens][backend] = took
             best = min(best, took)
         if sum(min(t.values(), default=0.0) for t in timings.moe.values()) + sum(timings.dense.values()) > stop_after:
@@ -397,6 +403,6 @@ async def wait_published(redis, checksum: str, closing: asyncio.Event, poll_s: f
         polls += 1
         try:
             await asyncio.wait_for(closing.wait(), poll_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     return None

@@ -20,7 +20,7 @@ from shared.model.presets import preset_config
 
 RTOL = 1e-4  # of the largest output: fp32 rounding through several matmuls (seen up to 1.2e-5, its size
 # varying with the kernels the CPU picks), far below any masking or rescaling mistake (1e-2 and up)
-CHUNK = 64  # small decode chunks, so short contexts already span several
+ROWS = 200  # small decode groups, so a step's decodes already span several
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +77,21 @@ def random_step(args: ModelArgs, query_lens: list[int], context_lens: list[int],
     return pool, slots, q_nope, q_pe, torch.randn(total, width, generator=gen)
 
 
-DECODE_LENS = [1, CHUNK, CHUNK + 1, 2, 5 * CHUNK + 3, CHUNK - 1, 2 * CHUNK, 3 * CHUNK + 1, 1, 700]
+DECODE_LENS = [1, 64, 65, 2, 323, 63, 128, 193, 1, 700, 60, 60]
 
 
-@pytest.mark.parametrize("chunk", [CHUNK, 256, None], ids=["64", "256", "default"])
-def test_chunked_decode_matches_dense_softmax(args, mla, chunk):
+@pytest.mark.parametrize("decode_rows", [ROWS, None], ids=["small-groups", "default"])
+def test_grouped_decode_matches_dense_softmax(args, mla, decode_rows):
     n = len(DECODE_LENS)
     pool, slots, q_nope, q_pe, kv = random_step(args, [1] * n, DECODE_LENS)
     rows = torch.nn.utils.rnn.pad_sequence(slots, batch_first=True)
-    plan = plan_reads([1] * n, DECODE_LENS, [True] * n, rows, chunk=chunk)
-    assert plan.decode is not None and not plan.groups
+    plan = plan_reads([1] * n, DECODE_LENS, [True] * n, rows, **({} if decode_rows is None else {"decode_rows": ROWS}))
+    assert plan.decode and not plan.groups
+    sizes = sorted(g.num_seqs for g in plan.decode)
+    # longest first, padded to at most 1.25x their own rows: 700 and 323 alone; within 200 rows
+    # [65, 64, 63] is the largest group, else [65, 64, 63, 60, 60, 2]
+    assert (sizes[-1], len(plan.decode)) == ((3, 8) if decode_rows else (6, 5)), sizes
+    assert any(g.mask is None and g.num_seqs > 1 for g in plan.decode)  # equal lengths: no mask
     batch = AttentionBatch([1] * n, DECODE_LENS, [True] * n, plan=plan)
     with torch.inference_mode():
         ours = mla.attend(q_nope, q_pe, kv, batch, pool)
@@ -106,7 +111,7 @@ def test_mixed_step_matches_per_sequence_attention(args, mla, seed, max_padding)
     rows = torch.nn.utils.rnn.pad_sequence(slots, batch_first=True)
     plan = plan_reads(query_lens, context_lens, absorbed, rows, max_padding=max_padding)
     batch = AttentionBatch(query_lens, context_lens, absorbed, plan=plan)
-    assert plan.decode is not None and {g.is_absorbed for g in plan.groups} == {False, True}
+    assert plan.decode and {g.is_absorbed for g in plan.groups} == {False, True}
     assert max(g.num_seqs for g in plan.groups) == (1 if max_padding == 1 else 4)
     with torch.inference_mode():
         ours = mla.attend(q_nope, q_pe, kv, batch, pool)
@@ -220,17 +225,14 @@ def test_runner_inputs_match_per_sequence_slots_and_positions(args):
 
 
 def read_back(batch: AttentionBatch) -> list[list[int]]:
-    """Each sequence's context slots as the plan lays them out (decode chunks, padded groups)."""
+    """Each sequence's context slots as the plan lays them out (decode groups, padded groups)."""
     plan, starts = batch.plan, [sum(batch.query_lens[:i]) for i in range(len(batch.query_lens))]
     by_row: dict[int, list[int]] = {}
-    if plan.decode is not None:
-        d, offset = plan.decode, 0
-        for n in d.num_rows:
-            slots = d.slots[offset:offset + n * d.chunk].view(n, d.chunk)
-            pad = d.is_pad[offset:offset + n * d.chunk].view(n, d.chunk)
-            for r in range(n):
-                by_row.setdefault(d.rows[r].item(), []).extend(slots[r][~pad[r]].tolist())
-            offset += n * d.chunk
+    for d in plan.decode:
+        slots = d.slots.view(d.num_seqs, d.max_context)
+        real = torch.ones_like(slots, dtype=torch.bool) if d.mask is None else d.mask.view(d.num_seqs, -1)
+        for r in range(d.num_seqs):
+            by_row[d.rows[r].item()] = slots[r][real[r]].tolist()
     for group in plan.groups:
         rows, members = group.token_rows.tolist(), []
         while len(rows) > sum(batch.query_lens[i] for i in members):  # the group's sequences, in its order

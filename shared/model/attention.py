@@ -3,16 +3,17 @@
 Legend: T = tokens in the step (all sequences packed, no padding), t = one sequence's new tokens,
 L = that sequence's context (cached + new), H = heads, C = kv_lora_rank, R = qk_rope_head_dim,
 N = qk_nope_head_dim, V = v_head_dim, S = sequences of a padded group (queries padded to t, contexts
-to L), B = single-token decodes, K = decode chunk, W = a padded head width.
+to L), W = a padded head width.
 
 - expanded path: up-project the cached latent into per-head keys/values, then attend (prefill).
 - absorbed path: fold W_UK into the query and W_UV into the output, so attention reads the
   latent cache directly as one shared key of C+R channels and value of C channels (decode).
 Both give the same result up to rounding; `AttentionBatch.absorbed` picks one per sequence.
 
-A step's single-token absorbed decodes are attended together, chunk by chunk over their paged
-contexts (online softmax, no padded copy of the contexts); the other sequences go through one SDPA
-call per group of a path (by default the sequences of one shape, see `kv_cache.MAX_PADDING`). The
+A step's single-token absorbed decodes go through one fused SDPA call per group of similar context
+lengths (each group's paged contexts gathered once, a few thousand rows, see
+`kv_cache.DECODE_GROUP_ROWS`); the other sequences through one SDPA call per group of a path (by
+default the sequences of one shape, see `kv_cache.MAX_PADDING`). The
 indices come from the step's `ReadPlan`, so the per-layer work reads no device value on the host.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from .config import ModelArgs
-from .kv_cache import DecodeChunks, PaddedGroup, ReadPlan, plan_reads
+from .kv_cache import DecodeGroup, PaddedGroup, ReadPlan, plan_reads
 from .norm import RMSNorm
 from .rope import apply_rotary
 
@@ -57,7 +58,7 @@ class AttentionBatch:
 
     @classmethod
     def prefill(cls, query_lens: list[int], absorbed: bool = False,
-                device: torch.device | str = "cpu") -> "AttentionBatch":
+                device: torch.device | str = "cpu") -> AttentionBatch:
         """Sequences with no cached prefix, attended without a cache."""
         lens, paths = list(query_lens), [absorbed] * len(query_lens)
         return cls(lens, lens, paths, plan=plan_reads(lens, lens, paths, None).to(torch.device(device)))
@@ -152,10 +153,8 @@ class MLA(nn.Module):
             return cache.load(self.layer, rows) if plan.is_cached else kv.index_select(0, rows)
 
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)  # [T, H, V]
-        if plan.decode is not None:
-            rows = plan.decode.rows
-            out.index_copy_(0, rows, self._decode(q_nope.index_select(0, rows), q_pe.index_select(0, rows),
-                                                  plan.decode, read))
+        for group in plan.decode:
+            out.index_copy_(0, group.rows, self._decode(q_nope, q_pe, group, read))
         for group in plan.groups:
             path = self._absorbed if group.is_absorbed else self._expanded
             out.index_copy_(0, group.token_rows, path(q_nope, q_pe, group, read))
@@ -175,38 +174,16 @@ class MLA(nn.Module):
         w_uv = self._w_b()[1].to(o_latent.dtype)
         return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
 
-    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, plan: DecodeChunks,
-                read: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """B single-token queries (rows in the plan's order) -> [B, H, V]. Each chunk's scores and
-        the running max / sum / latent output are fp32; the probabilities meet the latent in its dtype."""
-        q = self._absorb_q(q_nope, q_pe)  # [B, H, C+R]
-        size, offset = plan.chunk, 0
-        for c, (n, full) in enumerate(zip(plan.num_rows, plan.num_full)):
-            span = slice(offset, offset + n * size)
-            offset += n * size
-            context = read(plan.slots[span]).view(n, size, -1)  # [n, K, C+R]
-            latent = context[..., :self.kv_lora_rank]
-            scores = torch.bmm(q[:n], context.transpose(1, 2)).float().mul_(self.scale)  # [n, H, K]
-            if full < n:  # rows whose context ends inside this chunk
-                scores[full:].masked_fill_(plan.is_pad[span].view(n, 1, size)[full:], float("-inf"))
-            if len(plan.num_rows) == 1:  # the whole contexts at once: a plain softmax
-                probs = scores.softmax(dim=-1).to(context.dtype)
-                return self._absorb_out(torch.bmm(probs, latent))
-            chunk_max = scores.amax(dim=-1)  # [n, H]
-            if c == 0:
-                running_max = chunk_max
-                probs = scores.sub_(chunk_max[..., None]).exp_()
-                total = probs.sum(dim=-1)  # [B, H]
-                o_latent = torch.bmm(probs.to(context.dtype), latent).float()  # [B, H, C]
-                continue
-            new_max = torch.maximum(running_max[:n], chunk_max)
-            decay = (running_max[:n] - new_max).exp_()  # rescales what earlier chunks summed
-            probs = scores.sub_(new_max[..., None]).exp_()
-            total[:n].mul_(decay).add_(probs.sum(dim=-1))
-            o_latent[:n].mul_(decay[..., None]).add_(torch.bmm(probs.to(context.dtype), latent))
-            running_max[:n] = new_max
-        # W_UV in fp32 too: the chunks' partial outputs were already rounded once each
-        return self._absorb_out(o_latent.div_(total[..., None])).to(q.dtype)
+    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, group: DecodeGroup,
+                 read: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The group's single-token queries -> [S, H, V]. Its H heads share the one latent key/value
+        head, so they go to SDPA as H queries of one head: one fused call, whose scores and softmax
+        statistics are fp32 and whose probabilities meet the latent in its dtype."""
+        s, length = group.num_seqs, group.max_context
+        q = self._absorb_q(q_nope.index_select(0, group.rows), q_pe.index_select(0, group.rows))  # [S, H, C+R]
+        context = read(group.slots).view(s, 1, length, -1)  # [S, 1, L, C+R]: the latent is its own value
+        out = F.scaled_dot_product_attention(q[:, None], context, context, attn_mask=group.mask, scale=self.scale)
+        return self._absorb_out(out[:, 0, :, :self.kv_lora_rank])
 
     def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, group: PaddedGroup,
                   read: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -202,11 +202,20 @@ def _loop(xs: torch.Tensor, counts: torch.Tensor, stack: ExpertStack) -> torch.T
 def _sparse(xs: torch.Tensor, counts: torch.Tensor, stack: ExpertStack) -> torch.Tensor:
     ys = torch.empty_like(xs)
     inter, start = stack.w2.shape[2], 0
+    # Measured on an AMX CPU (bench_moe, 2 threads): one row goes through torch.mv, and bf16 rows as
+    # W @ xᵀ, which read the weights ~1.3-1.4x faster than x @ Wᵀ; fp32 from 2 rows is faster as x @ Wᵀ.
+    weight_left = xs.dtype != torch.float32
     for slot, n in enumerate(counts.tolist()):
-        if n:
-            h = F.linear(xs[start:start + n], stack.w13[slot])  # [n, 2I]
-            torch.mm(_silu_mul(h, inter, 1), stack.w2[slot].t(), out=ys[start:start + n])
-            start += n
+        if not n:
+            continue
+        x, y = xs[start:start + n], ys[start:start + n]
+        if n == 1:
+            torch.mv(stack.w2[slot], _silu_mul(torch.mv(stack.w13[slot], x[0]), inter, 0), out=y[0])
+        elif weight_left:
+            y.copy_(torch.mm(stack.w2[slot], _silu_mul(torch.mm(stack.w13[slot], x.t()), inter, 0)).t())
+        else:
+            torch.mm(_silu_mul(F.linear(x, stack.w13[slot]), inter, 1), stack.w2[slot].t(), out=y)
+        start += n
     return ys
 
 

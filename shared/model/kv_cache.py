@@ -5,8 +5,7 @@ elsewhere (the engine's block manager); the pool only holds the tensor.
 
 The read plan is built once per step on the host from Python ints and a [S, W] table of each
 sequence's rows (the pool slot of every position, or without a cache the step's own rows), so the
-forward never reads a device value back. Legend: S = sequences, B = single-token decodes,
-K = decode chunk, t / L = longest query / context of a padded group.
+forward never reads a device value back. Legend: S = sequences, t / L = longest query / context of a padded group.
 """
 from __future__ import annotations
 
@@ -16,11 +15,13 @@ import torch
 
 from .config import ModelArgs
 
-# A decode chunk gathers about this many latent rows over all its sequences: small enough to stay
-# in the CPU's caches between the gather and the two matmuls, big enough that the per-chunk ops
-# stay few (measured on the small preset, fp32 and bf16, 1..64 sequences of 64..2200 tokens).
-DECODE_CHUNK_ROWS = 8192
-BLOCK = 64  # chunks are whole cache blocks
+# A decode group gathers at most about this many latent rows (one sequence longer than that goes
+# alone): the gather then stays in the CPU's caches until the attention reads it. 64 sequences of
+# 267 tokens (small preset, bf16, 2 threads) took 2.3 ms a layer in one group, 1.7-1.8 in 2-4.
+DECODE_GROUP_ROWS = 8192
+# A decode group's padded rows may be this many times its sequences' own: sequences are sorted by
+# length, so a step's decodes fall into a few groups, each one SDPA call.
+DECODE_PADDING = 1.25
 # A prefill group may cost this many times the attention of its sequences one by one. Measured on
 # the CPU (2 threads, small preset, 8-12 sequences of 64-512 new tokens, some with cached prefixes),
 # any padding costs more than another SDPA call: sequences are batched only where their padded
@@ -47,18 +48,15 @@ class LatentKVPool:
 
 
 @dataclass
-class DecodeChunks:
-    """Single-token sequences attended chunk by chunk over their contexts (flash-decoding).
+class DecodeGroup:
+    """Single-token absorbed sequences attended in one call: the H heads of each query are H
+    queries of one latent head, against the sequence's context padded to L rows."""
 
-    Rows are sorted by context length, longest first, so the sequences that reach chunk c are a
-    prefix of the rows: only the last chunk of each sequence is padded (and masked)."""
-
-    chunk: int  # K context positions per chunk
-    num_rows: list[int]  # per chunk: how many leading rows reach it
-    num_full: list[int]  # per chunk: how many leading rows fill it (the rest end inside it)
-    rows: torch.Tensor  # [B] the sequences' token rows in the step, in sorted order
-    slots: torch.Tensor  # [sum_c num_rows[c] * K] chunk-major context rows; padding repeats a real one
-    is_pad: torch.Tensor  # [sum_c num_rows[c] * K] bool, laid out as `slots`
+    num_seqs: int
+    max_context: int
+    rows: torch.Tensor  # [S] the sequences' token rows in the step
+    slots: torch.Tensor  # [S * L] context rows to read, sequence by sequence; padding repeats the last
+    mask: torch.Tensor | None  # [S, 1, 1, L] bool, True on real keys; None: no padding
 
 
 @dataclass
@@ -82,17 +80,16 @@ class ReadPlan:
     """Everything the attention of one step indexes with, built once and shared by every layer."""
 
     is_cached: bool  # rows are pool slots; else rows of the step's own new KV
-    decode: DecodeChunks | None = None
+    decode: list[DecodeGroup] = field(default_factory=list)
     groups: list[PaddedGroup] = field(default_factory=list)
 
-    def to(self, device: torch.device) -> "ReadPlan":
+    def to(self, device: torch.device) -> ReadPlan:
         """The plan with its tensors on `device`: from pinned memory without blocking on CUDA."""
         def move(part):
             return replace(part, **{f.name: to_device(getattr(part, f.name), device) for f in fields(part)
                                     if isinstance(getattr(part, f.name), torch.Tensor)})
 
-        return ReadPlan(self.is_cached, None if self.decode is None else move(self.decode),
-                        [move(group) for group in self.groups])
+        return ReadPlan(self.is_cached, [move(group) for group in self.decode], [move(group) for group in self.groups])
 
 
 def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -104,14 +101,14 @@ def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
 
 def plan_reads(query_lens: list[int], context_lens: list[int], absorbed: list[bool], rows: torch.Tensor | None,
-               chunk: int | None = None, max_padding: float = MAX_PADDING) -> ReadPlan:
+               max_padding: float = MAX_PADDING, decode_rows: int = DECODE_GROUP_ROWS) -> ReadPlan:
     """The read plan of a ragged step, on the CPU. `rows` [S, W] (W >= every context length) holds
     the pool slot of each sequence's positions; None without a cache (each sequence then attends
-    to its own new tokens). Single-token absorbed sequences with a cache are decoded in chunks of
-    `chunk` positions (by default `decode_chunk`); the others go in groups of one path, each group
+    to its own new tokens). Single-token absorbed sequences with a cache are decoded in groups of
+    about `decode_rows` context rows at most; the others go in groups of one path, each group
     costing at most `max_padding` times its sequences' own attention."""
-    if chunk is not None and chunk < 1:
-        raise ValueError(f"decode chunk={chunk}: must be >= 1")
+    if decode_rows < 1:
+        raise ValueError(f"decode_rows={decode_rows}: must be >= 1")
     plan = ReadPlan(is_cached=rows is not None)
     if not query_lens:
         return plan
@@ -124,9 +121,8 @@ def plan_reads(query_lens: list[int], context_lens: list[int], absorbed: list[bo
     decode, paths = [], {False: [], True: []}
     for i, (q, a) in enumerate(zip(query_lens, absorbed)):
         (decode if plan.is_cached and q == 1 and a else paths[a]).append(i)
-    if decode:
-        chunk = chunk or decode_chunk(len(decode), max(context_lens[i] for i in decode))
-        plan.decode = _decode_chunks(decode, context_lens, token_start, rows, chunk)
+    for bucket in _decode_buckets(decode, context_lens, decode_rows):
+        plan.decode.append(_decode_group(bucket, context_lens, token_start, rows))
     for is_absorbed, members in paths.items():
         for bucket in _buckets(members, query_lens, context_lens, max_padding):
             plan.groups.append(_padded_group(is_absorbed, bucket, query_lens, context_lens, token_start, rows))
@@ -153,11 +149,19 @@ def _buckets(members: list[int], query_lens: list[int], context_lens: list[int],
     return [group for group, *_ in buckets]
 
 
-def decode_chunk(num_seqs: int, longest: int) -> int:
-    """Positions per decode chunk: about DECODE_CHUNK_ROWS rows in all, at least two blocks, and no
-    more than the longest context needs (then one chunk, padded only to its last block)."""
-    per_seq = max(2 * BLOCK, DECODE_CHUNK_ROWS // num_seqs // BLOCK * BLOCK)
-    return min(per_seq, -(-longest // BLOCK) * BLOCK)
+def _decode_buckets(members: list[int], context_lens: list[int], max_rows: int) -> list[list[int]]:
+    """Decodes, longest context first, in groups of at most `max_rows` padded rows (a longer
+    sequence alone) padded to at most DECODE_PADDING times their own rows."""
+    buckets: list[tuple[list[int], int]] = []  # members, own rows
+    for i in sorted(members, key=lambda i: -context_lens[i]):
+        if buckets:
+            group, own = buckets[-1]
+            padded = (len(group) + 1) * context_lens[group[0]]
+            if padded <= max_rows and padded <= DECODE_PADDING * (own + context_lens[i]):
+                buckets[-1] = (group + [i], own + context_lens[i])
+                continue
+        buckets.append(([i], context_lens[i]))
+    return [group for group, _ in buckets]
 
 
 def _ranges(lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,19 +170,14 @@ def _ranges(lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return owner, torch.arange(len(owner)) - (lens.cumsum(0) - lens)[owner]
 
 
-def _decode_chunks(members: list[int], context_lens: list[int], token_start: torch.Tensor, rows: torch.Tensor,
-                   chunk: int) -> DecodeChunks:
-    order = sorted(members, key=lambda i: -context_lens[i])
-    lens = [context_lens[i] for i in order]
-    num_chunks = -(-lens[0] // chunk)
-    num_rows = [sum(n > c * chunk for n in lens) for c in range(num_chunks)]
-    num_full = [sum(n >= (c + 1) * chunk for n in lens) for c in range(num_chunks)]
-    seqs, seq_lens = torch.tensor(order), torch.tensor(lens)
-    pair_chunk, pair_row = _ranges(torch.tensor(num_rows))  # [P] the (chunk, sorted row) of each pair
-    positions = pair_chunk[:, None] * chunk + torch.arange(chunk)  # [P, K]
-    last = seq_lens[pair_row, None] - 1
-    slots = rows[seqs[pair_row, None], torch.minimum(positions, last)]
-    return DecodeChunks(chunk, num_rows, num_full, token_start[seqs], slots.flatten(), (positions > last).flatten())
+def _decode_group(members: list[int], context_lens: list[int], token_start: torch.Tensor,
+                  rows: torch.Tensor) -> DecodeGroup:
+    lens = [context_lens[i] for i in members]
+    seqs, seq_lens, keys = torch.tensor(members), torch.tensor(lens), torch.arange(lens[0])
+    last = seq_lens[:, None] - 1
+    slots = rows[seqs[:, None], torch.minimum(keys, last)]  # [S, L]
+    mask = None if lens[-1] == lens[0] else (keys <= last)[:, None, None]
+    return DecodeGroup(len(members), lens[0], token_start[seqs], slots.flatten(), mask)
 
 
 def _padded_group(is_absorbed: bool, members: list[int], query_lens: list[int], context_lens: list[int],
