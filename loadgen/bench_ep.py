@@ -149,7 +149,7 @@ def main(argv=None) -> int:
           f"dtype {args.dtype}")
     for phase, what in (("prefill", f"2 x {args.prefill_len}-token prompts per rank, one step"),
                         ("decode", f"{args.decode_batch} running requests per rank, median step")):
-        def mean(mode, key):
+        def mean(mode, key, phase=phase):
             return statistics.mean(run[key] for r in results for run in r[f"{phase}_{mode}"])
         off, on = mean("off", "step_s"), mean("on", "step_s")
         exposed_off, exposed_on = mean("off", "exposed_s"), mean("on", "exposed_s")
@@ -157,8 +157,9 @@ def main(argv=None) -> int:
               f"exposed communication {exposed_off * 1000:.0f} ms off, {exposed_on * 1000:.0f} ms on: "
               f"{1 - exposed_on / exposed_off:.0%} hidden")
     sizes = wire_bytes_per_token(config.hidden_size, config.num_experts_per_tok, config.n_routed_experts // args.ep)
-    print("dispatch bytes per token sent to a rank (hidden %d, incl. its pair indices): %s; fp8/bf16 %.2fx"
-          % (config.hidden_size, ", ".join(f"{k} {v:.0f}" for k, v in sizes.items()), sizes["fp8"] / sizes["bf16"]))
+    per_wire = ", ".join(f"{k} {v:.0f}" for k, v in sizes.items())
+    print(f"dispatch bytes per token sent to a rank (hidden {config.hidden_size}, incl. its pair indices): "
+          f"{per_wire}; fp8/bf16 {sizes['fp8'] / sizes['bf16']:.2f}x")
     print("command: python -m loadgen.bench_ep " + " ".join(given))
     return 0
 

@@ -25,9 +25,9 @@ import torch
 
 from shared.ep.moe import EPMoE
 from shared.model.attention import AttentionBatch
-from shared.model.kv_cache import LatentKVPool
 from shared.model.config import ModelArgs
 from shared.model.experts import MoEPlan
+from shared.model.kv_cache import LatentKVPool
 from shared.model.loader import load_model
 from shared.model.moe import MoE
 from shared.model.presets import init_model
@@ -38,7 +38,8 @@ REPEATS = 2  # best of REPEATS, interleaved
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=None, help=f"HF checkpoint dir (default: small preset in {DEFAULT_DIR})")
+    p.add_argument("--model", type=Path, default=None,
+                   help=f"HF checkpoint dir (default: small preset in {DEFAULT_DIR})")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=32, help="decode steps after the prefill token")
@@ -234,8 +235,9 @@ def run_roofline(model, plan: MoEPlan, batch: int, input_len: int, steps: int, g
     flops = sorted(c[1] for c in costs)[len(costs) // 2]
     bound = max(nbytes / (bandwidth * 1e9), flops / rate)
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    return {"batch": batch, "context": input_len, "step_ms": 1e3 * median["chosen"], "loop_step_ms": 1e3 * median["loop"],
-            "bytes": nbytes, "flops": flops, "bytes_ms": 1e3 * nbytes / (bandwidth * 1e9), "flops_ms": 1e3 * flops / rate,
+    return {"batch": batch, "context": input_len, "step_ms": 1e3 * median["chosen"],
+            "loop_step_ms": 1e3 * median["loop"], "bytes": nbytes, "flops": flops,
+            "bytes_ms": 1e3 * nbytes / (bandwidth * 1e9), "flops_ms": 1e3 * flops / rate,
             "bound_ms": 1e3 * bound, "over_bound": median["chosen"] / bound, "loop_over_bound": median["loop"] / bound}
 
 

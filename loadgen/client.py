@@ -7,7 +7,6 @@ recorded, not retried); a `data: {"error": ...}` event inside the stream is reco
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -105,7 +104,7 @@ class Client:
                     result.e2el_s = time.perf_counter() - sent  # how fast the refusal came
                     return
                 await self._read_stream(r, sent, result)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             result.error, result.message = "timeout", "no answer within --request-timeout"
         except (aiohttp.ClientError, OSError) as e:
             result.error, result.message = "connection", f"{type(e).__name__}: {e}"

@@ -10,7 +10,8 @@ from collections import Counter
 
 import numpy as np
 
-from shared.economics import GPU_HOUR_USD, PRICES_PER_MILLION, TokenCounts, report as economics_report
+from shared.economics import GPU_HOUR_USD, PRICES_PER_MILLION, TokenCounts
+from shared.economics import report as economics_report
 
 from .client import Result
 from .runner import Run
@@ -118,7 +119,9 @@ def _plain(value):
 
 
 def record(r: Result) -> dict:
-    ms = (lambda s: None if s is None else s * 1000.0)
+    def ms(s: float | None) -> float | None:
+        return None if s is None else s * 1000.0
+
     return {"start_s": r.start_s, "output_len": r.output_len, "error": r.error, "message": r.message or None,
             "ttft_ms": ms(r.ttft_s), "tpot_ms": ms(r.tpot_s), "e2el_ms": ms(r.e2el_s),
             "itl_ms": [gap * 1000.0 for gap in r.itl_s], "prompt_tokens": r.prompt_tokens,
@@ -128,7 +131,9 @@ def record(r: Result) -> dict:
 def summary(result: dict) -> str:
     """The table printed after a run, laid out as `vllm bench serve`'s."""
     lines = ["{s:{c}^50}".format(s=" streamoe load test result ", c="=")]
-    row = (lambda label, value: lines.append(f"{label:<40} {value:<10}"))
+    def row(label: str, value) -> None:
+        lines.append(f"{label:<40} {value:<10}")
+
     row("Workload:", result["workload"])
     row("Successful requests:", result["completed"])
     row("Failed requests:", result["errors"]["failed"])

@@ -66,7 +66,7 @@ class Runner:
         self.t0 = self.client.t0 = time.perf_counter()
         try:
             await asyncio.wait_for(self.dispatch(), self.settings.duration_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass  # --duration passed: send nothing more
         await self.drain()
         duration = time.perf_counter() - self.t0

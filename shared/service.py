@@ -174,7 +174,7 @@ class Service:
                 await asyncio.wait_for(self.teardown(), 5.0)
                 await asyncio.wait_for(self.redis.delete(streams.heartbeat_key(self.name, self.config.instance_id)),
                                        2.0)
-            except (Exception, asyncio.TimeoutError) as e:  # Redis away: the TTLs clean up after us
+            except (TimeoutError, Exception) as e:  # Redis away: the TTLs clean up after us
                 self.log.warning("teardown incomplete: %r", e)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.redis.aclose(), 2.0)

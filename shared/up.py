@@ -1,9 +1,10 @@
 """`streamoe up`: the whole system on one machine, as a process supervisor would run it.
 
 An embedded Redis when no URL is given (append-only file on, so a Redis restart keeps the
-streams; a password drawn for the run, so other local users cannot reach the streams), then every service as its own `python -m services.<name>` process with its log in the
-run directory, `processes.json` describing them, one `streamoe ready: URL` line on stdout once
-all are healthy, restarts with backoff for a service that dies, and a clean stop on SIGTERM/Ctrl-C.
+streams; a password drawn for the run, so other local users cannot reach the streams), then
+every service as its own `python -m services.<name>` process with its log in the run directory,
+`processes.json` describing them, one `streamoe ready: URL` line on stdout once all are healthy,
+restarts with backoff for a service that dies, and a clean stop on SIGTERM/Ctrl-C.
 
 Secrets (the Redis URL, which may hold a password, and the API key) reach the services through
 their environment (`STREAMOE_REDIS_URL`, `STREAMOE_API_KEY`), never their command lines, which
@@ -108,7 +109,8 @@ def up(args: argparse.Namespace) -> int:
               "--device", args.device, "--threads", str(threads), "--ep-wire", args.ep_wire,
               "--num-redundant-experts", str(args.num_redundant_experts), *cache]
     gateway = ["--model", str(model)]
-    children = [Child("tokenizer", "services.tokenizer", ["--model", str(model)], free_port(), run_dir / "tokenizer.log"),
+    children = [Child("tokenizer", "services.tokenizer", ["--model", str(model)], free_port(),
+                      run_dir / "tokenizer.log"),
                 Child("cache", "services.cache", ["--model", str(model), "--dtype", numerics.dtype, "--device",
                                                   args.device, *cache], free_port(), run_dir / "cache.log"),
                 Child("balancer", "services.balancer", ["--ep-nodes", str(args.ep_nodes)], free_port(),

@@ -29,7 +29,6 @@ from .prefix_cache import PrefixCache
 from .service import Service, ServiceConfig
 from .wire import encode
 
-
 _STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -323,7 +322,7 @@ async def deployment_numerics(args: argparse.Namespace, log: logging.Logger) -> 
             except (RedisConnectionError, RedisTimeoutError) as e:
                 if delay is None:
                     raise SystemExit(f"--dtype={args.dtype} --moe-backend={args.moe_backend}: Redis stayed "
-                                     f"unreachable ({e}); check --redis-url, or give both values explicitly")
+                                     f"unreachable ({e}); check --redis-url, or give both values explicitly") from e
                 log.warning(json.dumps({"event": "numerics_redis_unreachable", "error": repr(e), "retry_in_s": delay}))
                 await asyncio.sleep(delay)
     finally:

@@ -60,9 +60,8 @@ async def redis(redis_url):
 def system(tiny_fp32, redis_url):
     """The services, each its own process, on the session's Redis: tokenizer, cache (off: it passes
     requests through), balancer, prefill rank 0, decode rank 0 and a gateway (the last)."""
-    from procs import ServiceProcess
-
     import redis as sync_redis
+    from procs import ServiceProcess
 
     sync_redis.Redis.from_url(redis_url).flushdb()  # once, before the services make their groups
     worker = ["--model", str(tiny_fp32), "--dtype", "fp32", "--rank", "0", "--threads", "1", "--kv-cache-mib", "64"]

@@ -80,7 +80,8 @@ def metric(service: ServiceProcess, name: str, **labels: str) -> float:
     return sample_sum(text, name, **labels)
 
 
-async def greedy_token_ids(session, gateway: ServiceProcess, model: str, prompt: list[int], max_tokens: int) -> list[int]:
+async def greedy_token_ids(session, gateway: ServiceProcess, model: str, prompt: list[int],
+                           max_tokens: int) -> list[int]:
     """One greedy, EOS-ignoring completion through the gateway -> its token ids."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "return_token_ids": True}

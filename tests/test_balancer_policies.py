@@ -5,8 +5,13 @@ import random
 
 import pytest
 
-from services.balancer.policies import (DecodeLoad, PrefillLoad, attention_compute, choose_decode_rank,
-                                        choose_prefill_rank)
+from services.balancer.policies import (
+    DecodeLoad,
+    PrefillLoad,
+    attention_compute,
+    choose_decode_rank,
+    choose_prefill_rank,
+)
 
 
 def test_prefill_prefers_the_rank_with_least_attention_compute():

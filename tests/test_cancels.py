@@ -9,9 +9,9 @@ import random
 
 import aiohttp
 import torch
-
 from procs import greedy_token_ids, metric
 from reference import load_reference, reference_greedy
+
 from shared import streams
 
 CANCELS = 1000
@@ -75,7 +75,8 @@ async def test_a_thousand_random_cancels_free_every_block(system, tiny_fp32, red
     client = Redis.from_url(redis_url)
     deadline = asyncio.get_running_loop().time() + 120
     while asyncio.get_running_loop().time() < deadline:
-        now = {"prefill": metric(prefill, "streamoe_kv_blocks_used"), "decode": metric(decode, "streamoe_kv_blocks_used")}
+        now = {name: metric(proc, "streamoe_kv_blocks_used")
+               for name, proc in (("prefill", prefill), ("decode", decode))}
         pending = [await pending_entries(client, s)
                    for s in (streams.prefill_stream("prefill", 0), streams.kv_stream("decode", 0))]
         if now == start and pending == [0, 0] and not metric(decode, "streamoe_running_requests"):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from reference import load_reference, reference_greedy
+
 from shared.redis_server import free_port
 
 

@@ -9,9 +9,9 @@ import time
 import aiohttp
 import pytest
 import torch
-
 from procs import ServiceProcess, greedy_token_ids, stop_all
 from reference import load_reference, reference_greedy
+
 from shared import streams
 
 CLAIM = ["--claim-idle-ms", "1500"]

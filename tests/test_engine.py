@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from reference import load_reference, reference_greedy
+
 from shared.engine.engine import Engine, EngineConfig, RequestError
 from shared.engine.sequence import SamplingParams
 from shared.model.kv_cache import LatentKVPool
@@ -58,7 +58,8 @@ def run(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]], a
 
 
 def greedy_requests(prompts):
-    return {f"r{i}": (p, SamplingParams(max_tokens=m, ignore_eos=True)) for i, (p, m) in enumerate(zip(prompts, MAX_TOKENS))}
+    return {f"r{i}": (p, SamplingParams(max_tokens=m, ignore_eos=True))
+            for i, (p, m) in enumerate(zip(prompts, MAX_TOKENS))}
 
 
 def check_against_reference(outputs, expected):

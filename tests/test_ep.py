@@ -8,14 +8,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-
 from modelcheck import packed_logits
 from reference import load_reference, reference_greedy
+
 from shared.engine.engine import Engine, EngineConfig
 from shared.engine.sequence import SamplingParams
 from shared.ep.group import EPGroup
-from shared.ep.moe import (apply_expert_parallel, base_owners, idle_forward, initial_placement, keep_tensor,
-                           local_experts, member_owners)
+from shared.ep.moe import (
+    apply_expert_parallel,
+    base_owners,
+    idle_forward,
+    initial_placement,
+    keep_tensor,
+    local_experts,
+    member_owners,
+)
 from shared.ep.overlap import Overlap, Tracer
 from shared.ep.transport import InProcessHub, RedisTransport
 from shared.ep.wire import dequantize_fp8, quantize_fp8

@@ -8,11 +8,11 @@ import time
 import aiohttp
 import pytest
 import torch
+from procs import ServiceProcess, greedy_token_ids, metric, stop_all
+from reference import load_reference, reference_greedy
 
 from loadgen.client import Client, Result
 from loadgen.workloads import Request
-from procs import ServiceProcess, greedy_token_ids, metric, stop_all
-from reference import load_reference, reference_greedy
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.ep.eplb import (LoadWindow, Placement, balance, choose_replica, identity_placement, rank_loads,
-                            rebalance_experts)
+from shared.ep.eplb import (
+    LoadWindow,
+    Placement,
+    balance,
+    choose_replica,
+    identity_placement,
+    rank_loads,
+    rebalance_experts,
+)
 
 # deepseek-notes.md §3.3: 2 layers, 12 experts in 4 groups, 16 slots, 2 nodes x 4 GPUs
 README_WEIGHT = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from shared.model.config import ModelArgs
-from shared.model.experts import (BACKENDS, ExpertStack, MoEPlan, check_supported, combine, expert_counts,
-                                  run_experts)
+from shared.model.experts import BACKENDS, ExpertStack, MoEPlan, check_supported, combine, expert_counts, run_experts
 from shared.model.loader import load_model
 from shared.model.moe import MoE
 

@@ -6,11 +6,11 @@ import math
 import shutil
 
 import torch
+from modelcheck import packed_logits
+from reference import load_reference
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from modelcheck import packed_logits
-from reference import load_reference
 from shared.model.fp8 import FP8_MAX, dequantize_blockwise, is_quantized_weight, quantize_blockwise
 from shared.model.loader import load_model
 

@@ -7,7 +7,6 @@ import json
 import aiohttp
 import pytest
 import torch
-
 from procs import ServiceProcess, metric
 from reference import load_reference, reference_greedy
 

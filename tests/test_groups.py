@@ -8,9 +8,9 @@ import asyncio
 import aiohttp
 import pytest
 import torch
-
 from procs import ServiceProcess, greedy_token_ids, metric, stop_all
 from reference import load_reference, reference_greedy
+
 from shared import streams
 
 GROUPS = {"prefill": ["prefill", "p-east"], "decode": ["d.a", "d.b"]}  # the default group's id is its role

@@ -43,7 +43,8 @@ def test_missing_tensor_is_named(ckpt):
 
 def test_extra_tensor_is_named(ckpt):
     rewrite_tensors(ckpt, lambda t: t.__setitem__("model.layers.0.self_attn.rogue.weight", torch.zeros(2)))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor 'model\.layers\.0\.self_attn\.rogue\.weight'"):
+    rogue = r"model\.safetensors: unexpected tensor 'model\.layers\.0\.self_attn\.rogue\.weight'"
+    with pytest.raises(CheckpointError, match=rogue):
         load_model(ckpt)
 
 

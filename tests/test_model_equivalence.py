@@ -10,9 +10,9 @@ import json
 
 import pytest
 import torch
-
 from modelcheck import incremental_logits, packed_logits
 from reference import EXPERT_TIE, GateRecorder, load_reference, selection_gap
+
 from shared.model.experts import BACKENDS
 from shared.model.loader import load_model
 

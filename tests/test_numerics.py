@@ -239,10 +239,10 @@ async def test_the_cache_service_waits_for_the_published_value(redis):
 
 async def test_a_handoff_in_another_dtype_is_refused_naming_both(redis):
     from services.decode.worker import GROUP, DecodeService
+    from services.prefill.worker import NO_KV
     from shared.bus import Bus
     from shared.messages import KVChunk, Sampling, TokenDelta, TokenizedRequest
     from shared.tensors import checksum, to_blob
-    from services.prefill.worker import NO_KV
 
     decode = DecodeService.__new__(DecodeService)  # the handoff path only: no model is loaded
     decode.engine = SimpleNamespace(model=SimpleNamespace(dtype=torch.float32))  # no add_prefilled: never admitted

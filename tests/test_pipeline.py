@@ -8,9 +8,9 @@ import time
 
 import pytest
 import torch
-
 from procs import metric
 from reference import load_reference, reference_greedy
+
 from shared import ownership, streams
 from shared.bus import Bus
 from shared.messages import GenerateRequest, KVChunk, Sampling, TokenDelta, TokenizedRequest
@@ -79,10 +79,11 @@ async def test_greedy_requests_match_transformers(system, tiny_fp32, client):
 
 async def test_text_prompt_with_stop_string(system, tiny_fp32, client):
     redis = client
+    from tokenizers import Tokenizer
+
     from shared.engine.engine import Engine
     from shared.engine.sequence import SamplingParams
     from shared.model.loader import load_model
-    from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tiny_fp32 / "tokenizer.json"))
     ids = tok.encode("Hello there").ids

@@ -8,7 +8,6 @@ import time
 import aiohttp
 import pytest
 import torch
-
 from procs import ServiceProcess, metric, stop_all
 from reference import load_reference, reference_greedy
 
@@ -66,7 +65,7 @@ async def test_turn_after_turn_hits_the_history(cached_system, tiny_fp32):
     prompt = torch.randint(3, 1024, (150,), generator=gen).tolist()
     history, cached_seen = [], []
     # turn 1 ends on a block boundary (150 + 42 = 192): its last token's KV is needed by turn 2
-    for turn, (max_tokens, extra) in enumerate([(42, 30), (33, 50), (10, 0)]):
+    for max_tokens, extra in [(42, 30), (33, 50), (10, 0)]:
         reply = await complete(cached_system, tiny_fp32, prompt, max_tokens)
         tokens = reply["choices"][0]["token_ids"]
         usage = reply["usage"]

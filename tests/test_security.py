@@ -19,8 +19,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 import redis as sync_redis
-
 from procs import ServiceProcess
+
 from shared.redis_server import free_port, start_redis
 
 PASSWORD = "pw-" + secrets.token_hex(12)  # the ACL user's

@@ -7,11 +7,11 @@ import time
 import urllib.request
 
 import pytest
+from procs import ServiceProcess
 
 from shared import streams
 from shared.bus import Bus
 from shared.messages import GenerateRequest, Sampling, TokenDelta, TokenizedRequest
-from procs import ServiceProcess
 
 GW = "gw-test"
 

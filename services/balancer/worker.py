@@ -30,9 +30,10 @@ DEAD_LETTERS_KEPT = 10_000  # nobody consumes them: the newest are kept for insp
 class BalancerService(Service):
     name = "balancer"
 
-    def __init__(self, config: ServiceConfig, eplb: EPLBSettings = EPLBSettings(), eplb_interval_s: float = 30.0):
+    def __init__(self, config: ServiceConfig, eplb: EPLBSettings | None = None,
+                 eplb_interval_s: float = 30.0):
         super().__init__(config)
-        self.experts = ExpertBalancer(eplb, self.log)
+        self.experts = ExpertBalancer(eplb or EPLBSettings(), self.log)
         self.eplb_interval_s = eplb_interval_s
 
     async def setup(self) -> None:

@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.tokenizer.detok import prefix_window
 from shared import ownership, streams
 from shared.bus import Entry
 from shared.messages import KVChunk, TokenDelta
 from shared.tensors import checksum, from_blob
 from shared.wire import WireError
 from shared.worker import WorkerService, sampling_params
-
-from services.tokenizer.detok import prefix_window
 
 GROUP = streams.group("decode")
 # A handoff that got no chunk this long is dropped: its prefill died mid-way (the prefill that

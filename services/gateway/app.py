@@ -226,7 +226,7 @@ class GatewayService(Service):
             raise asyncio.CancelledError
         try:
             delta = await asyncio.wait_for(state.queue.get(), max(0.0, deadline - time.time()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApiError(504, "the request's deadline passed", None, "timeout") from None
         state.finished = delta.finish_reason is not None  # the backend has ended it (error included)
         if delta.finish_reason == "error":

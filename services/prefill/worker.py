@@ -8,15 +8,14 @@ import time
 
 from prometheus_client import Counter
 
+from services.balancer.policies import attention_compute
+from services.tokenizer.detok import prefix_window
 from shared import streams
 from shared.engine.engine import RequestError
 from shared.messages import KVChunk, PrefillTask, TokenDelta
 from shared.tensors import checksum, to_blob
 from shared.wire import TensorBlob
 from shared.worker import WorkerService, sampling_params
-
-from services.balancer.policies import attention_compute
-from services.tokenizer.detok import prefix_window
 
 GROUP = streams.group("prefill")
 NO_KV = TensorBlob("float32", [0], b"")  # the final chunk of a handoff carries no KV
@@ -99,7 +98,7 @@ class PrefillService(WorkerService):
                 writes.append((streams.kv_stream(task.decode_group, task.decode_rank), KVChunk(
                     request_id, task.request.trace_id, layer, self.num_layers, blob, checksum(blob.data),
                     computed_at=computed_at, sent_at=time.time())))
-            await self.until_written(lambda: self.bus.publish_many(writes))
+            await self.until_written(lambda writes=writes: self.bus.publish_many(writes))
 
     async def finish(self, delta) -> None:
         entry_id, task = self.tasks.pop(delta.request_id)

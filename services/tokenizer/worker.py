@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgpack
-from prometheus_client import Counter
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from prometheus_client import Counter
 from tokenizers import Tokenizer
 
 from shared import streams

@@ -169,7 +169,8 @@ class Engine:
         else:
             seq.output_ids.append(token)
             delta.token_ids.append(token)
-            if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.model.args.max_position_embeddings:
+            max_len = self.model.args.max_position_embeddings
+            if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= max_len:
                 delta.finish_reason = "length"
         if self.config.mode == "prefill" and delta.finish_reason is None:
             delta.kv = self.runner.read_kv(seq, len(seq.prompt_ids))

@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..model.model import DeepseekV3
 from ..model.experts import ExpertStack, combine, expert_counts, run_experts
+from ..model.model import DeepseekV3
 from ..model.moe import MoE
 from .wire import decode_combine, decode_dispatch, encode_combine, encode_dispatch
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..model.loader import read_tensors
 from ..model.experts import MLP, ExpertStack
+from ..model.loader import read_tensors
 from .moe import EPMoE
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")

@@ -98,7 +98,7 @@ class ModelArgs:
         return scale
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelArgs":
+    def from_file(cls, path: str | Path) -> ModelArgs:
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
@@ -109,7 +109,7 @@ class ModelArgs:
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelArgs":
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelArgs:
         return _parse(raw, source)
 
 
@@ -170,7 +170,8 @@ def _parse(raw: dict[str, Any], source: str) -> ModelArgs:
     if topk_group > n_group:
         raise fail("topk_group", topk_group, f"must be <= n_group={n_group}")
     if top_k > topk_group * (experts // n_group):
-        raise fail("num_experts_per_tok", top_k, f"exceeds the {topk_group * (experts // n_group)} experts in the kept groups")
+        kept = topk_group * (experts // n_group)
+        raise fail("num_experts_per_tok", top_k, f"exceeds the {kept} experts in the kept groups")
     if experts // n_group < 2:
         raise fail("n_group", n_group, "leaves fewer than 2 experts per group (the group score sums the top 2)")
     first_dense = get("first_k_dense_replace", 0)

@@ -32,7 +32,8 @@ def quantize_blockwise(weight: torch.Tensor, block: tuple[int, int] = (128, 128)
     padded = torch.zeros(rows * block[0], cols * block[1], dtype=torch.float32, device=weight.device)
     padded[:out_dim, :in_dim] = weight.float()
     tiles = padded.view(rows, block[0], cols, block[1])
-    amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # [rows, cols]; padding is zero, so ragged blocks see only real values
+    # [rows, cols]; padding is zero, so ragged blocks see only real values
+    amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12)
     scale_inv = amax / FP8_MAX
     q = (tiles / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.view(rows * block[0], cols * block[1])[:out_dim, :in_dim].contiguous(), scale_inv

@@ -18,8 +18,8 @@ from torch import nn
 from ..cliargs import home
 from ..hashing import model_fingerprint
 from .config import ModelArgs
-from .fp8 import dequantize_blockwise
 from .experts import ExpertStack, MoEPlan, default_plan
+from .fp8 import dequantize_blockwise
 from .model import DeepseekV3
 from .moe import MoE
 from .safetensors_io import SafetensorsFile
