@@ -80,7 +80,7 @@ def in_process(args: argparse.Namespace, model_dir: Path, vocab_size: int) -> di
     opts = parse_args(loadgen_argv(args, "http://unused", vocab_size, Path(os.devnull)))
     requests = build(opts).requests  # the very prompts loadgen sent
     from shared.model.config import ModelArgs
-    from shared.numerics import Shapes, resolve
+    from shared.runtime.numerics import Shapes, resolve
 
     torch.set_num_threads(os.cpu_count() or 1)
     # the numerics `streamoe up` would choose with this process's threads (calibrated, or cached)
@@ -110,7 +110,7 @@ def in_process(args: argparse.Namespace, model_dir: Path, vocab_size: int) -> di
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from shared.up import home
+    from shared.launcher.up import home
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     vocab_size = _vocab(args.preset)

@@ -58,13 +58,14 @@ def wire_bytes_per_token(hidden: int, top_k: int, slots: int) -> dict[str, float
 async def rank_main(args: argparse.Namespace) -> dict:
     from shared.engine.engine import Engine, EngineConfig
     from shared.engine.sequence import SamplingParams
+    from shared.ep.eplb import initial_placement
     from shared.ep.group import EPGroup
-    from shared.ep.moe import apply_expert_parallel, initial_placement, keep_tensor, local_experts
+    from shared.ep.moe import apply_expert_parallel, keep_tensor, local_experts
     from shared.ep.overlap import Overlap, Tracer
     from shared.ep.transport import RedisTransport
+    from shared.launcher.up import home
     from shared.model.config import ModelArgs
     from shared.model.loader import load_model
-    from shared.up import home
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ep))
     path = home() / "models" / args.preset
@@ -124,10 +125,10 @@ def main(argv=None) -> int:
         result = asyncio.run(rank_main(args))
         args.out.write_text(json.dumps(result))
         return 0
+    from shared.launcher.redis_server import start_redis
+    from shared.launcher.up import home
     from shared.model.config import ModelArgs
     from shared.model.presets import init_model
-    from shared.redis_server import start_redis
-    from shared.up import home
 
     path = home() / "models" / args.preset
     if not (path / "model.safetensors").exists():

@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=32, help="decode steps after the prefill token")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="compute dtype; auto: calibrated, as the services resolve it (shared/numerics.py)")
+                   help="compute dtype; auto: calibrated, as the services resolve it (shared/runtime/numerics.py)")
     p.add_argument("--moe-backend", default="auto", help="MoE backend or plan; auto: calibrated")
     p.add_argument("--device", default="cpu")
     p.add_argument("--roofline-batches", default="1,16,64", help="running requests of the roofline steps ('' : skip)")
@@ -162,7 +162,7 @@ def _sync(device: str) -> None:
 def resolve_numerics(opts: argparse.Namespace, args: ModelArgs) -> tuple[torch.dtype, MoEPlan, str]:
     """--dtype and --moe-backend as a service resolves them (auto: calibrated, or the cached
     calibration of this machine): (compute dtype, MoE plan, source)."""
-    from shared.numerics import Shapes, resolve
+    from shared.runtime.numerics import Shapes, resolve
 
     numerics = resolve(Shapes.of(args), opts.device, opts.threads, opts.dtype, opts.moe_backend)
     print(f"numerics: dtype {numerics.dtype}, moe backend {numerics.moe_backend} ({numerics.source})", flush=True)

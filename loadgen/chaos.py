@@ -38,7 +38,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from shared.metrics_report import sample_sum
+from shared.cost.metrics_report import sample_sum
 
 from .client import Client, Result, make_session
 from .system import running_system

@@ -10,8 +10,8 @@ from collections import Counter
 
 import numpy as np
 
-from shared.economics import GPU_HOUR_USD, PRICES_PER_MILLION, TokenCounts
-from shared.economics import report as economics_report
+from shared.cost.economics import GPU_HOUR_USD, PRICES_PER_MILLION, TokenCounts
+from shared.cost.economics import report as economics_report
 
 from .client import Result
 from .runner import Run

@@ -11,8 +11,8 @@ from contextlib import contextmanager
 @contextmanager
 def running_system(*up_args: str) -> Iterator[str]:
     """`streamoe up ARGS` until its ready line -> its URL; SIGTERM (everything stops) on exit."""
-    up = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", *up_args], stdout=subprocess.PIPE, text=True,
-                          start_new_session=True)
+    up = subprocess.Popen([sys.executable, "-m", "shared.launcher.cli", "up", *up_args], stdout=subprocess.PIPE,
+                          text=True, start_new_session=True)
     try:
         line = up.stdout.readline().strip()
         if not line.startswith("streamoe ready: "):

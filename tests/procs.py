@@ -8,7 +8,7 @@ import tempfile
 import time
 import urllib.request
 
-from shared.redis_server import free_port
+from shared.launcher.redis_server import free_port
 
 
 class ServiceProcess:
@@ -67,7 +67,7 @@ class ServiceProcess:
 
 def metric(service: ServiceProcess, name: str, **labels: str) -> float:
     """The sum of a service's /metrics samples with this name and these labels (0 when absent)."""
-    from shared.metrics_report import sample_sum
+    from shared.cost.metrics_report import sample_sum
 
     try:
         with urllib.request.urlopen(service.url("/metrics"), timeout=10) as r:

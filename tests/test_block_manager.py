@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
+from shared.cache.hashing import block_hash, chain_hashes, root_hash
 from shared.engine.block_manager import BlockManager
 from shared.engine.sequence import SamplingParams, Sequence
-from shared.hashing import block_hash, chain_hashes, root_hash
 
 ROOT = root_hash("test-model")
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.cache.index import LRUIndex, RedisIndex
-from services.cache.store import HEADER, BlockStore
-from shared.hashing import block_hash, root_hash
+from shared.cache.hashing import block_hash, root_hash
+from shared.cache.index import LRUIndex, RedisIndex
+from shared.cache.store import HEADER, BlockStore
 
 ROOT = root_hash("test-model")
 TOKENS = list(range(100, 164))

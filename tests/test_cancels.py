@@ -12,7 +12,7 @@ import torch
 from procs import greedy_token_ids, metric
 from reference import load_reference, reference_greedy
 
-from shared import streams
+from shared.protocol import streams
 
 CANCELS = 1000
 

@@ -8,7 +8,7 @@ import sys
 
 from reference import load_reference, reference_greedy
 
-from shared.redis_server import free_port
+from shared.launcher.redis_server import free_port
 
 
 def differences_are_near_ties(model, faults: dict) -> None:

@@ -12,7 +12,7 @@ import torch
 from procs import ServiceProcess, greedy_token_ids, stop_all
 from reference import load_reference, reference_greedy
 
-from shared import streams
+from shared.protocol import streams
 
 CLAIM = ["--claim-idle-ms", "1500"]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from shared.cli import main
-from shared.metrics_report import Totals, full_report
-from shared.redis_server import free_port
+from shared.cost.metrics_report import Totals, full_report
+from shared.launcher.cli import main
+from shared.launcher.redis_server import free_port
 
 FIXTURES = Path(__file__).parent / "fixtures" / "metrics"
 DAY = sorted(str(p) for p in (FIXTURES / "deepseek_day").glob("*.prom"))
@@ -85,7 +85,7 @@ def test_deepseek_day_table(capsys):
 
 
 def test_deepseek_day_subprocess():
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", "cost", "--metrics", *DAY, "--json"],
+    proc = subprocess.run([sys.executable, "-m", "shared.launcher.cli", "cost", "--metrics", *DAY, "--json"],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0, proc.stderr
     check_deepseek_day(json.loads(proc.stdout))

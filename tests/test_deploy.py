@@ -29,10 +29,10 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from shared.cli import build_parser as streamoe_parser
-from shared.cliargs import apply_env_defaults, env_name
+from shared.launcher.cli import build_parser as streamoe_parser
+from shared.launcher.cliargs import apply_env_defaults, env_name
+from shared.launcher.redis_server import free_port, start_redis
 from shared.model.presets import preset_config
-from shared.redis_server import free_port, start_redis
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 SERVICES = {"tokenizer", "cache", "balancer", "prefill", "decode", "gateway"}
@@ -57,7 +57,7 @@ def service_parser(module: str) -> argparse.ArgumentParser:
     def capture(parser, argv=None):
         raise _Built(parser)
 
-    with mock.patch("shared.service.parse_service_args", capture):
+    with mock.patch("shared.runtime.service.parse_service_args", capture):
         try:
             runpy.run_module(module, run_name="__main__")
         except _Built as built:

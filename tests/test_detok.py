@@ -6,7 +6,7 @@ import random
 import pytest
 from tokenizers import Tokenizer
 
-from services.tokenizer.detok import TokenBytes, delta_text, prefix_window
+from shared.model.detok import TokenBytes, delta_text, prefix_window
 from shared.model.tokenizer_files import EOS_ID, tokenizer_json_path
 
 TEXTS = [

@@ -13,12 +13,12 @@ from reference import load_reference, reference_greedy
 
 from shared.engine.engine import Engine, EngineConfig
 from shared.engine.sequence import SamplingParams
+from shared.ep.eplb import initial_placement
 from shared.ep.group import EPGroup
 from shared.ep.moe import (
     apply_expert_parallel,
     base_owners,
     idle_forward,
-    initial_placement,
     keep_tensor,
     local_experts,
     member_owners,
@@ -340,9 +340,9 @@ async def test_the_balancer_publishes_a_better_placement_from_reported_load(redi
     import logging
 
     from services.balancer.expert_lb import EPLBSettings, ExpertBalancer
-    from shared import streams
-    from shared.messages import ExpertLoad, PlacementUpdate
-    from shared.wire import decode, encode
+    from shared.protocol import streams
+    from shared.protocol.messages import ExpertLoad, PlacementUpdate
+    from shared.protocol.wire import decode, encode
 
     balancer = ExpertBalancer(EPLBSettings(window=4, min_tokens=100), logging.getLogger("test"))
     skew = [[1000 if e < 3 else 10 for e in range(16)]] * 2  # experts 0-2 (all on rank 0) are hot
@@ -373,10 +373,10 @@ async def test_a_group_the_node_count_does_not_fit_is_skipped_and_the_others_go_
     import logging
 
     from services.balancer.expert_lb import EPLBSettings, ExpertBalancer
-    from shared import streams
     from shared.ep.eplb import NodeCounts
-    from shared.messages import ExpertLoad
-    from shared.wire import encode
+    from shared.protocol import streams
+    from shared.protocol.messages import ExpertLoad
+    from shared.protocol.wire import encode
 
     balancer = ExpertBalancer(EPLBSettings(window=4, min_tokens=100, ep_nodes=NodeCounts.parse(ep_nodes)),
                               logging.getLogger("test"))

@@ -101,8 +101,8 @@ async def test_two_prefill_ranks_writing_the_same_blocks_leave_one_good_copy(ep_
     """The same prompt twice at once: the balancer sends one to each prefill rank, both ranks (and
     then both decode ranks) write its blocks at the same moment; each block is one file that
     verifies, no temporary file is left, and the prompt hits the cache afterwards."""
-    from services.cache.store import BlockStore
-    from shared.hashing import chain_hashes, root_hash
+    from shared.cache.hashing import chain_hashes, root_hash
+    from shared.cache.store import BlockStore
     from shared.model.loader import checkpoint_fingerprint
 
     gen = torch.Generator().manual_seed(10)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import streams
 from shared.ep.transport import ExchangeTimeout, InProcessHub, RedisTransport, Transport
+from shared.protocol import streams
 
 ROOT = Path(__file__).resolve().parent.parent
 LARGE = 16 << 20

@@ -241,7 +241,7 @@ async def test_overload_deadline_and_no_backend(system, tiny_fp32, redis_url):
 
 async def test_no_backend_is_a_503(tiny_fp32, tmp_path):
     """Only a tokenizer, a balancer and a gateway on a Redis of their own: no worker rank is live."""
-    from shared.redis_server import start_redis
+    from shared.launcher.redis_server import start_redis
 
     redis_proc, url = start_redis(tmp_path / "redis", appendonly=False)
     services = [ServiceProcess("services.tokenizer", url, "--model", str(tiny_fp32)),

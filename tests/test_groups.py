@@ -11,7 +11,7 @@ import torch
 from procs import ServiceProcess, greedy_token_ids, metric, stop_all
 from reference import load_reference, reference_greedy
 
-from shared import streams
+from shared.protocol import streams
 
 GROUPS = {"prefill": ["prefill", "p-east"], "decode": ["d.a", "d.b"]}  # the default group's id is its role
 
@@ -50,7 +50,7 @@ async def test_two_groups_of_each_role_share_the_work(tiny_fp32, redis_url, redi
 
 def test_a_group_id_that_cannot_name_a_stream_is_refused(tiny_fp32, redis_url, capsys, monkeypatch):
     from services.decode.worker import DecodeService
-    from shared.worker import worker_main
+    from shared.runtime.worker import worker_main
 
     for bad in ("a:b", "*", "", "-x", "g" * 64):
         with pytest.raises(SystemExit) as e:

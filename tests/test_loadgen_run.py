@@ -137,7 +137,7 @@ def test_duration_stops_the_run_by_itself(url, tmp_path):
 def test_cost_report_reads_the_live_system(system, url):
     """`streamoe cost --url` finds every service through the gateway and sums their counters:
     the tokens equal the gateway's, and the two worker ranks count as two GPUs."""
-    done = subprocess.run([sys.executable, "-m", "shared.cli", "cost", "--url", url, "--json"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "shared.launcher.cli", "cost", "--url", url, "--json"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

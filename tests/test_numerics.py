@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from shared import numerics, streams
 from shared.model.experts import MoEPlan
-from shared.numerics import Numerics, Shapes, Timings, agree, cache_key, plan_of, resolve, wait_published
+from shared.protocol import streams
+from shared.runtime import numerics
+from shared.runtime.numerics import Numerics, Shapes, Timings, agree, cache_key, plan_of, resolve, wait_published
 
 
 def counting_measure():
@@ -140,7 +141,7 @@ def test_real_deepseek_shapes_are_capped():
 
 @pytest.mark.parametrize("flag", ["--moe-backend", "--dtype"])
 def test_generate_refuses_a_bad_value_naming_it(tiny_fp32, capsys, flag):
-    from shared.cli import main
+    from shared.launcher.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(tiny_fp32), "--prompt", "hi", flag, "nonsense"])
@@ -149,7 +150,7 @@ def test_generate_refuses_a_bad_value_naming_it(tiny_fp32, capsys, flag):
 
 
 def test_up_refuses_a_bad_plan(capsys):
-    from shared.cli import build_parser
+    from shared.launcher.cli import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["up", "--moe-backend", "2:loop"])
@@ -158,7 +159,7 @@ def test_up_refuses_a_bad_plan(capsys):
 
 def test_a_worker_refuses_bad_values_by_flag_and_environment(tiny_fp32, capsys, monkeypatch):
     from services.decode.worker import DecodeService
-    from shared.worker import worker_main
+    from shared.runtime.worker import worker_main
 
     argv = ["--model", str(tiny_fp32), "--redis-url", "redis://127.0.0.1:1/0"]
     with pytest.raises(SystemExit) as e:
@@ -240,9 +241,9 @@ async def test_the_cache_service_waits_for_the_published_value(redis):
 async def test_a_handoff_in_another_dtype_is_refused_naming_both(redis):
     from services.decode.worker import GROUP, DecodeService
     from services.prefill.worker import NO_KV
-    from shared.bus import Bus
-    from shared.messages import KVChunk, Sampling, TokenDelta, TokenizedRequest
-    from shared.tensors import checksum, to_blob
+    from shared.protocol.messages import KVChunk, Sampling, TokenDelta, TokenizedRequest
+    from shared.protocol.tensors import checksum, to_blob
+    from shared.runtime.bus import Bus
 
     decode = DecodeService.__new__(DecodeService)  # the handoff path only: no model is loaded
     decode.engine = SimpleNamespace(model=SimpleNamespace(dtype=torch.float32))  # no add_prefilled: never admitted
@@ -262,7 +263,7 @@ async def test_a_handoff_in_another_dtype_is_refused_naming_both(redis):
         decode.receive(entry)
     await decode.admit_ready()
     ((_, fields),) = await redis.xrange(streams.RAW_DELTAS)
-    from shared.wire import decode as decode_message
+    from shared.protocol.wire import decode as decode_message
 
     delta = decode_message(next(iter(fields.values())), TokenDelta)
     assert delta.finish_reason == "error" and delta.status == 500 and delta.index == 1

@@ -11,11 +11,12 @@ import torch
 from procs import metric
 from reference import load_reference, reference_greedy
 
-from shared import ownership, streams
-from shared.bus import Bus
-from shared.messages import GenerateRequest, KVChunk, Sampling, TokenDelta, TokenizedRequest
-from shared.tensors import checksum, to_blob
-from shared.wire import TensorBlob
+from shared.protocol import streams
+from shared.protocol.messages import GenerateRequest, KVChunk, Sampling, TokenDelta, TokenizedRequest
+from shared.protocol.tensors import checksum, to_blob
+from shared.protocol.wire import TensorBlob
+from shared.runtime import ownership
+from shared.runtime.bus import Bus
 
 GW = "gw-pipeline"
 LENGTHS = [1, 3, 17, 64, 65, 130, 200, 300]
@@ -157,7 +158,7 @@ async def test_first_layer_reaches_decode_before_prefill_computes_the_last(syste
 async def test_decode_records_ownership_while_running(system, client):
     """While a request runs, Redis says which decode rank owns it and how many tokens it has sent
     (the record a resume needs); the record goes when the request finishes."""
-    from shared.wire import decode as decode_message
+    from shared.protocol.wire import decode as decode_message
 
     prompt = list(range(10, 40))
     req = GenerateRequest("owned", "trace-owned", GW, Sampling(max_tokens=300, ignore_eos=True), time.time() + 300,

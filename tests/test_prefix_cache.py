@@ -166,7 +166,7 @@ async def test_salts_never_share_and_corrupt_blocks_are_misses(cached_system, ti
     assert disk_hits(cached_system) == before
     assert third["choices"][0]["token_ids"] == first["choices"][0]["token_ids"]
     # the damaged files were removed and prefill wrote good ones again
-    from shared.hashing import chain_hashes, root_hash
+    from shared.cache.hashing import chain_hashes, root_hash
     from shared.model.loader import checkpoint_fingerprint
 
     root = root_hash(checkpoint_fingerprint(tiny_fp32, torch.float32), "tenant-a")

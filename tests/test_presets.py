@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shared.cli import main
+from shared.launcher.cli import main
 from shared.model.presets import init_model, preset_config
 
 TABLE = {  # design.md §4, column by column

@@ -12,7 +12,7 @@ import torch
 from procs import ServiceProcess, greedy_token_ids, sse_events, stop_all
 from reference import load_reference, reference_greedy
 
-from shared.redis_server import free_port, start_redis
+from shared.launcher.redis_server import free_port, start_redis
 
 FAST = ["--heartbeat-ttl-s", "2", "--claim-idle-ms", "2000", "--housekeeping-s", "0.5"]
 DEADLINE_S = 40

@@ -13,7 +13,8 @@ import torch
 from procs import ServiceProcess, metric, sse_events, stop_all
 from reference import load_reference, reference_greedy
 
-from shared import ownership, streams
+from shared.protocol import streams
+from shared.runtime import ownership
 
 FAST = ["--heartbeat-ttl-s", "1.5", "--claim-idle-ms", "1500", "--housekeeping-s", "0.3"]
 

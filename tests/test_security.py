@@ -21,7 +21,7 @@ import pytest
 import redis as sync_redis
 from procs import ServiceProcess
 
-from shared.redis_server import free_port, start_redis
+from shared.launcher.redis_server import free_port, start_redis
 
 PASSWORD = "pw-" + secrets.token_hex(12)  # the ACL user's
 ADMIN_PASSWORD = "admin-" + secrets.token_hex(12)  # the default user's: the services never get it
@@ -213,7 +213,7 @@ class TlsProxy:
 def test_rediss_url_settings_reach_redis_py(tmp_path):
     """`rediss://` with `ssl_ca_certs` in the query: the service trusts our CA and runs over TLS;
     the same URL without it does not (the system CAs do not know ours)."""
-    from shared import streams
+    from shared.protocol import streams
 
     proc, port = start_acl_redis(tmp_path / "redis")
     ca, cert, key = make_certs(tmp_path)
@@ -265,7 +265,7 @@ def test_keys_are_compared_in_constant_time(tiny_fp32, monkeypatch):
     """Every comparison of a given key goes through hmac.compare_digest."""
     from services.gateway.app import GatewayService, GatewaySettings
     from services.gateway.protocol import ApiError
-    from shared.service import ServiceConfig
+    from shared.runtime.service import ServiceConfig
 
     service = GatewayService(ServiceConfig("redis://127.0.0.1:1/0", "keys"),
                              GatewaySettings(tiny_fp32, "tiny", api_keys=("k-one", "k-two")))
@@ -378,7 +378,7 @@ def test_services_bind_loopback_by_default(module, monkeypatch):
 
 
 def test_streamoe_up_binds_loopback_by_default(monkeypatch):
-    from shared.cli import build_parser
+    from shared.launcher.cli import build_parser
 
     monkeypatch.delenv("STREAMOE_HOST", raising=False)
     assert build_parser().parse_args(["up"]).host == "127.0.0.1"

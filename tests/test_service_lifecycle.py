@@ -20,7 +20,7 @@ def test_sigterm_during_busy_housekeeping_exits_cleanly(redis_url):
 
 
 def test_sigterm_after_redis_died_exits(tmp_path):
-    from shared.redis_server import start_redis
+    from shared.launcher.redis_server import start_redis
 
     redis_proc, url = start_redis(tmp_path / "redis", appendonly=False)
     service = ServiceProcess("services.balancer", url, "--housekeeping-s", "0.05", "--heartbeat-ttl-s", "0.3")

@@ -9,9 +9,9 @@ import urllib.request
 import pytest
 from procs import ServiceProcess
 
-from shared import streams
-from shared.bus import Bus
-from shared.messages import GenerateRequest, Sampling, TokenDelta, TokenizedRequest
+from shared.protocol import streams
+from shared.protocol.messages import GenerateRequest, Sampling, TokenDelta, TokenizedRequest
+from shared.runtime.bus import Bus
 
 GW = "gw-test"
 
@@ -82,7 +82,7 @@ async def test_detokenizes_statelessly_across_a_killed_replica(tokenizer_service
     concatenate to it, one delta per index."""
     from tokenizers import Tokenizer
 
-    from services.tokenizer.detok import prefix_window
+    from shared.model.detok import prefix_window
 
     proc_a = tokenizer_service.proc
     text = "你好，世界 🌍 — the quick brown fox; def f(x): return x"
@@ -121,7 +121,7 @@ async def test_sigterm_drains_and_exits_cleanly(tokenizer_service, redis):
 
 
 def test_remembered_reply_ids_are_spliced_only_between_special_tokens(tiny_fp32, tmp_path):
-    """shared/reply_memory.py: an assistant message whose ids are remembered is encoded as those
+    """shared/cache/reply_memory.py: an assistant message whose ids are remembered is encoded as those
     ids; everything else exactly as the template's text; a template that does not frame replies
     with special tokens falls back to the text."""
     import json

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.redis_server import free_port
+from shared.launcher.redis_server import free_port
 
 
 def alive(pid: int) -> bool:
@@ -43,8 +43,8 @@ def start_up(tiny_fp32, tmp_path, *flags: str) -> tuple[subprocess.Popen, str, P
     shutil.copytree(tiny_fp32, model)
     port = free_port()
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--port", str(port),
-                             "--run-dir", str(run_dir), "--ready-timeout", "180", *flags],
+    proc = subprocess.Popen([sys.executable, "-m", "shared.launcher.cli", "up", "--model", str(model),
+                             "--port", str(port), "--run-dir", str(run_dir), "--ready-timeout", "180", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "STREAMOE_HOME": str(tmp_path / "home")})
     line = proc.stdout.readline().strip()

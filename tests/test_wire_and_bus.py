@@ -4,10 +4,10 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from shared import streams
-from shared.bus import Bus, StreamFull
-from shared.messages import GenerateRequest, KVChunk, Sampling, TokenDelta
-from shared.wire import SCHEMA_VERSION, TensorBlob, WireError, decode, encode
+from shared.protocol import streams
+from shared.protocol.messages import GenerateRequest, KVChunk, Sampling, TokenDelta
+from shared.protocol.wire import SCHEMA_VERSION, TensorBlob, WireError, decode, encode
+from shared.runtime.bus import Bus, StreamFull
 
 
 def request(i: int = 0) -> GenerateRequest:

@@ -5,7 +5,7 @@ import sys
 import uvloop
 
 from shared.ep.eplb import NodeCounts
-from shared.service import add_service_args, parse_service_args, service_config
+from shared.runtime.service import add_service_args, parse_service_args, service_config
 
 from .expert_lb import EPLBSettings
 from .worker import BalancerService

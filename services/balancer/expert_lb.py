@@ -13,11 +13,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared import streams
-from shared.ep.eplb import LoadWindow, NodeCounts, balance, placement_from_phy2log, rank_loads, rebalance_experts
-from shared.ep.moe import initial_placement
-from shared.messages import ExpertLoad, PlacementUpdate
-from shared.wire import WireError, decode, encode
+from shared.ep.eplb import (
+    LoadWindow,
+    NodeCounts,
+    balance,
+    initial_placement,
+    placement_from_phy2log,
+    rank_loads,
+    rebalance_experts,
+)
+from shared.protocol import streams
+from shared.protocol.messages import ExpertLoad, PlacementUpdate
+from shared.protocol.wire import WireError, decode, encode
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared.protocol.messages import attention_compute
+
 
 @dataclass(frozen=True)
 class PrefillLoad:
@@ -26,10 +28,6 @@ class DecodeLoad:
     kv_blocks_total: int
     running: int
     max_running: int
-
-
-def attention_compute(new_tokens: int, cached_tokens: int) -> float:
-    return float(new_tokens * (cached_tokens + new_tokens))
 
 
 def choose_prefill_rank(loads: list[PrefillLoad], new_tokens: int, cached_tokens: int = 0) -> int:

@@ -10,15 +10,16 @@ import time
 from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
-from shared import ownership, streams
-from shared.bus import Entry
-from shared.hashing import BLOCK_SIZE
-from shared.messages import KVChunk, LoadReport, PrefillTask, TokenDelta, TokenizedRequest
-from shared.service import Service, ServiceConfig
-from shared.wire import WireError, decode
+from shared.cache.hashing import BLOCK_SIZE
+from shared.protocol import streams
+from shared.protocol.messages import KVChunk, LoadReport, PrefillTask, TokenDelta, TokenizedRequest, attention_compute
+from shared.protocol.wire import WireError, decode
+from shared.runtime import ownership
+from shared.runtime.bus import Entry
+from shared.runtime.service import Service, ServiceConfig
 
 from .expert_lb import EPLBSettings, ExpertBalancer
-from .policies import DecodeLoad, PrefillLoad, attention_compute, choose_decode_rank, choose_prefill_rank
+from .policies import DecodeLoad, PrefillLoad, choose_decode_rank, choose_prefill_rank
 
 GROUP = streams.group("balancer")
 # a worker role -> its ranks' input streams, what they carry, and the group its ranks read them in
@@ -96,7 +97,7 @@ class BalancerService(Service):
 
     async def resume_orphans(self) -> None:
         """The requests of decode instances whose heartbeat is gone (kill -9, a crash, a drain cut
-        short) go on elsewhere, from the tokens their client already has (shared/ownership.py)."""
+        short) go on elsewhere, from the tokens their client already has (shared/runtime/ownership.py)."""
         try:
             instances = [raw.decode() for raw in await self.redis.smembers(ownership.DECODE_INSTANCES)]
             alive = [await self.redis.exists(streams.heartbeat_key("decode", i)) for i in instances]
@@ -240,7 +241,7 @@ class BalancerService(Service):
     async def loads(self) -> tuple[list[PrefillLoad], list[DecodeLoad], list[tuple[str, str, int]]]:
         """Live ranks (a report key exists), each adjusted by what we sent after its report. The
         policies see each as an index into the list of (role, group, rank) returned last."""
-        keys = sorted([k async for k in self.redis.scan_iter(match=f"{streams.PREFIX}:load:*", count=1000)])
+        keys = sorted([k async for k in self.redis.scan_iter(match=streams.scan_pattern("load"), count=1000)])
         reports = [r for r in await self.redis.mget(keys) if r is not None] if keys else []  # ties: in key order
         prefill, decode_ranks, workers = [], [], []
         for raw in reports:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
-from shared import streams
-from shared.messages import TokenizedRequest
+from shared.cache.prefix_cache import PrefixCache
 from shared.model.loader import DTYPE_NAMES, checkpoint_fingerprint
-from shared.numerics import wait_published, weights_checksum
-from shared.prefix_cache import PrefixCache
-from shared.service import Service, ServiceConfig
+from shared.protocol import streams
+from shared.protocol.messages import TokenizedRequest
+from shared.runtime.numerics import wait_published, weights_checksum
+from shared.runtime.service import Service, ServiceConfig
 
 GROUP = streams.group("cache")
 
@@ -28,7 +28,7 @@ class CacheSettings:
     model_dir: Path
     directory: Path | None  # None: the cache is off
     capacity_bytes: int = 8 << 30
-    dtype: str = "auto"  # auto: the value the workers published (shared/numerics.py), waited for
+    dtype: str = "auto"  # auto: the value the workers published (shared/runtime/numerics.py), waited for
     device: str = "cpu"
 
 

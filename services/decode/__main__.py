@@ -1,7 +1,7 @@
 """python -m services.decode --model DIR --rank R [--ep-size 1] [--redis-url URL] ..."""
 import sys
 
-from shared.worker import worker_main
+from shared.runtime.worker import worker_main
 
 from .worker import DecodeService
 

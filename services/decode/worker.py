@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.tokenizer.detok import prefix_window
-from shared import ownership, streams
-from shared.bus import Entry
-from shared.messages import KVChunk, TokenDelta
-from shared.tensors import checksum, from_blob
-from shared.wire import WireError
-from shared.worker import WorkerService, sampling_params
+from shared.model.detok import prefix_window
+from shared.protocol import streams
+from shared.protocol.messages import KVChunk, TokenDelta
+from shared.protocol.tensors import checksum, from_blob
+from shared.protocol.wire import WireError
+from shared.runtime import ownership
+from shared.runtime.bus import Entry
+from shared.runtime.worker import WorkerService, sampling_params
 
 GROUP = streams.group("decode")
 # A handoff that got no chunk this long is dropped: its prefill died mid-way (the prefill that

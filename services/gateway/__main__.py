@@ -5,8 +5,8 @@ from pathlib import Path
 
 import uvloop
 
-from shared.reply_memory import DEFAULT_TTL_S
-from shared.service import add_service_args, parse_service_args, service_config
+from shared.cache.reply_memory import DEFAULT_TTL_S
+from shared.runtime.service import add_service_args, parse_service_args, service_config
 
 from .app import GatewayService, GatewaySettings
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="max_tokens of a chat request that sets none (decode KV is reserved for it)")
     parser.add_argument("--reply-memory-ttl-s", type=int, default=DEFAULT_TTL_S,
                         help="how long a chat reply's generated ids are remembered, so the next turn sending its "
-                             "text back is an exact extension of this one (0: off; shared/reply_memory.py)")
+                             "text back is an exact extension of this one (0: off; shared/cache/reply_memory.py)")
     args = parse_service_args(parser, argv)
     raw = [args.api_key] if isinstance(args.api_key, str) else args.api_key or []  # STREAMOE_API_KEY: one string
     keys = tuple(k for arg in raw for k in arg.split(",") if k)

@@ -20,11 +20,11 @@ import msgpack
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from shared import streams
-from shared.bus import StreamFull
-from shared.messages import Abort, GenerateRequest, TokenDelta
-from shared.reply_memory import DEFAULT_TTL_S, reply_key, tokenizer_digest
-from shared.service import Service, ServiceConfig
+from shared.cache.reply_memory import DEFAULT_TTL_S, reply_key, tokenizer_digest
+from shared.protocol import streams
+from shared.protocol.messages import Abort, GenerateRequest, TokenDelta
+from shared.runtime.bus import StreamFull
+from shared.runtime.service import Service, ServiceConfig
 
 from .metrics import GatewayMetrics, RequestTimes
 from .protocol import ApiError, ParsedRequest, decode_body, now, parse, usage
@@ -145,7 +145,7 @@ class GatewayService(Service):
     async def services(self, request: web.Request) -> web.Response:
         """Every live service and where its metrics are (for `streamoe cost --url`)."""
         out = []
-        async for key in self.redis.scan_iter(match=f"{streams.PREFIX}:hb:*", count=1000):
+        async for key in self.redis.scan_iter(match=streams.scan_pattern("hb"), count=1000):
             raw = await self.redis.get(key)
             if raw is None:
                 continue  # expired between the scan and the read
@@ -213,7 +213,7 @@ class GatewayService(Service):
         if now_ - self._live_checked < 1.0:
             return self._live
         roles = set()
-        async for key in self.redis.scan_iter(match=f"{streams.PREFIX}:load:*", count=1000):
+        async for key in self.redis.scan_iter(match=streams.scan_pattern("load"), count=1000):
             roles.add((key.decode() if isinstance(key, bytes) else key).split(":")[2])
         self._live, self._live_checked = {"prefill", "decode"} <= roles, now_
         return self._live
@@ -266,7 +266,7 @@ class GatewayService(Service):
 
     async def _remember(self, parsed: ParsedRequest, text: str, token_ids: list[int], finish_reason: str) -> None:
         """A finished chat reply's ids, for the tokenizer to find when the client sends the text back
-        (shared/reply_memory.py). Written before the client has the end of the reply, so its next
+        (shared/cache/reply_memory.py). Written before the client has the end of the reply, so its next
         turn finds them. A reply cut by a stop string is not remembered: its ids go past its text."""
         if not (parsed.chat and self.settings.reply_memory_ttl_s > 0 and text and token_ids) or \
                 finish_reason not in ("stop", "length") or parsed.sampling.stop:

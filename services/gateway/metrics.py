@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from shared.protocol import metric_names
+
 # Latency buckets (seconds): from a fast decode step to a long queue wait.
 _BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92, 163.84)
 
@@ -30,9 +32,9 @@ class GatewayMetrics:
                                 "(completed, error, aborted: the client left, timeout: the deadline passed)",
                                 ["outcome"], registry=registry)
         self.replies_remembered = Counter("streamoe_replies_remembered_total", "Chat replies whose generated ids "
-                                          "were stored for their next turn (shared/reply_memory.py)",
+                                          "were stored for their next turn (shared/cache/reply_memory.py)",
                                           registry=registry)
-        self.tokens = Counter("streamoe_tokens_total", "Tokens by kind: input_cache_hit, input_cache_miss, output",
+        self.tokens = Counter(metric_names.TOKENS, "Tokens by kind: input_cache_hit, input_cache_miss, output",
                               ["kind"], registry=registry)
         self.inflight = Gauge("streamoe_gateway_inflight_requests", "Requests admitted and not finished",
                               registry=registry)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from shared.messages import Sampling
+from shared.protocol.messages import Sampling
 
 
 class ApiError(Exception):

@@ -8,14 +8,13 @@ import time
 
 from prometheus_client import Counter
 
-from services.balancer.policies import attention_compute
-from services.tokenizer.detok import prefix_window
-from shared import streams
 from shared.engine.engine import RequestError
-from shared.messages import KVChunk, PrefillTask, TokenDelta
-from shared.tensors import checksum, to_blob
-from shared.wire import TensorBlob
-from shared.worker import WorkerService, sampling_params
+from shared.model.detok import prefix_window
+from shared.protocol import streams
+from shared.protocol.messages import KVChunk, PrefillTask, TokenDelta, attention_compute
+from shared.protocol.tensors import checksum, to_blob
+from shared.protocol.wire import TensorBlob
+from shared.runtime.worker import WorkerService, sampling_params
 
 GROUP = streams.group("prefill")
 NO_KV = TensorBlob("float32", [0], b"")  # the final chunk of a handoff carries no KV

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import uvloop
 
-from shared.service import add_service_args, parse_service_args, service_config
+from shared.runtime.service import add_service_args, parse_service_args, service_config
 
 from .worker import TokenizerService
 

@@ -1,5 +1,5 @@
 """The tokenizer service: prompts -> token ids (chat template included), and token deltas ->
-text, statelessly (services/tokenizer/detok.py), so any replica can take any entry."""
+text, statelessly (shared/model/detok.py), so any replica can take any entry."""
 from __future__ import annotations
 
 import asyncio
@@ -14,12 +14,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from prometheus_client import Counter
 from tokenizers import Tokenizer
 
-from shared import streams
-from shared.messages import Abort, GenerateRequest, TokenDelta, TokenizedRequest
-from shared.reply_memory import reply_key, tokenizer_digest
-from shared.service import Service, ServiceConfig
-
-from .detok import TokenBytes, delta_text
+from shared.cache.reply_memory import reply_key, tokenizer_digest
+from shared.model.detok import TokenBytes, delta_text
+from shared.protocol import streams
+from shared.protocol.messages import Abort, GenerateRequest, TokenDelta, TokenizedRequest
+from shared.runtime.service import Service, ServiceConfig
 
 GROUP = streams.group("tokenizer")
 MARK = re.compile("\ue000([0-9]+)\ue001")  # where a remembered reply's ids go in the rendered template
@@ -147,7 +146,7 @@ class TokenizerService(Service):
             req.request_id, req.trace_id, req.gateway_id, req.sampling, req.deadline, ids, req.cache_salt))
 
     async def remembered(self, req: GenerateRequest) -> dict[int, list[int]]:
-        """The ids the gateway remembered for this chat's assistant messages (shared/reply_memory.py)."""
+        """The ids the gateway remembered for this chat's assistant messages (shared/cache/reply_memory.py)."""
         keys = self.encoder.remembered_keys(req)
         if not keys:
             return {}

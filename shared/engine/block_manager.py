@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ..hashing import BLOCK_SIZE, block_hash
-from .sequence import Sequence
+from shared.cache.hashing import BLOCK_SIZE, block_hash
+from shared.engine.sequence import Sequence
 
 
 @dataclass

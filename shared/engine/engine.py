@@ -11,14 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hashing import BLOCK_SIZE, root_hash
-from ..model.kv_cache import LatentKVPool
-from ..model.model import DeepseekV3
-from .block_manager import BlockManager
-from .runner import ModelRunner
-from .sampler import Sampler
-from .scheduler import ScheduledSeq, Scheduler
-from .sequence import SamplingParams, Sequence, Status
+from shared.cache.hashing import BLOCK_SIZE, root_hash
+from shared.engine.block_manager import BlockManager
+from shared.engine.runner import ModelRunner
+from shared.engine.sampler import Sampler
+from shared.engine.scheduler import ScheduledSeq, Scheduler
+from shared.engine.sequence import SamplingParams, Sequence, Status
+from shared.model.kv_cache import LatentKVPool
+from shared.model.model import DeepseekV3
 
 
 class RequestError(ValueError):

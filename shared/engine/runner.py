@@ -11,11 +11,11 @@ from itertools import accumulate
 
 import torch
 
-from ..model.attention import AttentionBatch, choose_absorbed
-from ..model.kv_cache import LatentKVPool, plan_reads, to_device
-from ..model.model import DeepseekV3
-from .scheduler import ScheduledSeq
-from .sequence import Sequence
+from shared.engine.scheduler import ScheduledSeq
+from shared.engine.sequence import Sequence
+from shared.model.attention import AttentionBatch, choose_absorbed
+from shared.model.kv_cache import LatentKVPool, plan_reads, to_device
+from shared.model.model import DeepseekV3
 
 
 class ModelRunner:
@@ -50,8 +50,8 @@ class ModelRunner:
 
     def idle(self) -> None:
         """EP: a step with nothing scheduled here still joins every exchange of the group."""
-        from ..ep.moe import idle_forward
-        from ..ep.overlap import empty_inputs
+        from shared.ep.moe import idle_forward
+        from shared.ep.overlap import empty_inputs
 
         if self.overlap is None:
             idle_forward(self.model)

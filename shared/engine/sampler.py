@@ -9,7 +9,7 @@ import hashlib
 
 import torch
 
-from .sequence import SamplingParams
+from shared.engine.sequence import SamplingParams
 
 
 def token_seed(seed: int, index: int) -> int:

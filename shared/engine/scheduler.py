@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from .block_manager import BlockManager
-from .sequence import Sequence, Status
+from shared.engine.block_manager import BlockManager
+from shared.engine.sequence import Sequence, Status
 
 MODES = ("mixed", "prefill", "decode")
 

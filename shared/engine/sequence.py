@@ -5,7 +5,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..hashing import BLOCK_SIZE
+from shared.cache.hashing import BLOCK_SIZE
 
 
 class Status(enum.Enum):

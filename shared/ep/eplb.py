@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cliargs import FlagValueError
+from shared.launcher.cliargs import FlagValueError
 
 
 @dataclass(frozen=True, eq=False)
@@ -279,3 +279,10 @@ class NodeCounts:
             else:
                 by_group[name] = int(count)
         return cls(1 if default is None else default, tuple(sorted(by_group.items())))
+
+
+def initial_placement(num_experts: int, num_slots: int, num_moe_layers: int) -> list[list[int]]:
+    """Before any load statistics: experts in order, extra slots as round-robin copies."""
+    if num_slots < num_experts:
+        raise ValueError(f"{num_slots} slots cannot hold {num_experts} experts")
+    return [[s % num_experts for s in range(num_slots)] for _ in range(num_moe_layers)]

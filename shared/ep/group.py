@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from .transport import Transport
+from shared.ep.transport import Transport
 
 # (phase, bytes sent to peers, seconds from start to every rank's answer): metrics
 ExchangeObserver = Callable[[str, int, float], None]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import msgpack
 from redis.asyncio import Redis
 
-from .. import streams
+from shared.protocol import streams
 
 ALIVE_TTL_S = 6.0  # a member renews its alive key more often than this (housekeeping)
 JOIN_TTL_S = 3.0  # a joiner renews its request more often than this
@@ -68,17 +68,20 @@ class Record:
 class Membership:
     def __init__(self, redis: Redis, role: str, group_id: str, rank: int, size: int, incarnation: bytes):
         self.redis, self.rank, self.size, self.incarnation = redis, rank, size, incarnation
-        self.prefix = f"{streams.PREFIX}:ep:{role}:{group_id}"
+        self.role, self.group_id = role, group_id
+
+    def _key(self, name: str) -> str:
+        return streams.ep_group_key(self.role, self.group_id, name)
 
     async def read(self) -> Record | None:
-        raw = await self.redis.get(f"{self.prefix}:record")
+        raw = await self.redis.get(self._key("record"))
         return Record.decode(raw) if raw else None
 
     async def commit(self, expected_epoch: int, members: list[int], version: int,
                      phy2log: list[list[int]]) -> Record:
         """Members for epoch expected + 1 unless another rank committed first; the record in force."""
         record = Record(expected_epoch + 1, sorted(members), version, phy2log)
-        await self.redis.eval(_COMMIT, 2, f"{self.prefix}:epoch", f"{self.prefix}:record", expected_epoch,
+        await self.redis.eval(_COMMIT, 2, self._key("epoch"), self._key("record"), expected_epoch,
                               record.epoch, record.encode())
         return await self.read()
 
@@ -87,7 +90,7 @@ class Membership:
         """Count this rank in for `epoch`; the ranks in once all `expected` are, or once all but the
         `suspects` (the ranks a timed-out exchange missed) are and grace_s has passed, or after
         settle_s."""
-        key = f"{self.prefix}:rollcall:{epoch}"
+        key = self._key(f"rollcall:{epoch}")
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.sadd(key, self.rank)
             pipe.expire(key, ROLL_CALL_TTL_S)
@@ -101,28 +104,28 @@ class Membership:
             await asyncio.sleep(0.05)
 
     async def renew_alive(self) -> None:
-        await self.redis.set(f"{self.prefix}:alive:{self.rank}", self.incarnation, px=int(ALIVE_TTL_S * 1000))
+        await self.redis.set(self._key(f"alive:{self.rank}"), self.incarnation, px=int(ALIVE_TTL_S * 1000))
 
     async def clear_alive(self) -> None:
-        await self.redis.delete(f"{self.prefix}:alive:{self.rank}")
+        await self.redis.delete(self._key(f"alive:{self.rank}"))
 
     async def others_alive(self) -> set[int]:
         """Other ranks that are members of a running group (their alive keys)."""
-        raw = await self.redis.mget([f"{self.prefix}:alive:{r}" for r in range(self.size)])
+        raw = await self.redis.mget([self._key(f"alive:{r}") for r in range(self.size)])
         return {r for r, v in enumerate(raw) if v is not None and r != self.rank}
 
     async def ask_to_join(self) -> None:
-        await self.redis.set(f"{self.prefix}:join:{self.rank}", self.incarnation, px=int(JOIN_TTL_S * 1000))
+        await self.redis.set(self._key(f"join:{self.rank}"), self.incarnation, px=int(JOIN_TTL_S * 1000))
 
     async def stop_asking(self) -> None:
-        await self.redis.delete(f"{self.prefix}:join:{self.rank}")
+        await self.redis.delete(self._key(f"join:{self.rank}"))
 
     async def joiners(self, members: list[int]) -> int:
         """The ranks out of `members` asking to join, as a bit mask."""
         others = [r for r in range(self.size) if r not in members]
         if not others:
             return 0
-        raw = await self.redis.mget([f"{self.prefix}:join:{r}" for r in others])
+        raw = await self.redis.mget([self._key(f"join:{r}") for r in others])
         return sum(1 << r for r, v in zip(others, raw) if v is not None)
 
 

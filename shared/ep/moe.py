@@ -18,10 +18,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..model.experts import ExpertStack, combine, expert_counts, run_experts
-from ..model.model import DeepseekV3
-from ..model.moe import MoE
-from .wire import decode_combine, decode_dispatch, encode_combine, encode_dispatch
+from shared.ep.wire import decode_combine, decode_dispatch, encode_combine, encode_dispatch
+from shared.model.experts import ExpertStack, combine, expert_counts, run_experts
+from shared.model.model import DeepseekV3
+from shared.model.moe import MoE
 
 EXPERT_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 
@@ -258,8 +258,3 @@ def idle_forward(model: DeepseekV3) -> None:
             block.mlp(empty)
 
 
-def initial_placement(num_experts: int, num_slots: int, num_moe_layers: int) -> list[list[int]]:
-    """Before any load statistics: experts in order, extra slots as round-robin copies."""
-    if num_slots < num_experts:
-        raise ValueError(f"{num_slots} slots cannot hold {num_experts} experts")
-    return [[s % num_experts for s in range(num_slots)] for _ in range(num_moe_layers)]

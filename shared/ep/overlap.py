@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from ..model.attention import AttentionBatch
-from ..model.model import DeepseekV3
-from .group import EPGroup
-from .moe import EPMoE
+from shared.ep.group import EPGroup
+from shared.ep.moe import EPMoE
+from shared.model.attention import AttentionBatch
+from shared.model.model import DeepseekV3
 
 MICRO_BATCHES = 2
 Inputs = tuple[torch.Tensor, torch.Tensor, AttentionBatch]  # ids [T], positions [T], attention metadata

@@ -3,7 +3,7 @@ group — its slice of the experts, the group's transport and step agreement, th
 micro-batches, its side of EPLB (load reports, staged placements, the switch), and the group's
 re-forming when a rank dies or comes back (membership.py).
 
-A mixin of WorkerService (shared/worker.py): it uses the service's args, role, rank, group_id,
+A mixin of WorkerService (shared/runtime/worker.py): it uses the service's args, role, rank, group_id,
 registry, log, redis, engine and compute thread.
 """
 from __future__ import annotations
@@ -16,18 +16,19 @@ import time
 from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
-from .. import streams
-from ..messages import ExpertLoad, PlacementUpdate
-from ..model.config import ModelArgs
-from ..model.loader import load_model
-from ..model.model import DeepseekV3
-from ..wire import decode, encode
-from .group import EPGroup
-from .membership import Membership, Record, ranks_of
-from .moe import apply_expert_parallel, initial_placement, keep_tensor, local_experts, member_owners
-from .overlap import Overlap, Tracer
-from .rollout import Rollout
-from .transport import ExchangeTimeout, RedisTransport
+from shared.ep.eplb import initial_placement
+from shared.ep.group import EPGroup
+from shared.ep.membership import Membership, Record, ranks_of
+from shared.ep.moe import apply_expert_parallel, keep_tensor, local_experts, member_owners
+from shared.ep.overlap import Overlap, Tracer
+from shared.ep.rollout import Rollout
+from shared.ep.transport import ExchangeTimeout, RedisTransport
+from shared.model.config import ModelArgs
+from shared.model.loader import load_model
+from shared.model.model import DeepseekV3
+from shared.protocol import streams
+from shared.protocol.messages import ExpertLoad, PlacementUpdate
+from shared.protocol.wire import decode, encode
 
 # NOTE: the per-phase default, by measurement (README, "Overlap"): prefill is compute-bound and
 # hides its wire time; a decode micro-batch re-reads nearly every expert's weights (design.md §8).

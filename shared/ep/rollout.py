@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..model.experts import MLP, ExpertStack
-from ..model.loader import read_tensors
-from .moe import EPMoE
+from shared.ep.moe import EPMoE
+from shared.model.experts import MLP, ExpertStack
+from shared.model.loader import read_tensors
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 

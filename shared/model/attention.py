@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from .config import ModelArgs
-from .kv_cache import DecodeGroup, PaddedGroup, ReadPlan, plan_reads
-from .norm import RMSNorm
-from .rope import apply_rotary
+from shared.model.config import ModelArgs
+from shared.model.kv_cache import DecodeGroup, PaddedGroup, ReadPlan, plan_reads
+from shared.model.norm import RMSNorm
+from shared.model.rope import apply_rotary
 
 
 class LatentCache(Protocol):

@@ -21,7 +21,7 @@ Backends (`--moe-backend`), all on pairs already sorted by slot with per-slot co
 - `bmm`: every slot's pairs padded to C rows, then batched `x @ Wᵀ` (reads C on the host);
 - `weight-major`: the same padding, batched as `W @ xᵀ` (the weights as the left operand).
 A plan may pick a backend per token count (`1:loop,16:weight-major`): `auto` is resolved into
-such a plan by calibration (shared/numerics.py).
+such a plan by calibration (shared/runtime/numerics.py).
 """
 from __future__ import annotations
 

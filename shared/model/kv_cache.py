@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from .config import ModelArgs
+from shared.model.config import ModelArgs
 
 # A decode group gathers at most about this many latent rows (one sequence longer than that goes
 # alone): the gather then stays in the CPU's caches until the attention reads it. 64 sequences of

@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..cliargs import home
-from ..hashing import model_fingerprint
-from .config import ModelArgs
-from .experts import ExpertStack, MoEPlan, default_plan
-from .fp8 import dequantize_blockwise
-from .model import DeepseekV3
-from .moe import MoE
-from .safetensors_io import SafetensorsFile
+from shared.cache.hashing import model_fingerprint
+from shared.launcher.cliargs import home
+from shared.model.config import ModelArgs
+from shared.model.experts import ExpertStack, MoEPlan, default_plan
+from shared.model.fp8 import dequantize_blockwise
+from shared.model.model import DeepseekV3
+from shared.model.moe import MoE
+from shared.model.safetensors_io import SafetensorsFile
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                "fp16": torch.float16, "float16": torch.float16}
@@ -36,7 +36,7 @@ class CheckpointError(ValueError):
 
 def resolve_dtype(dtype: str | torch.dtype | None, args: ModelArgs) -> torch.dtype:
     """The compute dtype. None or "auto": the checkpoint's. (A deployment's `--dtype auto` is
-    chosen by measurement before anything loads, shared/numerics.py; no guess from CPU flags here.)"""
+    chosen by measurement before anything loads, shared/runtime/numerics.py; no guess from CPU flags here.)"""
     if isinstance(dtype, torch.dtype):
         return dtype
     name = args.dtype if dtype in (None, "auto") else dtype
@@ -51,7 +51,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
     """A ready, eval-mode model from a Hugging Face directory (config.json + safetensors).
     `keep(name)` False leaves a tensor unread on the meta device (an EP rank reads only its
     experts, then cuts the others away). `moe_backend`: a backend or plan (experts.py; `auto` is
-    resolved by calibration before, shared/numerics.py); None: experts.default_plan."""
+    resolved by calibration before, shared/runtime/numerics.py); None: experts.default_plan."""
     path = Path(path)
     args = ModelArgs.from_file(path / "config.json")
     device = torch.device(device)

@@ -13,12 +13,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .attention import MLA, AttentionBatch, LatentCache
-from .config import ModelArgs
-from .experts import MoEPlan, check_supported
-from .moe import MLP, MoE
-from .norm import RMSNorm
-from .rope import RotaryEmbedding
+from shared.model.attention import MLA, AttentionBatch, LatentCache
+from shared.model.config import ModelArgs
+from shared.model.experts import MoEPlan, check_supported
+from shared.model.moe import MLP, MoE
+from shared.model.norm import RMSNorm
+from shared.model.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelArgs
-from .experts import MLP, ExpertStack, MoEPlan, combine, expert_counts, run_experts
+from shared.model.config import ModelArgs
+from shared.model.experts import MLP, ExpertStack, MoEPlan, combine, expert_counts, run_experts
 
 
 class Gate(nn.Module):

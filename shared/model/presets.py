@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import ModelArgs
-from .fp8 import is_quantized_weight, quantize_blockwise
-from .model import DeepseekV3
-from .tokenizer_files import BOS_ID, EOS_ID, PAD_ID, write_tokenizer_files
+from shared.model.config import ModelArgs
+from shared.model.fp8 import is_quantized_weight, quantize_blockwise
+from shared.model.model import DeepseekV3
+from shared.model.tokenizer_files import BOS_ID, EOS_ID, PAD_ID, write_tokenizer_files
 
 # The design's preset table (design.md §4). `initializer_range` is large enough that greedy
 # logits are rarely near-ties; `bias_range` makes the routing bias change expert choices.

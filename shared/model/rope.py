@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .config import RopeArgs, yarn_mscale
+from shared.model.config import RopeArgs, yarn_mscale
 
 
 class RotaryEmbedding:

@@ -17,13 +17,14 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import economics
-from .economics import TokenCounts
+from shared.cost import economics
+from shared.cost.economics import TokenCounts
+from shared.protocol import metric_names
 
 # NOTE: matched by sample name: the parser strips `_total` from a counter's family name only.
-TOKENS = "streamoe_tokens_total"  # gateway: {kind}
-GPU_SECONDS = "streamoe_gpu_seconds_total"  # worker rank, seconds up: {role, rank}
-WORKER_TOKENS = "streamoe_worker_tokens_total"  # worker rank: {role, rank, kind}
+TOKENS = metric_names.sample(metric_names.TOKENS)  # gateway: {kind}
+GPU_SECONDS = metric_names.sample(metric_names.GPU_SECONDS)  # worker rank, seconds up: {role, rank}
+WORKER_TOKENS = metric_names.sample(metric_names.WORKER_TOKENS)  # worker rank: {role, rank, kind}
 KINDS = ("input_cache_hit", "input_cache_miss", "output")
 INPUT_KINDS = ("input_cache_hit", "input_cache_miss")
 DEFAULT_URL = "http://127.0.0.1:8000"

@@ -1,6 +1,6 @@
 """The on-disk block store: the prefix cache's capacity tier (design.md §1 "cache"; 3FS's role at DeepSeek).
 
-A block is one 64-token page of a sequence: its chained hash (shared/hashing.py, as `.hex()`), its token
+A block is one 64-token page of a sequence: its chained hash (shared/cache/hashing.py, as `.hex()`), its token
 ids, and its payload, the MLA latent KV of every layer for those tokens: a tensor [L, T, W] (L = layers,
 T = tokens, W = kv_lora_rank + qk_rope_head_dim) of float32, bfloat16 or float16.
 
@@ -28,7 +28,7 @@ fills a uniquely named temp file `.<hash>.<uuid>.tmp` beside the target, fsyncs 
 it into place, so readers see a whole file or none. Concurrent writers of one block each replace a
 whole, identical file; the last wins. Last use is the file's mtime: get() sets it, scan() reports it,
 so an index lost with Redis can be rebuilt with roughly the right recency. The LRU policy itself
-lives in services/cache/index.py; evict() only deletes what the index chose.
+lives in shared/cache/index.py; evict() only deletes what the index chose.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from shared.hashing import DIGEST_SIZE
+from shared.cache.hashing import DIGEST_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def _is_newer_format(buf: bytearray) -> bool:
 def _digest(block_hash: str) -> bytes:
     if not isinstance(block_hash, str) or not _HASH.fullmatch(block_hash):
         raise ValueError(f"block hash {block_hash!r} is not {2 * DIGEST_SIZE} lower-case hex digits; "
-                         "pass shared.hashing's digest as .hex()")
+                         "pass shared.cache.hashing's digest as .hex()")
     return bytes.fromhex(block_hash)
 
 

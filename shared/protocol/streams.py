@@ -1,6 +1,6 @@
 """Every Redis stream, consumer group and key name, in one place.
 
-One stream carries one struct type (shared/messages.py). Names share the `{streamoe}` hash tag
+One stream carries one struct type (shared/protocol/messages.py). Names share the `{streamoe}` hash tag
 so a Redis Cluster keeps them in one slot where a script touches several.
 """
 from __future__ import annotations
@@ -59,10 +59,38 @@ def placement_key(role: str, group_id: str) -> str:
 
 
 def numerics_key(weights_checksum: str) -> str:
-    """The deployment's calibrated dtype and MoE plan for one checkpoint (shared/numerics.py):
+    """The deployment's calibrated dtype and MoE plan for one checkpoint (shared/runtime/numerics.py):
     set once (SET NX) by the first worker that calibrates; every rank and the cache adopt it."""
     return f"{PREFIX}:numerics:{weights_checksum}"
 
 
 def numerics_lock_key(weights_checksum: str) -> str:
     return f"{PREFIX}:numerics-lock:{weights_checksum}"  # held (with a TTL) by the worker calibrating now
+
+
+def ep_group_key(role: str, group_id: str, name: str) -> str:
+    """An EP group's membership keys (shared/ep/membership.py): `epoch`, `record`, `rollcall:E`,
+    `alive:R`, `join:R`."""
+    return f"{PREFIX}:ep:{role}:{group_id}:{name}"
+
+
+DECODE_INSTANCES = f"{PREFIX}:decode-instances"  # every decode instance that may own requests
+
+
+def owned_key(instance_id: str) -> str:
+    return f"{PREFIX}:owned:{instance_id}"  # the requests a decode instance owns (shared/runtime/ownership.py)
+
+
+def reply_key(digest: str) -> str:
+    return f"{PREFIX}:reply:{digest}"  # a chat reply's generated ids, by a digest of its text
+
+
+def cache_index_key(namespace: str, name: str) -> str:
+    """The prefix-cache LRU index's keys (shared/cache/index.py): `lru`, `size`, `seq`, `total`,
+    `next-seq`, all under one hash tag, as its Lua scripts require."""
+    return f"{PREFIX}:{namespace}:{name}"
+
+
+def scan_pattern(kind: str) -> str:
+    """The SCAN match of every key of one kind: `hb` (heartbeats), `load` (load reports)."""
+    return f"{PREFIX}:{kind}:*"

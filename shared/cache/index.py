@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
-from shared.streams import PREFIX
+from shared.protocol.streams import cache_index_key
 
 
 @dataclass
@@ -120,20 +120,19 @@ return removed
 class RedisIndex:
     """LRUIndex's state and rule in Redis, shared by every cache-service replica.
 
-    Keys `{prefix}:{namespace}:lru` (sorted set, score = last use), `:size` (hash -> bytes), `:seq`
-    (hash -> insertion number), `:total` (bytes, kept by the scripts) and `:next-seq`. Changes that
-    touch several keys run as one Lua script, so they are atomic; with the default `{streamoe}` hash
-    tag a Redis Cluster keeps all of them in one slot, as scripts require."""
+    Keys (`streams.cache_index_key`) `{streamoe}:{namespace}:lru` (sorted set, score = last use),
+    `:size` (hash -> bytes), `:seq` (hash -> insertion number), `:total` (bytes, kept by the
+    scripts) and `:next-seq`. Changes that touch several keys run as one Lua script, so they are
+    atomic; with the `{streamoe}` hash tag a Redis Cluster keeps all of them in one slot, as
+    scripts require."""
 
-    def __init__(self, redis, namespace: str, capacity_bytes: int, prefix: str = PREFIX,
-                 page_size: int = 256):
+    def __init__(self, redis, namespace: str, capacity_bytes: int, page_size: int = 256):
         _check_capacity(capacity_bytes)
         self.capacity_bytes = capacity_bytes
         self._redis = redis
         self._page_size = page_size
-        base = f"{prefix}:{namespace}"
-        self.lru_key, self.size_key, self.seq_key = f"{base}:lru", f"{base}:size", f"{base}:seq"
-        self.total_key, self.next_seq_key = f"{base}:total", f"{base}:next-seq"
+        self.lru_key, self.size_key, self.seq_key, self.total_key, self.next_seq_key = (
+            cache_index_key(namespace, name) for name in ("lru", "size", "seq", "total", "next-seq"))
         self._add = redis.register_script(_ADD)
         self._remove = redis.register_script(_REMOVE)
 

@@ -17,17 +17,25 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
-from . import streams
-from .cliargs import FlagValueError
-from .engine.engine import Engine, EngineConfig
-from .engine.sequence import SamplingParams
-from .ep.rank import EPRank
-from .messages import Abort, LoadReport, Sampling
-from .model.loader import checkpoint_fingerprint, load_model
-from .numerics import MOE_BACKEND_HELP, Numerics, Shapes, agree, moe_backend_flag, resolve, weights_checksum
-from .prefix_cache import PrefixCache
-from .service import Service, ServiceConfig
-from .wire import encode
+from shared.cache.prefix_cache import PrefixCache
+from shared.engine.engine import Engine, EngineConfig
+from shared.engine.sequence import SamplingParams
+from shared.ep.rank import EPRank
+from shared.launcher.cliargs import FlagValueError
+from shared.model.loader import checkpoint_fingerprint, load_model
+from shared.protocol import metric_names, streams
+from shared.protocol.messages import Abort, LoadReport, Sampling
+from shared.protocol.wire import encode
+from shared.runtime.numerics import (
+    MOE_BACKEND_HELP,
+    Numerics,
+    Shapes,
+    agree,
+    moe_backend_flag,
+    resolve,
+    weights_checksum,
+)
+from shared.runtime.service import Service, ServiceConfig
 
 _STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -48,7 +56,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--ep-size", type=int, default=1)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
-                        help="compute dtype; auto: the deployment's calibrated choice (shared/numerics.py)")
+                        help="compute dtype; auto: the deployment's calibrated choice (shared/runtime/numerics.py)")
     parser.add_argument("--moe-backend", type=moe_backend_flag, default="auto", metavar="auto|BACKEND|PLAN",
                         help=MOE_BACKEND_HELP)
     parser.add_argument("--device", default="cpu")
@@ -123,9 +131,9 @@ class WorkerService(EPRank, Service):
         self.kv_total = Gauge("streamoe_kv_blocks_total", "KV blocks in the pool", list(labels),
                               registry=self.registry).labels(**labels)
         # NOTE: each worker rank counts as one GPU in `streamoe cost` (design.md §5): its seconds up.
-        self.gpu_seconds = Counter("streamoe_gpu_seconds", "Seconds this rank has been up (one GPU each)",
+        self.gpu_seconds = Counter(metric_names.GPU_SECONDS, "Seconds this rank has been up (one GPU each)",
                                    list(labels), registry=self.registry).labels(**labels)
-        self.tokens = Counter("streamoe_worker_tokens", "Tokens this rank computed, by kind "
+        self.tokens = Counter(metric_names.WORKER_TOKENS, "Tokens this rank computed, by kind "
                               "(prefill: input_cache_hit, input_cache_miss; decode: output)",
                               [*labels, "kind"], registry=self.registry)
         self.step_seconds = Histogram("streamoe_step_seconds", "Engine step time", list(labels),
@@ -301,13 +309,13 @@ def worker_threads(args: argparse.Namespace) -> int:
 
 async def deployment_numerics(args: argparse.Namespace, log: logging.Logger) -> Numerics | None:
     """--dtype and --moe-backend before the model loads: the value the deployment published in
-    Redis, else this rank's calibration, published for the other ranks (shared/numerics.py).
+    Redis, else this rank's calibration, published for the other ranks (shared/runtime/numerics.py).
     None: Redis refused our credentials (logged once)."""
     from redis.asyncio import Redis
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    from .service import can_authenticate
+    from shared.runtime.service import can_authenticate
 
     shapes = Shapes.of_model(args.model)
     checksum = weights_checksum(args.model)
@@ -333,7 +341,7 @@ def worker_main(service_cls: type[WorkerService], argv: list[str] | None = None)
     """The `python -m services.prefill|decode` entry point."""
     import uvloop
 
-    from .service import add_service_args, parse_service_args, service_config
+    from shared.runtime.service import add_service_args, parse_service_args, service_config
 
     parser = argparse.ArgumentParser(prog=f"python -m services.{service_cls.role}")
     add_service_args(parser)

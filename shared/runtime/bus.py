@@ -22,8 +22,8 @@ from typing import Any, Generic, TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from . import streams
-from .wire import WireError, decode, encode
+from shared.protocol import streams
+from shared.protocol.wire import WireError, decode, encode
 
 T = TypeVar("T")
 FIELD = b"m"  # the one field of an entry: the encoded message

@@ -3,11 +3,11 @@
 Named by the hop they travel: GenerateRequest (gateway -> tokenizer) -> TokenizedRequest
 (tokenizer -> cache -> balancer) -> PrefillTask (balancer -> a prefill rank) -> KVChunk (prefill
 -> a decode rank, one per layer) and TokenDelta (prefill/decode -> the request's gateway, through
-detokenization). Each carries the request id and one trace id. Encoding: shared/wire.py.
+detokenization). Each carries the request id and one trace id. Encoding: shared/protocol/wire.py.
 """
 from __future__ import annotations
 
-from .wire import TensorBlob, message
+from shared.protocol.wire import TensorBlob, message
 
 
 @message("params")
@@ -48,7 +48,7 @@ class TokenizedRequest:
     cache_salt: str | None = None
     num_cached_tokens: int = 0  # prefix tokens the cache service found (whole 64-token blocks)
     # A request resumed after its decode rank died: the last `resumed` ids of prompt_ids are output
-    # the client already has; its next token is output index `resumed` (shared/ownership.py).
+    # the client already has; its next token is output index `resumed` (shared/runtime/ownership.py).
     resumed: int = 0
 
 
@@ -106,6 +106,12 @@ class Abort:
     request_id: str
     trace_id: str
     reason: str
+
+
+def attention_compute(new_tokens: int, cached_tokens: int) -> float:
+    """The core-attention work of prefilling `new_tokens` after `cached_tokens`, in the unit of
+    `LoadReport.pending_compute`: new x (cached + new)."""
+    return float(new_tokens * (cached_tokens + new_tokens))
 
 
 @message("load")

@@ -8,11 +8,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from .cliargs import apply_env_defaults
-from .economics import GPU_HOUR_USD, GPUS_PER_NODE, PRICES_PER_MILLION
-from .ep.eplb import NodeCounts
-from .metrics_report import DEFAULT_URL, ScrapeError, collect, format_table, full_report
-from .numerics import MOE_BACKEND_HELP, moe_backend_flag
+from shared.cost.economics import GPU_HOUR_USD, GPUS_PER_NODE, PRICES_PER_MILLION
+from shared.cost.metrics_report import DEFAULT_URL, ScrapeError, collect, format_table, full_report
+from shared.ep.eplb import NodeCounts
+from shared.launcher.cliargs import FlagValueError, apply_env_defaults
+from shared.runtime.numerics import MOE_BACKEND_HELP, moe_backend_flag
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,10 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class FlagValueError(argparse.ArgumentTypeError, ValueError):
-    """A bad flag value: argparse words it on the command line, `apply_env_defaults` from the environment."""
-
-
 def _non_negative_float(raw: str) -> float:
     value = _non_negative(raw)
     if value is None:
@@ -149,7 +145,7 @@ def _http_url(raw: str) -> str:
 
 
 def _init_model(args: argparse.Namespace) -> int:
-    from .model.presets import init_model
+    from shared.model.presets import init_model
 
     path = init_model(args.dir, args.preset, seed=args.seed, dtype=args.dtype, fp8=args.fp8)
     print(f"wrote {args.preset} checkpoint to {path}", file=sys.stderr)
@@ -160,10 +156,10 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
     from tokenizers import Tokenizer
 
-    from .engine.engine import Engine, EngineConfig
-    from .engine.sequence import SamplingParams
-    from .model.loader import checkpoint_fingerprint, load_model
-    from .numerics import Shapes, resolve
+    from shared.engine.engine import Engine, EngineConfig
+    from shared.engine.sequence import SamplingParams
+    from shared.model.loader import checkpoint_fingerprint, load_model
+    from shared.runtime.numerics import Shapes, resolve
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -197,7 +193,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from .up import up
+    from shared.launcher.up import up
 
     return up(args)
 
@@ -215,8 +211,8 @@ def _cost(args: argparse.Namespace) -> int:
 
 
 def _kv_bytes_for(model, num_tokens: int) -> int:
-    from .hashing import BLOCK_SIZE
-    from .model.kv_cache import LatentKVPool
+    from shared.cache.hashing import BLOCK_SIZE
+    from shared.model.kv_cache import LatentKVPool
 
     blocks = -(-num_tokens // BLOCK_SIZE)
     return blocks * BLOCK_SIZE * LatentKVPool.bytes_per_token(model.args, model.dtype)

@@ -1,6 +1,6 @@
 """The wire codec: dataclass structs <-> msgpack, with a schema version and validation on decode.
 
-Every struct that crosses a stream (shared/messages.py) is a frozen dataclass registered here
+Every struct that crosses a stream (shared/protocol/messages.py) is a frozen dataclass registered here
 under a short type tag. `decode` checks the version, the tag the stream expects, and the type of
 every field against the dataclass annotations, and raises `WireError` with the reason; the bus
 sends such entries to the dead-letter stream. Tensors travel as raw bytes with dtype and shape

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from . import streams
+from shared.protocol import streams
 
 DEFAULT_TTL_S = 3600
 
@@ -34,4 +34,4 @@ def reply_key(tokenizer: str, cache_salt: str | None, text: str) -> str:
     if cache_salt is not None:  # tenants that ask not to share the cache do not share replies either
         h.update(b"salt:" + cache_salt.encode() + b"\x00")
     h.update(text.encode("utf-8", "surrogatepass"))
-    return f"{streams.PREFIX}:reply:{h.hexdigest()}"
+    return streams.reply_key(h.hexdigest())

@@ -25,9 +25,9 @@ from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import streams
-from .bus import Bus
-from .cliargs import apply_env_defaults
+from shared.launcher.cliargs import apply_env_defaults
+from shared.protocol import streams
+from shared.runtime.bus import Bus
 
 
 @dataclass(frozen=True)

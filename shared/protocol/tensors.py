@@ -5,7 +5,7 @@ import hashlib
 
 import torch
 
-from .wire import TensorBlob, WireError
+from shared.protocol.wire import TensorBlob, WireError
 
 
 def to_blob(t: torch.Tensor) -> TensorBlob:

@@ -40,11 +40,11 @@ from pathlib import Path
 
 import torch
 
-from . import streams
-from .cliargs import FlagValueError
-from .cliargs import home as streamoe_home  # (resolve takes a `home` of its own)
-from .model.config import ModelArgs
-from .model.experts import ExpertStack, MoEPlan, check_supported, expert_counts, run_experts
+from shared.launcher.cliargs import FlagValueError
+from shared.launcher.cliargs import home as streamoe_home  # (resolve takes a `home` of its own)
+from shared.model.config import ModelArgs
+from shared.model.experts import ExpertStack, MoEPlan, check_supported, expert_counts, run_experts
+from shared.protocol import streams
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # config.json -> flag
@@ -345,7 +345,7 @@ def resolve(shapes: Shapes, device: str | torch.device = "cpu", threads: int = 0
 def weights_checksum(model_dir: Path) -> str:
     """The checkpoint's weight files' checksum (the per-file checksums the model fingerprint is
     made of, remembered under $STREAMOE_HOME/checksums): names the deployment's published numerics."""
-    from .hashing import model_fingerprint
+    from shared.cache.hashing import model_fingerprint
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:

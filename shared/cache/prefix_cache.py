@@ -1,9 +1,9 @@
 """The prefix cache as its users see it: the cache service (lookups, eviction), prefill (loads a
 cached prefix, writes the prompt's new full blocks) and decode (writes the full blocks of prompt +
-reply when a request finishes). Blocks live in the on-disk store (services/cache/store.py, a
-directory several machines may share); the LRU index lives in Redis (services/cache/index.py).
+reply when a request finishes). Blocks live in the on-disk store (shared/cache/store.py, a
+directory several machines may share); the LRU index lives in Redis (shared/cache/index.py).
 
-Blocks are keyed by the project's one block hash (shared/hashing.py), rooted in the model
+Blocks are keyed by the project's one block hash (shared/cache/hashing.py), rooted in the model
 fingerprint and the request's `cache_salt`, so other models or salts never share a block. A
 block is used only after its token ids and checksum are verified; the last prompt token is never
 cached for its own request (it is recomputed for its logits).
@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from services.cache.index import RedisIndex
-from services.cache.store import BlockStore
-
-from .hashing import BLOCK_SIZE, chain_hashes, root_hash
+from shared.cache.hashing import BLOCK_SIZE, chain_hashes, root_hash
+from shared.cache.index import RedisIndex
+from shared.cache.store import BlockStore
 
 
 class PrefixCache:

@@ -21,16 +21,16 @@ import dataclasses
 import struct
 from collections.abc import Iterable
 
-from . import streams
-from .messages import TokenizedRequest
-from .wire import encode
+from shared.protocol import streams
+from shared.protocol.messages import TokenizedRequest
+from shared.protocol.wire import encode
 
-DECODE_INSTANCES = f"{streams.PREFIX}:decode-instances"  # every decode instance that may own requests
+DECODE_INSTANCES = streams.DECODE_INSTANCES
 EXPIRE_AFTER_DEADLINE_S = 60
 
 
 def owned_key(instance_id: str) -> str:
-    return f"{streams.PREFIX}:owned:{instance_id}"
+    return streams.owned_key(instance_id)
 
 
 def ids_key(request_id: str) -> str:

@@ -11,7 +11,7 @@ their environment (`STREAMOE_REDIS_URL`, `STREAMOE_API_KEY`), never their comman
 `ps` shows to every user; `processes.json` has the Redis URL without its password.
 
 `--dtype auto` and `--moe-backend auto` are calibrated here, once, before any service starts, with
-the workers' thread count (shared/numerics.py); every worker and the cache service get the
+the workers' thread count (shared/runtime/numerics.py); every worker and the cache service get the
 concrete values, which are printed on stderr and kept in processes.json under "numerics".
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ from pathlib import Path
 from secrets import token_hex
 from urllib.parse import urlsplit, urlunsplit
 
-from .cliargs import home
-from .redis_server import free_port, start_redis
+from shared.launcher.cliargs import home
+from shared.launcher.redis_server import free_port, start_redis
 
 BACKOFF_S = (1, 2, 4, 8, 16, 30)
 
@@ -75,7 +75,7 @@ class Child:
 def resolve_model(args: argparse.Namespace) -> Path:
     if args.model is not None:
         return args.model
-    from .model.presets import init_model
+    from shared.model.presets import init_model
 
     path = home() / "models" / args.preset
     if not (path / "model.safetensors").exists():
@@ -154,7 +154,7 @@ def up(args: argparse.Namespace) -> int:
 
 def calibrate(model: Path, args: argparse.Namespace, threads: int):
     """The concrete --dtype and --moe-backend for every worker, measured (or cached) here."""
-    from .numerics import Shapes, resolve
+    from shared.runtime.numerics import Shapes, resolve
 
     numerics = resolve(Shapes.of_model(model), args.device, threads, args.dtype, args.moe_backend)
     print(f"streamoe up: --dtype {numerics.dtype} --moe-backend {numerics.moe_backend} ({numerics.source}, "

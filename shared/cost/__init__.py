@@ -1,0 +1,2 @@
+"""Economics: the cost and theoretical-revenue arithmetic, and the report built from the services'
+metrics."""

@@ -1,0 +1,2 @@
+"""The `streamoe` command: its subcommands, the flag parsing every service shares, `streamoe up`
+and the embedded Redis."""

@@ -1,0 +1,15 @@
+"""The names of the counters that `streamoe cost` (and dashboards) read, defined once: the
+services register them from here and the cost report scrapes them by these names.
+
+prometheus_client exposes a counter `NAME` as the sample `NAME_total`; `sample` gives that name.
+"""
+from __future__ import annotations
+
+TOKENS = "streamoe_tokens"  # gateway: tokens by kind (input_cache_hit, input_cache_miss, output)
+GPU_SECONDS = "streamoe_gpu_seconds"  # worker rank: seconds up, one GPU each: {role, rank}
+WORKER_TOKENS = "streamoe_worker_tokens"  # worker rank: tokens computed: {role, rank, kind}
+
+
+def sample(counter: str) -> str:
+    """The sample name a scrape shows for a counter."""
+    return f"{counter}_total"
