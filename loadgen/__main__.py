@@ -1,4 +1,4 @@
-"""The load generator (design.md §6): send a workload to an OpenAI-compatible server, measure it.
+"""The load generator (loadgen/README.md): send a workload to an OpenAI-compatible server, measure it.
 
     python -m loadgen --url URL --workload random|shared-prefix|multi-turn|sharegpt FILE|trace FILE
         --num-requests N [--input-len N --output-len N --range-ratio R] [--rate R --burstiness B |

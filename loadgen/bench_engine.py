@@ -3,8 +3,9 @@
     python -m loadgen.bench_engine [--model DIR] [--num-requests 64] [--input-len 288 --output-len 144
         --range-ratio 0.78] [--reference-requests 16] [--reference-batch 16] [--dtype auto] [--out FILE]
 
-The workload is design.md's: input lengths uniform in 64..512, output lengths uniform in 32..256
-(len·(1±R) as `vllm bench serve`), all requests submitted at once, greedy, EOS ignored.
+The workload is the one in loadgen/README.md ("Engine: ours vs transformers `generate`"): input
+lengths uniform in 64..512, output lengths uniform in 32..256 (len·(1±R) as `vllm bench serve`),
+all requests submitted at once, greedy, EOS ignored.
 Ours runs every request through the engine (continuous batching, paged latent KV, chunked
 prefill). The reference runs `generate(do_sample=False)` on padded batches (left padding) of
 `--reference-batch`; each batch decodes until its longest request is done, and only the tokens

@@ -1,6 +1,6 @@
 """A run's result dict (the keys `vllm bench serve` writes, then ours) and its summary table.
 
-NOTE: the key names are read by other programs (design.md §6): change none of them.
+NOTE: the key names are read by other programs (loadgen/README.md, "The load generator contract"): change none of them.
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def summary(result: dict) -> str:
         for p in PERCENTILES:
             row(f"P{p} {short} (ms):", f"{result[f'p{p}_{name}_ms']:.2f}")
     econ = result["economics"]
-    lines.append("{s:{c}^50}".format(s=" Economics (design.md §5) ", c="-"))
+    lines.append("{s:{c}^50}".format(s=" Economics (shared/cost/README.md) ", c="-"))
     row("GPU-hours:", f"{econ['gpu_hours']:.6f}")
     row("Cost (USD):", f"{econ['cost_usd']:.6f}")
     row("Theoretical revenue (USD):", f"{econ['revenue_usd']:.6f}")

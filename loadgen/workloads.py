@@ -17,7 +17,7 @@ import numpy as np
 
 FIRST_TOKEN_ID = 3  # pad 0, bos 1, eos 2 stay out of synthetic prompts
 TRACE_BLOCK_TOKENS = 512  # Mooncake's hash_ids each name one 512-token block
-CACHE_BLOCK_TOKENS = 64  # the prefix cache's block (design.md §3)
+CACHE_BLOCK_TOKENS = 64  # the prefix cache's block (services/README.md)
 SHAREGPT_MAX_PROMPT_WORDS = 1024  # vllm's ShareGPT filter: prompt <= 1024, prompt + output <= 2048
 SHAREGPT_MAX_TOTAL_WORDS = 2048
 WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had "
@@ -122,7 +122,7 @@ def multi_turn_workload(opts, rng: np.random.Generator) -> Workload:
 
 
 def cache_hit_rate_max(conversations: list[list[tuple[int, int]]], block: int = CACHE_BLOCK_TOKENS) -> float:
-    """The best hit rate a `block`-token prefix cache could reach (design.md §6).
+    """The best hit rate a `block`-token prefix cache could reach (loadgen/README.md, "Workloads").
 
     Each conversation is its finished turns' (prompt_tokens, completion_tokens). Turn n+1 can hit
     block·⌊min(prompt_n + completion_n, prompt_{n+1} − 1) / block⌋ tokens (whole blocks of what

@@ -1,4 +1,4 @@
-"""The oracle: transformers' DeepseekV3ForCausalLM, plus the near-tie rule of design.md §4.
+"""The oracle: transformers' DeepseekV3ForCausalLM, plus the near-tie rule of shared/model/README.md.
 
 Random weights give near-ties: two tokens (or experts) whose scores differ by less than the
 rounding noise of a different but correct summation order. A greedy comparison is exact up to the
@@ -83,7 +83,7 @@ class ReferenceGreedy:
 
 
 def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id=None) -> ReferenceGreedy:
-    """transformers generate(do_sample=False) with the near-tie bound of design.md §4."""
+    """transformers generate(do_sample=False) with the near-tie bound of shared/model/README.md."""
     ids = torch.tensor([prompt_ids])
     kwargs = {} if eos_token_id is not None else {"min_new_tokens": max_new_tokens}
     with GateRecorder(model) as rec, torch.no_grad():

@@ -13,7 +13,7 @@ from shared.launcher.redis_server import free_port
 
 def differences_are_near_ties(model, faults: dict) -> None:
     """An output that differs from the fault-free run's must differ only past a near-tie of the
-    reference (design.md §4): batches of other shapes round differently in the last bits."""
+    reference (shared/model/README.md): batches of other shapes round differently in the last bits."""
     ref = load_reference(model)
     for d in faults["differences"]:
         expected = reference_greedy(ref, d["prompt"], len(d["fault_free"]))

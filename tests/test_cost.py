@@ -1,4 +1,4 @@
-"""`streamoe cost` (design.md §5): DeepSeek's published day from saved metrics, per-rank throughput,
+"""`streamoe cost` (shared/cost/README.md): DeepSeek's published day from saved metrics, per-rank throughput,
 flag and file errors, and live scraping through a gateway's /services and a run's processes.json."""
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def check_deepseek_day(report: dict) -> None:
     assert report["node_hours"] == 5_442
     assert report["cost_usd"] == 87_072
     assert abs(report["revenue_usd"] - 562_027) / 562_027 < 0.001
-    assert report["revenue_usd"] == pytest.approx(562_100, abs=1e-6)  # design.md §5: the rounded counts
+    assert report["revenue_usd"] == pytest.approx(562_100, abs=1e-6)  # shared/cost/README.md: the rounded counts
     assert 545 < report["margin_pct"] < 546
     assert report["prefill_input_tokens_per_s"] == {"0": 310e9 / 40e6, "1": 298e9 / 38e6}
     assert report["decode_output_tokens_per_s"] == {"0": 90e9 / 41e6, "1": 78e9 / 37.7296e6}

@@ -14,7 +14,7 @@ from shared.ep.eplb import (
     rebalance_experts,
 )
 
-# deepseek-notes.md §3.3: 2 layers, 12 experts in 4 groups, 16 slots, 2 nodes x 4 GPUs
+# EPLB's README example (shared/ep/README.md): 2 layers, 12 experts in 4 groups, 16 slots, 2 nodes x 4 GPUs
 README_WEIGHT = np.array([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                           [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
 README_PHY2LOG = [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],

@@ -184,7 +184,7 @@ async def test_decode_records_ownership_while_running(system, client):
 
 
 async def test_streams_are_trimmed_once_consumed(system, client):
-    """Housekeeping trims what every group has acked (design.md §3, Delivery): after the requests
+    """Housekeeping trims what every group has acked (services/README.md, "Delivery"): after the requests
     above, the request and token streams empty out without anyone deleting them by hand."""
     deadline = time.monotonic() + 30
     names = [streams.REQUESTS, streams.TOKENIZED, streams.RAW_DELTAS, streams.prefill_stream("prefill", 0)]

@@ -9,7 +9,7 @@ import pytest
 from shared.launcher.cli import main
 from shared.model.presets import init_model, preset_config
 
-TABLE = {  # design.md §4, column by column
+TABLE = {  # shared/model/README.md's table, column by column
     "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=3, first_k_dense_replace=1,
                  num_attention_heads=4, q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32,
                  v_head_dim=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,

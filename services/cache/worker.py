@@ -1,5 +1,5 @@
 """The cache service: between the tokenizer and the balancer, it finds each request's longest
-prefix of verified cached blocks (design.md §1 "cache") so prefill computes only the rest and
+prefix of verified cached blocks (services/README.md) so prefill computes only the rest and
 the prefill balancer counts only uncached tokens; it also keeps the store under its capacity.
 
 With the cache off it passes requests through (num_cached_tokens stays 0).

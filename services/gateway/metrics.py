@@ -1,4 +1,4 @@
-"""What the gateway counts (design.md §3 and §5): requests by outcome and HTTP code, tokens by
+"""What the gateway counts (services/README.md, "Metrics"): requests by outcome and HTTP code, tokens by
 kind, and the latencies a client sees (TTFT, ITL, TPOT, E2E), measured where the client's
 connection is. `streamoe cost` sums `streamoe_tokens_total` over every gateway."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The project's one block hash (design.md §4).
+"""The project's one block hash (services/README.md, the cache service).
 
 A block's hash is blake2b over (parent hash, the block's token ids as little-endian int32, extra
 keys). The chain starts from a root derived from the model's fingerprint and the request's

@@ -1,4 +1,4 @@
-"""Which blocks the cache holds, their sizes and last uses, and which to evict (design.md §1 "cache").
+"""Which blocks the cache holds, their sizes and last uses, and which to evict (services/README.md, "Shape": cache).
 
 `LRUIndex` is the policy as plain Python (no Redis, no torch). `RedisIndex` keeps the same state in
 Redis so that every cache-service replica shares one view of the on-disk store.

@@ -6,7 +6,7 @@ model sampled. The next turn of the conversation would then differ from the stor
 that token, and miss the prefix cache from there on. So the gateway remembers each finished chat
 reply's ids under a digest of (tokenizer, cache_salt, text) for a while, and the tokenizer, given
 an assistant message whose content is exactly such a text, uses the ids the model produced. Turn
-n+1 is then an exact extension of turn n, which design.md §3 promises and the cache relies on.
+n+1 is then an exact extension of turn n, which services/README.md promises and the cache relies on.
 
 The ids are spliced in only where the chat template frames the message with special tokens on
 both sides: the tokenizer splits its input at special tokens before anything else, so encoding

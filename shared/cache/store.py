@@ -1,4 +1,4 @@
-"""The on-disk block store: the prefix cache's capacity tier (design.md §1 "cache"; 3FS's role at DeepSeek).
+"""The on-disk block store: the prefix cache's capacity tier (services/README.md; 3FS's role at DeepSeek).
 
 A block is one 64-token page of a sequence: its chained hash (shared/cache/hashing.py, as `.hex()`), its token
 ids, and its payload, the MLA latent KV of every layer for those tokens: a tensor [L, T, W] (L = layers,

@@ -1,4 +1,4 @@
-"""Cost, theoretical revenue and margin, the way DeepSeek published its day (design.md §5).
+"""Cost, theoretical revenue and margin, the way DeepSeek published its day (shared/cost/README.md).
 
 Pure arithmetic on token counts and GPU time: `streamoe cost` feeds it the services' counters,
 the load generator feeds it one run's counts. Each worker rank counts as one GPU.
@@ -25,7 +25,7 @@ class TokenCounts:
 
 def report(tokens: TokenCounts, gpu_seconds: float, gpu_hour_usd: float = GPU_HOUR_USD,
            prices: tuple[float, float, float] = PRICES_PER_MILLION, gpus_per_node: int = GPUS_PER_NODE) -> dict:
-    """The §5 figures as a flat dict (USD; margin in percent of cost)."""
+    """The figures of shared/cost/README.md as a flat dict (USD; margin in percent of cost)."""
     hit, miss, out = prices
     gpu_hours = gpu_seconds / 3600.0
     cost = gpu_hours * gpu_hour_usd

@@ -1,4 +1,4 @@
-"""`streamoe cost`: the design.md §5 report from the services' own Prometheus counters.
+"""`streamoe cost`: the economics report (shared/cost/README.md) from the services' own Prometheus counters.
 
 Reads Prometheus text exposition (saved files, or live `/metrics` endpoints found through a
 gateway's `/services` or a `streamoe up` run's `processes.json`), sums the counters below over

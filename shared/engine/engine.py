@@ -36,7 +36,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     mode: str = "mixed"  # mixed | prefill | decode
     share_prefixes: bool = True
-    model_fingerprint: str = ""  # seeds the block hash chain (design.md §4)
+    model_fingerprint: str = ""  # seeds the block hash chain (shared/cache/hashing.py)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Expert-parallel load balancer (EPLB): which logical expert each physical expert slot holds.
 
-Pure numpy, written from the algorithm DeepSeek describes for EPLB (deepseek-notes.md §3):
+Pure numpy, written from the algorithm DeepSeek describes for EPLB (shared/ep/README.md, "EPLB"):
 hot experts get redundant replicas and the replicas are packed so that every rank receives about
 the same load. Slots are GPU-major: slot s lives on rank s // (num_replicas // num_gpus).
 

@@ -1,4 +1,4 @@
-"""Two-micro-batch overlap (design.md §1, deepseek-notes.md §1.2): a step's batch is split in two,
+"""Two-micro-batch overlap (shared/ep/README.md, "Two-micro-batch overlap"): a step's batch is split in two,
 and while one micro-batch's dispatch or combine is on the wire, the compute thread computes the
 other. Compute stays on the one compute thread; the communication is the event loop's Redis I/O,
 so the overlap is real concurrency, visible in the `--trace` timeline.

@@ -30,8 +30,8 @@ from shared.protocol import streams
 from shared.protocol.messages import ExpertLoad, PlacementUpdate
 from shared.protocol.wire import decode, encode
 
-# NOTE: the per-phase default, by measurement (README, "Overlap"): prefill is compute-bound and
-# hides its wire time; a decode micro-batch re-reads nearly every expert's weights (design.md §8).
+# NOTE: the per-phase default, by measurement (shared/ep/README.md, "Limits"): prefill is
+# compute-bound and hides its wire time; a decode micro-batch re-reads nearly every expert's weights.
 OVERLAP_BY_DEFAULT = ("prefill",)
 MEMBERSHIP_PERIOD_S = 1.0  # alive keys renewed, join requests looked for (membership.ALIVE_TTL_S: 6 s)
 _SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)

@@ -1,4 +1,4 @@
-"""What crosses the wire at an MoE layer of an EP group (design.md §1, expert-parallel wire).
+"""What crosses the wire at an MoE layer of an EP group (shared/ep/README.md, "The wire").
 
 Dispatch carries, per destination rank, each token routed there once (not once per expert) plus
 the (token, local slot) pairs; combine carries one output row per pair, in the pairs' order.

@@ -1,4 +1,4 @@
-"""`streamoe`: the command line (design.md §3)."""
+"""`streamoe`: the command line (services/README.md, "The command line")."""
 from __future__ import annotations
 
 import argparse
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument("--run-dir", type=Path, default=None, help="default: $STREAMOE_HOME/runs/<time>")
     upp.set_defaults(handler=_up)
 
-    cost = commands.add_parser("cost", help="cost, revenue and margin from the services' counters (design.md §5)")
+    cost = commands.add_parser(
+        "cost", help="cost, revenue and margin from the services' counters (shared/cost/README.md)")
     cost.add_argument("--url", type=_http_url, default=None,
                       help="a gateway: read every service it lists at /services "
                            f"(default {DEFAULT_URL} when neither --processes nor --metrics is given)")

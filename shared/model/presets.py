@@ -13,7 +13,7 @@ from shared.model.fp8 import is_quantized_weight, quantize_blockwise
 from shared.model.model import DeepseekV3
 from shared.model.tokenizer_files import BOS_ID, EOS_ID, PAD_ID, write_tokenizer_files
 
-# The design's preset table (design.md §4). `initializer_range` is large enough that greedy
+# The preset table of shared/model/README.md. `initializer_range` is large enough that greedy
 # logits are rarely near-ties; `bias_range` makes the routing bias change expert choices.
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=3,

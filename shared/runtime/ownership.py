@@ -1,4 +1,4 @@
-"""Who runs a request on the decode side, and how a dead rank's requests are resumed (design.md §3).
+"""Who runs a request on the decode side, and how a dead rank's requests are resumed (services/README.md, "Delivery").
 
 A decode instance registers itself in one set, and for each request it admits keeps, in Redis:
   - `owner:{id}` (hash): rank, instance, the request as it was handed off;

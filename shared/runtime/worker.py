@@ -130,7 +130,7 @@ class WorkerService(EPRank, Service):
                                    list(labels), registry=self.registry).labels(**labels)
         self.kv_total = Gauge("streamoe_kv_blocks_total", "KV blocks in the pool", list(labels),
                               registry=self.registry).labels(**labels)
-        # NOTE: each worker rank counts as one GPU in `streamoe cost` (design.md §5): its seconds up.
+        # NOTE: each worker rank counts as one GPU in `streamoe cost` (shared/cost/README.md): its seconds up.
         self.gpu_seconds = Counter(metric_names.GPU_SECONDS, "Seconds this rank has been up (one GPU each)",
                                    list(labels), registry=self.registry).labels(**labels)
         self.tokens = Counter(metric_names.WORKER_TOKENS, "Tokens this rank computed, by kind "
