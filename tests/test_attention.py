@@ -20,7 +20,7 @@ from shared.model.presets import preset_config
 
 RTOL = 1e-4  # of the largest output: fp32 rounding through several matmuls (seen up to 1.2e-5, its size
 # varying with the kernels the CPU picks), far below any masking or rescaling mistake (1e-2 and up)
-ROWS = 200  # small decode groups, so a step's decodes already span several
+ROWS = 200  # small decode buckets, so a step's decodes already span several
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +80,16 @@ def random_step(args: ModelArgs, query_lens: list[int], context_lens: list[int],
 DECODE_LENS = [1, 64, 65, 2, 323, 63, 128, 193, 1, 700, 60, 60]
 
 
-@pytest.mark.parametrize("decode_rows", [ROWS, None], ids=["small-groups", "default"])
+@pytest.mark.parametrize("decode_rows", [ROWS, None], ids=["small-buckets", "default"])
 def test_grouped_decode_matches_dense_softmax(args, mla, decode_rows):
     n = len(DECODE_LENS)
     pool, slots, q_nope, q_pe, kv = random_step(args, [1] * n, DECODE_LENS)
     rows = torch.nn.utils.rnn.pad_sequence(slots, batch_first=True)
     plan = plan_reads([1] * n, DECODE_LENS, [True] * n, rows, **({} if decode_rows is None else {"decode_rows": ROWS}))
-    assert plan.decode and not plan.groups
+    assert plan.decode and not plan.padded
     sizes = sorted(g.num_seqs for g in plan.decode)
     # longest first, padded to at most 1.25x their own rows: 700 and 323 alone; within 200 rows
-    # [65, 64, 63] is the largest group, else [65, 64, 63, 60, 60, 2]
+    # [65, 64, 63] is the largest bucket, else [65, 64, 63, 60, 60, 2]
     assert (sizes[-1], len(plan.decode)) == ((3, 8) if decode_rows else (6, 5)), sizes
     assert any(g.mask is None and g.num_seqs > 1 for g in plan.decode)  # equal lengths: no mask
     batch = AttentionBatch([1] * n, DECODE_LENS, [True] * n, plan=plan)
@@ -103,7 +103,7 @@ MIXED = [  # (query_len, context_len, absorbed): cached prefixes, whole prompts 
     (1, 130, True), (64, 200, False), (20, 20, False), (2, 300, True)]
 
 
-@pytest.mark.parametrize("max_padding", [1.0, float("inf")], ids=["unpadded-groups", "one-group-per-path"])
+@pytest.mark.parametrize("max_padding", [1.0, float("inf")], ids=["unpadded-buckets", "one-bucket-per-path"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_mixed_step_matches_per_sequence_attention(args, mla, seed, max_padding):
     query_lens, context_lens, absorbed = (list(x) for x in zip(*MIXED))
@@ -111,8 +111,8 @@ def test_mixed_step_matches_per_sequence_attention(args, mla, seed, max_padding)
     rows = torch.nn.utils.rnn.pad_sequence(slots, batch_first=True)
     plan = plan_reads(query_lens, context_lens, absorbed, rows, max_padding=max_padding)
     batch = AttentionBatch(query_lens, context_lens, absorbed, plan=plan)
-    assert plan.decode and {g.is_absorbed for g in plan.groups} == {False, True}
-    assert max(g.num_seqs for g in plan.groups) == (1 if max_padding == 1 else 4)
+    assert plan.decode and {g.is_absorbed for g in plan.padded} == {False, True}
+    assert max(g.num_seqs for g in plan.padded) == (1 if max_padding == 1 else 4)
     with torch.inference_mode():
         ours = mla.attend(q_nope, q_pe, kv, batch, pool)
     close(ours, reference(mla, q_nope, q_pe, [pool.kv[0, s] for s in slots], query_lens))
@@ -124,10 +124,10 @@ def test_the_default_plan_batches_sequences_of_one_shape(args):
     plan = AttentionBatch(query_lens, context_lens, [False] * 6, context_slots=slots).plan
     rows = [list(range(a, b)) for a, b in [(0, 5), (5, 14), (14, 19), (19, 20), (20, 25), (25, 34)]]
     want = [rows[0] + rows[2], rows[1] + rows[5], rows[3], rows[4]]
-    assert sorted(g.token_rows.tolist() for g in plan.groups) == want
+    assert sorted(g.token_rows.tolist() for g in plan.padded) == want
 
 
-@pytest.mark.parametrize("max_padding", [1.0, float("inf")], ids=["unpadded-groups", "one-group"])
+@pytest.mark.parametrize("max_padding", [1.0, float("inf")], ids=["unpadded-buckets", "one-bucket"])
 @pytest.mark.parametrize("absorbed", [False, True], ids=["expanded", "absorbed"])
 @pytest.mark.parametrize("query_lens", [[33, 1, 7, 64, 7], [16, 16, 16]], ids=["ragged", "equal"])
 def test_cache_free_prefill_matches_per_sequence_attention(args, mla, absorbed, query_lens, max_padding):
@@ -225,7 +225,7 @@ def test_runner_inputs_match_per_sequence_slots_and_positions(args):
 
 
 def read_back(batch: AttentionBatch) -> list[list[int]]:
-    """Each sequence's context slots as the plan lays them out (decode groups, padded groups)."""
+    """Each sequence's context slots as the plan lays them out (decode buckets, padded buckets)."""
     plan, starts = batch.plan, [sum(batch.query_lens[:i]) for i in range(len(batch.query_lens))]
     by_row: dict[int, list[int]] = {}
     for d in plan.decode:
@@ -233,10 +233,10 @@ def read_back(batch: AttentionBatch) -> list[list[int]]:
         real = torch.ones_like(slots, dtype=torch.bool) if d.mask is None else d.mask.view(d.num_seqs, -1)
         for r in range(d.num_seqs):
             by_row[d.rows[r].item()] = slots[r][real[r]].tolist()
-    for group in plan.groups:
-        rows, members = group.token_rows.tolist(), []
-        while len(rows) > sum(batch.query_lens[i] for i in members):  # the group's sequences, in its order
+    for bucket in plan.padded:
+        rows, members = bucket.token_rows.tolist(), []
+        while len(rows) > sum(batch.query_lens[i] for i in members):  # the bucket's sequences, in its order
             members.append(starts.index(rows[sum(batch.query_lens[i] for i in members)]))
-        for i, part in zip(members, group.context_rows.split([batch.context_lens[i] for i in members])):
+        for i, part in zip(members, bucket.context_rows.split([batch.context_lens[i] for i in members])):
             by_row[starts[i]] = part.tolist()
     return [by_row[s] for s in starts]

@@ -63,7 +63,7 @@ async def test_killed_prefill_entries_are_claimed_and_complete(services, tiny_fp
     try:
         async with aiohttp.ClientSession() as session:
             calls = [asyncio.create_task(one(session, p)) for p in prompts]
-            stream, group = streams.prefill_stream("prefill", 0), streams.group("prefill")
+            stream, group = streams.prefill_stream("prefill", 0), streams.consumer_group("prefill")
             deadline = time.monotonic() + 60
             held = 0
             while held == 0 and time.monotonic() < deadline:

@@ -158,22 +158,22 @@ def test_up_refuses_a_bad_plan(capsys):
 
 
 def test_a_worker_refuses_bad_values_by_flag_and_environment(tiny_fp32, capsys, monkeypatch):
-    from services.decode.worker import DecodeService
-    from shared.runtime.worker import worker_main
+    from services.decode.decode_rank import DecodeService
+    from shared.runtime.engine_service import engine_main
 
     argv = ["--model", str(tiny_fp32), "--redis-url", "redis://127.0.0.1:1/0"]
     with pytest.raises(SystemExit) as e:
-        worker_main(DecodeService, [*argv, "--moe-backend", "nonsense"])
+        engine_main(DecodeService, [*argv, "--moe-backend", "nonsense"])
     assert e.value.code == 2 and "argument --moe-backend: 'nonsense': expected auto, one of" in capsys.readouterr().err
     monkeypatch.setenv("STREAMOE_MOE_BACKEND", "nonsense")
     with pytest.raises(SystemExit) as e:
-        worker_main(DecodeService, argv)
+        engine_main(DecodeService, argv)
     assert e.value.code == 2
     assert "STREAMOE_MOE_BACKEND='nonsense': not a valid value for --moe-backend" in capsys.readouterr().err
     monkeypatch.setenv("STREAMOE_MOE_BACKEND", "1:loop,16:bmm")
     monkeypatch.setenv("STREAMOE_DTYPE", "nonsense")
     with pytest.raises(SystemExit) as e:
-        worker_main(DecodeService, argv)
+        engine_main(DecodeService, argv)
     assert e.value.code == 2 and "STREAMOE_DTYPE='nonsense': choose from" in capsys.readouterr().err
 
 
@@ -239,8 +239,8 @@ async def test_the_cache_service_waits_for_the_published_value(redis):
 # --- a handoff in another dtype ---------------------------------------------------------------
 
 async def test_a_handoff_in_another_dtype_is_refused_naming_both(redis):
-    from services.decode.worker import GROUP, DecodeService
-    from services.prefill.worker import NO_KV
+    from services.decode.decode_rank import CONSUMER_GROUP, DecodeService
+    from services.prefill.prefill_rank import NO_KV
     from shared.protocol.messages import KVChunk, Sampling, TokenDelta, TokenizedRequest
     from shared.protocol.tensors import checksum, to_blob
     from shared.runtime.bus import Bus
@@ -252,14 +252,14 @@ async def test_a_handoff_in_another_dtype_is_refused_naming_both(redis):
     decode.stream = streams.kv_stream("decode", 0)
     decode.handoffs, decode.ready_to_admit, decode.history = {}, [], {}
     decode.aborted, decode.finished = [], []
-    await decode.bus.ensure_group(decode.stream, GROUP)
+    await decode.bus.ensure_consumer_group(decode.stream, CONSUMER_GROUP)
     request = TokenizedRequest("req-1", "trace-1", "gw", Sampling(max_tokens=4), 0.0, [1, 2, 3])
     for layer in range(2):
         blob = to_blob(torch.zeros(3, 8, dtype=torch.bfloat16))
         await decode.bus.publish(decode.stream, KVChunk("req-1", "trace-1", layer, 2, blob, checksum(blob.data)))
     await decode.bus.publish(decode.stream, KVChunk("req-1", "trace-1", 2, 2, NO_KV, "", request=request,
                                                     first_token=7))
-    for entry in await decode.bus.read(decode.stream, GROUP, KVChunk, count=16, block_ms=None):
+    for entry in await decode.bus.read(decode.stream, CONSUMER_GROUP, KVChunk, count=16, block_ms=None):
         decode.receive(entry)
     await decode.admit_ready()
     ((_, fields),) = await redis.xrange(streams.RAW_DELTAS)

@@ -27,8 +27,8 @@ async def run_requests(redis, requests: list, timeout: float = 180,
                        writes: list | None = None) -> dict[str, list[TokenDelta]]:
     """Publish the requests (or the given writes) and collect every request's deltas."""
     bus = Bus(redis, "test-gateway")
-    stream, group = streams.delta_stream(GW), streams.group("gateway")
-    await bus.ensure_group(stream, group)
+    stream, group = streams.delta_stream(GW), streams.consumer_group("gateway")
+    await bus.ensure_consumer_group(stream, group)
     await bus.publish_many(writes if writes is not None else [(streams.REQUESTS, r) for r in requests])
     got: dict[str, list[TokenDelta]] = {r.request_id: [] for r in requests}
     done: set[str] = set()

@@ -26,8 +26,8 @@ def request(rid: str, **prompt) -> GenerateRequest:
 
 
 async def collect(bus: Bus, stream: str, kind, n: int, timeout: float = 20.0) -> list:
-    group = streams.group("test-reader")
-    await bus.ensure_group(stream, group)
+    group = streams.consumer_group("test-reader")
+    await bus.ensure_consumer_group(stream, group)
     out, deadline = [], time.monotonic() + timeout
     while len(out) < n and time.monotonic() < deadline:
         entries = await bus.read(stream, group, kind, count=100, block_ms=200)
@@ -98,7 +98,8 @@ async def test_detokenizes_statelessly_across_a_killed_replica(tokenizer_service
     proc_a.wait()
     ghost = Bus(redis, "ghost")  # a consumer that read entries and died before acking them
     await bus.publish_many([(streams.RAW_DELTAS, d) for d in deltas[third:2 * third]])
-    taken = await ghost.read(streams.RAW_DELTAS, streams.group("tokenizer"), TokenDelta, count=100, block_ms=500)
+    taken = await ghost.read(streams.RAW_DELTAS, streams.consumer_group("tokenizer"), TokenDelta, count=100,
+                             block_ms=500)
     assert len(taken) == third
     await bus.publish_many([(streams.RAW_DELTAS, d) for d in deltas[2 * third:]])
     replica_b = start(tiny_fp32, redis_url, "tok-b", claim_idle_ms=500)
@@ -127,7 +128,7 @@ def test_remembered_reply_ids_are_spliced_only_between_special_tokens(tiny_fp32,
     import json
     import shutil
 
-    from services.tokenizer.worker import Encoder
+    from services.tokenizer.codec import Encoder
 
     encoder = Encoder(tiny_fp32)
     lossy = [140, 90, 140, 522]  # byte tokens that are not UTF-8 on their own: the text says U+FFFD

@@ -75,7 +75,7 @@ def test_up_serves_restarts_and_stops_cleanly(tiny_fp32, tmp_path):
         assert names == {"tokenizer", "cache", "balancer", "prefill", "decode", "gateway", "redis"}
         # numerics calibrated once by `up` (an fp32 checkpoint stays fp32), the same on every worker
         numerics = listed["numerics"]
-        assert numerics["dtype"] == "fp32" and numerics["source"] in ("measured", "cached"), numerics
+        assert numerics["dtype"] == "fp32" and numerics["calibration"] in ("measured", "cached"), numerics
         for p in processes:
             if p["name"] in ("prefill", "decode"):
                 with urllib.request.urlopen(f"http://127.0.0.1:{p['ports']['http']}/health", timeout=10) as r:

@@ -49,9 +49,9 @@ def test_decode_checks_field_types():
 
 async def test_publish_read_ack(redis):
     bus = Bus(redis, "c1")
-    group = streams.group("tokenizer")
-    await bus.ensure_group(streams.REQUESTS, group)
-    await bus.ensure_group(streams.REQUESTS, group)  # idempotent
+    group = streams.consumer_group("tokenizer")
+    await bus.ensure_consumer_group(streams.REQUESTS, group)
+    await bus.ensure_consumer_group(streams.REQUESTS, group)  # idempotent
     ids = await bus.publish_many([(streams.REQUESTS, request(i)) for i in range(3)])
     got = await bus.read(streams.REQUESTS, group, GenerateRequest, count=10, block_ms=100)
     assert [e.entry_id for e in got] == ids and [e.message.request_id for e in got] == ["r0", "r1", "r2"]
@@ -62,8 +62,8 @@ async def test_publish_read_ack(redis):
 
 async def test_undecodable_entry_goes_to_dead_letters_and_reading_goes_on(redis):
     bus = Bus(redis, "c1")
-    group = streams.group("tokenizer")
-    await bus.ensure_group(streams.REQUESTS, group)
+    group = streams.consumer_group("tokenizer")
+    await bus.ensure_consumer_group(streams.REQUESTS, group)
     await redis.xadd(streams.REQUESTS, {b"m": b"\xc1not msgpack"})
     await bus.publish(streams.REQUESTS, request(1))
     got = await bus.read(streams.REQUESTS, group, GenerateRequest, block_ms=100)
@@ -75,9 +75,9 @@ async def test_undecodable_entry_goes_to_dead_letters_and_reading_goes_on(redis)
 
 
 async def test_dead_consumer_entries_are_claimed(redis):
-    group = streams.group("tokenizer")
+    group = streams.consumer_group("tokenizer")
     dead, alive = Bus(redis, "dead"), Bus(redis, "alive")
-    await dead.ensure_group(streams.REQUESTS, group)
+    await dead.ensure_consumer_group(streams.REQUESTS, group)
     await dead.publish(streams.REQUESTS, request(7))
     taken = await dead.read(streams.REQUESTS, group, GenerateRequest, block_ms=100)
     assert len(taken) == 1  # and then the consumer dies without acking
@@ -91,8 +91,8 @@ async def test_dead_consumer_entries_are_claimed(redis):
 
 async def test_an_entry_whose_read_reply_was_lost_is_read_again(redis):
     """Redis delivered the entry (it is pending on this consumer) but the reply never arrived."""
-    group, bus = streams.group("gateway"), Bus(redis, "gw")
-    await bus.ensure_group(streams.REQUESTS, group)
+    group, bus = streams.consumer_group("gateway"), Bus(redis, "gw")
+    await bus.ensure_consumer_group(streams.REQUESTS, group)
     await bus.publish(streams.REQUESTS, request(3))
     await redis.xreadgroup(group, "gw", {streams.REQUESTS: ">"}, count=10)  # the reply that got lost
     await bus.publish(streams.REQUESTS, request(4))
@@ -108,9 +108,9 @@ async def test_an_entry_whose_read_reply_was_lost_is_read_again(redis):
 async def test_trim_never_drops_unread_or_pending(redis):
     stream = streams.delta_stream("gw0")
     bus = Bus(redis, "c")
-    fast, slow = streams.group("fast"), streams.group("slow")
+    fast, slow = streams.consumer_group("fast"), streams.consumer_group("slow")
     for g in (fast, slow):
-        await bus.ensure_group(stream, g)
+        await bus.ensure_consumer_group(stream, g)
     ids = await bus.publish_many([(stream, TokenDelta(f"r{i}", "t", "gw0", i, [i])) for i in range(6)])
     got = await bus.read(stream, fast, TokenDelta, count=6, block_ms=100)
     await bus.ack(stream, fast, *[e.entry_id for e in got])

@@ -8,7 +8,7 @@ from shared.ep.eplb import NodeCounts
 from shared.runtime.service import add_service_args, parse_service_args, service_config
 
 from .expert_lb import EPLBSettings
-from .worker import BalancerService
+from .router import BalancerService
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ class EPLBSettings:
 
 
 @dataclass
-class GroupState:
+class EPGroupState:
     window: LoadWindow
     last: np.ndarray | None = None  # cumulative counts at the previous tick
     ranks: dict[int, float] = field(default_factory=dict)  # rank -> time of the report last used
@@ -45,7 +45,7 @@ class GroupState:
 class ExpertBalancer:
     def __init__(self, settings: EPLBSettings, log: logging.Logger):
         self.settings, self.log = settings, log
-        self.groups: dict[tuple[str, str], GroupState] = {}
+        self.ep_groups: dict[tuple[str, str], EPGroupState] = {}
 
     async def tick(self, redis) -> list[PlacementUpdate]:
         """One interval: gather every EP group's reports, maybe publish placements (returned)."""
@@ -73,7 +73,7 @@ class ExpertBalancer:
         ep_size = reports[0].ep_size
         if len({r.rank for r in reports}) != ep_size:
             return None  # a rank is missing (starting, or dead): wait for the whole group
-        state = self.groups.setdefault(key, GroupState(LoadWindow(self.settings.window)))
+        state = self.ep_groups.setdefault(key, EPGroupState(LoadWindow(self.settings.window)))
         counts = np.sum([np.asarray(r.counts, dtype=np.int64) for r in reports], axis=0)  # [L, E] cumulative
         if state.last is not None and state.last.shape == counts.shape and np.all(counts >= state.last):
             state.window.add(counts - state.last)

@@ -9,7 +9,7 @@ import uvloop
 
 from shared.runtime.service import add_service_args, parse_service_args, service_config
 
-from .worker import CacheService, CacheSettings
+from .lookup import CacheService, CacheSettings
 
 
 def main(argv: list[str] | None = None) -> int:

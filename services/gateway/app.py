@@ -29,7 +29,7 @@ from shared.runtime.service import Service, ServiceConfig
 from .metrics import GatewayMetrics, RequestTimes
 from .protocol import ApiError, ParsedRequest, decode_body, now, parse, usage
 
-GROUP = streams.group("gateway")
+CONSUMER_GROUP = streams.consumer_group("gateway")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's, for /v1/completions
 _LEADING_FIELD = re.compile(r"([a-z_]+(?:\[\d+\])?): ")
 
@@ -82,18 +82,18 @@ class GatewayService(Service):
         app.router.add_get("/services", self.services)
 
     async def setup(self) -> None:
-        await self.bus.ensure_group(self.delta_stream, GROUP)
+        await self.bus.ensure_consumer_group(self.delta_stream, CONSUMER_GROUP)
 
     def trimmed_streams(self) -> list[str]:
         return [self.delta_stream]
 
     async def loop(self) -> None:
         while not self.stopping.is_set() or self.inflight:
-            entries = await self.bus.read(self.delta_stream, GROUP, TokenDelta, count=256, block_ms=200)
-            entries += await self.bus.reclaim_lost(self.delta_stream, GROUP, TokenDelta)
+            entries = await self.bus.read(self.delta_stream, CONSUMER_GROUP, TokenDelta, count=256, block_ms=200)
+            entries += await self.bus.reclaim_lost(self.delta_stream, CONSUMER_GROUP, TokenDelta)
             for entry in entries:
                 self.dispatch(entry.message)
-            await self.bus.ack(self.delta_stream, GROUP, *[e.entry_id for e in entries])
+            await self.bus.ack(self.delta_stream, CONSUMER_GROUP, *[e.entry_id for e in entries])
             if self.stopping.is_set() and not entries:
                 break
 

@@ -1,9 +1,9 @@
 """python -m services.prefill --model DIR --rank R [--ep-size 1] [--redis-url URL] ..."""
 import sys
 
-from shared.runtime.worker import worker_main
+from shared.runtime.engine_service import engine_main
 
-from .worker import PrefillService
+from .prefill_rank import PrefillService
 
 if __name__ == "__main__":
-    sys.exit(worker_main(PrefillService))
+    sys.exit(engine_main(PrefillService))

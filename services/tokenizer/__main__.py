@@ -9,7 +9,7 @@ import uvloop
 
 from shared.runtime.service import add_service_args, parse_service_args, service_config
 
-from .worker import TokenizerService
+from .codec import TokenizerService
 
 
 def main(argv: list[str] | None = None) -> int:

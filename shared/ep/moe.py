@@ -121,8 +121,8 @@ class EPMoE(nn.Module):
             k = self.gate.top_k
             weights, ids = torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
         if self.expert_load is None:
-            self.expert_load = torch.zeros(self.num_experts, dtype=torch.int64)
-        self.expert_load += torch.bincount(ids.flatten(), minlength=self.num_experts)
+            self.expert_load = torch.zeros(self.num_experts, dtype=torch.int64, device=ids.device)
+        self.expert_load += expert_counts(ids, self.num_experts)
         top_k = ids.shape[1]
         slots = self.log2phy[ids, self.replicas(ids)]  # [T, K] physical slots
         dest = self.owner[slots]
@@ -166,7 +166,7 @@ class EPMoE(nn.Module):
         one pair, and ranks start at different replicas."""
         flat = ids.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        counts = expert_counts(flat, self.num_experts)
         first = counts.cumsum(0) - counts  # [E] where each expert's run starts in the sorted order
         nth = torch.empty_like(flat)
         nth[order] = torch.arange(flat.numel()) - first[flat[order]]

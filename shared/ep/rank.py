@@ -3,7 +3,7 @@ group — its slice of the experts, the group's transport and step agreement, th
 micro-batches, its side of EPLB (load reports, staged placements, the switch), and the group's
 re-forming when a rank dies or comes back (membership.py).
 
-A mixin of WorkerService (shared/runtime/worker.py): it uses the service's args, role, rank, group_id,
+A mixin of EngineService (shared/runtime/engine_service.py): it uses the service's args, role, rank, group_id,
 registry, log, redis, engine and compute thread.
 """
 from __future__ import annotations

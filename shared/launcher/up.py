@@ -128,7 +128,7 @@ def up(args: argparse.Namespace) -> int:
         secrets["STREAMOE_API_KEY"] = args.api_key
     for child in children:
         child.start(secrets)
-    record = {"dtype": numerics.dtype, "moe_backend": numerics.moe_backend, "source": numerics.source}
+    record = numerics.health()  # the same keys as each worker's /health
     write_processes(run_dir, children, redis_proc, redis_url, record)
     deadline = time.monotonic() + args.ready_timeout
     ready = False

@@ -2,7 +2,7 @@
 
 Legend: T = tokens in the step (all sequences packed, no padding), t = one sequence's new tokens,
 L = that sequence's context (cached + new), H = heads, C = kv_lora_rank, R = qk_rope_head_dim,
-N = qk_nope_head_dim, V = v_head_dim, S = sequences of a padded group (queries padded to t, contexts
+N = qk_nope_head_dim, V = v_head_dim, S = sequences of a padded bucket (queries padded to t, contexts
 to L), W = a padded head width.
 
 - expanded path: up-project the cached latent into per-head keys/values, then attend (prefill).
@@ -10,9 +10,9 @@ to L), W = a padded head width.
   latent cache directly as one shared key of C+R channels and value of C channels (decode).
 Both give the same result up to rounding; `AttentionBatch.absorbed` picks one per sequence.
 
-A step's single-token absorbed decodes go through one fused SDPA call per group of similar context
-lengths (each group's paged contexts gathered once, a few thousand rows, see
-`kv_cache.DECODE_GROUP_ROWS`); the other sequences through one SDPA call per group of a path (by
+A step's single-token absorbed decodes go through one fused SDPA call per bucket of similar context
+lengths (each bucket's paged contexts gathered once, a few thousand rows, see
+`kv_cache.DECODE_BUCKET_ROWS`); the other sequences through one SDPA call per bucket of a path (by
 default the sequences of one shape, see `kv_cache.MAX_PADDING`). The
 indices come from the step's `ReadPlan`, so the per-layer work reads no device value on the host.
 """
@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from shared.model.config import ModelArgs
-from shared.model.kv_cache import DecodeGroup, PaddedGroup, ReadPlan, plan_reads
+from shared.model.kv_cache import DecodeBucket, PaddedBucket, ReadPlan, plan_reads
 from shared.model.norm import RMSNorm
 from shared.model.rope import apply_rotary
 
@@ -153,11 +153,11 @@ class MLA(nn.Module):
             return cache.load(self.layer, rows) if plan.is_cached else kv.index_select(0, rows)
 
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)  # [T, H, V]
-        for group in plan.decode:
-            out.index_copy_(0, group.rows, self._decode(q_nope, q_pe, group, read))
-        for group in plan.groups:
-            path = self._absorbed if group.is_absorbed else self._expanded
-            out.index_copy_(0, group.token_rows, path(q_nope, q_pe, group, read))
+        for bucket in plan.decode:
+            out.index_copy_(0, bucket.rows, self._decode(q_nope, q_pe, bucket, read))
+        for bucket in plan.padded:
+            path = self._absorbed if bucket.is_absorbed else self._expanded
+            out.index_copy_(0, bucket.token_rows, path(q_nope, q_pe, bucket, read))
         return self.o_proj(out.view(out.shape[0], -1))
 
     def _w_b(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,56 +174,56 @@ class MLA(nn.Module):
         w_uv = self._w_b()[1].to(o_latent.dtype)
         return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
 
-    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, group: DecodeGroup,
+    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, bucket: DecodeBucket,
                  read: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The group's single-token queries -> [S, H, V]. Its H heads share the one latent key/value
+        """The bucket's single-token queries -> [S, H, V]. Its H heads share the one latent key/value
         head, so they go to SDPA as H queries of one head: one fused call, whose scores and softmax
         statistics are fp32 and whose probabilities meet the latent in its dtype."""
-        s, length = group.num_seqs, group.max_context
-        q = self._absorb_q(q_nope.index_select(0, group.rows), q_pe.index_select(0, group.rows))  # [S, H, C+R]
-        context = read(group.slots).view(s, 1, length, -1)  # [S, 1, L, C+R]: the latent is its own value
-        out = F.scaled_dot_product_attention(q[:, None], context, context, attn_mask=group.mask, scale=self.scale)
+        s, length = bucket.num_seqs, bucket.max_context
+        q = self._absorb_q(q_nope.index_select(0, bucket.rows), q_pe.index_select(0, bucket.rows))  # [S, H, C+R]
+        context = read(bucket.slots).view(s, 1, length, -1)  # [S, 1, L, C+R]: the latent is its own value
+        out = F.scaled_dot_product_attention(q[:, None], context, context, attn_mask=bucket.mask, scale=self.scale)
         return self._absorb_out(out[:, 0, :, :self.kv_lora_rank])
 
-    def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, group: PaddedGroup,
+    def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, bucket: PaddedBucket,
                   read: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The group's queries against per-head keys/values up-projected from its contexts -> [Tg, H, V].
+        """The bucket's queries against per-head keys/values up-projected from its contexts -> [Tg, H, V].
         Keys and values are padded to one head width W so SDPA can take its fused kernels."""
         h, n, r, v = self.num_heads, self.nope_dim, self.rope_dim, self.v_dim
         width = max(n + r, v)
-        latent, k_pe = read(group.context_rows).split([self.kv_lora_rank, r], dim=-1)  # [sum L, C], [sum L, R]
+        latent, k_pe = read(bucket.context_rows).split([self.kv_lora_rank, r], dim=-1)  # [sum L, C], [sum L, R]
         length = latent.shape[0]
         k_nope, value = self.kv_b_proj(latent).view(length, h, n + v).split([n, v], dim=-1)
         pad = latent.new_zeros(())  # widens q and k with zeros (dot products unchanged), v with don't-cares
         keys_values = torch.cat([k_nope, k_pe[:, None].expand(length, h, r), pad.expand(length, h, width - n - r),
                                  value, pad.expand(length, h, width - v)], dim=-1)  # [sum L, H, 2W]
-        q_rows = group.query_rows
+        q_rows = bucket.query_rows
         q = torch.cat([q_nope.index_select(0, q_rows), q_pe.index_select(0, q_rows),
                        pad.expand(len(q_rows), h, width - n - r)], dim=-1)  # [S*t, H, W]
-        out = self._padded_sdpa(q, keys_values, group, width)  # [Tg, H, W]
+        out = self._padded_sdpa(q, keys_values, bucket, width)  # [Tg, H, W]
         return out[..., :v]
 
-    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, group: PaddedGroup,
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, bucket: PaddedBucket,
                   read: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The group's queries against its latent contexts, one key/value head shared by all -> [Tg, H, V]."""
-        q_rows = group.query_rows
+        """The bucket's queries against its latent contexts, one key/value head shared by all -> [Tg, H, V]."""
+        q_rows = bucket.query_rows
         q = self._absorb_q(q_nope.index_select(0, q_rows), q_pe.index_select(0, q_rows))  # [S*t, H, C+R]
-        context = read(group.context_rows)[:, None]  # [sum L, 1, C+R]: the latent is its own value
-        out = self._padded_sdpa(q, context, group, None)  # [Tg, H, C+R]
+        context = read(bucket.context_rows)[:, None]  # [sum L, 1, C+R]: the latent is its own value
+        out = self._padded_sdpa(q, context, bucket, None)  # [Tg, H, C+R]
         return self._absorb_out(out[..., :self.kv_lora_rank])
 
-    def _padded_sdpa(self, q: torch.Tensor, keys_values: torch.Tensor, group: PaddedGroup,
+    def _padded_sdpa(self, q: torch.Tensor, keys_values: torch.Tensor, bucket: PaddedBucket,
                      split: int | None) -> torch.Tensor:
         """q [S*t, H, W] against packed keys_values [sum L, Hk, *] (keys | values at `split`, or one
         tensor for both) -> [Tg, H, W]. SDPA's fused kernels keep the scores and softmax statistics in
         fp32 and meet the values with probabilities in the input dtype, as the decode does."""
-        s, t, length = group.num_seqs, group.max_query, group.max_context
-        if group.context_pos is not None:
-            keys_values = keys_values.index_select(0, group.context_pos)  # [S*L, Hk, *]
+        s, t, length = bucket.num_seqs, bucket.max_query, bucket.max_context
+        if bucket.context_pos is not None:
+            keys_values = keys_values.index_select(0, bucket.context_pos)  # [S*L, Hk, *]
         keys_values = keys_values.view(s, length, *keys_values.shape[1:]).transpose(1, 2)  # [S, Hk, L, *]
         keys, values = (keys_values, keys_values) if split is None else keys_values.split(split, dim=-1)
         out = F.scaled_dot_product_attention(
-            q.view(s, t, *q.shape[1:]).transpose(1, 2), keys, values, attn_mask=group.mask,
-            is_causal=group.mask is None, scale=self.scale, enable_gqa=keys.shape[1] != q.shape[1])  # [S, H, t, W]
+            q.view(s, t, *q.shape[1:]).transpose(1, 2), keys, values, attn_mask=bucket.mask,
+            is_causal=bucket.mask is None, scale=self.scale, enable_gqa=keys.shape[1] != q.shape[1])  # [S, H, t, W]
         out = out.transpose(1, 2).reshape(s * t, out.shape[1], out.shape[3])
-        return out if group.query_pos is None else out.index_select(0, group.query_pos)
+        return out if bucket.query_pos is None else out.index_select(0, bucket.query_pos)

@@ -5,7 +5,7 @@ elsewhere (the engine's block manager); the pool only holds the tensor.
 
 The read plan is built once per step on the host from Python ints and a [S, W] table of each
 sequence's rows (the pool slot of every position, or without a cache the step's own rows), so the
-forward never reads a device value back. Legend: S = sequences, t / L = longest query / context of a padded group.
+forward never reads a device value back. Legend: S = sequences, t / L = longest query / context of a padded bucket.
 """
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ import torch
 
 from shared.model.config import ModelArgs
 
-# A decode group gathers at most about this many latent rows (one sequence longer than that goes
+# A decode bucket gathers at most about this many latent rows (one sequence longer than that goes
 # alone): the gather then stays in the CPU's caches until the attention reads it. 64 sequences of
-# 267 tokens (small preset, bf16, 2 threads) took 2.3 ms a layer in one group, 1.7-1.8 in 2-4.
-DECODE_GROUP_ROWS = 8192
-# A decode group's padded rows may be this many times its sequences' own: sequences are sorted by
-# length, so a step's decodes fall into a few groups, each one SDPA call.
+# 267 tokens (small preset, bf16, 2 threads) took 2.3 ms a layer in one bucket, 1.7-1.8 in 2-4.
+DECODE_BUCKET_ROWS = 8192
+# A decode bucket's padded rows may be this many times its sequences' own: sequences are sorted by
+# length, so a step's decodes fall into a few buckets, each one SDPA call.
 DECODE_PADDING = 1.25
-# A prefill group may cost this many times the attention of its sequences one by one. Measured on
+# A prefill bucket may cost this many times the attention of its sequences one by one. Measured on
 # the CPU (2 threads, small preset, 8-12 sequences of 64-512 new tokens, some with cached prefixes),
 # any padding costs more than another SDPA call: sequences are batched only where their padded
 # layout costs nothing (same query and context lengths). A GPU, where a call costs more, may want more.
@@ -48,7 +48,7 @@ class LatentKVPool:
 
 
 @dataclass
-class DecodeGroup:
+class DecodeBucket:
     """Single-token absorbed sequences attended in one call: the H heads of each query are H
     queries of one latent head, against the sequence's context padded to L rows."""
 
@@ -60,14 +60,14 @@ class DecodeGroup:
 
 
 @dataclass
-class PaddedGroup:
+class PaddedBucket:
     """Sequences of one attention path attended in one call, queries padded to t and contexts to L."""
 
     is_absorbed: bool
     num_seqs: int
     max_query: int
     max_context: int
-    token_rows: torch.Tensor  # [Tg] the group's token rows in the step, sequence by sequence
+    token_rows: torch.Tensor  # [Tg] the bucket's token rows in the step, sequence by sequence
     query_rows: torch.Tensor  # [S * t] token row of each padded query; padding repeats a real one
     query_pos: torch.Tensor | None  # [Tg] each token's place among the padded queries; None: no padding
     context_rows: torch.Tensor  # [sum L] every sequence's context rows, packed
@@ -80,8 +80,8 @@ class ReadPlan:
     """Everything the attention of one step indexes with, built once and shared by every layer."""
 
     is_cached: bool  # rows are pool slots; else rows of the step's own new KV
-    decode: list[DecodeGroup] = field(default_factory=list)
-    groups: list[PaddedGroup] = field(default_factory=list)
+    decode: list[DecodeBucket] = field(default_factory=list)
+    padded: list[PaddedBucket] = field(default_factory=list)
 
     def to(self, device: torch.device) -> ReadPlan:
         """The plan with its tensors on `device`: from pinned memory without blocking on CUDA."""
@@ -89,7 +89,7 @@ class ReadPlan:
             return replace(part, **{f.name: to_device(getattr(part, f.name), device) for f in fields(part)
                                     if isinstance(getattr(part, f.name), torch.Tensor)})
 
-        return ReadPlan(self.is_cached, [move(group) for group in self.decode], [move(group) for group in self.groups])
+        return ReadPlan(self.is_cached, [move(b) for b in self.decode], [move(b) for b in self.padded])
 
 
 def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -101,11 +101,11 @@ def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
 
 def plan_reads(query_lens: list[int], context_lens: list[int], absorbed: list[bool], rows: torch.Tensor | None,
-               max_padding: float = MAX_PADDING, decode_rows: int = DECODE_GROUP_ROWS) -> ReadPlan:
+               max_padding: float = MAX_PADDING, decode_rows: int = DECODE_BUCKET_ROWS) -> ReadPlan:
     """The read plan of a ragged step, on the CPU. `rows` [S, W] (W >= every context length) holds
     the pool slot of each sequence's positions; None without a cache (each sequence then attends
-    to its own new tokens). Single-token absorbed sequences with a cache are decoded in groups of
-    about `decode_rows` context rows at most; the others go in groups of one path, each group
+    to its own new tokens). Single-token absorbed sequences with a cache are decoded in buckets of
+    about `decode_rows` context rows at most; the others go in buckets of one path, each bucket
     costing at most `max_padding` times its sequences' own attention."""
     if decode_rows < 1:
         raise ValueError(f"decode_rows={decode_rows}: must be >= 1")
@@ -122,16 +122,16 @@ def plan_reads(query_lens: list[int], context_lens: list[int], absorbed: list[bo
     for i, (q, a) in enumerate(zip(query_lens, absorbed)):
         (decode if plan.is_cached and q == 1 and a else paths[a]).append(i)
     for bucket in _decode_buckets(decode, context_lens, decode_rows):
-        plan.decode.append(_decode_group(bucket, context_lens, token_start, rows))
+        plan.decode.append(_decode_bucket(bucket, context_lens, token_start, rows))
     for is_absorbed, members in paths.items():
         for bucket in _buckets(members, query_lens, context_lens, max_padding):
-            plan.groups.append(_padded_group(is_absorbed, bucket, query_lens, context_lens, token_start, rows))
+            plan.padded.append(_padded_bucket(is_absorbed, bucket, query_lens, context_lens, token_start, rows))
     return plan
 
 
 def _buckets(members: list[int], query_lens: list[int], context_lens: list[int], max_padding: float) -> list[list[int]]:
-    """Sequences in groups whose padded attention costs at most `max_padding` times what they cost
-    one by one: longest contexts first, a group closes when the next sequence would not fit."""
+    """Sequences in buckets whose padded attention costs at most `max_padding` times what they cost
+    one by one: longest contexts first, a bucket closes when the next sequence would not fit."""
     def cost(t: int, length: int) -> int:  # query-key pairs SDPA computes: causal skips the upper triangle
         return t * (t + 1) // 2 if t == length else t * length
 
@@ -139,29 +139,29 @@ def _buckets(members: list[int], query_lens: list[int], context_lens: list[int],
     for i in sorted(members, key=lambda i: (-context_lens[i], -query_lens[i])):
         t, length = query_lens[i], context_lens[i]
         if buckets:
-            group, longest_t, own, is_causal = buckets[-1]
+            bucket, longest_t, own, is_causal = buckets[-1]
             longest_t, own, is_causal = max(longest_t, t), own + cost(t, length), is_causal and t == length
-            padded = (len(group) + 1) * cost(longest_t, longest_t if is_causal else context_lens[group[0]])
+            padded = (len(bucket) + 1) * cost(longest_t, longest_t if is_causal else context_lens[bucket[0]])
             if padded <= max_padding * own:
-                buckets[-1] = (group + [i], longest_t, own, is_causal)
+                buckets[-1] = (bucket + [i], longest_t, own, is_causal)
                 continue
         buckets.append(([i], t, cost(t, length), t == length))
-    return [group for group, *_ in buckets]
+    return [bucket for bucket, *_ in buckets]
 
 
 def _decode_buckets(members: list[int], context_lens: list[int], max_rows: int) -> list[list[int]]:
-    """Decodes, longest context first, in groups of at most `max_rows` padded rows (a longer
+    """Decodes, longest context first, in buckets of at most `max_rows` padded rows (a longer
     sequence alone) padded to at most DECODE_PADDING times their own rows."""
     buckets: list[tuple[list[int], int]] = []  # members, own rows
     for i in sorted(members, key=lambda i: -context_lens[i]):
         if buckets:
-            group, own = buckets[-1]
-            padded = (len(group) + 1) * context_lens[group[0]]
+            bucket, own = buckets[-1]
+            padded = (len(bucket) + 1) * context_lens[bucket[0]]
             if padded <= max_rows and padded <= DECODE_PADDING * (own + context_lens[i]):
-                buckets[-1] = (group + [i], own + context_lens[i])
+                buckets[-1] = (bucket + [i], own + context_lens[i])
                 continue
         buckets.append(([i], context_lens[i]))
-    return [group for group, _ in buckets]
+    return [bucket for bucket, _ in buckets]
 
 
 def _ranges(lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,18 +170,18 @@ def _ranges(lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return owner, torch.arange(len(owner)) - (lens.cumsum(0) - lens)[owner]
 
 
-def _decode_group(members: list[int], context_lens: list[int], token_start: torch.Tensor,
-                  rows: torch.Tensor) -> DecodeGroup:
+def _decode_bucket(members: list[int], context_lens: list[int], token_start: torch.Tensor,
+                  rows: torch.Tensor) -> DecodeBucket:
     lens = [context_lens[i] for i in members]
     seqs, seq_lens, keys = torch.tensor(members), torch.tensor(lens), torch.arange(lens[0])
     last = seq_lens[:, None] - 1
     slots = rows[seqs[:, None], torch.minimum(keys, last)]  # [S, L]
     mask = None if lens[-1] == lens[0] else (keys <= last)[:, None, None]
-    return DecodeGroup(len(members), lens[0], token_start[seqs], slots.flatten(), mask)
+    return DecodeBucket(len(members), lens[0], token_start[seqs], slots.flatten(), mask)
 
 
-def _padded_group(is_absorbed: bool, members: list[int], query_lens: list[int], context_lens: list[int],
-                  token_start: torch.Tensor, rows: torch.Tensor) -> PaddedGroup:
+def _padded_bucket(is_absorbed: bool, members: list[int], query_lens: list[int], context_lens: list[int],
+                  token_start: torch.Tensor, rows: torch.Tensor) -> PaddedBucket:
     q_list, c_list = [query_lens[i] for i in members], [context_lens[i] for i in members]
     max_q, max_c = max(q_list), max(c_list)
     seqs, q_lens, c_lens = torch.tensor(members), torch.tensor(q_list), torch.tensor(c_list)
@@ -194,7 +194,7 @@ def _padded_group(is_absorbed: bool, members: list[int], query_lens: list[int], 
     # Query i of a sequence sees keys up to (L - t) + i: padding keys only ever reach padding queries,
     # whose outputs are dropped, so no row is empty. Without a cached prefix that is plain causal.
     mask = None if q_list == c_list else (keys <= (c_lens - q_lens)[:, None, None] + queries[:, None])[:, None]
-    return PaddedGroup(
+    return PaddedBucket(
         is_absorbed=is_absorbed, num_seqs=len(members), max_query=max_q, max_context=max_c,
         token_rows=starts[owner] + within, query_rows=query_rows.flatten(),
         query_pos=None if min(q_list) == max_q else owner * max_q + within,

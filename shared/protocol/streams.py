@@ -15,8 +15,8 @@ ABORTS = f"{PREFIX}:aborts"  # Abort: gateway or tokenizer (stop string) -> ever
 DEAD_LETTERS = f"{PREFIX}:dead"  # entries that did not decode, with the reason
 
 
-# A worker rank is named by its group and its rank in the group: several groups of one role may
-# share a Redis (`--ep-group-id`, by default the role; a worker without EP is a group of one).
+# A worker rank is named by its EP group and its rank in that group: several EP groups of one role may
+# share a Redis (`--ep-group-id`, by default the role; a worker without EP is an EP group of one).
 
 def prefill_stream(group_id: str, rank: int | str) -> str:
     return f"{PREFIX}:prefill:{group_id}:{rank}"  # PrefillTask
@@ -34,7 +34,7 @@ def load_key(role: str, group_id: str, rank: int | str) -> str:
     return f"{PREFIX}:load:{role}:{group_id}:{rank}"  # LoadReport of a worker rank, refreshed with a TTL
 
 
-def group(service: str) -> str:
+def consumer_group(service: str) -> str:
     return f"{PREFIX}:group:{service}"
 
 

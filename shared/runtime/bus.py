@@ -10,7 +10,7 @@ and bounded streams that never drop an unread or pending entry.
 - `reclaim_lost` re-reads entries a live consumer was handed but never saw: Redis delivered them
   and the reply was lost (Redis killed between its AOF write and the reply; redis-py then retries
   the read on a new connection and gets only newer entries).
-- `trim` deletes, by MINID, only entries every group has delivered and acked.
+- `trim` deletes, by MINID, only entries every consumer group has delivered and acked.
 """
 from __future__ import annotations
 
@@ -50,11 +50,11 @@ class Bus:
         self.consumer = consumer  # unique per process: the instance id
         self._reclaimed_at: dict[tuple[str, str], float] = {}
 
-    async def ensure_group(self, stream: str, group: str, start_id: str = "0") -> None:
-        """Create the group (and the stream) if missing; from the stream's beginning, or "$":
+    async def ensure_consumer_group(self, stream: str, consumer_group: str, start_id: str = "0") -> None:
+        """Create the consumer group (and the stream) if missing; from the stream's beginning, or "$":
         only what is added from now on."""
         try:
-            await self.redis.xgroup_create(stream, group, id=start_id, mkstream=True)
+            await self.redis.xgroup_create(stream, consumer_group, id=start_id, mkstream=True)
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
@@ -78,77 +78,79 @@ class Bus:
             ids = (await pipe.execute())[:len(items)]
         return [i.decode() if isinstance(i, bytes) else i for i in ids]
 
-    async def read(self, stream: str, group: str, kind: type[T], count: int = 16,
+    async def read(self, stream: str, consumer_group: str, kind: type[T], count: int = 16,
                    block_ms: int | None = 1000) -> list[Entry[T]]:
         """New entries for this consumer; undecodable ones are dead-lettered, acked and skipped."""
         try:
-            reply = await self.redis.xreadgroup(group, self.consumer, {stream: ">"}, count=count, block=block_ms)
-        except ResponseError as e:
-            await self._recreate_lost_group(e, [stream], group)
-            return []
-        return await self._decode_entries(stream, group, kind, reply[0][1] if reply else [])
-
-    async def read_streams(self, group: str, kinds: dict[str, type], count: int = 16,
-                           block_ms: int | None = 1000) -> list[tuple[str, Entry]]:
-        """New entries from several streams that share one group name, in one blocking call."""
-        try:
-            reply = await self.redis.xreadgroup(group, self.consumer, {s: ">" for s in kinds}, count=count,
+            reply = await self.redis.xreadgroup(consumer_group, self.consumer, {stream: ">"}, count=count,
                                                 block=block_ms)
         except ResponseError as e:
-            await self._recreate_lost_group(e, list(kinds), group)
+            await self._recreate_lost_consumer_group(e, [stream], consumer_group)
+            return []
+        return await self._decode_entries(stream, consumer_group, kind, reply[0][1] if reply else [])
+
+    async def read_streams(self, consumer_group: str, kinds: dict[str, type], count: int = 16,
+                           block_ms: int | None = 1000) -> list[tuple[str, Entry]]:
+        """New entries from several streams that share one consumer group name, in one blocking call."""
+        try:
+            reply = await self.redis.xreadgroup(consumer_group, self.consumer, {s: ">" for s in kinds}, count=count,
+                                                block=block_ms)
+        except ResponseError as e:
+            await self._recreate_lost_consumer_group(e, list(kinds), consumer_group)
             return []
         out = []
         for stream, raw in reply or []:
             stream = stream.decode() if isinstance(stream, bytes) else stream
-            out += [(stream, e) for e in await self._decode_entries(stream, group, kinds[stream], raw)]
+            out += [(stream, e) for e in await self._decode_entries(stream, consumer_group, kinds[stream], raw)]
         return out
 
-    async def claim_stale(self, stream: str, group: str, kind: type[T], min_idle_ms: int,
+    async def claim_stale(self, stream: str, consumer_group: str, kind: type[T], min_idle_ms: int,
                           count: int = 16) -> list[Entry[T]]:
         """Entries pending on any consumer for longer than `min_idle_ms`, now ours."""
         try:
-            reply = await self.redis.xautoclaim(stream, group, self.consumer, min_idle_time=min_idle_ms,
+            reply = await self.redis.xautoclaim(stream, consumer_group, self.consumer, min_idle_time=min_idle_ms,
                                                 start_id="0-0", count=count)
         except ResponseError as e:
-            await self._recreate_lost_group(e, [stream], group)
+            await self._recreate_lost_consumer_group(e, [stream], consumer_group)
             return []
-        return await self._decode_entries(stream, group, kind, [e for e in reply[1] if e[1] is not None])
+        return await self._decode_entries(stream, consumer_group, kind, [e for e in reply[1] if e[1] is not None])
 
-    async def reclaim_lost(self, stream: str, group: str, kind: type[T], idle_ms: int = 1000,
+    async def reclaim_lost(self, stream: str, consumer_group: str, kind: type[T], idle_ms: int = 1000,
                            every_s: float = 1.0) -> list[Entry[T]]:
-        """For a consumer that acks what it reads at once (its own stream or group): entries pending
+        """For a consumer that acks what it reads at once (its own stream or consumer group): entries pending
         longer than `idle_ms` were delivered to a read whose reply never arrived. At most one
         XAUTOCLAIM per `every_s`; redelivered entries must be harmless twice."""
         now = time.monotonic()
-        if now - self._reclaimed_at.get((stream, group), 0.0) < every_s:
+        if now - self._reclaimed_at.get((stream, consumer_group), 0.0) < every_s:
             return []
-        self._reclaimed_at[stream, group] = now
-        entries = await self.claim_stale(stream, group, kind, idle_ms, count=256)
+        self._reclaimed_at[stream, consumer_group] = now
+        entries = await self.claim_stale(stream, consumer_group, kind, idle_ms, count=256)
         if entries:
             log.warning("re-reading %d entries of %s whose delivery was lost", len(entries), stream)
         return entries
 
-    async def _recreate_lost_group(self, error: ResponseError, stream_names: list[str], group: str) -> None:
-        """Redis lost the stream or its group (a flush, a restart without AOF): make it again."""
+    async def _recreate_lost_consumer_group(self, error: ResponseError, stream_names: list[str],
+                                            consumer_group: str) -> None:
+        """Redis lost the stream or its consumer group (a flush, a restart without AOF): make it again."""
         if "NOGROUP" not in str(error):
             raise error
         for stream in stream_names:
-            await self.ensure_group(stream, group)
+            await self.ensure_consumer_group(stream, consumer_group)
 
-    async def ack(self, stream: str, group: str, *entry_ids: str) -> None:
+    async def ack(self, stream: str, consumer_group: str, *entry_ids: str) -> None:
         if entry_ids:
-            await self.redis.xack(stream, group, *entry_ids)
+            await self.redis.xack(stream, consumer_group, *entry_ids)
 
     async def trim(self, stream: str) -> int:
-        """Delete the entries every group has delivered and acked; returns how many went."""
+        """Delete the entries every consumer group has delivered and acked; returns how many went."""
         try:
-            groups = await self.redis.xinfo_groups(stream)
+            consumer_groups = await self.redis.xinfo_groups(stream)
         except ResponseError:
             return 0  # no such stream (yet)
-        if not groups:
+        if not consumer_groups:
             return 0
         floor = None
-        for g in groups:
+        for g in consumer_groups:
             name = g["name"]
             pending = await self.redis.xpending(stream, name)
             if pending["pending"]:
@@ -159,7 +161,7 @@ class Bus:
             floor = candidate if floor is None else min(floor, candidate)
         return await self.redis.xtrim(stream, minid=f"{floor[0]}-{floor[1]}", approximate=False)
 
-    async def _decode_entries(self, stream: str, group: str, kind: type[T], raw: list) -> list[Entry[T]]:
+    async def _decode_entries(self, stream: str, consumer_group: str, kind: type[T], raw: list) -> list[Entry[T]]:
         out: list[Entry[T]] = []
         for entry_id, fields in raw:
             entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -169,14 +171,15 @@ class Bus:
                     raise WireError(f"entry has no {FIELD.decode()!r} field")
                 out.append(Entry(entry_id, decode(payload, kind)))
             except WireError as e:
-                await self.dead_letter(stream, group, entry_id, str(e), payload)
+                await self.dead_letter(stream, consumer_group, entry_id, str(e), payload)
         return out
 
-    async def dead_letter(self, stream: str, group: str, entry_id: str, reason: str, payload: bytes | None) -> None:
+    async def dead_letter(self, stream: str, consumer_group: str, entry_id: str, reason: str,
+                          payload: bytes | None) -> None:
         log.warning("dead-lettering %s %s: %s", stream, entry_id, reason)
         await self.redis.xadd(streams.DEAD_LETTERS, {b"stream": stream, b"entry_id": entry_id,
                                                      b"reason": reason, b"payload": payload or b""})
-        await self.ack(stream, group, entry_id)
+        await self.ack(stream, consumer_group, entry_id)
 
 
 def _id_tuple(entry_id: str | bytes) -> tuple[int, int]:

@@ -21,10 +21,10 @@ from shared.runtime.service import Service, ServiceConfig
 from .expert_lb import EPLBSettings, ExpertBalancer
 from .policies import DecodeLoad, PrefillLoad, choose_decode_rank, choose_prefill_rank
 
-GROUP = streams.group("balancer")
+CONSUMER_GROUP = streams.consumer_group("balancer")
 # a worker role -> its ranks' input streams, what they carry, and the group its ranks read them in
-ORPHANED = {"prefill": (streams.prefill_stream, PrefillTask, streams.group("prefill")),
-            "decode": (streams.kv_stream, KVChunk, streams.group("decode"))}
+ORPHANED = {"prefill": (streams.prefill_stream, PrefillTask, streams.consumer_group("prefill")),
+            "decode": (streams.kv_stream, KVChunk, streams.consumer_group("decode"))}
 DEAD_LETTERS_KEPT = 10_000  # nobody consumes them: the newest are kept for inspection
 
 
@@ -38,7 +38,7 @@ class BalancerService(Service):
         self.eplb_interval_s = eplb_interval_s
 
     async def setup(self) -> None:
-        await self.bus.ensure_group(streams.CACHED, GROUP)
+        await self.bus.ensure_consumer_group(streams.CACHED, CONSUMER_GROUP)
         self.backlog: list[Entry[TokenizedRequest]] = []  # no rank had room yet
         # what we sent since each rank's last report: (role, group, rank) -> [(time, compute, tokens, blocks)]
         self.sent: dict[tuple[str, str, int], list[tuple[float, float, int, int]]] = {}
@@ -58,9 +58,9 @@ class BalancerService(Service):
 
     async def loop(self) -> None:
         while not self.stopping.is_set():
-            entries = await self.bus.read(streams.CACHED, GROUP, TokenizedRequest, count=64,
+            entries = await self.bus.read(streams.CACHED, CONSUMER_GROUP, TokenizedRequest, count=64,
                                           block_ms=50 if self.backlog else 200)
-            entries += await self.bus.claim_stale(streams.CACHED, GROUP, TokenizedRequest,
+            entries += await self.bus.claim_stale(streams.CACHED, CONSUMER_GROUP, TokenizedRequest,
                                                   self.config.claim_idle_ms)
             pending, self.backlog = self.backlog + entries, []
             for entry in pending:
@@ -194,7 +194,7 @@ class BalancerService(Service):
         await self.forget_if_owner(keys=keys, args=[instance, request_id])
 
     async def reap_abort_groups(self) -> None:
-        prefix = streams.group("aborts-")
+        prefix = streams.consumer_group("aborts-")
         try:
             groups = await self.redis.xinfo_groups(streams.ABORTS)
         except Exception:
@@ -226,7 +226,7 @@ class BalancerService(Service):
         _, decode_group, decode_rank = decode_worker = workers[decode_index]
         await self.bus.publish(streams.prefill_stream(prefill_group, prefill_rank),
                                PrefillTask(req, decode_rank, decode_group))
-        await self.bus.ack(streams.CACHED, GROUP, entry.entry_id)
+        await self.bus.ack(streams.CACHED, CONSUMER_GROUP, entry.entry_id)
         now = time.time()
         self.sent.setdefault(prefill_worker, []).append((now, attention_compute(new, req.num_cached_tokens), new, 0))
         self.sent.setdefault(decode_worker, []).append((now, 0.0, 0, reserve))
@@ -236,7 +236,7 @@ class BalancerService(Service):
         req = entry.message
         await self.bus.publish(streams.delta_stream(req.gateway_id), TokenDelta(
             req.request_id, req.trace_id, req.gateway_id, 0, [], finish_reason="error", error=reason, status=status))
-        await self.bus.ack(streams.CACHED, GROUP, entry.entry_id)
+        await self.bus.ack(streams.CACHED, CONSUMER_GROUP, entry.entry_id)
 
     async def loads(self) -> tuple[list[PrefillLoad], list[DecodeLoad], list[tuple[str, str, int]]]:
         """Live ranks (a report key exists), each adjusted by what we sent after its report. The

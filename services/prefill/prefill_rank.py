@@ -14,37 +14,37 @@ from shared.protocol import streams
 from shared.protocol.messages import KVChunk, PrefillTask, TokenDelta, attention_compute
 from shared.protocol.tensors import checksum, to_blob
 from shared.protocol.wire import TensorBlob
-from shared.runtime.worker import WorkerService, sampling_params
+from shared.runtime.engine_service import EngineService, sampling_params
 
-GROUP = streams.group("prefill")
+CONSUMER_GROUP = streams.consumer_group("prefill")
 NO_KV = TensorBlob("float32", [0], b"")  # the final chunk of a handoff carries no KV
 
 
-class PrefillService(WorkerService):
+class PrefillService(EngineService):
     name = role = "prefill"
 
     async def setup(self) -> None:
         self.stream = streams.prefill_stream(self.group_id, self.rank)
-        await self.bus.ensure_group(self.stream, GROUP)
+        await self.bus.ensure_consumer_group(self.stream, CONSUMER_GROUP)
         self.tasks: dict[str, tuple[str, PrefillTask]] = {}  # request id -> (entry id, task)
         self.handoff_bytes = Counter("streamoe_kv_handoff_bytes", "Latent KV bytes sent to decode ranks",
                                      ["rank"], registry=self.registry).labels(rank=str(self.rank))
-        await self.setup_worker()
+        await self.setup_engine_service()
 
     async def loop(self) -> None:
         while not self.stopping.is_set():
-            entries = await self.bus.read(self.stream, GROUP, PrefillTask, count=32,
+            entries = await self.bus.read(self.stream, CONSUMER_GROUP, PrefillTask, count=32,
                                           block_ms=100 if self.idle else None)
-            entries += await self.bus.claim_stale(self.stream, GROUP, PrefillTask, self.config.claim_idle_ms)
+            entries += await self.bus.claim_stale(self.stream, CONSUMER_GROUP, PrefillTask, self.config.claim_idle_ms)
             for entry in entries:
                 if entry.message.request.request_id in self.aborted:
-                    await self.bus.ack(self.stream, GROUP, entry.entry_id)
+                    await self.bus.ack(self.stream, CONSUMER_GROUP, entry.entry_id)
                     continue
                 await self.admit(entry.entry_id, entry.message)
             for request_id in await self.take_aborts():
                 if request_id in self.tasks:
                     entry_id, _ = self.tasks.pop(request_id)
-                    await self.bus.ack(self.stream, GROUP, entry_id)
+                    await self.bus.ack(self.stream, CONSUMER_GROUP, entry_id)
             await self.group_step(self.step)
             queued = [t.request for _, t in self.tasks.values()]
             await self.report_load(
@@ -66,7 +66,7 @@ class PrefillService(WorkerService):
         except RequestError as e:
             await self.bus.publish(streams.RAW_DELTAS, TokenDelta(req.request_id, req.trace_id, req.gateway_id, 0, [],
                                                                   finish_reason="error", error=str(e), status=400))
-            await self.bus.ack(self.stream, GROUP, entry_id)
+            await self.bus.ack(self.stream, CONSUMER_GROUP, entry_id)
             return
         self.tasks[req.request_id] = (entry_id, task)
 
@@ -118,7 +118,7 @@ class PrefillService(WorkerService):
             num_prompt_tokens=len(req.prompt_ids) - req.resumed, num_cached_tokens=delta.num_cached_tokens,
             prompt_ids=None if req.resumed else req.prompt_ids)))
         await self.until_written(lambda: self.bus.publish_many(writes))
-        await self.bus.ack(self.stream, GROUP, entry_id)  # after the handoff and the first token are written
+        await self.bus.ack(self.stream, CONSUMER_GROUP, entry_id)  # after the handoff and the first token are written
         if self.prefix_cache is not None and delta.kv is not None:  # the prompt's new full blocks, off the step
             self.write_blocks(req.prompt_ids, req.cache_salt, delta.kv, skip_blocks=req.num_cached_tokens // 64)
         self.log.info(json.dumps({"event": "prefilled", "trace_id": req.trace_id, "decode_rank": task.decode_rank,

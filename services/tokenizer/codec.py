@@ -20,7 +20,7 @@ from shared.protocol import streams
 from shared.protocol.messages import Abort, GenerateRequest, TokenDelta, TokenizedRequest
 from shared.runtime.service import Service, ServiceConfig
 
-GROUP = streams.group("tokenizer")
+CONSUMER_GROUP = streams.consumer_group("tokenizer")
 MARK = re.compile("\ue000([0-9]+)\ue001")  # where a remembered reply's ids go in the rendered template
 KINDS = {streams.REQUESTS: GenerateRequest, streams.RAW_DELTAS: TokenDelta}
 
@@ -112,14 +112,14 @@ class TokenizerService(Service):
 
     async def setup(self) -> None:
         for stream in KINDS:
-            await self.bus.ensure_group(stream, GROUP)
+            await self.bus.ensure_consumer_group(stream, CONSUMER_GROUP)
 
     async def loop(self) -> None:
         while not self.stopping.is_set():
-            entries = await self.bus.read_streams(GROUP, KINDS, count=64, block_ms=200)
+            entries = await self.bus.read_streams(CONSUMER_GROUP, KINDS, count=64, block_ms=200)
             for stream, kind in KINDS.items():
                 entries += [(stream, e) for e in await self.bus.claim_stale(
-                    stream, GROUP, kind, self.config.claim_idle_ms, count=64)]
+                    stream, CONSUMER_GROUP, kind, self.config.claim_idle_ms, count=64)]
             for stream, entry in entries:
                 await self.handle(stream, entry)
 
@@ -129,7 +129,7 @@ class TokenizerService(Service):
             await self.tokenize(msg)
         else:
             await self.detokenize(msg)
-        await self.bus.ack(stream, GROUP, entry.entry_id)  # after what it produced is written
+        await self.bus.ack(stream, CONSUMER_GROUP, entry.entry_id)  # after what it produced is written
         self.messages.labels(stream=stream, outcome="ok").inc()
 
     async def tokenize(self, req: GenerateRequest) -> None:

@@ -1,4 +1,4 @@
-"""Several worker groups of one role on one Redis: each rank is named by its group (`--ep-group-id`)
+"""Several EP groups of one role on one Redis: each rank is named by its group (`--ep-group-id`)
 and its rank in it, so two groups' rank 0 neither share an input stream nor a load report; the
 balancer spreads requests over every rank of every group."""
 from __future__ import annotations
@@ -49,15 +49,15 @@ async def test_two_groups_of_each_role_share_the_work(tiny_fp32, redis_url, redi
 
 
 def test_a_group_id_that_cannot_name_a_stream_is_refused(tiny_fp32, redis_url, capsys, monkeypatch):
-    from services.decode.worker import DecodeService
-    from shared.runtime.worker import worker_main
+    from services.decode.decode_rank import DecodeService
+    from shared.runtime.engine_service import engine_main
 
     for bad in ("a:b", "*", "", "-x", "g" * 64):
         with pytest.raises(SystemExit) as e:
-            worker_main(DecodeService, ["--model", str(tiny_fp32), "--redis-url", redis_url, f"--ep-group-id={bad}"])
+            engine_main(DecodeService, ["--model", str(tiny_fp32), "--redis-url", redis_url, f"--ep-group-id={bad}"])
         assert e.value.code == 2 and f"argument --ep-group-id: {bad!r}: 1-63 letters" in capsys.readouterr().err
     monkeypatch.setenv("STREAMOE_EP_GROUP_ID", "a:b")
     with pytest.raises(SystemExit) as e:
-        worker_main(DecodeService, ["--model", str(tiny_fp32), "--redis-url", redis_url])
+        engine_main(DecodeService, ["--model", str(tiny_fp32), "--redis-url", redis_url])
     assert e.value.code == 2
     assert "STREAMOE_EP_GROUP_ID='a:b': not a valid value for --ep-group-id: 'a:b': 1-63" in capsys.readouterr().err

@@ -51,7 +51,7 @@ def group_id(text: str) -> str:
     return text
 
 
-def add_worker_args(parser: argparse.ArgumentParser) -> None:
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--ep-size", type=int, default=1)
@@ -76,7 +76,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     ep.add_argument("--num-redundant-experts", type=int, default=0, help="extra expert slots per MoE layer")
     ep.add_argument("--ep-timeout-s", type=float, default=30.0, help="a rank silent this long fails the exchange")
     ep.add_argument("--ep-group-id", type=group_id, default=None,
-                    help="this rank's group, for several groups of one role on one Redis (default: the role)")
+                    help="this rank's EP group, for several EP groups of one role on one Redis (default: the role)")
     ep.add_argument("--ep-join-timeout-s", type=float, default=300.0, help="how long to wait for every rank")
     ep.add_argument("--overlap", choices=["on", "off", "auto"], default="auto",
                     help="two overlapped micro-batches per step (auto: on for prefill, off for decode)")
@@ -91,16 +91,16 @@ def sampling_params(s: Sampling, first_index: int = 0) -> SamplingParams:
                           first_index=first_index)
 
 
-class WorkerService(EPRank, Service):
+class EngineService(EPRank, Service):
     role = "worker"
 
     def __init__(self, config: ServiceConfig, args: argparse.Namespace, numerics: Numerics | None = None):
-        """`numerics`: resolved by worker_main (the deployment's); None: resolved here, locally."""
+        """`numerics`: resolved by engine_main (the deployment's); None: resolved here, locally."""
         super().__init__(config)
         if not 0 <= args.rank < args.ep_size:
             raise SystemExit(f"--rank={args.rank}: outside the EP group of --ep-size={args.ep_size}")
-        torch.set_num_threads(worker_threads(args))
-        self.numerics = numerics or resolve(Shapes.of_model(args.model), args.device, worker_threads(args),
+        torch.set_num_threads(engine_threads(args))
+        self.numerics = numerics or resolve(Shapes.of_model(args.model), args.device, engine_threads(args),
                                             args.dtype, args.moe_backend)
         # the concrete values from here on (load_ep reads args.dtype), in a copy: the caller's stays as given
         args = argparse.Namespace(**{**vars(args), "dtype": self.numerics.dtype,
@@ -154,7 +154,7 @@ class WorkerService(EPRank, Service):
         self._expert_seen: dict[int, torch.Tensor] = {}
         self._up_since = time.monotonic()
 
-    async def setup_worker(self) -> None:
+    async def setup_engine_service(self) -> None:
         """What every worker sets up after its own stream: aborts, the prefix cache, the EP group
         (waits for every rank), and a first load report so the balancer sees it."""
         await self.setup_aborts()
@@ -206,9 +206,9 @@ class WorkerService(EPRank, Service):
             self.log.warning(json.dumps({"event": "background_failed", "error": repr(task.exception())}))
 
     async def setup_aborts(self) -> None:
-        """Every worker instance sees every abort: a group of its own, from now on."""
-        self.abort_group = streams.group(f"aborts-{self.config.instance_id}")
-        await self.bus.ensure_group(streams.ABORTS, self.abort_group, start_id="$")
+        """Every worker instance sees every abort: a consumer group of its own, from now on."""
+        self.abort_group = streams.consumer_group(f"aborts-{self.config.instance_id}")
+        await self.bus.ensure_consumer_group(streams.ABORTS, self.abort_group, start_id="$")
 
     async def take_aborts(self) -> list[str]:
         """Abort what this rank runs of the requests cancelled since the last call."""
@@ -302,7 +302,7 @@ class WorkerService(EPRank, Service):
         self.compute_pool.shutdown(wait=False)
 
 
-def worker_threads(args: argparse.Namespace) -> int:
+def engine_threads(args: argparse.Namespace) -> int:
     """--threads, or a share of the cores: what the rank computes with, so what calibration times."""
     return args.threads or max(1, (os.cpu_count() or 1) // 2)
 
@@ -326,7 +326,7 @@ async def deployment_numerics(args: argparse.Namespace, log: logging.Logger) -> 
         for delay in (0.5, 1, 2, 4, 8, 15, 30, None):  # a pod may start before Redis
             try:
                 return await agree(redis, checksum, args.dtype, args.moe_backend, lambda: resolve(
-                    shapes, args.device, worker_threads(args), args.dtype, args.moe_backend))
+                    shapes, args.device, engine_threads(args), args.dtype, args.moe_backend))
             except (RedisConnectionError, RedisTimeoutError) as e:
                 if delay is None:
                     raise SystemExit(f"--dtype={args.dtype} --moe-backend={args.moe_backend}: Redis stayed "
@@ -337,7 +337,7 @@ async def deployment_numerics(args: argparse.Namespace, log: logging.Logger) -> 
         await redis.aclose()
 
 
-def worker_main(service_cls: type[WorkerService], argv: list[str] | None = None) -> int:
+def engine_main(service_cls: type[EngineService], argv: list[str] | None = None) -> int:
     """The `python -m services.prefill|decode` entry point."""
     import uvloop
 
@@ -345,7 +345,7 @@ def worker_main(service_cls: type[WorkerService], argv: list[str] | None = None)
 
     parser = argparse.ArgumentParser(prog=f"python -m services.{service_cls.role}")
     add_service_args(parser)
-    add_worker_args(parser)
+    add_engine_args(parser)
     parser.add_argument("--role", default=service_cls.role, choices=[service_cls.role])
     args = parse_service_args(parser, argv)
     try:

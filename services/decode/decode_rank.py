@@ -18,9 +18,9 @@ from shared.protocol.tensors import checksum, from_blob
 from shared.protocol.wire import WireError
 from shared.runtime import ownership
 from shared.runtime.bus import Entry
-from shared.runtime.worker import WorkerService, sampling_params
+from shared.runtime.engine_service import EngineService, sampling_params
 
-GROUP = streams.group("decode")
+CONSUMER_GROUP = streams.consumer_group("decode")
 # A handoff that got no chunk this long is dropped: its prefill died mid-way (the prefill that
 # claims the task sends it whole again) or the request was cancelled before it ended.
 HANDOFF_IDLE_S = 60.0
@@ -34,12 +34,12 @@ class Handoff:
     last_at: float = 0.0  # monotonic time of the latest chunk
 
 
-class DecodeService(WorkerService):
+class DecodeService(EngineService):
     name = role = "decode"
 
     async def setup(self) -> None:
         self.stream = streams.kv_stream(self.group_id, self.rank)
-        await self.bus.ensure_group(self.stream, GROUP)
+        await self.bus.ensure_consumer_group(self.stream, CONSUMER_GROUP)
         self.handoffs: dict[str, Handoff] = {}
         self.ready_to_admit: list[str] = []
         self.history: dict[str, list[int]] = {}  # prompt + output so far, for the deltas' prefix ids
@@ -63,14 +63,16 @@ class DecodeService(WorkerService):
         self.reprefills = Counter("streamoe_kv_reprefills", "Handoffs refused (missing or corrupt KV) and "
                                   "sent back to prefill", list(rank), registry=self.registry).labels(**rank)
         self.held: dict[str, tuple[TokenDelta, str | None]] = {}  # request -> its final delta, cache salt
-        await self.setup_worker()
+        await self.setup_engine_service()
         self.engine.keep_finished_kv = self.prefix_cache is not None
 
     async def loop(self) -> None:
         while not self.stopping.is_set():
             idle = self.idle and not self.ready_to_admit
-            entries = await self.bus.read(self.stream, GROUP, KVChunk, count=256, block_ms=100 if idle else None)
-            entries += await self.bus.claim_stale(self.stream, GROUP, KVChunk, self.config.claim_idle_ms, count=256)
+            entries = await self.bus.read(self.stream, CONSUMER_GROUP, KVChunk, count=256,
+                                          block_ms=100 if idle else None)
+            entries += await self.bus.claim_stale(self.stream, CONSUMER_GROUP, KVChunk, self.config.claim_idle_ms,
+                                                  count=256)
             for entry in entries:
                 self.receive(entry)
             cancelled = []
@@ -199,7 +201,7 @@ class DecodeService(WorkerService):
     async def consumed(self, request_id: str) -> None:
         """KV handoff entries are acked and deleted once consumed."""
         handoff = self.handoffs.pop(request_id)
-        await self.bus.ack(self.stream, GROUP, *handoff.entry_ids)
+        await self.bus.ack(self.stream, CONSUMER_GROUP, *handoff.entry_ids)
         await self.redis.xdel(self.stream, *handoff.entry_ids)
 
     async def step(self) -> None:

@@ -20,7 +20,7 @@ from shared.protocol.messages import TokenizedRequest
 from shared.runtime.numerics import wait_published, weights_checksum
 from shared.runtime.service import Service, ServiceConfig
 
-GROUP = streams.group("cache")
+CONSUMER_GROUP = streams.consumer_group("cache")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class CacheService(Service):
                                registry=self.registry)
 
     async def setup(self) -> None:
-        await self.bus.ensure_group(streams.TOKENIZED, GROUP)
+        await self.bus.ensure_consumer_group(streams.TOKENIZED, CONSUMER_GROUP)
         if self.settings.directory is None:
             return
         dtype = self.settings.dtype
@@ -63,8 +63,8 @@ class CacheService(Service):
 
     async def loop(self) -> None:
         while not self.stopping.is_set():
-            entries = await self.bus.read(streams.TOKENIZED, GROUP, TokenizedRequest, count=64, block_ms=200)
-            entries += await self.bus.claim_stale(streams.TOKENIZED, GROUP, TokenizedRequest,
+            entries = await self.bus.read(streams.TOKENIZED, CONSUMER_GROUP, TokenizedRequest, count=64, block_ms=200)
+            entries += await self.bus.claim_stale(streams.TOKENIZED, CONSUMER_GROUP, TokenizedRequest,
                                                   self.config.claim_idle_ms)
             for entry in entries:
                 req = entry.message
@@ -72,7 +72,7 @@ class CacheService(Service):
                 self.tokens.labels(result="hit").inc(cached)
                 self.tokens.labels(result="miss").inc(len(req.prompt_ids) - cached)
                 await self.bus.publish(streams.CACHED, dataclasses.replace(req, num_cached_tokens=cached))
-                await self.bus.ack(streams.TOKENIZED, GROUP, entry.entry_id)  # after the downstream write
+                await self.bus.ack(streams.TOKENIZED, CONSUMER_GROUP, entry.entry_id)  # after the downstream write
 
     def trimmed_streams(self) -> list[str]:
         return [streams.TOKENIZED]
