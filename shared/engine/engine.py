@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,18 @@ class EngineConfig:
     mode: str = "mixed"  # mixed | prefill | decode
     share_prefixes: bool = True
     model_fingerprint: str = ""  # seeds the block hash chain (shared/cache/hashing.py)
+    speculative_tokens: int = 0  # drafts per running request and step, by the model's MTP layer; 0: off
+
+
+@dataclass
+class SpecStats:
+    """Speculative decoding's counters since the engine started (vLLM's spec_decode_* meanings):
+    a draft is one request's drafts of one step; accepted_per_pos[k]: drafts accepted at position k+1."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +76,12 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.mode)
         self.runner = ModelRunner(model, num_blocks, BLOCK_SIZE)
         self.sampler = Sampler()
+        if config.speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens={config.speculative_tokens}: must be >= 0")
+        if config.speculative_tokens and model.mtp is None:
+            raise ValueError(f"speculative_tokens={config.speculative_tokens}: the model has no MTP layer "
+                             "(num_nextn_predict_layers is 0 in its config.json)")
+        self.spec = SpecStats(accepted_per_pos=[0] * config.speculative_tokens)
         self.sequences: dict[str, Sequence] = {}
         self.seeds: dict[str, int] = {}
         self._arrivals = 0
@@ -132,8 +150,67 @@ class Engine:
         def hook(layer: int) -> None:
             on_layer_kv(layer, [(rid, self.runner.pool.kv[layer, slots].clone()) for rid, slots in done])
 
-        logits = self.runner.run(scheduled, hook if done else None)
-        return self.postprocess(scheduled, logits)
+        logits, hidden = self.runner.run(scheduled, hook if done else None)
+        starts = [item.seq.num_computed for item in scheduled]
+        deltas = self.postprocess(scheduled, logits)
+        if self.config.speculative_tokens:
+            self._extend_and_draft(scheduled, starts, hidden)
+        return deltas
+
+    def _extend_and_draft(self, scheduled: list[ScheduledSeq], starts: list[int], hidden: torch.Tensor) -> None:
+        """Speculative decoding, after a step: the MTP layer first catches up on every position whose
+        next token is now known, from the main model's hidden states (its KV there is then right);
+        its output at a running sequence's last such position drafts the token after the last one,
+        and each further draft feeds the MTP layer its own output and the previous draft."""
+        entries, parts, ready, row = [], [], [], 0
+        for item, start in zip(scheduled, starts):
+            seq, rows = item.seq, hidden[row:row + item.num_new]
+            row += item.num_new
+            if seq.status is not Status.RUNNING or seq.pending_finish is not None:
+                continue
+            new = rows[:seq.num_computed - start]
+            pending = new if seq.mtp_hidden is None else torch.cat([seq.mtp_hidden, new])
+            assert pending.shape[0] == seq.num_computed - seq.mtp_computed, (seq.request_id, pending.shape)
+            end = min(seq.num_computed, seq.num_tokens - 1)  # position i needs token i + 1
+            count = max(0, end - seq.mtp_computed)
+            seq.mtp_hidden = pending[count:].clone() if pending.shape[0] > count else None
+            if count == 0:
+                continue
+            entries.append((seq, seq.mtp_computed, seq.token_ids[seq.mtp_computed + 1:end + 1]))
+            parts.append(pending[:count])
+            seq.mtp_computed = end
+            if item.sample and end == seq.num_tokens - 1:
+                ready.append((seq, sum(len(e[2]) for e in entries) - 1))
+        if not entries:
+            return
+        out = self.runner.run_mtp(entries, torch.cat(parts))
+        chains = []  # (sequence, drafts it may make)
+        for seq, _ in ready:
+            n = min(self.config.speculative_tokens, seq.params.max_tokens - len(seq.output_ids) - 1,
+                    self.model.args.max_position_embeddings - seq.num_tokens)
+            while n > 0 and self.blocks.blocks_needed(seq, seq.num_tokens + n) > self.blocks.num_free:
+                n -= 1  # drafts never take memory a sequence needs
+            if n:
+                self.blocks.grow(seq, seq.num_tokens + n)
+            chains.append((seq, n))
+        keep = [i for i, (_, n) in enumerate(chains) if n > 0]
+        if not keep:
+            return
+        seqs, limits = [chains[i][0] for i in keep], [chains[i][1] for i in keep]
+        out = out.index_select(0, torch.tensor([ready[i][1] for i in keep], device=out.device))
+        drafts = [[d] for d in self.model.draft_logits(out).argmax(-1).tolist()]
+        alive = list(range(len(seqs)))  # the chains still drafting, in the order of out's rows
+        for k in range(1, max(limits)):
+            go = [j for j, i in enumerate(alive) if limits[i] > k]
+            if len(go) < len(alive):
+                out = out.index_select(0, torch.tensor(go, device=out.device))
+                alive = [alive[j] for j in go]
+            # draft k+1 comes from the MTP layer one position on, reading draft k and its own output
+            out = self.runner.run_mtp([(seqs[i], seqs[i].num_tokens - 2 + k, [drafts[i][-1]]) for i in alive], out)
+            for i, d in zip(alive, self.model.draft_logits(out).argmax(-1).tolist()):
+                drafts[i].append(d)
+        for seq, d in zip(seqs, drafts):
+            seq.draft_ids = d
 
     def _place_external_prefix(self, seq: Sequence) -> None:
         """Just admitted with an external prefix: its KV goes into the blocks the admission gave it."""
@@ -144,34 +221,60 @@ class Engine:
         seq.external_kv, seq.external_from = None, seq.external_kv.shape[1]
 
     def postprocess(self, scheduled: list[ScheduledSeq], logits: torch.Tensor) -> list[Delta]:
-        sampled = [item.seq for item in scheduled if item.sample]
-        tokens = self.sampler(logits, [s.params for s in sampled], [self.seeds[s.request_id] for s in sampled],
-                              [s.params.first_index + len(s.output_ids) for s in sampled])
+        """Sample every sampled row; a chunk with drafts keeps the drafts up to the first that differs
+        from the token drawn at its place, then that drawn token (so the tokens are those sampling
+        one at a time would give, for every seed)."""
+        sampled = [item for item in scheduled if item.sample]
+        rows = [(item.seq, j) for item in sampled for j in range(1 + len(item.draft))]
+        tokens = self.sampler(logits, [s.params for s, _ in rows], [self.seeds[s.request_id] for s, _ in rows],
+                              [s.params.first_index + len(s.output_ids) + j for s, j in rows])
         for item in scheduled:
-            item.seq.num_computed += item.num_new
-            self.blocks.commit(item.seq)
-        deltas = []
-        for seq, token in zip(sampled, tokens):
-            deltas.append(self._advance(seq, token))
+            if not item.sample:
+                item.seq.num_computed += item.num_new
+                self.blocks.commit(item.seq)
+        deltas, offset = [], 0
+        for item in sampled:
+            drawn = tokens[offset:offset + 1 + len(item.draft)]
+            offset += len(drawn)
+            accepted = 0
+            while accepted < len(item.draft) and item.draft[accepted] == drawn[accepted]:
+                accepted += 1
+            if item.draft:
+                self._count_spec(len(item.draft), accepted)
+            # positions with the right tokens under them: the chunk's own, and the accepted drafts'
+            deltas.append(self._advance(item.seq, drawn[:accepted + 1], item.num_new - len(item.draft) + accepted))
         for item in scheduled:
             if not item.sample and item.seq.pending_finish is not None and item.seq.num_uncomputed == 0:
                 self._finish(item.seq, item.seq.pending_finish)  # every token's KV computed: blocks to the cache
         return deltas
 
-    def _advance(self, seq: Sequence, token: int) -> Delta:
+    def _count_spec(self, drafted: int, accepted: int) -> None:
+        self.spec.num_drafts += 1
+        self.spec.num_draft_tokens += drafted
+        self.spec.num_accepted_tokens += accepted
+        for k in range(accepted):
+            self.spec.accepted_per_pos[k] += 1
+
+    def _advance(self, seq: Sequence, tokens: list[int], computed: int) -> Delta:
+        """The step's new tokens of one sequence, up to a stop; `computed`: how many of the step's
+        positions hold KV of the sequence's true tokens (the rest, rejected drafts', is overwritten)."""
         index = len(seq.output_ids)
         stops = set(seq.params.stop_token_ids)
         if not seq.params.ignore_eos:
             stops.update(self.model.args.eos_token_ids)
         delta = Delta(seq.request_id, index, [], num_cached_tokens=seq.num_cached_prompt)
-        if token in stops:
-            delta.finish_reason = "stop"
-        else:
+        max_len = self.model.args.max_position_embeddings
+        for token in tokens:
+            if token in stops:
+                delta.finish_reason = "stop"
+                break
             seq.output_ids.append(token)
             delta.token_ids.append(token)
-            max_len = self.model.args.max_position_embeddings
             if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= max_len:
                 delta.finish_reason = "length"
+                break
+        seq.num_computed = min(seq.num_computed + computed, seq.num_tokens)
+        self.blocks.commit(seq)
         if self.config.mode == "prefill" and delta.finish_reason is None:
             delta.kv = self.runner.read_kv(seq, len(seq.prompt_ids))
             self._finish(seq, "prefilled")

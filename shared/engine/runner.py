@@ -33,11 +33,13 @@ class ModelRunner:
         return (table[:, None] * self.block_size + self._offsets).flatten()[:num_tokens]
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq], on_layer=None) -> torch.Tensor:
-        """One forward over every scheduled chunk -> logits [sampled rows, V] (fp32), in schedule order."""
-        # the last row of each sampled chunk, on its way to the device before the forward starts
+    def run(self, scheduled: list[ScheduledSeq], on_layer=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over every scheduled chunk -> (logits [sampled rows, V] (fp32), the final hidden
+        states [T, D]), in schedule order. A sampled chunk's rows: its last, and one per draft before it."""
+        # the sampled rows, on their way to the device before the forward starts
         ends = accumulate(item.num_new for item in scheduled)
-        rows = torch.tensor([end - 1 for end, item in zip(ends, scheduled) if item.sample], dtype=torch.long)
+        rows = torch.tensor([row for end, item in zip(ends, scheduled) if item.sample
+                             for row in range(end - 1 - len(item.draft), end)], dtype=torch.long)
         rows = to_device(rows, self.device)
         if self.overlap is None:
             ids, positions, batch = self.inputs(scheduled)
@@ -46,7 +48,14 @@ class ModelRunner:
             split = _halve(scheduled)
             halves = [self.inputs(part) for part in (scheduled[:split], scheduled[split:])]
             hidden = torch.cat(self.overlap.run(self.model, halves, self.pool, on_layer))
-        return self.model.logits(hidden.index_select(0, rows))
+        return self.model.logits(hidden.index_select(0, rows)), hidden
+
+    @torch.inference_mode()
+    def run_mtp(self, entries: list[tuple[Sequence, int, list[int]]], hidden: torch.Tensor) -> torch.Tensor:
+        """The MTP layer over `entries` (sequence, first position, the tokens one past each position)
+        with the hidden states [T, D] of those positions -> its outputs [T, D]; its KV goes to the pool."""
+        ids, positions, batch = self._inputs(entries)
+        return self.model.draft(ids, hidden, positions, batch, self.pool)
 
     def idle(self) -> None:
         """EP: a step with nothing scheduled here still joins every exchange of the group."""
@@ -60,21 +69,31 @@ class ModelRunner:
 
     def inputs(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
         """The ragged step's token ids [T], positions [T] and attention metadata (with its read plan)."""
+        entries = []
+        for item in scheduled:
+            start = item.seq.num_computed
+            tokens = item.seq.token_ids[start:start + item.num_new]
+            entries.append((item.seq, start, tokens + item.draft if item.draft else tokens))
+        return self._inputs(entries)
+
+    def _inputs(self, entries: list[tuple[Sequence, int, list[int]]]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                AttentionBatch]:
+        """(sequence, first position, token ids from there) each -> ids [T], positions [T], metadata."""
         args = self.model.args
-        if not scheduled:
+        if not entries:
             empty = torch.empty(0, dtype=torch.long, device=self.device)
             return empty, empty, AttentionBatch([], [], [])
-        starts = [item.seq.num_computed for item in scheduled]
-        query_lens = [item.num_new for item in scheduled]
+        starts = [start for _, start, _ in entries]
+        query_lens = [len(tokens) for _, _, tokens in entries]
         context_lens = [start + n for start, n in zip(starts, query_lens)]
         absorbed = [choose_absorbed(args, n, end) for n, end in zip(query_lens, context_lens)]
-        ids = [t for item, start, end in zip(scheduled, starts, context_lens) for t in item.seq.token_ids[start:end]]
+        ids = [t for _, _, tokens in entries for t in tokens]
         width = -(-max(context_lens) // self.block_size)  # blocks that hold the longest context
-        tables = [item.seq.block_table[:width] for item in scheduled]
+        tables = [seq.block_table[:width] for seq, _, _ in entries]
         blocks = torch.tensor([table + [0] * (width - len(table)) for table in tables])  # [S, W / block]
         slot_table = (blocks[:, :, None] * self.block_size + torch.arange(self.block_size)).flatten(1)  # [S, W]
         lens = torch.tensor(query_lens)
-        seq_of = torch.repeat_interleave(torch.arange(len(scheduled)), lens)  # [T]
+        seq_of = torch.repeat_interleave(torch.arange(len(entries)), lens)  # [T]
         first = torch.tensor(starts) - (lens.cumsum(0) - lens)  # [S] position minus step row, per sequence
         positions = torch.arange(len(ids)) + first[seq_of]  # [T]
         plan = plan_reads(query_lens, context_lens, absorbed, slot_table)

@@ -14,7 +14,7 @@ Modes:
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.engine.block_manager import BlockManager
 from shared.engine.sequence import Sequence, Status
@@ -25,8 +25,9 @@ MODES = ("mixed", "prefill", "decode")
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new: int  # tokens computed this step, from seq.num_computed on
+    num_new: int  # tokens computed this step, from seq.num_computed on (drafts included)
     sample: bool  # the chunk reaches the sequence's last token: sample the next one
+    draft: list[int] = field(default_factory=list)  # speculative tokens after the last one, to verify
 
 
 class Scheduler:
@@ -79,11 +80,16 @@ class Scheduler:
                 continue
             if budget == 0:
                 break
-            if not self._make_room(seq):
+            if not self._make_room(seq, seq.num_tokens):
                 continue  # seq itself was the newest: preempted
-            self.blocks.grow(seq, seq.num_tokens)
-            scheduled.append(ScheduledSeq(seq, 1, seq.pending_finish is None))  # no sampling past the end
-            budget -= 1
+            draft = seq.draft_ids[:budget - 1] if seq.pending_finish is None else []
+            while draft and self.blocks.blocks_needed(seq, seq.num_tokens + len(draft)) > self.blocks.num_free:
+                draft.pop()  # drafts never preempt anyone
+            self.blocks.grow(seq, seq.num_tokens + len(draft))
+            # verify the drafts in the same forward; no sampling past the end
+            scheduled.append(ScheduledSeq(seq, 1 + len(draft), seq.pending_finish is None, draft))
+            seq.draft_ids = []
+            budget -= 1 + len(draft)
         # 2. prefills already running (the next chunk)
         for seq in self.running:
             if budget == 0:
@@ -99,6 +105,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.blocks.admit(seq, seq.num_tokens)
+            seq.mtp_computed = seq.num_computed  # a shared prefix's MTP rows are taken as they are
             seq.status = Status.RUNNING
             self.running.append(seq)
             scheduled.append(self._chunk(seq, budget))
@@ -109,9 +116,9 @@ class Scheduler:
         n = min(seq.num_uncomputed, budget)
         return ScheduledSeq(seq, n, n == seq.num_uncomputed)
 
-    def _make_room(self, seq: Sequence) -> bool:
-        """Free blocks for seq's next token by preempting the newest running sequences."""
-        while self.blocks.blocks_needed(seq, seq.num_tokens) > self.blocks.num_free:
+    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
+        """Free blocks for seq's first `num_tokens` by preempting the newest running sequences."""
+        while self.blocks.blocks_needed(seq, num_tokens) > self.blocks.num_free:
             victim = self.running[-1]
             self.preempt(victim)
             if victim is seq:
@@ -124,6 +131,7 @@ class Scheduler:
         self.running.remove(seq)
         seq.status = Status.WAITING
         seq.num_cached_prompt = 0
+        seq.draft_ids, seq.mtp_computed, seq.mtp_hidden = [], 0, None
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -60,6 +60,13 @@ class Sequence:
     pending_finish: str | None = None
     finish_reason: str | None = None
     num_preemptions: int = 0
+    # Speculative decoding (engine.py): the MTP layer's drafts for the next step, how many leading
+    # positions have MTP KV computed from the main model's hidden states, and the main model's
+    # hidden states [k, D] of the positions after those that are computed but not yet extended
+    # (e.g. a prompt's last position, handed over by a prefill worker).
+    draft_ids: list[int] = field(default_factory=list)
+    mtp_computed: int = 0
+    mtp_hidden: Any = None
 
     @property
     def token_ids(self) -> list[int]:

@@ -71,7 +71,7 @@ def stages(model: DeepseekV3, inputs: Inputs, cache, mb: int) -> Generator[tuple
     ids, positions, batch = inputs
     h = model.model.embed_tokens(ids)  # [T, D]
     cos, sin = model.rotary.cos_sin(positions, h.dtype)
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(model.main_layers):
         attn = layer.self_attn
         yield ("mark", f"ATTN-0 l{i}")  # MLA's down/up projections, the new KV into the cache
         if ids.numel():
@@ -158,12 +158,12 @@ class Overlap:
                         value[m] = request[1].result()
             except StopIteration as done:
                 results[m] = done.value
-                progress[m] = len(model.model.layers)
+                progress[m] = model.args.num_hidden_layers
             if label is not None:
                 self.tracer.add(f"{label} mb{m}", "compute", start, time.perf_counter(), mb=m)
             floor = min(progress)
             if on_layer is not None:
-                for layer in range(reported + 1, min(floor + 1, len(model.model.layers))):
+                for layer in range(reported + 1, min(floor + 1, model.args.num_hidden_layers)):
                     on_layer(layer)
             reported = max(reported, floor)
         return results

@@ -11,7 +11,13 @@ from pathlib import Path
 from shared.cost.economics import GPU_HOUR_USD, GPUS_PER_NODE, PRICES_PER_MILLION
 from shared.cost.metrics_report import DEFAULT_URL, ScrapeError, collect, format_table, full_report
 from shared.ep.eplb import NodeCounts
-from shared.launcher.cliargs import FlagValueError, apply_env_defaults
+from shared.launcher.cliargs import (
+    SPECULATIVE_TOKENS_HELP,
+    FlagValueError,
+    apply_env_defaults,
+    resolve_speculative_tokens,
+    speculative_tokens_flag,
+)
 from shared.runtime.numerics import MOE_BACKEND_HELP, moe_backend_flag
 
 
@@ -35,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     init.add_argument("--fp8", action="store_true", help="store linear weights as block-scaled float8_e4m3fn")
+    init.add_argument("--mtp", action="store_true",
+                      help="add one randomly initialised MTP layer (train it with `streamoe distill-mtp`)")
     init.set_defaults(handler=_init_model)
 
     gen = commands.add_parser("generate", help="offline generation from a raw prompt")
@@ -51,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=MOE_BACKEND_HELP)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    gen.add_argument("--speculative-tokens", type=speculative_tokens_flag, default="auto", metavar="N|auto",
+                     help=SPECULATIVE_TOKENS_HELP)
     gen.set_defaults(handler=_generate)
 
     upp = commands.add_parser("up", help="the whole system on this machine")
@@ -148,7 +158,7 @@ def _http_url(raw: str) -> str:
 def _init_model(args: argparse.Namespace) -> int:
     from shared.model.presets import init_model
 
-    path = init_model(args.dir, args.preset, seed=args.seed, dtype=args.dtype, fp8=args.fp8)
+    path = init_model(args.dir, args.preset, seed=args.seed, dtype=args.dtype, fp8=args.fp8, mtp=args.mtp)
     print(f"wrote {args.preset} checkpoint to {path}", file=sys.stderr)
     return 0
 
@@ -178,8 +188,10 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"streamoe generate: --dtype {numerics.dtype} --moe-backend {numerics.moe_backend} ({numerics.source})",
           file=sys.stderr)
     model = load_model(args.model, dtype=numerics.dtype, device=args.device, moe_backend=numerics.moe_backend)
+    speculative = resolve_speculative_tokens(args.speculative_tokens, model.mtp is not None)
     engine = Engine(model, EngineConfig(kv_cache_bytes=_kv_bytes_for(model, len(prompt_ids) + args.max_tokens),
-                                        model_fingerprint=checkpoint_fingerprint(args.model, model.dtype)))
+                                        model_fingerprint=checkpoint_fingerprint(args.model, model.dtype),
+                                        speculative_tokens=speculative))
     engine.add_request("cli", prompt_ids, params)
     token_ids: list[int] = []
     while engine.has_unfinished():
@@ -187,7 +199,11 @@ def _generate(args: argparse.Namespace) -> int:
             token_ids.extend(delta.token_ids)
     text = tokenizer.decode(token_ids, skip_special_tokens=True)
     if args.json:
-        print(json.dumps({"text": text, "token_ids": token_ids}, ensure_ascii=False))
+        out = {"text": text, "token_ids": token_ids}
+        if engine.spec.num_drafts:
+            out["spec"] = {"draft_tokens": engine.spec.num_draft_tokens,
+                           "accepted_tokens": engine.spec.num_accepted_tokens}
+        print(json.dumps(out, ensure_ascii=False))
     else:
         print(text)
     return 0

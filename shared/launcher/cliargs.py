@@ -59,3 +59,32 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, st
             parser.error(f"{name}={raw!r}: choose from {', '.join(map(str, action.choices))}")
         action.default = value
         action.required = False
+
+
+SPECULATIVE_TOKENS_HELP = ("drafts per running request and step, by the model's MTP layer, verified in one forward "
+                           "(lossless); 0: off; auto: 1 when the model has an MTP layer, else 0")
+
+
+def speculative_tokens_flag(text: str) -> str | int:
+    """--speculative-tokens's type: `auto` or a count >= 0."""
+    word = text.strip()
+    if word == "auto":
+        return "auto"
+    try:
+        value = int(word)
+    except ValueError:
+        raise FlagValueError(f"{text!r}: expected auto or a whole number >= 0") from None
+    if value < 0:
+        raise FlagValueError(f"{text!r}: expected auto or a whole number >= 0")
+    return value
+
+
+def resolve_speculative_tokens(value: str | int, has_mtp: bool) -> int:
+    """The flag's value for a model: `auto` -> 1 with an MTP layer, else 0; a count on a model
+    without one is refused, naming the flag."""
+    if value == "auto":
+        return 1 if has_mtp else 0
+    if value and not has_mtp:
+        raise ValueError(f"--speculative-tokens={value}: the model has no MTP layer (num_nextn_predict_layers "
+                         "is 0 in its config.json; `streamoe init-model --mtp` makes a preset with one)")
+    return int(value)

@@ -76,7 +76,17 @@ class ModelArgs:
     # checkpoint
     dtype: str = "bfloat16"  # dtype the checkpoint's non-quantized weights are stored in
     fp8_block_size: tuple[int, int] | None = None  # set for DeepSeek's block-scaled FP8 checkpoints
-    num_nextn_predict_layers: int = 0  # MTP layers in the file; skipped at load
+    num_nextn_predict_layers: int = 0  # MTP layers in the file; the first is loaded (model.mtp), any others skipped
+
+    @property
+    def num_mtp_layers(self) -> int:
+        """MTP layers the model builds: DeepSeek-V3 ships one, and drafts reuse it."""
+        return min(self.num_nextn_predict_layers, 1)
+
+    @property
+    def num_kv_layers(self) -> int:
+        """Layers with a latent KV: the main model's, then the MTP layer's."""
+        return self.num_hidden_layers + self.num_mtp_layers
 
     @property
     def qk_head_dim(self) -> int:

@@ -32,11 +32,12 @@ MAX_PADDING = 1.0
 class LatentKVPool:
     def __init__(self, args: ModelArgs, num_slots: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.num_slots = num_slots
-        self.kv = torch.zeros(args.num_hidden_layers, num_slots, args.kv_cache_dim, dtype=dtype, device=device)
+        # the main layers', then the MTP layer's (its own paged latent KV, in the same blocks)
+        self.kv = torch.zeros(args.num_kv_layers, num_slots, args.kv_cache_dim, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
-        return args.num_hidden_layers * args.kv_cache_dim * dtype.itemsize
+        return args.num_kv_layers * args.kv_cache_dim * dtype.itemsize
 
     def store(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """slots [T], kv [T, C+R]."""

@@ -2,8 +2,10 @@
 
 The model is built on the meta device, then every parameter is filled straight from the mapped
 safetensors files, one tensor at a time: peak memory stays near the weights' size. FP8 block-scaled
-weights are dequantized to the compute dtype as they are read. MTP layers
-(`model.layers.{num_hidden_layers}...`) are skipped. Only safetensors: never torch.load or pickle.
+weights are dequantized to the compute dtype as they are read. The first MTP layer
+(`model.layers.{num_hidden_layers}...`) is loaded as `model.mtp`, with its embedding and head sharing
+the main model's memory where they are equal; further MTP layers are skipped. Only safetensors: never
+torch.load or pickle.
 """
 from __future__ import annotations
 
@@ -81,6 +83,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
             file.release(name)  # copied into its expert stack: the file's pages are not needed twice
     if args.tie_word_embeddings and "lm_head.weight" not in located:
         model.lm_head.weight = model.model.embed_tokens.weight
+    _share_mtp_copies(model)
     model.set_moe_backend(moe_backend if moe_backend is not None else default_plan(device, compute_dtype))
     return model.eval()
 
@@ -142,8 +145,8 @@ def _locate(files: dict[str, SafetensorsFile], expected: dict[str, torch.Tensor]
             if name in located:
                 raise CheckpointError(f"{file.path}: tensor {name!r} is also in {located[name].path.name}")
             layer = LAYER_INDEX.match(name)
-            if layer and int(layer.group(1)) >= args.num_hidden_layers:
-                continue  # MTP (next-n prediction) layers: not run by this engine
+            if layer and int(layer.group(1)) >= args.num_kv_layers:
+                continue  # MTP layers past the first: drafts reuse the first
             if name.endswith("_scale_inv"):
                 if name.removesuffix("_scale_inv") not in expected:
                     raise CheckpointError(f"{file.path}: unexpected tensor {name!r} (no weight of that name)")
@@ -190,6 +193,19 @@ def _stack_experts(model: DeepseekV3, keep: Callable[[str], bool] | None, dtype:
             continue
         block.mlp.use_stack(ExpertStack.empty(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size,
                                               dtype, device))
+
+
+def _share_mtp_copies(model: DeepseekV3) -> None:
+    """The MTP layer's embedding and output head are copies of the main model's in DeepSeek's
+    checkpoints: where equal, one tensor serves both."""
+    mtp = model.mtp
+    if mtp is None:
+        return
+    pairs = ((mtp.embed_tokens, model.model.embed_tokens), (mtp.shared_head.head, model.lm_head))
+    for copy, main in pairs:
+        if (not copy.weight.is_meta and not main.weight.is_meta and copy.weight.shape == main.weight.shape
+                and torch.equal(copy.weight, main.weight)):
+            copy.weight = main.weight
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:

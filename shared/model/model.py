@@ -35,11 +35,42 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+class SharedHead(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+
+class MTPLayer(DecoderLayer):
+    """DeepSeek-V3's multi-token prediction module: a full decoder layer (its own MLA latent KV, its
+    own MoE) that, at position i, reads the main model's final hidden state h_i and the embedding of
+    token i+1, and predicts token i+2. It holds its own copies of the embedding and output head
+    (`embed_tokens`, `shared_head.head`; the loader shares the main model's tensors when equal)."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__(args, layer)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False)
+        self.shared_head = SharedHead(args)
+
+    def forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                batch: AttentionBatch, cache: LatentCache | None) -> torch.Tensor:
+        """next_ids [T] (token i+1), hidden [T, D] (h_i) -> its normed output [T, D]: what the head reads,
+        and the `hidden` of the next draft. The embedding comes first, as the released weights expect."""
+        x = self.eh_proj(torch.cat([self.enorm(self.embed_tokens(next_ids)), self.hnorm(hidden)], dim=-1))
+        return self.shared_head.norm(super().forward(x, cos, sin, batch, cache))
+
+
 class Backbone(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        # the checkpoint's layout: the MTP layer is `model.layers.{num_hidden_layers}`
+        self.layers = nn.ModuleList([*(DecoderLayer(args, i) for i in range(args.num_hidden_layers)),
+                                     *(MTPLayer(args, args.num_hidden_layers + j) for j in range(args.num_mtp_layers))])
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
@@ -59,6 +90,15 @@ class DeepseekV3(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
+    @property
+    def main_layers(self) -> list[DecoderLayer]:
+        return list(self.model.layers[:self.args.num_hidden_layers])
+
+    @property
+    def mtp(self) -> MTPLayer | None:
+        """The MTP layer, when the checkpoint has one."""
+        return self.model.layers[self.args.num_hidden_layers] if self.args.num_mtp_layers else None
+
     def set_moe_backend(self, backend: str | MoEPlan) -> MoEPlan:
         """How every MoE layer runs its routed experts: a backend of experts.BACKENDS or a plan by
         token count (`1:loop,16:weight-major`); refused, naming device and dtype, where it cannot run."""
@@ -76,7 +116,7 @@ class DeepseekV3(nn.Module):
         `on_layer(i)` runs once layer i's KV is in the cache (layer-wise KV streaming)."""
         h = self.model.embed_tokens(input_ids)  # [T, D]
         cos, sin = self.rotary.cos_sin(positions, h.dtype)
-        for i, layer in enumerate(self.model.layers):
+        for i, layer in enumerate(self.main_layers):
             h = layer(h, cos, sin, batch, cache)
             if on_layer is not None:
                 on_layer(i)
@@ -86,3 +126,16 @@ class DeepseekV3(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, D] -> logits [N, V] in fp32."""
         return self.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def draft(self, next_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+              cache: LatentCache | None = None) -> torch.Tensor:
+        """The MTP layer at `positions` [T]: next_ids [T] (token i+1), hidden [T, D] (h_i, the main
+        model's final hidden state, or the MTP's own output for a further draft) -> its output [T, D]."""
+        cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
+        return self.mtp(next_ids, hidden, cos, sin, batch, cache)
+
+    @torch.inference_mode()
+    def draft_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """The MTP layer's output [N, D] -> logits [N, V] of the token two past its position, in fp32."""
+        return self.mtp.shared_head.head(out).float()

@@ -33,7 +33,7 @@ FP8_BLOCK = [128, 128]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def preset_config(preset: str, dtype: str = "bf16", fp8: bool = False) -> dict:
+def preset_config(preset: str, dtype: str = "bf16", fp8: bool = False, mtp: bool = False) -> dict:
     """The full config.json of a preset."""
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} is unknown: choose one of {', '.join(PRESETS)}")
@@ -61,7 +61,7 @@ def preset_config(preset: str, dtype: str = "bf16", fp8: bool = False) -> dict:
         "bos_token_id": BOS_ID,
         "eos_token_id": EOS_ID,
         "pad_token_id": PAD_ID,
-        "num_nextn_predict_layers": 0,
+        "num_nextn_predict_layers": 1 if mtp else 0,
         "use_cache": True,
         "dtype": "bfloat16" if dtype == "bf16" else "float32",
     }
@@ -72,12 +72,17 @@ def preset_config(preset: str, dtype: str = "bf16", fp8: bool = False) -> dict:
 
 
 def random_state_dict(args: ModelArgs, initializer_range: float, seed: int) -> dict[str, torch.Tensor]:
-    """fp32 weights drawn in sorted-name order from one seeded generator (same seed, same bytes)."""
+    """fp32 weights drawn in sorted-name order from one seeded generator (same seed, same bytes).
+    The MTP layer's are drawn after all of the main model's, so adding one leaves the main model as
+    it was; its embedding and output head are copies of the main model's, as in DeepSeek's files."""
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in DeepseekV3(args).state_dict().items()}
+    mtp = f"model.layers.{args.num_hidden_layers}."
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for name in sorted(shapes):
+    for name in sorted(shapes, key=lambda n: (n.startswith(mtp), n)):
+        if name in (mtp + "embed_tokens.weight", mtp + "shared_head.head.weight"):
+            continue
         shape = shapes[name]
         if name.endswith("e_score_correction_bias"):
             t = (torch.rand(shape, generator=gen) * 2 - 1) * BIAS_RANGE
@@ -86,13 +91,17 @@ def random_state_dict(args: ModelArgs, initializer_range: float, seed: int) -> d
         else:
             t = torch.randn(shape, generator=gen) * initializer_range
         state[name] = t
+    if args.num_mtp_layers:
+        state[mtp + "embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
+        state[mtp + "shared_head.head.weight"] = state["lm_head.weight"].clone()
     return state
 
 
 def init_model(directory: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "bf16",
-               fp8: bool = False) -> Path:
-    """Write a preset checkpoint (config, weights, tokenizer, generation config) into `directory`."""
-    config = preset_config(preset, dtype, fp8)
+               fp8: bool = False, mtp: bool = False) -> Path:
+    """Write a preset checkpoint (config, weights, tokenizer, generation config) into `directory`;
+    `mtp`: with one randomly initialised MTP layer (`model.layers.{num_hidden_layers}`)."""
+    config = preset_config(preset, dtype, fp8, mtp)
     args = ModelArgs.from_dict(config, source=f"preset {preset}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
