@@ -95,3 +95,11 @@ def system(tiny_fp32, redis_url):
         service.terminate()
     for service in services:
         assert service.stop() == 0, service.log_tail()  # SIGTERM: drained and exited cleanly
+
+
+@pytest.fixture(scope="session")
+def tiny_mtp(tmp_path_factory) -> Path:
+    """tiny fp32 with a random MTP layer; its main model is tiny_fp32's, byte for byte."""
+    from shared.model.presets import init_model
+
+    return init_model(tmp_path_factory.mktemp("tiny-mtp"), "tiny", seed=0, dtype="fp32", mtp=True)

@@ -108,19 +108,26 @@ def test_fp8_weight_without_scale(tiny_fp8, tmp_path):
         load_model(path)
 
 
-def test_mtp_layers_are_skipped(ckpt, tiny_fp32):
-    """A checkpoint with an MTP layer (model.layers.3 when num_hidden_layers is 3) loads cleanly."""
-    def add_mtp(t):
-        for name in [n for n in t if n.startswith("model.layers.2.")]:
-            t[name.replace("model.layers.2.", "model.layers.3.", 1)] = t[name].clone()
-        t["model.layers.3.eh_proj.weight"] = torch.zeros(128, 256)
-        t["model.layers.3.enorm.weight"] = torch.ones(128)
-    rewrite_tensors(ckpt, add_mtp)
-    edit_config(ckpt, num_nextn_predict_layers=1)
-    model = load_model(ckpt, dtype="fp32")
-    assert len(model.model.layers) == 3 and model.args.num_nextn_predict_layers == 1
-    reference = load_model(tiny_fp32, dtype="fp32")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+def test_the_first_mtp_layer_loads_and_later_ones_are_skipped(tmp_path, tiny_mtp, tiny_fp32):
+    """model.layers.3 (num_hidden_layers is 3) is the MTP layer, loaded as model.mtp; a second one
+    (model.layers.4, as a file with num_nextn_predict_layers 2 would have) is skipped."""
+    path = tmp_path / "mtp2"
+    shutil.copytree(tiny_mtp, path)
+
+    def add_second(t):
+        for name in [n for n in t if n.startswith("model.layers.3.")]:
+            t[name.replace("model.layers.3.", "model.layers.4.", 1)] = t[name].clone()
+    rewrite_tensors(path, add_second)
+    edit_config(path, num_nextn_predict_layers=2)
+    model = load_model(path, dtype="fp32")
+    assert len(model.model.layers) == 4 and model.args.num_mtp_layers == 1
+    assert torch.equal(model.mtp.eh_proj.weight, load_file(str(tiny_mtp / "model.safetensors"))[
+        "model.layers.3.eh_proj.weight"])
+    reference = load_model(tiny_fp32, dtype="fp32").state_dict()
+    assert all(torch.equal(t, model.state_dict()[name]) for name, t in reference.items())
+    rewrite_tensors(path, lambda t: t.pop("model.layers.3.eh_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.3\.eh_proj\.weight' is missing"):
+        load_model(path, dtype="fp32")
 
 
 PEAK_SCRIPT = textwrap.dedent("""

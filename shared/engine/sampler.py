@@ -30,6 +30,15 @@ class Sampler:
 
     @staticmethod
     def _draw(logits: torch.Tensor, p: SamplingParams, seed: int) -> int:
+        probs = Sampler.probs(logits, p)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        # exponential race: argmax(p / E) with E ~ Exp(1) draws from p; noise on the CPU generator
+        noise = torch.empty(probs.shape, dtype=torch.float32).exponential_(generator=gen).to(probs.device)
+        return int((probs / noise).argmax())
+
+    @staticmethod
+    def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+        """The distribution a sampled row draws from [V]: temperature, then top-k, then top-p."""
         logits = logits.float() / p.temperature  # [V]
         if p.top_k > 0 and p.top_k < logits.numel():
             kth = logits.topk(p.top_k).values[-1]
@@ -40,8 +49,4 @@ class Sampler:
             # keep the smallest prefix whose mass reaches top_p (the first token always stays)
             drop = probs.cumsum(-1) - probs >= p.top_p
             logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-        probs = logits.softmax(-1)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        # exponential race: argmax(p / E) with E ~ Exp(1) draws from p; noise on the CPU generator
-        noise = torch.empty(probs.shape, dtype=torch.float32).exponential_(generator=gen).to(probs.device)
-        return int((probs / noise).argmax())
+        return logits.softmax(-1)

@@ -1,0 +1,153 @@
+"""Speculative decoding with the MTP layer, in the engine (tiny, fp32): the tokens are exactly those
+without speculation (and transformers'), for greedy and seeded sampled requests, through prefix
+hits, chunked prefill and preemption; rejected drafts leave no block and no KV behind."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from reference import load_reference, reference_greedy
+from test_engine import block_bytes, run
+
+from shared.engine.engine import Engine, EngineConfig
+from shared.engine.sampler import Sampler
+from shared.engine.sequence import SamplingParams
+from shared.launcher.cliargs import FlagValueError, resolve_speculative_tokens, speculative_tokens_flag
+from shared.model.loader import load_model
+
+LENGTHS = [1, 3, 17, 63, 64, 65, 100, 129, 200]
+MAX_TOKENS = [30, 12, 40, 25, 33, 20, 16, 28, 22]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_mtp):
+    return load_model(tiny_mtp, dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    gen = torch.Generator().manual_seed(11)
+    shared = torch.randint(3, model.args.vocab_size, (130,), generator=gen).tolist()
+    out = [torch.randint(3, model.args.vocab_size, (n,), generator=gen).tolist() for n in LENGTHS]
+    # two that share a 2-block prefix with another: prefix hits in the engine's own blocks
+    return out + [shared + [5, 6, 7], shared + [8]]
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_mtp, prompts):
+    ref = load_reference(tiny_mtp)  # transformers skips the MTP layer's tensors (unexpected keys)
+    return [reference_greedy(ref, p, m) for p, m in zip(prompts, MAX_TOKENS + [24, 24])]
+
+
+def greedy(prompts):
+    return {f"r{i}": (p, SamplingParams(max_tokens=m, ignore_eos=True))
+            for i, (p, m) in enumerate(zip(prompts, MAX_TOKENS + [24, 24]))}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_greedy_tokens_equal_without_speculation_and_transformers(model, prompts, expected, n):
+    engine = Engine(model, EngineConfig(kv_cache_bytes=200 * block_bytes(model), max_num_batched_tokens=128,
+                                        speculative_tokens=n))
+    arrivals = {f"r{i}": 0 if i < len(LENGTHS) else 40 + i for i in range(len(prompts))}  # the last two hit
+    outputs = run(engine, greedy(prompts), arrivals)
+    baseline = run(Engine(model, EngineConfig(kv_cache_bytes=200 * block_bytes(model), max_num_batched_tokens=128)),
+                   greedy(prompts), arrivals)
+    assert outputs == baseline
+    covered = 0
+    for i, exp in enumerate(expected):
+        assert outputs[f"r{i}"][:exp.trusted] == exp.tokens[:exp.trusted], f"prompt {i}"
+        covered += exp.trusted
+    assert covered >= 0.8 * sum(len(e.tokens) for e in expected)
+    assert engine.spec.num_drafts > 0 and engine.spec.num_draft_tokens >= engine.spec.num_drafts
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.runner.pool.kv.shape[0] == model.args.num_hidden_layers + 1  # the MTP layer's own KV
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_preemption_with_speculation_keeps_the_tokens(model, prompts, expected, n):
+    engine = Engine(model, EngineConfig(kv_cache_bytes=6 * block_bytes(model), max_num_batched_tokens=256,
+                                        speculative_tokens=n))
+    outputs = run(engine, greedy(prompts))
+    assert engine.scheduler.num_preemptions > 0, "the KV budget was meant to force preemption"
+    for i, exp in enumerate(expected):
+        assert outputs[f"r{i}"][:exp.trusted] == exp.tokens[:exp.trusted], f"prompt {i}"
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_seeded_sampling_is_the_same_with_and_without_speculation(model, prompts):
+    requests = {f"s{i}": (p, SamplingParams(max_tokens=24, temperature=0.8, top_k=40 if i % 2 else 0,
+                                            top_p=0.9 if i % 3 else 1.0, seed=100 + i, ignore_eos=True))
+                for i, p in enumerate(prompts)}
+    outs = [run(Engine(model, EngineConfig(speculative_tokens=n, max_num_batched_tokens=256)), requests)
+            for n in (0, 1, 2, 3)]
+    assert outs[1] == outs[0] and outs[2] == outs[0] and outs[3] == outs[0]
+
+
+def test_no_block_leaks_after_a_thousand_requests_with_aborts(model):
+    engine = Engine(model, EngineConfig(kv_cache_bytes=40 * block_bytes(model), max_num_seqs=48,
+                                        max_num_batched_tokens=256, speculative_tokens=2))
+    rng = random.Random(3)
+    live: set[str] = set()
+    added = aborted = 0
+    while added < 1000 or engine.has_unfinished():
+        while added < 1000 and len(live) < 48:
+            rid = f"q{added}"
+            prompt = [rng.randrange(3, model.args.vocab_size) for _ in range(rng.randrange(1, 40))]
+            params = SamplingParams(max_tokens=rng.randrange(1, 12), temperature=rng.choice([0.0, 1.0]),
+                                    seed=added, ignore_eos=rng.random() < 0.5)
+            engine.add_request(rid, prompt, params)
+            live.add(rid)
+            added += 1
+        if live and rng.random() < 0.5:
+            victim = rng.choice(sorted(live))
+            aborted += engine.abort(victim)
+            live.discard(victim)
+        for delta in engine.step():
+            if delta.finish_reason:
+                live.discard(delta.request_id)
+    assert aborted > 30 and engine.spec.num_draft_tokens > 1000
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert all(b.ref_count == 0 for b in engine.blocks.blocks)
+    assert not engine.sequences and not engine.scheduler.running
+
+
+def test_drafts_stop_at_max_tokens_and_never_pass_the_context(model):
+    engine = Engine(model, EngineConfig(speculative_tokens=3))
+    context = model.args.max_position_embeddings
+    outputs = run(engine, {"a": ([7] * 10, SamplingParams(max_tokens=2, ignore_eos=True)),
+                           "b": ([9] * (context - 3), SamplingParams(max_tokens=3, ignore_eos=True))})
+    assert len(outputs["a"]) == 2 and len(outputs["b"]) == 3
+    assert engine.spec.num_draft_tokens <= 1 + 2  # a: one draft (one token left), b: two, then one
+
+
+def test_speculation_needs_an_mtp_layer(tiny_fp32):
+    plain = load_model(tiny_fp32, dtype="fp32")
+    with pytest.raises(ValueError, match="speculative_tokens=2: the model has no MTP layer"):
+        Engine(plain, EngineConfig(speculative_tokens=2))
+    assert resolve_speculative_tokens("auto", False) == 0 and resolve_speculative_tokens("auto", True) == 1
+    with pytest.raises(ValueError, match=r"--speculative-tokens=1: the model has no MTP layer"):
+        resolve_speculative_tokens(1, False)
+    assert speculative_tokens_flag(" 3 ") == 3 and speculative_tokens_flag("auto") == "auto"
+    for bad in ("-1", "two", "1.5"):
+        with pytest.raises(FlagValueError, match="expected auto or a whole number"):
+            speculative_tokens_flag(bad)
+
+
+def test_the_mtp_layer_loads_and_shares_the_main_copies(model, tiny_fp32):
+    assert model.mtp is not None and len(model.main_layers) == model.args.num_hidden_layers
+    assert model.mtp.embed_tokens.weight is model.model.embed_tokens.weight
+    assert model.mtp.shared_head.head.weight is model.lm_head.weight
+    plain = load_model(tiny_fp32, dtype="fp32")
+    for name, tensor in plain.state_dict().items():  # init-model --mtp leaves the main model as it was
+        assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+def test_sampler_probs_is_what_a_row_draws_from(model):
+    logits = torch.randn(model.args.vocab_size, generator=torch.Generator().manual_seed(0)) * 3
+    p = SamplingParams(temperature=0.7, top_k=20, top_p=0.8)
+    probs = Sampler.probs(logits, p)
+    assert abs(float(probs.sum()) - 1) < 1e-5 and int((probs > 0).sum()) <= 20
+    draws = [Sampler._draw(logits, p, seed) for seed in range(4000)]
+    top = int(probs.argmax())
+    assert abs(draws.count(top) / 4000 - float(probs[top])) < 0.03
