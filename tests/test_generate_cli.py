@@ -72,3 +72,21 @@ def test_generate_calibrates_once_then_reuses_it(tiny_fp32, tmp_path):
         assert len(json.loads(proc.stdout)["token_ids"]) == 2
         assert "streamoe generate: --dtype fp32 --moe-backend " in proc.stderr and f"({source})" in proc.stderr
     assert len(list((tmp_path / "numerics").glob("*.json"))) == 1
+
+
+def test_generate_speculates_with_an_mtp_layer_and_says_so(tiny_mtp, tiny_fp32):
+    args = ["--prompt", "The quick brown fox", "--max-tokens", "24", "--ignore-eos", "--json", "--dtype", "fp32"]
+    plain = json.loads(run_cli("generate", "--model", str(tiny_fp32), *args).stdout)
+    proc = run_cli("generate", "--model", str(tiny_mtp), *args, "--speculative-tokens", "2")
+    assert proc.returncode == 0, proc.stderr
+    spec = json.loads(proc.stdout)
+    assert spec["token_ids"] == plain["token_ids"]  # the same main model: the same tokens
+    assert spec["spec"]["draft_tokens"] > 0 and 0 <= spec["spec"]["accepted_tokens"] <= spec["spec"]["draft_tokens"]
+    auto = json.loads(run_cli("generate", "--model", str(tiny_mtp), *args).stdout)  # auto: 1 with an MTP layer
+    assert auto["token_ids"] == plain["token_ids"] and "spec" in auto
+    off = json.loads(run_cli("generate", "--model", str(tiny_mtp), *args, "--speculative-tokens", "0").stdout)
+    assert "spec" not in off
+    proc = run_cli("generate", "--model", str(tiny_fp32), *args, "--speculative-tokens", "1")
+    assert proc.returncode == 2 and "--speculative-tokens=1: the model has no MTP layer" in proc.stderr
+    proc = run_cli("generate", "--model", str(tiny_mtp), *args, env={"STREAMOE_SPECULATIVE_TOKENS": "-2"})
+    assert proc.returncode == 2 and "STREAMOE_SPECULATIVE_TOKENS='-2'" in proc.stderr

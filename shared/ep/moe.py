@@ -188,7 +188,9 @@ class EPMoE(nn.Module):
 
 
 def moe_layers(model: DeepseekV3) -> list[int]:
-    return [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, (MoE, EPMoE))]
+    """The main model's MoE layers. (The MTP layer's MoE runs whole on each rank for now: EP ranks do
+    not speculate yet.)"""
+    return [i for i, layer in enumerate(model.main_layers) if isinstance(layer.mlp, (MoE, EPMoE))]
 
 
 def local_experts(phy2log: list[list[int]], moe_layer_ids: list[int], rank: int, size: int,
@@ -253,7 +255,7 @@ def idle_forward(model: DeepseekV3) -> None:
     """A rank without work still joins every exchange of the group's step, with zero tokens (it
     computes its experts for the others)."""
     empty = torch.empty(0, model.args.hidden_size, dtype=model.dtype)
-    for block in model.model.layers:
+    for block in model.main_layers:
         if isinstance(block.mlp, EPMoE):
             block.mlp(empty)
 
