@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import workloads
+from . import spec_counters, workloads
 from .client import Client, base_url, first_model, make_session
 from .report import build, parse_slo, summary
 from .runner import Run, RunSettings, run
@@ -132,7 +132,10 @@ async def measure(opts: argparse.Namespace, workload: workloads.Workload) -> Run
                         ignore_eos=opts.ignore_eos)
         settings = RunSettings(opts.rate, opts.burstiness, opts.max_concurrency, opts.duration, opts.grace_period,
                                opts.seed, not opts.no_progress)
-        return await run(workload, client, settings)
+        before = await asyncio.to_thread(spec_counters.scrape, url)  # speculation's counters, if the server has any
+        result = await run(workload, client, settings)
+        result.spec_decode = spec_counters.summarize(before, await asyncio.to_thread(spec_counters.scrape, url))
+        return result
 
 
 def command(argv: list[str]) -> str:

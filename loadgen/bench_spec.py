@@ -14,7 +14,8 @@ that distillation never uses; requests are greedy with EOS ignored.
 - Speed: at each batch size B, B requests all at once, with N = 0 and then each N; output tokens/s.
   Beside it, the bytes-read prediction of a decode step: the weights but the routed experts, the
   experts B·(N+1) tokens touch (uniform routing: E·(1 − (1 − K/E)^T) per MoE layer), the MTP layer's
-  N forwards, over the tokens a step emits (1 + accepted drafts per request).
+  N forwards, over the tokens a step emits (1 + accepted drafts per request); and from the same
+  model, the accepted drafts per step at which speculation would break even.
 """
 from __future__ import annotations
 
@@ -58,7 +59,6 @@ def model_dir(opts) -> Path:
     if opts.model is not None:
         return opts.model
     from shared.model.distill import distill_mtp
-
     from shared.model.presets import init_model
 
     path = home() / "bench" / f"{opts.preset}-mtp"
@@ -134,6 +134,24 @@ def predicted_bytes(model, batch: int, n: int, accepted: float) -> tuple[float, 
     return nbytes, batch * (1 + accepted)
 
 
+def break_even(model, batch: int, n: int) -> float | None:
+    """The mean accepted drafts per step at which the bytes-read prediction of n drafts equals no
+    speculation (None: not reachable even with every draft accepted)."""
+    b0, t0 = predicted_bytes(model, batch, 0, 0.0)
+
+    def gain(accepted: float) -> float:
+        bk, tk = predicted_bytes(model, batch, n, accepted)
+        return (b0 / t0) / (bk / tk) - 1
+
+    if gain(float(n)) < 0:
+        return None
+    lo, hi = 0.0, float(n)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if gain(mid) < 0 else (lo, mid)
+    return hi
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     torch.set_num_threads(opts.threads)
@@ -175,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             row["tok_s"][str(k)] = batch * opts.output_len / seconds
             bk, tk = predicted_bytes(model, batch, k, accepted)
             row["predicted"][str(k)] = (b0 / t0) / (bk / tk)
+            row.setdefault("break_even_accepted_per_draft", {})[str(k)] = break_even(model, batch, k)
         row["speedup"] = {k: v / row["tok_s"]["0"] for k, v in row["tok_s"].items() if k != "0"}
         speed.append(row)
         print(json.dumps(row), flush=True)

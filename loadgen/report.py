@@ -104,6 +104,8 @@ def build(run: Run, workload: Workload, *, flags: dict, slo: dict[str, float] | 
         "slo_ms": slo or None,
         "flags": {key: _plain(value) for key, value in flags.items()},
     })
+    if run.spec_decode:  # only when the server has speculation's counters and drafted during the run
+        result.update(run.spec_decode)
     if save_requests:
         result["requests"] = [record(r) for r in run.results]
     return result
@@ -149,6 +151,11 @@ def summary(result: dict) -> str:
     row("Output token throughput (tok/s):", f"{result['output_throughput']:.2f}")
     row("Total token throughput (tok/s):", f"{result['total_token_throughput']:.2f}")
     row("Prompt cache hit rate:", f"{result['cache_hit_rate']:.2%}")
+    if "spec_decode_acceptance_rate" in result:
+        row("Draft acceptance rate:", f"{result['spec_decode_acceptance_rate']:.2%}")
+        row("Mean acceptance length:", f"{result['spec_decode_mean_acceptance_length']:.2f}")
+        row("Per-position acceptance rate:",
+            ", ".join(f"{r:.2f}" for r in result["spec_decode_acceptance_rate_per_pos"]))
     if result["cache_hit_rate_max"] is not None:
         row("Prompt cache hit rate, best possible:", f"{result['cache_hit_rate_max']:.2%}")
     for name, title in METRICS.items():

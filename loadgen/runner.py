@@ -39,6 +39,7 @@ class Run:
     results: list[Result]  # in the order the requests were sent
     duration_s: float  # from the first request sent to the last one finished (or cancelled)
     num_skipped: int = 0  # conversation turns never sent because an earlier turn failed
+    spec_decode: dict | None = None  # the server's speculation figures over the run (spec_counters.py)
 
 
 def arrival_gaps(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:

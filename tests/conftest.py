@@ -15,7 +15,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # Whole systems under faults and deployment files: `streamoe up`, kills, restarts, overload, fuzzing.
 E2E_MODULES = {"test_chaos", "test_deploy", "test_up", "test_redis_restart", "test_cancels", "test_loadgen_run",
-               "test_fuzz_http", "test_resume", "test_claims", "test_ep_services"}
+               "test_fuzz_http", "test_resume", "test_claims", "test_ep_services", "test_spec_services"}
 # What needs a Redis server or starts service processes (beyond the module lists above).
 INTEGRATION_FIXTURES = {"redis_url", "redis", "system"}
 
@@ -103,3 +103,12 @@ def tiny_mtp(tmp_path_factory) -> Path:
     from shared.model.presets import init_model
 
     return init_model(tmp_path_factory.mktemp("tiny-mtp"), "tiny", seed=0, dtype="fp32", mtp=True)
+
+
+@pytest.fixture(scope="session")
+def distilled_mtp(tiny_mtp, tmp_path_factory) -> tuple[Path, dict]:
+    """tiny_mtp with its MTP layer distilled (tests/distilled.py): (checkpoint, distill-mtp's report)."""
+    from distilled import distill_quick
+
+    out = tmp_path_factory.mktemp("distilled") / "out"
+    return out, distill_quick(tiny_mtp, out)

@@ -105,6 +105,7 @@ def test_each_workload_completes_with_exact_token_counts(system, url, tmp_path, 
     assert result["output_throughput"] == pytest.approx(result["total_output_tokens"] / result["duration"])
     assert result["economics"]["output_tokens"] == result["total_output_tokens"]
     assert 0.0 <= result["cache_hit_rate"] <= 1.0
+    assert not [key for key in result if key.startswith("spec_decode")]  # no speculation, no counters: left out
     if name == "random":
         assert result["cache_hit_rate"] == 0.0  # random prompts share no 64-token block
     if name == "multi-turn":

@@ -247,7 +247,7 @@ async def test_a_handoff_in_another_dtype_is_refused_naming_both(redis):
 
     decode = DecodeService.__new__(DecodeService)  # the handoff path only: no model is loaded
     decode.engine = SimpleNamespace(model=SimpleNamespace(dtype=torch.float32))  # no add_prefilled: never admitted
-    decode.num_layers, decode.redis, decode.bus = 2, redis, Bus(redis, "decode-test")
+    decode.num_kv_layers, decode.redis, decode.bus = 2, redis, Bus(redis, "decode-test")
     decode.log, decode._closing = logging.getLogger("test"), asyncio.Event()
     decode.stream = streams.kv_stream("decode", 0)
     decode.handoffs, decode.ready_to_admit, decode.history = {}, [], {}
@@ -257,8 +257,8 @@ async def test_a_handoff_in_another_dtype_is_refused_naming_both(redis):
     for layer in range(2):
         blob = to_blob(torch.zeros(3, 8, dtype=torch.bfloat16))
         await decode.bus.publish(decode.stream, KVChunk("req-1", "trace-1", layer, 2, blob, checksum(blob.data)))
-    await decode.bus.publish(decode.stream, KVChunk("req-1", "trace-1", 2, 2, NO_KV, "", request=request,
-                                                    first_token=7))
+    await decode.bus.publish(decode.stream, KVChunk("req-1", "trace-1", -1, 2, NO_KV, "", request=request,
+                                                    first_token=7, final=True))
     for entry in await decode.bus.read(decode.stream, CONSUMER_GROUP, KVChunk, count=16, block_ms=None):
         decode.receive(entry)
     await decode.admit_ready()

@@ -125,8 +125,8 @@ async def test_bad_kv_handoffs_are_refused_and_reprefilled(system, tiny_fp32, cl
             if i == 0 and layer == 2:  # the first one's last layer is damaged in transit
                 blob = TensorBlob(blob.dtype, blob.shape, blob.data[:-4] + b"\0\0\0\0")
             writes.append((kv, KVChunk(req.request_id, req.trace_id, layer, layers, blob, digest)))
-        writes.append((kv, KVChunk(req.request_id, req.trace_id, layers, layers, TensorBlob("float32", [0], b""), "",
-                                   request=req, first_token=5)))
+        writes.append((kv, KVChunk(req.request_id, req.trace_id, -1, layers, TensorBlob("float32", [0], b""), "",
+                                   request=req, first_token=5, final=True)))
     got = await run_requests(client, requests, writes=writes)
     ref = load_reference(tiny_fp32)
     for req in requests:

@@ -10,7 +10,7 @@ import torch
 from reference import load_reference, reference_greedy
 from test_engine import block_bytes, run
 
-from shared.engine.engine import Engine, EngineConfig
+from shared.engine.engine import Engine, EngineConfig, RequestError
 from shared.engine.sampler import Sampler
 from shared.engine.sequence import SamplingParams
 from shared.launcher.cliargs import FlagValueError, resolve_speculative_tokens, speculative_tokens_flag
@@ -151,3 +151,62 @@ def test_sampler_probs_is_what_a_row_draws_from(model):
     draws = [Sampler._draw(logits, p, seed) for seed in range(4000)]
     top = int(probs.argmax())
     assert abs(draws.count(top) / 4000 - float(probs[top])) < 0.03
+
+
+def prefill_then_decode(model, requests: dict, n: int) -> tuple[dict, Engine, dict]:
+    """The services' split, in process: a prefill engine's handoffs (KV with the MTP layer's, the
+    last hidden state) admitted by a decode engine speculating with n drafts."""
+    prefill = Engine(model, EngineConfig(mode="prefill", max_num_batched_tokens=256, speculative_tokens=n))
+    decode = Engine(model, EngineConfig(mode="decode", speculative_tokens=n))
+    for rid, (prompt, params) in requests.items():
+        prefill.add_request(rid, prompt, params)
+    handed, streamed = {}, {}
+    while prefill.has_unfinished():
+        # the MTP layer's KV streams after the main layers', as one more layer
+        for delta in prefill.step(lambda layer, items: [streamed.setdefault(rid, []).append((layer, kv))
+                                                        for rid, kv in items]):
+            handed[delta.request_id] = delta
+    outputs = {}
+    for rid, (prompt, params) in requests.items():
+        delta = handed[rid]
+        outputs[rid] = list(delta.token_ids)
+        if delta.finish_reason is None:
+            assert decode.add_prefilled(rid, prompt, params, delta.token_ids[0], delta.kv, None, delta.hidden)
+    while decode.has_unfinished():
+        for delta in decode.step():
+            outputs[delta.request_id].extend(delta.token_ids)
+    assert prefill.blocks.num_free == prefill.blocks.num_blocks
+    return outputs, decode, {rid: (handed[rid], streamed.get(rid, [])) for rid in requests}
+
+
+def test_prefill_hands_the_mtp_layer_to_decode(model, prompts, expected):
+    requests = greedy(prompts)
+    outputs, decode, handed = prefill_then_decode(model, requests, 2)
+    for i, exp in enumerate(expected):
+        assert outputs[f"r{i}"][:exp.trusted] == exp.tokens[:exp.trusted], f"prompt {i}"
+    layers = model.args.num_hidden_layers
+    for rid, (delta, streamed) in handed.items():
+        prompt = requests[rid][0]
+        assert [layer for layer, _ in streamed] == list(range(layers + 1))  # the MTP layer's last
+        assert delta.kv.shape[:2] == (layers + 1, len(prompt)) and delta.hidden.shape == (model.args.hidden_size,)
+        torch.testing.assert_close(streamed[-1][1], delta.kv[layers], rtol=0, atol=0)
+    # the MTP layer's rows over the prompt are those the in-process engine computes
+    mixed = Engine(model, EngineConfig(speculative_tokens=2))
+    prompt, params = requests["r6"]
+    mixed.add_request("r6", prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+    while mixed.sequences["r6"].mtp_computed < len(prompt):
+        mixed.step()
+    rows = mixed.runner.pool.kv[layers, mixed.runner.slots(mixed.sequences["r6"], len(prompt))]
+    torch.testing.assert_close(handed["r6"][0].kv[layers], rows)
+    assert decode.spec.num_drafts > 0 and decode.blocks.num_free == decode.blocks.num_blocks
+
+
+def test_a_handoff_without_the_mtp_layer_is_refused(model):
+    decode = Engine(model, EngineConfig(mode="decode", speculative_tokens=1))
+    layers, width = model.args.num_hidden_layers, model.args.kv_cache_dim
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    with pytest.raises(RequestError, match="kv: shape .*expected 4 layers"):
+        decode.add_prefilled("a", [5, 6, 7], params, 9, torch.zeros(layers, 3, width))
+    with pytest.raises(RequestError, match="hidden: missing"):
+        decode.add_prefilled("b", [5, 6, 7], params, 9, torch.zeros(layers + 1, 3, width))
+    assert decode.blocks.num_free == decode.blocks.num_blocks and not decode.sequences

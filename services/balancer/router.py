@@ -154,7 +154,7 @@ class BalancerService(Service):
             if role == "prefill":  # loop() routes it again
                 request, to = msg.request, streams.CACHED
             else:  # a handoff's final chunk carries the request: prefilled again, elsewhere
-                done = msg.layer < msg.num_layers or msg.finish_reason is not None
+                done = not msg.final or msg.finish_reason is not None
                 request, to = (None if done else msg.request), streams.TOKENIZED
             if request is not None:
                 await self.bus.publish(to, request)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
+from shared.engine.engine import RequestError
 from shared.model.detok import prefix_window
 from shared.protocol import streams
 from shared.protocol.messages import KVChunk, TokenDelta
@@ -97,7 +98,7 @@ class DecodeService(EngineService):
         handoff.last_at = time.monotonic()
         if chunk.layer == 0:
             handoff.layer0_received_at = time.time()
-        if chunk.layer == chunk.num_layers and chunk.request_id not in self.ready_to_admit:
+        if chunk.final and chunk.request_id not in self.ready_to_admit:
             self.ready_to_admit.append(chunk.request_id)  # once, though a re-sent handoff brings two ends
 
     async def admit_ready(self) -> None:
@@ -106,7 +107,7 @@ class DecodeService(EngineService):
             handoff = self.handoffs.get(request_id)
             if handoff is None:
                 continue  # consumed already
-            final = handoff.chunks[self.num_layers]
+            final = handoff.chunks[-1]
             if (final.finish_reason is not None or request_id in self.history or request_id in self.aborted
                     or request_id in self.finished):
                 await self.consumed(request_id)  # finished at prefill, a duplicate handoff, or cancelled
@@ -116,14 +117,18 @@ class DecodeService(EngineService):
                 await self.refuse(request_id, final, refusal)
                 continue
             try:
-                kv = self.assemble(handoff)
+                kv, hidden = self.assemble(handoff)
             except WireError as e:
                 await self.reprefill(request_id, final, str(e))
                 continue
             req = final.request
-            admitted = await self.compute(self.engine.add_prefilled, request_id, req.prompt_ids,
-                                          sampling_params(req.sampling, req.resumed), final.first_token, kv,
-                                          req.cache_salt)
+            try:
+                admitted = await self.compute(self.engine.add_prefilled, request_id, req.prompt_ids,
+                                              sampling_params(req.sampling, req.resumed), final.first_token, kv,
+                                              req.cache_salt, hidden)
+            except RequestError as e:  # KV of another model's shape: prefilling again would send the same
+                await self.refuse(request_id, final, f"KV handoff of request {request_id}: {e}")
+                continue
             if not admitted:
                 waiting.append(request_id)  # reserved by the balancer, freed by a request finishing soon
                 continue
@@ -148,20 +153,28 @@ class DecodeService(EngineService):
                                              "layers": len(handoff.chunks)}))
                 await self.consumed(request_id)
 
-    def assemble(self, handoff: Handoff) -> torch.Tensor:
-        """[layers, P, C+R]; any missing layer or checksum mismatch fails loudly."""
+    def assemble(self, handoff: Handoff) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt's KV [layers, P, C+R] (the MTP layer's last) and, with an MTP layer, the last
+        position's hidden state [D]; any missing layer or hidden state, or checksum mismatch, fails loudly."""
         layers = []
-        for layer in range(self.num_layers):
+        for layer in range(self.num_kv_layers):
             chunk = handoff.chunks.get(layer)
             if chunk is None:
                 raise WireError(f"layer {layer} of the KV handoff is missing")
             if checksum(chunk.kv.data) != chunk.checksum:
                 raise WireError(f"layer {layer} of the KV handoff fails its checksum")
             layers.append(from_blob(chunk.kv))
-        return torch.stack(layers)
+        final, hidden = handoff.chunks[-1], None
+        if self.engine.tracks_mtp:
+            if final.hidden is None:
+                raise WireError("the KV handoff has no hidden state for the MTP layer")
+            if checksum(final.hidden.data) != final.checksum:
+                raise WireError("the KV handoff's hidden state fails its checksum")
+            hidden = from_blob(final.hidden)
+        return torch.stack(layers), hidden
 
     def note_handoff(self, handoff: Handoff) -> None:
-        last = handoff.chunks[self.num_layers - 1]
+        last = handoff.chunks[self.num_kv_layers - 1]
         self.handoff_bytes.inc(sum(len(c.kv.data) for c in handoff.chunks.values()))
         self.handoff_latency.observe(max(0.0, time.time() - last.computed_at))
         lead = last.computed_at - handoff.layer0_received_at
@@ -173,7 +186,7 @@ class DecodeService(EngineService):
         rank computes in (None: it is in ours). Never cast: the values would not be the ones a
         prefill in our dtype computes, and the blocks would be cached under the wrong fingerprint."""
         mine = str(self.engine.model.dtype).removeprefix("torch.")
-        theirs = {c.kv.dtype for layer, c in handoff.chunks.items() if layer < self.num_layers} - {mine}
+        theirs = {c.kv.dtype for layer, c in handoff.chunks.items() if layer >= 0} - {mine}
         if not theirs:
             return None
         return (f"KV handoff of request {request_id} is {', '.join(sorted(theirs))}; this decode rank computes in "

@@ -95,7 +95,7 @@ class PrefillService(EngineService):
                 blob = to_blob(kv)
                 self.handoff_bytes.inc(len(blob.data))
                 writes.append((streams.kv_stream(task.decode_group, task.decode_rank), KVChunk(
-                    request_id, task.request.trace_id, layer, self.num_layers, blob, checksum(blob.data),
+                    request_id, task.request.trace_id, layer, self.num_kv_layers, blob, checksum(blob.data),
                     computed_at=computed_at, sent_at=time.time())))
             await self.until_written(lambda writes=writes: self.bus.publish_many(writes))
 
@@ -108,9 +108,10 @@ class PrefillService(EngineService):
             len(req.prompt_ids) - delta.num_cached_tokens)
         done = delta.finish_reason if delta.finish_reason != "prefilled" else None
         window = prefix_window(req.sampling.stop)
+        hidden = to_blob(delta.hidden) if delta.hidden is not None and done is None else None
         writes = [(streams.kv_stream(task.decode_group, task.decode_rank), KVChunk(
-            req.request_id, req.trace_id, self.num_layers, self.num_layers, NO_KV, "", request=req,
-            first_token=first, finish_reason=done, sent_at=time.time()))]
+            req.request_id, req.trace_id, -1, self.num_kv_layers, NO_KV, checksum(hidden.data) if hidden else "",
+            request=req, first_token=first, finish_reason=done, sent_at=time.time(), final=True, hidden=hidden))]
         # a resumed request (its decode rank died) goes on at output index `resumed`
         writes.append((streams.RAW_DELTAS, TokenDelta(
             req.request_id, req.trace_id, req.gateway_id, req.resumed, list(delta.token_ids), finish_reason=done,

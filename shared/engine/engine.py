@@ -61,6 +61,9 @@ class Delta:
     finish_reason: str | None = None  # "stop", "length", "abort"; None while running
     num_cached_tokens: int = 0  # prompt tokens served from shared blocks
     kv: torch.Tensor | None = None  # prefill mode: the prompt's latent KV [layers, P, C+R]
+    # prefill mode, a model with an MTP layer: the main model's hidden state at the prompt's last
+    # position [D], from which decode extends the MTP layer there (its next token was unknown here)
+    hidden: torch.Tensor | None = None
 
 
 class Engine:
@@ -81,7 +84,12 @@ class Engine:
         if config.speculative_tokens and model.mtp is None:
             raise ValueError(f"speculative_tokens={config.speculative_tokens}: the model has no MTP layer "
                              "(num_nextn_predict_layers is 0 in its config.json)")
-        self.spec = SpecStats(accepted_per_pos=[0] * config.speculative_tokens)
+        # prefill never drafts; in prefill and decode mode a model's MTP layer keeps its KV whatever
+        # N, so the handoff and the prefix cache carry its rows for whichever rank speculates next
+        self.num_spec = 0 if config.mode == "prefill" else config.speculative_tokens
+        self.tracks_mtp = model.mtp is not None and (self.num_spec > 0 or config.mode != "mixed")
+        self.spec = SpecStats(accepted_per_pos=[0] * self.num_spec)
+        self._prefilled: list[tuple[Sequence, Delta, int]] = []  # prefill mode: handed off at the step's end
         self.sequences: dict[str, Sequence] = {}
         self.seeds: dict[str, int] = {}
         self._arrivals = 0
@@ -106,9 +114,17 @@ class Engine:
         self.scheduler.add(seq)
 
     def add_prefilled(self, request_id: str, prompt_ids: list[int], params: SamplingParams, first_token: int,
-                      kv: torch.Tensor, cache_salt: str | None = None) -> bool:
+                      kv: torch.Tensor, cache_salt: str | None = None, hidden: torch.Tensor | None = None) -> bool:
         """Decode mode: continue a request whose prompt KV [layers, P, C+R] and first token came from
-        a prefill worker. False (nothing kept) when its reserved span does not fit now."""
+        a prefill worker. With an MTP layer, `layers` includes its KV and `hidden` [D] is the main
+        model's hidden state at the prompt's last position (Delta.hidden). False (nothing kept) when
+        its reserved span does not fit now."""
+        layers = self.model.args.num_kv_layers
+        if kv.shape[0] != layers or kv.shape[1] != len(prompt_ids):
+            raise RequestError("kv", f"shape {list(kv.shape)}: expected {layers} layers of {len(prompt_ids)} "
+                                     "positions (the MTP layer's included)")
+        if self.tracks_mtp and hidden is None:
+            raise RequestError("hidden", "missing: a model with an MTP layer needs the prompt's last hidden state")
         seq = self._new_sequence(request_id, prompt_ids, params, cache_salt, register=False)
         seq.output_ids.append(first_token)
         if not self.scheduler.can_admit_prefilled(seq):
@@ -116,6 +132,9 @@ class Engine:
         self.scheduler.admit_prefilled(seq)
         self.runner.write_kv(seq, kv)
         seq.num_computed = len(prompt_ids)
+        if self.tracks_mtp:  # the MTP row at the last prompt position is computed with the first decode step
+            seq.mtp_computed = len(prompt_ids) - 1
+            seq.mtp_hidden = hidden.reshape(1, -1).to(self.runner.device, self.model.dtype)
         self._register(seq)
         return True
 
@@ -153,9 +172,24 @@ class Engine:
         logits, hidden = self.runner.run(scheduled, hook if done else None)
         starts = [item.seq.num_computed for item in scheduled]
         deltas = self.postprocess(scheduled, logits)
-        if self.config.speculative_tokens:
+        if self.tracks_mtp:
             self._extend_and_draft(scheduled, starts, hidden)
+        if self._prefilled:
+            self._hand_off(hidden, on_layer_kv)
         return deltas
+
+    def _hand_off(self, hidden: torch.Tensor, on_layer_kv) -> None:
+        """Prefill mode, after the MTP layer caught up: the prompts computed in this step leave with
+        their KV (the MTP layer's last, as one more layer) and their last hidden state."""
+        if on_layer_kv is not None and self.tracks_mtp:
+            mtp = self.model.args.num_hidden_layers
+            on_layer_kv(mtp, [(seq.request_id, self.runner.pool.kv[mtp, self.runner.slots(seq, len(seq.prompt_ids))]
+                               .clone()) for seq, _, _ in self._prefilled])
+        for seq, delta, row in self._prefilled:
+            delta.kv = self.runner.read_kv(seq, len(seq.prompt_ids))
+            delta.hidden = hidden[row].clone() if self.tracks_mtp else None
+            self._finish(seq, "prefilled")
+        self._prefilled.clear()
 
     def _extend_and_draft(self, scheduled: list[ScheduledSeq], starts: list[int], hidden: torch.Tensor) -> None:
         """Speculative decoding, after a step: the MTP layer first catches up on every position whose
@@ -186,7 +220,7 @@ class Engine:
         out = self.runner.run_mtp(entries, torch.cat(parts))
         chains = []  # (sequence, drafts it may make)
         for seq, _ in ready:
-            n = min(self.config.speculative_tokens, seq.params.max_tokens - len(seq.output_ids) - 1,
+            n = min(self.num_spec, seq.params.max_tokens - len(seq.output_ids) - 1,
                     self.model.args.max_position_embeddings - seq.num_tokens)
             while n > 0 and self.blocks.blocks_needed(seq, seq.num_tokens + n) > self.blocks.num_free:
                 n -= 1  # drafts never take memory a sequence needs
@@ -232,7 +266,11 @@ class Engine:
             if not item.sample:
                 item.seq.num_computed += item.num_new
                 self.blocks.commit(item.seq)
-        deltas, offset = [], 0
+        deltas, offset, end = [], 0, 0
+        rows_end = {}  # each chunk's end row in the step's hidden states
+        for item in scheduled:
+            end += item.num_new
+            rows_end[id(item)] = end
         for item in sampled:
             drawn = tokens[offset:offset + 1 + len(item.draft)]
             offset += len(drawn)
@@ -243,6 +281,8 @@ class Engine:
                 self._count_spec(len(item.draft), accepted)
             # positions with the right tokens under them: the chunk's own, and the accepted drafts'
             deltas.append(self._advance(item.seq, drawn[:accepted + 1], item.num_new - len(item.draft) + accepted))
+            if self._prefilled and self._prefilled[-1][0] is item.seq:
+                self._prefilled[-1] = (item.seq, deltas[-1], rows_end[id(item)] - 1)
         for item in scheduled:
             if not item.sample and item.seq.pending_finish is not None and item.seq.num_uncomputed == 0:
                 self._finish(item.seq, item.seq.pending_finish)  # every token's KV computed: blocks to the cache
@@ -276,8 +316,7 @@ class Engine:
         seq.num_computed = min(seq.num_computed + computed, seq.num_tokens)
         self.blocks.commit(seq)
         if self.config.mode == "prefill" and delta.finish_reason is None:
-            delta.kv = self.runner.read_kv(seq, len(seq.prompt_ids))
-            self._finish(seq, "prefilled")
+            self._prefilled.append((seq, delta, -1))  # the hidden row is set by postprocess
         elif delta.finish_reason is not None:
             if (self.keep_finished_kv and delta.finish_reason in ("stop", "length") and seq.num_uncomputed == 1
                     and seq.num_tokens % BLOCK_SIZE == 0):

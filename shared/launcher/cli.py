@@ -45,6 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="add one randomly initialised MTP layer (train it with `streamoe distill-mtp`)")
     init.set_defaults(handler=_init_model)
 
+    distill = commands.add_parser("distill-mtp", help="train a checkpoint's MTP layer on the model's own greedy "
+                                                      "continuations (shared/model/README.md)")
+    distill.add_argument("--model", type=Path, required=True, help="a checkpoint directory with an MTP layer")
+    distill.add_argument("--out", type=Path, default=None,
+                         help="write the trained checkpoint to this new directory (default: update --model in place)")
+    distill.add_argument("--steps", type=_positive_int, default=None,
+                         help="optimizer steps (default: 3000 up to tiny's size, 1500 above; shared/model/README.md)")
+    distill.add_argument("--seed", type=int, default=0, help="the data's and the training's seed")
+    distill.add_argument("--threads", type=_positive_int, default=None,
+                         help="torch threads (default: torch's); 1 gives the same bytes for a seed every run")
+    distill.set_defaults(handler=_distill_mtp)
+
     gen = commands.add_parser("generate", help="offline generation from a raw prompt")
     gen.add_argument("--model", type=Path, required=True, help="a Hugging Face model directory")
     gen.add_argument("--prompt", required=True)
@@ -89,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument("--moe-backend", type=moe_backend_flag, default="auto", metavar="auto|BACKEND|PLAN",
                      help=MOE_BACKEND_HELP)
     upp.add_argument("--device", default="cpu")
+    upp.add_argument("--speculative-tokens", type=speculative_tokens_flag, default="auto", metavar="N|auto",
+                     help=SPECULATIVE_TOKENS_HELP + "; given to every prefill and decode rank")
     upp.add_argument("--api-key", default=None)
     upp.add_argument("--ready-timeout", type=float, default=300.0)
     upp.add_argument("--run-dir", type=Path, default=None, help="default: $STREAMOE_HOME/runs/<time>")
@@ -111,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     cost.set_defaults(handler=_cost)
 
-    for sub in (init, gen, upp, cost):
+    for sub in (init, distill, gen, upp, cost):
         apply_env_defaults(sub)
     return parser
 
@@ -160,6 +174,17 @@ def _init_model(args: argparse.Namespace) -> int:
 
     path = init_model(args.dir, args.preset, seed=args.seed, dtype=args.dtype, fp8=args.fp8, mtp=args.mtp)
     print(f"wrote {args.preset} checkpoint to {path}", file=sys.stderr)
+    return 0
+
+
+def _distill_mtp(args: argparse.Namespace) -> int:
+    import torch
+
+    from shared.model.distill import distill_mtp
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    distill_mtp(args.model, args.out, steps=args.steps, seed=args.seed, log=lambda line: print(line, flush=True))
     return 0
 
 

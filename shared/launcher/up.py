@@ -29,7 +29,7 @@ from pathlib import Path
 from secrets import token_hex
 from urllib.parse import urlsplit, urlunsplit
 
-from shared.launcher.cliargs import home
+from shared.launcher.cliargs import home, resolve_speculative_tokens
 from shared.launcher.redis_server import free_port, start_redis
 
 BACKOFF_S = (1, 2, 4, 8, 16, 30)
@@ -93,6 +93,14 @@ def up(args: argparse.Namespace) -> int:
     cores = os.cpu_count() or 2
     num_workers = args.prefill_ep + args.decode_ep
     threads = max(1, cores // num_workers)
+    try:
+        from shared.model.config import ModelArgs
+
+        speculative = resolve_speculative_tokens(getattr(args, "speculative_tokens", "auto"),
+                                                 ModelArgs.from_file(model / "config.json").num_mtp_layers > 0)
+    except ValueError as e:
+        print(f"streamoe up: {e}", file=sys.stderr)
+        return 2
     numerics = calibrate(model, args, threads)  # before Redis and the services: a refusal leaves nothing running
     run_dir = Path(args.run_dir or home() / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +115,8 @@ def up(args: argparse.Namespace) -> int:
                                              "--cache-capacity-mib", str(args.cache_capacity_mib)]
     worker = ["--model", str(model), "--dtype", numerics.dtype, "--moe-backend", numerics.moe_backend,
               "--device", args.device, "--threads", str(threads), "--ep-wire", args.ep_wire,
-              "--num-redundant-experts", str(args.num_redundant_experts), *cache]
+              "--num-redundant-experts", str(args.num_redundant_experts), "--speculative-tokens", str(speculative),
+              *cache]
     gateway = ["--model", str(model)]
     children = [Child("tokenizer", "services.tokenizer", ["--model", str(model)], free_port(),
                       run_dir / "tokenizer.log"),

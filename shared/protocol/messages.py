@@ -61,22 +61,26 @@ class PrefillTask:
 
 @message("kv")
 class KVChunk:
-    """One layer of a prompt's latent KV, prefill -> decode. A handoff is `num_layers` chunks, sent
-    each as soon as its layer is computed, then a final chunk (layer == num_layers, no KV) that
-    carries the first token, sampled after the last layer."""
+    """One layer of a prompt's latent KV, prefill -> decode. A handoff is `num_layers` chunks
+    (layers 0..num_layers-1: the main model's, then the MTP layer's when the model has one), sent
+    each as soon as its layer is computed, then a final chunk (`final`, layer -1, no KV) that
+    carries the first token, sampled after the last main layer, and with an MTP layer the main
+    model's hidden state at the prompt's last position."""
 
     request_id: str
     trace_id: str
     layer: int
-    num_layers: int
+    num_layers: int  # KV layers in the handoff (the MTP layer's included)
     kv: TensorBlob  # [prompt tokens, kv_lora_rank + qk_rope_head_dim]
-    checksum: str  # blake2b of kv.data; a mismatch fails loudly and the request is re-prefilled
+    checksum: str  # blake2b of kv.data (final chunk: of hidden.data); a mismatch: the request is re-prefilled
     # On the final chunk only: what the decode rank needs to continue the request.
     request: TokenizedRequest | None = None
     first_token: int = -1
     finish_reason: str | None = None  # the first token already ended the request: drop the KV
     computed_at: float = 0.0  # unix seconds when prefill finished computing this layer
     sent_at: float = 0.0  # unix seconds when prefill wrote this chunk (layer-wise streaming shows)
+    final: bool = False  # the end of the handoff (schema 2; schema 1 marked it with layer == num_layers)
+    hidden: TensorBlob | None = None  # [hidden_size]: the MTP layer's input at the last prompt position
 
 
 @message("delta")

@@ -8,6 +8,11 @@ from __future__ import annotations
 TOKENS = "streamoe_tokens"  # gateway: tokens by kind (input_cache_hit, input_cache_miss, output)
 GPU_SECONDS = "streamoe_gpu_seconds"  # worker rank: seconds up, one GPU each: {role, rank}
 WORKER_TOKENS = "streamoe_worker_tokens"  # worker rank: tokens computed: {role, rank, kind}
+# decode rank, speculating: vLLM's spec_decode_* counters with our prefix ({role, rank}; per_pos adds position)
+SPEC_DRAFTS = "streamoe_spec_decode_num_drafts"  # one request's drafts of one step
+SPEC_DRAFT_TOKENS = "streamoe_spec_decode_num_draft_tokens"
+SPEC_ACCEPTED_TOKENS = "streamoe_spec_decode_num_accepted_tokens"
+SPEC_ACCEPTED_PER_POS = "streamoe_spec_decode_num_accepted_tokens_per_pos"  # {position}: 0 = the first draft
 
 
 def sample(counter: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: KVChunk.final ends a handoff (the MTP layer's KV is layer num_hidden_layers)
 T = TypeVar("T")
 
 _REGISTRY: dict[str, type] = {}

@@ -18,10 +18,15 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
 from shared.cache.prefix_cache import PrefixCache
-from shared.engine.engine import Engine, EngineConfig
+from shared.engine.engine import Engine, EngineConfig, SpecStats
 from shared.engine.sequence import SamplingParams
 from shared.ep.rank import EPRank
-from shared.launcher.cliargs import FlagValueError
+from shared.launcher.cliargs import (
+    SPECULATIVE_TOKENS_HELP,
+    FlagValueError,
+    resolve_speculative_tokens,
+    speculative_tokens_flag,
+)
 from shared.model.loader import checkpoint_fingerprint, load_model
 from shared.protocol import metric_names, streams
 from shared.protocol.messages import Abort, LoadReport, Sampling
@@ -60,6 +65,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moe-backend", type=moe_backend_flag, default="auto", metavar="auto|BACKEND|PLAN",
                         help=MOE_BACKEND_HELP)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--speculative-tokens", type=speculative_tokens_flag, default="auto", metavar="N|auto",
+                        help=SPECULATIVE_TOKENS_HELP + " (prefill never drafts: it computes the MTP layer's KV "
+                        "for the handoff)")
     parser.add_argument("--kv-cache-mib", type=int, default=512)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -112,11 +120,17 @@ class EngineService(EPRank, Service):
         model = self.load_ep(args) if args.ep_size > 1 else load_model(args.model, dtype=args.dtype,
                                                                         device=args.device)
         model.set_moe_backend(args.moe_backend)  # refused, naming device and dtype, where it cannot run
+        try:
+            self.speculative_tokens = resolve_speculative_tokens(getattr(args, "speculative_tokens", "auto"),
+                                                                 model.mtp is not None)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         self.engine = Engine(model, EngineConfig(
             kv_cache_bytes=args.kv_cache_mib << 20, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, mode=self.role,
-            model_fingerprint=checkpoint_fingerprint(args.model, model.dtype)))
-        self.num_layers = model.args.num_hidden_layers
+            model_fingerprint=checkpoint_fingerprint(args.model, model.dtype),
+            speculative_tokens=self.speculative_tokens))
+        self.num_kv_layers = model.args.num_kv_layers  # the MTP layer's included: a handoff's chunks
         self.compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute")  # tensors never run on the loop
         self._last_report = 0.0
         self.aborted: deque[str] = deque(maxlen=4096)  # recent aborts, for handoffs that arrive late
@@ -152,6 +166,17 @@ class EngineService(EPRank, Service):
         self.cache_blocks_written = Counter("streamoe_cache_blocks_written", "Blocks this rank wrote to the prefix "
                                             "cache", list(labels), registry=self.registry).labels(**labels)
         self._expert_seen: dict[int, torch.Tensor] = {}
+        self._spec_seen = SpecStats(accepted_per_pos=[0] * self.engine.num_spec)
+        if self.engine.num_spec:
+            def spec_counter(name: str, text: str, extra: tuple[str, ...] = ()) -> Counter:
+                return Counter(name, text, [*labels, *extra], registry=self.registry)
+
+            self.spec_counters = (
+                spec_counter(metric_names.SPEC_DRAFTS, "Drafts (one request's drafts of one step)").labels(**labels),
+                spec_counter(metric_names.SPEC_DRAFT_TOKENS, "Draft tokens proposed by the MTP layer").labels(**labels),
+                spec_counter(metric_names.SPEC_ACCEPTED_TOKENS, "Draft tokens accepted").labels(**labels),
+                spec_counter(metric_names.SPEC_ACCEPTED_PER_POS, "Drafts accepted at each draft position (0: the "
+                             "first)", ("position",)))
         self._up_since = time.monotonic()
 
     async def setup_engine_service(self) -> None:
@@ -231,6 +256,7 @@ class EngineService(EPRank, Service):
         deltas = await self.compute(self.engine.step, *args)
         self.step_seconds.observe(time.perf_counter() - start)
         self.batch_tokens.observe(self.engine.last_num_tokens)
+        self.count_spec()  # before the step's tokens go out: a client that has them sees their drafts counted
         return deltas
 
     async def report_load(self, force: bool = False, pending_compute: float = 0.0, pending_tokens: int = 0) -> None:
@@ -283,6 +309,20 @@ class EngineService(EPRank, Service):
             for expert in gained.nonzero().flatten().tolist():
                 self.expert_tokens.labels(role=self.role, rank=str(self.rank), layer=str(layer),
                                           expert=str(expert)).inc(int(gained[expert]))
+
+    def count_spec(self) -> None:
+        """The engine's speculation counters, as counters (what they gained since the last look)."""
+        spec, seen = self.engine.spec, self._spec_seen
+        if not self.engine.num_spec or spec.num_drafts == seen.num_drafts:
+            return
+        drafts, tokens, accepted, per_pos = self.spec_counters
+        drafts.inc(spec.num_drafts - seen.num_drafts)
+        tokens.inc(spec.num_draft_tokens - seen.num_draft_tokens)
+        accepted.inc(spec.num_accepted_tokens - seen.num_accepted_tokens)
+        for k, (now, before) in enumerate(zip(spec.accepted_per_pos, seen.accepted_per_pos)):
+            per_pos.labels(role=self.role, rank=str(self.rank), position=str(k)).inc(now - before)
+        self._spec_seen = SpecStats(spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens,
+                                    list(spec.accepted_per_pos))
 
     async def housekeeping(self) -> None:
         if self.tracer is not None:
