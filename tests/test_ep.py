@@ -418,3 +418,21 @@ def test_ep_nodes_values():
     done = subprocess.run([sys.executable, "-m", "services.balancer", "--ep-nodes", "decode=0"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "argument --ep-nodes: 'decode=0': each part is" in done.stderr, done.stderr
+
+
+async def test_ep_ranks_speculate_with_the_mtp_layer_run_whole(tiny_mtp, prompts):
+    """EP 2, exact wire, N = 2: the verify steps' tokens cross ranks like any others; the MTP
+    layer (its experts read whole on each rank) drafts locally; the tokens are transformers'."""
+    ranks = await make_ranks(tiny_mtp, 2, "exact")
+    for rank in ranks:
+        assert rank.model.mtp is not None and len(rank.model.mtp.mlp.stack) == 16  # all of the MTP layer's experts
+        rank.engine = Engine(rank.model, EngineConfig(kv_cache_bytes=16 << 20, speculative_tokens=2))
+        rank.engine.on_idle_step = lambda model=rank.model: idle_forward(model)
+    got = await run_group(ranks, prompts)
+    ref = load_reference(tiny_mtp)
+    for i, prompt in enumerate(prompts):
+        expected = reference_greedy(ref, prompt, MAX_TOKENS)
+        assert got[i][:expected.trusted] == expected.tokens[:expected.trusted]
+    assert all(rank.engine.spec.num_drafts > 0 for rank in ranks)
+    assert all(rank.engine.blocks.num_free == rank.engine.blocks.num_blocks for rank in ranks)
+    await asyncio.gather(*[rank.group.transport.close() for rank in ranks])

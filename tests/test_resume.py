@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -19,27 +20,45 @@ from shared.runtime import ownership
 FAST = ["--heartbeat-ttl-s", "1.5", "--claim-idle-ms", "1500", "--housekeeping-s", "0.3"]
 
 
-@pytest.fixture(scope="module")
-def services(tiny_fp32, redis_url, tmp_path_factory):
+def start_services(model: Path, redis_url: str, cache_dir: Path, victim: str, *worker_flags: str) -> dict:
+    """tokenizer, cache, balancer, one prefill and one decode rank (instance `victim`), gateway, on
+    `model`, with short heartbeat and claim times; "worker" holds the ranks' flags (for a successor)."""
     import redis as sync_redis
 
     sync_redis.Redis.from_url(redis_url).flushdb()
-    cache = ["--cache-dir", str(tmp_path_factory.mktemp("resume-blocks")), "--cache-capacity-mib", "64"]
-    worker = ["--model", str(tiny_fp32), "--dtype", "fp32", "--rank", "0", "--threads", "1", "--kv-cache-mib", "64",
-              *cache, *FAST]
-    started = {
-        "tokenizer": ServiceProcess("services.tokenizer", redis_url, "--model", str(tiny_fp32), *FAST),
-        "cache": ServiceProcess("services.cache", redis_url, "--model", str(tiny_fp32), "--dtype", "fp32", *cache,
+    cache = ["--cache-dir", str(cache_dir), "--cache-capacity-mib", "64"]
+    worker = ["--model", str(model), "--dtype", "fp32", "--rank", "0", "--threads", "1", "--kv-cache-mib", "64",
+              *worker_flags, *cache, *FAST]
+    return {
+        "tokenizer": ServiceProcess("services.tokenizer", redis_url, "--model", str(model), *FAST),
+        "cache": ServiceProcess("services.cache", redis_url, "--model", str(model), "--dtype", "fp32", *cache,
                                 *FAST),
         "balancer": ServiceProcess("services.balancer", redis_url, *FAST),
         "prefill": ServiceProcess("services.prefill", redis_url, *worker),
-        "decode": ServiceProcess("services.decode", redis_url, *worker, instance_id="decode-victim"),
-        "gateway": ServiceProcess("services.gateway", redis_url, "--model", str(tiny_fp32), "--request-timeout-s",
+        "decode": ServiceProcess("services.decode", redis_url, *worker, instance_id=victim),
+        "gateway": ServiceProcess("services.gateway", redis_url, "--model", str(model), "--request-timeout-s",
                                   "120", *FAST),
+        "worker": worker,
     }
-    started["worker"] = worker
+
+
+@pytest.fixture(scope="module")
+def services(tiny_fp32, redis_url, tmp_path_factory):
+    started = start_services(tiny_fp32, redis_url, tmp_path_factory.mktemp("resume-blocks"), "decode-victim")
     yield started
     stop_all(s for s in started.values() if isinstance(s, ServiceProcess))
+
+
+async def until_all_run_on(client, victim: str, count: int, min_emitted: int) -> None:
+    """Until `count` requests are owned by instance `victim`, each with `min_emitted` tokens sent."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        owned = await client.smembers(ownership.owned_key(victim))
+        emitted = [await client.strlen(ownership.ids_key(r.decode())) // 4 for r in owned]
+        if len(owned) == count and all(e >= min_emitted for e in emitted):
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail("the requests never all ran on the victim")
 
 
 async def stream_tokens(session, gateway: ServiceProcess, body: dict) -> tuple[list[int], dict]:
@@ -69,16 +88,7 @@ async def test_requests_of_a_killed_decode_rank_resume_on_its_successor(services
                 "return_token_ids": True}
         running = [asyncio.create_task(stream_tokens(session, services["gateway"], {**body, "prompt": p}))
                    for p in prompts]
-        # kill -9 once every request is running on the victim and has sent some tokens
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            owned = await client.smembers(ownership.owned_key("decode-victim"))
-            emitted = [await client.strlen(ownership.ids_key(r.decode())) // 4 for r in owned]
-            if len(owned) == len(prompts) and all(e >= 5 for e in emitted):
-                break
-            await asyncio.sleep(0.02)
-        else:
-            pytest.fail("the requests never all ran on the victim")
+        await until_all_run_on(client, "decode-victim", len(prompts), 5)  # then kill -9
         services["decode"].proc.kill()
         services["decode"].proc.wait()
         # the supervisor's part: a new instance of the rank

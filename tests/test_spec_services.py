@@ -10,7 +10,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,36 +19,20 @@ import torch
 from distilled import QUICK
 from procs import ServiceProcess, metric, stop_all
 from reference import load_reference, reference_greedy
-from test_resume import FAST, stream_tokens
+from test_resume import start_services, stream_tokens, until_all_run_on
 
 from shared.cost.metrics_report import sample_sum
 from shared.model import distill
 from shared.protocol import metric_names
-from shared.runtime import ownership
 
 N = 2
 
 
 @pytest.fixture(scope="module")
 def services(distilled_mtp, redis_url, tmp_path_factory):
-    import redis as sync_redis
-
     model, _ = distilled_mtp
-    sync_redis.Redis.from_url(redis_url).flushdb()
-    cache = ["--cache-dir", str(tmp_path_factory.mktemp("spec-blocks")), "--cache-capacity-mib", "64"]
-    worker = ["--model", str(model), "--dtype", "fp32", "--rank", "0", "--threads", "1", "--kv-cache-mib", "64",
-              "--speculative-tokens", str(N), *cache, *FAST]
-    started = {
-        "tokenizer": ServiceProcess("services.tokenizer", redis_url, "--model", str(model), *FAST),
-        "cache": ServiceProcess("services.cache", redis_url, "--model", str(model), "--dtype", "fp32", *cache,
-                                *FAST),
-        "balancer": ServiceProcess("services.balancer", redis_url, *FAST),
-        "prefill": ServiceProcess("services.prefill", redis_url, *worker),
-        "decode": ServiceProcess("services.decode", redis_url, *worker, instance_id="spec-victim"),
-        "gateway": ServiceProcess("services.gateway", redis_url, "--model", str(model), "--request-timeout-s",
-                                  "120", *FAST),
-    }
-    started["worker"] = worker
+    started = start_services(model, redis_url, tmp_path_factory.mktemp("spec-blocks"), "spec-victim",
+                             "--speculative-tokens", str(N))
     yield started
     stop_all(s for s in started.values() if isinstance(s, ServiceProcess))
 
@@ -83,15 +66,7 @@ async def test_speculation_through_the_services_survives_a_decode_rank_kill(serv
     async with aiohttp.ClientSession() as session:
         running = [asyncio.create_task(stream_tokens(session, services["gateway"], {**body, "prompt": p}))
                    for p in prompts]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # kill -9 once every request runs on the victim and has sent some
-            owned = await client.smembers(ownership.owned_key("spec-victim"))
-            emitted = [await client.strlen(ownership.ids_key(r.decode())) // 4 for r in owned]
-            if len(owned) == len(prompts) and all(e >= 8 for e in emitted):
-                break
-            await asyncio.sleep(0.02)
-        else:
-            pytest.fail("the requests never all ran on the victim")
+        await until_all_run_on(client, "spec-victim", len(prompts), 8)  # then kill -9
         victim = spec_counters(services["decode"])
         services["decode"].proc.kill()
         services["decode"].proc.wait()

@@ -227,10 +227,11 @@ def member_owners(num_slots: int, size: int, members: list[int] | None = None) -
 
 
 def keep_tensor(local: dict[int, set[int]]) -> Callable[[str], bool]:
-    """A loader filter: routed-expert tensors of other ranks' experts are not read."""
+    """A loader filter: routed-expert tensors of other ranks' experts are not read. Layers the
+    placement does not cover (the MTP layer's, run whole on each rank for now) are read whole."""
     def keep(name: str) -> bool:
         m = EXPERT_TENSOR.match(name)
-        return m is None or int(m.group(2)) in local.get(int(m.group(1)), ())
+        return m is None or int(m.group(1)) not in local or int(m.group(2)) in local[int(m.group(1))]
     return keep
 
 

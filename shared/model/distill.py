@@ -29,6 +29,7 @@ replaced atomically, then the shards it no longer names removed).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -476,22 +477,23 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _atomic(path) as tmp:
         save_file({n: t.contiguous() for n, t in tensors.items()}, tmp, metadata=metadata or {"format": "pt"})
-        _keep_mode(path, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _replace_atomic(path: Path, data: bytes) -> None:
+    with _atomic(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+@contextlib.contextmanager
+def _atomic(path: Path):
+    """A temporary file beside `path` to write; on success it replaces `path` (keeping its mode),
+    on failure it is removed."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        yield tmp
         _keep_mode(path, tmp)
         os.replace(tmp, path)
     except BaseException:
