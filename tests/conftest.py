@@ -15,7 +15,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # Whole systems under faults and deployment files: `streamoe up`, kills, restarts, overload, fuzzing.
 E2E_MODULES = {"test_chaos", "test_deploy", "test_up", "test_redis_restart", "test_cancels", "test_loadgen_run",
-               "test_fuzz_http", "test_resume", "test_claims", "test_ep_services", "test_spec_services"}
+               "test_fuzz_http", "test_resume", "test_claims", "test_ep_services", "test_spec_services",
+               "test_spec_ep_services"}
 # What needs a Redis server or starts service processes (beyond the module lists above).
 INTEGRATION_FIXTURES = {"redis_url", "redis", "system"}
 

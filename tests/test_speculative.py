@@ -210,3 +210,31 @@ def test_a_handoff_without_the_mtp_layer_is_refused(model):
     with pytest.raises(RequestError, match="hidden: missing"):
         decode.add_prefilled("b", [5, 6, 7], params, 9, torch.zeros(layers + 1, 3, width))
     assert decode.blocks.num_free == decode.blocks.num_blocks and not decode.sequences
+
+
+def test_a_prefix_from_the_cache_gets_its_last_mtp_row_again(model):
+    """The on-disk cache's KV of a 128-token prefix carries the MTP row at position 127, computed
+    with the token that followed it then; a prompt going on differently recomputes that position."""
+    gen = torch.Generator().manual_seed(12)
+    first = torch.randint(3, model.args.vocab_size, (140,), generator=gen).tolist()
+    second = first[:128] + [first[128] + 1, 9, 10]  # the same two blocks, then another token
+    mtp = model.args.num_hidden_layers
+    prefill = Engine(model, EngineConfig(mode="prefill"))
+    prefill.add_request("first", first, SamplingParams(max_tokens=2, ignore_eos=True))
+    (stored,) = [d.kv[:, :128] for d in prefill.step()]  # what the prefix cache keeps of two blocks
+
+    def mtp_rows(engine, rid, prompt):
+        while engine.sequences[rid].mtp_computed < len(prompt):
+            engine.step()
+        return engine.runner.pool.kv[mtp, engine.runner.slots(engine.sequences[rid], len(prompt))]
+
+    cached = Engine(model, EngineConfig(speculative_tokens=2))
+    cached.add_request("second", second, SamplingParams(max_tokens=4, ignore_eos=True), prefix_kv=stored)
+    fresh = Engine(model, EngineConfig(speculative_tokens=2))
+    fresh.add_request("second", second, SamplingParams(max_tokens=4, ignore_eos=True))
+    got, want = mtp_rows(cached, "second", second), mtp_rows(fresh, "second", second)
+    assert cached.sequences["second"].num_cached_prompt == 128
+    assert not torch.allclose(stored[mtp, 127], want[127], atol=1e-4)  # the stored row was another's
+    torch.testing.assert_close(got, want)  # every row the one the new prompt gives, 127 included
+    torch.testing.assert_close(cached.runner.pool.kv[:mtp, cached.runner.slots(cached.sequences["second"], 128)],
+                               stored[:mtp])  # the main layers' cached KV as it was

@@ -89,6 +89,7 @@ class Engine:
         self.num_spec = 0 if config.mode == "prefill" else config.speculative_tokens
         self.tracks_mtp = model.mtp is not None and (self.num_spec > 0 or config.mode != "mixed")
         self.spec = SpecStats(accepted_per_pos=[0] * self.num_spec)
+        self.scheduler.recompute_prefix_end = self.tracks_mtp
         self._prefilled: list[tuple[Sequence, Delta, int]] = []  # prefill mode: handed off at the step's end
         self.sequences: dict[str, Sequence] = {}
         self.seeds: dict[str, int] = {}

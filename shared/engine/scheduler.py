@@ -45,6 +45,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        # a model whose MTP layer keeps its KV: the row at a cached prefix's last position was computed
+        # with whatever token followed it then, so that position is computed again (engine.py)
+        self.recompute_prefix_end = False
 
     def add(self, seq: Sequence) -> None:
         if self.mode == "decode":
@@ -105,7 +108,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.blocks.admit(seq, seq.num_tokens)
-            seq.mtp_computed = seq.num_computed  # a shared prefix's MTP rows are taken as they are
+            if self.recompute_prefix_end and seq.external_kv is not None and seq.external_from < seq.num_computed:
+                seq.num_computed -= 1  # an external prefix (the on-disk cache) lies in blocks of its own
+            seq.mtp_computed = seq.num_computed  # a prefix shared in memory keeps its MTP rows as they are
             seq.status = Status.RUNNING
             self.running.append(seq)
             scheduled.append(self._chunk(seq, budget))
