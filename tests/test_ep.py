@@ -14,7 +14,7 @@ from reference import load_reference, reference_greedy
 from shared.engine.engine import Engine, EngineConfig
 from shared.engine.sequence import SamplingParams
 from shared.ep.eplb import initial_placement
-from shared.ep.group import EPGroup
+from shared.ep.group import EPGroup, GroupMismatch
 from shared.ep.moe import (
     apply_expert_parallel,
     base_owners,
@@ -26,6 +26,7 @@ from shared.ep.moe import (
 from shared.ep.overlap import Overlap, Tracer
 from shared.ep.transport import InProcessHub, RedisTransport
 from shared.ep.wire import dequantize_fp8, quantize_fp8
+from shared.model.config import ModelArgs
 from shared.model.loader import load_model
 
 LENGTHS = [3, 17, 40, 64, 90, 130, 7, 55]
@@ -36,7 +37,7 @@ class Rank:
     """One EP rank: its model slice, engine, group handle and compute thread."""
 
     def __init__(self, path, rank: int, size: int, placement, wire: str):
-        layers = list(range(1, 3))  # tiny: layer 0 dense, layers 1-2 MoE
+        layers = list(range(1, 1 + len(placement)))  # tiny: layer 0 dense, layers 1-2 MoE (3: the MTP layer's)
         self.model = load_model(path, dtype="fp32", keep=keep_tensor(local_experts(placement, layers, rank, size)))
         self.moes = apply_expert_parallel(self.model, rank, size, placement, lambda *a: self.group.exchange(*a),
                                           wire)
@@ -49,7 +50,7 @@ class Rank:
 async def make_ranks(path, size: int, wire: str = "exact", redundant: int = 0, overlap: bool = False,
                      trace_dir=None, redis_url: str | None = None) -> list[Rank]:
     """EP ranks in this process, exchanging in process, or over Redis streams when given a URL."""
-    placement = initial_placement(16, 16 + redundant, 2)
+    placement = initial_placement(16, 16 + redundant, ModelArgs.from_file(path / "config.json").num_kv_layers - 1)
     ranks = [Rank(path, r, size, placement, wire) for r in range(size)]
     loop = asyncio.get_running_loop()
     if redis_url is None:
@@ -420,19 +421,26 @@ def test_ep_nodes_values():
     assert done.returncode == 2 and "argument --ep-nodes: 'decode=0': each part is" in done.stderr, done.stderr
 
 
-async def test_ep_ranks_speculate_with_the_mtp_layer_run_whole(tiny_mtp, prompts):
-    """EP 2, exact wire, N = 2: the verify steps' tokens cross ranks like any others; the MTP
-    layer (its experts read whole on each rank) drafts locally; the tokens are transformers'."""
+async def test_ep_ranks_speculate_through_the_exchange(tiny_mtp, prompts):
+    """EP 2, exact wire, N = 2: the verify steps' tokens cross ranks like any others, and so do the
+    MTP layer's (its experts split between the ranks like a main layer's; two calls a step, the
+    second named apart); a rank without drafts joins with zero tokens. Transformers' tokens."""
     ranks = await make_ranks(tiny_mtp, 2, "exact")
     for rank in ranks:
-        assert rank.model.mtp is not None and len(rank.model.mtp.mlp.stack) == 16  # all of the MTP layer's experts
+        assert rank.model.mtp is not None and len(rank.model.mtp.mlp.stack) == 8  # half of the MTP layer's experts
         rank.engine = Engine(rank.model, EngineConfig(kv_cache_bytes=16 << 20, speculative_tokens=2))
         rank.engine.on_idle_step = lambda model=rank.model: idle_forward(model)
-    got = await run_group(ranks, prompts)
+        rank.group.mtp_calls = rank.engine.mtp_calls
+    got = await run_group(ranks, prompts[:3])  # rank 1 finishes first, then joins idle
     ref = load_reference(tiny_mtp)
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(prompts[:3]):
         expected = reference_greedy(ref, prompt, MAX_TOKENS)
         assert got[i][:expected.trusted] == expected.tokens[:expected.trusted]
-    assert all(rank.engine.spec.num_drafts > 0 for rank in ranks)
-    assert all(rank.engine.blocks.num_free == rank.engine.blocks.num_blocks for rank in ranks)
+    for r, rank in enumerate(ranks):
+        assert rank.engine.spec.num_drafts > 0 and rank.engine.blocks.num_free == rank.engine.blocks.num_blocks
+        assert rank.model.mtp.mlp.dispatched[1 - r] > 0  # the MTP layer's tokens crossed ranks
+    # ranks running the MTP layer a different number of times a step are told which flag to align
+    ranks[1].group.mtp_calls = 3
+    with pytest.raises(GroupMismatch, match="--speculative-tokens"):
+        await asyncio.gather(*[r.group.begin_step(True) for r in ranks])
     await asyncio.gather(*[rank.group.transport.close() for rank in ranks])

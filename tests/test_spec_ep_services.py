@@ -11,14 +11,12 @@ import time
 
 import aiohttp
 import pytest
-import torch
-from distilled import QUICK
+from distilled import trained_prompts
 from procs import ServiceProcess, metric, stop_all
 from reference import load_reference, reference_greedy
-from test_resume import FAST, stream_tokens
-from test_spec_services import spec_counters
+from test_resume import FAST
+from test_spec_services import greedy_streams, spec_counters
 
-from shared.model import distill
 from shared.runtime import ownership
 
 N = 2
@@ -53,17 +51,11 @@ async def test_ep_groups_speculate_and_survive_a_decode_rank_kill(ep_system, dis
     from redis.asyncio import Redis
 
     path, _ = distilled_mtp
-    gen = torch.Generator().manual_seed(3)  # prompts the quick distillation trained on (test_spec_services)
-    prompts = [distill._random_prompt(gen, 1024, QUICK.prompt_len) for _ in range(8)]
-    shared_prefix = torch.randint(3, 1024, (130,), generator=torch.Generator().manual_seed(92)).tolist()
-    prompts.append(shared_prefix + [4, 5])
+    prompts = trained_prompts(8, prefix_seed=92, tail=[4, 5])
     max_tokens = 64
-    body = {"model": path.resolve().name, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "return_token_ids": True}
     client = Redis.from_url(redis_url)
     async with aiohttp.ClientSession() as session:
-        running = [asyncio.create_task(stream_tokens(session, ep_system["gateway"], {**body, "prompt": p}))
-                   for p in prompts]
+        running = greedy_streams(session, ep_system["gateway"], path, prompts, max_tokens)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # every request decoding, some on rank 1, each with tokens sent
             owned = {r: await client.smembers(ownership.owned_key(f"spec-ep-decode{r}")) for r in range(2)}
@@ -76,8 +68,8 @@ async def test_ep_groups_speculate_and_survive_a_decode_rank_kill(ep_system, dis
         ep_system["decode1"].proc.kill()
         ep_system["decode1"].proc.wait()
         results = await asyncio.wait_for(asyncio.gather(*running), 180)
-        hits = await asyncio.wait_for(stream_tokens(session, ep_system["gateway"], {**body, "prompt": prompts[-1]}),
-                                      120)
+        (hits,) = await asyncio.wait_for(asyncio.gather(
+            *greedy_streams(session, ep_system["gateway"], path, prompts[-1:], max_tokens)), 120)
     await client.aclose()
     assert metric(ep_system["balancer"], "streamoe_requests_resumed_total", outcome="resumed") >= 1
     assert metric(ep_system["decode0"], "streamoe_ep_reforms_total", change="shrink") == 1

@@ -15,14 +15,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import torch
-from distilled import QUICK
+from distilled import trained_prompts
 from procs import ServiceProcess, metric, stop_all
 from reference import load_reference, reference_greedy
 from test_resume import start_services, stream_tokens, until_all_run_on
 
 from shared.cost.metrics_report import sample_sum
-from shared.model import distill
 from shared.protocol import metric_names
 
 N = 2
@@ -48,24 +46,24 @@ def spec_counters(decode: ServiceProcess) -> tuple[float, float, float, float]:
             sample_sum(text, metric_names.sample(metric_names.SPEC_ACCEPTED_PER_POS), position="0"))
 
 
+def greedy_streams(session, gateway: str, model: Path, prompts: list[list[int]],
+                   max_tokens: int) -> list[asyncio.Task]:
+    """One streamed greedy completion per prompt (ids back), each a running task."""
+    body = {"model": model.resolve().name, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    return [asyncio.create_task(stream_tokens(session, gateway, {**body, "prompt": p})) for p in prompts]
+
+
 async def test_speculation_through_the_services_survives_a_decode_rank_kill(services, distilled_mtp, redis_url,
                                                                           tmp_path):
     from redis.asyncio import Redis
 
     path, _ = distilled_mtp
-    # prompts the quick distillation trained on: its layer accepts a few percent of the drafts there
-    # (about as many as on new prompts), enough over ~700 drafts to be sure the accept path runs
-    gen = torch.Generator().manual_seed(3)
-    prompts = [distill._random_prompt(gen, 1024, QUICK.prompt_len) for _ in range(6)]
-    shared_prefix = torch.randint(3, 1024, (130,), generator=torch.Generator().manual_seed(91)).tolist()
-    prompts.append(shared_prefix + [7, 8])
+    prompts = trained_prompts(6, prefix_seed=91, tail=[7, 8])  # ~700 drafts in all
     max_tokens = 96
-    body = {"model": path.resolve().name, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "return_token_ids": True}
     client = Redis.from_url(redis_url)
     async with aiohttp.ClientSession() as session:
-        running = [asyncio.create_task(stream_tokens(session, services["gateway"], {**body, "prompt": p}))
-                   for p in prompts]
+        running = greedy_streams(session, services["gateway"], path, prompts, max_tokens)
         await until_all_run_on(client, "spec-victim", len(prompts), 8)  # then kill -9
         victim = spec_counters(services["decode"])
         services["decode"].proc.kill()
@@ -74,9 +72,9 @@ async def test_speculation_through_the_services_survives_a_decode_rank_kill(serv
                                             instance_id="spec-successor")
         results = await asyncio.wait_for(asyncio.gather(*running), 120)
         # the same long prompt again, and one sharing its first two blocks: prefix cache hits
-        again = [shared_prefix + [7, 8], shared_prefix + [9]]
-        hits = await asyncio.wait_for(asyncio.gather(*[
-            stream_tokens(session, services["gateway"], {**body, "prompt": p}) for p in again]), 120)
+        again = [prompts[-1], prompts[-1][:-2] + [9]]
+        hits = await asyncio.wait_for(asyncio.gather(
+            *greedy_streams(session, services["gateway"], path, again, max_tokens)), 120)
         # the load generator reads the same counters through the gateway's /services, before and after
         before = spec_counters(services["decode"])
         out = tmp_path / "loadgen.json"

@@ -238,3 +238,62 @@ def test_a_prefix_from_the_cache_gets_its_last_mtp_row_again(model):
     torch.testing.assert_close(got, want)  # every row the one the new prompt gives, 127 included
     torch.testing.assert_close(cached.runner.pool.kv[:mtp, cached.runner.slots(cached.sequences["second"], 128)],
                                stored[:mtp])  # the main layers' cached KV as it was
+
+
+class Fault(Exception):
+    """An exchange failing in the MTP layer (EP: a rank died mid-step)."""
+
+
+def fail_mtp_once(engine: Engine, at_call: int) -> list[int]:
+    """The engine's `at_call`-th MTP forward raises Fault, once; -> the calls so far (a counter)."""
+    calls, run_mtp = [0], engine.runner.run_mtp
+
+    def flaky(*args):
+        calls[0] += 1
+        if calls[0] == at_call:
+            raise Fault()
+        return run_mtp(*args)
+
+    engine.runner.run_mtp = flaky
+    return calls
+
+
+def test_a_failed_mtp_exchange_loses_no_token(model, prompts):
+    requests = greedy(prompts[:4])
+    expected = run(Engine(model, EngineConfig(speculative_tokens=2)), requests)
+    for at_call in (1, 2, 5, 6):  # a catch-up, a further draft, later ones
+        engine = Engine(model, EngineConfig(speculative_tokens=2))
+        fail_mtp_once(engine, at_call)
+        for rid, (prompt, params) in requests.items():
+            engine.add_request(rid, prompt, params)
+        outputs, failures = {rid: [] for rid in requests}, 0
+        while engine.has_unfinished():
+            try:
+                deltas = engine.step()
+            except Fault:
+                failures += 1
+                continue
+            for delta in deltas:
+                assert delta.index == len(outputs[delta.request_id])  # in order, none missing or twice
+                outputs[delta.request_id].extend(delta.token_ids)
+        assert failures == 1 and outputs == expected, at_call
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_failed_mtp_exchange_in_prefill_computes_the_prompt_again(model, prompts):
+    requests = greedy(prompts[3:6])
+    want, _, _ = prefill_then_decode(model, requests, 2)
+    prefill = Engine(model, EngineConfig(mode="prefill", max_num_batched_tokens=512))
+    fail_mtp_once(prefill, 1)
+    for rid, (prompt, params) in requests.items():
+        prefill.add_request(rid, prompt, params)
+    with pytest.raises(Fault):
+        prefill.step()
+    handed = {}
+    while prefill.has_unfinished():
+        for delta in prefill.step():
+            handed[delta.request_id] = delta
+    assert prefill.scheduler.num_preemptions == len(requests)  # each prompt computed again
+    assert {rid: d.token_ids for rid, d in handed.items()} == {rid: want[rid][:1] for rid in requests}
+    assert all(d.hidden is not None and d.kv.shape[0] == model.args.num_kv_layers for d in handed.values())
+    assert prefill.blocks.num_free == prefill.blocks.num_blocks

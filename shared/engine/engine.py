@@ -90,7 +90,12 @@ class Engine:
         self.tracks_mtp = model.mtp is not None and (self.num_spec > 0 or config.mode != "mixed")
         self.spec = SpecStats(accepted_per_pos=[0] * self.num_spec)
         self.scheduler.recompute_prefix_end = self.tracks_mtp
+        # EP: the MTP layer's MoE exchanges with the group, so every rank runs it the same number of
+        # times each step (the catch-up, then one per further draft), with zero tokens where it has none
+        self.mtp_calls = max(1, self.num_spec) if self.tracks_mtp else 0
+        self.mtp_collective = self.tracks_mtp and getattr(model.mtp.mlp, "collective", False)
         self._prefilled: list[tuple[Sequence, Delta, int]] = []  # prefill mode: handed off at the step's end
+        self._undelivered: list[Delta] = []  # a failed step's tokens (step's NOTE)
         self.sequences: dict[str, Sequence] = {}
         self.seeds: dict[str, int] = {}
         self._arrivals = 0
@@ -148,13 +153,25 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._undelivered)
 
     # -- the loop ---------------------------------------------------------------------------------
     def step(self, on_layer_kv: Callable[[int, list[tuple[str, torch.Tensor]]], None] | None = None) -> list[Delta]:
         """One step. Prefill mode: `on_layer_kv(layer, [(request_id, kv [P, C+R])])` is called as soon
         as each layer's KV of the prompts completing in this step is computed, while later layers
-        still run, so it can be streamed to decode."""
+        still run, so it can be streamed to decode.
+
+        NOTE: a step that raises (EP: a rank died mid-exchange) leaves the engine as it was before the
+        step, so the next one computes it again; except when the MTP layer's exchange fails after
+        the tokens were sampled: then those tokens stand and come out with the next step's deltas."""
+        undelivered, self._undelivered = self._undelivered, []
+        try:
+            return undelivered + self._step(on_layer_kv)
+        except BaseException:
+            self._undelivered = undelivered + self._undelivered
+            raise
+
+    def _step(self, on_layer_kv) -> list[Delta]:
         scheduled = self.scheduler.schedule()
         for item in scheduled:
             self._place_external_prefix(item.seq)
@@ -162,6 +179,7 @@ class Engine:
         if not scheduled:
             if self.on_idle_step is not None:
                 self.on_idle_step()
+            self._idle_mtp(self.mtp_calls)
             return []
         done = [] if on_layer_kv is None else [
             (item.seq.request_id, self.runner.slots(item.seq, len(item.seq.prompt_ids)))
@@ -174,10 +192,25 @@ class Engine:
         starts = [item.seq.num_computed for item in scheduled]
         deltas = self.postprocess(scheduled, logits)
         if self.tracks_mtp:
-            self._extend_and_draft(scheduled, starts, hidden)
+            try:
+                self._extend_and_draft(scheduled, starts, hidden)
+            except BaseException:
+                self._keep_after_failure(deltas)
+                raise
         if self._prefilled:
             self._hand_off(hidden, on_layer_kv)
         return deltas
+
+    def _keep_after_failure(self, deltas: list[Delta]) -> None:
+        """The MTP layer failed after sampling: the step's tokens are kept for the next step to
+        return; a prompt that was to be handed off is computed again (its first token is drawn
+        again the same: same seed, same index), as its MTP layer's KV is missing."""
+        handed = {id(delta) for _, delta, _ in self._prefilled}
+        for seq, _, _ in self._prefilled:
+            seq.output_ids.pop()
+            self.scheduler.preempt(seq)
+        self._prefilled.clear()
+        self._undelivered.extend(d for d in deltas if id(d) not in handed)
 
     def _hand_off(self, hidden: torch.Tensor, on_layer_kv) -> None:
         """Prefill mode, after the MTP layer caught up: the prompts computed in this step leave with
@@ -197,7 +230,7 @@ class Engine:
         next token is now known, from the main model's hidden states (its KV there is then right);
         its output at a running sequence's last such position drafts the token after the last one,
         and each further draft feeds the MTP layer its own output and the previous draft."""
-        entries, parts, ready, row = [], [], [], 0
+        entries, parts, ready, updates, row = [], [], [], [], 0
         for item, start in zip(scheduled, starts):
             seq, rows = item.seq, hidden[row:row + item.num_new]
             row += item.num_new
@@ -208,17 +241,26 @@ class Engine:
             assert pending.shape[0] == seq.num_computed - seq.mtp_computed, (seq.request_id, pending.shape)
             end = min(seq.num_computed, seq.num_tokens - 1)  # position i needs token i + 1
             count = max(0, end - seq.mtp_computed)
-            seq.mtp_hidden = pending[count:].clone() if pending.shape[0] > count else None
             if count == 0:
+                seq.mtp_hidden = pending.clone() if pending.shape[0] else None
                 continue
             entries.append((seq, seq.mtp_computed, seq.token_ids[seq.mtp_computed + 1:end + 1]))
             parts.append(pending[:count])
-            seq.mtp_computed = end
+            updates.append((seq, end, pending, count))
             if item.sample and end == seq.num_tokens - 1:
                 ready.append((seq, sum(len(e[2]) for e in entries) - 1))
         if not entries:
+            self._idle_mtp(self.mtp_calls)
             return
-        out = self.runner.run_mtp(entries, torch.cat(parts))
+        try:
+            out = self.runner.run_mtp(entries, torch.cat(parts))
+        except BaseException:  # EP: a rank died mid-exchange; the rows wait for the next step's catch-up
+            for seq, _, pending, _ in updates:
+                seq.mtp_hidden = pending.clone()
+            raise
+        for seq, end, pending, count in updates:
+            seq.mtp_computed = end
+            seq.mtp_hidden = pending[count:].clone() if pending.shape[0] > count else None
         chains = []  # (sequence, drafts it may make)
         for seq, _ in ready:
             n = min(self.num_spec, seq.params.max_tokens - len(seq.output_ids) - 1,
@@ -230,6 +272,7 @@ class Engine:
             chains.append((seq, n))
         keep = [i for i, (_, n) in enumerate(chains) if n > 0]
         if not keep:
+            self._idle_mtp(self.mtp_calls - 1)
             return
         seqs, limits = [chains[i][0] for i in keep], [chains[i][1] for i in keep]
         out = out.index_select(0, torch.tensor([ready[i][1] for i in keep], device=out.device))
@@ -246,6 +289,16 @@ class Engine:
                 drafts[i].append(d)
         for seq, d in zip(seqs, drafts):
             seq.draft_ids = d
+        self._idle_mtp(self.mtp_calls - max(limits))
+
+    def _idle_mtp(self, calls: int) -> None:
+        """EP: this step's remaining MTP layer calls, with zero tokens (the group's exchanges)."""
+        if not self.mtp_collective:
+            return
+        empty = torch.empty(0, self.model.args.hidden_size, dtype=self.model.dtype, device=self.runner.device)
+        with torch.inference_mode():
+            for _ in range(calls):
+                self.model.mtp.mlp(empty)
 
     def _place_external_prefix(self, seq: Sequence) -> None:
         """Just admitted with an external prefix: its KV goes into the blocks the admission gave it."""

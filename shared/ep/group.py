@@ -8,7 +8,11 @@ any rank does, all of them step (a rank without work joins with zero tokens). A 
 answering makes every exchange raise `ExchangeTimeout` on the others, never a hang.
 
 The `go` exchange also carries what the group must agree on between steps: the placement version
-each rank has staged (rollout.py) and the ranks each has seen asking to join (a bit mask).
+each rank has staged (rollout.py), the ranks each has seen asking to join (a bit mask), and the
+number of MTP forwards each rank runs per step (speculative decoding: they must be equal).
+
+A layer called more than once in a step (the MTP layer: its catch-up, then one call per further
+draft) names its later exchanges `l{layer}#{n}`, so each call of every rank meets its match.
 """
 from __future__ import annotations
 
@@ -23,6 +27,10 @@ from shared.ep.transport import Transport
 ExchangeObserver = Callable[[str, int, float], None]
 
 
+class GroupMismatch(RuntimeError):
+    """The ranks of a group run different settings that must be equal (named in the message)."""
+
+
 class EPGroup:
     def __init__(self, transport: Transport, loop: asyncio.AbstractEventLoop, timeout_s: float = 30.0,
                  observe: ExchangeObserver | None = None):
@@ -35,6 +43,9 @@ class EPGroup:
         self.agreed_version = 0  # the newest placement every rank has staged (rollout.py)
         self.agreed_joiners = 0  # ranks every member has seen asking to join (bit mask)
         self.waited_s = 0.0  # compute thread blocked in exchange() (all of it exposed, no overlap)
+        self.mtp_calls = 0  # MTP layer forwards per step (Engine.mtp_calls): the same on every rank
+        self._calls: dict[str, int] = {}  # this step's exchanges per layer and phase
+        self._calls_of: tuple[int, int] = (-1, -1)  # (epoch, step) _calls counts
 
     @property
     def rank(self) -> int:
@@ -64,14 +75,19 @@ class EPGroup:
         `agreed_version` is the newest version all have staged, `agreed_joiners` the ranks all have
         seen, the same on every member."""
         self.step += 1
-        mine = b"%d:%d:%d" % (has_work, staged_version, joiners)
+        mine = b"%d:%d:%d:%d" % (has_work, staged_version, joiners, self.mtp_calls)
         reports = [r.split(b":") for r in await self.transport.all_to_all(self.key("go"), [mine] * self.size,
                                                                           self.timeout_s) if r]
-        self.agreed_version = min(int(version) for _, version, _ in reports)
+        calls = sorted({int(c) for *_, c in reports})
+        if calls != [self.mtp_calls]:
+            raise GroupMismatch(f"--speculative-tokens: this rank runs the MTP layer {self.mtp_calls} times a step, "
+                                f"its group's ranks {calls}; give every rank of an EP group the same "
+                                "--speculative-tokens")
+        self.agreed_version = min(int(version) for _, version, _, _ in reports)
         self.agreed_joiners = -1
-        for _, _, seen in reports:
+        for _, _, seen, _ in reports:
             self.agreed_joiners &= int(seen)
-        return any(flag == b"1" for flag, _, _ in reports)
+        return any(flag == b"1" for flag, _, _, _ in reports)
 
     def start_exchange(self, name: str, sends: list[bytes]) -> Future:
         """From the compute thread: begin an all-to-all of the current step on the event loop; the
@@ -88,6 +104,10 @@ class EPGroup:
     def exchange(self, layer: int, phase: str, sends: list[bytes]) -> list[bytes]:
         """From the compute thread: one all-to-all of the current step, waited for."""
         start = time.perf_counter()
-        received = self.start_exchange(f"l{layer}:{phase}", sends).result()
+        if self._calls_of != (self.epoch, self.step):
+            self._calls, self._calls_of = {}, (self.epoch, self.step)
+        n = self._calls.get(f"{layer}:{phase}", 0)
+        self._calls[f"{layer}:{phase}"] = n + 1
+        received = self.start_exchange(f"l{layer}#{n}:{phase}" if n else f"l{layer}:{phase}", sends).result()
         self.waited_s += time.perf_counter() - start
         return received

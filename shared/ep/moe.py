@@ -32,6 +32,8 @@ Exchange = Callable[[int, str, list[bytes]], list[bytes]]
 class EPMoE(nn.Module):
     """One MoE layer of an EP rank: the gate and shared expert, and the experts of its slots."""
 
+    collective = True  # every rank of the group calls it alike, with zero tokens if it has none (engine.py)
+
     def __init__(self, moe: MoE, layer: int, rank: int, size: int, phy2log: list[int], exchange: Exchange,
                  wire: str):
         super().__init__()
@@ -188,9 +190,8 @@ class EPMoE(nn.Module):
 
 
 def moe_layers(model: DeepseekV3) -> list[int]:
-    """The main model's MoE layers. (The MTP layer's MoE runs whole on each rank for now: EP ranks do
-    not speculate yet.)"""
-    return [i for i, layer in enumerate(model.main_layers) if isinstance(layer.mlp, (MoE, EPMoE))]
+    """The MoE layers: the main model's, then the MTP layer's (index num_hidden_layers)."""
+    return [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, (MoE, EPMoE))]
 
 
 def local_experts(phy2log: list[list[int]], moe_layer_ids: list[int], rank: int, size: int,

@@ -50,7 +50,7 @@ class EPRank:
         """The model with only this rank's routed experts read and kept, in the placement the
         group uses (the initial one, or the last EPLB placement published)."""
         config = ModelArgs.from_file(args.model / "config.json")
-        num_moe = config.num_hidden_layers - config.first_k_dense_replace
+        num_moe = config.num_hidden_layers - config.first_k_dense_replace + config.num_mtp_layers  # MTP's last
         self.num_groups = config.n_group
         self.placement = initial_placement(config.n_routed_experts,
                                            config.n_routed_experts + args.num_redundant_experts, num_moe)
@@ -58,7 +58,7 @@ class EPRank:
         current = self.current_placement(args)  # the group may have rolled out EPLB placements already
         if current is not None and [len(r) for r in current.phy2log] == [len(r) for r in self.placement]:
             self.placement, self.placement_version = current.phy2log, current.version
-        layers = list(range(config.first_k_dense_replace, config.num_hidden_layers))
+        layers = list(range(config.first_k_dense_replace, config.num_kv_layers))  # the MTP layer's included
         model = load_model(args.model, dtype=args.dtype, device=args.device,
                            keep=keep_tensor(local_experts(self.placement, layers, args.rank, args.ep_size)))
         self.ep_layers = apply_expert_parallel(model, args.rank, args.ep_size, self.placement, self.exchange,
@@ -110,6 +110,7 @@ class EPRank:
         transport = RedisTransport(self.config.redis_url, self.role, self.rank, self.args.ep_size, self.group_id,
                                    timeout_s=self.args.ep_timeout_s, join_timeout_s=self.args.ep_join_timeout_s)
         self.group = EPGroup(transport, asyncio.get_running_loop(), self.args.ep_timeout_s, self.observe_exchange)
+        self.group.mtp_calls = self.engine.mtp_calls  # checked equal on every rank at each step
         self.membership = Membership(self.redis, self.role, self.group_id, self.rank, self.args.ep_size,
                                      transport.incarnation)
         overlap = self.args.overlap == "on" or (self.args.overlap == "auto" and self.role in OVERLAP_BY_DEFAULT)
