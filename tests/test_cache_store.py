@@ -283,7 +283,7 @@ def test_lru_index_exact_eviction_order():
 
 async def test_redis_index_exact_eviction_order(redis):
     index = RedisIndex(redis, "cache", capacity_bytes=1000)
-    assert index.lru_key == "{streamoe}:cache:lru" and index.size_key == "{streamoe}:cache:size"
+    assert index.lru_key == "{streamoe:cache:cache}:lru" and index.size_key == "{streamoe:cache:cache}:size"
     for op, h, a, b in SCENARIO:
         if op == "add":
             await index.add(h, a, b)

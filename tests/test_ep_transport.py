@@ -303,7 +303,7 @@ async def test_redis_throughput_4mib_between_two_ranks(redis_url, redis):
     finally:
         await asyncio.gather(*(t.close() for t in transports))
 
-    stream = f"{streams.PREFIX}:bench:{new_group_id()}"
+    stream = streams.tagged(f"bench:{new_group_id()}")
     t0 = time.perf_counter()
     for _ in range(rounds * size):  # the same bytes, one entry at a time: add, read, delete
         entry_id = await redis.xadd(stream, {b"p": block})

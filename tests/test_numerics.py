@@ -15,6 +15,7 @@ from shared.model.experts import MoEPlan
 from shared.protocol import streams
 from shared.runtime import numerics
 from shared.runtime.numerics import Numerics, Shapes, Timings, agree, cache_key, plan_of, resolve, wait_published
+from shared.runtime.service import ServiceConfig
 
 
 def counting_measure():
@@ -249,6 +250,7 @@ async def test_a_handoff_in_another_dtype_is_refused_naming_both(redis):
     decode.engine = SimpleNamespace(model=SimpleNamespace(dtype=torch.float32))  # no add_prefilled: never admitted
     decode.num_kv_layers, decode.redis, decode.bus = 2, redis, Bus(redis, "decode-test")
     decode.log, decode._closing = logging.getLogger("test"), asyncio.Event()
+    decode.config = ServiceConfig("redis://unused", "decode-test")
     decode.stream = streams.kv_stream("decode", 0)
     decode.handoffs, decode.ready_to_admit, decode.history = {}, [], {}
     decode.aborted, decode.finished = [], []
@@ -262,11 +264,11 @@ async def test_a_handoff_in_another_dtype_is_refused_naming_both(redis):
     for entry in await decode.bus.read(decode.stream, CONSUMER_GROUP, KVChunk, count=16, block_ms=None):
         decode.receive(entry)
     await decode.admit_ready()
-    ((_, fields),) = await redis.xrange(streams.RAW_DELTAS)
+    ((_, fields),) = await redis.xrange(streams.raw_deltas_stream(0))
     from shared.protocol.wire import decode as decode_message
 
     delta = decode_message(next(iter(fields.values())), TokenDelta)
     assert delta.finish_reason == "error" and delta.status == 500 and delta.index == 1
     assert "KV handoff of request req-1 is bfloat16; this decode rank computes in float32" in delta.error
     assert decode.handoffs == {} and await redis.xlen(decode.stream) == 0  # consumed, not re-prefilled
-    assert await redis.xlen(streams.TOKENIZED) == 0 and "req-1" in decode.finished
+    assert await redis.xlen(streams.tokenized_stream(0)) == 0 and "req-1" in decode.finished

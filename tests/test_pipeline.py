@@ -29,7 +29,7 @@ async def run_requests(redis, requests: list, timeout: float = 180,
     bus = Bus(redis, "test-gateway")
     stream, group = streams.delta_stream(GW), streams.consumer_group("gateway")
     await bus.ensure_consumer_group(stream, group)
-    await bus.publish_many(writes if writes is not None else [(streams.REQUESTS, r) for r in requests])
+    await bus.publish_many(writes if writes is not None else [(streams.requests_stream(0), r) for r in requests])
     got: dict[str, list[TokenDelta]] = {r.request_id: [] for r in requests}
     done: set[str] = set()
     deadline = time.monotonic() + timeout
@@ -187,7 +187,8 @@ async def test_streams_are_trimmed_once_consumed(system, client):
     """Housekeeping trims what every group has acked (services/README.md, "Delivery"): after the requests
     above, the request and token streams empty out without anyone deleting them by hand."""
     deadline = time.monotonic() + 30
-    names = [streams.REQUESTS, streams.TOKENIZED, streams.RAW_DELTAS, streams.prefill_stream("prefill", 0)]
+    names = [streams.requests_stream(0), streams.tokenized_stream(0), streams.raw_deltas_stream(0),
+             streams.prefill_stream("prefill", 0)]
     lengths = {}
     while time.monotonic() < deadline:
         lengths = {n: await client.xlen(n) for n in names}

@@ -11,6 +11,8 @@ import torch
 from procs import ServiceProcess, metric, stop_all
 from reference import load_reference, reference_greedy
 
+from shared.protocol import streams
+
 
 @pytest.fixture(scope="module")
 def cached_system(tiny_fp32, redis_url, tmp_path_factory):
@@ -190,7 +192,7 @@ async def test_blocks_on_disk_hit_after_the_cache_service_and_its_index_restart(
     redis_url, cache = cached_system["args"]
     cached_system["cache"].stop()
     client = Redis.from_url(redis_url)
-    keys = [k async for k in client.scan_iter(match="{streamoe}:cache:*")]
+    keys = [k async for k in client.scan_iter(match=streams.tagged("cache:cache", ":*"))]
     assert keys
     await client.delete(*keys)  # Redis lost the index
     await client.aclose()

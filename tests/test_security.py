@@ -35,7 +35,7 @@ def start_acl_redis(directory: Path) -> tuple[subprocess.Popen, int]:
     """A redis-server whose default user needs a password, and a user `streamoe` allowed what the
     services do: every non-dangerous command, on their own keys and channels only."""
     acl = ["--requirepass", ADMIN_PASSWORD,
-           "--user", "streamoe", "on", f">{PASSWORD}", "~{streamoe}:*", "&*", "+@all", "-@dangerous"]
+           "--user", "streamoe", "on", f">{PASSWORD}", "~{streamoe:*", "&*", "+@all", "-@dangerous"]
     proc, url = start_redis(directory, appendonly=False, extra=acl)
     return proc, int(url.rsplit(":", 1)[1].split("/")[0])
 

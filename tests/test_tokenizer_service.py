@@ -49,10 +49,10 @@ async def test_encodes_text_chat_and_ids_like_transformers(tokenizer_service, ti
     hf = AutoTokenizer.from_pretrained(str(tiny_fp32))
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好 🌍, hi"}]
     bus = Bus(redis, "test")
-    await bus.publish_many([(streams.REQUESTS, request("text", prompt_text="Hello, world")),
-                            (streams.REQUESTS, request("chat", chat=chat)),
-                            (streams.REQUESTS, request("ids", prompt_ids=[1, 5, 9]))])
-    got = {m.request_id: m for m in await collect(bus, streams.TOKENIZED, TokenizedRequest, 3)}
+    await bus.publish_many([(streams.requests_stream(0), request("text", prompt_text="Hello, world")),
+                            (streams.requests_stream(0), request("chat", chat=chat)),
+                            (streams.requests_stream(0), request("ids", prompt_ids=[1, 5, 9]))])
+    got = {m.request_id: m for m in await collect(bus, streams.tokenized_stream(0), TokenizedRequest, 3)}
     assert got["text"].prompt_ids == hf("Hello, world")["input_ids"]
     assert got["chat"].prompt_ids == hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
                                                             return_dict=False)
@@ -62,18 +62,18 @@ async def test_encodes_text_chat_and_ids_like_transformers(tokenizer_service, ti
 
 async def test_bad_prompts_and_bad_entries(tokenizer_service, redis):
     bus = Bus(redis, "test")
-    await redis.xadd(streams.REQUESTS, {b"m": b"\x93garbage"})
-    await bus.publish_many([(streams.REQUESTS, request("role", chat=[{"role": "wizard", "content": "x"}])),
-                            (streams.REQUESTS, request("vocab", prompt_ids=[1, 99999])),
-                            (streams.REQUESTS, request("fine", prompt_text="ok"))])
+    await redis.xadd(streams.requests_stream(0), {b"m": b"\x93garbage"})
+    await bus.publish_many([(streams.requests_stream(0), request("role", chat=[{"role": "wizard", "content": "x"}])),
+                            (streams.requests_stream(0), request("vocab", prompt_ids=[1, 99999])),
+                            (streams.requests_stream(0), request("fine", prompt_text="ok"))])
     errors = {m.request_id: m for m in await collect(bus, streams.delta_stream(GW), TokenDelta, 2)}
     assert errors["role"].finish_reason == "error" and errors["role"].error.startswith("messages:")
     assert "prompt[1]" in errors["vocab"].error and "99999" in errors["vocab"].error
-    assert [m.request_id for m in await collect(bus, streams.TOKENIZED, TokenizedRequest, 1)] == ["fine"]
+    assert [m.request_id for m in await collect(bus, streams.tokenized_stream(0), TokenizedRequest, 1)] == ["fine"]
     dead = await redis.xrange(streams.DEAD_LETTERS)
-    assert len(dead) == 1 and dead[0][1][b"stream"] == streams.REQUESTS.encode()
+    assert len(dead) == 1 and dead[0][1][b"stream"] == streams.requests_stream(0).encode()
     with urllib.request.urlopen(tokenizer_service.url("/metrics"), timeout=5) as r:
-        assert b'streamoe_messages_total{outcome="ok",stream="{streamoe}:requests"} 3.0' in r.read()
+        assert b'streamoe_messages_total{outcome="ok",stream="{streamoe:requests:0}"} 3.0' in r.read()
 
 
 async def test_detokenizes_statelessly_across_a_killed_replica(tokenizer_service, tiny_fp32, redis_url, redis):
@@ -92,16 +92,16 @@ async def test_detokenizes_statelessly_across_a_killed_replica(tokenizer_service
                          finish_reason="length" if i == len(ids) - 1 else None) for i in range(len(ids))]
     bus = Bus(redis, "test")
     third = len(deltas) // 3
-    await bus.publish_many([(streams.RAW_DELTAS, d) for d in deltas[:third]])
+    await bus.publish_many([(streams.raw_deltas_stream(0), d) for d in deltas[:third]])
     first = await collect(bus, streams.delta_stream(GW), TokenDelta, third)
     proc_a.send_signal(signal.SIGKILL)
     proc_a.wait()
     ghost = Bus(redis, "ghost")  # a consumer that read entries and died before acking them
-    await bus.publish_many([(streams.RAW_DELTAS, d) for d in deltas[third:2 * third]])
-    taken = await ghost.read(streams.RAW_DELTAS, streams.consumer_group("tokenizer"), TokenDelta, count=100,
+    await bus.publish_many([(streams.raw_deltas_stream(0), d) for d in deltas[third:2 * third]])
+    taken = await ghost.read(streams.raw_deltas_stream(0), streams.consumer_group("tokenizer"), TokenDelta, count=100,
                              block_ms=500)
     assert len(taken) == third
-    await bus.publish_many([(streams.RAW_DELTAS, d) for d in deltas[2 * third:]])
+    await bus.publish_many([(streams.raw_deltas_stream(0), d) for d in deltas[2 * third:]])
     replica_b = start(tiny_fp32, redis_url, "tok-b", claim_idle_ms=500)
     try:
         rest = await collect(bus, streams.delta_stream(GW), TokenDelta, len(deltas) - third)

@@ -134,3 +134,25 @@ def test_up_with_ep_groups(tiny_fp32, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_up_with_an_embedded_redis_cluster(tiny_fp32, tmp_path):
+    """`--redis-shards 3 --redis-replicas 1`: six redis-servers joined into one cluster (three
+    primaries, each with a replica that reached it with the run's password), the services on it
+    with three stream partitions, a request served, and every process gone at the stop."""
+    proc, url, run_dir = start_up(tiny_fp32, tmp_path, "--redis-shards", "3", "--redis-replicas", "1")
+    try:
+        processes = json.loads((run_dir / "processes.json").read_text())["processes"]
+        assert sorted(p["rank"] for p in processes if p["name"] == "redis") == list(range(6))
+        assert complete(url, "tiny")["usage"]["completion_tokens"] == 5
+        roles = []
+        for node in range(6):  # each node's view of the cluster: which nodes are primaries and replicas
+            lines = (run_dir / "redis-cluster" / f"node{node}" / "nodes.conf").read_text().splitlines()
+            mine = next(line for line in lines if "myself" in line)
+            roles.append("master" if "master" in mine.split()[2] else "slave")
+        assert sorted(roles) == ["master"] * 3 + ["slave"] * 3
+        assert "--redis-cluster" not in (run_dir / "balancer.log").read_text()  # no mode error
+        stop_up(proc, run_dir)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

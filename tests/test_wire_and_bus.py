@@ -6,7 +6,7 @@ import pytest
 
 from shared.protocol import streams
 from shared.protocol.messages import GenerateRequest, KVChunk, Sampling, TokenDelta
-from shared.protocol.wire import SCHEMA_VERSION, TensorBlob, WireError, decode, encode
+from shared.protocol.wire import SCHEMA_VERSION, TensorBlob, WireError, decode, encode, encode_parts
 from shared.runtime.bus import Bus, StreamFull
 
 
@@ -50,58 +50,59 @@ def test_decode_checks_field_types():
 async def test_publish_read_ack(redis):
     bus = Bus(redis, "c1")
     group = streams.consumer_group("tokenizer")
-    await bus.ensure_consumer_group(streams.REQUESTS, group)
-    await bus.ensure_consumer_group(streams.REQUESTS, group)  # idempotent
-    ids = await bus.publish_many([(streams.REQUESTS, request(i)) for i in range(3)])
-    got = await bus.read(streams.REQUESTS, group, GenerateRequest, count=10, block_ms=100)
+    await bus.ensure_consumer_group(streams.requests_stream(0), group)
+    await bus.ensure_consumer_group(streams.requests_stream(0), group)  # idempotent
+    ids = await bus.publish_many([(streams.requests_stream(0), request(i)) for i in range(3)])
+    got = await bus.read(streams.requests_stream(0), group, GenerateRequest, count=10, block_ms=100)
     assert [e.entry_id for e in got] == ids and [e.message.request_id for e in got] == ["r0", "r1", "r2"]
-    assert (await redis.xpending(streams.REQUESTS, group))["pending"] == 3
-    await bus.ack(streams.REQUESTS, group, *ids)
-    assert (await redis.xpending(streams.REQUESTS, group))["pending"] == 0
+    assert (await redis.xpending(streams.requests_stream(0), group))["pending"] == 3
+    await bus.ack(streams.requests_stream(0), group, *ids)
+    assert (await redis.xpending(streams.requests_stream(0), group))["pending"] == 0
 
 
 async def test_undecodable_entry_goes_to_dead_letters_and_reading_goes_on(redis):
     bus = Bus(redis, "c1")
     group = streams.consumer_group("tokenizer")
-    await bus.ensure_consumer_group(streams.REQUESTS, group)
-    await redis.xadd(streams.REQUESTS, {b"m": b"\xc1not msgpack"})
-    await bus.publish(streams.REQUESTS, request(1))
-    got = await bus.read(streams.REQUESTS, group, GenerateRequest, block_ms=100)
+    await bus.ensure_consumer_group(streams.requests_stream(0), group)
+    await redis.xadd(streams.requests_stream(0), {b"m": b"\xc1not msgpack"})
+    await bus.publish(streams.requests_stream(0), request(1))
+    got = await bus.read(streams.requests_stream(0), group, GenerateRequest, block_ms=100)
     assert [e.message.request_id for e in got] == ["r1"]
     dead = await redis.xrange(streams.DEAD_LETTERS)
     assert len(dead) == 1 and b"not msgpack" in dead[0][1][b"reason"]
-    assert dead[0][1][b"stream"] == streams.REQUESTS.encode()
-    assert (await redis.xpending(streams.REQUESTS, group))["pending"] == 1  # only the good one
+    assert dead[0][1][b"stream"] == streams.requests_stream(0).encode()
+    assert (await redis.xpending(streams.requests_stream(0), group))["pending"] == 1  # only the good one
 
 
 async def test_dead_consumer_entries_are_claimed(redis):
     group = streams.consumer_group("tokenizer")
     dead, alive = Bus(redis, "dead"), Bus(redis, "alive")
-    await dead.ensure_consumer_group(streams.REQUESTS, group)
-    await dead.publish(streams.REQUESTS, request(7))
-    taken = await dead.read(streams.REQUESTS, group, GenerateRequest, block_ms=100)
+    await dead.ensure_consumer_group(streams.requests_stream(0), group)
+    await dead.publish(streams.requests_stream(0), request(7))
+    taken = await dead.read(streams.requests_stream(0), group, GenerateRequest, block_ms=100)
     assert len(taken) == 1  # and then the consumer dies without acking
-    assert await alive.read(streams.REQUESTS, group, GenerateRequest, block_ms=50) == []
-    assert await alive.claim_stale(streams.REQUESTS, group, GenerateRequest, min_idle_ms=60_000) == []
-    claimed = await alive.claim_stale(streams.REQUESTS, group, GenerateRequest, min_idle_ms=0)
+    assert await alive.read(streams.requests_stream(0), group, GenerateRequest, block_ms=50) == []
+    assert await alive.claim_stale(streams.requests_stream(0), group, GenerateRequest, min_idle_ms=60_000) == []
+    claimed = await alive.claim_stale(streams.requests_stream(0), group, GenerateRequest, min_idle_ms=0)
     assert [e.message.request_id for e in claimed] == ["r7"]
-    consumers = {c["name"]: c["pending"] for c in await redis.xinfo_consumers(streams.REQUESTS, group)}
+    consumers = {c["name"]: c["pending"] for c in await redis.xinfo_consumers(streams.requests_stream(0), group)}
     assert consumers[b"alive"] == 1 and consumers[b"dead"] == 0
 
 
 async def test_an_entry_whose_read_reply_was_lost_is_read_again(redis):
     """Redis delivered the entry (it is pending on this consumer) but the reply never arrived."""
     group, bus = streams.consumer_group("gateway"), Bus(redis, "gw")
-    await bus.ensure_consumer_group(streams.REQUESTS, group)
-    await bus.publish(streams.REQUESTS, request(3))
-    await redis.xreadgroup(group, "gw", {streams.REQUESTS: ">"}, count=10)  # the reply that got lost
-    await bus.publish(streams.REQUESTS, request(4))
-    assert [e.message.request_id for e in await bus.read(streams.REQUESTS, group, GenerateRequest,
+    await bus.ensure_consumer_group(streams.requests_stream(0), group)
+    await bus.publish(streams.requests_stream(0), request(3))
+    await redis.xreadgroup(group, "gw", {streams.requests_stream(0): ">"}, count=10)  # the reply that got lost
+    await bus.publish(streams.requests_stream(0), request(4))
+    assert [e.message.request_id for e in await bus.read(streams.requests_stream(0), group, GenerateRequest,
                                                           block_ms=50)] == ["r4"]
-    assert await bus.reclaim_lost(streams.REQUESTS, group, GenerateRequest, idle_ms=60_000) == []  # too fresh
-    assert await bus.reclaim_lost(streams.REQUESTS, group, GenerateRequest, idle_ms=0) == []  # at most once a second
+    assert await bus.reclaim_lost(streams.requests_stream(0), group, GenerateRequest, idle_ms=60_000) == []  # too fresh
+    # at most once a second
+    assert await bus.reclaim_lost(streams.requests_stream(0), group, GenerateRequest, idle_ms=0) == []
     bus._reclaimed_at.clear()
-    again = await bus.reclaim_lost(streams.REQUESTS, group, GenerateRequest, idle_ms=0)
+    again = await bus.reclaim_lost(streams.requests_stream(0), group, GenerateRequest, idle_ms=0)
     assert sorted(e.message.request_id for e in again) == ["r3", "r4"]  # r4 not acked yet either
 
 
@@ -130,7 +131,27 @@ async def test_trim_never_drops_unread_or_pending(redis):
 async def test_publish_pushes_back_at_the_cap(redis):
     bus = Bus(redis, "c")
     for i in range(3):
-        await bus.publish(streams.REQUESTS, request(i), cap=3)
+        await bus.publish(streams.requests_stream(0), request(i), cap=3)
     with pytest.raises(StreamFull) as info:
-        await bus.publish(streams.REQUESTS, request(9), cap=3)
-    assert info.value.length == 3 and await redis.xlen(streams.REQUESTS) == 3
+        await bus.publish(streams.requests_stream(0), request(9), cap=3)
+    assert info.value.length == 3 and await redis.xlen(streams.requests_stream(0)) == 3
+
+
+async def test_large_bytes_ride_beside_the_body(redis):
+    """A KV layer's bytes leave the msgpack body (one copy less each way) and come back in place;
+    an entry missing its attachment is refused, naming it."""
+    data = bytes(range(256)) * 1024  # 256 KiB: over ATTACH_BYTES
+    chunk = KVChunk("r", "t", 0, 2, TensorBlob("uint8", [len(data)], data), "sum")
+    body, attachments = encode_parts(chunk)
+    assert attachments == [data] and len(body) < 512
+    assert decode(body, KVChunk, attachments) == chunk == decode(encode(chunk), KVChunk)
+    with pytest.raises(WireError, match="attachment 0 is missing"):
+        decode(body, KVChunk)
+    bus, group = Bus(redis, "c"), streams.consumer_group("test")
+    stream = streams.kv_stream("decode", 0)
+    await bus.ensure_consumer_group(stream, group)
+    await bus.publish_many([(stream, chunk)])
+    (_, fields), = await redis.xrange(stream)
+    assert fields[b"a0"] == data and len(fields[b"m"]) < 512
+    (got,) = await bus.read(stream, group, KVChunk, block_ms=100)
+    assert got.message == chunk

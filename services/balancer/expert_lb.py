@@ -25,6 +25,7 @@ from shared.ep.eplb import (
 from shared.protocol import streams
 from shared.protocol.messages import ExpertLoad, PlacementUpdate
 from shared.protocol.wire import WireError, decode, encode
+from shared.runtime import redis_client
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class ExpertBalancer:
         """One interval: gather every EP group's reports, maybe publish placements (returned)."""
         keys = [k async for k in redis.scan_iter(match=streams.expert_load_key("*", "*", "*"), count=1000)]
         reports: dict[tuple[str, str], list[ExpertLoad]] = {}
-        for raw in (await redis.mget(keys)) if keys else []:
+        for raw in await redis_client.mget(redis, keys):
             try:
                 report = decode(raw, ExpertLoad) if raw is not None else None
             except WireError:

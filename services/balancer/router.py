@@ -14,7 +14,7 @@ from shared.cache.hashing import BLOCK_SIZE
 from shared.protocol import streams
 from shared.protocol.messages import KVChunk, LoadReport, PrefillTask, TokenDelta, TokenizedRequest, attention_compute
 from shared.protocol.wire import WireError, decode
-from shared.runtime import ownership
+from shared.runtime import ownership, redis_client
 from shared.runtime.bus import Entry
 from shared.runtime.service import Service, ServiceConfig
 
@@ -38,8 +38,9 @@ class BalancerService(Service):
         self.eplb_interval_s = eplb_interval_s
 
     async def setup(self) -> None:
-        await self.bus.ensure_consumer_group(streams.CACHED, CONSUMER_GROUP)
-        self.backlog: list[Entry[TokenizedRequest]] = []  # no rank had room yet
+        for stream in self.cached_streams():
+            await self.bus.ensure_consumer_group(stream, CONSUMER_GROUP)
+        self.backlog: list[tuple[str, Entry[TokenizedRequest]]] = []  # (its stream, the entry): no rank had room yet
         # what we sent since each rank's last report: (role, group, rank) -> [(time, compute, tokens, blocks)]
         self.sent: dict[tuple[str, str, int], list[tuple[float, float, int, int]]] = {}
         if self.eplb_interval_s > 0:
@@ -58,13 +59,14 @@ class BalancerService(Service):
 
     async def loop(self) -> None:
         while not self.stopping.is_set():
-            entries = await self.bus.read(streams.CACHED, CONSUMER_GROUP, TokenizedRequest, count=64,
-                                          block_ms=50 if self.backlog else 200)
-            entries += await self.bus.claim_stale(streams.CACHED, CONSUMER_GROUP, TokenizedRequest,
-                                                  self.config.claim_idle_ms)
+            entries = await self.bus.take(CONSUMER_GROUP, dict.fromkeys(self.cached_streams(), TokenizedRequest),
+                                          self.config.claim_idle_ms, block_ms=50 if self.backlog else 200)
             pending, self.backlog = self.backlog + entries, []
-            for entry in pending:
-                await self.route(entry)
+            for stream, entry in pending:
+                await self.route(stream, entry)
+
+    def cached_streams(self) -> list[str]:
+        return [streams.cached_stream(p) for p in range(self.config.stream_partitions)]
 
     async def balance_experts(self) -> None:
         while not self._closing.is_set():
@@ -75,7 +77,7 @@ class BalancerService(Service):
                 self.log.warning("EPLB tick failed: %r", e)
 
     def trimmed_streams(self) -> list[str]:
-        return [streams.CACHED, streams.ABORTS]
+        return [*self.cached_streams(), streams.ABORTS]
 
     async def housekeeping(self) -> None:
         """The balancer keeps the shared streams: abort groups of dead workers go (they would hold
@@ -85,8 +87,9 @@ class BalancerService(Service):
         await self.reap_abort_groups()
         await super().housekeeping()
         await self.redis.xtrim(streams.DEAD_LETTERS, maxlen=DEAD_LETTERS_KEPT, approximate=True)
-        names = [streams.REQUESTS, streams.TOKENIZED, streams.CACHED, streams.RAW_DELTAS, streams.ABORTS,
-                 streams.DEAD_LETTERS]
+        names = [stream_of(p) for stream_of in (streams.requests_stream, streams.tokenized_stream,
+                                                streams.cached_stream, streams.raw_deltas_stream)
+                 for p in range(self.config.stream_partitions)] + [streams.ABORTS, streams.DEAD_LETTERS]
         for pattern in (streams.prefill_stream("*", "*"), streams.kv_stream("*", "*"), streams.delta_stream("*")):
             names += [k.decode() async for k in self.redis.scan_iter(match=pattern, count=1000, _type="stream")]
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -131,8 +134,7 @@ class BalancerService(Service):
             for role, (stream_of, _, _) in ORPHANED.items():
                 names = [k.decode() async for k in self.redis.scan_iter(match=stream_of("*", "*"), count=1000,
                                                                           _type="stream")]
-                found += [(role, group, int(rank)) for group, rank in (n.rsplit(":", 2)[1:] for n in names)
-                          if rank.isdigit()]
+                found += [(role, *w) for w in map(streams.worker_of_stream, names) if w is not None]
             live = [await self.redis.exists(streams.load_key(*worker)) for worker in found]
         except RedisError:
             self.rank_missing.clear()  # after an outage, every rank gets a whole TTL to report again
@@ -152,12 +154,12 @@ class BalancerService(Service):
         for entry in entries:
             msg = entry.message
             if role == "prefill":  # loop() routes it again
-                request, to = msg.request, streams.CACHED
+                request, to = msg.request, streams.cached_stream
             else:  # a handoff's final chunk carries the request: prefilled again, elsewhere
                 done = not msg.final or msg.finish_reason is not None
-                request, to = (None if done else msg.request), streams.TOKENIZED
+                request, to = (None if done else msg.request), streams.tokenized_stream
             if request is not None:
-                await self.bus.publish(to, request)
+                await self.bus.publish(to(self.config.partition(request.request_id)), request)
                 self.moved.labels(role=role).inc()
                 self.log.info(json.dumps({"event": "orphaned_request_moved", "role": role, "group": group_id,
                                           "dead_rank": rank, "trace_id": request.trace_id}))
@@ -169,7 +171,6 @@ class BalancerService(Service):
             pipe.hgetall(streams.owner_key(request_id))
             pipe.get(ownership.ids_key(request_id))
             owner, raw_ids = await pipe.execute()
-        keys = [streams.owner_key(request_id), ownership.ids_key(request_id), ownership.owned_key(instance)]
         if owner.get(b"instance_id", b"").decode() == instance:  # else: finished, or owned by a live rank now
             emitted = ownership.unpack_ids(raw_ids)
             try:
@@ -181,7 +182,8 @@ class BalancerService(Service):
             if original is None or time.time() >= original.deadline:
                 outcome = "expired"  # its gateway has answered already
             elif req is not None:
-                await self.bus.publish(streams.TOKENIZED, req)  # through the cache (its prompt's blocks) again
+                # through the cache (its prompt's blocks) again
+                await self.bus.publish(streams.tokenized_stream(self.config.partition(request_id)), req)
                 outcome = "resumed"
             else:  # every token was sent, only the end was not
                 await self.bus.publish(streams.delta_stream(original.gateway_id), TokenDelta(
@@ -191,7 +193,9 @@ class BalancerService(Service):
             self.log.info(json.dumps({"event": "request_resumed", "request_id": request_id, "outcome": outcome,
                                       "trace_id": original.trace_id if original else None,
                                       "dead_instance": instance, "emitted": len(emitted)}))
-        await self.forget_if_owner(keys=keys, args=[instance, request_id])
+        await self.forget_if_owner(keys=[streams.owner_key(request_id), ownership.ids_key(request_id)],
+                                   args=[instance])
+        await self.redis.srem(ownership.owned_key(instance), request_id)  # its own slot: not in the script
 
     async def reap_abort_groups(self) -> None:
         prefix = streams.consumer_group("aborts-")
@@ -209,40 +213,40 @@ class BalancerService(Service):
                 await self.redis.xgroup_destroy(streams.ABORTS, name)
                 self.log.info(json.dumps({"event": "reaped_abort_group", "instance": instance}))
 
-    async def route(self, entry: Entry[TokenizedRequest]) -> None:
+    async def route(self, stream: str, entry: Entry[TokenizedRequest]) -> None:
         req = entry.message
         if time.time() > req.deadline:
-            await self.fail(entry, "no worker could take the request before its deadline", 503)
+            await self.fail(stream, entry, "no worker could take the request before its deadline", 503)
             return
         prefill, decode_ranks, workers = await self.loads()
         new = len(req.prompt_ids) - req.num_cached_tokens
         reserve = -(-(len(req.prompt_ids) + req.sampling.max_tokens) // BLOCK_SIZE)
         decode_index = choose_decode_rank(decode_ranks, reserve) if decode_ranks else None
         if not prefill or decode_index is None:
-            self.backlog.append(entry)
+            self.backlog.append((stream, entry))
             return
         _, prefill_group, prefill_rank = prefill_worker = workers[choose_prefill_rank(prefill, new,
                                                                                       req.num_cached_tokens)]
         _, decode_group, decode_rank = decode_worker = workers[decode_index]
         await self.bus.publish(streams.prefill_stream(prefill_group, prefill_rank),
                                PrefillTask(req, decode_rank, decode_group))
-        await self.bus.ack(streams.CACHED, CONSUMER_GROUP, entry.entry_id)
+        await self.bus.ack(stream, CONSUMER_GROUP, entry.entry_id)
         now = time.time()
         self.sent.setdefault(prefill_worker, []).append((now, attention_compute(new, req.num_cached_tokens), new, 0))
         self.sent.setdefault(decode_worker, []).append((now, 0.0, 0, reserve))
-        self.messages.labels(stream=streams.CACHED, outcome="routed").inc()
+        self.messages.labels(stream=stream, outcome="routed").inc()
 
-    async def fail(self, entry: Entry[TokenizedRequest], reason: str, status: int) -> None:
+    async def fail(self, stream: str, entry: Entry[TokenizedRequest], reason: str, status: int) -> None:
         req = entry.message
         await self.bus.publish(streams.delta_stream(req.gateway_id), TokenDelta(
             req.request_id, req.trace_id, req.gateway_id, 0, [], finish_reason="error", error=reason, status=status))
-        await self.bus.ack(streams.CACHED, CONSUMER_GROUP, entry.entry_id)
+        await self.bus.ack(stream, CONSUMER_GROUP, entry.entry_id)
 
     async def loads(self) -> tuple[list[PrefillLoad], list[DecodeLoad], list[tuple[str, str, int]]]:
         """Live ranks (a report key exists), each adjusted by what we sent after its report. The
         policies see each as an index into the list of (role, group, rank) returned last."""
         keys = sorted([k async for k in self.redis.scan_iter(match=streams.scan_pattern("load"), count=1000)])
-        reports = [r for r in await self.redis.mget(keys) if r is not None] if keys else []  # ties: in key order
+        reports = [r for r in await redis_client.mget(self.redis, keys) if r is not None]  # ties: in key order
         prefill, decode_ranks, workers = [], [], []
         for raw in reports:
             try:

@@ -45,7 +45,8 @@ class CacheService(Service):
                                registry=self.registry)
 
     async def setup(self) -> None:
-        await self.bus.ensure_consumer_group(streams.TOKENIZED, CONSUMER_GROUP)
+        for stream in self.trimmed_streams():
+            await self.bus.ensure_consumer_group(stream, CONSUMER_GROUP)
         if self.settings.directory is None:
             return
         dtype = self.settings.dtype
@@ -63,19 +64,19 @@ class CacheService(Service):
 
     async def loop(self) -> None:
         while not self.stopping.is_set():
-            entries = await self.bus.read(streams.TOKENIZED, CONSUMER_GROUP, TokenizedRequest, count=64, block_ms=200)
-            entries += await self.bus.claim_stale(streams.TOKENIZED, CONSUMER_GROUP, TokenizedRequest,
-                                                  self.config.claim_idle_ms)
-            for entry in entries:
+            kinds = dict.fromkeys(self.trimmed_streams(), TokenizedRequest)
+            for stream, entry in await self.bus.take(CONSUMER_GROUP, kinds, self.config.claim_idle_ms):
                 req = entry.message
                 cached = await self.cache.lookup(req.prompt_ids, req.cache_salt) if self.cache else 0
                 self.tokens.labels(result="hit").inc(cached)
                 self.tokens.labels(result="miss").inc(len(req.prompt_ids) - cached)
-                await self.bus.publish(streams.CACHED, dataclasses.replace(req, num_cached_tokens=cached))
-                await self.bus.ack(streams.TOKENIZED, CONSUMER_GROUP, entry.entry_id)  # after the downstream write
+                await self.bus.publish(streams.cached_stream(self.config.partition(req.request_id)),
+                                       dataclasses.replace(req, num_cached_tokens=cached))
+                await self.bus.ack(stream, CONSUMER_GROUP, entry.entry_id)  # after the downstream write
 
     def trimmed_streams(self) -> list[str]:
-        return [streams.TOKENIZED]
+        """Every partition of the tokenized requests (the streams this service reads)."""
+        return [streams.tokenized_stream(p) for p in range(self.config.stream_partitions)]
 
     async def housekeeping(self) -> None:
         await super().housekeeping()

@@ -198,7 +198,7 @@ class DecodeService(EngineService):
         self.log.error(json.dumps({"event": "kv_refused", "trace_id": final.trace_id, "reason": reason}))
         req = final.request
         # index resumed + 1: right after the first token, which prefill has sent
-        await self.until_written(lambda: self.bus.publish(streams.RAW_DELTAS, TokenDelta(
+        await self.until_written(lambda: self.bus.publish(self.raw_deltas(request_id), TokenDelta(
             request_id, req.trace_id, req.gateway_id, req.resumed + 1, [], finish_reason="error", error=reason,
             status=500)))
         self.finished.append(request_id)  # a redelivered handoff is dropped, not refused twice
@@ -208,7 +208,7 @@ class DecodeService(EngineService):
         """Never decode on wrong KV: send the request back through the balancer."""
         self.log.error(json.dumps({"event": "bad_kv", "trace_id": final.trace_id, "reason": reason}))
         self.reprefills.inc()
-        await self.bus.publish(streams.TOKENIZED, final.request)
+        await self.bus.publish(streams.tokenized_stream(self.config.partition(request_id)), final.request)
         await self.consumed(request_id)
 
     async def consumed(self, request_id: str) -> None:
@@ -233,7 +233,7 @@ class DecodeService(EngineService):
                 # finds its whole history; the records stay until then (a death resumes the end)
                 self.held[d.request_id] = (delta, req.cache_salt)
             else:
-                writes.append((streams.RAW_DELTAS, delta))
+                writes.append((self.raw_deltas(delta.request_id), delta))
             history.extend(d.token_ids)
             self.tokens.labels(role=self.role, rank=str(self.rank), kind="output").inc(len(d.token_ids))
             if d.finish_reason is not None:
@@ -267,5 +267,5 @@ class DecodeService(EngineService):
         self.held.pop(request_id, None)
         if delta is not None:
             await self.until_written(lambda: self.bus.publish_many(
-                [(streams.RAW_DELTAS, delta)],
+                [(self.raw_deltas(request_id), delta)],
                 then=lambda pipe: ownership.forget(pipe, self.config.instance_id, [request_id])))

@@ -183,7 +183,7 @@ class GatewayService(Service):
         self.metrics.inflight.inc()
         try:
             try:
-                await self.bus.publish(streams.REQUESTS, GenerateRequest(
+                await self.bus.publish(streams.requests_stream(self.config.partition(request_id)), GenerateRequest(
                     request_id, trace_id, self.config.instance_id, parsed.sampling, deadline,
                     prompt_text=parsed.prompt_text, prompt_ids=parsed.prompt_ids, chat=parsed.messages,
                     cache_salt=parsed.cache_salt), cap=self.settings.request_stream_cap)
@@ -214,7 +214,7 @@ class GatewayService(Service):
             return self._live
         roles = set()
         async for key in self.redis.scan_iter(match=streams.scan_pattern("load"), count=1000):
-            roles.add((key.decode() if isinstance(key, bytes) else key).split(":")[2])
+            roles.add(streams.role_of_load_key(key.decode() if isinstance(key, bytes) else key))
         self._live, self._live_checked = {"prefill", "decode"} <= roles, now_
         return self._live
 

@@ -64,8 +64,8 @@ class PrefillService(EngineService):
             await self.compute(self.engine.add_request, req.request_id, req.prompt_ids,
                                sampling_params(req.sampling, req.resumed), req.cache_salt, prefix)
         except RequestError as e:
-            await self.bus.publish(streams.RAW_DELTAS, TokenDelta(req.request_id, req.trace_id, req.gateway_id, 0, [],
-                                                                  finish_reason="error", error=str(e), status=400))
+            await self.bus.publish(self.raw_deltas(req.request_id), TokenDelta(
+                req.request_id, req.trace_id, req.gateway_id, 0, [], finish_reason="error", error=str(e), status=400))
             await self.bus.ack(self.stream, CONSUMER_GROUP, entry_id)
             return
         self.tasks[req.request_id] = (entry_id, task)
@@ -113,7 +113,7 @@ class PrefillService(EngineService):
             req.request_id, req.trace_id, -1, self.num_kv_layers, NO_KV, checksum(hidden.data) if hidden else "",
             request=req, first_token=first, finish_reason=done, sent_at=time.time(), final=True, hidden=hidden))]
         # a resumed request (its decode rank died) goes on at output index `resumed`
-        writes.append((streams.RAW_DELTAS, TokenDelta(
+        writes.append((self.raw_deltas(req.request_id), TokenDelta(
             req.request_id, req.trace_id, req.gateway_id, req.resumed, list(delta.token_ids), finish_reason=done,
             prefix_ids=req.prompt_ids[-window:], stop=req.sampling.stop,
             num_prompt_tokens=len(req.prompt_ids) - req.resumed, num_cached_tokens=delta.num_cached_tokens,

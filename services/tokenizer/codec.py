@@ -18,11 +18,11 @@ from shared.cache.reply_memory import reply_key, tokenizer_digest
 from shared.model.detok import TokenBytes, delta_text
 from shared.protocol import streams
 from shared.protocol.messages import Abort, GenerateRequest, TokenDelta, TokenizedRequest
+from shared.runtime import redis_client
 from shared.runtime.service import Service, ServiceConfig
 
 CONSUMER_GROUP = streams.consumer_group("tokenizer")
 MARK = re.compile("\ue000([0-9]+)\ue001")  # where a remembered reply's ids go in the rendered template
-KINDS = {streams.REQUESTS: GenerateRequest, streams.RAW_DELTAS: TokenDelta}
 
 
 class PromptError(ValueError):
@@ -110,22 +110,24 @@ class TokenizerService(Service):
                                     "generated ids were remembered (hit) or not (miss)", ["outcome"],
                                     registry=self.registry)
 
+    def kinds(self) -> dict[str, type]:
+        """What the tokenizer reads: every partition of the requests and of the workers' deltas."""
+        n = self.config.stream_partitions
+        return {**{streams.requests_stream(p): GenerateRequest for p in range(n)},
+                **{streams.raw_deltas_stream(p): TokenDelta for p in range(n)}}
+
     async def setup(self) -> None:
-        for stream in KINDS:
+        for stream in self.kinds():
             await self.bus.ensure_consumer_group(stream, CONSUMER_GROUP)
 
     async def loop(self) -> None:
         while not self.stopping.is_set():
-            entries = await self.bus.read_streams(CONSUMER_GROUP, KINDS, count=64, block_ms=200)
-            for stream, kind in KINDS.items():
-                entries += [(stream, e) for e in await self.bus.claim_stale(
-                    stream, CONSUMER_GROUP, kind, self.config.claim_idle_ms, count=64)]
-            for stream, entry in entries:
+            for stream, entry in await self.bus.take(CONSUMER_GROUP, self.kinds(), self.config.claim_idle_ms):
                 await self.handle(stream, entry)
 
     async def handle(self, stream: str, entry) -> None:
         msg = entry.message
-        if stream == streams.REQUESTS:
+        if isinstance(msg, GenerateRequest):
             await self.tokenize(msg)
         else:
             await self.detokenize(msg)
@@ -142,7 +144,7 @@ class TokenizerService(Service):
             await self.bus.publish(streams.delta_stream(req.gateway_id), TokenDelta(
                 req.request_id, req.trace_id, req.gateway_id, 0, [], finish_reason="error", error=str(e), status=400))
             return
-        await self.bus.publish(streams.TOKENIZED, TokenizedRequest(
+        await self.bus.publish(streams.tokenized_stream(self.config.partition(req.request_id)), TokenizedRequest(
             req.request_id, req.trace_id, req.gateway_id, req.sampling, req.deadline, ids, req.cache_salt))
 
     async def remembered(self, req: GenerateRequest) -> dict[int, list[int]]:
@@ -151,7 +153,7 @@ class TokenizerService(Service):
         if not keys:
             return {}
         found = {}
-        for i, raw in zip(keys, await self.redis.mget(list(keys.values()))):
+        for i, raw in zip(keys, await redis_client.mget(self.redis, list(keys.values()))):
             ids = msgpack.unpackb(raw) if raw is not None else None
             if isinstance(ids, list) and ids and all(type(t) is int and 0 <= t < self.encoder.vocab_size for t in ids):
                 found[i] = ids
@@ -173,7 +175,7 @@ class TokenizerService(Service):
         await self.bus.publish_many(writes)
 
     def trimmed_streams(self) -> list[str]:
-        return list(KINDS)
+        return list(self.kinds())
 
     async def teardown(self) -> None:
         self.pool.shutdown(wait=False)

@@ -120,11 +120,10 @@ return removed
 class RedisIndex:
     """LRUIndex's state and rule in Redis, shared by every cache-service replica.
 
-    Keys (`streams.cache_index_key`) `{streamoe}:{namespace}:lru` (sorted set, score = last use),
+    Keys (`streams.cache_index_key`) `{streamoe:cache:<namespace>}:lru` (sorted set, score = last use),
     `:size` (hash -> bytes), `:seq` (hash -> insertion number), `:total` (bytes, kept by the
     scripts) and `:next-seq`. Changes that touch several keys run as one Lua script, so they are
-    atomic; with the `{streamoe}` hash tag a Redis Cluster keeps all of them in one slot, as
-    scripts require."""
+    atomic; their one hash tag keeps them in one slot of a Redis Cluster, as scripts require."""
 
     def __init__(self, redis, namespace: str, capacity_bytes: int, page_size: int = 256):
         _check_capacity(capacity_bytes)

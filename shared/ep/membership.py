@@ -15,7 +15,7 @@ Applying a record (rank.py): each member takes its share of the slots of the ran
 group (moe.member_owners, experts read from the checkpoint), exchanges with the members only, and
 counts steps from 0 under the new epoch, so nothing of the old epoch can complete a new exchange.
 
-Redis keys, under `{streamoe}:ep:{role}:{group_id}:`
+Redis keys, under `{streamoe:ep:<role>:<group_id>}:` (one hash tag: the commit script touches two of them)
 - `epoch` (integer) and `record` (msgpack: epoch, members, placement version and phy2log), set
   together by one script; absent: every rank, epoch 0;
 - `alive:{rank}`: the rank's transport incarnation, renewed with a TTL while it is a member;

@@ -29,6 +29,7 @@ from shared.model.model import DeepseekV3
 from shared.protocol import streams
 from shared.protocol.messages import ExpertLoad, PlacementUpdate
 from shared.protocol.wire import decode, encode
+from shared.runtime import redis_client
 
 # NOTE: the per-phase default, by measurement (shared/ep/README.md, "Limits"): prefill is
 # compute-bound and hides its wire time; a decode micro-batch re-reads nearly every expert's weights.
@@ -84,9 +85,7 @@ class EPRank:
         return model
 
     def current_placement(self, args: argparse.Namespace) -> PlacementUpdate | None:
-        import redis as sync_redis
-
-        client = sync_redis.Redis.from_url(args.redis_url)
+        client = redis_client.connect_sync(args.redis_url, args.redis_cluster)
         try:
             raw = client.get(streams.placement_key(self.role, self.group_id))
         finally:
@@ -108,7 +107,8 @@ class EPRank:
         if self.args.ep_size == 1:
             return
         transport = RedisTransport(self.config.redis_url, self.role, self.rank, self.args.ep_size, self.group_id,
-                                   timeout_s=self.args.ep_timeout_s, join_timeout_s=self.args.ep_join_timeout_s)
+                                   timeout_s=self.args.ep_timeout_s, join_timeout_s=self.args.ep_join_timeout_s,
+                                   cluster=self.config.redis_cluster)
         self.group = EPGroup(transport, asyncio.get_running_loop(), self.args.ep_timeout_s, self.observe_exchange)
         self.group.mtp_calls = self.engine.mtp_calls  # checked equal on every rank at each step
         self.membership = Membership(self.redis, self.role, self.group_id, self.rank, self.args.ep_size,

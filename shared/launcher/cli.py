@@ -15,6 +15,8 @@ from shared.launcher.cliargs import (
     SPECULATIVE_TOKENS_HELP,
     FlagValueError,
     apply_env_defaults,
+    non_negative_int,
+    positive_int,
     resolve_speculative_tokens,
     speculative_tokens_flag,
 )
@@ -50,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--model", type=Path, required=True, help="a checkpoint directory with an MTP layer")
     distill.add_argument("--out", type=Path, default=None,
                          help="write the trained checkpoint to this new directory (default: update --model in place)")
-    distill.add_argument("--steps", type=_positive_int, default=None,
+    distill.add_argument("--steps", type=positive_int, default=None,
                          help="optimizer steps (default: 3000 up to tiny's size, 1500 above; shared/model/README.md)")
     distill.add_argument("--seed", type=int, default=0, help="the data's and the training's seed")
-    distill.add_argument("--threads", type=_positive_int, default=None,
+    distill.add_argument("--threads", type=positive_int, default=None,
                          help="torch threads (default: torch's); 1 gives the same bytes for a seed every run")
     distill.set_defaults(handler=_distill_mtp)
 
@@ -96,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument("--decode-overlap", choices=["on", "off", "auto"], default="auto",
                      help="two overlapped micro-batches in the decode group (auto: off)")
     upp.add_argument("--redis-url", default=None, help="default: start an embedded redis-server")
+    upp.add_argument("--redis-cluster", action="store_true",
+                     help="--redis-url names a node of a Redis Cluster (STREAMOE_REDIS_CLUSTER=1)")
+    upp.add_argument("--redis-shards", type=non_negative_int, default=0, metavar="N",
+                     help="start an embedded Redis Cluster of N primaries instead of one redis-server (0: don't)")
+    upp.add_argument("--redis-replicas", type=non_negative_int, default=0, metavar="R",
+                     help="replicas per primary of the embedded cluster")
+    upp.add_argument("--stream-partitions", type=positive_int, default=None, metavar="N",
+                     help="partitions of the request queue and the workers' deltas (default: --redis-shards, or 1)")
     upp.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], default="auto",
                      help="compute dtype; auto: calibrated once here, then given to every worker")
     upp.add_argument("--moe-backend", type=moe_backend_flag, default="auto", metavar="auto|BACKEND|PLAN",
@@ -121,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--prices", type=_prices, default=PRICES_PER_MILLION, metavar="HIT,MISS,OUT",
                       help="USD per 1M tokens: input cache hit, input cache miss, output "
                            f"(default {','.join(f'{p:g}' for p in PRICES_PER_MILLION)})")
-    cost.add_argument("--gpus-per-node", type=_positive_int, default=GPUS_PER_NODE)
+    cost.add_argument("--gpus-per-node", type=positive_int, default=GPUS_PER_NODE)
     cost.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     cost.set_defaults(handler=_cost)
 
@@ -143,16 +153,6 @@ def _non_negative(raw: str) -> float | None:
     except ValueError:
         return None
     return value if math.isfinite(value) and value >= 0 else None
-
-
-def _positive_int(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise FlagValueError(f"{raw!r}: expected a whole number >= 1")
-    return value
 
 
 def _prices(raw: str) -> tuple[float, float, float]:

@@ -61,6 +61,28 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, st
         action.required = False
 
 
+def positive_int(raw: str) -> int:
+    """A flag's type: a whole number >= 1."""
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise FlagValueError(f"{raw!r}: expected a whole number >= 1")
+    return value
+
+
+def non_negative_int(raw: str) -> int:
+    """A flag's type: a whole number >= 0."""
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise FlagValueError(f"{raw!r}: expected a whole number >= 0")
+    return value
+
+
 SPECULATIVE_TOKENS_HELP = ("drafts per running request and step, by the model's MTP layer, verified in one forward "
                            "(lossless); 0: off; auto: 1 when the model has an MTP layer, else 0")
 

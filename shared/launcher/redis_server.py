@@ -50,7 +50,7 @@ def start_redis(directory: Path, port: int | None = None, appendonly: bool = Tru
         path.unlink(missing_ok=True)  # a file left by an earlier run keeps its mode: make it anew
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(f"requirepass {password}\n")
+            f.write(f"requirepass {password}\nmasterauth {password}\n")  # replicas authenticate too
         config = [str(path)]
     args = [redis_server_binary(), *config, "--port", str(port), "--bind", host, "--dir", str(directory),
             "--appendonly", "yes" if appendonly else "no", "--save", "", "--protected-mode", "yes",

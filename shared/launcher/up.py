@@ -1,7 +1,9 @@
 """`streamoe up`: the whole system on one machine, as a process supervisor would run it.
 
 An embedded Redis when no URL is given (append-only file on, so a Redis restart keeps the
-streams; a password drawn for the run, so other local users cannot reach the streams), then
+streams; a password drawn for the run, so other local users cannot reach the streams), or with
+`--redis-shards N [--redis-replicas R]` an embedded Redis Cluster of N primaries (the same
+password, replicas included; shared/launcher/redis_cluster.py), then
 every service as its own `python -m services.<name>` process with its log in the run directory,
 `processes.json` describing them, one `streamoe ready: URL` line on stdout once all are healthy,
 restarts with backoff for a service that dies, and a clean stop on SIGTERM/Ctrl-C.
@@ -30,6 +32,7 @@ from secrets import token_hex
 from urllib.parse import urlsplit, urlunsplit
 
 from shared.launcher.cliargs import home, resolve_speculative_tokens
+from shared.launcher.redis_cluster import LocalCluster, start_cluster
 from shared.launcher.redis_server import free_port, start_redis
 
 BACKOFF_S = (1, 2, 4, 8, 16, 30)
@@ -89,6 +92,16 @@ def up(args: argparse.Namespace) -> int:
         print(f"streamoe up: --prefill-ep={args.prefill_ep} --decode-ep={args.decode_ep}: each needs >= 1 rank",
               file=sys.stderr)
         return 2
+    cluster_mode = bool(getattr(args, "redis_cluster", False) or getattr(args, "redis_shards", 0))
+    if getattr(args, "redis_shards", 0) and args.redis_url is not None:
+        print(f"streamoe up: --redis-shards={args.redis_shards} starts an embedded cluster; it cannot go with "
+              "--redis-url (a cluster of your own: --redis-url NODE --redis-cluster)", file=sys.stderr)
+        return 2
+    if getattr(args, "redis_replicas", 0) and not getattr(args, "redis_shards", 0):
+        print(f"streamoe up: --redis-replicas={args.redis_replicas} needs --redis-shards N (an embedded cluster)",
+              file=sys.stderr)
+        return 2
+    partitions = getattr(args, "stream_partitions", None) or max(1, getattr(args, "redis_shards", 0))
     model = resolve_model(args)
     cores = os.cpu_count() or 2
     num_workers = args.prefill_ep + args.decode_ep
@@ -107,10 +120,15 @@ def up(args: argparse.Namespace) -> int:
     stopping = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.append(True))
-    redis_proc = None
+    redis_nodes = None  # the embedded Redis: one server, or the nodes of a local cluster
     redis_url = args.redis_url
-    if redis_url is None:
-        redis_proc, redis_url = start_redis(run_dir / "redis", appendonly=True, password=token_hex(24))
+    if redis_url is None and getattr(args, "redis_shards", 0):
+        redis_nodes = start_cluster(run_dir / "redis-cluster", args.redis_shards, args.redis_replicas,
+                                   password=token_hex(24))
+        redis_url = redis_nodes.url
+    elif redis_url is None:
+        proc, redis_url = start_redis(run_dir / "redis", appendonly=True, password=token_hex(24))
+        redis_nodes = LocalCluster([proc], [redis_url], shards=0, replicas=0)
     cache = [] if args.no_prefix_cache else ["--cache-dir", str(args.cache_dir or home() / "cache"),
                                              "--cache-capacity-mib", str(args.cache_capacity_mib)]
     worker = ["--model", str(model), "--dtype", numerics.dtype, "--moe-backend", numerics.moe_backend,
@@ -132,13 +150,14 @@ def up(args: argparse.Namespace) -> int:
                         free_port(), run_dir / f"decode-{r}.log", rank=r) for r in range(args.decode_ep)],
                 Child("gateway", "services.gateway", gateway + ["--host", args.host], args.port,
                       run_dir / "gateway.log")]
-    secrets = {"STREAMOE_REDIS_URL": redis_url}
+    secrets = {"STREAMOE_REDIS_URL": redis_url, "STREAMOE_REDIS_CLUSTER": "1" if cluster_mode else "0",
+               "STREAMOE_STREAM_PARTITIONS": str(partitions)}  # not secret, but every service reads them alike
     if args.api_key:  # only the gateway checks it; every service would read STREAMOE_API_KEY alike
         secrets["STREAMOE_API_KEY"] = args.api_key
     for child in children:
         child.start(secrets)
     record = numerics.health()  # the same keys as each worker's /health
-    write_processes(run_dir, children, redis_proc, redis_url, record)
+    write_processes(run_dir, children, redis_nodes, redis_url, record)
     deadline = time.monotonic() + args.ready_timeout
     ready = False
     code = 0
@@ -154,10 +173,10 @@ def up(args: argparse.Namespace) -> int:
                           f"({bad.log_path}):\n{bad.tail()}", file=sys.stderr)
                     code = 1
                     break
-            supervise(children, secrets, run_dir, redis_proc, redis_url, record)
+            supervise(children, secrets, run_dir, redis_nodes, redis_url, record)
             time.sleep(0.5)
     finally:
-        stop_all(children, redis_proc)
+        stop_all(children, redis_nodes)
     return code
 
 
@@ -171,7 +190,7 @@ def calibrate(model: Path, args: argparse.Namespace, threads: int):
     return numerics
 
 
-def supervise(children: list[Child], secrets: dict[str, str], run_dir: Path, redis_proc, redis_url: str,
+def supervise(children: list[Child], secrets: dict[str, str], run_dir: Path, redis_nodes, redis_url: str,
               numerics: dict) -> None:
     """Restart a dead service with backoff, as a process supervisor would."""
     changed = False
@@ -190,16 +209,17 @@ def supervise(children: list[Child], secrets: dict[str, str], run_dir: Path, red
             child.start(secrets)
             changed = True
     if changed:
-        write_processes(run_dir, children, redis_proc, redis_url, numerics)
+        write_processes(run_dir, children, redis_nodes, redis_url, numerics)
 
 
-def write_processes(run_dir: Path, children: list[Child], redis_proc, redis_url: str, numerics: dict) -> None:
+def write_processes(run_dir: Path, children: list[Child], redis_nodes, redis_url: str, numerics: dict) -> None:
     """processes.json: the Redis URL (no password), each process, and the numerics every worker got."""
     entries = [{"name": c.name, "rank": c.rank, "pid": c.proc.pid, "ports": {"http": c.http_port},
                 "log": str(c.log_path), "restarts": c.restarts} for c in children]
-    if redis_proc is not None:
-        entries.append({"name": "redis", "rank": None, "pid": redis_proc.pid,
-                        "ports": {"redis": int(redis_url.rsplit(":", 1)[1].split("/")[0])}, "restarts": 0})
+    if redis_nodes is not None:
+        entries += [{"name": "redis", "rank": i if redis_nodes.shards else None, "pid": proc.pid,
+                     "ports": {"redis": int(url.rsplit(":", 1)[1].split("/")[0])}, "restarts": 0}
+                    for i, (proc, url) in enumerate(zip(redis_nodes.procs, redis_nodes.urls))]
     tmp = run_dir / "processes.json.tmp"
     tmp.write_text(json.dumps({"redis_url": without_password(redis_url), "processes": entries,
                                "numerics": numerics}, indent=2) + "\n")
@@ -216,7 +236,7 @@ def without_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def stop_all(children: list[Child], redis_proc, timeout: float = 20.0) -> None:
+def stop_all(children: list[Child], redis_nodes, timeout: float = 20.0) -> None:
     for child in children:
         if child.proc.poll() is None:
             child.proc.terminate()
@@ -227,10 +247,5 @@ def stop_all(children: list[Child], redis_proc, timeout: float = 20.0) -> None:
         except subprocess.TimeoutExpired:
             child.proc.kill()
             child.proc.wait()
-    if redis_proc is not None:
-        redis_proc.terminate()
-        try:
-            redis_proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            redis_proc.kill()
-            redis_proc.wait()
+    if redis_nodes is not None:
+        redis_nodes.stop()

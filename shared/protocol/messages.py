@@ -72,7 +72,7 @@ class KVChunk:
     layer: int
     num_layers: int  # KV layers in the handoff (the MTP layer's included)
     kv: TensorBlob  # [prompt tokens, kv_lora_rank + qk_rope_head_dim]
-    checksum: str  # blake2b of kv.data (final chunk: of hidden.data); a mismatch: the request is re-prefilled
+    checksum: str  # XXH3-128 of kv.data (final chunk: of hidden.data); a mismatch: the request is re-prefilled
     # On the final chunk only: what the decode rank needs to continue the request.
     request: TokenizedRequest | None = None
     first_token: int = -1

@@ -5,17 +5,27 @@ under a short type tag. `decode` checks the version, the tag the stream expects,
 every field against the dataclass annotations, and raises `WireError` with the reason; the bus
 sends such entries to the dead-letter stream. Tensors travel as raw bytes with dtype and shape
 beside them (`TensorBlob`), never pickled.
+
+`encode_parts` leaves bytes of `ATTACH_BYTES` or more out of the msgpack body: each becomes an
+extension (type `ATTACHMENT`, its index) and rides as a stream field of its own, so a KV layer is
+copied neither into the body on the way out nor out of it on the way in (`decode(..., attachments)`
+puts them back; the bus writes and reads the fields).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any, TypeVar
 
 import msgpack
 
-SCHEMA_VERSION = 2  # 2: KVChunk.final ends a handoff (the MTP layer's KV is layer num_hidden_layers)
+# 2: KVChunk.final ends a handoff (the MTP layer's KV is layer num_hidden_layers); 3: XXH3
+# checksums, large bytes as attachments
+SCHEMA_VERSION = 3
+ATTACHMENT = 1  # the msgpack extension type of an attachment's index
+ATTACH_BYTES = 64 << 10
 T = TypeVar("T")
 
 _REGISTRY: dict[str, type] = {}
@@ -47,15 +57,34 @@ class TensorBlob:
 
 
 def encode(msg: Any) -> bytes:
+    """The whole message in one msgpack body."""
+    body, attachments = encode_parts(msg, attach_bytes=None)
+    return body
+
+
+def encode_parts(msg: Any, attach_bytes: int | None = ATTACH_BYTES) -> tuple[bytes, list[bytes]]:
+    """(msgpack body, attachments): bytes values of `attach_bytes` or more are left out of the body."""
     tag = getattr(type(msg), "TAG", None)
     if tag is None:
         raise TypeError(f"{type(msg).__name__} is not a registered message")
-    return msgpack.packb({"v": SCHEMA_VERSION, "t": tag, "f": _to_plain(msg)}, use_bin_type=True)
+    attachments: list[bytes] = []
+    plain = _to_plain(msg, attachments if attach_bytes is not None else None, attach_bytes or 0)
+    return msgpack.packb({"v": SCHEMA_VERSION, "t": tag, "f": plain}, use_bin_type=True), attachments
 
 
-def decode(data: bytes, expected: type[T]) -> T:
+def decode(data: bytes, expected: type[T], attachments: list[bytes] = ()) -> T:
+    def attachment(code: int, index: bytes):
+        if code != ATTACHMENT:
+            raise WireError(f"msgpack extension type {code} is unknown")
+        i = int.from_bytes(index, "little")
+        if i >= len(attachments):
+            raise WireError(f"attachment {i} is missing ({len(attachments)} came with the entry)")
+        return attachments[i]
+
     try:
-        envelope = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        envelope = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=attachment)
+    except WireError:
+        raise
     except Exception as e:  # msgpack raises several unrelated types for garbage
         raise WireError(f"not msgpack: {e}") from None
     if not isinstance(envelope, dict) or not {"v", "t", "f"} <= envelope.keys():
@@ -67,14 +96,25 @@ def decode(data: bytes, expected: type[T]) -> T:
     return _from_plain(envelope["f"], expected, expected.TAG)
 
 
-def _to_plain(value: Any) -> Any:
+def _to_plain(value: Any, attachments: list[bytes] | None = None, attach_bytes: int = 0) -> Any:
     if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _to_plain(getattr(value, f.name), attachments, attach_bytes)
+                for f in dataclasses.fields(value)}
     if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
+        return [_to_plain(v, attachments, attach_bytes) for v in value]
     if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
+        return {k: _to_plain(v, attachments, attach_bytes) for k, v in value.items()}
+    if attachments is not None and isinstance(value, bytes) and len(value) >= attach_bytes:
+        attachments.append(value)
+        return msgpack.ExtType(ATTACHMENT, (len(attachments) - 1).to_bytes(4, "little"))
     return value
+
+
+@functools.cache
+def _shape(kind: type) -> tuple[dict[str, Any], frozenset[str]]:
+    """A dataclass's resolved type hints and field names: resolving the (string) annotations is the
+    slow part of decoding, so once per type."""
+    return typing.get_type_hints(kind), frozenset(f.name for f in dataclasses.fields(kind))
 
 
 def _from_plain(value: Any, kind: Any, path: str) -> Any:
@@ -95,8 +135,7 @@ def _from_plain(value: Any, kind: Any, path: str) -> Any:
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
             raise WireError(f"{path}: expected a map, got {type(value).__name__}")
-        hints = typing.get_type_hints(kind)
-        names = {f.name for f in dataclasses.fields(kind)}
+        hints, names = _shape(kind)
         unknown = set(value) - names
         if unknown:
             raise WireError(f"{path}: unknown field(s) {sorted(unknown)}")

@@ -11,9 +11,15 @@ and bounded streams that never drop an unread or pending entry.
   and the reply was lost (Redis killed between its AOF write and the reply; redis-py then retries
   the read on a new connection and gets only newer entries).
 - `trim` deletes, by MINID, only entries every consumer group has delivered and acked.
+- `read_streams` reads several streams in one blocking call on one Redis; on a Redis Cluster,
+  whose streams lie in several slots, one blocking read per slot runs side by side, and a read
+  still blocked when another returns stays in flight for the next call (never cancelled: a
+  cancelled read may have been delivered, and its entries would wait for a claim).
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -23,10 +29,11 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.protocol import streams
-from shared.protocol.wire import WireError, decode, encode
+from shared.protocol.wire import WireError, decode, encode_parts
+from shared.runtime import redis_client
 
 T = TypeVar("T")
-FIELD = b"m"  # the one field of an entry: the encoded message
+FIELD = b"m"  # an entry's field holding the encoded message; large bytes ride beside it as a0, a1, ...
 log = logging.getLogger(__name__)
 
 
@@ -49,6 +56,16 @@ class Bus:
         self.redis = redis
         self.consumer = consumer  # unique per process: the instance id
         self._reclaimed_at: dict[tuple[str, str], float] = {}
+        self._reads: dict[tuple[str, tuple[str, ...]], asyncio.Task] = {}  # per-slot reads in flight (cluster)
+
+    async def close(self) -> None:
+        """Stop the reads still in flight (what they were handed stays pending, for a claim)."""
+        for task in self._reads.values():
+            task.cancel()
+        for task in self._reads.values():
+            with contextlib.suppress(BaseException):
+                await task
+        self._reads.clear()
 
     async def ensure_consumer_group(self, stream: str, consumer_group: str, start_id: str = "0") -> None:
         """Create the consumer group (and the stream) if missing; from the stream's beginning, or "$":
@@ -64,7 +81,7 @@ class Bus:
             length = await self.redis.xlen(stream)
             if length >= cap:
                 raise StreamFull(stream, length, cap)
-        entry_id = await self.redis.xadd(stream, {FIELD: encode(msg)})
+        entry_id = await self.redis.xadd(stream, _fields(msg))
         return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
     async def publish_many(self, items: list[tuple[str, Any]], then=None) -> list[str]:
@@ -72,7 +89,7 @@ class Bus:
         commands into the same round trip (after the entries)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, msg in items:
-                pipe.xadd(stream, {FIELD: encode(msg)})
+                pipe.xadd(stream, _fields(msg))
             if then is not None:
                 then(pipe)
             ids = (await pipe.execute())[:len(items)]
@@ -91,18 +108,46 @@ class Bus:
 
     async def read_streams(self, consumer_group: str, kinds: dict[str, type], count: int = 16,
                            block_ms: int | None = 1000) -> list[tuple[str, Entry]]:
-        """New entries from several streams that share one consumer group name, in one blocking call."""
-        try:
-            reply = await self.redis.xreadgroup(consumer_group, self.consumer, {s: ">" for s in kinds}, count=count,
-                                                block=block_ms)
-        except ResponseError as e:
-            await self._recreate_lost_consumer_group(e, list(kinds), consumer_group)
-            return []
+        """New entries from several streams that share one consumer group name: one blocking call on
+        one Redis, one per slot on a cluster (the first to answer returns; the others stay in flight)."""
+        slots = redis_client.by_slot(list(kinds)) if redis_client.is_cluster(self.redis) else [list(kinds)]
+        if len(slots) == 1:
+            reply = await self._read_group(consumer_group, tuple(slots[0]), count, block_ms)
+        else:
+            for names in slots:
+                key = (consumer_group, tuple(names))
+                if key not in self._reads:
+                    self._reads[key] = asyncio.create_task(self._read_group(consumer_group, key[1], count, block_ms))
+            await asyncio.wait(self._reads.values(), return_when=asyncio.FIRST_COMPLETED)
+            reply = []
+            for key, task in list(self._reads.items()):
+                if task.done():
+                    del self._reads[key]
+                    reply += task.result()
         out = []
-        for stream, raw in reply or []:
+        for stream, raw in reply:
             stream = stream.decode() if isinstance(stream, bytes) else stream
             out += [(stream, e) for e in await self._decode_entries(stream, consumer_group, kinds[stream], raw)]
         return out
+
+    async def take(self, consumer_group: str, kinds: dict[str, type], claim_idle_ms: int, count: int = 64,
+                   block_ms: int | None = 200) -> list[tuple[str, Entry]]:
+        """What a consumer-group reader handles next: new entries of the streams in `kinds` (one
+        blocking read, `read_streams`), then those a dead consumer left pending for `claim_idle_ms`."""
+        entries = await self.read_streams(consumer_group, kinds, count=count, block_ms=block_ms)
+        for stream, kind in kinds.items():
+            entries += [(stream, e) for e in await self.claim_stale(stream, consumer_group, kind, claim_idle_ms,
+                                                                    count=count)]
+        return entries
+
+    async def _read_group(self, consumer_group: str, names: tuple[str, ...], count: int,
+                          block_ms: int | None) -> list:
+        try:
+            return await self.redis.xreadgroup(consumer_group, self.consumer, {s: ">" for s in names}, count=count,
+                                               block=block_ms) or []
+        except ResponseError as e:
+            await self._recreate_lost_consumer_group(e, list(names), consumer_group)
+            return []
 
     async def claim_stale(self, stream: str, consumer_group: str, kind: type[T], min_idle_ms: int,
                           count: int = 16) -> list[Entry[T]]:
@@ -169,7 +214,8 @@ class Bus:
             try:
                 if payload is None:
                     raise WireError(f"entry has no {FIELD.decode()!r} field")
-                out.append(Entry(entry_id, decode(payload, kind)))
+                attachments = [fields[f] for f in _ATTACHMENT_FIELDS[:len(fields) - 1] if f in fields]
+                out.append(Entry(entry_id, decode(payload, kind, attachments)))
             except WireError as e:
                 await self.dead_letter(stream, consumer_group, entry_id, str(e), payload)
         return out
@@ -180,6 +226,17 @@ class Bus:
         await self.redis.xadd(streams.DEAD_LETTERS, {b"stream": stream, b"entry_id": entry_id,
                                                      b"reason": reason, b"payload": payload or b""})
         await self.ack(stream, consumer_group, entry_id)
+
+
+_ATTACHMENT_FIELDS = [f"a{i}".encode() for i in range(64)]
+
+
+def _fields(msg: Any) -> dict[bytes, bytes]:
+    """An entry's fields: the message's body, then its attachments (shared/protocol/wire.py)."""
+    body, attachments = encode_parts(msg)
+    if len(attachments) > len(_ATTACHMENT_FIELDS):
+        raise ValueError(f"{len(attachments)} attachments; an entry carries at most {len(_ATTACHMENT_FIELDS)}")
+    return {FIELD: body, **dict(zip(_ATTACHMENT_FIELDS, attachments))}
 
 
 def _id_tuple(entry_id: str | bytes) -> tuple[int, int]:

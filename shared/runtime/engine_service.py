@@ -31,6 +31,7 @@ from shared.model.loader import checkpoint_fingerprint, load_model
 from shared.protocol import metric_names, streams
 from shared.protocol.messages import Abort, LoadReport, Sampling
 from shared.protocol.wire import encode
+from shared.runtime import redis_client
 from shared.runtime.numerics import (
     MOE_BACKEND_HELP,
     Numerics,
@@ -101,6 +102,10 @@ def sampling_params(s: Sampling, first_index: int = 0) -> SamplingParams:
 
 class EngineService(EPRank, Service):
     role = "worker"
+
+    def raw_deltas(self, request_id: str) -> str:
+        """The deltas stream of a request's partition (the tokenizer reads them all)."""
+        return streams.raw_deltas_stream(self.config.partition(request_id))
 
     def __init__(self, config: ServiceConfig, args: argparse.Namespace, numerics: Numerics | None = None):
         """`numerics`: resolved by engine_main (the deployment's); None: resolved here, locally."""
@@ -351,7 +356,6 @@ async def deployment_numerics(args: argparse.Namespace, log: logging.Logger) -> 
     """--dtype and --moe-backend before the model loads: the value the deployment published in
     Redis, else this rank's calibration, published for the other ranks (shared/runtime/numerics.py).
     None: Redis refused our credentials (logged once)."""
-    from redis.asyncio import Redis
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -359,7 +363,7 @@ async def deployment_numerics(args: argparse.Namespace, log: logging.Logger) -> 
 
     shapes = Shapes.of_model(args.model)
     checksum = weights_checksum(args.model)
-    redis = Redis.from_url(args.redis_url)
+    redis = redis_client.connect(args.redis_url, args.redis_cluster)
     if not await can_authenticate(redis, log):
         return None
     try:

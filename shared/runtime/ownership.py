@@ -73,7 +73,8 @@ def record_tokens(pipe, request_id: str, new_ids: list[int], emitted: int) -> No
 def forget(pipe, instance_id: str, request_ids: list[str]) -> None:
     """A request finished or was cancelled: its records go."""
     if request_ids:
-        pipe.delete(*[k for r in request_ids for k in (streams.owner_key(r), ids_key(r))])
+        for r in request_ids:  # one DEL per request: its two keys share its hash tag
+            pipe.delete(streams.owner_key(r), ids_key(r))
         pipe.srem(owned_key(instance_id), *request_ids)
 
 
@@ -91,11 +92,11 @@ def resumed_request(req: TokenizedRequest, emitted_ids: list[int]) -> TokenizedR
 
 
 # Deletes a request's records only if the given instance still owns them (a resumed request may
-# already be owned, and recorded, by its new rank).
+# already be owned, and recorded, by its new rank). Both keys share the request's hash tag; the
+# instance's `owned` set is another tag, updated after the script.
 FORGET_IF_OWNER = """
 if redis.call('HGET', KEYS[1], 'instance_id') == ARGV[1] then
     redis.call('DEL', KEYS[1], KEYS[2])
 end
-redis.call('SREM', KEYS[3], ARGV[2])
 return 1
 """

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.launcher.cliargs import apply_env_defaults
+from shared.launcher.cliargs import apply_env_defaults, positive_int
 from shared.protocol import streams
+from shared.runtime import redis_client
 from shared.runtime.bus import Bus
 
 
@@ -41,10 +42,19 @@ class ServiceConfig:
     claim_idle_ms: int = 30_000  # entries pending this long on a dead consumer are taken over
     housekeeping_s: float = 5.0  # how often streams are trimmed (and other periodic upkeep)
     redis_connections: int = 128  # the pool's size; more callers wait their turn
+    redis_cluster: bool = False  # --redis-url names a node of a Redis Cluster
+    stream_partitions: int = 1  # the request queue's partitions, the same on every service
+
+    def partition(self, request_id: str) -> int:
+        return streams.partition_of(request_id, self.stream_partitions)
 
 
 def add_service_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--redis-cluster", action="store_true",
+                        help="--redis-url names a node of a Redis Cluster (STREAMOE_REDIS_CLUSTER=1)")
+    parser.add_argument("--stream-partitions", type=positive_int, default=1,
+                        help="partitions of the request queue and the workers' deltas; the same on every service")
     parser.add_argument("--instance-id", default=None, help="unique per process (default: host-pid-random)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--http-port", type=int, default=0)
@@ -66,24 +76,28 @@ def parse_service_args(parser: argparse.ArgumentParser, argv: list[str] | None =
 
 def service_config(args: argparse.Namespace) -> ServiceConfig:
     return ServiceConfig(args.redis_url, args.instance_id, args.host, args.http_port, args.heartbeat_ttl_s,
-                         args.drain_timeout_s, args.claim_idle_ms, args.housekeeping_s)
+                         args.drain_timeout_s, args.claim_idle_ms, args.housekeeping_s,
+                         redis_cluster=args.redis_cluster, stream_partitions=args.stream_partitions)
 
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
 async def can_authenticate(redis: Redis, log: logging.Logger) -> bool:
-    """False (with one clear log line, and the client closed) when Redis refuses our credentials:
-    no retry can fix a wrong password. Also what a worker checks before it calibrates."""
+    """False (with one clear log line, and the client closed) when Redis refuses our credentials
+    or is not in the mode --redis-cluster says: no retry can fix either. Also what a worker checks
+    before it calibrates."""
     try:
+        await redis_client.check_mode(redis)
         await redis.ping()
         return True
+    except redis_client.RedisModeError as e:
+        log.error(str(e))
     except AuthenticationError as e:
-        kw = redis.connection_pool.connection_kwargs
-        where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"
+        where, user, has_password = redis_client.where(redis)
         # NOTE: never the password itself, nor the URL that holds it
-        given = "with the password given" if kw.get("password") else "with no password given"
-        log.error(f"redis authentication failed for user {kw.get('username') or 'default'!r} at {where} "
+        given = "with the password given" if has_password else "with no password given"
+        log.error(f"redis authentication failed for user {user or 'default'!r} at {where} "
                   f"{given} ({str(e).rstrip('.')}); check the user and password in --redis-url "
                   "(or STREAMOE_REDIS_URL)")
     except RedisError:
@@ -134,10 +148,10 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         # NOTE: a blocking pool: a burst of requests waits for a connection instead of failing
-        self.redis = Redis(connection_pool=BlockingConnectionPool.from_url(
-            self.config.redis_url, max_connections=self.config.redis_connections, timeout=10))
+        self.redis = redis_client.connect(self.config.redis_url, self.config.redis_cluster,
+                                          self.config.redis_connections)
         self.bus = Bus(self.redis, self.config.instance_id)
-        if not await self._can_authenticate():
+        if not await self._can_authenticate() or not await self._same_partitions():
             return 2
         runner = await self._start_http()
         background = [asyncio.create_task(self._heartbeat())]
@@ -177,6 +191,7 @@ class Service:
             except (TimeoutError, Exception) as e:  # Redis away: the TTLs clean up after us
                 self.log.warning("teardown incomplete: %r", e)
             with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.bus.close(), 2.0)
                 await asyncio.wait_for(self.redis.aclose(), 2.0)
             await runner.cleanup()
             self.log.info(json.dumps({"event": "stopped", "service": self.name}))
@@ -184,6 +199,23 @@ class Service:
 
     async def _can_authenticate(self) -> bool:
         return await can_authenticate(self.redis, self.log)
+
+    async def _same_partitions(self) -> bool:
+        """The first service to start records --stream-partitions; one with another count refuses to
+        start (its requests would sit in partitions nobody reads)."""
+        try:
+            await self.redis.set(streams.PARTITIONS_KEY, self.config.stream_partitions, nx=True)
+            recorded = int(await self.redis.get(streams.PARTITIONS_KEY))
+        except RedisError:
+            return True  # unreachable: checked by whoever records it
+        if recorded == self.config.stream_partitions:
+            return True
+        self.log.error(f"--stream-partitions={self.config.stream_partitions}: this deployment runs with "
+                       f"{recorded} (recorded in Redis at {streams.PARTITIONS_KEY}); give every service the same "
+                       "count")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.redis.aclose(), 2.0)
+        return False
 
     def health_fields(self) -> dict:
         """More fields for /health (a worker's numerics)."""

@@ -26,6 +26,7 @@ from shared.ep.transport.base import (
     Transport,
 )
 from shared.protocol import streams
+from shared.runtime import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,10 @@ class RedisTransport(Transport):
     """One rank's inbox stream and reader; see the module docstring for the protocol."""
 
     def __init__(self, redis: str | Redis, role: str, rank: int, size: int, group_id: str,
-                 timeout_s: float = TIMEOUT_S, join_timeout_s: float = JOIN_TIMEOUT_S):
+                 timeout_s: float = TIMEOUT_S, join_timeout_s: float = JOIN_TIMEOUT_S, cluster: bool = False):
         super().__init__(rank, size, f"{role} EP group {group_id!r}", timeout_s, join_timeout_s)
         self._owns_redis = isinstance(redis, str)
-        self.redis = Redis.from_url(redis) if isinstance(redis, str) else redis
+        self.redis = redis_client.connect(redis, cluster) if isinstance(redis, str) else redis
         self.incarnation = os.urandom(8).hex().encode()
         self.inboxes = [streams.ep_inbox(role, group_id, p) for p in range(size)]
         self._peer_incarnations: dict[int, bytes] = {}

@@ -1,0 +1,116 @@
+"""One way to reach Redis: a single server (the default) or a Redis Cluster (`--redis-cluster`).
+
+Every process makes its clients here, so the two modes differ in this module only:
+- `connect` / `connect_sync` give `redis.asyncio.Redis` or `redis.asyncio.cluster.RedisCluster`
+  (and their sync twins) from the same URL; `rediss://` (TLS), a password and an ACL user work in
+  both.
+- `check_mode` refuses, naming `--redis-cluster`, a cluster node reached without the flag or a
+  single server reached with it.
+- `mget` and `read_groups` never send a command over keys of two slots: on a cluster they split it
+  by slot (one call per slot, run side by side), on one server they stay one call.
+- Pipelines need nothing here: redis-py's cluster pipeline groups its commands per node. Scripts,
+  transactions and multi-key commands touch one hash tag each (shared/protocol/streams.py).
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+import redis as sync_redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot as _key_slot
+from redis.exceptions import RedisClusterException, ResponseError
+
+from shared.protocol import streams
+
+CLUSTER_FLAG = "--redis-cluster"
+CLUSTER_ENV = "STREAMOE_REDIS_CLUSTER"
+
+
+class RedisModeError(ValueError):
+    """--redis-cluster disagrees with the Redis that --redis-url names."""
+
+
+def connect(url: str, cluster: bool = False, max_connections: int = 128) -> Redis | RedisCluster:
+    """An asyncio client. One server: a blocking pool (a burst of callers waits for a connection
+    instead of failing). A cluster: a pool of `max_connections` per node; no socket timeout, as on
+    one server, so a blocking read may wait its whole BLOCK."""
+    if cluster:
+        return RedisCluster.from_url(url, max_connections=max_connections, socket_timeout=None)
+    return Redis(connection_pool=BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=10))
+
+
+def connect_sync(url: str, cluster: bool = False) -> sync_redis.Redis | sync_redis.RedisCluster:
+    return sync_redis.RedisCluster.from_url(url) if cluster else sync_redis.Redis.from_url(url)
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, (RedisCluster, sync_redis.RedisCluster))
+
+
+def key_slot(key: str | bytes) -> int:
+    return _key_slot(key.encode() if isinstance(key, str) else key)
+
+
+def by_slot(keys: list[str]) -> list[list[str]]:
+    """`keys` grouped by hash slot, each group in the given order."""
+    groups: dict[int, list[str]] = defaultdict(list)
+    for key in keys:
+        groups[key_slot(key)].append(key)
+    return list(groups.values())
+
+
+def where(client: Any) -> tuple[str, str | None, bool]:
+    """(host:port or socket path, ACL user, whether a password was given) of a client, for messages:
+    never the password itself."""
+    if is_cluster(client):
+        node = client.get_default_node() or client.startup_nodes[0]
+        kw = node.connection_kwargs
+        return f"{node.host}:{node.port}", kw.get("username"), bool(kw.get("password"))
+    kw = client.connection_pool.connection_kwargs
+    return kw.get("path") or f"{kw.get('host')}:{kw.get('port')}", kw.get("username"), bool(kw.get("password"))
+
+
+async def check_mode(client: Redis | RedisCluster) -> None:
+    """Raise RedisModeError when the server's cluster mode is not the client's: a cluster node needs
+    --redis-cluster, and --redis-cluster needs a cluster node. Other Redis errors pass through."""
+    if is_cluster(client):
+        try:
+            await client.initialize()
+        except RedisClusterException as e:
+            if "cluster" in str(e).lower() and "disabled" in str(e).lower() or "not enabled" in str(e).lower():
+                raise RedisModeError(f"{CLUSTER_FLAG} is set ({CLUSTER_ENV}), but --redis-url names a Redis "
+                                     "without cluster mode; drop the flag, or point --redis-url at a node of "
+                                     "the cluster") from None
+            raise
+        return
+    # a command over two slots: one Redis answers it, a cluster node refuses it (CROSSSLOT). Not
+    # INFO or CLUSTER INFO: an ACL user without @dangerous may not run those.
+    probe = [streams.tagged("probe:0"), streams.tagged("probe:1")]
+    try:
+        await client.exists(*probe)
+    except ResponseError as e:
+        if "slot" in str(e).lower() or str(e).startswith(("MOVED", "CROSSSLOT")):
+            raise RedisModeError(f"--redis-url names a node of a Redis Cluster: pass {CLUSTER_FLAG} "
+                                 f"(or {CLUSTER_ENV}=1)") from None
+        raise
+
+
+async def mget(client: Redis | RedisCluster, keys: list[str]) -> list[bytes | None]:
+    """MGET that never spans slots on a cluster."""
+    if not keys:
+        return []
+    if is_cluster(client):
+        return await client.mget_nonatomic(keys)
+    return await client.mget(keys)
+
+
+async def delete(client: Redis | RedisCluster, keys: list[str]) -> int:
+    """DEL of many keys, one call per slot on a cluster."""
+    if not keys:
+        return 0
+    if not is_cluster(client):
+        return await client.delete(*keys)
+    return sum(await asyncio.gather(*[client.delete(*group) for group in by_slot(keys)]))
