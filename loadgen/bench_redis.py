@@ -19,6 +19,11 @@
     decode handoff pair on its own decode rank's stream and one EP pair of two ranks exchanging
     payloads through their inboxes (shared/ep/transport), all at once for `--seconds`. Reports
     handoff and exchange bytes/s per (shards, pairs), and the ratio of 3 primaries to 1.
+
+`python -m loadgen.bench_redis wait [--requests 2000] [--out FILE]`
+    What `--redis-wait-replicas 1` costs a request: the gateway's publish (XADD, then WAIT on the
+    same connection) against XADD alone, interleaved, on a one-primary cluster with one replica;
+    p50/p99 of each. A request pays it once, before its first token.
 """
 from __future__ import annotations
 
@@ -263,6 +268,49 @@ def shards_bench(args: argparse.Namespace) -> dict:
             "cores": os.cpu_count(), "runs": results, "ratios": ratios}
 
 
+async def wait_bench(args: argparse.Namespace) -> dict:
+    """Publish latency of a request, XADD alone vs XADD + WAIT 1, interleaved, on a one-primary
+    cluster with one replica (as `streamoe up --redis-shards 1 --redis-replicas 1` runs)."""
+    from shared.protocol.messages import GenerateRequest, Sampling
+    from shared.runtime.bus import encode_fields
+
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as directory:
+        cluster = start_cluster(Path(directory), 1, replicas=1, appendonly=args.aof == "on")
+        try:
+            client = redis_client.connect(cluster.url, cluster=True)
+            await client.initialize()
+            writers = {"without": redis_client.ReplicatedWriter(client, 0, 0),
+                       "with": redis_client.ReplicatedWriter(client, 1, args.wait_timeout_ms)}
+            prompt = " ".join(["word"] * args.prompt_words)
+            times: dict[str, list[float]] = {"without": [], "with": []}
+            unreplicated = 0
+            for i in range(args.requests):
+                for how in ("without", "with"):
+                    req = GenerateRequest(f"r{i}-{how}", "t", "gw", Sampling(max_tokens=16), time.time() + 60,
+                                          prompt_text=prompt)
+                    start = time.perf_counter()
+                    _, acked = await writers[how].xadd(streams.requests_stream(0), encode_fields(req))
+                    times[how].append(time.perf_counter() - start)
+                    unreplicated += how == "with" and acked < 1
+            for writer in writers.values():
+                await writer.aclose()
+            await client.aclose()
+        finally:
+            cluster.stop()
+
+    def pct(values: list[float], q: float) -> float:
+        return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1e3
+
+    out = {how: {"p50_ms": pct(v, 0.5), "p99_ms": pct(v, 0.99), "mean_ms": statistics.mean(v) * 1e3}
+           for how, v in times.items()}
+    for how, row in out.items():
+        print(f"{how} WAIT: p50 {row['p50_ms']:.3f} ms, p99 {row['p99_ms']:.3f} ms", file=sys.stderr)
+    return {"requests": args.requests, "prompt_words": args.prompt_words, "aof": args.aof,
+            "wait_timeout_ms": args.wait_timeout_ms, "publish_latency": out, "unreplicated": unreplicated,
+            "p50_added_ms": out["with"]["p50_ms"] - out["without"]["p50_ms"],
+            "p99_added_ms": out["with"]["p99_ms"] - out["without"]["p99_ms"]}
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x]
@@ -294,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     shards.add_argument("--entry-bytes", type=int, default=1 << 20, help="one handoff entry (a layer's KV)")
     shards.add_argument("--exchange-bytes", type=int, default=256 << 10, help="one EP payload per peer and call")
     shards.add_argument("--out", type=Path, default=None)
+    wait = commands.add_parser("wait", help="what WAIT 1 adds to publishing a request")
+    wait.add_argument("--requests", type=int, default=2000)
+    wait.add_argument("--prompt-words", type=int, default=200)
+    wait.add_argument("--wait-timeout-ms", type=int, default=200)
+    wait.add_argument("--aof", choices=["on", "off"], default="on",
+                      help="the nodes' append-only file (on, as `streamoe up` runs them)")
+    wait.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     import uvloop
 
@@ -308,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                     proc.wait()
         else:
             result = uvloop.run(handoff_bench(args, args.redis_url))
+    elif args.command == "wait":
+        result = uvloop.run(wait_bench(args))
     else:
         result = shards_bench(args)
     result = {"command": " ".join(["python -m loadgen.bench_redis", *(argv or sys.argv[1:])]), **result}

@@ -6,6 +6,7 @@ from pathlib import Path
 import uvloop
 
 from shared.cache.reply_memory import DEFAULT_TTL_S
+from shared.launcher.cliargs import non_negative_float, non_negative_int, positive_int
 from shared.runtime.service import add_service_args, parse_service_args, service_config
 
 from .app import GatewayService, GatewaySettings
@@ -26,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reply-memory-ttl-s", type=int, default=DEFAULT_TTL_S,
                         help="how long a chat reply's generated ids are remembered, so the next turn sending its "
                              "text back is an exact extension of this one (0: off; shared/cache/reply_memory.py)")
+    parser.add_argument("--redis-wait-replicas", type=non_negative_int, default=0,
+                        help="replicas that must acknowledge a request (WAIT) before it is accepted; "
+                             "fewer within --redis-wait-timeout-ms: 503 (0: off)")
+    parser.add_argument("--redis-wait-timeout-ms", type=positive_int, default=200)
+    parser.add_argument("--progress-timeout-s", type=non_negative_float, default=30.0,
+                        help="a request with no new token for this long is published again, or its lost "
+                             "tokens sent again (0: off)")
     args = parse_service_args(parser, argv)
     raw = [args.api_key] if isinstance(args.api_key, str) else args.api_key or []  # STREAMOE_API_KEY: one string
     keys = tuple(k for arg in raw for k in arg.split(",") if k)
@@ -33,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
                                args.max_body_bytes, args.max_inflight, request_timeout_s=args.request_timeout_s,
                                max_tokens_limit=args.max_tokens_limit,
                                chat_default_max_tokens=args.chat_default_max_tokens,
-                               reply_memory_ttl_s=args.reply_memory_ttl_s)
+                               reply_memory_ttl_s=args.reply_memory_ttl_s,
+                               redis_wait_replicas=args.redis_wait_replicas,
+                               redis_wait_timeout_ms=args.redis_wait_timeout_ms,
+                               progress_timeout_s=args.progress_timeout_s)
     return uvloop.run(GatewayService(service_config(args), settings).run())
 
 

@@ -8,9 +8,11 @@ is a fast 429 with Retry-After.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import re
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,9 +23,11 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from shared.cache.reply_memory import DEFAULT_TTL_S, reply_key, tokenizer_digest
+from shared.model.detok import prefix_window
 from shared.protocol import streams
-from shared.protocol.messages import Abort, GenerateRequest, TokenDelta
-from shared.runtime.bus import StreamFull
+from shared.protocol.messages import Abort, GenerateRequest, TokenDelta, TokenizedRequest
+from shared.runtime import ownership, redis_client
+from shared.runtime.bus import StreamFull, encode_fields
 from shared.runtime.service import Service, ServiceConfig
 
 from .metrics import GatewayMetrics, RequestTimes
@@ -42,6 +46,10 @@ class Inflight:
     finished: bool = False
     outcome: str = "aborted"  # until the backend ends it, or the deadline passes
     times: RequestTimes = field(default_factory=RequestTimes)
+    request: GenerateRequest | None = None  # as published: published again when it shows no progress
+    prompt_ids: list[int] | None = None  # from the first delta
+    token_ids: list[int] = field(default_factory=list)  # every output id delivered, in order
+    progress_at: float = field(default_factory=time.monotonic)  # the last delta delivered in order
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,9 @@ class GatewaySettings:
     max_tokens_limit: int = 4096
     chat_default_max_tokens: int = 256
     reply_memory_ttl_s: int = DEFAULT_TTL_S
+    redis_wait_replicas: int = 0  # replicas that must have a request before it is accepted (WAIT)
+    redis_wait_timeout_ms: int = 200
+    progress_timeout_s: float = 30.0  # a request with no new delta for this long is repaired (0: never)
 
 
 class GatewayService(Service):
@@ -83,6 +94,19 @@ class GatewayService(Service):
 
     async def setup(self) -> None:
         await self.bus.ensure_consumer_group(self.delta_stream, CONSUMER_GROUP)
+        self.writer = None
+        if self.settings.redis_wait_replicas > 0:
+            self.writer = redis_client.ReplicatedWriter(self.redis, self.settings.redis_wait_replicas,
+                                                        self.settings.redis_wait_timeout_ms)
+        self.watchdog = None
+        if self.settings.progress_timeout_s > 0:
+            self.watchdog = asyncio.create_task(self.watch_progress())
+
+    async def teardown(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        if self.writer is not None:
+            await self.writer.aclose()
 
     def trimmed_streams(self) -> list[str]:
         return [self.delta_stream]
@@ -106,6 +130,87 @@ class GatewayService(Service):
             d = state.held.pop(state.next_index)
             state.queue.put_nowait(d)
             state.next_index += max(1, len(d.token_ids))
+            state.token_ids += d.token_ids
+            state.progress_at = time.monotonic()
+            if d.index == 0 and d.prompt_ids is not None:
+                state.prompt_ids = list(d.prompt_ids)
+
+    # -- repairs: what a Redis failover (or any lost entry) can leave undone -------------------------
+    async def watch_progress(self) -> None:
+        """Every request that showed no progress for --progress-timeout-s is repaired (`repair`)."""
+        timeout = self.settings.progress_timeout_s
+        while not self._closing.is_set():
+            await self._pause(min(1.0, timeout / 4))
+            now = time.monotonic()
+            for request_id, state in list(self.inflight.items()):
+                if state.finished or state.request is None or now - state.progress_at < timeout:
+                    continue
+                state.progress_at = now  # the next repair of this one waits another whole timeout
+                try:
+                    await self.repair(request_id, state)
+                except RedisError as e:  # Redis away: the next round tries again
+                    self.log.warning(json.dumps({"event": "repair_failed", "trace_id": state.request.trace_id,
+                                                 "error": repr(e)}))
+
+    async def repair(self, request_id: str, state: Inflight) -> None:
+        """A request whose entries may have vanished (an acknowledged XADD lost in a failover):
+        - no first token: publish it again, the same id (each hop takes a duplicate harmlessly, and
+          the seed pinned at admission makes a second run draw the same tokens);
+        - a gap, and the decode rank's ownership record holds the missing ids: send them again
+          through the tokenizer (which makes their text);
+        - no record (the handoff was lost, or the end of the reply): resume from the ids this
+          gateway has, as the balancer resumes a dead rank's requests."""
+        req = state.request
+        if state.next_index == 0:
+            await self.publish_request(req)
+            self._repaired(req, "republished")
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:  # one request's keys: one slot
+            pipe.exists(streams.owner_key(request_id))
+            pipe.get(ownership.ids_key(request_id))
+            owned, raw_ids = await pipe.execute()
+        sent = ownership.unpack_ids(raw_ids)
+        start = state.next_index
+        if owned and len(sent) > start:
+            end = min([len(sent), *state.held])
+            prompt = state.prompt_ids or []
+            window = prefix_window(req.sampling.stop)
+            await self.bus.publish(streams.raw_deltas_stream(self.config.partition(request_id)), TokenDelta(
+                request_id, req.trace_id, req.gateway_id, start, sent[start:end],
+                prefix_ids=(prompt + sent[:start])[-window:], stop=req.sampling.stop, num_prompt_tokens=len(prompt)))
+            self._repaired(req, "resent")
+        elif not owned and state.prompt_ids is not None:
+            left = req.sampling.max_tokens - len(state.token_ids)
+            if left <= 0:  # every token came; only the end was lost
+                self.dispatch(TokenDelta(request_id, req.trace_id, req.gateway_id, start, [], finish_reason="length"))
+            else:
+                await self.bus.publish(streams.tokenized_stream(self.config.partition(request_id)), TokenizedRequest(
+                    request_id, req.trace_id, req.gateway_id, dataclasses.replace(req.sampling, max_tokens=left),
+                    req.deadline, state.prompt_ids + state.token_ids, req.cache_salt, resumed=len(state.token_ids)))
+            self._repaired(req, "resumed")
+
+    def _repaired(self, req: GenerateRequest, how: str) -> None:
+        self.metrics.repairs.labels(how=how).inc()
+        self.log.warning(json.dumps({"event": "request_repaired", "how": how, "trace_id": req.trace_id,
+                                     "after_s": self.settings.progress_timeout_s}))
+
+    async def publish_request(self, req: GenerateRequest) -> None:
+        """Into the request's partition; with --redis-wait-replicas, only once that many replicas
+        have it (else 503: the client was never told it was accepted, and the abort the caller
+        publishes stops whatever copy survived)."""
+        stream = streams.requests_stream(self.config.partition(req.request_id))
+        if self.writer is None:
+            await self.bus.publish(stream, req, cap=self.settings.request_stream_cap)
+            return
+        length = await self.redis.xlen(stream)
+        if length >= self.settings.request_stream_cap:
+            raise StreamFull(stream, length, self.settings.request_stream_cap)
+        _, acked = await self.writer.xadd(stream, encode_fields(req))
+        if acked < self.settings.redis_wait_replicas:
+            self.metrics.unreplicated.inc()
+            raise ApiError(503, f"the request queue has {acked} of {self.settings.redis_wait_replicas} replicas "
+                                f"(--redis-wait-replicas) within {self.settings.redis_wait_timeout_ms} ms; retry",
+                           None, "backend_unavailable", headers={"Retry-After": "1", "retry-after-ms": "1000"})
 
     # -- HTTP ---------------------------------------------------------------------------------------
     @web.middleware
@@ -181,12 +286,16 @@ class GatewayService(Service):
         deadline = time.time() + self.settings.request_timeout_s
         self.inflight[request_id] = state = Inflight()
         self.metrics.inflight.inc()
+        sampling = parsed.sampling
+        if sampling.seed is None:  # pinned: a request run twice (a repair) draws the same tokens both times
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
         try:
             try:
-                await self.bus.publish(streams.requests_stream(self.config.partition(request_id)), GenerateRequest(
-                    request_id, trace_id, self.config.instance_id, parsed.sampling, deadline,
-                    prompt_text=parsed.prompt_text, prompt_ids=parsed.prompt_ids, chat=parsed.messages,
-                    cache_salt=parsed.cache_salt), cap=self.settings.request_stream_cap)
+                req = GenerateRequest(request_id, trace_id, self.config.instance_id, sampling, deadline,
+                                      prompt_text=parsed.prompt_text, prompt_ids=parsed.prompt_ids,
+                                      chat=parsed.messages, cache_salt=parsed.cache_salt)
+                await self.publish_request(req)
+                state.request, state.progress_at = req, time.monotonic()
             except StreamFull as e:
                 raise _overloaded(str(e)) from None
             if parsed.stream:

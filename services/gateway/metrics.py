@@ -38,6 +38,13 @@ class GatewayMetrics:
                               ["kind"], registry=registry)
         self.inflight = Gauge("streamoe_gateway_inflight_requests", "Requests admitted and not finished",
                               registry=registry)
+        self.repairs = Counter("streamoe_requests_repaired_total", "Requests that showed no progress for "
+                               "--progress-timeout-s, by repair: republished (no first token yet), resent (a gap "
+                               "the ownership record fills), resumed (no record: from the ids this gateway has)",
+                               ["how"], registry=registry)
+        self.unreplicated = Counter("streamoe_requests_unreplicated_total", "Requests refused (503) because fewer "
+                                    "than --redis-wait-replicas replicas acknowledged them in time",
+                                    registry=registry)
         self.ttft = Histogram("streamoe_ttft_seconds", "Time to first token", buckets=_BUCKETS, registry=registry)
         self.itl = Histogram("streamoe_itl_seconds", "Time between token deltas", buckets=_BUCKETS,
                              registry=registry)

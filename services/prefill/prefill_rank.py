@@ -55,7 +55,9 @@ class PrefillService(EngineService):
     async def admit(self, entry_id: str, task: PrefillTask) -> None:
         req = task.request
         if req.request_id in self.tasks:
-            return  # a redelivery of a task already running here
+            if self.tasks[req.request_id][0] != entry_id:  # the same request published again (a repair)
+                await self.bus.ack(self.stream, CONSUMER_GROUP, entry_id)
+            return  # else a redelivery of the entry already running here
         prefix = None
         if req.num_cached_tokens and self.prefix_cache is not None:  # read and verified off the loop
             prefix = await asyncio.to_thread(self.prefix_cache.load, req.prompt_ids, req.cache_salt,

@@ -8,6 +8,8 @@ collide. The engine's block manager and the cache service both call these functi
 from __future__ import annotations
 
 import hashlib
+import os
+import secrets
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -67,7 +69,8 @@ def _file_checksum(path: Path, cache_dir: Path | None) -> bytes:
         digest = hashlib.file_digest(f, "blake2b").digest()
     if memo is not None:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(".tmp")
+        # a name of its own: processes starting together (the ranks of a group) write the same memo
+        tmp = memo.with_suffix(f".{os.getpid()}-{secrets.token_hex(4)}.tmp")
         tmp.write_text(digest.hex())
         tmp.replace(memo)  # atomic: a concurrent reader sees all or nothing
     return digest

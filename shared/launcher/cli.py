@@ -15,6 +15,7 @@ from shared.launcher.cliargs import (
     SPECULATIVE_TOKENS_HELP,
     FlagValueError,
     apply_env_defaults,
+    non_negative_float,
     non_negative_int,
     positive_int,
     resolve_speculative_tokens,
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start an embedded Redis Cluster of N primaries instead of one redis-server (0: don't)")
     upp.add_argument("--redis-replicas", type=non_negative_int, default=0, metavar="R",
                      help="replicas per primary of the embedded cluster")
+    upp.add_argument("--redis-wait-replicas", type=non_negative_int, default=None, metavar="N",
+                     help="replicas that must have a request before the gateway accepts it "
+                          "(default: 1 with --redis-replicas >= 1, else 0)")
+    upp.add_argument("--progress-timeout-s", type=non_negative_float, default=30.0,
+                     help="the gateway repairs a request with no new token for this long (0: off)")
     upp.add_argument("--stream-partitions", type=positive_int, default=None, metavar="N",
                      help="partitions of the request queue and the workers' deltas (default: --redis-shards, or 1)")
     upp.add_argument("--dtype", choices=["auto", "bf16", "fp32", "fp16"], default="auto",
@@ -126,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--processes", type=Path, default=None, help="a `streamoe up` run's processes.json")
     cost.add_argument("--metrics", nargs="+", default=[], metavar="FILE",
                       help="saved Prometheus text files (STREAMOE_METRICS: paths separated by spaces)")
-    cost.add_argument("--gpu-hour-usd", type=_non_negative_float, default=GPU_HOUR_USD,
+    cost.add_argument("--gpu-hour-usd", type=non_negative_float, default=GPU_HOUR_USD,
                       help=f"USD per GPU-hour (default {GPU_HOUR_USD:g})")
     cost.add_argument("--prices", type=_prices, default=PRICES_PER_MILLION, metavar="HIT,MISS,OUT",
                       help="USD per 1M tokens: input cache hit, input cache miss, output "
@@ -138,13 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (init, distill, gen, upp, cost):
         apply_env_defaults(sub)
     return parser
-
-
-def _non_negative_float(raw: str) -> float:
-    value = _non_negative(raw)
-    if value is None:
-        raise FlagValueError(f"{raw!r}: expected a number >= 0")
-    return value
 
 
 def _non_negative(raw: str) -> float | None:

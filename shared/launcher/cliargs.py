@@ -6,6 +6,7 @@ command line wins over the variable, and the variable over the built-in default.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,6 +81,17 @@ def non_negative_int(raw: str) -> int:
         value = -1
     if value < 0:
         raise FlagValueError(f"{raw!r}: expected a whole number >= 0")
+    return value
+
+
+def non_negative_float(raw: str) -> float:
+    """A flag's type: a number >= 0."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise FlagValueError(f"{raw!r}: expected a number >= 0")
     return value
 
 

@@ -110,8 +110,9 @@ def _form(clients: list[redis.Redis], shards: int, replicas: int, host: str, tim
     deadline = time.monotonic() + timeout
     _until(lambda: all(len(c.execute_command("CLUSTER NODES")) == len(clients)
                        for c in clients), deadline, "every node to know the others")
-    for i, c in enumerate(clients[shards:]):
-        c.execute_command("CLUSTER REPLICATE", ids[i % shards])
+    for i, c in enumerate(clients[shards:]):  # "Unknown node" until the gossip has reached it
+        _until(lambda c=c, i=i: c.execute_command("CLUSTER REPLICATE", ids[i % shards]), deadline,
+               "every replica to know its primary")
     _until(lambda: all(c.cluster("info").get("cluster_state") == "ok" for c in clients), deadline,
            "cluster_state:ok on every node")
     _until(lambda: all(c.info("replication").get("master_link_status") == "up" for c in clients[shards:]),

@@ -135,7 +135,10 @@ def up(args: argparse.Namespace) -> int:
               "--device", args.device, "--threads", str(threads), "--ep-wire", args.ep_wire,
               "--num-redundant-experts", str(args.num_redundant_experts), "--speculative-tokens", str(speculative),
               *cache]
-    gateway = ["--model", str(model)]
+    wait = getattr(args, "redis_wait_replicas", None)
+    wait = (1 if getattr(args, "redis_replicas", 0) else 0) if wait is None else wait
+    gateway = ["--model", str(model), "--redis-wait-replicas", str(wait),
+               "--progress-timeout-s", str(getattr(args, "progress_timeout_s", 30.0))]
     children = [Child("tokenizer", "services.tokenizer", ["--model", str(model)], free_port(),
                       run_dir / "tokenizer.log"),
                 Child("cache", "services.cache", ["--model", str(model), "--dtype", numerics.dtype, "--device",

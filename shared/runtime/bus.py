@@ -81,7 +81,7 @@ class Bus:
             length = await self.redis.xlen(stream)
             if length >= cap:
                 raise StreamFull(stream, length, cap)
-        entry_id = await self.redis.xadd(stream, _fields(msg))
+        entry_id = await self.redis.xadd(stream, encode_fields(msg))
         return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
     async def publish_many(self, items: list[tuple[str, Any]], then=None) -> list[str]:
@@ -89,7 +89,7 @@ class Bus:
         commands into the same round trip (after the entries)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, msg in items:
-                pipe.xadd(stream, _fields(msg))
+                pipe.xadd(stream, encode_fields(msg))
             if then is not None:
                 then(pipe)
             ids = (await pipe.execute())[:len(items)]
@@ -231,7 +231,7 @@ class Bus:
 _ATTACHMENT_FIELDS = [f"a{i}".encode() for i in range(64)]
 
 
-def _fields(msg: Any) -> dict[bytes, bytes]:
+def encode_fields(msg: Any) -> dict[bytes, bytes]:
     """An entry's fields: the message's body, then its attachments (shared/protocol/wire.py)."""
     body, attachments = encode_parts(msg)
     if len(attachments) > len(_ATTACHMENT_FIELDS):

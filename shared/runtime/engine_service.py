@@ -356,8 +356,6 @@ async def deployment_numerics(args: argparse.Namespace, log: logging.Logger) -> 
     """--dtype and --moe-backend before the model loads: the value the deployment published in
     Redis, else this rank's calibration, published for the other ranks (shared/runtime/numerics.py).
     None: Redis refused our credentials (logged once)."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
 
     from shared.runtime.service import can_authenticate
 
@@ -371,7 +369,7 @@ async def deployment_numerics(args: argparse.Namespace, log: logging.Logger) -> 
             try:
                 return await agree(redis, checksum, args.dtype, args.moe_backend, lambda: resolve(
                     shapes, args.device, engine_threads(args), args.dtype, args.moe_backend))
-            except (RedisConnectionError, RedisTimeoutError) as e:
+            except redis_client.OUTAGE_ERRORS as e:
                 if delay is None:
                     raise SystemExit(f"--dtype={args.dtype} --moe-backend={args.moe_backend}: Redis stayed "
                                      f"unreachable ({e}); check --redis-url, or give both values explicitly") from e

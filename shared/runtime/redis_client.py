@@ -14,19 +14,35 @@ Every process makes its clients here, so the two modes differ in this module onl
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 from collections import defaultdict
 from typing import Any
 
 import redis as sync_redis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection
 from redis.crc import key_slot as _key_slot
-from redis.exceptions import RedisClusterException, ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.protocol import streams
 
 CLUSTER_FLAG = "--redis-cluster"
 CLUSTER_ENV = "STREAMOE_REDIS_CLUSTER"
+
+
+# What an outage looks like: one Redis unreachable, or a cluster failing over (a primary gone, its
+# replica not yet promoted, slots uncovered for a moment). The services wait these out and go on.
+OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, SlotNotCoveredError)
 
 
 class RedisModeError(ValueError):
@@ -114,3 +130,66 @@ async def delete(client: Redis | RedisCluster, keys: list[str]) -> int:
     if not is_cluster(client):
         return await client.delete(*keys)
     return sum(await asyncio.gather(*[client.delete(*group) for group in by_slot(keys)]))
+
+
+_REDIS_PARAMETERS = frozenset(inspect.signature(Redis.__init__).parameters) - {"self", "host", "port"}
+
+
+class ReplicatedWriter:
+    """XADD, then WAIT for `replicas` replicas, on one connection to the primary that holds the
+    stream: WAIT counts the writes of its own connection only, so the two must share one. On a
+    cluster, a plain client per primary (redis-py's cluster client would send WAIT to a node of its
+    choosing); after a failover moves the slot, the next write finds the new primary."""
+
+    def __init__(self, client: Redis | RedisCluster, replicas: int, timeout_ms: int):
+        self.client, self.replicas, self.timeout_ms = client, replicas, timeout_ms
+        self._primaries: dict[str, Redis] = {}
+
+    async def xadd(self, stream: str, fields: dict) -> tuple[bytes, int]:
+        """-> (entry id, replicas that acknowledged it within the timeout)."""
+        target = self.client
+        if is_cluster(self.client):
+            target = await self._primary(stream)
+        try:
+            async with target.pipeline(transaction=False) as pipe:
+                pipe.xadd(stream, fields)
+                pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
+                entry_id, acked = await pipe.execute()
+        except ResponseError as e:
+            if is_cluster(self.client) and str(e).startswith(("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")):
+                await self._forget_topology()
+                raise ClusterDownError(f"the slot of {stream} moved: {e}") from None
+            raise
+        except OUTAGE_ERRORS:
+            if is_cluster(self.client):
+                await self._forget_topology()
+            raise
+        return entry_id, int(acked)
+
+    async def _primary(self, stream: str) -> Redis:
+        await self.client.initialize()
+        node = self.client.get_node_from_key(stream)
+        if node is None:
+            raise SlotNotCoveredError(f"no primary serves the slot of {stream}")
+        client = self._primaries.get(node.name)
+        if client is None:
+            # the node's credentials, TLS settings and timeouts, without the cluster client's own keys
+            kwargs = {k: v for k, v in node.connection_kwargs.items() if k in _REDIS_PARAMETERS}
+            kwargs["ssl"] = issubclass(node.connection_class, SSLConnection)
+            client = Redis(**{**kwargs, "host": node.host, "port": node.port})
+            self._primaries[node.name] = client
+        return client
+
+    async def _forget_topology(self) -> None:
+        """The next write asks the cluster again which primary holds the slot."""
+        with contextlib.suppress(Exception):
+            await self.client.nodes_manager.initialize()
+        clients, self._primaries = list(self._primaries.values()), {}
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def aclose(self) -> None:
+        for client in self._primaries.values():
+            with contextlib.suppress(Exception):
+                await client.aclose()

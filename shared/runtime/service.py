@@ -22,8 +22,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, RedisError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.launcher.cliargs import apply_env_defaults, positive_int
 from shared.protocol import streams
@@ -257,7 +255,7 @@ class Service:
             try:
                 await self.loop()
                 return
-            except (RedisConnectionError, RedisTimeoutError) as e:
+            except redis_client.OUTAGE_ERRORS as e:
                 if self.stopping.is_set():
                     return
                 self.log.warning(json.dumps({"event": "redis_unreachable", "error": repr(e), "retry_in_s": backoff}))
@@ -273,7 +271,7 @@ class Service:
         while True:
             try:
                 return await write()
-            except (RedisConnectionError, RedisTimeoutError) as e:
+            except redis_client.OUTAGE_ERRORS as e:
                 if self._closing.is_set():
                     raise
                 self.log.warning(json.dumps({"event": "write_retried", "error": repr(e), "retry_in_s": backoff}))

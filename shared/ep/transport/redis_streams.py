@@ -8,8 +8,6 @@ import os
 from contextlib import suppress
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.ep.transport.base import (
     DATA,
@@ -77,7 +75,7 @@ class RedisTransport(Transport):
                 with suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self._reader), READ_BLOCK_MS / 1000 + 1.0)
             await self.redis.delete(self.inboxes[self.rank])  # whatever arrives from now on is stale
-        except (RedisConnectionError, RedisTimeoutError) as e:
+        except redis_client.OUTAGE_ERRORS as e:
             log.warning("rank %d of the %s: closing without Redis (%s)", self.rank, self.group, e)
         finally:
             if self._reader is not None and not self._reader.done():
@@ -130,7 +128,7 @@ class RedisTransport(Transport):
                     reply = (await pipe.execute())[-1]
                 if self._is_closed:
                     return
-            except (RedisConnectionError, RedisTimeoutError) as e:
+            except redis_client.OUTAGE_ERRORS as e:
                 if self._is_closed:
                     return
                 log.warning("rank %d of the %s: reading %s failed (%s); retrying", self.rank, self.group, inbox, e)
