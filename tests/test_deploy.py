@@ -194,6 +194,45 @@ def test_compose_matches_the_services():
     check_groups(parsed, parsed["balancer"][0], init.preset)
 
 
+def merged(base: dict, override: dict) -> dict:
+    """Compose's merge of an override file: maps merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def test_compose_cluster_override_runs_every_service_on_a_redis_cluster():
+    """deploy/compose.cluster.yaml over compose.yaml: six cluster nodes joined as 3 primaries with a
+    replica each, every service with --redis-cluster and one partition count, after the join, and
+    the gateway waiting for a replica."""
+    override = yaml.safe_load((DEPLOY / "compose.cluster.yaml").read_text())
+    services = merged(compose(), override)["services"]
+    nodes = sorted(k for k, v in services.items() if str(v.get("image", "")).startswith("redis") and
+                   "redis-server" in v.get("command", []))
+    assert len(nodes) == 6
+    for node in nodes:
+        command = services[node]["command"]
+        assert flag(command, "--cluster-enabled") == "yes" and flag(command, "--appendonly") == "yes", node
+    volumes = {services[n]["volumes"][0].split(":")[0] for n in nodes}
+    assert len(volumes) == 6, "each node keeps its append-only file and nodes.conf on a volume of its own"
+    join = services["redis-cluster-init"]
+    script = join["command"][-1]
+    assert all(f"getent hosts {n} " in script for n in nodes) and "--cluster-replicas 1" in script
+    assert {k for k, v in join["depends_on"].items() if v["condition"] == "service_healthy"} == set(nodes)
+    partitions = set()
+    for key, spec in services.items():
+        if not str(spec.get("command", [""])[0]).startswith("python"):
+            continue
+        assert spec["depends_on"]["redis-cluster-init"]["condition"] == "service_completed_successfully", key
+        name, args = parse_service(*compose_service(spec, {}))
+        assert args.redis_cluster, f"{key}: not on the cluster"
+        partitions.add(args.stream_partitions)
+        if name == "gateway":
+            assert args.redis_wait_replicas == 1, "the gateway accepts a request before a replica has it"
+    assert partitions == {3}
+
+
 # --- Kubernetes ------------------------------------------------------------------------------
 
 def manifests() -> list[dict]:
