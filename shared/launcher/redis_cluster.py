@@ -28,11 +28,17 @@ class LocalCluster:
     shards: int
     replicas: int
     ports: list[int] = field(default_factory=list)
+    restart_args: list[dict] = field(default_factory=list)  # start_redis's arguments, per node
 
     @property
     def url(self) -> str:
         """The URL services get: the first primary (a cluster client finds the rest itself)."""
         return self.urls[0]
+
+    def restart(self, node: int) -> None:
+        """Start node `node` again (after it died) on its directory, port and nodes.conf: it rejoins
+        with the slots it had, and its append-only file gives back what it held."""
+        self.procs[node], _ = start_redis(**self.restart_args[node])
 
     def stop(self, timeout: float = 10.0) -> None:
         for proc in self.procs:
@@ -54,18 +60,19 @@ def slot_ranges(shards: int) -> list[tuple[int, int]]:
 
 def start_cluster(directory: Path, shards: int, replicas: int = 0, host: str = "127.0.0.1",
                   password: str | None = None, node_timeout_ms: int = 5000, appendonly: bool = True,
-                  timeout: float = 30.0) -> LocalCluster:
+                  timeout: float = 30.0, extra: list[str] | None = None) -> LocalCluster:
     """Start `shards * (1 + replicas)` nodes in `directory/node<i>` and join them into one cluster,
     returned once every node says `cluster_state:ok` and every replica is in sync."""
     if shards < 1 or replicas < 0:
         raise ValueError(f"--redis-shards={shards} --redis-replicas={replicas}: need >= 1 shard and >= 0 replicas")
-    procs, urls = [], []
+    procs, urls, starts = [], [], []
     try:
         for i in range(shards * (1 + replicas)):
-            proc, url = start_redis(directory / f"node{i}", port=_free_node_port(host), appendonly=appendonly,
-                                    host=host, password=password,
-                                    extra=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                           "--cluster-node-timeout", str(node_timeout_ms)])
+            starts.append(dict(directory=directory / f"node{i}", port=_free_node_port(host), appendonly=appendonly,
+                               host=host, password=password,
+                               extra=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                      "--cluster-node-timeout", str(node_timeout_ms), *(extra or [])]))
+            proc, url = start_redis(**starts[-1])
             procs.append(proc)
             urls.append(url)
         clients = [redis.Redis.from_url(u) for u in urls]
@@ -75,7 +82,7 @@ def start_cluster(directory: Path, shards: int, replicas: int = 0, host: str = "
     except BaseException:
         LocalCluster(procs, urls, shards, replicas).stop()
         raise
-    return LocalCluster(procs, urls, shards, replicas, [int(u.rsplit(":", 1)[1].split("/")[0]) for u in urls])
+    return LocalCluster(procs, urls, shards, replicas, [s["port"] for s in starts], starts)
 
 
 def _free_node_port(host: str) -> int:
