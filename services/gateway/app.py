@@ -27,7 +27,7 @@ from shared.model.detok import prefix_window
 from shared.protocol import streams
 from shared.protocol.messages import Abort, GenerateRequest, TokenDelta, TokenizedRequest
 from shared.runtime import ownership, redis_client
-from shared.runtime.bus import StreamFull, encode_fields
+from shared.runtime.bus import StreamFull
 from shared.runtime.service import Service, ServiceConfig
 
 from .metrics import GatewayMetrics, RequestTimes
@@ -180,13 +180,13 @@ class GatewayService(Service):
                 prefix_ids=(prompt + sent[:start])[-window:], stop=req.sampling.stop, num_prompt_tokens=len(prompt)))
             self._repaired(req, "resent")
         elif not owned and state.prompt_ids is not None:
-            left = req.sampling.max_tokens - len(state.token_ids)
-            if left <= 0:  # every token came; only the end was lost
+            original = TokenizedRequest(request_id, req.trace_id, req.gateway_id, req.sampling, req.deadline,
+                                        state.prompt_ids, req.cache_salt)
+            resumed = ownership.resumed_request(original, state.token_ids)
+            if resumed is None:  # every token came; only the end was lost
                 self.dispatch(TokenDelta(request_id, req.trace_id, req.gateway_id, start, [], finish_reason="length"))
             else:
-                await self.bus.publish(streams.tokenized_stream(self.config.partition(request_id)), TokenizedRequest(
-                    request_id, req.trace_id, req.gateway_id, dataclasses.replace(req.sampling, max_tokens=left),
-                    req.deadline, state.prompt_ids + state.token_ids, req.cache_salt, resumed=len(state.token_ids)))
+                await self.bus.publish(streams.tokenized_stream(self.config.partition(request_id)), resumed)
             self._repaired(req, "resumed")
 
     def _repaired(self, req: GenerateRequest, how: str) -> None:
@@ -202,10 +202,7 @@ class GatewayService(Service):
         if self.writer is None:
             await self.bus.publish(stream, req, cap=self.settings.request_stream_cap)
             return
-        length = await self.redis.xlen(stream)
-        if length >= self.settings.request_stream_cap:
-            raise StreamFull(stream, length, self.settings.request_stream_cap)
-        _, acked = await self.writer.xadd(stream, encode_fields(req))
+        acked = await self.bus.publish_replicated(stream, req, self.writer, cap=self.settings.request_stream_cap)
         if acked < self.settings.redis_wait_replicas:
             self.metrics.unreplicated.inc()
             raise ApiError(503, f"the request queue has {acked} of {self.settings.redis_wait_replicas} replicas "

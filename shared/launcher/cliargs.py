@@ -64,23 +64,21 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, st
 
 def positive_int(raw: str) -> int:
     """A flag's type: a whole number >= 1."""
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise FlagValueError(f"{raw!r}: expected a whole number >= 1")
-    return value
+    return _whole_number(raw, 1)
 
 
 def non_negative_int(raw: str) -> int:
     """A flag's type: a whole number >= 0."""
+    return _whole_number(raw, 0)
+
+
+def _whole_number(raw: str, least: int) -> int:
     try:
         value = int(raw)
     except ValueError:
-        value = -1
-    if value < 0:
-        raise FlagValueError(f"{raw!r}: expected a whole number >= 0")
+        value = least - 1
+    if value < least:
+        raise FlagValueError(f"{raw!r}: expected a whole number >= {least}")
     return value
 
 

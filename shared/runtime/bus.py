@@ -77,12 +77,22 @@ class Bus:
                 raise
 
     async def publish(self, stream: str, msg: Any, cap: int | None = None) -> str:
+        await self._check_cap(stream, cap)
+        entry_id = await self.redis.xadd(stream, encode_fields(msg))
+        return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+    async def publish_replicated(self, stream: str, msg: Any, writer: redis_client.ReplicatedWriter,
+                                 cap: int | None = None) -> int:
+        """`publish` through `writer` (XADD + WAIT on one connection) -> replicas that acknowledged it."""
+        await self._check_cap(stream, cap)
+        _, acked = await writer.xadd(stream, encode_fields(msg))
+        return acked
+
+    async def _check_cap(self, stream: str, cap: int | None) -> None:
         if cap is not None:
             length = await self.redis.xlen(stream)
             if length >= cap:
                 raise StreamFull(stream, length, cap)
-        entry_id = await self.redis.xadd(stream, encode_fields(msg))
-        return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
     async def publish_many(self, items: list[tuple[str, Any]], then=None) -> list[str]:
         """Several entries in one round trip (pipelined, in order); `then(pipe)` may queue more

@@ -356,7 +356,6 @@ async def deployment_numerics(args: argparse.Namespace, log: logging.Logger) -> 
     """--dtype and --moe-backend before the model loads: the value the deployment published in
     Redis, else this rank's calibration, published for the other ranks (shared/runtime/numerics.py).
     None: Redis refused our credentials (logged once)."""
-
     from shared.runtime.service import can_authenticate
 
     shapes = Shapes.of_model(args.model)

@@ -6,14 +6,13 @@ Every process makes its clients here, so the two modes differ in this module onl
   both.
 - `check_mode` refuses, naming `--redis-cluster`, a cluster node reached without the flag or a
   single server reached with it.
-- `mget` and `read_groups` never send a command over keys of two slots: on a cluster they split it
-  by slot (one call per slot, run side by side), on one server they stay one call.
+- `mget` never sends a command over keys of two slots: on a cluster it splits it by slot; `by_slot`
+  groups streams for the bus's reads, one per slot side by side. On one server each stays one call.
 - Pipelines need nothing here: redis-py's cluster pipeline groups its commands per node. Scripts,
   transactions and multi-key commands touch one hash tag each (shared/protocol/streams.py).
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 from collections import defaultdict
@@ -121,15 +120,6 @@ async def mget(client: Redis | RedisCluster, keys: list[str]) -> list[bytes | No
     if is_cluster(client):
         return await client.mget_nonatomic(keys)
     return await client.mget(keys)
-
-
-async def delete(client: Redis | RedisCluster, keys: list[str]) -> int:
-    """DEL of many keys, one call per slot on a cluster."""
-    if not keys:
-        return 0
-    if not is_cluster(client):
-        return await client.delete(*keys)
-    return sum(await asyncio.gather(*[client.delete(*group) for group in by_slot(keys)]))
 
 
 _REDIS_PARAMETERS = frozenset(inspect.signature(Redis.__init__).parameters) - {"self", "host", "port"}
