@@ -86,6 +86,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="skip the fault-free pass at the faults phase's arrivals (its latencies are the baseline)")
     p.add_argument("--gateway-max-inflight", type=int, default=32)
+    p.add_argument("--redis-shards", type=int, default=0,
+                   help="run the system on an N-primary local Redis Cluster (streamoe up --redis-shards); 0: one Redis")
+    p.add_argument("--redis-replicas", type=int, default=0, help="replicas per primary, with --redis-shards")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8171)
@@ -95,6 +98,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [k for k in args.kill.split(",") if k and k.split(":")[0] not in KINDS]
     if unknown:
         p.error(f"--kill={args.kill!r}: {unknown} are not among {list(KINDS)}")
+    if args.redis_replicas and not args.redis_shards:
+        p.error(f"--redis-replicas={args.redis_replicas} needs --redis-shards")
     return args
 
 
@@ -286,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(FAST)
     os.environ["STREAMOE_MAX_INFLIGHT"] = str(args.gateway_max_inflight)
     os.environ["STREAMOE_EP_TIMEOUT_S"] = str(args.ep_timeout_s)
-    with running_system(*model_args, "--dtype", args.dtype, "--port", str(args.port), "--prefill-ep",
+    cluster = ["--redis-shards", str(args.redis_shards), "--redis-replicas", str(args.redis_replicas)] \
+        if args.redis_shards else []
+    with running_system(*model_args, *cluster, "--dtype", args.dtype, "--port", str(args.port), "--prefill-ep",
                         str(args.prefill_ep), "--decode-ep", str(args.decode_ep), "--ep-wire", args.ep_wire,
                         "--run-dir",
                         str(run_dir / "run"), "--cache-dir", str(run_dir / "blocks")) as url:

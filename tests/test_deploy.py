@@ -235,9 +235,54 @@ def test_compose_cluster_override_runs_every_service_on_a_redis_cluster():
 
 # --- Kubernetes ------------------------------------------------------------------------------
 
-def manifests() -> list[dict]:
-    return [d for f in sorted((DEPLOY / "k8s").glob("*.yaml")) if f.name != "kustomization.yaml"
+def manifests(directory: Path = DEPLOY / "k8s") -> list[dict]:
+    return [d for f in sorted(directory.glob("*.yaml")) if f.name != "kustomization.yaml"
             for d in yaml.safe_load_all(f.read_text()) if d]
+
+
+def strategic_merge(base, patch):
+    """Kubernetes' strategic merge, as far as our overlays use it: maps merge key by key; lists of
+    named items (containers, env) merge by name, new items first (as kustomize puts them)."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: strategic_merge(base[k], v) if k in base else v for k, v in patch.items()}}
+    named = isinstance(base, list) and isinstance(patch, list) and \
+        all(isinstance(x, dict) and "name" in x for x in base + patch)
+    if named:
+        patched = {x["name"]: x for x in patch}
+        return [x for x in patch if x["name"] not in {b["name"] for b in base}] + \
+            [strategic_merge(b, patched[b["name"]]) if b["name"] in patched else b for b in base]
+    return patch
+
+
+def by_name(docs: list[dict]) -> list[dict]:
+    return sorted(docs, key=lambda d: (d["kind"], d["metadata"]["name"]))
+
+
+def kustomized(directory: Path) -> list[dict]:
+    """`kubectl kustomize DIRECTORY` for the forms our overlays use: resources (files, or a base
+    directory), delete patches, strategic-merge patches by name or by a kind/name regex target."""
+    spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    docs: list[dict] = []
+    for resource in spec["resources"]:
+        path = directory / resource
+        docs += kustomized(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for entry in spec.get("patches", []):
+        body = yaml.safe_load(entry["patch"] if "patch" in entry else (directory / entry["path"]).read_text())
+        if "target" in entry:
+            target = entry["target"]
+            targets = [d for d in docs if re.fullmatch(target["kind"], d["kind"])
+                       and re.fullmatch(target["name"], d["metadata"]["name"])]
+            body = {k: v for k, v in body.items() if k not in ("apiVersion", "kind", "metadata")}
+        else:
+            targets = [find(docs, body["kind"], body["metadata"]["name"])]
+        assert targets, f"{directory.name}: a patch matches nothing: {entry}"
+        for doc in targets:
+            i = next(i for i, d in enumerate(docs) if d is doc)
+            if body.get("$patch") == "delete":
+                del docs[i]
+            else:
+                docs[i] = strategic_merge(doc, body)
+    return docs
 
 
 def find(docs: list[dict], kind: str, name: str) -> dict:
@@ -308,10 +353,46 @@ def check_pod(workload: dict, container: dict, args: argparse.Namespace, docs: l
 def test_manifests_match_the_services():
     """The same for Kubernetes, pod by pod: each StatefulSet ordinal's environment as the kubelet
     would build it, parsed by its service; probes, scraping, GPUs, claims and Services agree."""
-    docs = manifests()
-    kustomized = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())["resources"]
-    assert sorted(kustomized) == sorted(f.name for f in (DEPLOY / "k8s").glob("*.yaml")
-                                        if f.name != "kustomization.yaml")
+    resources = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())["resources"]
+    assert sorted(resources) == sorted(f.name for f in (DEPLOY / "k8s").glob("*.yaml")
+                                       if f.name != "kustomization.yaml")
+    assert by_name(kustomized(DEPLOY / "k8s")) == by_name(manifests())
+    check_manifests(manifests())
+
+
+def test_the_kubernetes_cluster_overlay_runs_every_service_on_a_redis_cluster():
+    """deploy/k8s-cluster over deploy/k8s: the one Redis replaced by six cluster nodes joined as
+    3 primaries with a replica each, every service on the cluster with one partition count and
+    waiting for the join, the gateway waiting for a replica."""
+    docs = kustomized(DEPLOY / "k8s-cluster")
+    assert not [d for d in docs if d["metadata"]["name"] == "streamoe-redis"], "the single Redis is still there"
+    parsed = check_manifests(docs)
+    assert {a.redis_cluster for runs in parsed.values() for a in runs} == {True}
+    assert {a.stream_partitions for runs in parsed.values() for a in runs} == {3}
+    assert {a.redis_wait_replicas for a in parsed["gateway"]} == {1}
+    nodes = find(docs, "StatefulSet", "streamoe-redis-cluster")
+    (node,) = nodes["spec"]["template"]["spec"]["containers"]
+    script = node["command"][-1]
+    for setting in ("--cluster-enabled yes", "--appendonly yes", '--masterauth "$REDIS_PASSWORD"',
+                    "--cluster-config-file /data/nodes.conf"):
+        assert setting in script, f"the nodes lack {setting}"
+    assert nodes["spec"]["podManagementPolicy"] == "Parallel"
+    assert node["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    headless = find(docs, "Service", "streamoe-redis-cluster")
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    assert {p["port"] for p in headless["spec"]["ports"]} == {6379, 16379}  # clients and the cluster bus
+    (join,) = find(docs, "Job", "streamoe-redis-cluster-init")["spec"]["template"]["spec"]["containers"]
+    count = {e["name"]: e.get("value") for e in join["env"]}["NODES"]
+    assert count == {e["name"]: e.get("value") for e in node["env"]}["NODES"] == str(nodes["spec"]["replicas"]) == "6"
+    assert "--cluster-replicas 1" in join["command"][-1] and "cluster_state:ok" in join["command"][-1]
+    for workload in (d for d in docs if d["kind"] in ("Deployment", "StatefulSet") and d is not nodes):
+        waits = [c for c in workload["spec"]["template"]["spec"]["initContainers"]
+                 if c["name"] == "wait-for-redis-cluster"]
+        assert waits and "-h streamoe-redis-cluster " in waits[0]["command"][-1], workload["metadata"]["name"]
+
+
+def check_manifests(docs: list[dict]) -> dict[str, list[argparse.Namespace]]:
+    """Every service's pods in `docs` checked; their parsed arguments by service."""
     job = find(docs, "Job", "streamoe-init-model")
     init = init_model_args(job_script(job))
     parsed: dict[str, list[argparse.Namespace]] = {name: [] for name in SERVICES}
@@ -356,6 +437,7 @@ def test_manifests_match_the_services():
         assert find(docs, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"], claim
     check_engines(parsed["cache"][0], parsed)
     check_groups(parsed, parsed["balancer"][0], init.preset)
+    return parsed
 
 
 def job_script(job: dict) -> str:

