@@ -60,6 +60,7 @@ class Kill:
     group_without_it_s: float | None = None  # from the kill to every survivor computing without it
     group_whole_s: float | None = None  # from the kill to every rank computing in the whole group again
     completed_while_without: int | None = None  # requests finished while the group ran without the rank
+    shrinks_by_reason: dict | None = None  # the survivors' re-formings without it: notice | timeout
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,6 +77,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-ep", type=int, default=1)
     p.add_argument("--decode-ep", type=int, default=1)
     p.add_argument("--ep-timeout-s", type=float, default=5.0, help="how long an EP group waits for a silent rank")
+    p.add_argument("--heartbeat-ttl-s", type=float, default=float(FAST["STREAMOE_HEARTBEAT_TTL_S"]),
+                   help="the services' heartbeat TTL: how long before a silent process is taken for dead "
+                   "(long: only the death notices make recovery fast)")
     p.add_argument("--ep-wire", default="exact", choices=["fp8", "exact"],
                    help="exact by default: outputs are compared token for token, and fp8 rounding can flip a "
                         "close call differently in another batch")
@@ -148,6 +152,9 @@ async def killer(run_dir: Path, targets: list[str], t0: float, gap_s: float) -> 
                 kill.group_whole_s = time.perf_counter() - t0 - kill.at_s
                 now = {p["rank"]: p["pid"] for p in processes(run_dir) if p["name"] == kind}
                 kill.survivors_restarted = any(now[p["rank"]] != p["pid"] for p in survivors)
+                after = [(await reform_counts(p))[2] for p in survivors]
+                kill.shrinks_by_reason = {r: sum(a[r] - b[2][r] for a, b in zip(after, reforms))
+                                          for r in ("notice", "timeout")}
     return kills
 
 
@@ -165,14 +172,17 @@ async def requests_on(process: dict, wait_s: float = 10.0) -> int:
         await asyncio.sleep(0.02)
 
 
-async def reform_counts(process: dict) -> tuple[float, float]:
-    """(shrink, grow): how often this EP rank's group re-formed without a rank, and with one back."""
+async def reform_counts(process: dict) -> tuple[float, float, dict[str, float]]:
+    """(shrink, grow, shrinks by reason): how often this EP rank's group re-formed without a rank
+    (through a death notice, or an exchange timeout), and with one back."""
     try:
         text = await scrape(process["ports"]["http"])
     except (aiohttp.ClientError, OSError):
-        return (0.0, 0.0)
+        return (0.0, 0.0, {})
+    reasons = {r: sample_sum(text, "streamoe_ep_reforms_total", change="shrink", reason=r)
+               for r in ("notice", "timeout")}
     return (sample_sum(text, "streamoe_ep_reforms_total", change="shrink"),
-            sample_sum(text, "streamoe_ep_reforms_total", change="grow"))
+            sample_sum(text, "streamoe_ep_reforms_total", change="grow"), reasons)
 
 
 async def send(url: str, model: str, requests: list[Request], concurrency: int | None, gaps: np.ndarray,
@@ -274,6 +284,8 @@ async def phases(args: argparse.Namespace, url: str, model: str, run_dir: Path) 
     balancer = next(p for p in processes(run_dir) if p["name"] == "balancer")
     report["faults"]["resumed_by_balancer"] = await metric(balancer["ports"]["http"], "streamoe_requests_resumed_total",
                                                            outcome="resumed")
+    report["faults"]["moved_by_balancer"] = await metric(balancer["ports"]["http"],
+                                                         "streamoe_orphaned_requests_moved_total")
     sustainable = report["fault_free"]["requests_per_s"] or 1.0
     over = [Request(args.output_len, rng.integers(6, vocab, args.input_len).tolist())
             for _ in range(args.overload_requests)]
@@ -291,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(FAST)
     os.environ["STREAMOE_MAX_INFLIGHT"] = str(args.gateway_max_inflight)
     os.environ["STREAMOE_EP_TIMEOUT_S"] = str(args.ep_timeout_s)
+    os.environ["STREAMOE_HEARTBEAT_TTL_S"] = str(args.heartbeat_ttl_s)
     cluster = ["--redis-shards", str(args.redis_shards), "--redis-replicas", str(args.redis_replicas)] \
         if args.redis_shards else []
     with running_system(*model_args, *cluster, "--dtype", args.dtype, "--port", str(args.port), "--prefill-ep",
@@ -314,12 +327,15 @@ def main(argv: list[str] | None = None) -> int:
           f"before acceptance, lost {faults['lost']}, duplicated tokens "
           f"{faults['duplicated_tokens']}, missing tokens {faults['missing_tokens']}, outputs differing from the "
           f"fault-free run {len(faults['differing_outputs'])}, resumed after their decode rank died "
-          f"{faults['resumed_by_balancer']:.0f}, e2e p99 {faults['e2e_p99_s']:.3f} s")
+          f"{faults['resumed_by_balancer']:.0f}, routed again from a dead rank's stream "
+          f"{faults['moved_by_balancer']:.0f}, "
+          f"e2e p99 {faults['e2e_p99_s']:.3f} s")
     for k in faults["kills"]:
         if k["group_without_it_s"] is not None:
             print(f"  {k['kind']}: its group computed without it {k['group_without_it_s']:.1f} s after the kill "
-                  f"(survivors restarted: {k['survivors_restarted']}), whole again at "
-                  f"{k['group_whole_s']:.1f} s; {k['completed_while_without']} requests finished in between")
+                  f"(survivors restarted: {k['survivors_restarted']}; re-formed by {k['shrinks_by_reason']}), "
+                  f"whole again at {k['group_whole_s']:.1f} s; {k['completed_while_without']} requests finished "
+                  "in between")
     print(f"overload ({over['rate_per_s']:.1f} requests/s, 10x): {over['completed']} completed, "
           f"{over['refused_429']} refused 429 (p99 {over['refused_latency_p99_s'] or 0:.4f} s), lost {over['lost']}")
     print(report["command"])

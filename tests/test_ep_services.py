@@ -220,3 +220,32 @@ async def test_groups_re_form_without_a_dead_rank_and_take_it_back(ep_system, ti
     for prompt, result in zip(before, results):
         assert result.error is None, result.message
         check(prompt, result.token_ids, 80)
+
+
+async def test_a_restarted_rank_announces_its_predecessor_dead(tiny_fp32, redis_url):
+    """Kubernetes restarts a killed container in place, and no supervisor saw it die. The new
+    process finds the load report its predecessor left and publishes a death notice for it
+    (shared/runtime/notices.py): the survivor, blocked in an exchange with a 600 s timeout, re-forms
+    without the dead incarnation at once (reason `notice`), then takes the new process in."""
+    args = ["--model", str(tiny_fp32), "--dtype", "fp32", "--threads", "1", "--kv-cache-mib", "16",
+            "--ep-size", "2", "--ep-wire", "exact", "--ep-timeout-s", "600", "--ep-group-id", "k8s-restart",
+            "--load-ttl-s", "120", "--heartbeat-ttl-s", "120"]
+    ranks = [ServiceProcess("services.decode", redis_url, *args, "--rank", str(r), wait=False) for r in range(2)]
+    try:
+        for service in ranks:
+            service.wait_healthy()
+
+        def reforms(reason: str) -> float:
+            return metric(ranks[0], "streamoe_ep_reforms_total", change="shrink", reason=reason)
+
+        ranks[1].kill()  # kill -9: no hook runs, nobody announces it
+        await asyncio.sleep(1.0)
+        assert metric(ranks[0], "streamoe_ep_group_members") == 2  # the survivor still waits for it
+        ranks[1] = ServiceProcess("services.decode", redis_url, *args, "--rank", "1", wait=False)
+        await until(lambda: reforms("notice") == 1, "the survivor re-forms on the notice", 60)
+        await asyncio.to_thread(ranks[1].wait_healthy)
+        await until(lambda: metric(ranks[0], "streamoe_ep_group_members") == 2, "the group is whole again", 30)
+        assert reforms("timeout") == 0
+        assert '"predecessor_announced_dead"' in ranks[1].log_tail(200000)
+    finally:
+        stop_all(ranks)

@@ -13,6 +13,7 @@ import pytest
 
 from shared.ep.transport import ExchangeTimeout, InProcessHub, RedisTransport, Transport
 from shared.protocol import streams
+from shared.protocol.wire import decode
 
 ROOT = Path(__file__).resolve().parent.parent
 LARGE = 16 << 20
@@ -177,6 +178,42 @@ async def test_restarted_rank_rejoins_and_stale_entries_are_not_delivered(redis_
     assert await redis.xlen(inbox1) <= 2  # the leftovers were read once and deleted
     await asyncio.gather(r0.close(), r1.close())
     assert not await redis.exists(inbox1, streams.ep_inbox("decode", group_id, 0))
+
+
+async def test_a_death_notice_fails_the_exchange_at_once_and_names_the_rank(redis_url, redis):
+    """A notice for rank 1 (shared/runtime/notices.py) ends rank 0's wait long before its 600 s
+    timeout, and every later exchange at once, until rank 1 is taken back in as a new incarnation;
+    a late notice naming the incarnation before is dropped."""
+    from shared.protocol.messages import Notice
+    from shared.runtime import notices
+
+    group_id = new_group_id()
+    r0, r1 = (RedisTransport(redis_url, "decode", rank, 2, group_id, timeout_s=600.0) for rank in range(2))
+    await asyncio.gather(r0.start(), r1.start())
+    await exchange([r0, r1], "s1")
+    waiting = asyncio.create_task(r0.all_to_all("s2", [b"a", b"b"]))
+    await asyncio.sleep(0.2)
+    published = await notices.publish(redis, Notice("death", "decode", "", group_id, 1, 2, incarnation=r1.incarnation))
+    start = time.monotonic()
+    with pytest.raises(ExchangeTimeout, match="rank 1 of the decode EP group .* died") as failed:
+        await waiting
+    assert failed.value.noticed and failed.value.missing == [1] and time.monotonic() - start < 5.0
+    with pytest.raises(ExchangeTimeout) as again:  # the next exchange does not wait either
+        await r0.all_to_all("s3", [b"a", b"b"])
+    assert again.value.noticed and published.incarnation == r1.incarnation
+    assert [decode(e[1][b"m"], Notice).rank for e in await redis.xrange(streams.NOTICES)][-1] == 1
+    old = r1.incarnation
+    await r1.close()
+    r1 = RedisTransport(redis_url, "decode", 1, 2, group_id, timeout_s=5.0)
+    r0.set_members([0])  # the group re-formed without rank 1 ...
+    r0.set_members([0, 1])  # ... and takes it back in
+    await asyncio.gather(r0.start(timeout_s=5.0), r1.start(timeout_s=5.0))
+    await notices.publish(redis, Notice("death", "decode", "", group_id, 1, 2, incarnation=old))  # late
+    await asyncio.sleep(0.2)
+    assert await exchange([r0, r1], "s4") == [[payload(0, 0, "s4"), payload(1, 0, "s4")],
+                                              [payload(0, 1, "s4"), payload(1, 1, "s4")]]
+    assert r0.stats.dropped_stale >= 1
+    await asyncio.gather(r0.close(), r1.close())
 
 
 async def test_a_rank_taken_back_in_keeps_what_a_member_sent_before_it_re_joined(redis_url):

@@ -12,9 +12,17 @@ from redis.exceptions import RedisError
 
 from shared.cache.hashing import BLOCK_SIZE
 from shared.protocol import streams
-from shared.protocol.messages import KVChunk, LoadReport, PrefillTask, TokenDelta, TokenizedRequest, attention_compute
+from shared.protocol.messages import (
+    KVChunk,
+    LoadReport,
+    Notice,
+    PrefillTask,
+    TokenDelta,
+    TokenizedRequest,
+    attention_compute,
+)
 from shared.protocol.wire import WireError, decode
-from shared.runtime import ownership, redis_client
+from shared.runtime import notices, ownership, redis_client
 from shared.runtime.bus import Entry
 from shared.runtime.service import Service, ServiceConfig
 
@@ -56,6 +64,11 @@ class BalancerService(Service):
                              ["role"], registry=self.registry)
         self.stream_length = Gauge("streamoe_stream_length", "Entries in each stream (sampled by the balancer)",
                                    ["stream"], registry=self.registry)
+        self.notices = Counter("streamoe_notices", "Death and leave notices this balancer acted on "
+                               "(shared/runtime/notices.py)", ["kind", "role"], registry=self.registry)
+        self.orphans = asyncio.Lock()  # a notice and the housekeeping never resume one request twice
+        latest = await self.redis.xrevrange(streams.NOTICES, count=1)
+        self.notices_task = asyncio.create_task(self.follow_notices(latest[0][0] if latest else b"0-0"))
 
     async def loop(self) -> None:
         while not self.stopping.is_set():
@@ -82,8 +95,9 @@ class BalancerService(Service):
     async def housekeeping(self) -> None:
         """The balancer keeps the shared streams: abort groups of dead workers go (they would hold
         the aborts stream forever), streams are trimmed, lengths exported."""
-        await self.resume_orphans()
-        await self.move_orphaned_work()
+        async with self.orphans:
+            await self.resume_orphans()
+            await self.move_orphaned_work()
         await self.reap_abort_groups()
         await super().housekeeping()
         await self.redis.xtrim(streams.DEAD_LETTERS, maxlen=DEAD_LETTERS_KEPT, approximate=True)
@@ -97,6 +111,47 @@ class BalancerService(Service):
                 pipe.xlen(name)
             for name, length in zip(names, await pipe.execute()):
                 self.stream_length.labels(stream=name).set(length)
+
+    async def follow_notices(self, last: bytes) -> None:
+        """Act on each notice published after `last` (this balancer's start): a dead decode
+        instance's requests resume and a dead rank's queued work moves at once, not a heartbeat TTL
+        later. Notices published while no balancer ran are left to the TTL path."""
+        while not self._closing.is_set():
+            try:
+                reply = await self.redis.xread({streams.NOTICES: last}, count=16, block=1000)
+            except redis_client.OUTAGE_ERRORS as e:
+                self.log.warning(json.dumps({"event": "notices_unreadable", "error": repr(e)}))
+                await self._pause(0.5)
+                continue
+            for _, entries in (reply.items() if isinstance(reply, dict) else reply or []):
+                for entry_id, fields in entries:
+                    last = entry_id
+                    try:
+                        notice = notices.decode_notice(fields)
+                    except (KeyError, WireError) as e:
+                        self.log.error(json.dumps({"event": "bad_notice", "entry": entry_id.decode(), "error": str(e)}))
+                        continue
+                    try:
+                        async with self.orphans:
+                            await self.on_notice(notice)
+                    except RedisError as e:  # the TTL path finds it later
+                        self.log.warning(json.dumps({"event": "notice_not_acted_on", "error": repr(e)}))
+
+    async def on_notice(self, notice: Notice) -> None:
+        self.log.info(json.dumps({"event": "notice", "kind": notice.kind, "role": notice.role,
+                                  "instance": notice.instance_id, "group": notice.group_id, "rank": notice.rank,
+                                  "reason": notice.reason}))
+        self.notices.labels(kind=notice.kind, role=notice.role).inc()
+        if notice.kind != "death":
+            return
+        if notice.role == "decode" and notice.instance_id:
+            owned = ownership.owned_key(notice.instance_id)
+            for request_id in await self.redis.smembers(owned):
+                await self.resume(notice.instance_id, request_id.decode())
+            if not await self.redis.scard(owned):
+                await self.redis.srem(ownership.DECODE_INSTANCES, notice.instance_id)
+        if notice.role in ORPHANED and notice.rank >= 0:
+            await self.move_from(notice.role, notice.group_id, notice.rank)
 
     async def resume_orphans(self) -> None:
         """The requests of decode instances whose heartbeat is gone (kill -9, a crash, a drain cut

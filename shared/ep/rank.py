@@ -79,8 +79,9 @@ class EPRank:
                                 "ep_size while it runs without a dead rank)", list(labels),
                                 registry=self.registry).labels(**labels)
         self.ep_reforms = Counter("streamoe_ep_reforms", "Times this rank's EP group re-formed: shrink (without a "
-                                  "rank that stopped answering) or grow (a rank back)", [*labels, "change"],
-                                  registry=self.registry)
+                                  "rank that stopped answering) or grow (a rank back); reason: notice (a death "
+                                  "notice named the rank), timeout (an exchange timed out), join (a rank asked in)",
+                                  [*labels, "change", "reason"], registry=self.registry)
         self._ep_tokens_seen = [0] * args.ep_size
         return model
 
@@ -157,7 +158,7 @@ class EPRank:
             record = await self.membership.read()
             if record is not None and record.epoch > asked_epoch and self.rank in record.members:
                 await self.membership.stop_asking()
-                await self.apply_membership(record)
+                await self.apply_membership(record, "join")
                 return
             if not await self.membership.others_alive():
                 await self.membership.stop_asking()
@@ -165,7 +166,7 @@ class EPRank:
                 return
             await asyncio.sleep(0.2)
 
-    async def apply_membership(self, record: Record) -> None:
+    async def apply_membership(self, record: Record, reason: str) -> None:
         """Compute with the record's members and placement: take a share of the slots of the ranks
         out of the group (their experts read from the checkpoint), exchange among the members only,
         count steps from 0 under the record's epoch, and join the members."""
@@ -176,14 +177,15 @@ class EPRank:
             await self.compute(self.rollout.switch_members, record.version, record.phy2log, owners, staged)
         before = len(self.group.members)
         self.group.reform(record.epoch, record.members)
-        await self.group.transport.start(self.args.ep_timeout_s)
+        await self.group.transport.start(self.args.ep_timeout_s, fail_on_gone=True)
         await self.membership.renew_alive()
         self.joining = False
         self.rollout.version = record.version
         self.ep_members.set(len(record.members))
         change = "shrink" if len(record.members) < before else "grow" if len(record.members) > before else "same"
-        self.ep_reforms.labels(role=self.role, rank=str(self.rank), change=change).inc()
-        self.log.info(json.dumps({"event": "ep_group_reformed", "change": change, "epoch": record.epoch,
+        self.ep_reforms.labels(role=self.role, rank=str(self.rank), change=change, reason=reason).inc()
+        self.log.info(json.dumps({"event": "ep_group_reformed", "change": change, "reason": reason,
+                                  "epoch": record.epoch,
                                   "members": record.members, "experts_read": self.rollout.num_experts_read}))
 
     async def group_step(self, step) -> None:
@@ -199,24 +201,28 @@ class EPRank:
             await self.recover(e)
 
     async def recover(self, error: ExchangeTimeout) -> None:
+        """Re-form the group without the ranks `error` names. A death notice (error.noticed) names
+        ranks known dead: the roll call waits for the others only, with no grace for the named."""
         self.log.warning(json.dumps({"event": "ep_exchange_failed", "epoch": self.group.epoch,
-                                     "key": error.key, "missing": error.missing}))
+                                     "key": error.key, "missing": error.missing, "noticed": error.noticed}))
         settle_s = max(1.0, min(3.0, self.args.ep_timeout_s))
+        reason = "notice" if error.noticed else "timeout"
         while not self.stopping.is_set():
             record = await self.membership.read()
             epoch = self.group.epoch
             if record is None or record.epoch <= epoch:
                 called = await self.membership.roll_call(epoch + 1, set(self.group.members), settle_s,
-                                                         set(error.missing))
+                                                         set(error.missing), grace_s=0.0 if error.noticed else 1.0)
                 record = await self.membership.commit(epoch, called, self.rollout.version, self.rollout.placement())
             if self.rank not in record.members:  # counted out (too slow): ask in like a restarted rank
                 await self.join_running_group()
                 return
             try:
-                await self.apply_membership(record)
+                await self.apply_membership(record, reason)
                 return
             except ExchangeTimeout as e:  # a member of the new record did not answer: again
                 error = e
+                reason = "notice" if e.noticed else reason
                 self.log.warning(json.dumps({"event": "ep_reform_failed", "epoch": record.epoch,
                                              "missing": e.missing}))
 
@@ -233,7 +239,7 @@ class EPRank:
             record = await self.membership.commit(self.group.epoch, members, self.rollout.version,
                                                   self.rollout.placement())
             if self.rank in record.members:
-                await self.apply_membership(record)
+                await self.apply_membership(record, "join")
             else:  # a shrink committed meanwhile left this rank out
                 await self.join_running_group()
             return False

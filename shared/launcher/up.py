@@ -6,7 +6,8 @@ streams; a password drawn for the run, so other local users cannot reach the str
 password, replicas included; shared/launcher/redis_cluster.py), then
 every service as its own `python -m services.<name>` process with its log in the run directory,
 `processes.json` describing them, one `streamoe ready: URL` line on stdout once all are healthy,
-restarts with backoff for a service that dies, and a clean stop on SIGTERM/Ctrl-C.
+restarts with backoff for a service that dies (its death announced first, shared/runtime/notices.py),
+and a clean stop on SIGTERM/Ctrl-C.
 
 Secrets (the Redis URL, which may hold a password, and the API key) reach the services through
 their environment (`STREAMOE_REDIS_URL`, `STREAMOE_API_KEY`), never their command lines, which
@@ -19,6 +20,7 @@ concrete values, which are printed on stderr and kept in processes.json under "n
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -34,8 +36,11 @@ from urllib.parse import urlsplit, urlunsplit
 from shared.launcher.cliargs import home, resolve_speculative_tokens
 from shared.launcher.redis_cluster import LocalCluster, start_cluster
 from shared.launcher.redis_server import free_port, start_redis
+from shared.protocol.messages import Notice
+from shared.runtime import notices
 
 BACKOFF_S = (1, 2, 4, 8, 16, 30)
+SUPERVISE_PERIOD_S = 0.1  # how soon a child's exit is seen, announced and its restart scheduled
 
 
 @dataclass
@@ -49,6 +54,15 @@ class Child:
     proc: subprocess.Popen | None = None
     restarts: int = 0
     next_start: float = 0.0
+    ep_size: int = 1
+
+    def death_notice(self) -> Notice:
+        """The notice for this child's last start, which has exited (shared/runtime/notices.py)."""
+        code = self.proc.returncode
+        worker = self.rank is not None
+        return Notice("death", self.name, self.instance_id(), self.name if worker else "",
+                      self.rank if worker else -1, self.ep_size,
+                      reason=f"signal {-code}" if code < 0 else f"exit {code}", time=time.time())
 
     def start(self, secrets: dict[str, str]) -> None:
         log = open(self.log_path, "a")
@@ -147,10 +161,12 @@ def up(args: argparse.Namespace) -> int:
                       run_dir / "balancer.log"),
                 *[Child("prefill", "services.prefill", [*worker, "--rank", str(r), "--ep-size", str(args.prefill_ep),
                                                         "--overlap", args.prefill_overlap],
-                        free_port(), run_dir / f"prefill-{r}.log", rank=r) for r in range(args.prefill_ep)],
+                        free_port(), run_dir / f"prefill-{r}.log", rank=r, ep_size=args.prefill_ep)
+                  for r in range(args.prefill_ep)],
                 *[Child("decode", "services.decode", [*worker, "--rank", str(r), "--ep-size", str(args.decode_ep),
                                                       "--overlap", args.decode_overlap],
-                        free_port(), run_dir / f"decode-{r}.log", rank=r) for r in range(args.decode_ep)],
+                        free_port(), run_dir / f"decode-{r}.log", rank=r, ep_size=args.decode_ep)
+                  for r in range(args.decode_ep)],
                 Child("gateway", "services.gateway", gateway + ["--host", args.host], args.port,
                       run_dir / "gateway.log")]
     secrets = {"STREAMOE_REDIS_URL": redis_url, "STREAMOE_REDIS_CLUSTER": "1" if cluster_mode else "0",
@@ -164,9 +180,11 @@ def up(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.ready_timeout
     ready = False
     code = 0
+    next_check = 0.0
     try:
         while not stopping:
-            if not ready:
+            if not ready and time.monotonic() >= next_check:
+                next_check = time.monotonic() + 0.5
                 if all(c.healthy() for c in children):
                     ready = True
                     print(f"streamoe ready: http://{args.host}:{args.port}", flush=True)
@@ -177,7 +195,7 @@ def up(args: argparse.Namespace) -> int:
                     code = 1
                     break
             supervise(children, secrets, run_dir, redis_nodes, redis_url, record)
-            time.sleep(0.5)
+            time.sleep(SUPERVISE_PERIOD_S)
     finally:
         stop_all(children, redis_nodes)
     return code
@@ -195,7 +213,8 @@ def calibrate(model: Path, args: argparse.Namespace, threads: int):
 
 def supervise(children: list[Child], secrets: dict[str, str], run_dir: Path, redis_nodes, redis_url: str,
               numerics: dict) -> None:
-    """Restart a dead service with backoff, as a process supervisor would."""
+    """Restart a dead service with backoff, as a process supervisor would; announce its death
+    first (a death notice), so that its EP group and the balancer go on without it at once."""
     changed = False
     now = time.monotonic()
     for child in children:
@@ -206,6 +225,7 @@ def supervise(children: list[Child], secrets: dict[str, str], run_dir: Path, red
             child.next_start = now + delay
             print(f"streamoe up: {child.name} exited with {child.proc.returncode}; restarting in {delay} s",
                   file=sys.stderr, flush=True)
+            announce(child.death_notice(), secrets)
         elif now >= child.next_start:
             child.restarts += 1
             child.next_start = 0.0
@@ -213,6 +233,16 @@ def supervise(children: list[Child], secrets: dict[str, str], run_dir: Path, red
             changed = True
     if changed:
         write_processes(run_dir, children, redis_nodes, redis_url, numerics)
+
+
+def announce(notice: Notice, secrets: dict[str, str]) -> None:
+    """Publish a notice from the supervisor; with Redis away, the timeouts and TTLs find the death."""
+    try:
+        asyncio.run(notices.publish_to(secrets["STREAMOE_REDIS_URL"], secrets["STREAMOE_REDIS_CLUSTER"] == "1",
+                                       notice))
+    except Exception as e:
+        print(f"streamoe up: could not announce the death of {notice.instance_id}: {e!r}", file=sys.stderr,
+              flush=True)
 
 
 def write_processes(run_dir: Path, children: list[Child], redis_nodes, redis_url: str, numerics: dict) -> None:

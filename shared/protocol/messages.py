@@ -112,6 +112,23 @@ class Abort:
     reason: str
 
 
+@message("notice")
+class Notice:
+    """A process of the system is gone (`death`: it exited, or a restarted successor found it
+    gone) or going (`leave`: it drains). Published at once, so that nobody waits out a timeout or a
+    heartbeat TTL for it (shared/runtime/notices.py)."""
+
+    kind: str  # death | leave
+    role: str  # its service: tokenizer, cache, balancer, prefill, decode, gateway
+    instance_id: str  # "" when the publisher could not tell (no load report left)
+    group_id: str = ""  # a worker's EP group (--ep-group-id, by default the role)
+    rank: int = -1  # a worker's rank in its group; -1 for the other services
+    ep_size: int = 1
+    incarnation: bytes = b""  # the EP transport incarnation it names; b"": the one its peers know now
+    reason: str = ""  # e.g. "exit -9", "restarted", "sigterm"
+    time: float = 0.0
+
+
 def attention_compute(new_tokens: int, cached_tokens: int) -> float:
     """The core-attention work of prefilling `new_tokens` after `cached_tokens`, in the unit of
     `LoadReport.pending_compute`: new x (cached + new)."""

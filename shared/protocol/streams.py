@@ -43,6 +43,7 @@ def raw_deltas_stream(partition: int) -> str:
 
 
 ABORTS = tagged("aborts")  # Abort: gateway or tokenizer (stop string) -> every worker
+NOTICES = tagged("notices")  # Notice: a process gone (death) or going (leave) -> balancer (shared/runtime/notices.py)
 DEAD_LETTERS = tagged("dead")  # entries that did not decode, with the reason
 PARTITIONS_KEY = tagged("config", ":stream-partitions")  # the deployment's --stream-partitions (SET NX)
 

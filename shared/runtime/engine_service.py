@@ -31,7 +31,7 @@ from shared.model.loader import checkpoint_fingerprint, load_model
 from shared.protocol import metric_names, streams
 from shared.protocol.messages import Abort, LoadReport, Sampling
 from shared.protocol.wire import encode
-from shared.runtime import redis_client
+from shared.runtime import notices, redis_client
 from shared.runtime.numerics import (
     MOE_BACKEND_HELP,
     Numerics,
@@ -189,9 +189,22 @@ class EngineService(EPRank, Service):
         (waits for every rank), and a first load report so the balancer sees it."""
         await self.setup_aborts()
         await self.setup_prefix_cache()
+        await self.announce_predecessor()
         await self.setup_group()
         await self.report_load(force=True)
         self.in_background(self.keep_load_report())
+
+    async def announce_predecessor(self) -> None:
+        """This rank started while another instance's load report for it remains, and that one is
+        not draining: it died without a word (a container restarted in place after a kill -9 or an
+        OOM kill). A death notice for it lets its group, the balancer and its requests go on now,
+        not after their timeouts (shared/runtime/notices.py)."""
+        notice = await notices.previous_incarnation(self.redis, self.role, self.group_id, self.rank,
+                                                    self.args.ep_size, self.config.instance_id)
+        if notice is not None:
+            notice = await notices.publish(self.redis, notice)
+            self.log.warning(json.dumps({"event": "predecessor_announced_dead", "instance": notice.instance_id,
+                                         "group": self.group_id, "rank": self.rank}))
 
     def trimmed_streams(self) -> list[str]:
         return [self.stream]  # the worker's own input stream

@@ -301,7 +301,8 @@ class Service:
         while not self._closing.is_set():
             try:
                 await self.redis.set(key, json.dumps({"time": time.time(), "ready": self.ready, "host": host,
-                                                      "http_port": self.http_port}), px=ttl_ms)
+                                                      "http_port": self.http_port,
+                                                      "draining": self.stopping.is_set()}), px=ttl_ms)
             except Exception as e:  # Redis away: keep serving what we can, try again
                 self.log.warning("heartbeat failed: %s", e)
             await self._pause(self.config.heartbeat_ttl_s / 3)

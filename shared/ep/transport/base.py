@@ -15,16 +15,23 @@ READ_COUNT = 32  # entries per XREAD
 NUM_ABANDONED_KEYS = 1024  # keys of timed-out exchanges remembered, so late arrivals are dropped
 JOIN_HINT = "check that its process runs, with the same Redis, role, group id and ep_size"
 DATA, HELLO, REPLY, WAKE = b"d", b"h", b"r", b"x"  # entry kinds (`t`)
+GONE = b"g"  # a death notice for rank `s`, incarnation `i` (shared/runtime/notices.py)
 
 
 class ExchangeTimeout(RuntimeError):
-    """Some ranks did not send under `key` within `timeout_s` (dead, hung, or on another key)."""
+    """Some ranks did not send under `key` within `timeout_s` (dead, hung, or on another key), or
+    (`noticed`) a death notice named them while the exchange waited for them."""
 
     def __init__(self, key: str, missing: list[int], timeout_s: float, group: str, what: str | None = None,
-                 hint: str = "check that its process is alive and that every rank calls the same sequence of keys"):
+                 hint: str = "check that its process is alive and that every rank calls the same sequence of keys",
+                 noticed: bool = False):
         who = f"rank {missing[0]}" if len(missing) == 1 else "ranks " + ", ".join(map(str, missing))
-        super().__init__(f"{who} of the {group} {what or f'did not send {key!r}'} within {timeout_s} s; {hint}")
+        if noticed:
+            super().__init__(f"{who} of the {group} died (a death notice) before sending {key!r}")
+        else:
+            super().__init__(f"{who} of the {group} {what or f'did not send {key!r}'} within {timeout_s} s; {hint}")
         self.key, self.missing, self.timeout_s, self.group = key, missing, timeout_s, group
+        self.noticed = noticed
 
 
 @dataclass
@@ -53,6 +60,7 @@ class _Mailboxes:
         self._boxes: dict[str, dict[int, bytes]] = {}  # key -> src rank -> payload
         self._waiting: dict[str, asyncio.Event] = {}  # keys an all_to_all waits on: set when full
         self._abandoned: OrderedDict[str, None] = OrderedDict()
+        self.gone: set[int] = set()  # ranks a death notice named: no exchange waits for them
 
     def open(self, key: str) -> None:
         if key in self._waiting:
@@ -69,6 +77,16 @@ class _Mailboxes:
             self._waiting[key].set()
         return True
 
+    def mark_gone(self, src: int) -> None:
+        """A death notice for `src`: every exchange waiting for it fails now, and the next ones at once,
+        until `src` comes back as a new incarnation (`revive`)."""
+        self.gone.add(src)
+        for event in self._waiting.values():
+            event.set()
+
+    def revive(self, src: int) -> None:
+        self.gone.discard(src)
+
     def forget(self, src: int) -> None:
         """Drop what `src` sent to exchanges still incomplete: it came from an incarnation now gone."""
         for box in self._boxes.values():
@@ -76,16 +94,22 @@ class _Mailboxes:
                 box.pop(src, None)
 
     async def wait(self, key: str, timeout_s: float, group: str) -> list[bytes]:
-        box = self._boxes.get(key, {})
-        if not self.members.issubset(box):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout_s, 0.0)
+        while True:
+            box = self._boxes.get(key, {})
+            if self.members.issubset(box):
+                return [box.get(p, b"") if p in self.members else b"" for p in range(self.size)]
+            gone = sorted((self.members & self.gone).difference(box))
+            if gone:
+                raise ExchangeTimeout(key, gone, timeout_s, group, noticed=True)
+            self._waiting[key].clear()
             try:
-                await asyncio.wait_for(self._waiting[key].wait(), max(timeout_s, 0.0))
+                await asyncio.wait_for(self._waiting[key].wait(), max(deadline - loop.time(), 0.0))
             except TimeoutError:
                 box = self._boxes.get(key, {})
                 missing = sorted(self.members.difference(box))
                 raise ExchangeTimeout(key, missing, timeout_s, group) from None
-            box = self._boxes[key]
-        return [box.get(p, b"") if p in self.members else b"" for p in range(self.size)]
 
     def close(self, key: str) -> None:
         del self._waiting[key]
@@ -127,8 +151,10 @@ class Transport(ABC):
         self._mailboxes.members = set(members)
 
     @abstractmethod
-    async def start(self, timeout_s: float | None = None) -> None:
-        """Join (or re-join) the group: returns once every rank is reachable, else ExchangeTimeout."""
+    async def start(self, timeout_s: float | None = None, fail_on_gone: bool = False) -> None:
+        """Join (or re-join) the group: returns once every rank is reachable, else ExchangeTimeout;
+        at once (noticed) with `fail_on_gone` when a death notice named a member not yet reached.
+        Without it (a group starting), a member that died is waited for: its successor says hello."""
 
     @abstractmethod
     async def close(self) -> None: ...
@@ -155,7 +181,7 @@ class Transport(ABC):
             remaining = deadline - asyncio.get_running_loop().time()
             recv = await self._mailboxes.wait(key, remaining, self.group)
         except ExchangeTimeout as e:  # name the whole budget, not what was left after sending
-            raise ExchangeTimeout(key, e.missing, timeout_s, self.group) from None
+            raise ExchangeTimeout(key, e.missing, timeout_s, self.group, noticed=e.noticed) from None
         finally:
             self._mailboxes.close(key)
         return recv

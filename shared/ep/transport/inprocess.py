@@ -40,7 +40,7 @@ class InProcessTransport(Transport):
         super().__init__(rank, hub.size, f"{hub.role} EP group (in-process)", hub.timeout_s, hub.join_timeout_s)
         self._hub = hub
 
-    async def start(self, timeout_s: float | None = None) -> None:
+    async def start(self, timeout_s: float | None = None, fail_on_gone: bool = False) -> None:
         timeout_s = self.join_timeout_s if timeout_s is None else timeout_s
         self._is_started = True
         self._hub._notify()

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from shared.ep.transport.base import (
     DATA,
+    GONE,
     HELLO,
     HELLO_INTERVAL_S,
     JOIN_HINT,
@@ -40,12 +41,13 @@ class RedisTransport(Transport):
         self.incarnation = os.urandom(8).hex().encode()
         self.inboxes = [streams.ep_inbox(role, group_id, p) for p in range(size)]
         self._peer_incarnations: dict[int, bytes] = {}
+        self._past_incarnations: set[bytes] = set()  # peers' incarnations replaced by newer ones
         self._acked: set[int] = set()  # peers whose last HELLO acknowledged our incarnation
         self._join_changed = asyncio.Event()
         self._config_error: str | None = None
         self._reader: asyncio.Task | None = None
 
-    async def start(self, timeout_s: float | None = None) -> None:
+    async def start(self, timeout_s: float | None = None, fail_on_gone: bool = False) -> None:
         timeout_s = self.join_timeout_s if timeout_s is None else timeout_s
         if self._reader is None:
             self._reader = asyncio.create_task(self._read_loop(), name=f"ep-reader-{self.rank}")
@@ -58,6 +60,9 @@ class RedisTransport(Transport):
             if not missing:
                 self._is_started = True
                 return
+            gone = [p for p in missing if p in self._mailboxes.gone] if fail_on_gone else []
+            if gone:  # a death notice: no use waiting for it to say hello
+                raise ExchangeTimeout("join", gone, timeout_s, self.group, noticed=True)
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 raise ExchangeTimeout("join", missing, timeout_s, self.group, "did not join", JOIN_HINT)
@@ -90,6 +95,7 @@ class RedisTransport(Transport):
         running group adds the members it learnt a moment ago, and they may already be sending."""
         for p in set(members) - set(self.members):
             self._acked.discard(p)
+            self._mailboxes.revive(p)  # taken back in: it asked to join, as a new incarnation
         super().set_members(members)
 
     async def _send(self, key: str, sends: list[bytes]) -> None:
@@ -150,7 +156,14 @@ class RedisTransport(Transport):
         src, incarnation = int(fields[b"s"]), fields[b"i"]
         if src == self.rank or not 0 <= src < self.size:
             raise ValueError(f"source rank {src} in the inbox of rank {self.rank} of {self.size}")
-        if fields[b"t"] in (HELLO, REPLY):
+        if fields[b"t"] == GONE:
+            if incarnation in self._past_incarnations:
+                self.stats.dropped_stale += 1  # it names an incarnation before the one we know
+            else:  # the one we know, or one newer (not heard from yet), or any (b"")
+                log.info("rank %d of the %s: a death notice for rank %d", self.rank, self.group, src)
+                self._mailboxes.mark_gone(src)
+                self._join_changed.set()
+        elif fields[b"t"] in (HELLO, REPLY):
             await self._on_hello(src, incarnation, fields[b"a"], int(fields[b"n"]), fields[b"t"] == HELLO)
         elif (incarnation == self._peer_incarnations.get(src) and fields[b"d"] == self.incarnation
               and self._mailboxes.file(fields[b"k"].decode(), src, fields[b"p"])):
@@ -171,8 +184,10 @@ class RedisTransport(Transport):
             if src in self._peer_incarnations:
                 log.info("rank %d of the %s: rank %d has a new incarnation", self.rank, self.group, src)
                 self._mailboxes.forget(src)
+                self._past_incarnations.add(self._peer_incarnations[src])
             self._peer_incarnations[src] = incarnation
             self._acked.discard(src)
+            self._mailboxes.revive(src)
         if ack == self.incarnation:
             self._acked.add(src)
         if wants_reply:

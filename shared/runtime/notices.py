@@ -1,0 +1,111 @@
+"""Death and leave notices: a process that stops is announced at once, so that nothing waits out an
+exchange timeout or a heartbeat TTL for it.
+
+Who publishes a death notice:
+- `streamoe up`'s supervisor, the moment it sees a child exit;
+- a worker that starts as rank R of its group and finds rank R's load report left by another
+  instance that is not draining. Its previous incarnation died without a word: Kubernetes
+  restarts a container in place, and a kill -9 or an OOM kill runs no hook.
+
+What `publish` does, in this order:
+1. For a rank of an EP group: its alive key goes (if it still names that incarnation), and every
+   peer's EP inbox gets a `gone` entry. An exchange that waits for the rank fails at once, and the
+   group re-forms without it (shared/ep/rank.py, reason `notice`). A transport acts on a `gone`
+   entry only if it names the incarnation that transport knows. The supervisor publishes before
+   it starts the successor, so the entry precedes the successor's hello in every inbox.
+2. The rank's load report and the instance's heartbeat go: the balancer stops routing to it at once.
+3. The notice goes onto the NOTICES stream, capped at MAX_NOTICES entries. The balancer follows
+   that stream: it resumes a dead decode instance's requests from their ownership records, and
+   routes again what waits in a dead rank's input stream, without waiting out the TTL.
+
+A notice is advice that makes recovery fast, never the only path: without one (a publisher
+killed too, Redis away), the timeouts and TTLs still find the death.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+
+from redis.asyncio import Redis
+
+from shared.ep.transport.base import GONE
+from shared.protocol import streams
+from shared.protocol.messages import LoadReport, Notice
+from shared.protocol.wire import WireError, decode, encode
+from shared.runtime import redis_client
+
+MAX_NOTICES = 1000
+
+
+async def publish(redis: Redis, notice: Notice) -> Notice:
+    """Announce `notice` (see the module docstring); the notice as published, with the instance and
+    incarnation filled in where Redis knew them."""
+    if not notice.time:
+        notice = _replace(notice, time=time.time())
+    worker = notice.rank >= 0 and notice.role in ("prefill", "decode")
+    if worker:
+        load = await redis.get(streams.load_key(notice.role, notice.group_id, notice.rank))
+        if load is not None and not notice.instance_id:
+            try:
+                notice = _replace(notice, instance_id=decode(load, LoadReport).instance_id)
+            except WireError:
+                pass
+    if worker and notice.ep_size > 1:
+        alive = streams.ep_group_key(notice.role, notice.group_id, f"alive:{notice.rank}")
+        current = await redis.get(alive)
+        if not notice.incarnation and current is not None:
+            notice = _replace(notice, incarnation=current)
+        if current is not None and current == notice.incarnation:
+            await redis.delete(alive)
+        for peer in range(notice.ep_size):
+            if peer != notice.rank:
+                await redis.xadd(streams.ep_inbox(notice.role, notice.group_id, peer),
+                                 {b"t": GONE, b"s": notice.rank, b"i": notice.incarnation})
+    if worker and notice.kind == "death":
+        load = await redis.get(streams.load_key(notice.role, notice.group_id, notice.rank))
+        if load is not None and _instance_of(load) == notice.instance_id:
+            await redis.delete(streams.load_key(notice.role, notice.group_id, notice.rank))
+    if notice.instance_id and notice.kind == "death":
+        await redis.delete(streams.heartbeat_key(notice.role, notice.instance_id))
+    await redis.xadd(streams.NOTICES, {b"m": encode(notice)}, maxlen=MAX_NOTICES, approximate=True)
+    return notice
+
+
+async def publish_to(redis_url: str, cluster: bool, notice: Notice, timeout_s: float = 3.0) -> Notice:
+    """`publish` on a connection of its own (the supervisor's: it holds none)."""
+    redis = redis_client.connect(redis_url, cluster)
+    try:
+        return await asyncio.wait_for(publish(redis, notice), timeout_s)
+    finally:
+        await redis.aclose()
+
+
+async def previous_incarnation(redis: Redis, role: str, group_id: str, rank: int, ep_size: int,
+                               instance_id: str) -> Notice | None:
+    """A death notice for the instance that ran rank `rank` of the group before this one, when it
+    left a load report and its heartbeat does not say it is draining; None otherwise."""
+    raw = await redis.get(streams.load_key(role, group_id, rank))
+    old = _instance_of(raw) if raw is not None else None
+    if not old or old == instance_id:
+        return None
+    beat = await redis.get(streams.heartbeat_key(role, old))
+    if beat is not None and json.loads(beat).get("draining"):
+        return None  # it leaves on its own, and says so (a leave notice)
+    return Notice("death", role, old, group_id, rank, ep_size, reason="restarted")
+
+
+def decode_notice(fields: dict[bytes, bytes]) -> Notice:
+    return decode(fields[b"m"], Notice)
+
+
+def _instance_of(raw: bytes) -> str | None:
+    try:
+        return decode(raw, LoadReport).instance_id
+    except WireError:
+        return None
+
+
+def _replace(notice: Notice, **changes) -> Notice:
+    return dataclasses.replace(notice, **changes)

@@ -1,0 +1,48 @@
+"""Death and leave notices (shared/runtime/notices.py) on a real Redis: what a death notice removes,
+what it fills in, and when a restarted rank announces its predecessor."""
+from __future__ import annotations
+
+import json
+
+from shared.protocol import streams
+from shared.protocol.messages import LoadReport, Notice
+from shared.protocol.wire import decode, encode
+from shared.runtime import notices
+
+
+async def test_a_death_notice_clears_the_rank_and_names_its_instance(redis):
+    load = streams.load_key("decode", "g", 1)
+    await redis.set(load, encode(LoadReport("decode", 1, "decode-1-old", 0, 0, 0, 10, group_id="g")))
+    await redis.set(streams.heartbeat_key("decode", "decode-1-old"), b"{}")
+    alive = streams.ep_group_key("decode", "g", "alive:1")
+    await redis.set(alive, b"incarnation-1")
+    published = await notices.publish(redis, Notice("death", "decode", "", "g", 1, 2, reason="signal 9"))
+    # filled in from what Redis held: the instance from its load report, the incarnation from its alive key
+    assert (published.instance_id, published.incarnation) == ("decode-1-old", b"incarnation-1")
+    assert not await redis.exists(load, alive, streams.heartbeat_key("decode", "decode-1-old"))
+    (entry,) = await redis.xrange(streams.ep_inbox("decode", "g", 0))  # the peer's inbox, not its own
+    assert entry[1] == {b"t": b"g", b"s": b"1", b"i": b"incarnation-1"}
+    assert not await redis.exists(streams.ep_inbox("decode", "g", 1))
+    (notice,) = [decode(fields[b"m"], Notice) for _, fields in await redis.xrange(streams.NOTICES)]
+    assert notice == published and notice.time > 0
+
+
+async def test_a_notice_for_an_earlier_incarnation_leaves_the_new_one_alone(redis):
+    """The successor already runs: its load report and alive key stay."""
+    load = streams.load_key("prefill", "g", 0)
+    await redis.set(load, encode(LoadReport("prefill", 0, "prefill-0-new", 0, 0, 0, 10, group_id="g")))
+    alive = streams.ep_group_key("prefill", "g", "alive:0")
+    await redis.set(alive, b"new")
+    await notices.publish(redis, Notice("death", "prefill", "prefill-0-old", "g", 0, 2, incarnation=b"old"))
+    assert await redis.exists(load, alive) == 2
+
+
+async def test_a_restarted_rank_finds_its_predecessor_unless_it_drains(redis):
+    load = streams.load_key("decode", "decode", 0)
+    assert await notices.previous_incarnation(redis, "decode", "decode", 0, 1, "new") is None  # nothing left
+    await redis.set(load, encode(LoadReport("decode", 0, "old", 0, 0, 0, 10)))
+    assert await notices.previous_incarnation(redis, "decode", "decode", 0, 1, "old") is None  # itself
+    found = await notices.previous_incarnation(redis, "decode", "decode", 0, 1, "new")
+    assert (found.kind, found.instance_id, found.rank, found.reason) == ("death", "old", 0, "restarted")
+    await redis.set(streams.heartbeat_key("decode", "old"), json.dumps({"draining": True}))
+    assert await notices.previous_incarnation(redis, "decode", "decode", 0, 1, "new") is None  # it leaves itself
