@@ -12,9 +12,10 @@
    rate the sustainable one;
 2. the same requests spread over `--fault-window-s` with no fault: the latency baseline
    (`--no-baseline` skips it);
-3. faults: the same arrivals again, while a killer sends kill -9 to each `--kill` target in turn
-   (a kind, or kind:rank in an EP group), each once the last one's restart answers /health; an EP
-   group's survivors re-form without the killed rank (no restart) and take its successor back in;
+3. faults: the same arrivals again, while a killer sends kill -9 (`--signal term`: SIGTERM) to
+   each `--kill` target in turn (a kind, or kind:rank in an EP group), each once the last one's
+   restart answers /health; an EP group's survivors re-form without the killed rank (no restart)
+   and take its successor back in;
 4. overload: `--overload-requests` at 10x the sustainable rate; the gateway admits up to its
    `--max-inflight` (here `--gateway-max-inflight`) and answers the rest 429 at once.
 Counts per phase: sent, completed, refused before acceptance (429 overloaded; 503 while no rank of
@@ -74,6 +75,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--kill", default=",".join(KINDS),
                    help="what to kill, in order (comma-separated kinds; a worker's rank as kind:rank)")
+    p.add_argument("--signal", choices=["kill", "term"], default="kill",
+                   help="kill: kill -9 (a crash); term: SIGTERM (a graceful stop: the worker drains)")
     p.add_argument("--prefill-ep", type=int, default=1)
     p.add_argument("--decode-ep", type=int, default=1)
     p.add_argument("--ep-timeout-s", type=float, default=5.0, help="how long an EP group waits for a silent rank")
@@ -119,9 +122,10 @@ async def healthy(session: aiohttp.ClientSession, port: int) -> bool:
         return False
 
 
-async def killer(run_dir: Path, targets: list[str], t0: float, gap_s: float) -> list[Kill]:
-    """kill -9 each target (a kind, or kind:rank) in turn; the next once the last one's successor
-    answers /health."""
+async def killer(run_dir: Path, targets: list[str], t0: float, gap_s: float,
+                 how: signal.Signals = signal.SIGKILL) -> list[Kill]:
+    """kill -9 (or SIGTERM) each target (a kind, or kind:rank) in turn; the next once the last
+    one's successor answers /health."""
     kills = []
     async with aiohttp.ClientSession() as session:
         for target in targets:
@@ -132,7 +136,7 @@ async def killer(run_dir: Path, targets: list[str], t0: float, gap_s: float) -> 
             in_group = rank != "" and kind in ("prefill", "decode") and survivors
             reforms = [await reform_counts(p) for p in survivors] if in_group else []
             busy = await requests_on(victim) if kind in ("prefill", "decode") else None
-            os.kill(victim["pid"], signal.SIGKILL)
+            os.kill(victim["pid"], how)
             kill = Kill(target, victim["pid"], time.perf_counter() - t0, requests_on_it=busy)
             kills.append(kill)
             deadline = time.monotonic() + 120
@@ -271,7 +275,8 @@ async def phases(args: argparse.Namespace, url: str, model: str, run_dir: Path) 
         paced, paced_s = await send(url, model, requests, args.concurrency, gaps, timeout)
         report["no_faults_same_arrivals"] = summarize(paced, requests, clean, paced_s)
     t0 = time.perf_counter()
-    kill_task = asyncio.create_task(killer(run_dir, kinds, t0, args.kill_gap_s))
+    how = signal.SIGTERM if args.signal == "term" else signal.SIGKILL
+    kill_task = asyncio.create_task(killer(run_dir, kinds, t0, args.kill_gap_s, how))
     faulty, faulty_s = await send(url, model, requests, args.concurrency, gaps, timeout, t0)
     kills = await kill_task
     report["faults"] = summarize(faulty, requests, clean, faulty_s)
@@ -286,6 +291,8 @@ async def phases(args: argparse.Namespace, url: str, model: str, run_dir: Path) 
                                                            outcome="resumed")
     report["faults"]["moved_by_balancer"] = await metric(balancer["ports"]["http"],
                                                          "streamoe_orphaned_requests_moved_total")
+    report["faults"]["notices"] = {kind: await metric(balancer["ports"]["http"], "streamoe_notices_total", kind=kind)
+                                   for kind in ("death", "leave")}
     sustainable = report["fault_free"]["requests_per_s"] or 1.0
     over = [Request(args.output_len, rng.integers(6, vocab, args.input_len).tolist())
             for _ in range(args.overload_requests)]

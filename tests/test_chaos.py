@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from reference import load_reference, reference_greedy
 
 from shared.launcher.redis_server import free_port
@@ -71,17 +72,21 @@ def test_the_same_chaos_on_a_redis_cluster(tiny_fp32, tmp_path):
     assert len(nodes) == 6  # the system really ran on the cluster
 
 
-def test_ep_groups_losing_a_rank_lose_no_request(tiny_fp32, tmp_path):
-    """Prefill and decode as EP 2 groups: a decode rank, then a prefill rank, killed under load.
-    The supervisor announces each death (a death notice), so the survivors re-form their groups
-    without the dead rank at once: the exchange timeout (600 s) and the heartbeat TTL (60 s) are
-    far longer than the requests' deadline, so every request finishing proves the notice path.
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_ep_groups_losing_a_rank_lose_no_request(tiny_fp32, tmp_path, how):
+    """Prefill and decode as EP 2 groups: a decode rank, then a prefill rank, killed under load
+    (kill -9), or stopped (SIGTERM: it drains). The supervisor announces each death (a death
+    notice); a stopped rank announces its own leave once it steps no more. Either way the survivors
+    re-form their groups without it at once: the exchange timeout (600 s) and the heartbeat TTL
+    (60 s) are far longer than the requests' deadline, so every request finishing proves the
+    notice path.
     The survivors are not restarted; the supervisor restarts the dead one and the group takes it
     back. Every accepted request completes with the fault-free tokens; the decode group's requests
     resume from what their clients have."""
     out = tmp_path / "chaos-ep.json"
     command = [sys.executable, "-m", "loadgen.chaos", "--model", str(tiny_fp32), "--dtype", "fp32",
-               "--prefill-ep", "2", "--decode-ep", "2", "--kill", "decode:1,prefill:0", "--ep-timeout-s", "600",
+               "--prefill-ep", "2", "--decode-ep", "2", "--kill", "decode:1,prefill:0", "--signal", how,
+               "--ep-timeout-s", "600",
                "--heartbeat-ttl-s", "60", "--requests", "80", "--concurrency", "16", "--input-len", "96",
                "--output-len", "32", "--fault-window-s", "60", "--overload-requests", "0", "--no-baseline",
                "--port", str(free_port()), "--run-dir", str(tmp_path / "chaos"), "--out", str(out)]
@@ -100,3 +105,5 @@ def test_ep_groups_losing_a_rank_lose_no_request(tiny_fp32, tmp_path):
     differences_are_near_ties(tiny_fp32, faults)
     # what the dead decode rank held went on elsewhere: resumed (running) or routed again (queued)
     assert faults["resumed_by_balancer"] + faults["moved_by_balancer"] >= 1
+    # kill -9: the supervisor's death notices; SIGTERM: the drain path, each rank's own leave notice
+    assert faults["notices"] == ({"death": 2, "leave": 0} if how == "kill" else {"death": 0, "leave": 2})

@@ -11,6 +11,7 @@ from shared.runtime import notices
 
 
 async def test_a_death_notice_clears_the_rank_and_names_its_instance(redis):
+    await redis.set(streams.load_key("decode", "g", 0), b"rank 0 serves on")
     load = streams.load_key("decode", "g", 1)
     await redis.set(load, encode(LoadReport("decode", 1, "decode-1-old", 0, 0, 0, 10, group_id="g")))
     await redis.set(streams.heartbeat_key("decode", "decode-1-old"), b"{}")
@@ -46,3 +47,14 @@ async def test_a_restarted_rank_finds_its_predecessor_unless_it_drains(redis):
     assert (found.kind, found.instance_id, found.rank, found.reason) == ("death", "old", 0, "restarted")
     await redis.set(streams.heartbeat_key("decode", "old"), json.dumps({"draining": True}))
     assert await notices.previous_incarnation(redis, "decode", "decode", 0, 1, "new") is None  # it leaves itself
+
+
+async def test_a_roles_only_rank_keeps_its_load_report_for_its_successor(redis):
+    """No other decode rank: the report lapses on its TTL instead, so the gateway goes on admitting
+    and the balancer routes into the stream the restarted rank will read."""
+    load = streams.load_key("decode", "decode", 0)
+    await redis.set(load, encode(LoadReport("decode", 0, "only", 0, 0, 0, 10)))
+    await redis.set(streams.load_key("prefill", "prefill", 0), b"another role")
+    assert not await notices.others_serve(redis, "decode", "decode", 0)
+    await notices.publish(redis, Notice("death", "decode", "", "decode", 0))
+    assert await redis.exists(load) and not await redis.exists(streams.heartbeat_key("decode", "only"))

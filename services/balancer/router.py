@@ -142,8 +142,7 @@ class BalancerService(Service):
                                   "instance": notice.instance_id, "group": notice.group_id, "rank": notice.rank,
                                   "reason": notice.reason}))
         self.notices.labels(kind=notice.kind, role=notice.role).inc()
-        if notice.kind != "death":
-            return
+        # a leaving worker has stopped reading and stepping: what it holds goes on elsewhere, as a dead one's
         if notice.role == "decode" and notice.instance_id:
             owned = ownership.owned_key(notice.instance_id)
             for request_id in await self.redis.smembers(owned):

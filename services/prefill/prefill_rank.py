@@ -32,10 +32,13 @@ class PrefillService(EngineService):
         await self.setup_engine_service()
 
     async def loop(self) -> None:
-        while not self.stopping.is_set():
-            entries = await self.bus.read(self.stream, CONSUMER_GROUP, PrefillTask, count=32,
-                                          block_ms=100 if self.idle else None)
-            entries += await self.bus.claim_stale(self.stream, CONSUMER_GROUP, PrefillTask, self.config.claim_idle_ms)
+        # draining (SIGTERM): no new task is read; the prompts in hand are prefilled and handed off
+        while not self.stopping.is_set() or self.tasks:
+            entries = [] if self.stopping.is_set() else await self.bus.read(
+                self.stream, CONSUMER_GROUP, PrefillTask, count=32, block_ms=100 if self.idle else None)
+            if not self.stopping.is_set():
+                entries += await self.bus.claim_stale(self.stream, CONSUMER_GROUP, PrefillTask,
+                                                      self.config.claim_idle_ms)
             for entry in entries:
                 if entry.message.request.request_id in self.aborted:
                     await self.bus.ack(self.stream, CONSUMER_GROUP, entry.entry_id)

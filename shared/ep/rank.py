@@ -262,7 +262,7 @@ class EPRank:
         """Every second, while a member: renew the alive key, look for ranks asking to join."""
         while not self._closing.is_set():
             await self._pause(MEMBERSHIP_PERIOD_S)
-            if self.joining:
+            if self.joining or self.stopping.is_set():  # leaving: its leave notice removes the alive key
                 continue
             try:
                 await self.membership.renew_alive()

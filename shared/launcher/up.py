@@ -225,7 +225,8 @@ def supervise(children: list[Child], secrets: dict[str, str], run_dir: Path, red
             child.next_start = now + delay
             print(f"streamoe up: {child.name} exited with {child.proc.returncode}; restarting in {delay} s",
                   file=sys.stderr, flush=True)
-            announce(child.death_notice(), secrets)
+            if child.proc.returncode != 0:  # 0: it drained, and announced its leave itself
+                announce(child.death_notice(), secrets)
         elif now >= child.next_start:
             child.restarts += 1
             child.next_start = 0.0

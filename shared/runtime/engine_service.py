@@ -29,7 +29,7 @@ from shared.launcher.cliargs import (
 )
 from shared.model.loader import checkpoint_fingerprint, load_model
 from shared.protocol import metric_names, streams
-from shared.protocol.messages import Abort, LoadReport, Sampling
+from shared.protocol.messages import Abort, LoadReport, Notice, Sampling
 from shared.protocol.wire import encode
 from shared.runtime import notices, redis_client
 from shared.runtime.numerics import (
@@ -138,6 +138,7 @@ class EngineService(EPRank, Service):
         self.num_kv_layers = model.args.num_kv_layers  # the MTP layer's included: a handoff's chunks
         self.compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute")  # tensors never run on the loop
         self._last_report = 0.0
+        self._withdrawn = False  # draining: the load report is gone, none is written again
         self.aborted: deque[str] = deque(maxlen=4096)  # recent aborts, for handoffs that arrive late
         labels = {"role": self.role, "rank": str(self.rank)}
         Gauge("streamoe_numerics_info", "The dtype and MoE plan this rank computes with, and where they came "
@@ -205,6 +206,16 @@ class EngineService(EPRank, Service):
             notice = await notices.publish(self.redis, notice)
             self.log.warning(json.dumps({"event": "predecessor_announced_dead", "instance": notice.instance_id,
                                          "group": self.group_id, "rank": self.rank}))
+
+    async def drained(self) -> None:
+        """A leave notice once the loop has stopped (shared/runtime/notices.py): it reads and steps
+        no more, so its EP peers re-form without it, the balancer routes to it no more, and what it
+        still holds goes on elsewhere now: a decode rank's running requests resume from their
+        ownership records, a prefill rank's unfinished tasks are routed again."""
+        incarnation = self.group.transport.incarnation if self.group is not None else b""
+        await notices.publish(self.redis, Notice("leave", self.role, self.config.instance_id, self.group_id,
+                                                 self.rank, self.args.ep_size, incarnation, reason="sigterm"))
+        self.log.info(json.dumps({"event": "left", "group": self.group_id, "rank": self.rank}))
 
     def trimmed_streams(self) -> list[str]:
         return [self.stream]  # the worker's own input stream
@@ -288,7 +299,7 @@ class EngineService(EPRank, Service):
         self.gpu_seconds.inc(up - self._up_since)
         self._up_since = up
         now = time.time()
-        if not force and now - self._last_report < self.args.load_ttl_s / 5:
+        if not force and now - self._last_report < self.args.load_ttl_s / 5 and not self.stopping.is_set():
             return
         self._last_report = now
         blocks = self.engine.blocks
@@ -299,6 +310,12 @@ class EngineService(EPRank, Service):
         await self.send_load_report()
 
     async def send_load_report(self) -> None:
+        if self.stopping.is_set():  # draining: the balancer routes to the other ranks from now on
+            if not self._withdrawn:
+                self._withdrawn = True
+                if await notices.others_serve(self.redis, self.role, self.group_id, self.rank):
+                    await self.redis.delete(self.load_key)
+            return
         await self.redis.set(self.load_key, self._report, px=int(self.args.load_ttl_s * 1000))
 
     async def keep_load_report(self) -> None:

@@ -13,7 +13,10 @@ What `publish` does, in this order:
    group re-forms without it (shared/ep/rank.py, reason `notice`). A transport acts on a `gone`
    entry only if it names the incarnation that transport knows. The supervisor publishes before
    it starts the successor, so the entry precedes the successor's hello in every inbox.
-2. The rank's load report and the instance's heartbeat go: the balancer stops routing to it at once.
+2. The instance's heartbeat goes, and so does the rank's load report where another rank of its
+   role reports load: the balancer routes to the others at once. A role's only rank keeps its
+   report until its TTL, so the gateway goes on admitting while the successor starts
+   (`others_serve`).
 3. The notice goes onto the NOTICES stream, capped at MAX_NOTICES entries. The balancer follows
    that stream: it resumes a dead decode instance's requests from their ownership records, and
    routes again what waits in a dead rank's input stream, without waiting out the TTL.
@@ -63,7 +66,8 @@ async def publish(redis: Redis, notice: Notice) -> Notice:
             if peer != notice.rank:
                 await redis.xadd(streams.ep_inbox(notice.role, notice.group_id, peer),
                                  {b"t": GONE, b"s": notice.rank, b"i": notice.incarnation})
-    if worker and notice.kind == "death":
+    if worker and await others_serve(redis, notice.role, notice.group_id, notice.rank):
+        # dead or leaving, it takes no more work: the others take it now
         load = await redis.get(streams.load_key(notice.role, notice.group_id, notice.rank))
         if load is not None and _instance_of(load) == notice.instance_id:
             await redis.delete(streams.load_key(notice.role, notice.group_id, notice.rank))
@@ -71,6 +75,17 @@ async def publish(redis: Redis, notice: Notice) -> Notice:
         await redis.delete(streams.heartbeat_key(notice.role, notice.instance_id))
     await redis.xadd(streams.NOTICES, {b"m": encode(notice)}, maxlen=MAX_NOTICES, approximate=True)
     return notice
+
+
+async def others_serve(redis: Redis, role: str, group_id: str, rank: int) -> bool:
+    """Whether another rank of `role` reports load. When none does, a dead or leaving rank's load
+    report is left to lapse on its TTL: the gateway goes on admitting (no 503 for the seconds of a
+    restart), and what the balancer routes meanwhile waits in the rank's stream for its successor."""
+    mine = streams.load_key(role, group_id, rank)
+    async for key in redis.scan_iter(match=streams.tagged("load", f":{role}:*"), count=1000):
+        if (key.decode() if isinstance(key, bytes) else key) != mine:
+            return True
+    return False
 
 
 async def publish_to(redis_url: str, cluster: bool, notice: Notice, timeout_s: float = 3.0) -> Notice:

@@ -175,6 +175,11 @@ class Service:
                 self.log.error("the main loop failed: %r", main.exception(), exc_info=main.exception())
                 failed = True
             stop.cancel()
+            if self.stopping.is_set():  # a drain, not a failure: say so, so others take over now
+                try:
+                    await asyncio.wait_for(self.drained(), 5.0)
+                except Exception as e:  # Redis away: the TTLs find us gone
+                    self.log.warning(json.dumps({"event": "leave_not_announced", "error": repr(e)}))
         finally:
             # NOTE: the loops end on their own at _closing; a cancel inside a Redis call can come
             # out as a ConnectionError, so cancelling them is only the fallback, never awaited.
@@ -214,6 +219,10 @@ class Service:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.redis.aclose(), 2.0)
         return False
+
+    async def drained(self) -> None:
+        """After a drain (SIGTERM), before teardown: what the service owes the others on leaving
+        (a worker's leave notice)."""
 
     def health_fields(self) -> dict:
         """More fields for /health (a worker's numerics)."""
