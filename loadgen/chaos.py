@@ -75,8 +75,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--kill", default=",".join(KINDS),
                    help="what to kill, in order (comma-separated kinds; a worker's rank as kind:rank)")
-    p.add_argument("--signal", choices=["kill", "term"], default="kill",
-                   help="kill: kill -9 (a crash); term: SIGTERM (a graceful stop: the worker drains)")
+    p.add_argument("--signal", choices=["kill", "term", "stop"], default="kill",
+                   help="kill: kill -9 (a crash); term: SIGTERM (a graceful stop: the worker drains); stop: "
+                   "SIGSTOP, then SIGCONT after --stop-s (a hung process that wakes up)")
+    p.add_argument("--stop-s", type=float, default=8.0, help="with --signal stop: how long a victim stays frozen")
     p.add_argument("--prefill-ep", type=int, default=1)
     p.add_argument("--decode-ep", type=int, default=1)
     p.add_argument("--ep-timeout-s", type=float, default=5.0, help="how long an EP group waits for a silent rank")
@@ -122,8 +124,13 @@ async def healthy(session: aiohttp.ClientSession, port: int) -> bool:
         return False
 
 
+async def thaw(pid: int, after_s: float) -> None:
+    await asyncio.sleep(after_s)
+    os.kill(pid, signal.SIGCONT)
+
+
 async def killer(run_dir: Path, targets: list[str], t0: float, gap_s: float,
-                 how: signal.Signals = signal.SIGKILL) -> list[Kill]:
+                 how: signal.Signals = signal.SIGKILL, stop_s: float = 8.0) -> list[Kill]:
     """kill -9 (or SIGTERM) each target (a kind, or kind:rank) in turn; the next once the last
     one's successor answers /health."""
     kills = []
@@ -138,11 +145,13 @@ async def killer(run_dir: Path, targets: list[str], t0: float, gap_s: float,
             busy = await requests_on(victim) if kind in ("prefill", "decode") else None
             os.kill(victim["pid"], how)
             kill = Kill(target, victim["pid"], time.perf_counter() - t0, requests_on_it=busy)
+            thawing = asyncio.create_task(thaw(victim["pid"], stop_s)) if how == signal.SIGSTOP else None
             kills.append(kill)
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 group = [p for p in processes(run_dir) if p["name"] == kind]  # an EP group comes back whole
                 replaced = next(p for p in group if p["rank"] == victim["rank"])["pid"] != victim["pid"]
+                replaced = replaced or (thawing is not None and thawing.done())  # the same process, awake
                 if in_group and kill.group_without_it_s is None:
                     if all([(await reform_counts(p))[0] > before[0] for p, before in zip(survivors, reforms)]):
                         kill.group_without_it_s = time.perf_counter() - t0 - kill.at_s
@@ -158,7 +167,7 @@ async def killer(run_dir: Path, targets: list[str], t0: float, gap_s: float,
                 kill.survivors_restarted = any(now[p["rank"]] != p["pid"] for p in survivors)
                 after = [(await reform_counts(p))[2] for p in survivors]
                 kill.shrinks_by_reason = {r: sum(a[r] - b[2][r] for a, b in zip(after, reforms))
-                                          for r in ("notice", "timeout")}
+                                          for r in ("notice", "heartbeat", "timeout")}
     return kills
 
 
@@ -184,7 +193,7 @@ async def reform_counts(process: dict) -> tuple[float, float, dict[str, float]]:
     except (aiohttp.ClientError, OSError):
         return (0.0, 0.0, {})
     reasons = {r: sample_sum(text, "streamoe_ep_reforms_total", change="shrink", reason=r)
-               for r in ("notice", "timeout")}
+               for r in ("notice", "heartbeat", "timeout")}
     return (sample_sum(text, "streamoe_ep_reforms_total", change="shrink"),
             sample_sum(text, "streamoe_ep_reforms_total", change="grow"), reasons)
 
@@ -275,8 +284,8 @@ async def phases(args: argparse.Namespace, url: str, model: str, run_dir: Path) 
         paced, paced_s = await send(url, model, requests, args.concurrency, gaps, timeout)
         report["no_faults_same_arrivals"] = summarize(paced, requests, clean, paced_s)
     t0 = time.perf_counter()
-    how = signal.SIGTERM if args.signal == "term" else signal.SIGKILL
-    kill_task = asyncio.create_task(killer(run_dir, kinds, t0, args.kill_gap_s, how))
+    how = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "stop": signal.SIGSTOP}[args.signal]
+    kill_task = asyncio.create_task(killer(run_dir, kinds, t0, args.kill_gap_s, how, args.stop_s))
     faulty, faulty_s = await send(url, model, requests, args.concurrency, gaps, timeout, t0)
     kills = await kill_task
     report["faults"] = summarize(faulty, requests, clean, faulty_s)

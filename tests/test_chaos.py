@@ -97,7 +97,7 @@ def test_ep_groups_losing_a_rank_lose_no_request(tiny_fp32, tmp_path, how):
     for kill in faults["kills"]:  # the survivor went on without the dead rank, then took its successor in
         assert kill["survivors_restarted"] is False, kill
         assert kill["kind"] != "decode:1" or kill["requests_on_it"] >= 1, kill  # it had requests to resume
-        assert kill["shrinks_by_reason"] == {"notice": 1, "timeout": 0}, kill
+        assert kill["shrinks_by_reason"] == {"notice": 1, "heartbeat": 0, "timeout": 0}, kill
         assert 0 < kill["group_without_it_s"] < kill["group_whole_s"] < 60, kill
     # each role always has a live rank: nothing is refused, everything completes
     assert faults["lost"] == 0 and faults["errors"] == {} and faults["completed"] == faults["sent"], faults
@@ -107,3 +107,31 @@ def test_ep_groups_losing_a_rank_lose_no_request(tiny_fp32, tmp_path, how):
     assert faults["resumed_by_balancer"] + faults["moved_by_balancer"] >= 1
     # kill -9: the supervisor's death notices; SIGTERM: the drain path, each rank's own leave notice
     assert faults["notices"] == ({"death": 2, "leave": 0} if how == "kill" else {"death": 0, "leave": 2})
+
+
+def test_a_frozen_ep_rank_is_cut_out_and_fenced(tiny_fp32, tmp_path):
+    """A decode rank of an EP group frozen (SIGSTOP) for 8 s, then thawed. Its alive key lapses after
+    --rank-dead-after-s (1.5 s): the survivor re-forms without it (reason `heartbeat`) and announces
+    it dead, so its requests resume elsewhere; the exchange timeout (600 s) and the heartbeat TTL (60 s)
+    play no part. Thawed, it finds itself cut out, drops what it ran unsent (fenced), and asks in as
+    new. No token of it reaches a client twice or out of order."""
+    out = tmp_path / "chaos-stop.json"
+    command = [sys.executable, "-m", "loadgen.chaos", "--model", str(tiny_fp32), "--dtype", "fp32",
+               "--prefill-ep", "2", "--decode-ep", "2", "--kill", "decode:1", "--signal", "stop", "--stop-s", "8",
+               "--ep-timeout-s", "600", "--heartbeat-ttl-s", "60", "--requests", "60", "--concurrency", "16",
+               "--input-len", "96", "--output-len", "32", "--fault-window-s", "40", "--overload-requests", "0",
+               "--no-baseline", "--port", str(free_port()), "--run-dir", str(tmp_path / "chaos"), "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    faults = json.loads(out.read_text())["faults"]
+    (kill,) = faults["kills"]
+    assert kill["requests_on_it"] >= 1 and kill["survivors_restarted"] is False, kill
+    assert kill["shrinks_by_reason"] == {"notice": 0, "heartbeat": 1, "timeout": 0}, kill
+    assert kill["healthy_again_s"] is not None and kill["group_whole_s"] >= 8, kill  # back only once thawed
+    assert faults["notices"] == {"death": 1, "leave": 0}  # the survivor announced the rank it cut out
+    assert faults["lost"] == 0 and faults["errors"] == {} and faults["completed"] == faults["sent"], faults
+    assert faults["duplicated_tokens"] == 0 and faults["missing_tokens"] == 0
+    differences_are_near_ties(tiny_fp32, faults)
+    assert faults["resumed_by_balancer"] + faults["moved_by_balancer"] >= 1
+    frozen = (tmp_path / "chaos" / "run" / "decode-1.log").read_text()
+    assert '"ep_fenced"' in frozen and frozen.index('"ep_fenced"') < frozen.rindex('"change": "grow"')

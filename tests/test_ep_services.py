@@ -229,7 +229,7 @@ async def test_a_restarted_rank_announces_its_predecessor_dead(tiny_fp32, redis_
     without the dead incarnation at once (reason `notice`), then takes the new process in."""
     args = ["--model", str(tiny_fp32), "--dtype", "fp32", "--threads", "1", "--kv-cache-mib", "16",
             "--ep-size", "2", "--ep-wire", "exact", "--ep-timeout-s", "600", "--ep-group-id", "k8s-restart",
-            "--load-ttl-s", "120", "--heartbeat-ttl-s", "120"]
+            "--load-ttl-s", "120", "--heartbeat-ttl-s", "120", "--rank-dead-after-s", "600"]
     ranks = [ServiceProcess("services.decode", redis_url, *args, "--rank", str(r), wait=False) for r in range(2)]
     try:
         for service in ranks:

@@ -90,6 +90,15 @@ class DecodeService(EngineService):
             await self.group_step(self.step)
             await self.report_load()
 
+    def engine_requests(self) -> list[str]:
+        return list(self.requests)
+
+    async def drop_all(self) -> None:
+        await super().drop_all()
+        for held in (self.requests, self.history, self.held, self.handoffs):
+            held.clear()
+        self.ready_to_admit.clear()
+
     def receive(self, entry: Entry[KVChunk]) -> None:
         chunk = entry.message
         handoff = self.handoffs.setdefault(chunk.request_id, Handoff())

@@ -55,6 +55,13 @@ class PrefillService(EngineService):
                                     for r in queued),
                 pending_tokens=sum(len(r.prompt_ids) - r.num_cached_tokens for r in queued))
 
+    def engine_requests(self) -> list[str]:
+        return list(self.tasks)
+
+    async def drop_all(self) -> None:
+        await super().drop_all()
+        self.tasks.clear()  # their entries were claimed and routed again by the balancer
+
     async def admit(self, entry_id: str, task: PrefillTask) -> None:
         req = task.request
         if req.request_id in self.tasks:

@@ -18,7 +18,8 @@ counts steps from 0 under the new epoch, so nothing of the old epoch can complet
 Redis keys, under `{streamoe:ep:<role>:<group_id>}:` (one hash tag: the commit script touches two of them)
 - `epoch` (integer) and `record` (msgpack: epoch, members, placement version and phy2log), set
   together by one script; absent: every rank, epoch 0;
-- `alive:{rank}`: the rank's transport incarnation, renewed with a TTL while it is a member;
+- `alive:{rank}`: the rank's transport incarnation, renewed with a TTL (`--rank-dead-after-s`)
+  while it is a member: a member whose key lapses (frozen, hung) is cut out (rank.py);
 - `join:{rank}`: the same, renewed with a TTL while it asks to join;
 - `rollcall:{epoch}`: the survivors counting off for that epoch.
 """
@@ -66,9 +67,10 @@ class Record:
 
 
 class Membership:
-    def __init__(self, redis: Redis, role: str, group_id: str, rank: int, size: int, incarnation: bytes):
+    def __init__(self, redis: Redis, role: str, group_id: str, rank: int, size: int, incarnation: bytes,
+                 alive_ttl_s: float = ALIVE_TTL_S):
         self.redis, self.rank, self.size, self.incarnation = redis, rank, size, incarnation
-        self.role, self.group_id = role, group_id
+        self.role, self.group_id, self.alive_ttl_s = role, group_id, alive_ttl_s
 
     def _key(self, name: str) -> str:
         return streams.ep_group_key(self.role, self.group_id, name)
@@ -104,7 +106,7 @@ class Membership:
             await asyncio.sleep(0.05)
 
     async def renew_alive(self) -> None:
-        await self.redis.set(self._key(f"alive:{self.rank}"), self.incarnation, px=int(ALIVE_TTL_S * 1000))
+        await self.redis.set(self._key(f"alive:{self.rank}"), self.incarnation, px=int(self.alive_ttl_s * 1000))
 
     async def clear_alive(self) -> None:
         await self.redis.delete(self._key(f"alive:{self.rank}"))

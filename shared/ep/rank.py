@@ -27,14 +27,13 @@ from shared.model.config import ModelArgs
 from shared.model.loader import load_model
 from shared.model.model import DeepseekV3
 from shared.protocol import streams
-from shared.protocol.messages import ExpertLoad, PlacementUpdate
+from shared.protocol.messages import ExpertLoad, Notice, PlacementUpdate
 from shared.protocol.wire import decode, encode
-from shared.runtime import redis_client
+from shared.runtime import notices, redis_client
 
 # NOTE: the per-phase default, by measurement (shared/ep/README.md, "Limits"): prefill is
 # compute-bound and hides its wire time; a decode micro-batch re-reads nearly every expert's weights.
 OVERLAP_BY_DEFAULT = ("prefill",)
-MEMBERSHIP_PERIOD_S = 1.0  # alive keys renewed, join requests looked for (membership.ALIVE_TTL_S: 6 s)
 _SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -46,6 +45,7 @@ class EPRank:
     membership: Membership | None = None
     joiners_seen = 0  # ranks asking to join, as this rank last saw (bit mask)
     joining = True  # not (yet, or any more) a member of the running group
+    members_since = 0.0  # monotonic time this rank last applied a record
 
     def load_ep(self, args: argparse.Namespace) -> DeepseekV3:
         """The model with only this rank's routed experts read and kept, in the placement the
@@ -113,7 +113,7 @@ class EPRank:
         self.group = EPGroup(transport, asyncio.get_running_loop(), self.args.ep_timeout_s, self.observe_exchange)
         self.group.mtp_calls = self.engine.mtp_calls  # checked equal on every rank at each step
         self.membership = Membership(self.redis, self.role, self.group_id, self.rank, self.args.ep_size,
-                                     transport.incarnation)
+                                     transport.incarnation, self.args.rank_dead_after_s)
         overlap = self.args.overlap == "on" or (self.args.overlap == "auto" and self.role in OVERLAP_BY_DEFAULT)
         if overlap:
             self.tracer = Tracer(self.args.trace, self.rank, self.role)
@@ -141,6 +141,7 @@ class EPRank:
         self.group.reform(record.epoch, record.members)
         await self.membership.renew_alive()
         self.joining = False
+        self.members_since = time.monotonic()
         self.ep_members.set(len(record.members))
 
     async def join_running_group(self) -> None:
@@ -180,6 +181,7 @@ class EPRank:
         await self.group.transport.start(self.args.ep_timeout_s, fail_on_gone=True)
         await self.membership.renew_alive()
         self.joining = False
+        self.members_since = time.monotonic()
         self.rollout.version = record.version
         self.ep_members.set(len(record.members))
         change = "shrink" if len(record.members) < before else "grow" if len(record.members) > before else "same"
@@ -206,15 +208,20 @@ class EPRank:
         self.log.warning(json.dumps({"event": "ep_exchange_failed", "epoch": self.group.epoch,
                                      "key": error.key, "missing": error.missing, "noticed": error.noticed}))
         settle_s = max(1.0, min(3.0, self.args.ep_timeout_s))
-        reason = "notice" if error.noticed else "timeout"
+        reason = error.cause
         while not self.stopping.is_set():
             record = await self.membership.read()
             epoch = self.group.epoch
             if record is None or record.epoch <= epoch:
-                called = await self.membership.roll_call(epoch + 1, set(self.group.members), settle_s,
+                before = set(self.group.members)
+                called = await self.membership.roll_call(epoch + 1, before, settle_s,
                                                          set(error.missing), grace_s=0.0 if error.noticed else 1.0)
                 record = await self.membership.commit(epoch, called, self.rollout.version, self.rollout.placement())
-            if self.rank not in record.members:  # counted out (too slow): ask in like a restarted rank
+                cut = sorted(before - set(record.members))
+                if cut and reason in ("heartbeat", "timeout") and self.rank == min(record.members):
+                    await self.announce_cut(cut, reason)
+            if self.rank not in record.members:  # counted out (too slow, frozen): ask in like a restarted rank
+                await self.on_fenced(record)
                 await self.join_running_group()
                 return
             try:
@@ -259,16 +266,51 @@ class EPRank:
         self._ep_tokens_seen = total
 
     async def keep_membership(self) -> None:
-        """Every second, while a member: renew the alive key, look for ranks asking to join."""
+        """Three times per --rank-dead-after-s (at least once a second), while a member: renew the
+        alive key, look for ranks asking to join, and watch the others (watch_members)."""
         while not self._closing.is_set():
-            await self._pause(MEMBERSHIP_PERIOD_S)
+            await self._pause(min(1.0, self.args.rank_dead_after_s / 3))
             if self.joining or self.stopping.is_set():  # leaving: its leave notice removes the alive key
                 continue
             try:
                 await self.membership.renew_alive()
                 self.joiners_seen = await self.membership.joiners(self.group.members)
+                await self.watch_members()
             except RedisError as e:
                 self.log.warning(json.dumps({"event": "membership_upkeep_failed", "error": repr(e)}))
+
+    async def watch_members(self) -> None:
+        """A member whose alive key lapsed (frozen, hung: it renews it no more) is taken for gone: the
+        exchange waiting for it fails now and the group re-forms without it (reason `heartbeat`). A
+        rank that finds a newer record without itself was cut out while it did not answer: its own
+        exchanges fail now (cause `fenced`), and it drops what it ran and asks in as new."""
+        record = await self.membership.read()
+        if record is not None and record.epoch > self.group.epoch and self.rank not in record.members:
+            self.group.transport.mark_gone([p for p in self.group.members if p != self.rank], "fenced")
+            return
+        if time.monotonic() - self.members_since < self.args.rank_dead_after_s:
+            return  # a member taken in a moment ago may not have renewed yet
+        alive = await self.membership.others_alive()
+        lapsed = [p for p in self.group.members if p != self.rank and p not in alive]
+        if lapsed:
+            self.log.warning(json.dumps({"event": "ep_rank_lapsed", "ranks": lapsed, "epoch": self.group.epoch}))
+            self.group.transport.mark_gone(lapsed, "heartbeat")
+
+    async def announce_cut(self, ranks: list[int], reason: str) -> None:
+        """Death notices for ranks the group cut out without one (they stopped answering): the balancer
+        resumes their requests and moves their queued work now (shared/runtime/notices.py)."""
+        for rank in ranks:
+            try:
+                await notices.publish(self.redis, Notice("death", self.role, "", self.group_id, rank,
+                                                         self.args.ep_size, reason=f"cut out ({reason})"))
+            except RedisError as e:
+                self.log.warning(json.dumps({"event": "cut_not_announced", "rank": rank, "error": repr(e)}))
+
+    async def on_fenced(self, record: Record) -> None:
+        """This rank was cut out of the group while it did not answer: what it ran was resumed or
+        moved elsewhere. The service drops it (EngineService.drop_all), so no stale token goes out."""
+        self.log.warning(json.dumps({"event": "ep_fenced", "epoch": record.epoch, "members": record.members}))
+        await self.drop_all()
 
     async def eplb_upkeep(self) -> None:
         """Report this rank's expert load; stage a newer placement the balancer published (not

@@ -84,6 +84,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                     help="fp8: FP8 dispatch (one scale per 128 channels), BF16 combine; exact: compute dtype")
     ep.add_argument("--num-redundant-experts", type=int, default=0, help="extra expert slots per MoE layer")
     ep.add_argument("--ep-timeout-s", type=float, default=30.0, help="a rank silent this long fails the exchange")
+    ep.add_argument("--rank-dead-after-s", type=float, default=1.5,
+                    help="a rank of the group that renews its alive key no more for this long (a frozen or "
+                    "hung process) is cut out of the group; it renews every third of it")
     ep.add_argument("--ep-group-id", type=group_id, default=None,
                     help="this rank's EP group, for several EP groups of one role on one Redis (default: the role)")
     ep.add_argument("--ep-join-timeout-s", type=float, default=300.0, help="how long to wait for every rank")
@@ -194,6 +197,16 @@ class EngineService(EPRank, Service):
         await self.setup_group()
         await self.report_load(force=True)
         self.in_background(self.keep_load_report())
+
+    async def drop_all(self) -> None:
+        """Forget every request this rank runs, sending nothing: it was cut out of its EP group while
+        it did not answer (shared/ep/rank.py), and a death notice sent its work elsewhere."""
+        for request_id in list(self.engine_requests()):
+            await self.compute(self.engine.abort, request_id)
+
+    def engine_requests(self) -> list[str]:
+        """The ids of the requests this rank holds (the subclass knows them)."""
+        return []
 
     async def announce_predecessor(self) -> None:
         """This rank started while another instance's load report for it remains, and that one is

@@ -24,14 +24,19 @@ class ExchangeTimeout(RuntimeError):
 
     def __init__(self, key: str, missing: list[int], timeout_s: float, group: str, what: str | None = None,
                  hint: str = "check that its process is alive and that every rank calls the same sequence of keys",
-                 noticed: bool = False):
+                 noticed: bool = False, cause: str = "notice"):
         who = f"rank {missing[0]}" if len(missing) == 1 else "ranks " + ", ".join(map(str, missing))
         if noticed:
-            super().__init__(f"{who} of the {group} died (a death notice) before sending {key!r}")
+            super().__init__(f"{who} of the {group} died ({CAUSES.get(cause, cause)}) before sending {key!r}")
         else:
             super().__init__(f"{who} of the {group} {what or f'did not send {key!r}'} within {timeout_s} s; {hint}")
         self.key, self.missing, self.timeout_s, self.group = key, missing, timeout_s, group
-        self.noticed = noticed
+        self.noticed, self.cause = noticed, (cause if noticed else "timeout")
+
+
+# why a rank was taken for gone before its exchange timed out (Transport.mark_gone)
+CAUSES = {"notice": "a death notice", "heartbeat": "it missed its heartbeats for --rank-dead-after-s",
+          "fenced": "this rank was cut out of the group while it did not answer"}
 
 
 @dataclass
@@ -60,7 +65,7 @@ class _Mailboxes:
         self._boxes: dict[str, dict[int, bytes]] = {}  # key -> src rank -> payload
         self._waiting: dict[str, asyncio.Event] = {}  # keys an all_to_all waits on: set when full
         self._abandoned: OrderedDict[str, None] = OrderedDict()
-        self.gone: set[int] = set()  # ranks a death notice named: no exchange waits for them
+        self.gone: dict[int, str] = {}  # rank -> why it is taken for gone (CAUSES): no exchange waits for it
 
     def open(self, key: str) -> None:
         if key in self._waiting:
@@ -77,15 +82,16 @@ class _Mailboxes:
             self._waiting[key].set()
         return True
 
-    def mark_gone(self, src: int) -> None:
-        """A death notice for `src`: every exchange waiting for it fails now, and the next ones at once,
-        until `src` comes back as a new incarnation (`revive`)."""
-        self.gone.add(src)
+    def mark_gone(self, src: int, cause: str = "notice") -> None:
+        """`src` is gone (a death notice, missed heartbeats): every exchange waiting for it fails now,
+        and the next ones at once, until `src` comes back as a new incarnation or is taken back
+        into the group (`revive`)."""
+        self.gone.setdefault(src, cause)
         for event in self._waiting.values():
             event.set()
 
     def revive(self, src: int) -> None:
-        self.gone.discard(src)
+        self.gone.pop(src, None)
 
     def forget(self, src: int) -> None:
         """Drop what `src` sent to exchanges still incomplete: it came from an incarnation now gone."""
@@ -100,9 +106,9 @@ class _Mailboxes:
             box = self._boxes.get(key, {})
             if self.members.issubset(box):
                 return [box.get(p, b"") if p in self.members else b"" for p in range(self.size)]
-            gone = sorted((self.members & self.gone).difference(box))
+            gone = sorted((self.members & self.gone.keys()).difference(box))
             if gone:
-                raise ExchangeTimeout(key, gone, timeout_s, group, noticed=True)
+                raise ExchangeTimeout(key, gone, timeout_s, group, noticed=True, cause=self.gone[gone[0]])
             self._waiting[key].clear()
             try:
                 await asyncio.wait_for(self._waiting[key].wait(), max(deadline - loop.time(), 0.0))
@@ -150,6 +156,11 @@ class Transport(ABC):
                              f"and lie in 0..{self.size - 1}")
         self._mailboxes.members = set(members)
 
+    def mark_gone(self, ranks: list[int], cause: str) -> None:
+        """Take `ranks` for gone now (see _Mailboxes.mark_gone)."""
+        for rank in ranks:
+            self._mailboxes.mark_gone(rank, cause)
+
     @abstractmethod
     async def start(self, timeout_s: float | None = None, fail_on_gone: bool = False) -> None:
         """Join (or re-join) the group: returns once every rank is reachable, else ExchangeTimeout;
@@ -181,7 +192,7 @@ class Transport(ABC):
             remaining = deadline - asyncio.get_running_loop().time()
             recv = await self._mailboxes.wait(key, remaining, self.group)
         except ExchangeTimeout as e:  # name the whole budget, not what was left after sending
-            raise ExchangeTimeout(key, e.missing, timeout_s, self.group, noticed=e.noticed) from None
+            raise ExchangeTimeout(key, e.missing, timeout_s, self.group, noticed=e.noticed, cause=e.cause) from None
         finally:
             self._mailboxes.close(key)
         return recv

@@ -62,7 +62,8 @@ class RedisTransport(Transport):
                 return
             gone = [p for p in missing if p in self._mailboxes.gone] if fail_on_gone else []
             if gone:  # a death notice: no use waiting for it to say hello
-                raise ExchangeTimeout("join", gone, timeout_s, self.group, noticed=True)
+                raise ExchangeTimeout("join", gone, timeout_s, self.group, noticed=True,
+                                      cause=self._mailboxes.gone[gone[0]])
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 raise ExchangeTimeout("join", missing, timeout_s, self.group, "did not join", JOIN_HINT)
@@ -97,6 +98,10 @@ class RedisTransport(Transport):
             self._acked.discard(p)
             self._mailboxes.revive(p)  # taken back in: it asked to join, as a new incarnation
         super().set_members(members)
+
+    def mark_gone(self, ranks: list[int], cause: str) -> None:
+        super().mark_gone(ranks, cause)
+        self._join_changed.set()
 
     async def _send(self, key: str, sends: list[bytes]) -> None:
         if self._reader is not None and self._reader.done():  # it ends only on close(): surface why
