@@ -74,8 +74,9 @@ def test_the_same_chaos_on_a_redis_cluster(tiny_fp32, tmp_path):
 
 @pytest.mark.parametrize("how", ["kill", "term"])
 def test_ep_groups_losing_a_rank_lose_no_request(tiny_fp32, tmp_path, how):
-    """Prefill and decode as EP 2 groups: a decode rank, then a prefill rank, killed under load
-    (kill -9), or stopped (SIGTERM: it drains). The supervisor announces each death (a death
+    """Prefill and decode as EP 2 groups, and one process of each other kind: tokenizer, cache,
+    balancer, then a decode rank and a prefill rank, killed under load (kill -9), or stopped
+    (SIGTERM: a worker drains). The supervisor announces each death (a death
     notice); a stopped rank announces its own leave once it steps no more. Either way the survivors
     re-form their groups without it at once: the exchange timeout (600 s) and the heartbeat TTL
     (60 s) are far longer than the requests' deadline, so every request finishing proves the
@@ -85,7 +86,8 @@ def test_ep_groups_losing_a_rank_lose_no_request(tiny_fp32, tmp_path, how):
     resume from what their clients have."""
     out = tmp_path / "chaos-ep.json"
     command = [sys.executable, "-m", "loadgen.chaos", "--model", str(tiny_fp32), "--dtype", "fp32",
-               "--prefill-ep", "2", "--decode-ep", "2", "--kill", "decode:1,prefill:0", "--signal", how,
+               "--prefill-ep", "2", "--decode-ep", "2", "--kill", "tokenizer,cache,balancer,decode:1,prefill:0",
+               "--signal", how,
                "--ep-timeout-s", "600",
                "--heartbeat-ttl-s", "60", "--requests", "80", "--concurrency", "16", "--input-len", "96",
                "--output-len", "32", "--fault-window-s", "60", "--overload-requests", "0", "--no-baseline",
@@ -93,8 +95,8 @@ def test_ep_groups_losing_a_rank_lose_no_request(tiny_fp32, tmp_path, how):
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     faults = json.loads(out.read_text())["faults"]
-    assert faults["kills_during_load"] == 2 and all(k["healthy_again_s"] is not None for k in faults["kills"])
-    for kill in faults["kills"]:  # the survivor went on without the dead rank, then took its successor in
+    assert faults["kills_during_load"] == 5 and all(k["healthy_again_s"] is not None for k in faults["kills"])
+    for kill in faults["kills"][3:]:  # the survivor went on without the dead rank, then took its successor in
         assert kill["survivors_restarted"] is False, kill
         assert kill["kind"] != "decode:1" or kill["requests_on_it"] >= 1, kill  # it had requests to resume
         assert kill["shrinks_by_reason"] == {"notice": 1, "heartbeat": 0, "timeout": 0}, kill
@@ -106,6 +108,7 @@ def test_ep_groups_losing_a_rank_lose_no_request(tiny_fp32, tmp_path, how):
     # what the dead decode rank held went on elsewhere: resumed (running) or routed again (queued)
     assert faults["resumed_by_balancer"] + faults["moved_by_balancer"] >= 1
     # kill -9: the supervisor's death notices; SIGTERM: the drain path, each rank's own leave notice
+    # (counted by the balancer that runs after its own restart: the two workers')
     assert faults["notices"] == ({"death": 2, "leave": 0} if how == "kill" else {"death": 0, "leave": 2})
 
 

@@ -16,6 +16,9 @@ import pytest
 import redis
 
 from shared.launcher.redis_server import free_port
+from shared.protocol import streams
+from shared.protocol.messages import Notice
+from shared.protocol.wire import decode as decode_message
 
 
 def alive(pid: int) -> bool:
@@ -64,7 +67,8 @@ def stop_up(proc: subprocess.Popen, run_dir: Path) -> None:
 
 
 def test_up_serves_restarts_and_stops_cleanly(tiny_fp32, tmp_path):
-    proc, url, run_dir = start_up(tiny_fp32, tmp_path, "--api-key", "sk-up-test-key")
+    proc, url, run_dir = start_up(tiny_fp32, tmp_path, "--api-key", "sk-up-test-key", "--redis-appendfsync",
+                                  "always")
     try:
         with pytest.raises(urllib.error.HTTPError, match="401"):
             complete(url, "tiny")
@@ -91,6 +95,7 @@ def test_up_serves_restarts_and_stops_cleanly(tiny_fp32, tmp_path):
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=port).ping()
         assert redis.Redis(port=port, password=password).ping()
+        assert redis.Redis(port=port, password=password).config_get("appendfsync") == {"appendfsync": "always"}
         for p in processes:
             cmdline = open(f"/proc/{p['pid']}/cmdline", "rb").read()
             assert password.encode() not in cmdline and b"sk-up-test-key" not in cmdline, p["name"]
@@ -104,6 +109,11 @@ def test_up_serves_restarts_and_stops_cleanly(tiny_fp32, tmp_path):
                 break
             time.sleep(0.5)
         assert restarted["pid"] != decode["pid"] and restarted["restarts"] == 1
+        # the supervisor announced the death before the restart (shared/runtime/notices.py)
+        announced = [decode_message(f[b"m"], Notice) for _, f in
+                     redis.Redis(port=port, password=password).xrange(streams.NOTICES)]
+        assert [(n.kind, n.role, n.rank, n.reason) for n in announced] == [("death", "decode", 0, "signal 9")]
+        assert announced[0].instance_id.startswith("decode-0-")
         body = complete(url, "tiny", "sk-up-test-key")  # served again once the new decode rank is up
         assert body["usage"]["completion_tokens"] >= 1
         stop_up(proc, run_dir)

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start an embedded Redis Cluster of N primaries instead of one redis-server (0: don't)")
     upp.add_argument("--redis-replicas", type=non_negative_int, default=0, metavar="R",
                      help="replicas per primary of the embedded cluster")
+    upp.add_argument("--redis-appendfsync", choices=["everysec", "always"], default="everysec",
+                     help="when the embedded Redis fsyncs its append-only file: everysec (a crash of the machine "
+                     "loses up to a second) or always (before each reply); measured in loadgen/README.md")
     upp.add_argument("--redis-wait-replicas", type=non_negative_int, default=None, metavar="N",
                      help="replicas that must have a request before the gateway accepts it "
                           "(default: 1 with --redis-replicas >= 1, else 0)")

@@ -135,13 +135,14 @@ def up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.append(True))
     redis_nodes = None  # the embedded Redis: one server, or the nodes of a local cluster
+    fsync = ["--appendfsync", getattr(args, "redis_appendfsync", "everysec")]
     redis_url = args.redis_url
     if redis_url is None and getattr(args, "redis_shards", 0):
         redis_nodes = start_cluster(run_dir / "redis-cluster", args.redis_shards, args.redis_replicas,
-                                   password=token_hex(24))
+                                   password=token_hex(24), extra=fsync)
         redis_url = redis_nodes.url
     elif redis_url is None:
-        proc, redis_url = start_redis(run_dir / "redis", appendonly=True, password=token_hex(24))
+        proc, redis_url = start_redis(run_dir / "redis", appendonly=True, password=token_hex(24), extra=fsync)
         redis_nodes = LocalCluster([proc], [redis_url], shards=0, replicas=0)
     cache = [] if args.no_prefix_cache else ["--cache-dir", str(args.cache_dir or home() / "cache"),
                                              "--cache-capacity-mib", str(args.cache_capacity_mib)]
