@@ -58,3 +58,32 @@ async def test_a_roles_only_rank_keeps_its_load_report_for_its_successor(redis):
     assert not await notices.others_serve(redis, "decode", "decode", 0)
     await notices.publish(redis, Notice("death", "decode", "", "decode", 0))
     assert await redis.exists(load) and not await redis.exists(streams.heartbeat_key("decode", "only"))
+
+
+async def test_a_fenced_instance_cannot_touch_records_it_owns_no_more(redis):
+    """ownership.record_tokens and forget are fenced on the owner: once a request was resumed and
+    is owned by another instance (or its records are gone), the old instance's late writes drop."""
+    from shared.protocol.messages import Sampling, TokenizedRequest
+    from shared.runtime import ownership
+
+    req = TokenizedRequest("r1", "t1", "g1", Sampling(max_tokens=8), 2e9, [5, 6, 7])
+    async with redis.pipeline(transaction=False) as pipe:
+        ownership.record_admission(pipe, "old", 0, req, 11)
+        ownership.record_tokens(pipe, "old", "r1", [12], 2)
+        await pipe.execute()
+    assert ownership.unpack_ids(await redis.get(ownership.ids_key("r1"))) == [11, 12]
+    async with redis.pipeline(transaction=False) as pipe:  # resumed: a new instance owns it now
+        ownership.record_admission(pipe, "new", 1, req, 11)
+        ownership.record_tokens(pipe, "new", "r1", [12], 2)
+        await pipe.execute()
+    async with redis.pipeline(transaction=False) as pipe:  # the old one thaws and writes late
+        ownership.record_tokens(pipe, "old", "r1", [99], 3)
+        ownership.forget(pipe, "old", ["r1"])
+        await pipe.execute()
+    assert ownership.unpack_ids(await redis.get(ownership.ids_key("r1"))) == [11, 12]
+    assert (await redis.hget(streams.owner_key("r1"), "instance_id")) == b"new"
+    async with redis.pipeline(transaction=False) as pipe:
+        ownership.forget(pipe, "new", ["r1"])
+        ownership.record_tokens(pipe, "old", "r1", [99], 3)  # no record: nothing is made again
+        await pipe.execute()
+    assert not await redis.exists(streams.owner_key("r1"), ownership.ids_key("r1"))

@@ -255,7 +255,7 @@ class DecodeService(EngineService):
 
         def owners(pipe) -> None:  # in the deltas' round trip: the record never lags what was sent
             for request_id, token_ids, num_emitted in emitted:
-                ownership.record_tokens(pipe, request_id, token_ids, num_emitted)
+                ownership.record_tokens(pipe, self.config.instance_id, request_id, token_ids, num_emitted)
             ownership.forget(pipe, self.config.instance_id, finished)
 
         if writes:

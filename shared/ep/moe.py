@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from shared.model.experts import ExpertStack, combine, expert_counts, run_expert
 from shared.model.model import DeepseekV3
 from shared.model.moe import MoE
 
+READ_THREADS = 8  # experts read side by side from the checkpoint when a placement or the members change
 EXPERT_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 
 # (layer, phase, one payload per rank) -> one payload from each rank
@@ -92,9 +94,12 @@ class EPMoE(nn.Module):
         if len(phy2log) != len(self.phy2log):
             raise ValueError(f"layer {self.layer}: a placement of {len(phy2log)} slots; this group has "
                              f"{len(self.phy2log)}")
-        held = dict(zip(self.local_slots(self.phy2log), self.experts))
-        return ExpertStack.from_experts([held[e] if e in held else read_expert(self.layer, e)
-                                         for e in self.local_slots(phy2log, owners)])
+        held = dict(zip(self.local_slots(self.phy2log), self.experts))  # redundant copies included
+        wanted = self.local_slots(phy2log, owners)
+        missing = sorted({e for e in wanted if e not in held})
+        with ThreadPoolExecutor(max(1, min(READ_THREADS, len(missing)))) as pool:  # safetensors reads: mmap
+            read = dict(zip(missing, pool.map(lambda e: read_expert(self.layer, e), missing)))
+        return ExpertStack.from_experts([held[e] if e in held else read[e] for e in wanted])
 
     def switch(self, phy2log: list[int], stack: ExpertStack, owners: list[int] | None = None) -> None:
         """Take a staged placement (between steps, on every rank at the same step)."""

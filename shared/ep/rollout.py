@@ -28,6 +28,7 @@ class Rollout:
         # (version, phy2log, this rank's experts, the owners maps they were staged under)
         self._staged: tuple[int, list[list[int]], list[ExpertStack], list[list[int]]] | None = None
         self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self.num_experts_read = 0
 
     @property
@@ -62,7 +63,8 @@ class Rollout:
             mlp = MLP(hidden, inter)
         for p in PROJECTIONS:
             getattr(mlp, p).weight = nn.Parameter(tensors[prefix + p + ".weight"], requires_grad=False)
-        self.num_experts_read += 1
+        with self._count_lock:  # experts are read on several threads (EPMoE.stage)
+            self.num_experts_read += 1
         return mlp
 
     def stage(self, version: int, phy2log: list[list[int]]) -> None:

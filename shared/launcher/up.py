@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -237,14 +238,21 @@ def supervise(children: list[Child], secrets: dict[str, str], run_dir: Path, red
         write_processes(run_dir, children, redis_nodes, redis_url, numerics)
 
 
-def announce(notice: Notice, secrets: dict[str, str]) -> None:
-    """Publish a notice from the supervisor; with Redis away, the timeouts and TTLs find the death."""
-    try:
-        asyncio.run(notices.publish_to(secrets["STREAMOE_REDIS_URL"], secrets["STREAMOE_REDIS_CLUSTER"] == "1",
-                                       notice))
-    except Exception as e:
-        print(f"streamoe up: could not announce the death of {notice.instance_id}: {e!r}", file=sys.stderr,
-              flush=True)
+def announce(notice: Notice, secrets: dict[str, str], timeout_s: float = 5.0) -> None:
+    """Publish a notice from the supervisor; with Redis away, the timeouts and TTLs find the death.
+    NOTE: on a thread of its own, waited for at most timeout_s: asyncio.run waits for every task it
+    cancels, and redis-py (8.1) can swallow a cancel, so the supervisor must never wait on it."""
+    def run() -> None:
+        try:
+            asyncio.run(notices.publish_to(secrets["STREAMOE_REDIS_URL"], secrets["STREAMOE_REDIS_CLUSTER"] == "1",
+                                           notice))
+        except Exception as e:
+            print(f"streamoe up: could not announce the death of {notice.instance_id}: {e!r}", file=sys.stderr,
+                  flush=True)
+
+    thread = threading.Thread(target=run, name="announce", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
 
 
 def write_processes(run_dir: Path, children: list[Child], redis_nodes, redis_url: str, numerics: dict) -> None:

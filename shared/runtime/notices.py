@@ -26,7 +26,7 @@ killed too, Redis away), the timeouts and TTLs still find the death.
 """
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -92,9 +92,10 @@ async def publish_to(redis_url: str, cluster: bool, notice: Notice, timeout_s: f
     """`publish` on a connection of its own (the supervisor's: it holds none)."""
     redis = redis_client.connect(redis_url, cluster)
     try:
-        return await asyncio.wait_for(publish(redis, notice), timeout_s)
+        return await redis_client.within(publish(redis, notice), timeout_s)
     finally:
-        await redis.aclose()
+        with contextlib.suppress(Exception):
+            await redis_client.within(redis.aclose(), 1.0)
 
 
 async def previous_incarnation(redis: Redis, role: str, group_id: str, rank: int, ep_size: int,

@@ -64,17 +64,43 @@ def record_admission(pipe, instance_id: str, rank: int, req: TokenizedRequest, f
     pipe.sadd(DECODE_INSTANCES, instance_id)  # the balancer watches the instances that own requests
 
 
-def record_tokens(pipe, request_id: str, new_ids: list[int], emitted: int) -> None:
-    """`new_ids` were sent, `emitted` in all: idempotent, so a write retried after an outage is safe."""
+# Fencing: a rank writes a request's records only while it owns them. A rank cut out of its group
+# while it did not answer (frozen, then thawed) finds its requests resumed and owned by another
+# instance, or their records gone: its late writes change nothing. Both keys share the request's
+# hash tag; the instance's `owned` set is another tag, updated after the script.
+
+# KEYS: owner, ids; ARGV: instance, byte offset, packed ids
+RECORD_IF_OWNER = """
+if redis.call('HGET', KEYS[1], 'instance_id') == ARGV[1] then
+    redis.call('SETRANGE', KEYS[2], tonumber(ARGV[2]), ARGV[3])
+    return 1
+end
+return 0
+"""
+
+# KEYS: owner, ids; ARGV: instance. Deletes a request's records only if that instance still owns
+# them (a resumed request may already be owned, and recorded, by its new rank).
+FORGET_IF_OWNER = """
+if redis.call('HGET', KEYS[1], 'instance_id') == ARGV[1] then
+    redis.call('DEL', KEYS[1], KEYS[2])
+end
+return 1
+"""
+
+
+def record_tokens(pipe, instance_id: str, request_id: str, new_ids: list[int], emitted: int) -> None:
+    """`new_ids` were sent, `emitted` in all: idempotent, so a write retried after an outage is
+    safe; fenced, so a write from an instance that owns the request no more is dropped."""
     if new_ids:
-        pipe.setrange(ids_key(request_id), (emitted - len(new_ids)) * 4, pack_ids(new_ids))
+        pipe.eval(RECORD_IF_OWNER, 2, streams.owner_key(request_id), ids_key(request_id), instance_id,
+                  (emitted - len(new_ids)) * 4, pack_ids(new_ids))
 
 
 def forget(pipe, instance_id: str, request_ids: list[str]) -> None:
-    """A request finished or was cancelled: its records go."""
+    """A request finished or was cancelled: its records go, if this instance still owns them."""
     if request_ids:
-        for r in request_ids:  # one DEL per request: its two keys share its hash tag
-            pipe.delete(streams.owner_key(r), ids_key(r))
+        for r in request_ids:
+            pipe.eval(FORGET_IF_OWNER, 2, streams.owner_key(r), ids_key(r), instance_id)
         pipe.srem(owned_key(instance_id), *request_ids)
 
 
@@ -90,13 +116,3 @@ def resumed_request(req: TokenizedRequest, emitted_ids: list[int]) -> TokenizedR
     return TokenizedRequest(req.request_id, req.trace_id, req.gateway_id, sampling, req.deadline,
                             prompt + emitted_ids, req.cache_salt, resumed=len(emitted_ids))
 
-
-# Deletes a request's records only if the given instance still owns them (a resumed request may
-# already be owned, and recorded, by its new rank). Both keys share the request's hash tag; the
-# instance's `owned` set is another tag, updated after the script.
-FORGET_IF_OWNER = """
-if redis.call('HGET', KEYS[1], 'instance_id') == ARGV[1] then
-    redis.call('DEL', KEYS[1], KEYS[2])
-end
-return 1
-"""

@@ -13,6 +13,7 @@ Every process makes its clients here, so the two modes differ in this module onl
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 from collections import defaultdict
@@ -46,6 +47,19 @@ OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryA
 
 class RedisModeError(ValueError):
     """--redis-cluster disagrees with the Redis that --redis-url names."""
+
+
+async def within(awaitable, timeout_s: float):
+    """`await awaitable` for at most `timeout_s` (TimeoutError past it). Unlike asyncio.wait_for,
+    it never waits for the cancelled task to end: redis-py (8.1) can swallow a cancel that lands
+    inside a command and go on, and wait_for would then wait on it forever. The task is left
+    cancelled; it ends when its command does."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        task.cancel()
+        raise TimeoutError(f"no answer within {timeout_s} s")
+    return task.result()
 
 
 def connect(url: str, cluster: bool = False, max_connections: int = 128) -> Redis | RedisCluster:

@@ -101,7 +101,7 @@ async def can_authenticate(redis: Redis, log: logging.Logger) -> bool:
     except RedisError:
         return True  # unreachable or else: left to the paths below, as before this check
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(redis.aclose(), 2.0)
+        await redis_client.within(redis.aclose(), 2.0)
     return False
 
 
@@ -177,7 +177,7 @@ class Service:
             stop.cancel()
             if self.stopping.is_set():  # a drain, not a failure: say so, so others take over now
                 try:
-                    await asyncio.wait_for(self.drained(), 5.0)
+                    await redis_client.within(self.drained(), 5.0)
                 except Exception as e:  # Redis away: the TTLs find us gone
                     self.log.warning(json.dumps({"event": "leave_not_announced", "error": repr(e)}))
         finally:
@@ -188,14 +188,14 @@ class Service:
             for task in background:
                 task.cancel()
             try:
-                await asyncio.wait_for(self.teardown(), 5.0)
-                await asyncio.wait_for(self.redis.delete(streams.heartbeat_key(self.name, self.config.instance_id)),
+                await redis_client.within(self.teardown(), 5.0)
+                await redis_client.within(self.redis.delete(streams.heartbeat_key(self.name, self.config.instance_id)),
                                        2.0)
             except (TimeoutError, Exception) as e:  # Redis away: the TTLs clean up after us
                 self.log.warning("teardown incomplete: %r", e)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.bus.close(), 2.0)
-                await asyncio.wait_for(self.redis.aclose(), 2.0)
+                await redis_client.within(self.bus.close(), 2.0)
+                await redis_client.within(self.redis.aclose(), 2.0)
             await runner.cleanup()
             self.log.info(json.dumps({"event": "stopped", "service": self.name}))
         return 1 if failed else 0
@@ -217,7 +217,7 @@ class Service:
                        f"{recorded} (recorded in Redis at {streams.PARTITIONS_KEY}); give every service the same "
                        "count")
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.redis.aclose(), 2.0)
+            await redis_client.within(self.redis.aclose(), 2.0)
         return False
 
     async def drained(self) -> None:
