@@ -124,7 +124,7 @@ def test_up_serves_restarts_and_stops_cleanly(tiny_fp32, tmp_path):
 
 def test_up_with_ep_groups(tiny_fp32, tmp_path):
     """`--prefill-ep 2 --decode-ep 2`: two rank processes per role, ready only once each group has
-    formed, a request served through both groups, and a clean stop."""
+    formed, a request served through both groups; then `up` killed with -9, and no service left."""
     proc, url, run_dir = start_up(tiny_fp32, tmp_path, "--prefill-ep", "2", "--decode-ep", "2", "--ep-wire", "exact",
                                   "--num-redundant-experts", "2")
     try:
@@ -140,10 +140,20 @@ def test_up_with_ep_groups(tiny_fp32, tmp_path):
             live = json.loads(r.read())["services"]
         for role in ("prefill", "decode"):
             assert len({s["instance_id"] for s in live if s["name"] == role}) == 2, live
-        stop_up(proc, run_dir)
+        # `up` itself killed with -9: no service outlives it (each gets SIGTERM, and drains)
+        services = [p["pid"] for p in processes if p["name"] != "redis"]
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while [pid for pid in services if alive(pid)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in services if alive(pid)], "services outlived streamoe up"
     finally:
         if proc.poll() is None:
             proc.kill()
+        for p in json.loads((run_dir / "processes.json").read_text())["processes"]:
+            if p["name"] == "redis" and alive(p["pid"]):  # the embedded Redis is up's to stop
+                os.kill(p["pid"], signal.SIGTERM)
 
 
 def test_up_with_an_embedded_redis_cluster(tiny_fp32, tmp_path):

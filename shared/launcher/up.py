@@ -7,7 +7,8 @@ password, replicas included; shared/launcher/redis_cluster.py), then
 every service as its own `python -m services.<name>` process with its log in the run directory,
 `processes.json` describing them, one `streamoe ready: URL` line on stdout once all are healthy,
 restarts with backoff for a service that dies (its death announced first, shared/runtime/notices.py),
-and a clean stop on SIGTERM/Ctrl-C.
+and a clean stop on SIGTERM/Ctrl-C. Should `up` itself die, even by kill -9, every service gets
+SIGTERM and drains (PR_SET_PDEATHSIG); the embedded Redis, which holds the streams, is left running.
 
 Secrets (the Redis URL, which may hold a password, and the API key) reach the services through
 their environment (`STREAMOE_REDIS_URL`, `STREAMOE_API_KEY`), never their command lines, which
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import os
 import signal
@@ -41,6 +43,7 @@ from shared.protocol.messages import Notice
 from shared.runtime import notices
 
 BACKOFF_S = (1, 2, 4, 8, 16, 30)
+PR_SET_PDEATHSIG = 1  # prctl(2)
 SUPERVISE_PERIOD_S = 0.1  # how soon a child's exit is seen, announced and its restart scheduled
 
 
@@ -69,7 +72,8 @@ class Child:
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, "--http-port", str(self.http_port),
                                       "--instance-id", self.instance_id(), *self.args],
-                                     stdout=log, stderr=log, start_new_session=True, env={**os.environ, **secrets})
+                                     stdout=log, stderr=log, start_new_session=True, env={**os.environ, **secrets},
+                                     preexec_fn=die_with_parent)
 
     def instance_id(self) -> str:
         """Unique per rank and per start: the heartbeat, abort group and owned requests are keyed by it."""
@@ -88,6 +92,16 @@ class Child:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: SIGTERM (a drain) when `streamoe up` dies, even by kill -9, so no
+    service outlives its supervisor (Linux; elsewhere a no-op). NOTE: the signal follows the thread
+    that started the child: `up` starts every child from its main thread."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def resolve_model(args: argparse.Namespace) -> Path:
