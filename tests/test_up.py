@@ -48,12 +48,14 @@ def start_up(tiny_fp32, tmp_path, *flags: str) -> tuple[subprocess.Popen, str, P
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "shared.launcher.cli", "up", "--model", str(model),
                              "--port", str(port), "--run-dir", str(run_dir), "--ready-timeout", "180", *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            stdout=subprocess.PIPE, stderr=open(tmp_path / "up.err", "w"), text=True,
                             env={**os.environ, "STREAMOE_HOME": str(tmp_path / "home")})
     line = proc.stdout.readline().strip()
     if line != f"streamoe ready: http://127.0.0.1:{port}":
         proc.kill()
-        raise AssertionError(f"no ready line: {line!r}")
+        proc.wait()
+        logs = "".join(f"\n--- {log.name}:\n" + log.read_text()[-1500:] for log in sorted(run_dir.glob("*.log")))
+        raise AssertionError(f"no ready line: {line!r}; up said:\n{(tmp_path / 'up.err').read_text()[-3000:]}{logs}")
     return proc, f"http://127.0.0.1:{port}", run_dir
 
 

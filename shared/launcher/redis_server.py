@@ -5,6 +5,7 @@ Used by `streamoe up` (the embedded Redis) and by the test fixtures.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -27,8 +28,42 @@ def redis_server_binary() -> str:
     return str(binary)
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux; else the IANA one)."""
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
+def reserve_port(port: int) -> None:
+    """Keep free_port from handing out `port` (one this process was told to use)."""
+    _HANDED_OUT.add(port)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port nobody listens on now, for a server to bind soon after. Drawn below the kernel's
+    ephemeral range: a port the kernel hands out (bind to 0) can be taken, before our server binds
+    it, as the local port of any outgoing connection (a service's own Redis connection, say), and
+    the server then never starts. Never the same port twice in one process."""
+    lo = 20000
+    top = ephemeral_ports()[0]
+    for _ in range(200 if top - lo >= 1000 else 0):
+        port = random.randrange(lo, top)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # no room below the ephemeral range: the kernel's choice
         s.bind((host, 0))
         return s.getsockname()[1]
 

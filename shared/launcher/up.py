@@ -38,7 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from shared.launcher.cliargs import home, resolve_speculative_tokens
 from shared.launcher.redis_cluster import LocalCluster, start_cluster
-from shared.launcher.redis_server import free_port, start_redis
+from shared.launcher.redis_server import free_port, reserve_port, start_redis
 from shared.protocol.messages import Notice
 from shared.runtime import notices
 
@@ -169,6 +169,7 @@ def up(args: argparse.Namespace) -> int:
     wait = (1 if getattr(args, "redis_replicas", 0) else 0) if wait is None else wait
     gateway = ["--model", str(model), "--redis-wait-replicas", str(wait),
                "--progress-timeout-s", str(getattr(args, "progress_timeout_s", 30.0))]
+    reserve_port(args.port)  # the gateway's: never handed to another service
     children = [Child("tokenizer", "services.tokenizer", ["--model", str(model)], free_port(),
                       run_dir / "tokenizer.log"),
                 Child("cache", "services.cache", ["--model", str(model), "--dtype", numerics.dtype, "--device",
