@@ -15,7 +15,9 @@
 3. faults: the same arrivals again, while a killer sends kill -9 (`--signal term`: SIGTERM) to
    each `--kill` target in turn (a kind, or kind:rank in an EP group), each once the last one's
    restart answers /health; an EP group's survivors re-form without the killed rank (no restart)
-   and take its successor back in;
+   and take its successor back in. SIGTERM to a role's only rank: it asks for a successor (a
+   handover notice) and serves until the successor does. The target `rolling` sends SIGHUP to
+   `streamoe up` instead: a rolling restart of every service, waited for to its end;
 4. overload: `--overload-requests` at 10x the sustainable rate; the gateway admits up to its
    `--max-inflight` (here `--gateway-max-inflight`) and answers the rest 429 at once.
 Counts per phase: sent, completed, refused before acceptance (429 overloaded; 503 while no rank of
@@ -46,6 +48,7 @@ from .system import running_system
 from .workloads import Request
 
 KINDS = ("tokenizer", "cache", "balancer", "prefill", "decode")
+ROLLING = "rolling"  # a --kill target: SIGHUP to streamoe up, a rolling restart of every service
 FAST = {"STREAMOE_HEARTBEAT_TTL_S": "2", "STREAMOE_CLAIM_IDLE_MS": "2000", "STREAMOE_HOUSEKEEPING_S": "0.5"}
 
 
@@ -62,6 +65,12 @@ class Kill:
     group_whole_s: float | None = None  # from the kill to every rank computing in the whole group again
     completed_while_without: int | None = None  # requests finished while the group ran without the rank
     shrinks_by_reason: dict | None = None  # the survivors' re-formings without it: notice | timeout
+    # SIGTERM to its role's only rank: handover notices the balancer saw for that role meanwhile
+    handovers: float | None = None
+    # a worker: its requests the balancer resumed elsewhere or routed again meanwhile (the balancer
+    # counts; a rolling restart later replaces it, and its counts with it)
+    went_on_elsewhere: float | None = None
+    replaced: list | None = None  # `rolling`: the services whose process the rolling restart replaced
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +83,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=96)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--kill", default=",".join(KINDS),
-                   help="what to kill, in order (comma-separated kinds; a worker's rank as kind:rank)")
+                   help="what to kill, in order (comma-separated kinds; a worker's rank as kind:rank; rolling: "
+                   "SIGHUP to streamoe up, a rolling restart of every service)")
     p.add_argument("--signal", choices=["kill", "term", "stop"], default="kill",
                    help="kill: kill -9 (a crash); term: SIGTERM (a graceful stop: the worker drains); stop: "
                    "SIGSTOP, then SIGCONT after --stop-s (a hung process that wakes up)")
@@ -104,9 +114,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON")
     args = p.parse_args(argv)
-    unknown = [k for k in args.kill.split(",") if k and k.split(":")[0] not in KINDS]
+    unknown = [k for k in args.kill.split(",") if k and k.split(":")[0] not in (*KINDS, ROLLING)]
     if unknown:
-        p.error(f"--kill={args.kill!r}: {unknown} are not among {list(KINDS)}")
+        p.error(f"--kill={args.kill!r}: {unknown} are not among {[*KINDS, ROLLING]}")
     if args.redis_replicas and not args.redis_shards:
         p.error(f"--redis-replicas={args.redis_replicas} needs --redis-shards")
     return args
@@ -138,6 +148,14 @@ async def killer(run_dir: Path, targets: list[str], t0: float, gap_s: float,
         for target in targets:
             kind, _, rank = target.partition(":")
             await asyncio.sleep(gap_s)
+            if kind == ROLLING:
+                kills.append(await rolling_restart(run_dir, t0))
+                continue
+            balancer = next(p for p in processes(run_dir) if p["name"] == "balancer")
+            single = kind in ("prefill", "decode") and sum(p["name"] == kind for p in processes(run_dir)) == 1
+            handovers = await metric_or_none(balancer, "streamoe_notices_total", kind="handover", role=kind) \
+                if single and how == signal.SIGTERM else None
+            went_on = await went_on_elsewhere(balancer) if kind in ("prefill", "decode") else None
             victim = next(p for p in processes(run_dir) if p["name"] == kind and (not rank or p["rank"] == int(rank)))
             survivors = [p for p in processes(run_dir) if p["name"] == kind and p["pid"] != victim["pid"]]
             in_group = rank != "" and kind in ("prefill", "decode") and survivors
@@ -161,6 +179,12 @@ async def killer(run_dir: Path, targets: list[str], t0: float, gap_s: float,
                                             for p, before in zip(survivors, reforms)]):
                         break
                 await asyncio.sleep(0.1)
+            if handovers is not None:
+                after = await metric_or_none(balancer, "streamoe_notices_total", kind="handover", role=kind)
+                kill.handovers = None if after is None else after - handovers
+            if went_on is not None:
+                after = await went_on_elsewhere(balancer)
+                kill.went_on_elsewhere = None if after is None else after - went_on
             if in_group:
                 kill.group_whole_s = time.perf_counter() - t0 - kill.at_s
                 now = {p["rank"]: p["pid"] for p in processes(run_dir) if p["name"] == kind}
@@ -169,6 +193,40 @@ async def killer(run_dir: Path, targets: list[str], t0: float, gap_s: float,
                 kill.shrinks_by_reason = {r: sum(a[r] - b[2][r] for a, b in zip(after, reforms))
                                           for r in ("notice", "heartbeat", "timeout")}
     return kills
+
+
+async def rolling_restart(run_dir: Path, t0: float, timeout_s: float = 300.0) -> Kill:
+    """SIGHUP to streamoe up; returns once it has replaced every service (processes.json counts
+    its rolling restarts), with the time it took and what it replaced."""
+    state = json.loads((run_dir / "processes.json").read_text())
+    before, done = {(p["name"], p["rank"]): p["pid"] for p in state["processes"]}, state["rolling_restarts"]
+    os.kill(state["supervisor_pid"], signal.SIGHUP)
+    kill = Kill(ROLLING, state["supervisor_pid"], time.perf_counter() - t0)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = json.loads((run_dir / "processes.json").read_text())
+        if state["rolling_restarts"] > done:
+            kill.healthy_again_s = time.perf_counter() - t0 - kill.at_s
+            break
+        await asyncio.sleep(0.2)
+    kill.replaced = sorted(f"{p['name']}" + ("" if p["rank"] is None else f":{p['rank']}")
+                           for p in state["processes"] if before.get((p["name"], p["rank"]), p["pid"]) != p["pid"])
+    return kill
+
+
+async def went_on_elsewhere(balancer: dict) -> float | None:
+    """Requests the balancer resumed (running on a dead decode rank) or routed again (waiting in a
+    dead rank's stream) so far."""
+    resumed = await metric_or_none(balancer, "streamoe_requests_resumed_total", outcome="resumed")
+    moved = await metric_or_none(balancer, "streamoe_orphaned_requests_moved_total")
+    return None if resumed is None or moved is None else resumed + moved
+
+
+async def metric_or_none(process: dict, name: str, **labels: str) -> float | None:
+    try:
+        return await metric(process["ports"]["http"], name, **labels)
+    except (aiohttp.ClientError, OSError):
+        return None
 
 
 async def requests_on(process: dict, wait_s: float = 10.0) -> int:
@@ -301,7 +359,7 @@ async def phases(args: argparse.Namespace, url: str, model: str, run_dir: Path) 
     report["faults"]["moved_by_balancer"] = await metric(balancer["ports"]["http"],
                                                          "streamoe_orphaned_requests_moved_total")
     report["faults"]["notices"] = {kind: await metric(balancer["ports"]["http"], "streamoe_notices_total", kind=kind)
-                                   for kind in ("death", "leave")}
+                                   for kind in ("death", "leave")}  # since this balancer started
     sustainable = report["fault_free"]["requests_per_s"] or 1.0
     over = [Request(args.output_len, rng.integers(6, vocab, args.input_len).tolist())
             for _ in range(args.overload_requests)]

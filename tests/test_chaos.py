@@ -86,10 +86,14 @@ def test_ep_groups_losing_a_rank_lose_no_request(tiny_fp32, tmp_path, how):
     notice path.
     The survivors are not restarted; the supervisor restarts the dead one and the group takes it
     back. Every accepted request completes with the fault-free tokens; the decode group's requests
-    resume from what their clients have."""
+    resume from what their clients have.
+    SIGTERM ends with a rolling restart (SIGHUP to streamoe up): each EP rank stopped (its group
+    goes on without it) and its successor taken in, every other service replaced successor first."""
     out = tmp_path / "chaos-ep.json"
+    rolling = ",rolling" if how == "term" else ""
     command = [sys.executable, "-m", "loadgen.chaos", "--model", str(tiny_fp32), "--dtype", "fp32",
-               "--prefill-ep", "2", "--decode-ep", "2", "--kill", "tokenizer,cache,balancer,decode:1,prefill:0",
+               "--prefill-ep", "2", "--decode-ep", "2",
+               "--kill", "tokenizer,cache,balancer,decode:1,prefill:0" + rolling,
                "--signal", how,
                "--ep-timeout-s", "600",
                "--heartbeat-ttl-s", "60", "--requests", "80", "--concurrency", "16", "--input-len", "96",
@@ -98,8 +102,9 @@ def test_ep_groups_losing_a_rank_lose_no_request(tiny_fp32, tmp_path, how):
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     faults = json.loads(out.read_text())["faults"]
-    assert faults["kills_during_load"] == 5 and all(k["healthy_again_s"] is not None for k in faults["kills"])
-    for kill in faults["kills"][3:]:  # the survivor went on without the dead rank, then took its successor in
+    assert faults["kills_during_load"] == 5 + bool(rolling)
+    assert all(k["healthy_again_s"] is not None for k in faults["kills"])
+    for kill in faults["kills"][3:5]:  # the survivor went on without the dead rank, then took its successor in
         assert kill["survivors_restarted"] is False, kill
         assert kill["kind"] != "decode:1" or kill["requests_on_it"] >= 1, kill  # it had requests to resume
         assert kill["shrinks_by_reason"] == {"notice": 1, "heartbeat": 0, "timeout": 0}, kill
@@ -109,10 +114,36 @@ def test_ep_groups_losing_a_rank_lose_no_request(tiny_fp32, tmp_path, how):
     assert faults["duplicated_tokens"] == 0 and faults["missing_tokens"] == 0
     differences_are_near_ties(tiny_fp32, faults)
     # what the dead decode rank held went on elsewhere: resumed (running) or routed again (queued)
-    assert faults["resumed_by_balancer"] + faults["moved_by_balancer"] >= 1
-    # kill -9: the supervisor's death notices; SIGTERM: the drain path, each rank's own leave notice
-    # (counted by the balancer that runs after its own restart: the two workers')
-    assert faults["notices"] == ({"death": 2, "leave": 0} if how == "kill" else {"death": 0, "leave": 2})
+    assert faults["kills"][3]["went_on_elsewhere"] >= 1, faults["kills"][3]
+    # kill -9: the supervisor's death notices (counted by the balancer that runs after its own
+    # restart: the two workers'); SIGTERM: the drain path, each rank's own leave notice (counted by
+    # the balancer the rolling restart started: the four ranks it stopped after it)
+    assert faults["notices"] == ({"death": 2, "leave": 0} if how == "kill" else {"death": 0, "leave": 4})
+    if rolling:
+        assert faults["kills"][-1]["replaced"] == ["balancer", "cache", "decode:0", "decode:1", "gateway",
+                                                   "prefill:0", "prefill:1", "tokenizer"], faults["kills"][-1]
+
+
+def test_the_only_rank_hands_over_on_sigterm_and_a_rolling_restart_drops_nothing(tiny_fp32, tmp_path):
+    """One rank per role. SIGTERM to the decode rank, then to the prefill rank: each is its role's
+    only rank, so it asks for a successor (a handover notice), `streamoe up` starts one at once,
+    and the old rank serves until the successor reports load, then leaves (what it still runs
+    resumes there). Then SIGHUP to `streamoe up`: every service replaced, one at a time, the
+    successor healthy before the old process drains; the gateway's successor takes its port
+    (SO_REUSEPORT) while the old one finishes its streams. No request is refused (no 503: a role
+    always has a live rank), lost or changed; the heartbeat TTL (60 s) plays no part."""
+    report = run_chaos(tiny_fp32, tmp_path, "--signal", "term", "--kill", "decode,prefill,rolling",
+                       "--heartbeat-ttl-s", "60", "--requests", "80", "--fault-window-s", "50", "--kill-gap-s", "1.5",
+                       "--overload-requests", "0")
+    faults = report["faults"]
+    decode, prefill, rolling = faults["kills"]
+    assert faults["kills_during_load"] == 3 and all(k["healthy_again_s"] is not None for k in faults["kills"])
+    assert decode["handovers"] == 1 and prefill["handovers"] == 1, faults["kills"]  # the handover path, each
+    assert decode["requests_on_it"] >= 1, decode
+    assert rolling["replaced"] == ["balancer", "cache", "decode:0", "gateway", "prefill:0", "tokenizer"], rolling
+    assert faults["lost"] == 0 and faults["errors"] == {} and faults["completed"] == faults["sent"] == 80, faults
+    assert faults["duplicated_tokens"] == 0 and faults["missing_tokens"] == 0
+    differences_are_near_ties(tiny_fp32, faults)
 
 
 def test_a_frozen_ep_rank_is_cut_out_and_fenced(tiny_fp32, tmp_path):

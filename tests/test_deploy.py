@@ -342,10 +342,12 @@ def check_pod(workload: dict, container: dict, args: argparse.Namespace, docs: l
                      "prometheus.io/path": "/metrics"}, f"{what}: {notes}"
     for bound in ("requests", "limits"):
         assert {"cpu", "memory"} <= container["resources"][bound].keys(), f"{what}: {bound}"
-    # SIGTERM drains (--drain-timeout-s), then a worker announces its leave and tears down (~10 s):
-    # all of it, after any preStop hook, within the grace period, else the kubelet kills it mid-drain
+    # SIGTERM: a worker that is its role's only rank serves until a successor does (at most
+    # --handover-timeout-s), then drains (--drain-timeout-s), announces its leave and tears down
+    # (~10 s): all of it, after any preStop hook, within the grace period, else the kubelet kills it
     pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
     waits = float(pre_stop[-1].split()[-1]) if pre_stop else 0.0
+    waits += getattr(args, "handover_timeout_s", 0.0)
     grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
     assert grace >= waits + args.drain_timeout_s + 10, f"{what}: {grace} s of grace, {args.drain_timeout_s} s of drain"
     redis = urlsplit(args.redis_url)

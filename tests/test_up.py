@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -142,7 +143,7 @@ def test_up_with_ep_groups(tiny_fp32, tmp_path):
             live = json.loads(r.read())["services"]
         for role in ("prefill", "decode"):
             assert len({s["instance_id"] for s in live if s["name"] == role}) == 2, live
-        # `up` itself killed with -9: no service outlives it (each gets SIGTERM, and drains)
+        # `up` itself killed with -9: no service outlives it (each gets SIGINT, and drains)
         services = [p["pid"] for p in processes if p["name"] != "redis"]
         proc.kill()
         proc.wait()
@@ -178,3 +179,17 @@ def test_up_with_an_embedded_redis_cluster(tiny_fp32, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_up_refuses_a_port_something_listens_on(tmp_path):
+    """The gateway binds with SO_REUSEPORT (a rolling restart's successor shares the port), so `up`
+    checks first that nothing listens there: a second `up` on the same port would share it."""
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        done = subprocess.run([sys.executable, "-m", "shared.launcher.cli", "up", "--port", str(port), "--run-dir",
+                               str(tmp_path / "run")], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "STREAMOE_HOME": str(tmp_path / "home")})
+    assert done.returncode == 2 and f"--port={port}: something listens" in done.stderr, done.stderr
+    assert not (tmp_path / "home").exists()  # refused before anything was made or started

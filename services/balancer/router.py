@@ -142,6 +142,8 @@ class BalancerService(Service):
                                   "instance": notice.instance_id, "group": notice.group_id, "rank": notice.rank,
                                   "reason": notice.reason}))
         self.notices.labels(kind=notice.kind, role=notice.role).inc()
+        if notice.kind == "handover":  # it still serves; its leave notice follows once a successor does
+            return
         # a leaving worker has stopped reading and stepping: what it holds goes on elsewhere, as a dead one's
         if notice.role == "decode" and notice.instance_id:
             owned = ownership.owned_key(notice.instance_id)
@@ -150,7 +152,21 @@ class BalancerService(Service):
             if not await self.redis.scard(owned):
                 await self.redis.srem(ownership.DECODE_INSTANCES, notice.instance_id)
         if notice.role in ORPHANED and notice.rank >= 0:
-            await self.move_from(notice.role, notice.group_id, notice.rank)
+            successor = await self.successor_of(notice)
+            await self.move_from(notice.role, notice.group_id, notice.rank, only_of=notice.instance_id if successor
+                                 else None)
+
+    async def successor_of(self, notice: Notice) -> str | None:
+        """Another live instance that reports load for the notice's rank (a single-rank role's
+        successor, which already reads the same input stream), or None."""
+        raw = await self.redis.get(streams.load_key(notice.role, notice.group_id, notice.rank))
+        if raw is None:
+            return None
+        try:
+            instance = decode(raw, LoadReport).instance_id
+        except WireError:
+            return None
+        return instance if instance and instance != notice.instance_id else None
 
     async def resume_orphans(self) -> None:
         """The requests of decode instances whose heartbeat is gone (kill -9, a crash, a drain cut
@@ -200,11 +216,16 @@ class BalancerService(Service):
             elif now - self.rank_missing.setdefault(worker, now) >= self.config.heartbeat_ttl_s:
                 await self.move_from(*worker)
 
-    async def move_from(self, role: str, group_id: str, rank: int) -> None:
+    async def move_from(self, role: str, group_id: str, rank: int, only_of: str | None = None) -> None:
+        """Route again what waits in a gone rank's input stream; with `only_of`, only what that
+        instance had read and not finished (a successor reads the same stream: the rest is its)."""
         stream_of, kind, group = ORPHANED[role]
         stream = stream_of(group_id, rank)
-        entries = await self.bus.claim_stale(stream, group, kind, 0, count=256)
-        entries += await self.bus.read(stream, group, kind, count=256, block_ms=None)
+        if only_of is not None:
+            entries = await self.bus.claim_from(stream, group, kind, only_of)
+        else:
+            entries = await self.bus.claim_stale(stream, group, kind, 0, count=256)
+            entries += await self.bus.read(stream, group, kind, count=256, block_ms=None)
         for entry in entries:
             msg = entry.message
             if role == "prefill":  # loop() routes it again

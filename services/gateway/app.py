@@ -71,6 +71,7 @@ class GatewaySettings:
 
 class GatewayService(Service):
     name = "gateway"
+    serves_clients = True
 
     def __init__(self, config: ServiceConfig, settings: GatewaySettings):
         super().__init__(config)
@@ -112,14 +113,15 @@ class GatewayService(Service):
         return [self.delta_stream]
 
     async def loop(self) -> None:
-        while not self.stopping.is_set() or self.inflight:
+        # draining (SIGTERM): the listener is closed; what is in flight is answered, and a request
+        # that comes on a connection still open is served too (its response closes the connection),
+        # until every connection has closed or the drain deadline passes
+        while not self.stopping.is_set() or self.inflight or self.open_connections():
             entries = await self.bus.read(self.delta_stream, CONSUMER_GROUP, TokenDelta, count=256, block_ms=200)
             entries += await self.bus.reclaim_lost(self.delta_stream, CONSUMER_GROUP, TokenDelta)
             for entry in entries:
                 self.dispatch(entry.message)
             await self.bus.ack(self.delta_stream, CONSUMER_GROUP, *[e.entry_id for e in entries])
-            if self.stopping.is_set() and not entries:
-                break
 
     def dispatch(self, delta: TokenDelta) -> None:
         state = self.inflight.get(delta.request_id)

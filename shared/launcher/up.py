@@ -7,8 +7,16 @@ password, replicas included; shared/launcher/redis_cluster.py), then
 every service as its own `python -m services.<name>` process with its log in the run directory,
 `processes.json` describing them, one `streamoe ready: URL` line on stdout once all are healthy,
 restarts with backoff for a service that dies (its death announced first, shared/runtime/notices.py),
-and a clean stop on SIGTERM/Ctrl-C. Should `up` itself die, even by kill -9, every service gets
-SIGTERM and drains (PR_SET_PDEATHSIG); the embedded Redis, which holds the streams, is left running.
+and a clean stop on SIGTERM/Ctrl-C (every service gets SIGINT: it drains, and hands nothing over).
+Should `up` itself die, even by kill -9, every service gets SIGINT and drains (PR_SET_PDEATHSIG);
+the embedded Redis, which holds the streams, is left running.
+
+SIGHUP is a rolling restart (`Supervisor.rolling_restart`): every service replaced, one at a
+time, the successor healthy before the old process gets SIGTERM; the gateway's successor binds
+the same port (SO_REUSEPORT, shared/runtime/listen.py) and takes every new connection while the
+old one finishes its open streams. A worker told SIGTERM from elsewhere while it is its role's
+only rank asks for a successor (a handover notice); `up` starts it at once, and the old one
+serves until the successor does (shared/runtime/engine_service.py, `hand_over`).
 
 Secrets (the Redis URL, which may hold a password, and the API key) reach the services through
 their environment (`STREAMOE_REDIS_URL`, `STREAMOE_API_KEY`), never their command lines, which
@@ -22,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -39,12 +49,15 @@ from urllib.parse import urlsplit, urlunsplit
 from shared.launcher.cliargs import home, resolve_speculative_tokens
 from shared.launcher.redis_cluster import LocalCluster, start_cluster
 from shared.launcher.redis_server import free_port, reserve_port, start_redis
+from shared.protocol import streams
 from shared.protocol.messages import Notice
-from shared.runtime import notices
+from shared.runtime import notices, redis_client
+from shared.runtime.listen import port_is_free
 
 BACKOFF_S = (1, 2, 4, 8, 16, 30)
 PR_SET_PDEATHSIG = 1  # prctl(2)
 SUPERVISE_PERIOD_S = 0.1  # how soon a child's exit is seen, announced and its restart scheduled
+DRAIN_WAIT_S = 40.0  # a rolling restart waits this long for an old process to drain, then kills it
 
 
 @dataclass
@@ -59,21 +72,40 @@ class Child:
     restarts: int = 0
     next_start: float = 0.0
     ep_size: int = 1
+    shares_port: bool = False  # the gateway: its successor binds the same port (SO_REUSEPORT)
+    instance: str = ""  # the instance id of the running process
+    rolling: bool = False  # the rolling restart replaces it now: the supervisor leaves it alone
+    # earlier processes still draining after a successor took their place: (process, instance id)
+    leaving: list = None
 
-    def death_notice(self) -> Notice:
-        """The notice for this child's last start, which has exited (shared/runtime/notices.py)."""
-        code = self.proc.returncode
+    def death_notice(self, proc: subprocess.Popen | None = None, instance: str | None = None) -> Notice:
+        """The notice for a process of this child that has exited (shared/runtime/notices.py)."""
+        proc = proc or self.proc
+        code = proc.returncode
         worker = self.rank is not None
-        return Notice("death", self.name, self.instance_id(), self.name if worker else "",
+        return Notice("death", self.name, instance or self.instance, self.name if worker else "",
                       self.rank if worker else -1, self.ep_size,
                       reason=f"signal {-code}" if code < 0 else f"exit {code}", time=time.time())
 
-    def start(self, secrets: dict[str, str]) -> None:
+    def start(self, secrets: dict[str, str], extra: tuple[str, ...] = ()) -> None:
         log = open(self.log_path, "a")
+        self.instance = self.instance_id()
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, "--http-port", str(self.http_port),
-                                      "--instance-id", self.instance_id(), *self.args],
+                                      "--instance-id", self.instance, *self.args, *extra],
                                      stdout=log, stderr=log, start_new_session=True, env={**os.environ, **secrets},
                                      preexec_fn=die_with_parent)
+
+    def start_successor(self, secrets: dict[str, str]) -> None:
+        """A new process beside the running one, which goes on (to be stopped, or stopping): on a
+        port of its own, or on the same one where the port is shared."""
+        if self.leaving is None:
+            self.leaving = []
+        self.leaving.append((self.proc, self.instance))
+        self.restarts += 1
+        if not self.shares_port:
+            self.http_port = free_port()
+        old = self.leaving[-1][1]
+        self.start(secrets, ("--successor-of", old) if self.rank is not None else ())  # old is alive, not dead
 
     def instance_id(self) -> str:
         """Unique per rank and per start: the heartbeat, abort group and owned requests are keyed by it."""
@@ -81,10 +113,14 @@ class Child:
         return f"{self.name}{rank}-{os.getpid()}-{self.restarts}"
 
     def healthy(self) -> bool:
+        """Its running process answers /health with 200 (on a shared port: that process, not the
+        one before it)."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health", timeout=1) as r:
-                return r.status == 200
-        except OSError:
+                if r.status != 200:
+                    return False
+                return not self.shares_port or json.loads(r.read()).get("instance_id") == self.instance
+        except (OSError, ValueError):
             return False
 
     def tail(self, n: int = 20) -> str:
@@ -95,11 +131,11 @@ class Child:
 
 
 def die_with_parent() -> None:
-    """In the child, before exec: SIGTERM (a drain) when `streamoe up` dies, even by kill -9, so no
-    service outlives its supervisor (Linux; elsewhere a no-op). NOTE: the signal follows the thread
+    """In the child, before exec: SIGINT (a drain, the whole system stopping) when `streamoe up`
+    dies, even by kill -9, so no service outlives its supervisor (Linux; elsewhere a no-op). NOTE: the signal follows the thread
     that started the child: `up` starts every child from its main thread."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
     except (OSError, AttributeError):
         pass
 
@@ -130,6 +166,10 @@ def up(args: argparse.Namespace) -> int:
         print(f"streamoe up: --redis-replicas={args.redis_replicas} needs --redis-shards N (an embedded cluster)",
               file=sys.stderr)
         return 2
+    if not port_is_free(args.host, args.port):
+        print(f"streamoe up: --port={args.port}: something listens on {args.host}:{args.port} already (another "
+              "streamoe up?); stop it or choose another port", file=sys.stderr)
+        return 2
     partitions = getattr(args, "stream_partitions", None) or max(1, getattr(args, "redis_shards", 0))
     model = resolve_model(args)
     cores = os.cpu_count() or 2
@@ -146,9 +186,10 @@ def up(args: argparse.Namespace) -> int:
     numerics = calibrate(model, args, threads)  # before Redis and the services: a refusal leaves nothing running
     run_dir = Path(args.run_dir or home() / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    stopping = []
+    stopping, hangups = [], []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGHUP, lambda *_: hangups.append(True))  # a rolling restart
     redis_nodes = None  # the embedded Redis: one server, or the nodes of a local cluster
     fsync = ["--appendfsync", getattr(args, "redis_appendfsync", "everysec")]
     redis_url = args.redis_url
@@ -184,16 +225,18 @@ def up(args: argparse.Namespace) -> int:
                                                       "--overlap", args.decode_overlap],
                         free_port(), run_dir / f"decode-{r}.log", rank=r, ep_size=args.decode_ep)
                   for r in range(args.decode_ep)],
-                Child("gateway", "services.gateway", gateway + ["--host", args.host], args.port,
-                      run_dir / "gateway.log")]
+                Child("gateway", "services.gateway", gateway + ["--host", args.host, "--reuse-port"], args.port,
+                      run_dir / "gateway.log", shares_port=True)]
     secrets = {"STREAMOE_REDIS_URL": redis_url, "STREAMOE_REDIS_CLUSTER": "1" if cluster_mode else "0",
                "STREAMOE_STREAM_PARTITIONS": str(partitions)}  # not secret, but every service reads them alike
     if args.api_key:  # only the gateway checks it; every service would read STREAMOE_API_KEY alike
         secrets["STREAMOE_API_KEY"] = args.api_key
+    handovers = HandoverNotices(secrets)  # before any child starts: none of their notices is missed
     for child in children:
         child.start(secrets)
     record = numerics.health()  # the same keys as each worker's /health
-    write_processes(run_dir, children, redis_nodes, redis_url, record)
+    sup = Supervisor(children, secrets, run_dir, redis_nodes, redis_url, record, handovers, stopping)
+    sup.write()
     deadline = time.monotonic() + args.ready_timeout
     ready = False
     code = 0
@@ -211,11 +254,145 @@ def up(args: argparse.Namespace) -> int:
                           f"({bad.log_path}):\n{bad.tail()}", file=sys.stderr)
                     code = 1
                     break
-            supervise(children, secrets, run_dir, redis_nodes, redis_url, record)
-            time.sleep(SUPERVISE_PERIOD_S)
+            if ready and hangups:
+                hangups.clear()
+                sup.rolling_restart(args.ready_timeout)
+            sup.tick()
     finally:
+        handovers.close()
         stop_all(children, redis_nodes)
     return code
+
+
+class HandoverNotices:
+    """The instances that asked for a successor (handover notices, shared/runtime/notices.py), read
+    from the NOTICES stream on a thread of its own (the supervisor never waits on Redis)."""
+
+    def __init__(self, secrets: dict[str, str]):
+        self.asked: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.closing = threading.Event()
+        self.secrets, self.client, self.last = secrets, None, None
+        self.since = time.time()  # notices older than the supervisor are not its business
+        self.thread = threading.Thread(target=self.follow, name="handover-notices", daemon=True)
+        self.thread.start()
+
+    def follow(self) -> None:
+        while not self.closing.is_set():
+            try:
+                if self.client is None:
+                    self.client = redis_client.connect_sync(self.secrets["STREAMOE_REDIS_URL"],
+                                                            self.secrets["STREAMOE_REDIS_CLUSTER"] == "1")
+                if self.last is None:  # from the supervisor's start on
+                    self.last = f"{int(self.since * 1000) - 1000}-0".encode()
+                reply = self.client.xread({streams.NOTICES: self.last}, count=16, block=500)
+            except Exception:  # Redis away: the successor comes with the process's exit instead
+                self.closing.wait(0.5)
+                continue
+            for _, entries in (reply.items() if isinstance(reply, dict) else reply or []):
+                for entry_id, fields in entries:
+                    self.last = entry_id
+                    try:
+                        notice = notices.decode_notice(fields)
+                    except Exception:
+                        continue
+                    if notice.kind == "handover" and notice.instance_id:
+                        self.asked.put(notice.instance_id)
+
+    def take(self) -> list[str]:
+        out = []
+        while not self.asked.empty():
+            out.append(self.asked.get_nowait())
+        return out
+
+    def close(self) -> None:
+        self.closing.set()
+        self.thread.join(2.0)
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+
+@dataclass
+class Supervisor:
+    """Restarts what dies (with backoff, its death announced first), starts the successor of a
+    process that asks for one (a handover notice), replaces every service on SIGHUP (a rolling
+    restart), and keeps processes.json true."""
+    children: list[Child]
+    secrets: dict[str, str]
+    run_dir: Path
+    redis_nodes: object
+    redis_url: str
+    numerics: dict
+    handovers: HandoverNotices
+    stopping: list
+    rolling_restarts: int = 0
+
+    def write(self) -> None:
+        write_processes(self.run_dir, self.children, self.redis_nodes, self.redis_url, self.numerics,
+                        self.rolling_restarts)
+
+    def tick(self) -> None:
+        changed = supervise(self.children, self.secrets)
+        for instance in self.handovers.take():
+            child = next((c for c in self.children if c.instance == instance and not c.rolling), None)
+            if child is not None and child.proc.poll() is None and not self.stopping:
+                print(f"streamoe up: {child.name} {instance} asked for a successor; starting it", file=sys.stderr,
+                      flush=True)
+                child.start_successor(self.secrets)
+                changed = True
+        if changed:
+            self.write()
+        time.sleep(SUPERVISE_PERIOD_S)
+
+    def wait(self, done, timeout_s: float) -> bool:
+        """Supervise until done() or timeout_s (or a stop); whether done() came true."""
+        deadline = time.monotonic() + timeout_s
+        while not self.stopping and time.monotonic() < deadline:
+            if done():
+                return True
+            self.tick()
+        return bool(done())
+
+    def rolling_restart(self, ready_timeout_s: float) -> None:
+        """Every service replaced, one at a time, none of them missing meanwhile: the successor
+        starts, answers /health, and only then is the old process stopped (SIGTERM: it drains; a
+        gateway's successor shares its port). A rank of an EP group cannot run beside its
+        successor (one rank, one member): it is stopped first (its group goes on without it) and
+        its successor asks in."""
+        print("streamoe up: rolling restart", file=sys.stderr, flush=True)
+        for child in self.children:
+            if self.stopping:
+                return
+            child.rolling = True
+            try:
+                old, instance = child.proc, child.instance
+                if child.ep_size > 1:
+                    old.terminate()
+                    self.wait(lambda old=old: old.poll() is not None, DRAIN_WAIT_S)
+                    if old.poll() is None:
+                        old.kill()
+                        old.wait()
+                    if old.returncode != 0:
+                        announce(child.death_notice(), self.secrets)
+                    child.restarts += 1
+                    child.start(self.secrets)
+                    self.write()
+                    self.wait(child.healthy, ready_timeout_s)
+                else:
+                    child.start_successor(self.secrets)
+                    self.write()
+                    if not self.wait(child.healthy, ready_timeout_s):
+                        print(f"streamoe up: rolling restart: {child.name}'s successor not healthy within "
+                              f"{ready_timeout_s} s; the old process goes on", file=sys.stderr, flush=True)
+                        continue
+                    old.terminate()
+                    self.wait(lambda old=old: old.poll() is not None, DRAIN_WAIT_S)
+                print(f"streamoe up: rolling restart: {child.name} {instance} -> {child.instance}", file=sys.stderr,
+                      flush=True)
+            finally:
+                child.rolling = False
+        self.rolling_restarts += 1
+        self.write()
+        print(f"streamoe up: rolling restart done ({len(self.children)} services)", file=sys.stderr, flush=True)
 
 
 def calibrate(model: Path, args: argparse.Namespace, threads: int):
@@ -228,14 +405,20 @@ def calibrate(model: Path, args: argparse.Namespace, threads: int):
     return numerics
 
 
-def supervise(children: list[Child], secrets: dict[str, str], run_dir: Path, redis_nodes, redis_url: str,
-              numerics: dict) -> None:
+def supervise(children: list[Child], secrets: dict[str, str]) -> bool:
     """Restart a dead service with backoff, as a process supervisor would; announce its death
-    first (a death notice), so that its EP group and the balancer go on without it at once."""
+    first (a death notice), so that its EP group and the balancer go on without it at once. An
+    earlier process that a successor replaced is only reaped (its death announced if it crashed).
+    Whether a process started."""
     changed = False
     now = time.monotonic()
     for child in children:
-        if child.proc.poll() is None:
+        for proc, instance in list(child.leaving or []):
+            if proc.poll() is not None:
+                child.leaving.remove((proc, instance))
+                if proc.returncode != 0:
+                    announce(child.death_notice(proc, instance), secrets)
+        if child.rolling or child.proc.poll() is None:
             continue
         if child.next_start == 0.0:
             delay = BACKOFF_S[min(child.restarts, len(BACKOFF_S) - 1)]
@@ -249,8 +432,7 @@ def supervise(children: list[Child], secrets: dict[str, str], run_dir: Path, red
             child.next_start = 0.0
             child.start(secrets)
             changed = True
-    if changed:
-        write_processes(run_dir, children, redis_nodes, redis_url, numerics)
+    return changed
 
 
 def announce(notice: Notice, secrets: dict[str, str], timeout_s: float = 5.0) -> None:
@@ -270,8 +452,10 @@ def announce(notice: Notice, secrets: dict[str, str], timeout_s: float = 5.0) ->
     thread.join(timeout_s)
 
 
-def write_processes(run_dir: Path, children: list[Child], redis_nodes, redis_url: str, numerics: dict) -> None:
-    """processes.json: the Redis URL (no password), each process, and the numerics every worker got."""
+def write_processes(run_dir: Path, children: list[Child], redis_nodes, redis_url: str, numerics: dict,
+                    rolling_restarts: int = 0) -> None:
+    """processes.json: the Redis URL (no password), each service's running process, the numerics
+    every worker got, the supervisor's own pid and how many rolling restarts it completed."""
     entries = [{"name": c.name, "rank": c.rank, "pid": c.proc.pid, "ports": {"http": c.http_port},
                 "log": str(c.log_path), "restarts": c.restarts} for c in children]
     if redis_nodes is not None:
@@ -280,7 +464,8 @@ def write_processes(run_dir: Path, children: list[Child], redis_nodes, redis_url
                     for i, (proc, url) in enumerate(zip(redis_nodes.procs, redis_nodes.urls))]
     tmp = run_dir / "processes.json.tmp"
     tmp.write_text(json.dumps({"redis_url": without_password(redis_url), "processes": entries,
-                               "numerics": numerics}, indent=2) + "\n")
+                               "numerics": numerics, "supervisor_pid": os.getpid(),
+                               "rolling_restarts": rolling_restarts}, indent=2) + "\n")
     tmp.replace(run_dir / "processes.json")
 
 
@@ -295,15 +480,16 @@ def without_password(url: str) -> str:
 
 
 def stop_all(children: list[Child], redis_nodes, timeout: float = 20.0) -> None:
-    for child in children:
-        if child.proc.poll() is None:
-            child.proc.terminate()
+    procs = [p for c in children for p in [c.proc, *(proc for proc, _ in c.leaving or [])]]
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # the whole system stops: drain, no handover
     deadline = time.monotonic() + timeout
-    for child in children:
+    for proc in procs:
         try:
-            child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            child.proc.kill()
-            child.proc.wait()
+            proc.kill()
+            proc.wait()
     if redis_nodes is not None:
         redis_nodes.stop()

@@ -115,10 +115,11 @@ class Abort:
 @message("notice")
 class Notice:
     """A process of the system is gone (`death`: it exited, or a restarted successor found it
-    gone) or going (`leave`: it drains). Published at once, so that nobody waits out a timeout or a
-    heartbeat TTL for it (shared/runtime/notices.py)."""
+    gone) or going (`leave`: it drains), or wants a successor (`handover`: the only rank of its
+    role was told to stop, and serves until another instance takes its place). Published at once,
+    so that nobody waits out a timeout or a heartbeat TTL for it (shared/runtime/notices.py)."""
 
-    kind: str  # death | leave
+    kind: str  # death | leave | handover
     role: str  # its service: tokenizer, cache, balancer, prefill, decode, gateway
     instance_id: str  # "" when the publisher could not tell (no load report left)
     group_id: str = ""  # a worker's EP group (--ep-group-id, by default the role)

@@ -170,6 +170,22 @@ class Bus:
             return []
         return await self._decode_entries(stream, consumer_group, kind, [e for e in reply[1] if e[1] is not None])
 
+    async def claim_from(self, stream: str, consumer_group: str, kind: type[T], consumer: str,
+                         count: int = 256) -> list[Entry[T]]:
+        """The entries pending on one consumer (one that left), now ours; the others' and the
+        unread ones stay where they are."""
+        try:
+            pending = await self.redis.xpending_range(stream, consumer_group, min="-", max="+", count=count,
+                                                      consumername=consumer)
+        except ResponseError as e:
+            await self._recreate_lost_consumer_group(e, [stream], consumer_group)
+            return []
+        ids = [p["message_id"] for p in pending]
+        if not ids:
+            return []
+        claimed = await self.redis.xclaim(stream, consumer_group, self.consumer, min_idle_time=0, message_ids=ids)
+        return await self._decode_entries(stream, consumer_group, kind, [e for e in claimed if e[1] is not None])
+
     async def reclaim_lost(self, stream: str, consumer_group: str, kind: type[T], idle_ms: int = 1000,
                            every_s: float = 1.0) -> list[Entry[T]]:
         """For a consumer that acks what it reads at once (its own stream or consumer group): entries pending

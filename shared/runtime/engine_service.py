@@ -57,6 +57,13 @@ def group_id(text: str) -> str:
     return text
 
 
+# KEYS: a key; ARGV: the value it must hold to be deleted
+_DELETE_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--rank", type=int, default=0)
@@ -74,6 +81,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: a share of the cores)")
     parser.add_argument("--load-ttl-s", type=float, default=5.0)
+    parser.add_argument("--successor-of", default=None, metavar="INSTANCE",
+                        help="the instance this one replaces while it still runs (a rolling restart): not "
+                        "announced dead for the load report it leaves")
+    parser.add_argument("--handover-timeout-s", type=float, default=10.0,
+                        help="SIGTERM to the only rank of its role: it asks for a successor (a handover notice) "
+                        "and serves on until one reports load, for at most this long; then it drains")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="the prefix cache's block store, shared with the cache service (omit: off)")
     parser.add_argument("--cache-capacity-mib", type=int, default=8192)
@@ -142,6 +155,7 @@ class EngineService(EPRank, Service):
         self.compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute")  # tensors never run on the loop
         self._last_report = 0.0
         self._withdrawn = False  # draining: the load report is gone, none is written again
+        self.handing_over = False  # SIGTERM to the only rank of its role: serving on until a successor does
         self.aborted: deque[str] = deque(maxlen=4096)  # recent aborts, for handoffs that arrive late
         labels = {"role": self.role, "rank": str(self.rank)}
         Gauge("streamoe_numerics_info", "The dtype and MoE plan this rank computes with, and where they came "
@@ -149,6 +163,9 @@ class EngineService(EPRank, Service):
             self.numerics.dtype, self.numerics.moe_backend, self.numerics.source).set(1)
         self.kv_used = Gauge("streamoe_kv_blocks_used", "KV blocks in use (reserved included)", list(labels),
                              registry=self.registry).labels(**labels)
+        self.handovers = Counter("streamoe_handovers", "SIGTERMs to the only rank of its role that asked for a "
+                                 "successor and served on until it came (a handover notice)", list(labels),
+                                 registry=self.registry).labels(**labels)
         self.aborts_done = Counter("streamoe_requests_aborted_total", "Running requests aborted on this rank",
                                    list(labels), registry=self.registry).labels(**labels)
         self.kv_total = Gauge("streamoe_kv_blocks_total", "KV blocks in the pool", list(labels),
@@ -215,10 +232,61 @@ class EngineService(EPRank, Service):
         not after their timeouts (shared/runtime/notices.py)."""
         notice = await notices.previous_incarnation(self.redis, self.role, self.group_id, self.rank,
                                                     self.args.ep_size, self.config.instance_id)
-        if notice is not None:
+        if notice is not None and notice.instance_id != getattr(self.args, "successor_of", None):
             notice = await notices.publish(self.redis, notice)
             self.log.warning(json.dumps({"event": "predecessor_announced_dead", "instance": notice.instance_id,
                                          "group": self.group_id, "rank": self.rank}))
+
+    def request_stop(self) -> None:
+        """SIGTERM: drain now where another instance serves this rank's work (the rank's
+        successor, or other ranks of the role); where none does, hand over first (`hand_over`)."""
+        if self.stopping.is_set() or self.handing_over:
+            return
+        if not self.ready:  # still starting: nothing to hand over
+            self.stopping.set()
+            return
+        self.handing_over = True
+        self.in_background(self.hand_over())
+
+    async def hand_over(self) -> None:
+        """The only rank of its role leaves without stranding a request: a handover notice asks its
+        supervisor for a successor, and this rank serves on (its heartbeat says draining, so the
+        successor does not take it for dead) until the successor reports load for the rank (it
+        reads the same input stream), or --handover-timeout-s passes. Then the drain proper: the
+        leave notice sends what it still runs to the successor (shared/runtime/notices.py)."""
+        try:
+            await self.beat()  # draining now: the successor must not announce this rank dead
+            if await self.successor() is None and not await notices.others_serve(self.redis, self.role,
+                                                                                 self.group_id, self.rank):
+                await notices.publish(self.redis, Notice("handover", self.role, self.config.instance_id,
+                                                         self.group_id, self.rank, self.args.ep_size,
+                                                         reason="sigterm"))
+                self.handovers.inc()
+                self.log.info(json.dumps({"event": "handover_asked", "rank": self.rank}))
+                deadline = time.monotonic() + self.args.handover_timeout_s
+                while time.monotonic() < deadline and await self.successor() is None:
+                    await asyncio.sleep(0.2)
+                self.log.info(json.dumps({"event": "handover_done" if time.monotonic() < deadline
+                                          else "handover_timed_out", "rank": self.rank}))
+        except RedisError as e:
+            self.log.warning(json.dumps({"event": "handover_failed", "error": repr(e)}))
+        finally:
+            self.stopping.set()
+
+    def draining(self) -> bool:
+        return self.stopping.is_set() or self.handing_over
+
+    async def successor(self) -> str | None:
+        """Another instance that reports load for this rank and is up (heartbeat ready, not draining)."""
+        raw = await self.redis.get(self.load_key)
+        other = notices._instance_of(raw) if raw is not None else None
+        if not other or other == self.config.instance_id:
+            return None
+        beat = await self.redis.get(streams.heartbeat_key(self.role, other))
+        if beat is None:
+            return None
+        beat = json.loads(beat)
+        return other if beat.get("ready") and not beat.get("draining") else None
 
     async def drained(self) -> None:
         """A leave notice once the loop has stopped (shared/runtime/notices.py): it reads and steps
@@ -323,6 +391,9 @@ class EngineService(EPRank, Service):
         await self.send_load_report()
 
     async def send_load_report(self) -> None:
+        if self.handing_over and not self.stopping.is_set():  # serving on; the successor's report wins
+            if await self.successor() is not None:
+                return
         if self.stopping.is_set():  # draining: the balancer routes to the other ranks from now on
             if not self._withdrawn:
                 self._withdrawn = True
@@ -330,6 +401,7 @@ class EngineService(EPRank, Service):
                     await self.redis.delete(self.load_key)
             return
         await self.redis.set(self.load_key, self._report, px=int(self.args.load_ttl_s * 1000))
+        self._sent_report = self._report
 
     async def keep_load_report(self) -> None:
         """While the main loop is held up (a long step, or the EP group waiting on a dead rank and
@@ -386,7 +458,8 @@ class EngineService(EPRank, Service):
             await self.membership.clear_alive()
             await self.group.transport.close()
         await self.redis.xgroup_destroy(streams.ABORTS, self.abort_group)
-        await self.redis.delete(self.load_key)
+        if getattr(self, "_sent_report", None) is not None:  # ours only: a successor's report stays
+            await self.redis.eval(_DELETE_IF_EQUAL, 1, self.load_key, self._sent_report)
         self.compute_pool.shutdown(wait=False)
 
 

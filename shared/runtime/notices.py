@@ -1,6 +1,10 @@
 """Death and leave notices: a process that stops is announced at once, so that nothing waits out an
 exchange timeout or a heartbeat TTL for it.
 
+A handover notice says less: the only rank of its role was told to stop (SIGTERM) and serves
+on until another instance takes its place. Its supervisor (`streamoe up`) starts the successor at
+once; nobody else acts on it (publish only appends it to the NOTICES stream).
+
 Who publishes a death notice:
 - `streamoe up`'s supervisor, the moment it sees a child exit;
 - a worker that starts as rank R of its group and finds rank R's load report left by another
@@ -47,6 +51,9 @@ async def publish(redis: Redis, notice: Notice) -> Notice:
     incarnation filled in where Redis knew them."""
     if not notice.time:
         notice = _replace(notice, time=time.time())
+    if notice.kind == "handover":  # still serving: only its supervisor acts, by starting a successor
+        await redis.xadd(streams.NOTICES, {b"m": encode(notice)}, maxlen=MAX_NOTICES, approximate=True)
+        return notice
     worker = notice.rank >= 0 and notice.role in ("prefill", "decode")
     if worker:
         load = await redis.get(streams.load_key(notice.role, notice.group_id, notice.rank))

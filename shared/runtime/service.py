@@ -27,6 +27,7 @@ from shared.launcher.cliargs import apply_env_defaults, positive_int
 from shared.protocol import streams
 from shared.runtime import redis_client
 from shared.runtime.bus import Bus
+from shared.runtime.listen import listening_socket
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class ServiceConfig:
     redis_connections: int = 128  # the pool's size; more callers wait their turn
     redis_cluster: bool = False  # --redis-url names a node of a Redis Cluster
     stream_partitions: int = 1  # the request queue's partitions, the same on every service
+    reuse_port: bool = False  # share the port with a successor (SO_REUSEPORT; shared/runtime/listen.py)
 
     def partition(self, request_id: str) -> int:
         return streams.partition_of(request_id, self.stream_partitions)
@@ -56,6 +58,9 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instance-id", default=None, help="unique per process (default: host-pid-random)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--http-port", type=int, default=0)
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="bind --http-port with SO_REUSEPORT, so that a successor can bind it while this "
+                        "process drains (streamoe up's rolling restart; shared/runtime/listen.py)")
     parser.add_argument("--heartbeat-ttl-s", type=float, default=10.0)
     parser.add_argument("--drain-timeout-s", type=float, default=10.0)
     parser.add_argument("--claim-idle-ms", type=int, default=30_000)
@@ -75,7 +80,8 @@ def parse_service_args(parser: argparse.ArgumentParser, argv: list[str] | None =
 def service_config(args: argparse.Namespace) -> ServiceConfig:
     return ServiceConfig(args.redis_url, args.instance_id, args.host, args.http_port, args.heartbeat_ttl_s,
                          args.drain_timeout_s, args.claim_idle_ms, args.housekeeping_s,
-                         redis_cluster=args.redis_cluster, stream_partitions=args.stream_partitions)
+                         redis_cluster=args.redis_cluster, stream_partitions=args.stream_partitions,
+                         reuse_port=getattr(args, "reuse_port", False))
 
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -107,6 +113,9 @@ async def can_authenticate(redis: Redis, log: logging.Logger) -> bool:
 
 class Service:
     name = "service"
+    # a port clients connect to (the gateway's): on SIGTERM the listener closes (the successor, or
+    # the load balancer's other replicas, take new connections) while the open ones drain
+    serves_clients = False
 
     def __init__(self, config: ServiceConfig):
         self.config = config
@@ -143,8 +152,10 @@ class Service:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+        # SIGTERM: leave (a worker that is its role's only rank hands over first); SIGINT: the
+        # whole system stops (streamoe up's stop, or up gone), so drain at once
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         # NOTE: a blocking pool: a burst of requests waits for a connection instead of failing
         self.redis = redis_client.connect(self.config.redis_url, self.config.redis_cluster,
                                           self.config.redis_connections)
@@ -157,6 +168,8 @@ class Service:
         try:
             await self.setup()
             self.ready = True
+            with contextlib.suppress(Exception):  # say so now, not at the next beat
+                await redis_client.within(self.beat(), 2.0)
             self.log.info(json.dumps({"event": "ready", "service": self.name, "instance": self.config.instance_id,
                                       "http_port": self.http_port}))
             background.append(asyncio.create_task(self._housekeeping()))
@@ -165,6 +178,8 @@ class Service:
             await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
             self.ready = False  # draining: /health answers 503
             self.log.info(json.dumps({"event": "draining", "service": self.name}))
+            if self.serves_clients:
+                await self._stop_listening()
             await asyncio.wait({main}, timeout=self.config.drain_timeout_s)
             if not main.done():
                 self.log.warning("drain deadline passed; cancelling the main loop")
@@ -220,6 +235,14 @@ class Service:
             await redis_client.within(self.redis.aclose(), 2.0)
         return False
 
+    def request_stop(self) -> None:
+        """SIGTERM: drain (a worker may first hand its work over, engine_service.py)."""
+        self.stopping.set()
+
+    def draining(self) -> bool:
+        """What the heartbeat says: this process stops, or is about to (its successor takes over)."""
+        return self.stopping.is_set()
+
     async def drained(self) -> None:
         """After a drain (SIGTERM), before teardown: what the service owes the others on leaving
         (a worker's leave notice)."""
@@ -240,12 +263,37 @@ class Service:
         app.router.add_get("/metrics", self._metrics)
         self.add_routes(app)
         # NOTE: handler_cancellation: a client that goes away cancels its handler, which aborts the request
+        app.on_response_prepare.append(self._close_when_draining)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, handler_cancellation=True)
         await runner.setup()
-        site = web.TCPSite(runner, self.config.host, self.config.http_port)
-        await site.start()
-        self.http_port = site._server.sockets[0].getsockname()[1]
+        sock = listening_socket(self.config.host, self.config.http_port, self.config.reuse_port)
+        self.http_port = sock.getsockname()[1]
+        self.site = web.SockSite(runner, sock)
+        await self.site.start()
+        self.http_runner = runner
         return runner
+
+    async def _close_when_draining(self, request: web.Request, response: web.StreamResponse) -> None:
+        """While draining, every response says `Connection: close`: the client opens its next
+        connection elsewhere (the successor), and never sends a request on a connection this
+        process is about to close."""
+        if self.stopping.is_set():
+            response.force_close()
+
+    async def _stop_listening(self) -> None:
+        """No new connection from now on; the open ones are served until they close (each next
+        response closes its connection) or the drain deadline passes. A short wait first: a
+        successor on the same port steers new connections to itself, and what the kernel queued
+        here before that is accepted, not reset."""
+        await asyncio.sleep(0.2)
+        with contextlib.suppress(Exception):
+            await self.site.stop()
+        self.log.info(json.dumps({"event": "listener_closed", "service": self.name, "port": self.http_port}))
+
+    def open_connections(self) -> int:
+        """Client connections still open on this process's port (a keep-alive one included)."""
+        server = getattr(getattr(self, "http_runner", None), "server", None)
+        return len(server.connections) if server is not None else 0
 
     async def _health(self, request: web.Request) -> web.Response:
         status = 200 if self.ready else 503
@@ -303,15 +351,17 @@ class Service:
                 self.log.warning("housekeeping failed: %r", e)
 
     async def _heartbeat(self) -> None:
-        key = streams.heartbeat_key(self.name, self.config.instance_id)
-        ttl_ms = int(self.config.heartbeat_ttl_s * 1000)
-        # where others reach this service's /metrics: a wildcard bind is reached by the host's name
-        host = socket.gethostname() if self.config.host in ("0.0.0.0", "::", "") else self.config.host
         while not self._closing.is_set():
             try:
-                await self.redis.set(key, json.dumps({"time": time.time(), "ready": self.ready, "host": host,
-                                                      "http_port": self.http_port,
-                                                      "draining": self.stopping.is_set()}), px=ttl_ms)
+                await self.beat()
             except Exception as e:  # Redis away: keep serving what we can, try again
                 self.log.warning("heartbeat failed: %s", e)
             await self._pause(self.config.heartbeat_ttl_s / 3)
+
+    async def beat(self) -> None:
+        """Write the heartbeat key: when, ready, where /metrics is, draining."""
+        # where others reach this service's /metrics: a wildcard bind is reached by the host's name
+        host = socket.gethostname() if self.config.host in ("0.0.0.0", "::", "") else self.config.host
+        await self.redis.set(streams.heartbeat_key(self.name, self.config.instance_id), json.dumps(
+            {"time": time.time(), "ready": self.ready, "host": host, "http_port": self.http_port,
+             "draining": self.draining()}), px=int(self.config.heartbeat_ttl_s * 1000))
