@@ -61,8 +61,10 @@ async def test_a_roles_only_rank_keeps_its_load_report_for_its_successor(redis):
 
 
 async def test_a_fenced_instance_cannot_touch_records_it_owns_no_more(redis):
-    """ownership.record_tokens and forget are fenced on the owner: once a request was resumed and
-    is owned by another instance (or its records are gone), the old instance's late writes drop."""
+    """ownership is fenced on the owner: the balancer takes a dead instance's request in one step
+    (ownership.take), after which that instance records nothing more (record_tokens answers 0, so
+    its decode rank sends no delta), and the first admission of a request wins (a handoff admitted
+    twice has one owner). The resumed request's admission replaces the taker's tombstone."""
     from shared.protocol.messages import Sampling, TokenizedRequest
     from shared.runtime import ownership
 
@@ -70,13 +72,23 @@ async def test_a_fenced_instance_cannot_touch_records_it_owns_no_more(redis):
     async with redis.pipeline(transaction=False) as pipe:
         ownership.record_admission(pipe, "old", 0, req, 11)
         ownership.record_tokens(pipe, "old", "r1", [12], 2)
-        await pipe.execute()
+        assert (await pipe.execute())[0::3] == [1, 1]  # admitted, recorded: send
     assert ownership.unpack_ids(await redis.get(ownership.ids_key("r1"))) == [11, 12]
+    async with redis.pipeline(transaction=False) as pipe:  # another instance admits a copy: refused
+        ownership.record_admission(pipe, "other", 1, req, 11)
+        assert (await pipe.execute())[0] == 0
+    raw, ids = await ownership.take(redis, "old", "r1")  # "old" taken for dead: the balancer resumes it
+    assert ids == [11, 12] and raw is not None
+    assert await ownership.take(redis, "old", "r1") == (raw, ids)  # a balancer that died first: taken again
+    async with redis.pipeline(transaction=False) as pipe:  # the old one thaws and writes late: refused
+        ownership.record_tokens(pipe, "old", "r1", [99], 3)
+        assert (await pipe.execute())[0] == 0
     async with redis.pipeline(transaction=False) as pipe:  # resumed: a new instance owns it now
         ownership.record_admission(pipe, "new", 1, req, 11)
         ownership.record_tokens(pipe, "new", "r1", [12], 2)
-        await pipe.execute()
-    async with redis.pipeline(transaction=False) as pipe:  # the old one thaws and writes late
+        assert (await pipe.execute())[0::3] == [1, 1]
+    assert await ownership.take(redis, "old", "r1") is None
+    async with redis.pipeline(transaction=False) as pipe:
         ownership.record_tokens(pipe, "old", "r1", [99], 3)
         ownership.forget(pipe, "old", ["r1"])
         await pipe.execute()

@@ -107,3 +107,53 @@ async def test_requests_of_a_killed_decode_rank_resume_on_its_successor(services
     assert not [k async for k in client.scan_iter(match=streams.owner_key("*") + "*")]
     assert b"decode-victim" not in await client.smembers(ownership.DECODE_INSTANCES)
     await client.aclose()
+
+
+async def test_a_decode_rank_taken_for_dead_while_frozen_sends_nothing_when_it_thaws(services, tiny_fp32, redis_url):
+    """The decode rank frozen (SIGSTOP) with requests streaming: its heartbeat lapses, the balancer
+    takes its requests (ownership.take) and resumes them on a new instance. Thawed, the frozen rank
+    steps on, but its records are refused, so it sends no delta (streamoe_fenced_writes_total) and
+    drops the requests: each client's stream is whole, once, and the reference's."""
+    import signal
+
+    from redis.asyncio import Redis
+
+    gen = torch.Generator().manual_seed(91)
+    prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (50, 90, 140)]
+    max_tokens = 200
+    model = tiny_fp32.resolve().name
+    client = Redis.from_url(redis_url)
+    frozen = services["decode"]
+    resumed_before = metric(services["balancer"], "streamoe_requests_resumed_total", outcome="resumed")
+    async with aiohttp.ClientSession() as session:
+        body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}
+        running = [asyncio.create_task(stream_tokens(session, services["gateway"], {**body, "prompt": p}))
+                   for p in prompts]
+        await until_all_run_on(client, frozen.instance_id, len(prompts), 5)
+        frozen.proc.send_signal(signal.SIGSTOP)
+        services["decode"] = ServiceProcess("services.decode", redis_url, *services["worker"],
+                                            instance_id="decode-after-freeze")
+        services["frozen"] = frozen  # stopped with the others
+        try:
+            deadline = time.monotonic() + 60  # the balancer takes them once the heartbeat is a TTL gone
+            while await client.scard(ownership.owned_key(frozen.instance_id)) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert not await client.scard(ownership.owned_key(frozen.instance_id)), "never taken from it"
+        finally:
+            frozen.proc.send_signal(signal.SIGCONT)
+        results = await asyncio.wait_for(asyncio.gather(*running), 120)
+    took = metric(services["balancer"], "streamoe_requests_resumed_total", outcome="resumed") - resumed_before
+    assert took == len(prompts)
+    # thawed, it stepped at least once more with the requests it held: every delta of it refused
+    deadline = time.monotonic() + 30
+    while metric(frozen, "streamoe_fenced_writes_total", write="delta") < 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert metric(frozen, "streamoe_fenced_writes_total", write="delta") >= 1
+    assert metric(frozen, "streamoe_running_requests") == 0  # dropped, not run on
+    ref = load_reference(tiny_fp32)
+    for prompt, (tokens, usage) in zip(prompts, results):
+        assert len(tokens) == max_tokens and usage["completion_tokens"] == max_tokens  # none missing, none twice
+        expected = reference_greedy(ref, prompt, max_tokens)
+        assert tokens[:expected.trusted] == expected.tokens[:expected.trusted]
+    await client.aclose()

@@ -56,7 +56,6 @@ class BalancerService(Service):
         self.resumed = Counter("streamoe_requests_resumed", "Requests of dead decode instances resumed on a live "
                                "rank (by what was left: resumed, finished, expired)", ["outcome"],
                                registry=self.registry)
-        self.forget_if_owner = self.redis.register_script(ownership.FORGET_IF_OWNER)
         self.heartbeat_missing: dict[str, float] = {}  # decode instance -> when its heartbeat was first missed
         self.rank_missing: dict[tuple[str, str, int], float] = {}  # (role, group, rank) -> load report first missed
         self.moved = Counter("streamoe_orphaned_requests_moved", "Requests taken from the input stream of a dead "
@@ -242,14 +241,15 @@ class BalancerService(Service):
             await self.redis.xdel(stream, entry.entry_id)
 
     async def resume(self, instance: str, request_id: str) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(streams.owner_key(request_id))
-            pipe.get(ownership.ids_key(request_id))
-            owner, raw_ids = await pipe.execute()
-        if owner.get(b"instance_id", b"").decode() == instance:  # else: finished, or owned by a live rank now
-            emitted = ownership.unpack_ids(raw_ids)
+        """A dead (or leaving) instance's request, taken from it in one step (ownership.take: it can
+        record, and so send, nothing more) and run again from the tokens its client has."""
+        taken = await ownership.take(self.redis, instance, request_id)
+        if taken is not None:  # else: finished, or owned by a live rank now
+            raw_request, emitted = taken
             try:
-                original = decode(owner[b"request"], TokenizedRequest)
+                if raw_request is None:
+                    raise KeyError("request")
+                original = decode(raw_request, TokenizedRequest)
             except (KeyError, WireError) as e:
                 original = None
                 self.log.error(json.dumps({"event": "bad_owner_record", "request_id": request_id, "error": str(e)}))
@@ -264,12 +264,12 @@ class BalancerService(Service):
                 await self.bus.publish(streams.delta_stream(original.gateway_id), TokenDelta(
                     request_id, original.trace_id, original.gateway_id, len(emitted), [], finish_reason="length"))
                 outcome = "finished"
+            if outcome != "resumed":
+                await ownership.drop_taken(self.redis, instance, request_id)
             self.resumed.labels(outcome=outcome).inc()
             self.log.info(json.dumps({"event": "request_resumed", "request_id": request_id, "outcome": outcome,
                                       "trace_id": original.trace_id if original else None,
                                       "dead_instance": instance, "emitted": len(emitted)}))
-        await self.forget_if_owner(keys=[streams.owner_key(request_id), ownership.ids_key(request_id)],
-                                   args=[instance])
         await self.redis.srem(ownership.owned_key(instance), request_id)  # its own slot: not in the script
 
     async def reap_abort_groups(self) -> None:

@@ -61,6 +61,9 @@ class DecodeService(EngineService):
             "streamoe_kv_handoff_lead_seconds", "Last handoff: prefill's last-layer compute time minus the "
             "arrival of layer 0 here (positive: streamed while prefill still ran)", list(rank),
             registry=self.registry).labels(**rank)
+        self.fenced = Counter("streamoe_fenced_writes", "Writes refused because this instance owned the request "
+                              "no more (it was resumed or admitted elsewhere while this rank was taken for dead): "
+                              "admission, or a step's delta (not sent)", ["rank", "write"], registry=self.registry)
         self.reprefills = Counter("streamoe_kv_reprefills", "Handoffs refused (missing or corrupt KV) and "
                                   "sent back to prefill", list(rank), registry=self.registry).labels(**rank)
         self.held: dict[str, tuple[TokenDelta, str | None]] = {}  # request -> its final delta, cache salt
@@ -141,11 +144,18 @@ class DecodeService(EngineService):
             if not admitted:
                 waiting.append(request_id)  # reserved by the balancer, freed by a request finishing soon
                 continue
-            self.history[request_id] = req.prompt_ids + [final.first_token]
-            self.requests[request_id] = req
             async with self.redis.pipeline(transaction=False) as pipe:
                 ownership.record_admission(pipe, self.config.instance_id, self.rank, req, final.first_token)
-                await pipe.execute()
+                owned = (await pipe.execute())[0]
+            if not owned:  # admitted elsewhere first (the handoff was routed again while this rank held it)
+                await self.compute(self.engine.abort, request_id)
+                self.fenced.labels(rank=str(self.rank), write="admission").inc()
+                self.log.warning(json.dumps({"event": "fenced", "write": "admission", "request_id": request_id}))
+                self.finished.append(request_id)
+                await self.consumed(request_id)
+                continue
+            self.history[request_id] = req.prompt_ids + [final.first_token]
+            self.requests[request_id] = req
             self.note_handoff(handoff)
             await self.consumed(request_id)
         self.ready_to_admit = waiting
@@ -227,8 +237,13 @@ class DecodeService(EngineService):
         await self.redis.xdel(self.stream, *handoff.entry_ids)
 
     async def step(self) -> None:
+        """One engine step, then its deltas, fenced: first every request's record takes the step's
+        tokens, only where this instance still owns the request (ownership.record_tokens); then
+        the deltas of those go out. A request resumed elsewhere meanwhile (this rank was taken for
+        dead: frozen, cut out) sends nothing more from here and is dropped, so no client gets a
+        token that its resumed run does not start after."""
         deltas = await self.timed_step()
-        writes, emitted, finished = [], [], []
+        steps = []  # (delta, new token ids, emitted so far, finished)
         for d in deltas:
             req = self.requests[d.request_id]
             history = self.history[d.request_id]
@@ -237,32 +252,51 @@ class DecodeService(EngineService):
             delta = TokenDelta(d.request_id, req.trace_id, req.gateway_id, req.resumed + d.index, d.token_ids,
                                finish_reason=d.finish_reason, prefix_ids=history[-window:], stop=req.sampling.stop,
                                num_prompt_tokens=prompt_len)
-            if d.finish_reason in ("stop", "length") and self.prefix_cache is not None:
-                # the end of the reply goes out once its blocks are stored, so the client's next turn
-                # finds its whole history; the records stay until then (a death resumes the end)
-                self.held[d.request_id] = (delta, req.cache_salt)
-            else:
-                writes.append((self.raw_deltas(delta.request_id), delta))
             history.extend(d.token_ids)
             self.tokens.labels(role=self.role, rank=str(self.rank), kind="output").inc(len(d.token_ids))
+            steps.append((delta, d.token_ids, len(history) - prompt_len, req.cache_salt))
             if d.finish_reason is not None:
                 del self.history[d.request_id], self.requests[d.request_id]
-                if d.request_id not in self.held:
-                    finished.append(d.request_id)
                 self.finished.append(d.request_id)
+        if not steps:
+            return
+
+        async def record() -> list:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for delta, token_ids, num_emitted, _ in steps:
+                    ownership.record_tokens(pipe, self.config.instance_id, delta.request_id, token_ids, num_emitted)
+                return await pipe.execute()
+
+        owned = await self.until_written(record)
+        writes, finished = [], []
+        for (delta, _, _, salt), mine in zip(steps, owned):
+            if not mine:
+                await self.fence(delta)
+            elif delta.finish_reason in ("stop", "length") and self.prefix_cache is not None:
+                # the end of the reply goes out once its blocks are stored, so the client's next turn
+                # finds its whole history; the records stay until then (a death resumes the end)
+                self.held[delta.request_id] = (delta, salt)
             else:
-                emitted.append((d.request_id, d.token_ids, len(history) - prompt_len))
-
-        def owners(pipe) -> None:  # in the deltas' round trip: the record never lags what was sent
-            for request_id, token_ids, num_emitted in emitted:
-                ownership.record_tokens(pipe, self.config.instance_id, request_id, token_ids, num_emitted)
-            ownership.forget(pipe, self.config.instance_id, finished)
-
+                writes.append((self.raw_deltas(delta.request_id), delta))
+                if delta.finish_reason is not None:
+                    finished.append(delta.request_id)
         if writes:
-            await self.until_written(lambda: self.bus.publish_many(writes, then=owners))
+            await self.until_written(lambda: self.bus.publish_many(
+                writes, then=lambda pipe: ownership.forget(pipe, self.config.instance_id, finished)))
         for request_id, token_ids, kv in self.engine.finished_kv:  # prompt + reply, for the next turn
             self.in_background(self.store_then_send(request_id, token_ids, kv))
         self.engine.finished_kv.clear()
+
+    async def fence(self, delta: TokenDelta) -> None:
+        """This instance owns the request no more: its delta is not sent and the request is dropped."""
+        if delta.finish_reason is None:
+            await self.compute(self.engine.abort, delta.request_id)
+            self.history.pop(delta.request_id, None)
+            self.requests.pop(delta.request_id, None)
+            self.finished.append(delta.request_id)
+        self.fenced.labels(rank=str(self.rank), write="delta").inc()
+        self.log.warning(json.dumps({"event": "fenced", "write": "delta", "request_id": delta.request_id,
+                                     "index": delta.index}))
 
     async def store_then_send(self, request_id: str, token_ids: list[int], kv: torch.Tensor | None) -> None:
         """Store a finished request's blocks, then send the end of its reply (held till now)."""
@@ -274,7 +308,17 @@ class DecodeService(EngineService):
                 self.log.warning(json.dumps({"event": "blocks_not_stored", "request_id": request_id,
                                              "error": repr(e)}))
         self.held.pop(request_id, None)
-        if delta is not None:
-            await self.until_written(lambda: self.bus.publish_many(
-                [(self.raw_deltas(request_id), delta)],
-                then=lambda pipe: ownership.forget(pipe, self.config.instance_id, [request_id])))
+        if delta is None:
+            return
+
+        async def owns() -> int:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                ownership.record_tokens(pipe, self.config.instance_id, request_id, [], 0)
+                return (await pipe.execute())[0]
+
+        if not await self.until_written(owns):  # resumed elsewhere while its blocks were stored
+            await self.fence(delta)
+            return
+        await self.until_written(lambda: self.bus.publish_many(
+            [(self.raw_deltas(request_id), delta)],
+            then=lambda pipe: ownership.forget(pipe, self.config.instance_id, [request_id])))

@@ -132,8 +132,9 @@ class Child:
 
 def die_with_parent() -> None:
     """In the child, before exec: SIGINT (a drain, the whole system stopping) when `streamoe up`
-    dies, even by kill -9, so no service outlives its supervisor (Linux; elsewhere a no-op). NOTE: the signal follows the thread
-    that started the child: `up` starts every child from its main thread."""
+    dies, even by kill -9, so no service outlives its supervisor (Linux; elsewhere a no-op).
+    NOTE: the signal follows the thread that started the child: `up` starts every child from its
+    main thread."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
     except (OSError, AttributeError):

@@ -51,20 +51,33 @@ def original_prompt_len(req: TokenizedRequest) -> int:
     return len(req.prompt_ids) - req.resumed
 
 
+# KEYS: owner, ids; ARGV: instance, rank, request, packed ids, expire-at. The first admission wins:
+# a request's records are made only where none exist (or they are this instance's already), so a
+# handoff admitted twice (routed again while a frozen rank still held it) has one owner.
+ADMIT_IF_FREE = """
+local owner = redis.call('HGET', KEYS[1], 'instance_id')
+if owner and owner ~= ARGV[1] and string.sub(owner, 1, 9) ~= 'resuming:' then return 0 end
+redis.call('HSET', KEYS[1], 'rank', ARGV[2], 'instance_id', ARGV[1], 'request', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[4])
+redis.call('EXPIREAT', KEYS[1], ARGV[5])
+redis.call('EXPIREAT', KEYS[2], ARGV[5])
+return 1
+"""
+
+
 def record_admission(pipe, instance_id: str, rank: int, req: TokenizedRequest, first_token: int) -> None:
-    """Queue the records of a request just admitted (its first token came from prefill)."""
+    """Queue the records of a request just admitted (its first token came from prefill); the
+    pipeline's first result says whether this instance owns it now (1) or another does (0)."""
     emitted = req.prompt_ids[original_prompt_len(req):] + [first_token]
     expire_at = int(req.deadline + EXPIRE_AFTER_DEADLINE_S)
-    pipe.hset(streams.owner_key(req.request_id), mapping={
-        "rank": rank, "instance_id": instance_id, "request": encode(req)})
-    pipe.set(ids_key(req.request_id), pack_ids(emitted))
-    for key in (streams.owner_key(req.request_id), ids_key(req.request_id)):
-        pipe.expireat(key, expire_at)
+    pipe.eval(ADMIT_IF_FREE, 2, streams.owner_key(req.request_id), ids_key(req.request_id), instance_id, rank,
+              encode(req), pack_ids(emitted), expire_at)
     pipe.sadd(owned_key(instance_id), req.request_id)
     pipe.sadd(DECODE_INSTANCES, instance_id)  # the balancer watches the instances that own requests
 
 
-# Fencing: a rank writes a request's records only while it owns them. A rank cut out of its group
+# Fencing: a rank writes a request's records only while it owns them, and sends a step's token
+# delta only once its record was written (services/decode/decode_rank.py, `step`). A rank cut out of its group
 # while it did not answer (frozen, then thawed) finds its requests resumed and owned by another
 # instance, or their records gone: its late writes change nothing. Both keys share the request's
 # hash tag; the instance's `owned` set is another tag, updated after the script.
@@ -88,12 +101,44 @@ return 1
 """
 
 
+# KEYS: owner, ids; ARGV: instance, its tombstone. A dead instance's request, taken in one step:
+# the owner becomes `resuming:<instance>`, so the dead instance can record (and so send) nothing
+# more that the resumed request would not start after; the record stays, so a balancer that dies
+# before the resumed request is published takes it again (the tombstone is taken like the owner),
+# and the resumed request's admission replaces it (ADMIT_IF_FREE).
+TAKE_IF_OWNER = """
+local owner = redis.call('HGET', KEYS[1], 'instance_id')
+if owner ~= ARGV[1] and owner ~= ARGV[2] then return false end
+redis.call('HSET', KEYS[1], 'instance_id', ARGV[2])
+return {redis.call('HGET', KEYS[1], 'request'), redis.call('GET', KEYS[2]) or ''}
+"""
+
+
 def record_tokens(pipe, instance_id: str, request_id: str, new_ids: list[int], emitted: int) -> None:
-    """`new_ids` were sent, `emitted` in all: idempotent, so a write retried after an outage is
-    safe; fenced, so a write from an instance that owns the request no more is dropped."""
-    if new_ids:
-        pipe.eval(RECORD_IF_OWNER, 2, streams.owner_key(request_id), ids_key(request_id), instance_id,
-                  (emitted - len(new_ids)) * 4, pack_ids(new_ids))
+    """`new_ids` are to be sent, `emitted` in all: idempotent, so a write retried after an outage is
+    safe; fenced, so a write from an instance that owns the request no more is dropped. Its result
+    in the pipeline: 1 if this instance owns the request (send), 0 if not (fenced: do not send).
+    With no new ids it only asks whether this instance owns the request."""
+    pipe.eval(RECORD_IF_OWNER, 2, streams.owner_key(request_id), ids_key(request_id), instance_id,
+              (emitted - len(new_ids)) * 4, pack_ids(new_ids))
+
+
+def tombstone(instance_id: str) -> str:
+    return f"resuming:{instance_id}"
+
+
+async def take(redis, instance_id: str, request_id: str) -> tuple[bytes | None, list[int]] | None:
+    """A dead instance's request, taken over: (its request as handed off, the ids sent), or None
+    when that instance owns it no more (finished, or resumed and admitted again)."""
+    taken = await redis.eval(TAKE_IF_OWNER, 2, streams.owner_key(request_id), ids_key(request_id), instance_id,
+                             tombstone(instance_id))
+    return None if not taken else (taken[0], unpack_ids(taken[1]))
+
+
+async def drop_taken(redis, instance_id: str, request_id: str) -> None:
+    """The records of a request taken from `instance_id` that will not run again (expired, or
+    every token sent): gone, unless it was admitted again meanwhile."""
+    await redis.eval(FORGET_IF_OWNER, 2, streams.owner_key(request_id), ids_key(request_id), tombstone(instance_id))
 
 
 def forget(pipe, instance_id: str, request_ids: list[str]) -> None:
