@@ -2,7 +2,7 @@
 
     python -m loadgen --url URL --workload random|shared-prefix|multi-turn|sharegpt FILE|trace FILE
         --num-requests N [--input-len N --output-len N --range-ratio R] [--rate R --burstiness B |
-        --max-concurrency C] [--duration S] [--slo ttft:MS tpot:MS] --out result.json [--plot DIR]
+        --max-concurrency C] [--duration S] [--slo ttft:MS itl:MS] --out result.json [--plot DIR]
 
 Prints a progress bar (stderr) and a summary table (stdout); `--out` writes the result dict with the
 keys `vllm bench serve` writes, plus cache hit rates, errors by HTTP code and the run's economics.
@@ -78,7 +78,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds in-flight requests get after --duration before they are cancelled")
     p.add_argument("--request-timeout", type=_number(float, 0), default=600.0, help="seconds per request")
     p.add_argument("--slo", nargs="+", default=[], metavar="METRIC:MS",
-                   help="goodput counts requests meeting every one, e.g. ttft:200 tpot:50 (also e2el)")
+                   help="goodput counts requests meeting every one: ttft, itl (a request's worst gap), tpot, e2el, "
+                   "space- or comma-separated (default: ttft:2000 itl:100)")
     p.add_argument("--model", help="the model name to send (default: the first id of GET /v1/models)")
     p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     p.add_argument("--temperature", type=_number(float, 0, low_open=False), default=0.0)

@@ -12,6 +12,7 @@ import numpy as np
 
 from shared.cost.economics import GPU_HOUR_USD, PRICES_PER_MILLION, TokenCounts
 from shared.cost.economics import report as economics_report
+from shared.planner import slo as slo_syntax
 
 from .client import Result
 from .runner import Run
@@ -19,24 +20,14 @@ from .workloads import Workload, cache_hit_rate_max
 
 METRICS = {"ttft": "Time to first token", "tpot": "Time per output token (after the first)",
            "itl": "Inter-token latency", "e2el": "End-to-end latency"}
-SLO_METRICS = ("ttft", "tpot", "e2el")
+SLO_METRICS = slo_syntax.METRICS
 PERCENTILES = (90, 99)
 
 
-def parse_slo(items: list[str]) -> dict[str, float]:
-    """`["ttft:200", "tpot:50"]` -> {"ttft": 200.0, "tpot": 50.0} (milliseconds)."""
-    slo = {}
-    for item in items:
-        name, _, value = item.partition(":")
-        try:
-            ms = float(value)
-        except ValueError:
-            ms = math.nan
-        if name not in SLO_METRICS or not ms > 0 or math.isinf(ms):
-            raise ValueError(f"{item!r}: expected METRIC:MS with METRIC one of {', '.join(SLO_METRICS)} "
-                             f"and MS a positive number of milliseconds (e.g. ttft:200 tpot:50)")
-        slo[name] = ms
-    return slo
+def parse_slo(items: list[str] | str | None) -> dict[str, float]:
+    """`["ttft:200", "itl:50"]` (or "ttft:200,itl:50") -> {"ttft": 200.0, "itl": 50.0}, in
+    milliseconds, through the one SLO syntax (shared/planner/slo.py); none given: its default."""
+    return slo_syntax.parse_slo(items).items()
 
 
 def latency_stats(name: str, values_s: list[float]) -> dict[str, float]:
@@ -58,7 +49,9 @@ def latencies(results: list[Result]) -> dict[str, list[float]]:
 
 
 def meets_slo(result: Result, slo: dict[str, float]) -> bool:
-    values = {"ttft": result.ttft_s, "tpot": result.tpot_s, "e2el": result.e2el_s}
+    """Every metric of `slo` met by this request; its ITL is its worst gap between two tokens."""
+    values = {"ttft": result.ttft_s, "tpot": result.tpot_s, "e2el": result.e2el_s,
+              "itl": max(result.itl_s) if result.itl_s else None}
     return result.ok and all(values[k] is None or values[k] * 1000.0 <= ms for k, ms in slo.items())
 
 

@@ -258,16 +258,13 @@ class DecodeService(EngineService):
             if d.finish_reason is not None:
                 del self.history[d.request_id], self.requests[d.request_id]
                 self.finished.append(d.request_id)
-        if not steps:
-            return
-
         async def record() -> list:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for delta, token_ids, num_emitted, _ in steps:
                     ownership.record_tokens(pipe, self.config.instance_id, delta.request_id, token_ids, num_emitted)
                 return await pipe.execute()
 
-        owned = await self.until_written(record)
+        owned = await self.until_written(record) if steps else []
         writes, finished = [], []
         for (delta, _, _, salt), mine in zip(steps, owned):
             if not mine:

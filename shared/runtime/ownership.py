@@ -5,10 +5,13 @@ A decode instance registers itself in one set, and for each request it admits ke
   - `owner:{id}:ids` (string): every output token id sent to the client so far, int32 LE (its
     length / 4 is how many were sent);
   - `owned:{instance}` (set): the request ids it runs.
-Each step's update travels in the same round trip as the step's deltas, so the record never
-lags what the client was sent. Records expire a minute past the request's deadline.
+Each step's tokens are recorded before the step's deltas go out, and a delta goes out only if
+its record was written (the writer still owns the request), so the record never lags what the
+client was sent and a rank that owns a request no more sends nothing for it. Records expire a
+minute past the request's deadline.
 
-When an instance's heartbeat is gone, the balancer resumes its requests: each becomes a new
+When an instance's heartbeat is gone (or a notice says it died or left), the balancer takes each
+of its requests (`take`: one script, the owner becomes a `resuming:` tombstone) and resumes it: each becomes a new
 TokenizedRequest whose prompt is the original prompt plus every token already sent, whose
 `max_tokens` is what was left, and whose `resumed` says how many of the prompt's last ids are
 output. It goes through the cache service (the prompt's blocks are on disk) and the balancer to
