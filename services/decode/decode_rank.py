@@ -25,6 +25,10 @@ CONSUMER_GROUP = streams.consumer_group("decode")
 # A handoff that got no chunk this long is dropped: its prefill died mid-way (the prefill that
 # claims the task sends it whole again) or the request was cancelled before it ended.
 HANDOFF_IDLE_S = 60.0
+# A handoff whose last chunk came with layers missing waits this long for them before it is sent
+# back to prefill: two instances reading one stream (a rank and its successor) each get part of
+# it, and the one that leaves returns its part to the stream (`return_handoffs`).
+HANDOFF_GRACE_S = 2.0
 
 
 @dataclass
@@ -96,6 +100,20 @@ class DecodeService(EngineService):
     def engine_requests(self) -> list[str]:
         return list(self.requests)
 
+    async def drained(self) -> None:
+        await self.return_handoffs()
+        await super().drained()
+
+    async def return_handoffs(self) -> None:
+        """Leaving: the chunks of every handoff read and not admitted go back to the stream, as new
+        entries, for the rank's successor (which reads the same stream) or, where none comes, for
+        the balancer to route again; the entries read are acked and deleted."""
+        for request_id, handoff in list(self.handoffs.items()):
+            await self.bus.publish_many([(self.stream, chunk) for chunk in handoff.chunks.values()])
+            await self.consumed(request_id)
+            self.log.info(json.dumps({"event": "handoff_returned", "request_id": request_id,
+                                      "chunks": len(handoff.chunks)}))
+
     async def drop_all(self) -> None:
         await super().drop_all()
         for held in (self.requests, self.history, self.held, self.handoffs):
@@ -123,6 +141,10 @@ class DecodeService(EngineService):
             if (final.finish_reason is not None or request_id in self.history or request_id in self.aborted
                     or request_id in self.finished):
                 await self.consumed(request_id)  # finished at prefill, a duplicate handoff, or cancelled
+                continue
+            if (any(layer not in handoff.chunks for layer in range(self.num_kv_layers))
+                    and time.monotonic() - handoff.last_at < HANDOFF_GRACE_S):
+                waiting.append(request_id)  # the rest may be on its way back from a rank that left
                 continue
             refusal = self.foreign_dtype(request_id, handoff)
             if refusal is not None:

@@ -113,15 +113,21 @@ class GatewayService(Service):
         return [self.delta_stream]
 
     async def loop(self) -> None:
-        # draining (SIGTERM): the listener is closed; what is in flight is answered, and a request
-        # that comes on a connection still open is served too (its response closes the connection),
-        # until every connection has closed or the drain deadline passes
+        # draining (SIGTERM): the listener and the idle connections are closed; what is in flight
+        # is answered (each response closes its connection), until every connection has closed or
+        # the drain deadline passes
         while not self.stopping.is_set() or self.inflight or self.open_connections():
             entries = await self.bus.read(self.delta_stream, CONSUMER_GROUP, TokenDelta, count=256, block_ms=200)
             entries += await self.bus.reclaim_lost(self.delta_stream, CONSUMER_GROUP, TokenDelta)
             for entry in entries:
                 self.dispatch(entry.message)
             await self.bus.ack(self.delta_stream, CONSUMER_GROUP, *[e.entry_id for e in entries])
+
+    def drain_report(self) -> dict:
+        return {"open_connections": self.open_connections(), "inflight": [
+            {"request_id": rid, "trace_id": st.request.trace_id if st.request else None, "next_index": st.next_index,
+             "held": sorted(st.held), "idle_s": round(time.monotonic() - st.progress_at, 2)}
+            for rid, st in list(self.inflight.items())[:20]]}
 
     def dispatch(self, delta: TokenDelta) -> None:
         state = self.inflight.get(delta.request_id)

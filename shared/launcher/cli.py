@@ -17,6 +17,7 @@ from shared.launcher.cliargs import (
     apply_env_defaults,
     non_negative_float,
     non_negative_int,
+    positive_float,
     positive_int,
     resolve_speculative_tokens,
     speculative_tokens_flag,
@@ -144,9 +145,62 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     cost.set_defaults(handler=_cost)
 
-    for sub in (init, distill, gen, upp, cost):
+    planp = commands.add_parser(
+        "plan", help="prefill and decode ranks per interval for a load and SLOs, with its cost against provisioning "
+                     "the peak all along (shared/planner/README.md)")
+    planp.add_argument("--profile", type=Path, required=True,
+                       help="what one rank serves (JSON: `python -m loadgen.profile` writes it)")
+    planp.add_argument("--load", type=Path, required=True,
+                       help="a .csv (start_s,duration_s,requests_per_s,mean_input_len,mean_output_len,cache_hit_rate) "
+                            "or a .jsonl Mooncake trace")
+    planp.add_argument("--slo", type=_slo, default=None, metavar="SLO",
+                       help="ttft:MS itl:MS tpot:MS e2el:MS, comma- or space-separated (default: ttft:2000 itl:100)")
+    planp.add_argument("--unit", type=_units, default=None, metavar="prefill=N,decode=M",
+                       help="ranks that scale together, e.g. an EP group (default: prefill=1,decode=1)")
+    planp.add_argument("--interval-s", type=positive_float, default=180.0,
+                       help="a trace's interval (a .csv brings its own; default 180)")
+    planp.add_argument("--gpu-hour-usd", type=non_negative_float, default=GPU_HOUR_USD,
+                       help=f"USD per GPU-hour (default {GPU_HOUR_USD:g})")
+    planp.add_argument("--gpus-per-node", type=positive_int, default=GPUS_PER_NODE)
+    planp.add_argument("--out", type=Path, required=True, help="write the plan as JSON")
+    planp.add_argument("--plot", type=Path, default=None, help="write load and ranks over time as a PNG")
+    planp.set_defaults(handler=_plan)
+
+    for sub in (init, distill, gen, upp, cost, planp):
         apply_env_defaults(sub)
     return parser
+
+
+def _slo(raw: str):
+    from shared.planner.slo import parse_slo
+
+    try:
+        return parse_slo(raw)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _units(raw: str):
+    from shared.planner.plan import parse_units
+
+    try:
+        return parse_units(raw)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from shared.planner import plan as planner
+    from shared.planner.slo import parse_slo
+
+    result = planner.plan(planner.load_profile(args.profile), planner.load_load(args.load, args.interval_s),
+                          args.slo or parse_slo(None), args.unit or planner.Units(), args.gpu_hour_usd,
+                          args.gpus_per_node)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot is not None:
+        planner.plot(result, args.plot)
+    print(planner.summary(result))
+    return 0
 
 
 def _non_negative(raw: str) -> float | None:

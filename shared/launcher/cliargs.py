@@ -93,6 +93,17 @@ def non_negative_float(raw: str) -> float:
     return value
 
 
+def positive_float(raw: str) -> float:
+    """A flag's type: a number > 0."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value > 0):
+        raise FlagValueError(f"{raw!r}: expected a number > 0")
+    return value
+
+
 SPECULATIVE_TOKENS_HELP = ("drafts per running request and step, by the model's MTP layer, verified in one forward "
                            "(lossless); 0: off; auto: 1 when the model has an MTP layer, else 0")
 

@@ -182,7 +182,7 @@ class Service:
                 await self._stop_listening()
             await asyncio.wait({main}, timeout=self.config.drain_timeout_s)
             if not main.done():
-                self.log.warning("drain deadline passed; cancelling the main loop")
+                self.log.warning(json.dumps({"event": "drain_deadline_passed", **self.drain_report()}))
                 main.cancel()
                 # NOTE: never wait on a loop that swallows its cancellation: exit regardless.
                 await asyncio.wait({main}, timeout=2.0)
@@ -235,6 +235,10 @@ class Service:
             await redis_client.within(self.redis.aclose(), 2.0)
         return False
 
+    def drain_report(self) -> dict:
+        """What a drain left undone when its deadline passed (logged before it is cancelled)."""
+        return {}
+
     def request_stop(self) -> None:
         """SIGTERM: drain (a worker may first hand its work over, engine_service.py)."""
         self.stopping.set()
@@ -281,13 +285,25 @@ class Service:
             response.force_close()
 
     async def _stop_listening(self) -> None:
-        """No new connection from now on; the open ones are served until they close (each next
-        response closes its connection) or the drain deadline passes. A short wait first: a
-        successor on the same port steers new connections to itself, and what the kernel queued
-        here before that is accepted, not reset."""
+        """No new connection from now on. A short wait first: a successor on the same port steers
+        new connections to itself, and what the kernel queued here before that is accepted, not
+        reset. Then every open connection closes: an idle keep-alive one at once, one with a
+        request in flight once its response is out (that response says `Connection: close`), so
+        the drain ends with the last in-flight request; a client's next request opens a new
+        connection, to the successor. (Served on, an idle connection would be reused, later, for
+        a request the drain deadline cuts.)"""
         await asyncio.sleep(0.2)
         with contextlib.suppress(Exception):
             await self.site.stop()
+        server = getattr(getattr(self, "http_runner", None), "server", None)
+        for conn in server.connections if server is not None else []:
+            # NOTE: aiohttp's own idle test (its keep-alive timer's): a handler waiting for the next
+            # request. close() alone would only cancel that wait and leave the socket open.
+            waiter = getattr(conn, "_waiter", None)
+            if waiter is not None and not waiter.done():
+                conn.force_close()
+            else:
+                conn.close()
         self.log.info(json.dumps({"event": "listener_closed", "service": self.name, "port": self.http_port}))
 
     def open_connections(self) -> int:
