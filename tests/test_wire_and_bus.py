@@ -155,3 +155,26 @@ async def test_large_bytes_ride_beside_the_body(redis):
     assert fields[b"a0"] == data and len(fields[b"m"]) < 512
     (got,) = await bus.read(stream, group, KVChunk, block_ms=100)
     assert got.message == chunk
+
+
+async def test_a_reader_claims_the_chunks_another_reader_of_its_stream_took(redis):
+    """Two instances read one KV stream (a rank and its successor): one read layer 0 of a handoff,
+    the other its final chunk. The one with the final claims what it lacks (Bus.claim_matching):
+    only that request's chunks, only those delivered to another reader."""
+    group, stream = streams.consumer_group("decode"), streams.kv_stream("decode", 0)
+    old, new = Bus(redis, "old"), Bus(redis, "new")
+    await old.ensure_consumer_group(stream, group)
+
+    def chunk(request_id: str, layer: int) -> KVChunk:
+        return KVChunk(request_id, "t", layer, 2, TensorBlob("uint8", [4], bytes([layer % 256]) * 4), "sum")
+
+    await old.publish_many([(stream, chunk("a", 0)), (stream, chunk("b", 0))])
+    assert len(await old.read(stream, group, KVChunk, count=2, block_ms=100)) == 2  # the old reader's share
+    await old.publish_many([(stream, chunk("a", 1)), (stream, chunk("a", -1))])
+    got = await new.read(stream, group, KVChunk, count=2, block_ms=100)
+    assert [(e.message.request_id, e.message.layer) for e in got] == [("a", 1), ("a", -1)]
+    held = {e.message.layer for e in got}
+    claimed = await new.claim_matching(stream, group, KVChunk, lambda c: c.request_id == "a" and c.layer not in held)
+    assert [(e.message.request_id, e.message.layer) for e in claimed] == [("a", 0)]
+    consumers = {c["name"]: c["pending"] for c in await redis.xinfo_consumers(stream, group)}
+    assert consumers == {b"old": 1, b"new": 3}  # "b" stays with the old reader

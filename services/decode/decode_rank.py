@@ -25,9 +25,11 @@ CONSUMER_GROUP = streams.consumer_group("decode")
 # A handoff that got no chunk this long is dropped: its prefill died mid-way (the prefill that
 # claims the task sends it whole again) or the request was cancelled before it ended.
 HANDOFF_IDLE_S = 60.0
-# A handoff whose last chunk came with layers missing waits this long for them before it is sent
-# back to prefill: two instances reading one stream (a rank and its successor) each get part of
-# it, and the one that leaves returns its part to the stream (`return_handoffs`).
+# Two instances reading one stream (a rank and its successor, or a rank back from a freeze and
+# the one that replaced it) can each get part of a handoff. Prefill adds a handoff's chunks in
+# order, the final last, so the one that reads the final claims the chunks it lacks from the
+# stream, where they wait pending on the other (`Bus.claim_matching`); one that leaves returns
+# its part (`return_handoffs`). What is still missing after this long is prefilled again.
 HANDOFF_GRACE_S = 2.0
 
 
@@ -37,6 +39,7 @@ class Handoff:
     entry_ids: list[str] = field(default_factory=list)
     layer0_received_at: float | None = None
     last_at: float = 0.0  # monotonic time of the latest chunk
+    fetched: bool = False  # its missing chunks were looked for in the stream (claimed from another reader)
 
 
 class DecodeService(EngineService):
@@ -142,10 +145,17 @@ class DecodeService(EngineService):
                     or request_id in self.finished):
                 await self.consumed(request_id)  # finished at prefill, a duplicate handoff, or cancelled
                 continue
-            if (any(layer not in handoff.chunks for layer in range(self.num_kv_layers))
-                    and time.monotonic() - handoff.last_at < HANDOFF_GRACE_S):
-                waiting.append(request_id)  # the rest may be on its way back from a rank that left
-                continue
+            if any(layer not in handoff.chunks for layer in range(self.num_kv_layers)):
+                if not handoff.fetched:  # another instance reading this stream has them
+                    handoff.fetched = True
+                    for entry in await self.bus.claim_matching(
+                            self.stream, CONSUMER_GROUP, KVChunk,
+                            lambda c, r=request_id, h=handoff: c.request_id == r and c.layer not in h.chunks):
+                        self.receive(entry)
+                if (any(layer not in handoff.chunks for layer in range(self.num_kv_layers))
+                        and time.monotonic() - handoff.last_at < HANDOFF_GRACE_S):
+                    waiting.append(request_id)  # the rest may be on its way back from a rank that left
+                    continue
             refusal = self.foreign_dtype(request_id, handoff)
             if refusal is not None:
                 await self.refuse(request_id, final, refusal)

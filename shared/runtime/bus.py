@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -185,6 +186,20 @@ class Bus:
             return []
         claimed = await self.redis.xclaim(stream, consumer_group, self.consumer, min_idle_time=0, message_ids=ids)
         return await self._decode_entries(stream, consumer_group, kind, [e for e in claimed if e[1] is not None])
+
+    async def claim_matching(self, stream: str, consumer_group: str, kind: type[T], wanted: Callable[[T], bool],
+                             count: int = 4096) -> list[Entry[T]]:
+        """The entries of `stream` (its first `count`) that `wanted` picks and another consumer was
+        delivered, now ours; for a stream that holds little (entries are deleted once consumed)."""
+        found = [e for e in await self._decode_entries(stream, consumer_group, kind,
+                                                       await self.redis.xrange(stream, count=count))
+                 if wanted(e.message)]
+        if not found:
+            return []
+        claimed = await self.redis.xclaim(stream, consumer_group, self.consumer, min_idle_time=0,
+                                          message_ids=[e.entry_id for e in found], justid=True)
+        ids = {i.decode() if isinstance(i, bytes) else i for i in claimed}
+        return [e for e in found if e.entry_id in ids]
 
     async def reclaim_lost(self, stream: str, consumer_group: str, kind: type[T], idle_ms: int = 1000,
                            every_s: float = 1.0) -> list[Entry[T]]:
