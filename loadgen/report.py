@@ -20,7 +20,6 @@ from .workloads import Workload, cache_hit_rate_max
 
 METRICS = {"ttft": "Time to first token", "tpot": "Time per output token (after the first)",
            "itl": "Inter-token latency", "e2el": "End-to-end latency"}
-SLO_METRICS = slo_syntax.METRICS
 PERCENTILES = (90, 99)
 
 

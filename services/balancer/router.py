@@ -151,21 +151,12 @@ class BalancerService(Service):
             if not await self.redis.scard(owned):
                 await self.redis.srem(ownership.DECODE_INSTANCES, notice.instance_id)
         if notice.role in ORPHANED and notice.rank >= 0:
-            successor = await self.successor_of(notice)
-            await self.move_from(notice.role, notice.group_id, notice.rank, only_of=notice.instance_id if successor
-                                 else None)
-
-    async def successor_of(self, notice: Notice) -> str | None:
-        """Another live instance that reports load for the notice's rank (a single-rank role's
-        successor, which already reads the same input stream), or None."""
-        raw = await self.redis.get(streams.load_key(notice.role, notice.group_id, notice.rank))
-        if raw is None:
-            return None
-        try:
-            instance = decode(raw, LoadReport).instance_id
-        except WireError:
-            return None
-        return instance if instance and instance != notice.instance_id else None
+            # a successor that reports load for the rank reads the same input stream: only what
+            # the instance that went held is routed again
+            successor = await notices.other_reporter(self.redis, notice.role, notice.group_id, notice.rank,
+                                                     notice.instance_id)
+            await self.move_from(notice.role, notice.group_id, notice.rank,
+                                 only_of=notice.instance_id if successor else None)
 
     async def resume_orphans(self) -> None:
         """The requests of decode instances whose heartbeat is gone (kill -9, a crash, a drain cut

@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from secrets import token_hex
 from urllib.parse import urlsplit, urlunsplit
@@ -76,7 +76,7 @@ class Child:
     instance: str = ""  # the instance id of the running process
     rolling: bool = False  # the rolling restart replaces it now: the supervisor leaves it alone
     # earlier processes still draining after a successor took their place: (process, instance id)
-    leaving: list = None
+    leaving: list = field(default_factory=list)
 
     def death_notice(self, proc: subprocess.Popen | None = None, instance: str | None = None) -> Notice:
         """The notice for a process of this child that has exited (shared/runtime/notices.py)."""
@@ -98,8 +98,6 @@ class Child:
     def start_successor(self, secrets: dict[str, str]) -> None:
         """A new process beside the running one, which goes on (to be stopped, or stopping): on a
         port of its own, or on the same one where the port is shared."""
-        if self.leaving is None:
-            self.leaving = []
         self.leaving.append((self.proc, self.instance))
         self.restarts += 1
         if not self.shares_port:
@@ -414,7 +412,7 @@ def supervise(children: list[Child], secrets: dict[str, str]) -> bool:
     changed = False
     now = time.monotonic()
     for child in children:
-        for proc, instance in list(child.leaving or []):
+        for proc, instance in list(child.leaving):
             if proc.poll() is not None:
                 child.leaving.remove((proc, instance))
                 if proc.returncode != 0:
@@ -481,7 +479,7 @@ def without_password(url: str) -> str:
 
 
 def stop_all(children: list[Child], redis_nodes, timeout: float = 20.0) -> None:
-    procs = [p for c in children for p in [c.proc, *(proc for proc, _ in c.leaving or [])]]
+    procs = [p for c in children for p in [c.proc, *(proc for proc, _ in c.leaving)]]
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # the whole system stops: drain, no handover

@@ -278,9 +278,8 @@ class EngineService(EPRank, Service):
 
     async def successor(self) -> str | None:
         """Another instance that reports load for this rank and is up (heartbeat ready, not draining)."""
-        raw = await self.redis.get(self.load_key)
-        other = notices._instance_of(raw) if raw is not None else None
-        if not other or other == self.config.instance_id:
+        other = await notices.other_reporter(self.redis, self.role, self.group_id, self.rank, self.config.instance_id)
+        if other is None:
             return None
         beat = await self.redis.get(streams.heartbeat_key(self.role, other))
         if beat is None:

@@ -105,13 +105,20 @@ async def publish_to(redis_url: str, cluster: bool, notice: Notice, timeout_s: f
             await redis_client.within(redis.aclose(), 1.0)
 
 
+async def other_reporter(redis: Redis, role: str, group_id: str, rank: int, instance_id: str) -> str | None:
+    """The instance whose load report stands for rank `rank` of the group, if it is not
+    `instance_id` (a predecessor that left it, or a successor that wrote it); None otherwise."""
+    raw = await redis.get(streams.load_key(role, group_id, rank))
+    other = _instance_of(raw) if raw is not None else None
+    return other if other and other != instance_id else None
+
+
 async def previous_incarnation(redis: Redis, role: str, group_id: str, rank: int, ep_size: int,
                                instance_id: str) -> Notice | None:
     """A death notice for the instance that ran rank `rank` of the group before this one, when it
     left a load report and its heartbeat does not say it is draining; None otherwise."""
-    raw = await redis.get(streams.load_key(role, group_id, rank))
-    old = _instance_of(raw) if raw is not None else None
-    if not old or old == instance_id:
+    old = await other_reporter(redis, role, group_id, rank, instance_id)
+    if old is None:
         return None
     beat = await redis.get(streams.heartbeat_key(role, old))
     if beat is not None and json.loads(beat).get("draining"):

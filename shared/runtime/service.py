@@ -295,8 +295,7 @@ class Service:
         await asyncio.sleep(0.2)
         with contextlib.suppress(Exception):
             await self.site.stop()
-        server = getattr(getattr(self, "http_runner", None), "server", None)
-        for conn in server.connections if server is not None else []:
+        for conn in self._http_connections():
             # NOTE: aiohttp's own idle test (its keep-alive timer's): a handler waiting for the next
             # request. close() alone would only cancel that wait and leave the socket open.
             waiter = getattr(conn, "_waiter", None)
@@ -308,8 +307,11 @@ class Service:
 
     def open_connections(self) -> int:
         """Client connections still open on this process's port (a keep-alive one included)."""
+        return len(self._http_connections())
+
+    def _http_connections(self) -> list:
         server = getattr(getattr(self, "http_runner", None), "server", None)
-        return len(server.connections) if server is not None else 0
+        return server.connections if server is not None else []
 
     async def _health(self, request: web.Request) -> web.Response:
         status = 200 if self.ready else 503
