@@ -295,6 +295,9 @@ def expand(value: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), value)
 
 
+POD_IP = "10.244.1.7"  # what status.podIP resolves to
+
+
 def pod_env(container: dict, docs: list[dict], workload: dict, ordinal: int) -> dict[str, str]:
     """The container's environment as the kubelet builds it (secrets as placeholders)."""
     env: dict[str, str] = {}
@@ -310,6 +313,9 @@ def pod_env(container: dict, docs: list[dict], workload: dict, ordinal: int) -> 
             env[var["name"]] = find(docs, "ConfigMap", source["name"])["data"][source["key"]]
         elif "secretKeyRef" in ref:
             env[var["name"]] = SECRET.format(key=ref["secretKeyRef"]["key"])
+        elif ref["fieldRef"]["fieldPath"] == "status.podIP":
+            assert var["name"] == "STREAMOE_ADVERTISE_HOST", var  # what the heartbeat tells others
+            env[var["name"]] = POD_IP
         else:
             assert ref["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']", ref
             assert workload["kind"] == "StatefulSet", "only a StatefulSet pod has an ordinal"

@@ -3,7 +3,7 @@ file and line:
 
 - `shared` (the library) imports neither `services` nor `loadgen`;
 - no service imports another service (what two services share lives in `shared`);
-- a service that runs no model (tokenizer, gateway, balancer) reaches no `torch` import through
+- a service that runs no model (tokenizer, gateway, balancer, planner) reaches no `torch` import through
   the modules it loads at start (module-level imports, followed through the repository).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("shared", "services", "loadgen")
-MODEL_FREE = ("tokenizer", "gateway", "balancer")
+MODEL_FREE = ("tokenizer", "gateway", "balancer", "planner")
 
 
 def module_name(path: Path) -> str:

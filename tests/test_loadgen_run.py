@@ -136,15 +136,23 @@ def test_duration_stops_the_run_by_itself(url, tmp_path):
 
 
 def test_cost_report_reads_the_live_system(system, url):
-    """`streamoe cost --url` finds every service through the gateway and sums their counters:
-    the tokens equal the gateway's, and the two worker ranks count as two GPUs."""
-    done = subprocess.run([sys.executable, "-m", "shared.launcher.cli", "cost", "--url", url, "--json"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    """`streamoe cost --url` totals what every service added to Redis (the gateway's /usage) and
+    takes the per-rank rates from each live service's metrics, found through the gateway: once the
+    services' housekeeping tick has added them, the tokens equal the gateway's, and the two worker
+    ranks count as two GPUs."""
     counted = gateway_counts(system[-1])
+    deadline = time.monotonic() + 20  # --housekeeping-s is 5 s
+    while True:
+        done = subprocess.run([sys.executable, "-m", "shared.launcher.cli", "cost", "--url", url, "--json"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        if report["output_tokens"] == counted["output"] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert report["output_tokens"] == counted["output"] > 0
     assert report["input_cache_hit_tokens"] + report["input_cache_miss_tokens"] == \
         counted["input_cache_hit"] + counted["input_cache_miss"]
-    assert len(report["sources"]) == 6 and set(report["prefill_input_tokens_per_s"]) == {"0"}
-    assert report["decode_output_tokens_per_s"]["0"] > 0 and report["cost_usd"] > 0
+    assert report["sources"][0] == f"{url}/usage" and len(report["sources"]) == 7
+    assert set(report["prefill_input_tokens_per_s"]) == {"0"}
+    assert report["decode_output_tokens_per_s"]["0"] > 0 and report["cost_usd"] > 0 and report["gpu_hours"] > 0

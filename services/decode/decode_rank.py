@@ -54,10 +54,10 @@ class DecodeService(EngineService):
         self.requests = {}
         self.finished: deque[str] = deque(maxlen=4096)  # a late duplicate handoff must not run them again
         self._swept_at = 0.0
-        rank = {"rank": str(self.rank)}
+        rank = self.metric_labels
         self.handoffs_done = Counter(
             "streamoe_kv_handoffs", "KV handoffs received; layerwise=yes when layer 0 arrived before prefill "
-            "had computed the last layer", ["rank", "layerwise"], registry=self.registry)
+            "had computed the last layer", [*rank, "layerwise"], registry=self.registry)
         self.handoff_bytes = Counter("streamoe_kv_handoff_received_bytes", "Latent KV bytes received",
                                      list(rank), registry=self.registry).labels(**rank)
         self.handoff_latency = Histogram(
@@ -70,7 +70,7 @@ class DecodeService(EngineService):
             registry=self.registry).labels(**rank)
         self.fenced = Counter("streamoe_fenced_writes", "Writes refused because this instance owned the request "
                               "no more (it was resumed or admitted elsewhere while this rank was taken for dead): "
-                              "admission, or a step's delta (not sent)", ["rank", "write"], registry=self.registry)
+                              "admission, or a step's delta (not sent)", [*rank, "write"], registry=self.registry)
         self.reprefills = Counter("streamoe_kv_reprefills", "Handoffs refused (missing or corrupt KV) and "
                                   "sent back to prefill", list(rank), registry=self.registry).labels(**rank)
         self.held: dict[str, tuple[TokenDelta, str | None]] = {}  # request -> its final delta, cache salt
@@ -181,7 +181,7 @@ class DecodeService(EngineService):
                 owned = (await pipe.execute())[0]
             if not owned:  # admitted elsewhere first (the handoff was routed again while this rank held it)
                 await self.compute(self.engine.abort, request_id)
-                self.fenced.labels(rank=str(self.rank), write="admission").inc()
+                self.fenced.labels(**self.metric_labels, write="admission").inc()
                 self.log.warning(json.dumps({"event": "fenced", "write": "admission", "request_id": request_id}))
                 self.finished.append(request_id)
                 await self.consumed(request_id)
@@ -230,7 +230,7 @@ class DecodeService(EngineService):
         self.handoff_latency.observe(max(0.0, time.time() - last.computed_at))
         lead = last.computed_at - handoff.layer0_received_at
         self.handoff_lead.set(lead)
-        self.handoffs_done.labels(rank=str(self.rank), layerwise="yes" if lead > 0 else "no").inc()
+        self.handoffs_done.labels(**self.metric_labels, layerwise="yes" if lead > 0 else "no").inc()
 
     def foreign_dtype(self, request_id: str, handoff: Handoff) -> str | None:
         """Why a handoff's KV cannot join this rank's batch when it is in another dtype than this
@@ -285,7 +285,7 @@ class DecodeService(EngineService):
                                finish_reason=d.finish_reason, prefix_ids=history[-window:], stop=req.sampling.stop,
                                num_prompt_tokens=prompt_len)
             history.extend(d.token_ids)
-            self.tokens.labels(role=self.role, rank=str(self.rank), kind="output").inc(len(d.token_ids))
+            self.tokens.labels(**self.metric_labels, kind="output").inc(len(d.token_ids))
             steps.append((delta, d.token_ids, len(history) - prompt_len, req.cache_salt))
             if d.finish_reason is not None:
                 del self.history[d.request_id], self.requests[d.request_id]
@@ -323,7 +323,7 @@ class DecodeService(EngineService):
             self.history.pop(delta.request_id, None)
             self.requests.pop(delta.request_id, None)
             self.finished.append(delta.request_id)
-        self.fenced.labels(rank=str(self.rank), write="delta").inc()
+        self.fenced.labels(**self.metric_labels, write="delta").inc()
         self.log.warning(json.dumps({"event": "fenced", "write": "delta", "request_id": delta.request_id,
                                      "index": delta.index}))
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import uvloop
 
 from shared.cache.reply_memory import DEFAULT_TTL_S
-from shared.launcher.cliargs import non_negative_float, non_negative_int, positive_int
+from shared.launcher.cliargs import non_negative_float, non_negative_int, positive_int, slo_flag
+from shared.planner.slo import DEFAULT_SLO
 from shared.runtime.service import add_service_args, parse_service_args, service_config
 
 from .app import GatewayService, GatewaySettings
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress-timeout-s", type=non_negative_float, default=30.0,
                         help="a request with no new token for this long is published again, or its lost "
                              "tokens sent again (0: off)")
+    parser.add_argument("--slo", type=slo_flag, default=slo_flag(DEFAULT_SLO), metavar="SLO",
+                        help=f"the latency targets, exported as streamoe_slo_target_seconds (default {DEFAULT_SLO})")
     args = parse_service_args(parser, argv)
     raw = [args.api_key] if isinstance(args.api_key, str) else args.api_key or []  # STREAMOE_API_KEY: one string
     keys = tuple(k for arg in raw for k in arg.split(",") if k)
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                                reply_memory_ttl_s=args.reply_memory_ttl_s,
                                redis_wait_replicas=args.redis_wait_replicas,
                                redis_wait_timeout_ms=args.redis_wait_timeout_ms,
-                               progress_timeout_s=args.progress_timeout_s)
+                               progress_timeout_s=args.progress_timeout_s, slo=args.slo)
     return uvloop.run(GatewayService(service_config(args), settings).run())
 
 

@@ -24,11 +24,14 @@ from redis.exceptions import RedisError
 
 from shared.cache.reply_memory import DEFAULT_TTL_S, reply_key, tokenizer_digest
 from shared.model.detok import prefix_window
+from shared.planner.slo import SLO, parse_slo
 from shared.protocol import streams
 from shared.protocol.messages import Abort, GenerateRequest, TokenDelta, TokenizedRequest
 from shared.runtime import ownership, redis_client
 from shared.runtime.bus import StreamFull
+from shared.runtime.discovery import live_services
 from shared.runtime.service import Service, ServiceConfig
+from shared.runtime.usage import exposition, read_usage
 
 from .metrics import GatewayMetrics, RequestTimes
 from .protocol import ApiError, ParsedRequest, decode_body, now, parse, usage
@@ -67,6 +70,7 @@ class GatewaySettings:
     redis_wait_replicas: int = 0  # replicas that must have a request before it is accepted (WAIT)
     redis_wait_timeout_ms: int = 200
     progress_timeout_s: float = 30.0  # a request with no new delta for this long is repaired (0: never)
+    slo: SLO = field(default_factory=lambda: parse_slo(None))  # the targets a dashboard measures against
 
 
 class GatewayService(Service):
@@ -81,6 +85,7 @@ class GatewayService(Service):
         self.delta_stream = streams.delta_stream(config.instance_id)
         self._live, self._live_checked = False, -1e9
         self.metrics = GatewayMetrics(self.registry)
+        self.metrics.slo_targets(settings.slo)
         self.tokenizer_digest = tokenizer_digest(settings.model_dir)
 
     def make_app(self) -> web.Application:
@@ -92,6 +97,7 @@ class GatewayService(Service):
         app.router.add_post("/v1/chat/completions", lambda r: self.complete(r, chat=True))
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/services", self.services)
+        app.router.add_get("/usage", self.usage_totals)
 
     async def setup(self) -> None:
         await self.bus.ensure_consumer_group(self.delta_stream, CONSUMER_GROUP)
@@ -254,17 +260,13 @@ class GatewayService(Service):
 
     async def services(self, request: web.Request) -> web.Response:
         """Every live service and where its metrics are (for `streamoe cost --url`)."""
-        out = []
-        async for key in self.redis.scan_iter(match=streams.scan_pattern("hb"), count=1000):
-            raw = await self.redis.get(key)
-            if raw is None:
-                continue  # expired between the scan and the read
-            beat = json.loads(raw)
-            name, instance = (key.decode() if isinstance(key, bytes) else key).split(":", 3)[2:]
-            if beat.get("http_port"):
-                out.append({"name": name, "instance_id": instance,
-                            "metrics_url": f"http://{beat.get('host', '127.0.0.1')}:{beat['http_port']}/metrics"})
-        return web.json_response({"services": sorted(out, key=lambda s: (s["name"], s["instance_id"]))})
+        return web.json_response({"services": [{k: s[k] for k in ("name", "instance_id", "metrics_url")}
+                                               for s in await live_services(self.redis)]})
+
+    async def usage_totals(self, request: web.Request) -> web.Response:
+        """Every service's usage counters as ever added to Redis (shared/runtime/usage.py), as
+        Prometheus text: what `streamoe cost --url` totals, drained and restarted ranks included."""
+        return web.Response(text=exposition(await read_usage(self.redis)), content_type="text/plain")
 
     def _authorize(self, request: web.Request) -> None:
         if not self.settings.api_keys:

@@ -26,6 +26,7 @@ class RequestTimes:
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
         self.http = Counter("streamoe_http_requests_total", "HTTP answers, by route and status code",
                             ["route", "code"], registry=registry)
         self.requests = Counter("streamoe_requests_total", "Generation requests by outcome "
@@ -56,6 +57,13 @@ class GatewayMetrics:
             self.tokens.labels(kind=kind)  # exported at 0 from the start
         for outcome in ("completed", "error", "aborted", "timeout"):
             self.requests.labels(outcome=outcome)
+
+    def slo_targets(self, slo) -> None:
+        """The SLO (`--slo`, shared/planner/slo.py) as gauges, so a dashboard draws its bounds."""
+        gauge = Gauge("streamoe_slo_target_seconds", "The SLO's bound per metric (ttft, itl, tpot, e2el)",
+                      ["metric"], registry=self.registry)
+        for name, ms in slo.items().items():
+            gauge.labels(metric=name).set(ms / 1000.0)
 
     def delta(self, times: RequestTimes, num_tokens: int, num_prompt: int = 0, num_cached: int = 0) -> None:
         """A delta reached the client's request: the first carries the prompt's accounting."""

@@ -28,7 +28,7 @@ class PrefillService(EngineService):
         await self.bus.ensure_consumer_group(self.stream, CONSUMER_GROUP)
         self.tasks: dict[str, tuple[str, PrefillTask]] = {}  # request id -> (entry id, task)
         self.handoff_bytes = Counter("streamoe_kv_handoff_bytes", "Latent KV bytes sent to decode ranks",
-                                     ["rank"], registry=self.registry).labels(rank=str(self.rank))
+                                     list(self.metric_labels), registry=self.registry).labels(**self.metric_labels)
         await self.setup_engine_service()
 
     async def loop(self) -> None:
@@ -115,8 +115,8 @@ class PrefillService(EngineService):
         entry_id, task = self.tasks.pop(delta.request_id)
         req = task.request
         first = delta.token_ids[0] if delta.token_ids else -1
-        self.tokens.labels(role=self.role, rank=str(self.rank), kind="input_cache_hit").inc(delta.num_cached_tokens)
-        self.tokens.labels(role=self.role, rank=str(self.rank), kind="input_cache_miss").inc(
+        self.tokens.labels(**self.metric_labels, kind="input_cache_hit").inc(delta.num_cached_tokens)
+        self.tokens.labels(**self.metric_labels, kind="input_cache_miss").inc(
             len(req.prompt_ids) - delta.num_cached_tokens)
         done = delta.finish_reason if delta.finish_reason != "prefilled" else None
         window = prefix_window(req.sampling.stop)

@@ -3,6 +3,10 @@
 Reads Prometheus text exposition (saved files, or live `/metrics` endpoints found through a
 gateway's `/services` or a `streamoe up` run's `processes.json`), sums the counters below over
 every source, and hands the totals to `economics.report`. Each worker rank counts as one GPU.
+
+A live system's totals come from the gateway's `/usage`: the counters every service added to Redis
+(shared/runtime/usage.py), so a rank drained or restarted still counts. The live scrape then gives
+only the per-rank rates. A gateway without `/usage` (404): the scrape gives both, as before.
 """
 from __future__ import annotations
 
@@ -23,8 +27,8 @@ from shared.protocol import metric_names
 
 # NOTE: matched by sample name: the parser strips `_total` from a counter's family name only.
 TOKENS = metric_names.sample(metric_names.TOKENS)  # gateway: {kind}
-GPU_SECONDS = metric_names.sample(metric_names.GPU_SECONDS)  # worker rank, seconds up: {role, rank}
-WORKER_TOKENS = metric_names.sample(metric_names.WORKER_TOKENS)  # worker rank: {role, rank, kind}
+GPU_SECONDS = metric_names.sample(metric_names.GPU_SECONDS)  # worker rank, seconds up: {role, group, rank}
+WORKER_TOKENS = metric_names.sample(metric_names.WORKER_TOKENS)  # worker rank: {role, group, rank, kind}
 KINDS = ("input_cache_hit", "input_cache_miss", "output")
 INPUT_KINDS = ("input_cache_hit", "input_cache_miss")
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -51,9 +55,11 @@ class Totals:
     """Counters summed over every source read so far."""
 
     tokens: dict[str, float] = field(default_factory=dict)  # kind -> tokens (gateways)
-    gpu_seconds: dict[tuple[str, str], float] = field(default_factory=dict)  # (role, rank) -> s
-    worker_tokens: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (role, rank, kind) -> tokens
+    gpu_seconds: dict[tuple[str, str], float] = field(default_factory=dict)  # (role, rank name) -> s
+    worker_tokens: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (role, rank name, kind) -> tokens
     sources: list[str] = field(default_factory=list)
+    # the live scrape when the totals above came from Redis (`/usage`): per-rank rates are its own
+    live: Totals | None = None
 
     def add(self, text: str, source: str) -> None:
         """Add one exposition's counters; a ValueError naming `source` if it is not Prometheus text."""
@@ -62,7 +68,8 @@ class Totals:
         except (ValueError, IndexError, KeyError) as e:
             raise ValueError(f"{source}: not Prometheus text exposition ({e})") from None
         for s in samples:
-            role, rank, kind = s.labels.get("role", ""), s.labels.get("rank", ""), s.labels.get("kind", "")
+            role, kind = s.labels.get("role", ""), s.labels.get("kind", "")
+            rank = rank_name(role, s.labels.get("group", ""), s.labels.get("rank", ""))
             if s.name == TOKENS and kind in KINDS:
                 _inc(self.tokens, kind, s.value)
             elif s.name == GPU_SECONDS:
@@ -87,8 +94,9 @@ def full_report(totals: Totals, gpu_hour_usd: float = economics.GPU_HOUR_USD,
     """`economics.report` on the totals, plus per-rank throughput and the sources read."""
     tokens = TokenCounts(*(round(totals.tokens.get(k, 0.0)) for k in KINDS))
     out = economics.report(tokens, sum(totals.gpu_seconds.values()), gpu_hour_usd, tuple(prices), gpus_per_node)
-    out["prefill_input_tokens_per_s"] = totals.tokens_per_s("prefill", INPUT_KINDS)
-    out["decode_output_tokens_per_s"] = totals.tokens_per_s("decode", ("output",))
+    rates = totals.live or totals
+    out["prefill_input_tokens_per_s"] = rates.tokens_per_s("prefill", INPUT_KINDS)
+    out["decode_output_tokens_per_s"] = rates.tokens_per_s("decode", ("output",))
     out["sources"] = list(totals.sources)
     return out
 
@@ -107,19 +115,46 @@ def collect(metrics_files: list[Path], url: str | None, processes_file: Path | N
             raise FileNotFoundError(f"--metrics {path}: no such file")
         totals.add(path.read_bytes().decode("utf-8", errors="replace"), str(path))
     urls: list[str] = []
+    gateways: list[str] = []  # where the Redis totals may be read (`/usage`)
     if processes_file is not None:
         urls += processes_metrics_urls(Path(processes_file))
+        gateways += processes_gateway_urls(Path(processes_file))
     if url is not None or (not metrics_files and processes_file is None):
         urls += services_metrics_urls(url or DEFAULT_URL, timeout)
+        gateways.insert(0, (url or DEFAULT_URL).rstrip("/"))
     urls = list(dict.fromkeys(urls))
     with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL_SCRAPES, len(urls)))) as pool:
         texts = list(pool.map(lambda u: fetch(u, timeout), urls))
+    live = Totals()
     for u, text in zip(urls, texts):
         try:
-            totals.add(text, u)
+            live.add(text, u)
         except ValueError as e:
             raise ScrapeError(str(e)) from None
+    usage_url, usage = read_usage_totals(gateways, timeout)
+    if usage is None:  # no gateway with /usage: the scrape's own sums (a drained rank's counts are lost)
+        for u, text in zip(urls, texts):
+            totals.add(text, u)
+        return totals
+    try:
+        totals.add(usage, usage_url)
+    except ValueError as e:
+        raise ScrapeError(str(e)) from None
+    totals.sources += live.sources
+    totals.live = live
     return totals
+
+
+def read_usage_totals(gateways: list[str], timeout: float = SCRAPE_TIMEOUT_S) -> tuple[str | None, str | None]:
+    """(url, text) of the first gateway's `/usage` (shared/runtime/usage.py); (None, None) when none
+    serves it (an older gateway answers 404)."""
+    for base in dict.fromkeys(gateways):
+        try:
+            return f"{base}/usage", fetch(f"{base}/usage", timeout)
+        except ScrapeError as e:
+            if e.status != 404:
+                raise
+    return None, None
 
 
 def services_metrics_urls(base_url: str, timeout: float = SCRAPE_TIMEOUT_S) -> list[str]:
@@ -152,6 +187,13 @@ def processes_metrics_urls(path: Path) -> list[str]:
         return [f"http://127.0.0.1:{int(p['ports']['http'])}/metrics" for p in entries if "http" in p.get("ports", {})]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"--processes {path}: not a `streamoe up` processes.json ({type(e).__name__}: {e})") from None
+
+
+def processes_gateway_urls(path: Path) -> list[str]:
+    """http://127.0.0.1:<http port> of each gateway in a `streamoe up` processes.json."""
+    entries = json.loads(path.read_text())["processes"]
+    return [f"http://127.0.0.1:{int(p['ports']['http'])}" for p in entries
+            if p.get("name") == "gateway" and "http" in p.get("ports", {})]
 
 
 def fetch(url: str, timeout: float = SCRAPE_TIMEOUT_S) -> str:
@@ -202,6 +244,12 @@ def _num(x: float) -> str:
 
 def _inc(counts: dict, key, value: float) -> None:
     counts[key] = counts.get(key, 0.0) + value
+
+
+def rank_name(role: str, group: str, rank: str) -> str:
+    """A rank as the report names it: its number in the role's default group (the group named as
+    the role, or none given), else GROUP/RANK (an EP group of its own, e.g. the autoscaler's)."""
+    return rank if group in ("", role) else f"{group}/{rank}"
 
 
 def _rank_order(rank: str) -> tuple:

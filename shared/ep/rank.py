@@ -64,7 +64,7 @@ class EPRank:
                            keep=keep_tensor(local_experts(self.placement, layers, args.rank, args.ep_size)))
         self.ep_layers = apply_expert_parallel(model, args.rank, args.ep_size, self.placement, self.exchange,
                                                args.ep_wire)
-        labels = {"role": self.role, "rank": str(args.rank)}
+        labels = self.metric_labels
         self.ep_bytes = Counter("streamoe_ep_sent_bytes", "Bytes this rank sent to its EP peers, by phase",
                                 [*labels, "phase"], registry=self.registry)
         self.ep_seconds = Histogram("streamoe_ep_exchange_seconds", "Dispatch/combine latency, from the start "
@@ -98,7 +98,7 @@ class EPRank:
         return self.group.exchange(layer, phase, sends)
 
     def observe_exchange(self, phase: str, sent_bytes: int, seconds: float) -> None:
-        labels = {"role": self.role, "rank": str(self.rank), "phase": phase}
+        labels = {**self.metric_labels, "phase": phase}
         self.ep_bytes.labels(**labels).inc(sent_bytes)
         self.ep_seconds.labels(**labels).observe(seconds)
 
@@ -185,7 +185,7 @@ class EPRank:
         self.rollout.version = record.version
         self.ep_members.set(len(record.members))
         change = "shrink" if len(record.members) < before else "grow" if len(record.members) > before else "same"
-        self.ep_reforms.labels(role=self.role, rank=str(self.rank), change=change, reason=reason).inc()
+        self.ep_reforms.labels(**self.metric_labels, change=change, reason=reason).inc()
         self.log.info(json.dumps({"event": "ep_group_reformed", "change": change, "reason": reason,
                                   "epoch": record.epoch,
                                   "members": record.members, "experts_read": self.rollout.num_experts_read}))
@@ -262,7 +262,7 @@ class EPRank:
         total = [sum(int(m.dispatched[p]) for m in self.ep_layers) for p in range(self.args.ep_size)]
         for peer, (now, seen) in enumerate(zip(total, self._ep_tokens_seen)):
             if now > seen:
-                self.ep_tokens.labels(role=self.role, rank=str(self.rank), peer=str(peer)).inc(now - seen)
+                self.ep_tokens.labels(**self.metric_labels, peer=str(peer)).inc(now - seen)
         self._ep_tokens_seen = total
 
     async def keep_membership(self) -> None:

@@ -20,7 +20,9 @@ from shared.launcher.cliargs import (
     positive_float,
     positive_int,
     resolve_speculative_tokens,
+    slo_flag,
     speculative_tokens_flag,
+    units_flag,
 )
 from shared.runtime.numerics import MOE_BACKEND_HELP, moe_backend_flag
 
@@ -124,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument("--speculative-tokens", type=speculative_tokens_flag, default="auto", metavar="N|auto",
                      help=SPECULATIVE_TOKENS_HELP + "; given to every prefill and decode rank")
     upp.add_argument("--api-key", default=None)
+    upp.add_argument("--slo", type=slo_flag, default=None, metavar="SLO",
+                     help="latency targets for the gateway (its dashboard) and the planner, e.g. 'ttft:2000 itl:100' "
+                     "(ms; the default)")
+    scale = upp.add_argument_group("autoscaling (services/planner; shared/planner/README.md)")
+    scale.add_argument("--autoscale", action="store_true",
+                       help="run the planner and start or drain prefill and decode ranks as it decides; each rank "
+                       "it adds is an EP group of its own (needs --prefill-ep 1 --decode-ep 1)")
+    scale.add_argument("--autoscale-profile", type=Path, default=None, metavar="FILE",
+                       help="what one rank serves (python -m loadgen.profile); required with --autoscale")
+    scale.add_argument("--autoscale-min", type=units_flag, default=None, metavar="prefill=N,decode=M",
+                       help="the floor (default prefill=1,decode=1); idle scales here")
+    scale.add_argument("--autoscale-max", type=units_flag, default=None, metavar="prefill=N,decode=M",
+                       help="the ceiling (default prefill=1,decode=<cores - 1>)")
+    scale.add_argument("--autoscale-interval-s", type=positive_float, default=30.0, help="how often it decides")
+    scale.add_argument("--autoscale-slo-correction", choices=["on", "off"], default="on",
+                       help="scale demand by measured/bound latency when the SLO is missed (off where more ranks "
+                       "add no capacity, as on one machine's cores)")
     upp.add_argument("--ready-timeout", type=float, default=300.0)
     upp.add_argument("--run-dir", type=Path, default=None, help="default: $STREAMOE_HOME/runs/<time>")
     upp.set_defaults(handler=_up)
@@ -153,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     planp.add_argument("--load", type=Path, required=True,
                        help="a .csv (start_s,duration_s,requests_per_s,mean_input_len,mean_output_len,cache_hit_rate) "
                             "or a .jsonl Mooncake trace")
-    planp.add_argument("--slo", type=_slo, default=None, metavar="SLO",
+    planp.add_argument("--slo", type=slo_flag, default=None, metavar="SLO",
                        help="ttft:MS itl:MS tpot:MS e2el:MS, comma- or space-separated (default: ttft:2000 itl:100)")
-    planp.add_argument("--unit", type=_units, default=None, metavar="prefill=N,decode=M",
+    planp.add_argument("--unit", type=units_flag, default=None, metavar="prefill=N,decode=M",
                        help="ranks that scale together, e.g. an EP group (default: prefill=1,decode=1)")
     planp.add_argument("--interval-s", type=positive_float, default=180.0,
                        help="a trace's interval (a .csv brings its own; default 180)")
@@ -169,24 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (init, distill, gen, upp, cost, planp):
         apply_env_defaults(sub)
     return parser
-
-
-def _slo(raw: str):
-    from shared.planner.slo import parse_slo
-
-    try:
-        return parse_slo(raw)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _units(raw: str):
-    from shared.planner.plan import parse_units
-
-    try:
-        return parse_units(raw)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -104,6 +104,26 @@ def positive_float(raw: str) -> float:
     return value
 
 
+def slo_flag(raw: str):
+    """A flag's type: an SLO (shared/planner/slo.py), e.g. 'ttft:2000 itl:100'."""
+    from shared.planner.slo import parse_slo
+
+    try:
+        return parse_slo(raw)
+    except ValueError as e:
+        raise FlagValueError(str(e)) from None
+
+
+def units_flag(raw: str):
+    """A flag's type: ranks per role, 'prefill=N,decode=M' (shared/planner/plan.py)."""
+    from shared.planner.plan import parse_units
+
+    try:
+        return parse_units(raw)
+    except ValueError as e:
+        raise FlagValueError(str(e)) from None
+
+
 SPECULATIVE_TOKENS_HELP = ("drafts per running request and step, by the model's MTP layer, verified in one forward "
                            "(lossless); 0: off; auto: 1 when the model has an MTP layer, else 0")
 

@@ -49,6 +49,7 @@ from urllib.parse import urlsplit, urlunsplit
 from shared.launcher.cliargs import home, resolve_speculative_tokens
 from shared.launcher.redis_cluster import LocalCluster, start_cluster
 from shared.launcher.redis_server import free_port, reserve_port, start_redis
+from shared.planner.slo import parse_slo
 from shared.protocol import streams
 from shared.protocol.messages import Notice
 from shared.runtime import notices, redis_client
@@ -72,9 +73,11 @@ class Child:
     restarts: int = 0
     next_start: float = 0.0
     ep_size: int = 1
+    group: str = ""  # its EP group when not the role's default one (an autoscaled rank's)
     shares_port: bool = False  # the gateway: its successor binds the same port (SO_REUSEPORT)
     instance: str = ""  # the instance id of the running process
     rolling: bool = False  # the rolling restart replaces it now: the supervisor leaves it alone
+    retiring: bool = False  # the autoscaler drains it: never restarted, dropped once it exits
     # earlier processes still draining after a successor took their place: (process, instance id)
     leaving: list = field(default_factory=list)
 
@@ -108,7 +111,8 @@ class Child:
     def instance_id(self) -> str:
         """Unique per rank and per start: the heartbeat, abort group and owned requests are keyed by it."""
         rank = "" if self.rank is None else f"-{self.rank}"
-        return f"{self.name}{rank}-{os.getpid()}-{self.restarts}"
+        group = f"-{self.group}" if self.group else ""
+        return f"{self.name}{group}{rank}-{os.getpid()}-{self.restarts}"
 
     def healthy(self) -> bool:
         """Its running process answers /health with 200 (on a shared port: that process, not the
@@ -170,9 +174,17 @@ def up(args: argparse.Namespace) -> int:
               "streamoe up?); stop it or choose another port", file=sys.stderr)
         return 2
     partitions = getattr(args, "stream_partitions", None) or max(1, getattr(args, "redis_shards", 0))
-    model = resolve_model(args)
     cores = os.cpu_count() or 2
-    num_workers = args.prefill_ep + args.decode_ep
+    scaling = None
+    if getattr(args, "autoscale", False):
+        try:
+            scaling = autoscale_bounds(args, cores)
+        except ValueError as e:
+            print(f"streamoe up: {e}", file=sys.stderr)
+            return 2
+    model = resolve_model(args)
+    # with --autoscale, the most ranks it may run share the cores
+    num_workers = args.prefill_ep + args.decode_ep if scaling is None else scaling[1].prefill + scaling[1].decode
     threads = max(1, cores // num_workers)
     try:
         from shared.model.config import ModelArgs
@@ -207,8 +219,9 @@ def up(args: argparse.Namespace) -> int:
               *cache]
     wait = getattr(args, "redis_wait_replicas", None)
     wait = (1 if getattr(args, "redis_replicas", 0) else 0) if wait is None else wait
+    slo = getattr(args, "slo", None) or parse_slo(None)
     gateway = ["--model", str(model), "--redis-wait-replicas", str(wait),
-               "--progress-timeout-s", str(getattr(args, "progress_timeout_s", 30.0))]
+               "--progress-timeout-s", str(getattr(args, "progress_timeout_s", 30.0)), "--slo", str(slo)]
     reserve_port(args.port)  # the gateway's: never handed to another service
     children = [Child("tokenizer", "services.tokenizer", ["--model", str(model)], free_port(),
                       run_dir / "tokenizer.log"),
@@ -219,22 +232,45 @@ def up(args: argparse.Namespace) -> int:
                 *[Child("prefill", "services.prefill", [*worker, "--rank", str(r), "--ep-size", str(args.prefill_ep),
                                                         "--overlap", args.prefill_overlap],
                         free_port(), run_dir / f"prefill-{r}.log", rank=r, ep_size=args.prefill_ep)
-                  for r in range(args.prefill_ep)],
+                  for r in range(args.prefill_ep if scaling is None else 0)],
                 *[Child("decode", "services.decode", [*worker, "--rank", str(r), "--ep-size", str(args.decode_ep),
                                                       "--overlap", args.decode_overlap],
                         free_port(), run_dir / f"decode-{r}.log", rank=r, ep_size=args.decode_ep)
-                  for r in range(args.decode_ep)],
+                  for r in range(args.decode_ep if scaling is None else 0)],
                 Child("gateway", "services.gateway", gateway + ["--host", args.host, "--reuse-port"], args.port,
                       run_dir / "gateway.log", shares_port=True)]
     secrets = {"STREAMOE_REDIS_URL": redis_url, "STREAMOE_REDIS_CLUSTER": "1" if cluster_mode else "0",
                "STREAMOE_STREAM_PARTITIONS": str(partitions)}  # not secret, but every service reads them alike
     if args.api_key:  # only the gateway checks it; every service would read STREAMOE_API_KEY alike
         secrets["STREAMOE_API_KEY"] = args.api_key
+    autoscaler = None
+    if scaling is not None:
+        low, high = scaling
+        overlap = {"prefill": args.prefill_overlap, "decode": args.decode_overlap}
+
+        def scaled_worker(role: str, index: int) -> Child:
+            """A rank the autoscaler runs: the first of a role in its default group, every other one an EP
+            group of its own."""
+            group = "" if index == 0 else f"{role}-{index}"
+            return Child(role, f"services.{role}", [*worker, "--rank", "0", "--ep-size", "1", "--overlap",
+                                                    overlap[role], *(["--ep-group-id", group] if group else [])],
+                         free_port(), run_dir / f"{group or role}-0.log", rank=0, group=group)
+
+        autoscaler = Autoscaler(secrets, scaled_worker)
+        children[3:3] = [autoscaler.new_worker(role) for role in ("prefill", "decode")
+                         for _ in range(getattr(low, role))]
+        children.insert(3, Child("planner", "services.planner", [
+            "--profile", str(args.autoscale_profile.resolve()), "--slo", str(slo),
+            "--min", f"prefill={low.prefill},decode={low.decode}",
+            "--max", f"prefill={high.prefill},decode={high.decode}",
+            "--interval-s", str(args.autoscale_interval_s), "--slo-correction", args.autoscale_slo_correction,
+            "--actuate", "up"], free_port(), run_dir / "planner.log"))
     handovers = HandoverNotices(secrets)  # before any child starts: none of their notices is missed
     for child in children:
         child.start(secrets)
     record = numerics.health()  # the same keys as each worker's /health
-    sup = Supervisor(children, secrets, run_dir, redis_nodes, redis_url, record, handovers, stopping)
+    sup = Supervisor(children, secrets, run_dir, redis_nodes, redis_url, record, handovers, stopping,
+                     autoscaler=autoscaler)
     sup.write()
     deadline = time.monotonic() + args.ready_timeout
     ready = False
@@ -259,8 +295,108 @@ def up(args: argparse.Namespace) -> int:
             sup.tick()
     finally:
         handovers.close()
-        stop_all(children, redis_nodes)
+        if autoscaler is not None:
+            autoscaler.close()
+        stop_all(children, redis_nodes)  # the supervisor's list: the autoscaler's ranks included
     return code
+
+
+def autoscale_bounds(args: argparse.Namespace, cores: int):
+    """(floor, ceiling) for --autoscale, or a ValueError naming the flag."""
+    from shared.planner.plan import Units, load_profile
+
+    if args.prefill_ep != 1 or args.decode_ep != 1:
+        raise ValueError(f"--autoscale with --prefill-ep={args.prefill_ep} --decode-ep={args.decode_ep}: the "
+                         "autoscaler adds and drains single ranks; an EP group scales as a whole group "
+                         "(deploy/README.md, \"Autoscaling\")")
+    if args.autoscale_profile is None:
+        raise ValueError("--autoscale needs --autoscale-profile FILE (what one rank serves: "
+                         "python -m loadgen.profile --url URL --out FILE)")
+    try:
+        load_profile(args.autoscale_profile)
+    except OSError as e:
+        raise ValueError(f"--autoscale-profile {args.autoscale_profile}: {e.strerror}") from None
+    low = args.autoscale_min or Units(1, 1)
+    high = args.autoscale_max or Units(max(1, low.prefill), max(low.decode, cores - 1))
+    for role in ("prefill", "decode"):
+        if getattr(low, role) > getattr(high, role):
+            raise ValueError(f"--autoscale-min {role}={getattr(low, role)} is above --autoscale-max "
+                             f"{role}={getattr(high, role)}")
+    return low, high
+
+
+class Autoscaler:
+    """Applies the planner's decisions (the hash streams.PLANNER_DECISIONS, read on a thread of its
+    own: the supervisor never waits on Redis). A rank more: started, an EP group of its own. A rank
+    fewer: the newest gets SIGTERM and drains (the graceful stop: its running requests go on
+    elsewhere), is never restarted, and leaves the process list once it exits."""
+
+    def __init__(self, secrets: dict[str, str], make_worker):
+        self.secrets, self.make_worker = secrets, make_worker
+        self.made = {"prefill": 0, "decode": 0}  # ranks started per role: the next one's group index
+        self.latest: dict[str, str] | None = None
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self.follow, name="autoscale-decisions", daemon=True)
+        self.thread.start()
+
+    def follow(self) -> None:
+        client = None
+        while not self.closing.is_set():
+            try:
+                if client is None:
+                    client = redis_client.connect_sync(self.secrets["STREAMOE_REDIS_URL"],
+                                                       self.secrets["STREAMOE_REDIS_CLUSTER"] == "1")
+                raw = client.hgetall(streams.PLANNER_DECISIONS)
+                self.latest = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes)
+                                                                             else v) for k, v in raw.items()}
+            except Exception:  # Redis away: the last decision stands
+                pass
+            self.closing.wait(0.5)
+        with contextlib.suppress(Exception):
+            client.close()
+
+    def close(self) -> None:
+        self.closing.set()
+        self.thread.join(2.0)
+
+    def new_worker(self, role: str) -> Child:
+        child = self.make_worker(role, self.made[role])
+        self.made[role] += 1
+        return child
+
+    def apply(self, sup: Supervisor) -> bool:
+        """Reap the drained ranks, then start or drain ranks toward the decision; whether the process
+        list changed."""
+        changed = False
+        for child in [c for c in sup.children if c.retiring and c.proc.poll() is not None]:
+            sup.children.remove(child)
+            if child.proc.returncode != 0:
+                announce(child.death_notice(), self.secrets)
+            print(f"streamoe up: autoscale: {child.name} {child.instance} drained (exit {child.proc.returncode})",
+                  file=sys.stderr, flush=True)
+            changed = True
+        decision = self.latest
+        if decision is None or sup.stopping:
+            return changed
+        for role in ("prefill", "decode"):
+            try:
+                want = int(decision[role])
+            except (KeyError, ValueError):
+                continue
+            active = [c for c in sup.children if c.name == role and not c.retiring]
+            if want < 1 or want == len(active):
+                continue
+            print(f"streamoe up: autoscale: {role} {len(active)} -> {want} ({decision.get(f'{role}_reason', '')})",
+                  file=sys.stderr, flush=True)
+            for _ in range(want - len(active)):
+                child = self.new_worker(role)
+                child.start(self.secrets)
+                sup.children.append(child)
+            for child in active[want:][::-1]:  # the newest first
+                child.retiring = True
+                child.proc.terminate()
+            changed = True
+        return changed
 
 
 class HandoverNotices:
@@ -324,13 +460,16 @@ class Supervisor:
     handovers: HandoverNotices
     stopping: list
     rolling_restarts: int = 0
+    autoscaler: Autoscaler | None = None
+    rolling_now: bool = False
 
     def write(self) -> None:
         write_processes(self.run_dir, self.children, self.redis_nodes, self.redis_url, self.numerics,
                         self.rolling_restarts)
 
     def tick(self) -> None:
-        changed = supervise(self.children, self.secrets)
+        changed = self.autoscaler is not None and not self.rolling_now and self.autoscaler.apply(self)
+        changed = supervise(self.children, self.secrets) or changed
         for instance in self.handovers.take():
             child = next((c for c in self.children if c.instance == instance and not c.rolling), None)
             if child is not None and child.proc.poll() is None and not self.stopping:
@@ -358,7 +497,14 @@ class Supervisor:
         successor (one rank, one member): it is stopped first (its group goes on without it) and
         its successor asks in."""
         print("streamoe up: rolling restart", file=sys.stderr, flush=True)
-        for child in self.children:
+        self.rolling_now = True  # the autoscaler waits: the list below is the one replaced
+        try:
+            self._rolling_restart(ready_timeout_s)
+        finally:
+            self.rolling_now = False
+
+    def _rolling_restart(self, ready_timeout_s: float) -> None:
+        for child in [c for c in self.children if not c.retiring]:
             if self.stopping:
                 return
             child.rolling = True
@@ -417,7 +563,7 @@ def supervise(children: list[Child], secrets: dict[str, str]) -> bool:
                 child.leaving.remove((proc, instance))
                 if proc.returncode != 0:
                     announce(child.death_notice(proc, instance), secrets)
-        if child.rolling or child.proc.poll() is None:
+        if child.rolling or child.retiring or child.proc.poll() is None:
             continue
         if child.next_start == 0.0:
             delay = BACKOFF_S[min(child.restarts, len(BACKOFF_S) - 1)]
@@ -453,10 +599,13 @@ def announce(notice: Notice, secrets: dict[str, str], timeout_s: float = 5.0) ->
 
 def write_processes(run_dir: Path, children: list[Child], redis_nodes, redis_url: str, numerics: dict,
                     rolling_restarts: int = 0) -> None:
-    """processes.json: the Redis URL (no password), each service's running process, the numerics
-    every worker got, the supervisor's own pid and how many rolling restarts it completed."""
+    """processes.json: the Redis URL (no password), each service's running process (a worker's EP
+    group; `retiring` while the autoscaler drains it), the numerics every worker got, the
+    supervisor's own pid and how many rolling restarts it completed."""
     entries = [{"name": c.name, "rank": c.rank, "pid": c.proc.pid, "ports": {"http": c.http_port},
-                "log": str(c.log_path), "restarts": c.restarts} for c in children]
+                "log": str(c.log_path), "restarts": c.restarts}
+               | ({"group": c.group or c.name, "retiring": c.retiring} if c.rank is not None else {})
+               for c in children]
     if redis_nodes is not None:
         entries += [{"name": "redis", "rank": i if redis_nodes.shards else None, "pid": proc.pid,
                      "ports": {"redis": int(url.rsplit(":", 1)[1].split("/")[0])}, "restarts": 0}

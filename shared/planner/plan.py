@@ -86,7 +86,7 @@ def parse_units(text: str) -> Units:
     for item in [i for i in text.replace(" ", ",").split(",") if i]:
         role, _, n = item.partition("=")
         if role not in ("prefill", "decode") or not n.isdigit() or int(n) < 1:
-            raise ValueError(f"--unit item {item!r}: expected prefill=N or decode=N with N a whole number >= 1")
+            raise ValueError(f"item {item!r}: expected prefill=N or decode=N with N a whole number >= 1")
         values[role] = int(n)
     return Units(**values)
 

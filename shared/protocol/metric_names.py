@@ -13,6 +13,12 @@ SPEC_DRAFTS = "streamoe_spec_decode_num_drafts"  # one request's drafts of one s
 SPEC_DRAFT_TOKENS = "streamoe_spec_decode_num_draft_tokens"
 SPEC_ACCEPTED_TOKENS = "streamoe_spec_decode_num_accepted_tokens"
 SPEC_ACCEPTED_PER_POS = "streamoe_spec_decode_num_accepted_tokens_per_pos"  # {position}: 0 = the first draft
+# the planner (services/planner): the ranks it wants per role, the ranks it sees, each change it made
+PLANNER_DESIRED = "streamoe_planner_desired_ranks"  # gauge {role}
+PLANNER_ACTUAL = "streamoe_planner_actual_ranks"  # gauge {role}
+PLANNER_DECISIONS = "streamoe_planner_decisions"  # counter {role, direction (up, down), reason}
+# the counters every service adds to the USAGE hash (shared/runtime/usage.py)
+USAGE_COUNTERS = (TOKENS, GPU_SECONDS, WORKER_TOKENS)
 
 
 def sample(counter: str) -> str:

@@ -107,6 +107,13 @@ def ep_group_key(role: str, group_id: str, name: str) -> str:
     return tagged(f"ep:{role}:{group_id}", f":{name}")
 
 
+# What outlives the processes (shared/runtime/usage.py): each service adds what its usage counters
+# (GPU-seconds, tokens) gained since its last tick; `streamoe cost` and the dashboard read the totals.
+USAGE = tagged("usage")  # hash: a counter sample, as Prometheus writes it -> its total
+# The autoscaler's decisions (services/planner): one hash, read by `streamoe up --autoscale` or any
+# external actuator (services/README.md, "planner", for its fields).
+PLANNER_DECISIONS = tagged("planner", ":decisions")
+
 DECODE_INSTANCES = tagged("decode-instances")  # every decode instance that may own requests
 
 

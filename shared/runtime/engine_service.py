@@ -138,6 +138,8 @@ class EngineService(EPRank, Service):
         self.rank = args.rank
         self.group_id = args.ep_group_id or self.role
         self.load_key = streams.load_key(self.role, self.group_id, self.rank)
+        # every worker metric: two "rank 0"s of different groups (e.g. the autoscaler's groups of one) differ
+        self.metric_labels = {"role": self.role, "group": self.group_id, "rank": str(self.rank)}
         model = self.load_ep(args) if args.ep_size > 1 else load_model(args.model, dtype=args.dtype,
                                                                         device=args.device)
         model.set_moe_backend(args.moe_backend)  # refused, naming device and dtype, where it cannot run
@@ -157,7 +159,7 @@ class EngineService(EPRank, Service):
         self._withdrawn = False  # draining: the load report is gone, none is written again
         self.handing_over = False  # SIGTERM to the only rank of its role: serving on until a successor does
         self.aborted: deque[str] = deque(maxlen=4096)  # recent aborts, for handoffs that arrive late
-        labels = {"role": self.role, "rank": str(self.rank)}
+        labels = self.metric_labels
         Gauge("streamoe_numerics_info", "The dtype and MoE plan this rank computes with, and where they came "
               "from (measured, cached, flag)", ["dtype", "moe_backend", "source"], registry=self.registry).labels(
             self.numerics.dtype, self.numerics.moe_backend, self.numerics.source).set(1)
@@ -426,7 +428,7 @@ class EngineService(EPRank, Service):
             gained = now - self._expert_seen.get(layer, torch.zeros_like(now))
             self._expert_seen[layer] = now
             for expert in gained.nonzero().flatten().tolist():
-                self.expert_tokens.labels(role=self.role, rank=str(self.rank), layer=str(layer),
+                self.expert_tokens.labels(**self.metric_labels, layer=str(layer),
                                           expert=str(expert)).inc(int(gained[expert]))
 
     def count_spec(self) -> None:
@@ -439,7 +441,7 @@ class EngineService(EPRank, Service):
         tokens.inc(spec.num_draft_tokens - seen.num_draft_tokens)
         accepted.inc(spec.num_accepted_tokens - seen.num_accepted_tokens)
         for k, (now, before) in enumerate(zip(spec.accepted_per_pos, seen.accepted_per_pos)):
-            per_pos.labels(role=self.role, rank=str(self.rank), position=str(k)).inc(now - before)
+            per_pos.labels(**self.metric_labels, position=str(k)).inc(now - before)
         self._spec_seen = SpecStats(spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens,
                                     list(spec.accepted_per_pos))
 

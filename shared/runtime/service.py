@@ -28,6 +28,7 @@ from shared.protocol import streams
 from shared.runtime import redis_client
 from shared.runtime.bus import Bus
 from shared.runtime.listen import listening_socket
+from shared.runtime.usage import UsageFlusher
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class ServiceConfig:
     redis_cluster: bool = False  # --redis-url names a node of a Redis Cluster
     stream_partitions: int = 1  # the request queue's partitions, the same on every service
     reuse_port: bool = False  # share the port with a successor (SO_REUSEPORT; shared/runtime/listen.py)
+    advertise_host: str | None = None  # where others reach this service (its heartbeat says so)
 
     def partition(self, request_id: str) -> int:
         return streams.partition_of(request_id, self.stream_partitions)
@@ -61,6 +63,10 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reuse-port", action="store_true",
                         help="bind --http-port with SO_REUSEPORT, so that a successor can bind it while this "
                         "process drains (streamoe up's rolling restart; shared/runtime/listen.py)")
+    parser.add_argument("--advertise-host", default=None,
+                        help="the address others reach this service's HTTP port at, written in its heartbeat "
+                        "(the gateway's /services, streamoe cost, the planner read it); default: --host, or this "
+                        "machine's name when --host is a wildcard (Kubernetes: the pod's IP, status.podIP)")
     parser.add_argument("--heartbeat-ttl-s", type=float, default=10.0)
     parser.add_argument("--drain-timeout-s", type=float, default=10.0)
     parser.add_argument("--claim-idle-ms", type=int, default=30_000)
@@ -81,7 +87,8 @@ def service_config(args: argparse.Namespace) -> ServiceConfig:
     return ServiceConfig(args.redis_url, args.instance_id, args.host, args.http_port, args.heartbeat_ttl_s,
                          args.drain_timeout_s, args.claim_idle_ms, args.housekeeping_s,
                          redis_cluster=args.redis_cluster, stream_partitions=args.stream_partitions,
-                         reuse_port=getattr(args, "reuse_port", False))
+                         reuse_port=getattr(args, "reuse_port", False),
+                         advertise_host=getattr(args, "advertise_host", None))
 
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -129,6 +136,7 @@ class Service:
         self.redis: Redis | None = None
         self.bus: Bus | None = None
         self.http_port: int | None = None
+        self.usage = UsageFlusher(self.registry)  # GPU-seconds and tokens that outlive the process
 
     async def setup(self) -> None:
         """Create consumer groups, load what the service needs."""
@@ -202,6 +210,10 @@ class Service:
             await asyncio.wait(background, timeout=3.0)
             for task in background:
                 task.cancel()
+            try:
+                await redis_client.within(self.usage.flush(self.redis), 2.0)  # the last seconds and tokens
+            except (TimeoutError, Exception) as e:
+                self.log.warning(json.dumps({"event": "usage_not_flushed", "error": repr(e)}))
             try:
                 await redis_client.within(self.teardown(), 5.0)
                 await redis_client.within(self.redis.delete(streams.heartbeat_key(self.name, self.config.instance_id)),
@@ -367,6 +379,10 @@ class Service:
                 await self.housekeeping()
             except Exception as e:  # Redis away, a stream not made yet: next round
                 self.log.warning("housekeeping failed: %r", e)
+            try:
+                await self.usage.flush(self.redis)
+            except Exception as e:  # Redis away: the next tick adds both ticks' gains
+                self.log.warning("usage not flushed: %r", e)
 
     async def _heartbeat(self) -> None:
         while not self._closing.is_set():
@@ -378,8 +394,9 @@ class Service:
 
     async def beat(self) -> None:
         """Write the heartbeat key: when, ready, where /metrics is, draining."""
-        # where others reach this service's /metrics: a wildcard bind is reached by the host's name
-        host = socket.gethostname() if self.config.host in ("0.0.0.0", "::", "") else self.config.host
+        # where others reach this service's /metrics: as told, else a wildcard bind by the host's name
+        host = self.config.advertise_host or (socket.gethostname() if self.config.host in ("0.0.0.0", "::", "")
+                                              else self.config.host)
         await self.redis.set(streams.heartbeat_key(self.name, self.config.instance_id), json.dumps(
             {"time": time.time(), "ready": self.ready, "host": host, "http_port": self.http_port,
              "draining": self.draining()}), px=int(self.config.heartbeat_ttl_s * 1000))
