@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from test_deploy import strategic_merge
 
 from shared.launcher.cliargs import TRUE_WORDS, apply_env_defaults, env_name
 from shared.planner.plan import Interval, decode_capacity, load_profile, parse_units, prefill_capacity
@@ -89,20 +90,6 @@ def patched(docs: list[dict], entry: dict, directory: Path) -> list[dict]:
     if body.get("$patch") == "delete":
         return [d for d in docs if not any(d is t for t in targets)]
     return [strategic_merge(d, body) if any(d is t for t in targets) else d for d in docs]
-
-
-def strategic_merge(base, patch):
-    """Kubernetes' strategic merge, as far as these patches use it: maps merge key by key; lists of
-    named items (containers, env, volumes) merge by name, new items first (as kustomize puts them)."""
-    if isinstance(base, dict) and isinstance(patch, dict):
-        return {**base, **{k: strategic_merge(base[k], v) if k in base else v for k, v in patch.items()}}
-    named = isinstance(base, list) and isinstance(patch, list) and \
-        all(isinstance(x, dict) and "name" in x for x in base + patch)
-    if named:
-        patched_items = {x["name"]: x for x in patch}
-        return [x for x in patch if x["name"] not in {b["name"] for b in base}] + \
-            [strategic_merge(b, patched_items[b["name"]]) if b["name"] in patched_items else b for b in base]
-    return patch
 
 
 def json_patched(doc: dict, operations: list[dict]) -> dict:

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--autoscale-min", type=units_flag, default=None, metavar="prefill=N,decode=M",
                        help="the floor (default prefill=1,decode=1); idle scales here")
     scale.add_argument("--autoscale-max", type=units_flag, default=None, metavar="prefill=N,decode=M",
-                       help="the ceiling (default prefill=1,decode=<cores - 1>)")
+                       help="the ceiling (default: prefill as the floor, decode=<cores - 1>)")
     scale.add_argument("--autoscale-interval-s", type=positive_float, default=30.0, help="how often it decides")
     scale.add_argument("--autoscale-slo-correction", choices=["on", "off"], default="on",
                        help="scale demand by measured/bound latency when the SLO is missed (off where more ranks "

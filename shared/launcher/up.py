@@ -269,8 +269,9 @@ def up(args: argparse.Namespace) -> int:
     for child in children:
         child.start(secrets)
     record = numerics.health()  # the same keys as each worker's /health
+    published = ProcessList(secrets)
     sup = Supervisor(children, secrets, run_dir, redis_nodes, redis_url, record, handovers, stopping,
-                     autoscaler=autoscaler)
+                     autoscaler=autoscaler, published=published)
     sup.write()
     deadline = time.monotonic() + args.ready_timeout
     ready = False
@@ -295,6 +296,7 @@ def up(args: argparse.Namespace) -> int:
             sup.tick()
     finally:
         handovers.close()
+        published.close()
         if autoscaler is not None:
             autoscaler.close()
         stop_all(children, redis_nodes)  # the supervisor's list: the autoscaler's ranks included
@@ -462,10 +464,14 @@ class Supervisor:
     rolling_restarts: int = 0
     autoscaler: Autoscaler | None = None
     rolling_now: bool = False
+    published: ProcessList | None = None
 
     def write(self) -> None:
-        write_processes(self.run_dir, self.children, self.redis_nodes, self.redis_url, self.numerics,
-                        self.rolling_restarts)
+        entries = write_processes(self.run_dir, self.children, self.redis_nodes, self.redis_url, self.numerics,
+                                  self.rolling_restarts)
+        if self.published is not None:
+            self.published.put({"time": time.time(), "supervisor_pid": os.getpid(),
+                                "rolling_restarts": self.rolling_restarts, "processes": entries})
 
     def tick(self) -> None:
         changed = self.autoscaler is not None and not self.rolling_now and self.autoscaler.apply(self)
@@ -598,12 +604,13 @@ def announce(notice: Notice, secrets: dict[str, str], timeout_s: float = 5.0) ->
 
 
 def write_processes(run_dir: Path, children: list[Child], redis_nodes, redis_url: str, numerics: dict,
-                    rolling_restarts: int = 0) -> None:
-    """processes.json: the Redis URL (no password), each service's running process (a worker's EP
-    group; `retiring` while the autoscaler drains it), the numerics every worker got, the
-    supervisor's own pid and how many rolling restarts it completed."""
+                    rolling_restarts: int = 0) -> list[dict]:
+    """processes.json: the Redis URL (no password), each service's running process (its instance
+    id; a worker's EP group, and `retiring` while the autoscaler drains it), the numerics every
+    worker got, the supervisor's own pid and how many rolling restarts it completed. Returns the
+    process entries."""
     entries = [{"name": c.name, "rank": c.rank, "pid": c.proc.pid, "ports": {"http": c.http_port},
-                "log": str(c.log_path), "restarts": c.restarts}
+                "log": str(c.log_path), "restarts": c.restarts, "instance_id": c.instance}
                | ({"group": c.group or c.name, "retiring": c.retiring} if c.rank is not None else {})
                for c in children]
     if redis_nodes is not None:
@@ -615,6 +622,45 @@ def write_processes(run_dir: Path, children: list[Child], redis_nodes, redis_url
                                "numerics": numerics, "supervisor_pid": os.getpid(),
                                "rolling_restarts": rolling_restarts}, indent=2) + "\n")
     tmp.replace(run_dir / "processes.json")
+    return entries
+
+
+class ProcessList:
+    """processes.json's list, also in Redis (streams.SUPERVISOR_PROCESSES) for the dashboard, set
+    by a thread of its own (the supervisor never waits on Redis); only the latest is written."""
+
+    def __init__(self, secrets: dict[str, str]):
+        self.secrets, self.latest, self.changed = secrets, None, threading.Event()
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self.follow, name="process-list", daemon=True)
+        self.thread.start()
+
+    def put(self, record: dict) -> None:
+        self.latest = record
+        self.changed.set()
+
+    def follow(self) -> None:
+        client = None
+        while not self.closing.is_set():
+            self.changed.wait(1.0)
+            if self.latest is None:
+                continue
+            try:
+                if client is None:
+                    client = redis_client.connect_sync(self.secrets["STREAMOE_REDIS_URL"],
+                                                       self.secrets["STREAMOE_REDIS_CLUSTER"] == "1")
+                self.changed.clear()
+                client.set(streams.SUPERVISOR_PROCESSES, json.dumps(self.latest))
+            except Exception:  # Redis away: written again once it is back
+                self.changed.set()
+                self.closing.wait(1.0)
+        with contextlib.suppress(Exception):
+            client.close()
+
+    def close(self) -> None:
+        self.closing.set()
+        self.changed.set()
+        self.thread.join(2.0)
 
 
 def without_password(url: str) -> str:

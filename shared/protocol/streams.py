@@ -113,6 +113,9 @@ USAGE = tagged("usage")  # hash: a counter sample, as Prometheus writes it -> it
 # The autoscaler's decisions (services/planner): one hash, read by `streamoe up --autoscale` or any
 # external actuator (services/README.md, "planner", for its fields).
 PLANNER_DECISIONS = tagged("planner", ":decisions")
+# `streamoe up`'s process list (processes.json's, with each process's instance id and restarts),
+# JSON, rewritten as it changes: the dashboard shows services up and their restarts from it
+SUPERVISOR_PROCESSES = tagged("supervisor", ":processes")
 
 DECODE_INSTANCES = tagged("decode-instances")  # every decode instance that may own requests
 
