@@ -48,6 +48,7 @@ def service_args(module: str, model: Path) -> list[str]:
     worker = ["--model", str(model), "--dtype", "fp32", "--rank", "0", "--threads", "1", "--kv-cache-mib", "64"]
     return {"tokenizer": ["--model", str(model)], "cache": ["--model", str(model)], "balancer": [],
             "prefill": worker, "decode": worker,
+            "planner": ["--profile", str(REPO / "tests" / "fixtures" / "planner-profile.json")],
             "gateway": ["--model", str(model), "--api-key", API_KEY, "--max-body-bytes", str(MAX_BODY),
                         "--request-timeout-s", "60"]}[module]
 
