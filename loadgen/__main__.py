@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -81,7 +82,9 @@ def parser() -> argparse.ArgumentParser:
                    help="goodput counts requests meeting every one: ttft, itl (a request's worst gap), tpot, e2el, "
                    "space- or comma-separated (default: ttft:2000 itl:100)")
     p.add_argument("--model", help="the model name to send (default: the first id of GET /v1/models)")
-    p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    # NOTE: STREAMOE_API_KEY is read after parsing: a default would show the key in --help
+    p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY' (also to /services; default: "
+                   "$STREAMOE_API_KEY)")
     p.add_argument("--temperature", type=_number(float, 0, low_open=False), default=0.0)
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly max_tokens")
@@ -99,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser()
     opts = p.parse_args(argv)
+    opts.api_key = opts.api_key or os.environ.get("STREAMOE_API_KEY") or None
     name, *rest = opts.workload
     if name not in workloads.BUILDERS:
         p.error(f"argument --workload: {name!r}: choose from {', '.join(workloads.BUILDERS)}")
@@ -133,9 +137,11 @@ async def measure(opts: argparse.Namespace, workload: workloads.Workload) -> Run
                         ignore_eos=opts.ignore_eos)
         settings = RunSettings(opts.rate, opts.burstiness, opts.max_concurrency, opts.duration, opts.grace_period,
                                opts.seed, not opts.no_progress)
-        before = await asyncio.to_thread(spec_counters.scrape, url)  # speculation's counters, if the server has any
+        # speculation's counters, if the server has any
+        before = await asyncio.to_thread(spec_counters.scrape, url, api_key=opts.api_key)
         result = await run(workload, client, settings)
-        result.spec_decode = spec_counters.summarize(before, await asyncio.to_thread(spec_counters.scrape, url))
+        result.spec_decode = spec_counters.summarize(
+            before, await asyncio.to_thread(spec_counters.scrape, url, api_key=opts.api_key))
         return result
 
 

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import os
 import secrets
 import shlex
 import sys
@@ -88,7 +89,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"prompt token ids are drawn from [{FIRST_TOKEN_ID}, N) (default: 1024)")
     p.add_argument("--seed", type=int, help="prompt randomness (default: a random seed, recorded in meta)")
     p.add_argument("--model", help="the model name to send (default: the first id of GET /v1/models)")
-    p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    # NOTE: STREAMOE_API_KEY is read after parsing: a default would show the key in --help
+    p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY' (also to /services; default: "
+                   "$STREAMOE_API_KEY)")
     return p
 
 
@@ -286,6 +289,7 @@ def command(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parser().parse_args(argv)
+    opts.api_key = opts.api_key or os.environ.get("STREAMOE_API_KEY") or None
     if opts.seed is None:
         opts.seed = secrets.randbits(32)  # NOTE: a fixed default would resend last run's prompts: cache hits
     try:

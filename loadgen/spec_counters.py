@@ -37,20 +37,21 @@ def parse(text: str) -> Counts:
     return out
 
 
-def metrics_urls(base_url: str, timeout: float) -> list[str]:
-    """Every /metrics a streamoe gateway lists at /services; else the server's own /metrics."""
+def metrics_urls(base_url: str, timeout: float, api_key: str | None = None) -> list[str]:
+    """Every /metrics a streamoe gateway lists at /services (which wants the API key when the
+    gateway has keys); else the server's own /metrics."""
     base = base_url.rstrip("/")
     try:
-        services = json.loads(fetch(f"{base}/services", timeout))["services"]
+        services = json.loads(fetch(f"{base}/services", timeout, api_key))["services"]
         urls = [s["metrics_url"] for s in services if s.get("metrics_url")]
     except (ScrapeError, ValueError, KeyError, TypeError):
         urls = []
     return urls or [f"{base}/metrics"]
 
 
-def scrape(base_url: str, timeout: float = 5.0) -> dict[str, Counts]:
+def scrape(base_url: str, timeout: float = 5.0, api_key: str | None = None) -> dict[str, Counts]:
     """metrics URL -> its spec_decode counters, for every source that answers and has them."""
-    urls = metrics_urls(base_url, timeout)
+    urls = metrics_urls(base_url, timeout, api_key)
 
     def one(url: str) -> Counts:
         try:

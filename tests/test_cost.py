@@ -195,14 +195,8 @@ def test_missing_files(capsys, tmp_path):
 
 # -- live sources ---------------------------------------------------------------------------------------
 @contextlib.asynccontextmanager
-async def serve(routes: dict[str, str]):
-    """A stand-in HTTP server on a free port: GET path -> body (read at request time), else 404."""
-
-    async def handle(request: web.Request) -> web.Response:
-        if request.path not in routes:
-            raise web.HTTPNotFound()
-        return web.Response(text=routes[request.path])
-
+async def serve_with(handle):
+    """A stand-in HTTP server on a free port answering every GET with `handle(request)` -> its URL."""
     app = web.Application()
     app.router.add_get("/{tail:.*}", handle)
     runner = web.AppRunner(app, access_log=None)
@@ -213,6 +207,17 @@ async def serve(routes: dict[str, str]):
         yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
     finally:
         await runner.cleanup()
+
+
+def serve(routes: dict[str, str]):
+    """A stand-in HTTP server on a free port: GET path -> body (read at request time), else 404."""
+
+    async def handle(request: web.Request) -> web.Response:
+        if request.path not in routes:
+            raise web.HTTPNotFound()
+        return web.Response(text=routes[request.path])
+
+    return serve_with(handle)
 
 
 def read(path: str) -> str:

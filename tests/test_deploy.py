@@ -43,6 +43,9 @@ ENGINE_SETTINGS = ("model", "dtype", "device", "cache_dir", "cache_capacity_mib"
 NON_FLAG_VARIABLES = {"STREAMOE_HOME"}  # read by shared/, not by a flag
 SECRET = "secret-{key}"  # what a secretKeyRef resolves to here
 API_KEY = "deploy-test-key"
+# NOTE: compose services under this profile are the monitoring stack (Prometheus, Grafana), not
+# streamoe services: tests/test_grafana.py checks them.
+MONITORING_PROFILE = "monitoring"
 
 
 # --- the services' own parsers ---------------------------------------------------------------
@@ -152,6 +155,10 @@ def health_port(spec: dict) -> int:
     return int(found[0])
 
 
+def monitoring(spec: dict) -> bool:
+    return MONITORING_PROFILE in spec.get("profiles", [])
+
+
 def flag(argv: list[str], name: str) -> str | None:
     return argv[argv.index(name) + 1] if name in argv else None
 
@@ -165,7 +172,7 @@ def test_compose_matches_the_services():
     parsed: dict[str, list[argparse.Namespace]] = {name: [] for name in SERVICES}
     volumes: dict[str, set[str]] = {}
     for key, spec in services.items():
-        if key in ("redis", "init-model"):
+        if key in ("redis", "init-model") or monitoring(spec):
             continue
         name, args = parse_service(*compose_service(spec, {}))
         replicas = spec.get("deploy", {}).get("replicas", 1)
@@ -547,9 +554,9 @@ def completion(gateway: str, prompt: list[int], key: str | None = None) -> tuple
                                                  "temperature": 0, "ignore_eos": True, "return_token_ids": True}, key)
 
 
-def served(gateway: str) -> Counter:
+def served(gateway: str, key: str | None = None) -> Counter:
     """Live instances by service name, from their heartbeats (what the gateway's /services lists)."""
-    return Counter(s["name"] for s in request(f"{gateway}/services")[1]["services"])
+    return Counter(s["name"] for s in request(f"{gateway}/services", key=key)[1]["services"])
 
 
 # --- compose, as processes -------------------------------------------------------------------
@@ -575,7 +582,7 @@ def test_compose_commands_serve_a_completion(tmp_path, redis_url):
     processes, taken = [], set()
     try:
         for key, spec in doc["services"].items():
-            if key == "redis":
+            if key == "redis" or monitoring(spec):
                 continue
             argv, env = compose_service(spec, {"STREAMOE_API_KEY": API_KEY})
             mounts = {v.split(":")[1]: v.split(":")[0] for v in spec.get("volumes", [])}
@@ -594,8 +601,8 @@ def test_compose_commands_serve_a_completion(tmp_path, redis_url):
                                        f"http://127.0.0.1:{flag(command, '--http-port')}/health", tmp_path / "logs"))
         wait_healthy(processes)
         gateways = [p.health.removesuffix("/health") for p in processes if p.name.startswith("gateway")]
-        assert served(gateways[0]) == {"tokenizer": 2, "cache": 1, "balancer": 1, "prefill": 2, "decode": 2,
-                                       "gateway": 2}
+        assert served(gateways[0], API_KEY) == {"tokenizer": 2, "cache": 1, "balancer": 1, "prefill": 2,
+                                                "decode": 2, "gateway": 2}
         prompt = list(range(3, 133))  # two whole 64-token blocks and two tokens
         assert completion(gateways[0], prompt)[0] == 401, "STREAMOE_API_KEY did not reach the gateway"
         status, body = completion(gateways[0], prompt, API_KEY)

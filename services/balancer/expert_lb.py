@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,7 +98,7 @@ class ExpertBalancer:
         after = balance(rank_loads(total, new, ep_size))[1]
         if after > before * (1 - self.settings.min_gain):
             return None
-        update = PlacementUpdate(version + 1, new.phy2log.tolist(), before, after)
+        update = PlacementUpdate(version + 1, new.phy2log.tolist(), before, after, time.time())
         await redis.set(streams.placement_key(*key), encode(update))
         self.log.info(json.dumps({"event": "placement_published", "role": key[0], "group": key[1],
                                   "version": update.version, "max_mean_before": round(before, 4),

@@ -6,7 +6,7 @@ from pathlib import Path
 import uvloop
 
 from shared.cache.reply_memory import DEFAULT_TTL_S
-from shared.launcher.cliargs import non_negative_float, non_negative_int, positive_int, slo_flag
+from shared.launcher.cliargs import non_negative_float, non_negative_int, positive_float, positive_int, slo_flag
 from shared.planner.slo import DEFAULT_SLO
 from shared.runtime.service import add_service_args, parse_service_args, service_config
 
@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
                              "tokens sent again (0: off)")
     parser.add_argument("--slo", type=slo_flag, default=slo_flag(DEFAULT_SLO), metavar="SLO",
                         help=f"the latency targets, exported as streamoe_slo_target_seconds (default {DEFAULT_SLO})")
+    parser.add_argument("--no-dashboard", action="store_true",
+                        help="serve no /dashboard and sample nothing for it (services/README.md, \"Dashboard\")")
+    parser.add_argument("--dashboard-interval-s", type=positive_float, default=5.0,
+                        help="how often the dashboard scrapes every service's /metrics")
+    parser.add_argument("--dashboard-history-s", type=positive_float, default=600.0,
+                        help="how much history /dashboard/state keeps (in memory)")
     args = parse_service_args(parser, argv)
     raw = [args.api_key] if isinstance(args.api_key, str) else args.api_key or []  # STREAMOE_API_KEY: one string
     keys = tuple(k for arg in raw for k in arg.split(",") if k)
@@ -47,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                                reply_memory_ttl_s=args.reply_memory_ttl_s,
                                redis_wait_replicas=args.redis_wait_replicas,
                                redis_wait_timeout_ms=args.redis_wait_timeout_ms,
-                               progress_timeout_s=args.progress_timeout_s, slo=args.slo)
+                               progress_timeout_s=args.progress_timeout_s, slo=args.slo,
+                               dashboard=not args.no_dashboard, dashboard_interval_s=args.dashboard_interval_s,
+                               dashboard_history_s=args.dashboard_history_s)
     return uvloop.run(GatewayService(service_config(args), settings).run())
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import msgpack
 from aiohttp import web
+from prometheus_client import generate_latest
 from redis.exceptions import RedisError
 
 from shared.cache.reply_memory import DEFAULT_TTL_S, reply_key, tokenizer_digest
@@ -33,11 +35,17 @@ from shared.runtime.discovery import live_services
 from shared.runtime.service import Service, ServiceConfig
 from shared.runtime.usage import exposition, read_usage
 
+from .dashboard import Dashboard, static_files
 from .metrics import GatewayMetrics, RequestTimes
 from .protocol import ApiError, ParsedRequest, decode_body, now, parse, usage
 
 CONSUMER_GROUP = streams.consumer_group("gateway")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's, for /v1/completions
+STATIC = Path(__file__).parent / "static"
+# what a key guards when keys are configured: the API and everything that shows the system's data;
+# /health, /metrics and the dashboard's page (HTML, JS, CSS: no data) stay open
+KEYED_PREFIXES = ("/v1",)
+KEYED_PATHS = frozenset({"/services", "/usage", "/dashboard/state"})
 _LEADING_FIELD = re.compile(r"([a-z_]+(?:\[\d+\])?): ")
 
 
@@ -71,6 +79,9 @@ class GatewaySettings:
     redis_wait_timeout_ms: int = 200
     progress_timeout_s: float = 30.0  # a request with no new delta for this long is repaired (0: never)
     slo: SLO = field(default_factory=lambda: parse_slo(None))  # the targets a dashboard measures against
+    dashboard: bool = True  # GET /dashboard and its sampler (--no-dashboard: neither)
+    dashboard_interval_s: float = 5.0
+    dashboard_history_s: float = 600.0
 
 
 class GatewayService(Service):
@@ -87,17 +98,30 @@ class GatewayService(Service):
         self.metrics = GatewayMetrics(self.registry)
         self.metrics.slo_targets(settings.slo)
         self.tokenizer_digest = tokenizer_digest(settings.model_dir)
+        self.dashboard = None
+        if settings.dashboard:
+            # NOTE: its own metrics from the registry, not through its own port
+            self.dashboard = Dashboard(config.instance_id, lambda: generate_latest(self.registry).decode(),
+                                       settings.slo, settings.model_dir, config.stream_partitions,
+                                       settings.dashboard_interval_s, settings.dashboard_history_s, self.log)
+        self.dashboard_task: asyncio.Task | None = None
 
     def make_app(self) -> web.Application:
         # NOTE: aiohttp refuses a body over client_max_size with 413 before reading it all.
         return web.Application(client_max_size=self.settings.max_body_bytes, middlewares=[self._errors])
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_post("/v1/completions", lambda r: self.complete(r, chat=False))
-        app.router.add_post("/v1/chat/completions", lambda r: self.complete(r, chat=True))
+        # NOTE: partials of a coroutine function: aiohttp deprecates plain functions as handlers
+        app.router.add_post("/v1/completions", functools.partial(self.complete, chat=False))
+        app.router.add_post("/v1/chat/completions", functools.partial(self.complete, chat=True))
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/services", self.services)
         app.router.add_get("/usage", self.usage_totals)
+        if self.dashboard is not None:
+            self.static = static_files(STATIC)
+            app.router.add_get("/dashboard", self.dashboard_page)
+            app.router.add_get("/dashboard/state", self.dashboard_state)
+            app.router.add_get("/dashboard/static/{name}", self.dashboard_static)
 
     async def setup(self) -> None:
         await self.bus.ensure_consumer_group(self.delta_stream, CONSUMER_GROUP)
@@ -108,10 +132,15 @@ class GatewayService(Service):
         self.watchdog = None
         if self.settings.progress_timeout_s > 0:
             self.watchdog = asyncio.create_task(self.watch_progress())
+        if self.dashboard is not None:  # from the start, so a page opened later shows the last minutes
+            self.dashboard_task = asyncio.create_task(self.dashboard.run(self.redis, self._closing))
 
     async def teardown(self) -> None:
         if self.watchdog is not None:
             self.watchdog.cancel()
+        if self.dashboard_task is not None:  # it ends at _closing; a scrape under way is cut
+            self.dashboard_task.cancel()
+            await asyncio.wait({self.dashboard_task}, timeout=2.0)
         if self.writer is not None:
             await self.writer.aclose()
 
@@ -227,8 +256,8 @@ class GatewayService(Service):
     @web.middleware
     async def _errors(self, request: web.Request, handler):
         try:
-            if request.path.startswith("/v1"):  # as vLLM: the API needs a key; /health and /metrics stay open
-                self._authorize(request)
+            if request.path.startswith(KEYED_PREFIXES) or request.path in KEYED_PATHS:
+                self._authorize(request)  # as vLLM: the API needs a key; /health and /metrics stay open
             response = await handler(request)
         except ApiError as e:
             response = _error_response(e)
@@ -267,6 +296,28 @@ class GatewayService(Service):
         """Every service's usage counters as ever added to Redis (shared/runtime/usage.py), as
         Prometheus text: what `streamoe cost --url` totals, drained and restarted ranks included."""
         return web.Response(text=exposition(await read_usage(self.redis)), content_type="text/plain")
+
+    async def dashboard_page(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "dashboard.html", headers={"Content-Type": "text/html; charset=utf-8",
+                                                                     "Cache-Control": "no-cache"})
+
+    async def dashboard_static(self, request: web.Request) -> web.FileResponse:
+        found = self.static.get(request.match_info["name"])
+        if found is None:
+            raise ApiError(404, f"Invalid URL (GET {request.path[:200]})")
+        path, content_type = found
+        return web.FileResponse(path, headers={"Content-Type": f"{content_type}; charset=utf-8",
+                                               "Cache-Control": "no-cache"})
+
+    async def dashboard_state(self, request: web.Request) -> web.Response:
+        """The history and the system now (services/README.md, "Dashboard"); 200 even when parts
+        are down: they say so."""
+        try:
+            state = self.dashboard.state()
+        except Exception as e:  # a bug: the page says so, and polls on
+            self.log.exception("dashboard state failed")
+            state = {"version": 1, "time": time.time(), "history": [], "errors": [f"state failed: {e!r}"]}
+        return web.json_response(state, headers={"Cache-Control": "no-store"})
 
     def _authorize(self, request: web.Request) -> None:
         if not self.settings.api_keys:

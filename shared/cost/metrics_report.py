@@ -102,10 +102,11 @@ def full_report(totals: Totals, gpu_hour_usd: float = economics.GPU_HOUR_USD,
 
 
 def collect(metrics_files: list[Path], url: str | None, processes_file: Path | None,
-            timeout: float = SCRAPE_TIMEOUT_S) -> Totals:
+            timeout: float = SCRAPE_TIMEOUT_S, api_key: str | None = None) -> Totals:
     """Sum the files, plus every service behind `url` and in `processes_file` (each URL once).
 
-    With no source at all, the gateway at DEFAULT_URL. Raises FileNotFoundError or ValueError for
+    With no source at all, the gateway at DEFAULT_URL. `api_key` goes to the gateway's `/services`
+    and `/usage` only (each service's /metrics is open). Raises FileNotFoundError or ValueError for
     a bad file, ScrapeError for a live source that does not answer with Prometheus text.
     """
     totals = Totals()
@@ -120,7 +121,7 @@ def collect(metrics_files: list[Path], url: str | None, processes_file: Path | N
         urls += processes_metrics_urls(Path(processes_file))
         gateways += processes_gateway_urls(Path(processes_file))
     if url is not None or (not metrics_files and processes_file is None):
-        urls += services_metrics_urls(url or DEFAULT_URL, timeout)
+        urls += services_metrics_urls(url or DEFAULT_URL, timeout, api_key)
         gateways.insert(0, (url or DEFAULT_URL).rstrip("/"))
     urls = list(dict.fromkeys(urls))
     with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL_SCRAPES, len(urls)))) as pool:
@@ -131,7 +132,7 @@ def collect(metrics_files: list[Path], url: str | None, processes_file: Path | N
             live.add(text, u)
         except ValueError as e:
             raise ScrapeError(str(e)) from None
-    usage_url, usage = read_usage_totals(gateways, timeout)
+    usage_url, usage = read_usage_totals(gateways, timeout, api_key)
     if usage is None:  # no gateway with /usage: the scrape's own sums (a drained rank's counts are lost)
         for u, text in zip(urls, texts):
             totals.add(text, u)
@@ -145,26 +146,27 @@ def collect(metrics_files: list[Path], url: str | None, processes_file: Path | N
     return totals
 
 
-def read_usage_totals(gateways: list[str], timeout: float = SCRAPE_TIMEOUT_S) -> tuple[str | None, str | None]:
+def read_usage_totals(gateways: list[str], timeout: float = SCRAPE_TIMEOUT_S,
+                      api_key: str | None = None) -> tuple[str | None, str | None]:
     """(url, text) of the first gateway's `/usage` (shared/runtime/usage.py); (None, None) when none
     serves it (an older gateway answers 404)."""
     for base in dict.fromkeys(gateways):
         try:
-            return f"{base}/usage", fetch(f"{base}/usage", timeout)
+            return f"{base}/usage", fetch(f"{base}/usage", timeout, api_key)
         except ScrapeError as e:
             if e.status != 404:
                 raise
     return None, None
 
 
-def services_metrics_urls(base_url: str, timeout: float = SCRAPE_TIMEOUT_S) -> list[str]:
+def services_metrics_urls(base_url: str, timeout: float = SCRAPE_TIMEOUT_S, api_key: str | None = None) -> list[str]:
     """The metrics URL of every live service the gateway at `base_url` lists at /services.
 
     A gateway without /services (404): its own /metrics only, said on stderr.
     """
     base = base_url.rstrip("/")
     try:
-        body = fetch(f"{base}/services", timeout)
+        body = fetch(f"{base}/services", timeout, api_key)
     except ScrapeError as e:
         if e.status != 404:
             raise
@@ -196,15 +198,19 @@ def processes_gateway_urls(path: Path) -> list[str]:
             if p.get("name") == "gateway" and "http" in p.get("ports", {})]
 
 
-def fetch(url: str, timeout: float = SCRAPE_TIMEOUT_S) -> str:
-    """GET `url` as text; ScrapeError (with the status, if any) when it cannot be read."""
+def fetch(url: str, timeout: float = SCRAPE_TIMEOUT_S, api_key: str | None = None) -> str:
+    """GET `url` as text (with `Authorization: Bearer api_key` when given); ScrapeError (with the
+    status, if any) when it cannot be read."""
     # NOTE: no proxies from the environment: metrics ports are on the cluster's own network.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with opener.open(url, timeout=timeout) as response:
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
             return response.read().decode("utf-8", errors="replace")
     except urllib.error.HTTPError as e:
-        raise ScrapeError(f"{url}: HTTP {e.code} {e.reason}", status=e.code) from None
+        hint = ("; give the gateway's key with --api-key (or STREAMOE_API_KEY)" if e.code == 401 and not api_key
+                else "; the key was refused" if e.code == 401 else "")
+        raise ScrapeError(f"{url}: HTTP {e.code} {e.reason}{hint}", status=e.code) from None
     except urllib.error.URLError as e:
         raise ScrapeError(f"{url}: cannot connect ({e.reason}); is the service running?") from None
     except (OSError, http.client.HTTPException, ValueError) as e:

@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="USD per 1M tokens: input cache hit, input cache miss, output "
                            f"(default {','.join(f'{p:g}' for p in PRICES_PER_MILLION)})")
     cost.add_argument("--gpus-per-node", type=positive_int, default=GPUS_PER_NODE)
+    cost.add_argument("--api-key", default=None,
+                      help="the gateway's API key, for its /services and /usage (STREAMOE_API_KEY)")
     cost.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     cost.set_defaults(handler=_cost)
 
@@ -300,7 +302,9 @@ def _up(args: argparse.Namespace) -> int:
 def _cost(args: argparse.Namespace) -> int:
     files = shlex.split(args.metrics) if isinstance(args.metrics, str) else args.metrics  # STREAMOE_METRICS
     try:
-        totals = collect([Path(f) for f in files], args.url, args.processes)
+        # NOTE: STREAMOE_API_KEY may list the gateway's keys comma-separated, as the gateway reads it: one is enough
+        key = (args.api_key or "").split(",")[0].strip() or None
+        totals = collect([Path(f) for f in files], args.url, args.processes, api_key=key)
     except ScrapeError as e:
         print(f"streamoe cost: error: {e}", file=sys.stderr)
         return 1

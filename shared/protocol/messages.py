@@ -177,3 +177,4 @@ class PlacementUpdate:
     phy2log: list[list[int]]  # [MoE layers][slots]: the logical expert of each physical slot
     max_mean_before: float = 0.0  # rank-load balance of the window it was computed on, old placement
     max_mean_after: float = 0.0  # the same window, new placement
+    time: float = 0.0  # when EPLB published it (Unix time; 0: an older balancer, not said)
