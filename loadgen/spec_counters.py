@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from shared.cost.metrics_report import ScrapeError, fetch
 from shared.protocol import metric_names
+from shared.runtime.promtext import parse_metrics
 
 # (drafts, draft tokens, accepted tokens, accepted per position) sample names, ours then vLLM's
 FAMILIES = (
@@ -25,15 +24,14 @@ Counts = dict[str, float]  # "drafts", "draft_tokens", "accepted_tokens", "pos<k
 def parse(text: str) -> Counts:
     """The spec_decode counters of one Prometheus exposition, summed over labels ({} when absent)."""
     out: Counts = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            for names in FAMILIES:
-                if s.name not in names:
-                    continue
-                key = ("drafts", "draft_tokens", "accepted_tokens", None)[names.index(s.name)]
-                if key is None:
-                    key = f"pos{int(float(s.labels.get('position', '0')))}"
-                out[key] = out.get(key, 0.0) + s.value
+    for (name, labels), value in parse_metrics(text, [n for names in FAMILIES for n in names]).items():
+        for names in FAMILIES:
+            if name not in names:
+                continue
+            key = ("drafts", "draft_tokens", "accepted_tokens", None)[names.index(name)]
+            if key is None:
+                key = f"pos{int(float(dict(labels).get('position', '0')))}"
+            out[key] = out.get(key, 0.0) + value
     return out
 
 

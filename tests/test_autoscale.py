@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import shutil
 import subprocess
 import threading
@@ -18,7 +17,7 @@ from test_up import start_up, stop_up
 
 from loadgen.client import Client, Result, make_session
 from loadgen.workloads import Request
-from shared.planner.autoscale import Decider, GatewaySample, Observation, observe, quantile_ms
+from shared.planner.autoscale import Decider, Observation, observe, parse_gateway
 from shared.planner.plan import DecodePoint, PrefillPoint, Profile, Units
 from shared.planner.slo import parse_slo
 from shared.protocol import streams
@@ -98,9 +97,19 @@ def test_slo_correction_scales_the_demand_by_the_miss():
 
 
 def test_observe_takes_the_gains_of_each_gateway():
-    def sample(hit, miss, out, first, inflight=0.0):
-        return GatewaySample(hit, miss, out, inflight, {0.1: first / 2, 0.5: first, math.inf: first},
-                             {0.02: out, math.inf: out})
+    def sample(hit, miss, out, first, inflight=0.0, late=0.0):
+        """A gateway's /metrics: TTFT half within 0.1 s, all of `first` within 0.5 s, `late` past it."""
+        return parse_gateway(f"""streamoe_tokens_total{{kind="input_cache_hit"}} {hit}
+streamoe_tokens_total{{kind="input_cache_miss"}} {miss}
+streamoe_tokens_total{{kind="output"}} {out}
+streamoe_gateway_inflight_requests {inflight}
+streamoe_ttft_seconds_bucket{{le="0.1"}} {first / 2}
+streamoe_ttft_seconds_bucket{{le="0.5"}} {first}
+streamoe_ttft_seconds_bucket{{le="+Inf"}} {first + late}
+streamoe_ttft_seconds_count {first + late}
+streamoe_itl_seconds_bucket{{le="0.02"}} {out}
+streamoe_itl_seconds_bucket{{le="+Inf"}} {out}
+""")
 
     before = {"g1": sample(0, 100, 50, 2)}
     now = {"g1": sample(30, 160, 90, 4, inflight=3), "g2": sample(1000, 1000, 1000, 100, inflight=1)}
@@ -108,9 +117,13 @@ def test_observe_takes_the_gains_of_each_gateway():
     # g2 is new: it counts from the next scrape on; its in-flight requests count now
     assert (obs.input_tokens, obs.cached_tokens, obs.output_tokens, obs.first_tokens, obs.inflight) == \
         (90.0, 30.0, 40.0, 2.0, 4.0)
-    assert obs.ttft_ms == 500.0 and obs.itl_ms == 20.0 and not obs.idle
-    assert quantile_ms({0.1: 0.0, math.inf: 0.0}) is None
-    assert quantile_ms({0.1: 5.0, math.inf: 10.0}) == 200.0  # past the last bucket: at least twice it
+    # p90 of TTFT gains {0.1: 1, 0.5: 2}: rank 1.8, 100 + (500 - 100) * (1.8 - 1) / (2 - 1) = 420 ms;
+    # of ITL gains {0.02: 40}: rank 36, 20 * 36 / 40 = 18 ms
+    assert obs.ttft_ms == pytest.approx(420.0) and obs.itl_ms == pytest.approx(18.0) and not obs.idle
+    quiet = observe(before, {"g1": sample(0, 100, 50, 2)}, 2.0, {}, {})
+    assert quiet.ttft_ms is None and quiet.itl_ms is None and quiet.idle
+    # every TTFT of the interval past the last finite bucket: that bound, 500 ms (as histogram_quantile)
+    assert observe(before, {"g1": sample(0, 100, 50, 2, late=10)}, 2.0, {}, {}).ttft_ms == 500.0
 
 
 async def test_usage_adds_each_gain_once_and_reads_back_as_prometheus_text(redis_url):

@@ -1,7 +1,7 @@
 """The gateway's dashboard (services/README.md, "Dashboard"): the aggregation over Prometheus text
-(pure), the keys that guard /dashboard/state, /services and /usage, `streamoe cost --api-key` and
-the load generator's key, and the page itself in a real headless Chromium (Playwright) against a
-live system under load, then with its decode rank killed."""
+(pure, with shared/runtime/promtext.py), the keys that guard /dashboard/state, /services and
+/usage, `streamoe cost --api-key` and the load generator's key, and the page itself in a real
+headless Chromium (Playwright) against a live system under load, then with its decode rank killed."""
 from __future__ import annotations
 
 import json
@@ -24,6 +24,7 @@ from shared.planner.slo import parse_slo
 from shared.protocol import streams
 from shared.protocol.messages import PlacementUpdate
 from shared.protocol.wire import encode
+from shared.runtime import promtext
 
 KEY = "sk-dash-" + secrets.token_hex(8)
 CHROMIUM = os.environ.get("STREAMOE_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -63,16 +64,20 @@ def decode_text(experts: dict[tuple[int, int], int], drafts: int, accepted: int,
     return "\n".join(lines) + "\n"
 
 
+def parse(text: str) -> promtext.Raw:
+    return promtext.parse_metrics(text, dash.WANTED)
+
+
 def test_quantiles_and_attainment_interpolate_as_prometheus():
     cumulative = [(0.08, 2.0), (0.16, 8.0), (math.inf, 10.0)]
-    assert dash.quantile(0.5, cumulative) == pytest.approx(0.12)  # 0.08 + 0.08 * (5 - 2) / (8 - 2)
-    assert dash.quantile(0.95, cumulative) == 0.16  # in the +Inf bucket: the highest finite bound
-    assert dash.quantile(0.1, cumulative) == pytest.approx(0.08 * 1 / 2)
-    assert dash.quantile(0.5, [(0.08, 0.0), (math.inf, 0.0)]) is None
-    assert dash.attainment(0.1, cumulative) == pytest.approx((2 + 6 * 0.25) / 10)
-    assert dash.attainment(0.04, cumulative) == pytest.approx(0.1)
-    assert dash.attainment(1.0, cumulative) == pytest.approx(0.8)  # beyond the last finite bound: what is known
-    assert dash.attainment(0.1, []) is None
+    assert promtext.quantile(0.5, cumulative) == pytest.approx(0.12)  # 0.08 + 0.08 * (5 - 2) / (8 - 2)
+    assert promtext.quantile(0.95, cumulative) == 0.16  # in the +Inf bucket: the highest finite bound
+    assert promtext.quantile(0.1, cumulative) == pytest.approx(0.08 * 1 / 2)
+    assert promtext.quantile(0.5, [(0.08, 0.0), (math.inf, 0.0)]) is None
+    assert promtext.attainment(0.1, cumulative) == pytest.approx((2 + 6 * 0.25) / 10)
+    assert promtext.attainment(0.04, cumulative) == pytest.approx(0.1)
+    assert promtext.attainment(1.0, cumulative) == pytest.approx(0.8)  # beyond the last finite bound: what is known
+    assert promtext.attainment(0.1, []) is None
 
 
 def test_gains_count_restarts_and_wait_for_new_sources():
@@ -81,21 +86,21 @@ def test_gains_count_restarts_and_wait_for_new_sources():
     prev = {"a": {key: 10.0}, "b": {key: 50.0}}
     cur = {"a": {key: 14.0, other: 7.0}, "b": {key: 3.0}, "c": {key: 1000.0}}
     # a: +4, and a series new in a known source counts whole; b restarted: its 3; c is new: nothing yet
-    assert dash.gains(prev, cur) == {key: 7.0, other: 7.0}
-    assert dash.levels(cur)[key] == 1017.0
+    assert promtext.gains(prev, cur) == {key: 7.0, other: 7.0}
+    assert promtext.levels(cur)[key] == 1017.0
 
 
 def test_a_sample_from_two_scrapes():
     """Rates over the interval, quantiles and attainment of what it observed, gauges now."""
     slo_s = {"ttft": 0.1, "itl": 0.1}
-    before = {"g": dash.parse_metrics(gateway_text(10, 64, 100, 50, (0, 0, 0))),
-              "d": dash.parse_metrics(decode_text({}, 0, 0)),
-              "d2": dash.parse_metrics(decode_text({}, 0, 0, group="decode-2"))}
-    after = {"g": dash.parse_metrics(gateway_text(20, 128, 300, 150, (2, 8, 10))),
-             "d": dash.parse_metrics(decode_text({}, 40, 30)),
-             "d2": dash.parse_metrics(decode_text({}, 0, 0, group="decode-2"))}
+    before = {"g": parse(gateway_text(10, 64, 100, 50, (0, 0, 0))),
+              "d": parse(decode_text({}, 0, 0)),
+              "d2": parse(decode_text({}, 0, 0, group="decode-2"))}
+    after = {"g": parse(gateway_text(20, 128, 300, 150, (2, 8, 10))),
+             "d": parse(decode_text({}, 40, 30)),
+             "d2": parse(decode_text({}, 0, 0, group="decode-2"))}
     assert ("streamoe_http_requests_total", (("code", "200"), ("route", "/v1/completions"))) not in after["g"]
-    point = dash.build_sample(1000.0, 5.0, dash.gains(before, after), dash.levels(after), slo_s)
+    point = dash.build_sample(1000.0, 5.0, promtext.gains(before, after), promtext.levels(after), slo_s)
     assert point["requests_per_s"] == 2.0 and point["dt"] == 5.0
     assert point["input_tokens_per_s"] == (64 + 200) / 5 and point["output_tokens_per_s"] == 20.0
     assert point["cached_tokens_per_s"] == 64 / 5 and point["prefix_hit_rate"] == 64 / 264
@@ -107,7 +112,7 @@ def test_a_sample_from_two_scrapes():
     assert point["spec_acceptance"] == 0.75
     assert "planner" not in point
     with pytest.raises(ValueError, match="not Prometheus text"):
-        dash.parse_metrics('streamoe_tokens_total{kind="output} 1\n')
+        parse('streamoe_tokens_total{kind="output} 1\n')
 
 
 def test_the_aggregator_keeps_a_window_of_expert_load_placements_and_cost():
@@ -447,9 +452,11 @@ def test_the_page_shows_the_live_system(live, browser, tiny_fp32, redis_url, tmp
         page.enter_key(KEY, watch=True)
         p.wait_for_selector("#panel-throughput .u-legend", timeout=10_000)
         load = Load(gateway, tiny_fp32.resolve().name)
-        # a point drawn under load: tokens flowing, requests running, latencies measured
-        p.wait_for_function("""() => ['output_tokens_per_s', 'ttft_p50', 'itl_p50', 'kv_usage.0'].every((f) =>
-            Number(document.querySelector(`[data-field="last.${f}"]`).dataset.value) > 0)""", timeout=30_000)
+        # a point drawn under load: tokens flowing, requests running, latencies measured, and the
+        # workers' usage flushed to Redis (every few seconds: until then the cost panel has none)
+        p.wait_for_function("""() => ['last.output_tokens_per_s', 'last.ttft_p50', 'last.itl_p50', 'last.kv_usage.0',
+            'cost.output_tokens'].every((f) =>
+              Number(document.querySelector(`[data-field="${f}"]`)?.dataset.value) > 0)""", timeout=30_000)
         shown = p.evaluate("""() => ({
             t: document.body.dataset.sampleT,
             stats: Object.fromEntries([...document.querySelectorAll('.stat[data-field]')].map(
@@ -538,8 +545,8 @@ def test_the_page_shows_the_live_system(live, browser, tiny_fp32, redis_url, tmp
     assert (report["output_tokens"], report["revenue_usd"]) == (output, now["cost"]["revenue_usd"])
     assert now["slo"] == {"ttft": 2.0, "itl": 0.1} and now["window"]["requests"] == requests
     (experts,) = [g for g in now["experts"] if g["role"] == "prefill"]
-    prefill_routed = sum(v for _, v in dash.grouped(dash.parse_metrics(get(live["prefill"].url("/metrics"))[1]
-                                                                       .decode()), dash.EXPERT_TOKENS).items())
+    prefill_routed = promtext.total(promtext.parse_metrics(get(live["prefill"].url("/metrics"))[1].decode()),
+                                    dash.EXPERT_TOKENS)
     assert experts["total"] == prefill_routed > 0 and experts["layers"] == [1, 2] and experts["experts"] == 16
     assert {s["name"]: s["status"] for s in now["services"]} == {n: "up" for n in live}
     assert next(s for s in now["services"] if s["name"] == "decode")["restarts"] == 2

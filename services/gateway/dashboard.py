@@ -7,8 +7,8 @@ list, EPLB placements), and keeps the last `--dashboard-history-s` of samples in
 opened now shows the last minutes. A failed scrape or Redis read marks its part down ("n/a" on the
 page); the state itself never fails. The fields are in services/README.md, "Dashboard".
 
-The arithmetic (`parse_metrics`, `gains`, `quantile`, `attainment`, `build_sample`, `Aggregator`)
-is pure, over Prometheus text; `Dashboard` does the I/O.
+The arithmetic (`build_sample`, `Aggregator`, over shared/runtime/promtext.py's parsing, counter
+gains and histogram quantiles) is pure; `Dashboard` does the I/O.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import RedisError, ResponseError
 
 from shared.cost.metrics_report import Totals, full_report, rank_name
@@ -35,6 +34,7 @@ from shared.protocol.messages import ExpertLoad, PlacementUpdate
 from shared.protocol.wire import WireError, decode
 from shared.runtime import redis_client
 from shared.runtime.discovery import live_services
+from shared.runtime.promtext import Raw, attainment, buckets, gains, grouped, levels, parse_metrics, quantile, total
 from shared.runtime.usage import exposition, read_usage
 
 SCRAPE_TIMEOUT_S = 2.0
@@ -53,116 +53,14 @@ WANTED = (TOKENS, "streamoe_requests_total", "streamoe_gateway_inflight_requests
           "streamoe_kv_blocks_used", "streamoe_kv_blocks_total", EXPERT_TOKENS, "streamoe_ep_group_members",
           *SPEC.values(), metric_names.PLANNER_DESIRED, metric_names.PLANNER_ACTUAL,
           metric_names.sample(metric_names.GPU_SECONDS), metric_names.sample(metric_names.WORKER_TOKENS))
-_WANTED_PREFIXES = tuple(n + c for n in WANTED for c in ("{", " "))
 _USAGE_PREFIXES = tuple(metric_names.sample(c) + ch for c in metric_names.USAGE_COUNTERS for ch in ("{", " "))
 
-Labels = tuple[tuple[str, str], ...]
-Raw = dict[tuple[str, Labels], float]  # (sample name, sorted labels) -> value
 
-
-# -- pure: Prometheus text -> numbers ---------------------------------------------------------------
-
-def parse_metrics(text: str) -> Raw:
-    """The samples the dashboard reads from one exposition, summed per (name, labels).
-    ValueError when the text is not Prometheus exposition."""
-    kept = "\n".join(line for line in text.splitlines() if line.startswith(_WANTED_PREFIXES)) + "\n"
-    out: Raw = {}
-    try:
-        for family in text_string_to_metric_families(kept):
-            for s in family.samples:
-                key = (s.name, tuple(sorted(s.labels.items())))
-                out[key] = out.get(key, 0.0) + s.value
-    except (ValueError, IndexError, KeyError, TypeError) as e:
-        raise ValueError(f"not Prometheus text exposition ({type(e).__name__}: {e})") from None
-    return out
-
+# -- pure: Prometheus text -> numbers (shared/runtime/promtext.py) -----------------------------------
 
 def usage_text(text: str) -> str:
     """Only the usage counters' samples of an exposition (what `Totals.add` reads)."""
     return "\n".join(line for line in text.splitlines() if line.startswith(_USAGE_PREFIXES)) + "\n"
-
-
-def gains(prev: dict[str, Raw], cur: dict[str, Raw]) -> Raw:
-    """What each counter gained between two scrapes, summed over the sources read both times.
-    A series that fell (its process restarted) gained its whole value; a series new in a known
-    source gained all of it (counters start at 0); a source new since `prev` adds nothing yet (its
-    counters may hold hours of history)."""
-    out: Raw = {}
-    for source, now in cur.items():
-        before = prev.get(source)
-        if before is None:
-            continue
-        for key, value in now.items():
-            old = before.get(key, 0.0)
-            gained = value - old if value >= old else value
-            if gained:
-                out[key] = out.get(key, 0.0) + gained
-    return out
-
-
-def levels(cur: dict[str, Raw]) -> Raw:
-    """Each series summed over the sources (for gauges)."""
-    out: Raw = {}
-    for raw in cur.values():
-        for key, value in raw.items():
-            out[key] = out.get(key, 0.0) + value
-    return out
-
-
-def total(raw: Raw, name: str, **labels: str) -> float:
-    """The sum of the samples named `name` with these labels."""
-    return sum(v for (n, ls), v in raw.items() if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))
-
-
-def grouped(raw: Raw, name: str, *label_names: str) -> dict[tuple[str, ...], float]:
-    """Samples named `name` summed by the values of `label_names`."""
-    out: dict[tuple[str, ...], float] = {}
-    for (n, ls), v in raw.items():
-        if n == name:
-            d = dict(ls)
-            key = tuple(d.get(k, "") for k in label_names)
-            out[key] = out.get(key, 0.0) + v
-    return out
-
-
-def buckets(raw: Raw, histogram: str) -> list[tuple[float, float]]:
-    """(upper bound, cumulative count) of a histogram's buckets, summed over series, sorted."""
-    by_le = grouped(raw, f"{histogram}_bucket", "le")
-    return sorted((float(le), count) for (le,), count in by_le.items())
-
-
-def quantile(q: float, cumulative: list[tuple[float, float]]) -> float | None:
-    """Prometheus's histogram_quantile: linear within the bucket that holds rank q; the highest
-    finite bound when that bucket is +Inf's. None without observations."""
-    if not cumulative or cumulative[-1][1] <= 0:
-        return None
-    rank = q * cumulative[-1][1]
-    lower_bound, lower_count = 0.0, 0.0
-    for i, (le, count) in enumerate(cumulative):
-        if count >= rank:
-            if le == float("inf"):
-                return cumulative[i - 1][0] if i > 0 else None
-            if count == lower_count:
-                return le
-            return lower_bound + (le - lower_bound) * (rank - lower_count) / (count - lower_count)
-        lower_bound, lower_count = le, count
-    return None
-
-
-def attainment(target: float, cumulative: list[tuple[float, float]]) -> float | None:
-    """The fraction of observations within `target` (linear within its bucket, as `quantile`);
-    None without observations."""
-    if not cumulative or cumulative[-1][1] <= 0:
-        return None
-    lower_bound, lower_count = 0.0, 0.0
-    for le, count in cumulative:
-        if le >= target:
-            if le == float("inf"):
-                return lower_count / cumulative[-1][1]
-            within = lower_count + (count - lower_count) * (target - lower_bound) / (le - lower_bound)
-            return within / cumulative[-1][1]
-        lower_bound, lower_count = le, count
-    return 1.0
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -402,7 +300,7 @@ class Aggregator:
         cur, errors = {}, dict(redis_parts.get("scrape_errors", {}))
         for source, text in texts.items():
             try:
-                cur[source] = parse_metrics(text)
+                cur[source] = parse_metrics(text, WANTED)
             except ValueError as e:
                 errors[source] = str(e)
         level = levels(cur)

@@ -19,11 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from shared.cost import economics
 from shared.cost.economics import TokenCounts
 from shared.protocol import metric_names
+from shared.runtime.promtext import parse_metrics, total
 
 # NOTE: matched by sample name: the parser strips `_total` from a counter's family name only.
 TOKENS = metric_names.sample(metric_names.TOKENS)  # gateway: {kind}
@@ -46,8 +45,7 @@ class ScrapeError(Exception):
 
 def sample_sum(text: str, name: str, **labels: str) -> float:
     """The sum of the samples named `name` with these labels in a Prometheus exposition (0 when absent)."""
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return total(parse_metrics(text, (name,)), name, **labels)
 
 
 @dataclass
@@ -64,18 +62,19 @@ class Totals:
     def add(self, text: str, source: str) -> None:
         """Add one exposition's counters; a ValueError naming `source` if it is not Prometheus text."""
         try:
-            samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
-        except (ValueError, IndexError, KeyError) as e:
-            raise ValueError(f"{source}: not Prometheus text exposition ({e})") from None
-        for s in samples:
-            role, kind = s.labels.get("role", ""), s.labels.get("kind", "")
-            rank = rank_name(role, s.labels.get("group", ""), s.labels.get("rank", ""))
-            if s.name == TOKENS and kind in KINDS:
-                _inc(self.tokens, kind, s.value)
-            elif s.name == GPU_SECONDS:
-                _inc(self.gpu_seconds, (role, rank), s.value)
-            elif s.name == WORKER_TOKENS:
-                _inc(self.worker_tokens, (role, rank, kind), s.value)
+            raw = parse_metrics(text)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        for (name, label_items), value in raw.items():
+            labels = dict(label_items)
+            role, kind = labels.get("role", ""), labels.get("kind", "")
+            rank = rank_name(role, labels.get("group", ""), labels.get("rank", ""))
+            if name == TOKENS and kind in KINDS:
+                _inc(self.tokens, kind, value)
+            elif name == GPU_SECONDS:
+                _inc(self.gpu_seconds, (role, rank), value)
+            elif name == WORKER_TOKENS:
+                _inc(self.worker_tokens, (role, rank, kind), value)
         self.sources.append(source)
 
     def tokens_per_s(self, role: str, kinds: tuple[str, ...]) -> dict[str, float]:
@@ -118,8 +117,9 @@ def collect(metrics_files: list[Path], url: str | None, processes_file: Path | N
     urls: list[str] = []
     gateways: list[str] = []  # where the Redis totals may be read (`/usage`)
     if processes_file is not None:
-        urls += processes_metrics_urls(Path(processes_file))
-        gateways += processes_gateway_urls(Path(processes_file))
+        metrics_urls, gateway_urls = processes_urls(Path(processes_file))
+        urls += metrics_urls
+        gateways += gateway_urls
     if url is not None or (not metrics_files and processes_file is None):
         urls += services_metrics_urls(url or DEFAULT_URL, timeout, api_key)
         gateways.insert(0, (url or DEFAULT_URL).rstrip("/"))
@@ -180,22 +180,18 @@ def services_metrics_urls(base_url: str, timeout: float = SCRAPE_TIMEOUT_S, api_
                           f"got {body[:200]!r} ({type(e).__name__}: {e})") from None
 
 
-def processes_metrics_urls(path: Path) -> list[str]:
-    """http://127.0.0.1:<http port>/metrics of each process in a `streamoe up` processes.json."""
+def processes_urls(path: Path) -> tuple[list[str], list[str]]:
+    """(http://127.0.0.1:<http port>/metrics of each process, http://127.0.0.1:<http port> of each
+    gateway) in a `streamoe up` processes.json."""
     if not path.is_file():
         raise FileNotFoundError(f"--processes {path}: no such file")
     try:
         entries = json.loads(path.read_text())["processes"]
-        return [f"http://127.0.0.1:{int(p['ports']['http'])}/metrics" for p in entries if "http" in p.get("ports", {})]
+        bases = [(p.get("name"), f"http://127.0.0.1:{int(p['ports']['http'])}")
+                 for p in entries if "http" in p.get("ports", {})]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"--processes {path}: not a `streamoe up` processes.json ({type(e).__name__}: {e})") from None
-
-
-def processes_gateway_urls(path: Path) -> list[str]:
-    """http://127.0.0.1:<http port> of each gateway in a `streamoe up` processes.json."""
-    entries = json.loads(path.read_text())["processes"]
-    return [f"http://127.0.0.1:{int(p['ports']['http'])}" for p in entries
-            if p.get("name") == "gateway" and "http" in p.get("ports", {})]
+    return [f"{base}/metrics" for _, base in bases], [base for name, base in bases if name == "gateway"]
 
 
 def fetch(url: str, timeout: float = SCRAPE_TIMEOUT_S, api_key: str | None = None) -> str:

@@ -7,8 +7,9 @@ ranks the next interval needs, within bounds, without flapping.
   `waiting`) served over the next interval. The ranks per role come from `plan.py`'s capacity
   for that load (the profile's best point within the SLOs), rounded to whole units.
 - **SLO correction** (Dynamo's planner does the same): when the gateways measured a p90 TTFT (ITL)
-  over its bound, the prefill (decode) demand is scaled by measured / bound, at most 4x: the
-  profile was optimistic for this load. Off where extra ranks add no capacity (one machine's cores).
+  over its bound (Prometheus's histogram_quantile over the interval's buckets), the prefill
+  (decode) demand is scaled by measured / bound, at most 4x: the profile was optimistic for this
+  load. Off where extra ranks add no capacity (one machine's cores).
 - **Hysteresis**: up at once; down only once `down_after` intervals in a row wanted fewer ranks
   even with DOWN_HEADROOM more load than they measured, then to what the last of them wanted. Idle
   (nothing arrived, nothing in flight, nothing queued): the floor, after the same wait.
@@ -18,72 +19,32 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from shared.planner.plan import Interval, Profile, Units, decode_capacity, prefill_capacity
 from shared.planner.slo import SLO
 from shared.protocol import metric_names
+from shared.runtime.promtext import Raw, buckets, gains, levels, parse_metrics, quantile, total
 
 ROLES = ("prefill", "decode")
 MAX_CORRECTION = 4.0
 DOWN_HEADROOM = 0.2  # a role comes down only to ranks that would serve 20% more than the interval's load
-QUANTILE = 0.9  # the SLO correction's latency: p90 over the interval
+QUANTILE = 0.9  # the SLO correction's latency: p90 over the interval (histogram_quantile)
+# the gateway's samples it reads (services/gateway/metrics.py)
+TOKENS = metric_names.sample(metric_names.TOKENS)
+INFLIGHT = "streamoe_gateway_inflight_requests"
+TTFT, ITL = "streamoe_ttft_seconds", "streamoe_itl_seconds"
 
 
-@dataclass
-class GatewaySample:
-    """One gateway's counters at one scrape (services/gateway/metrics.py)."""
-
-    input_hit: float = 0.0
-    input_miss: float = 0.0
-    output: float = 0.0
-    inflight: float = 0.0
-    ttft: dict[float, float] = field(default_factory=dict)  # histogram: upper bound (s) -> cumulative count
-    itl: dict[float, float] = field(default_factory=dict)
-
-    @property
-    def first_tokens(self) -> float:
-        return self.ttft.get(math.inf, 0.0)
+GatewaySample = Raw  # one gateway's samples at one scrape (parse_gateway)
 
 
 def parse_gateway(text: str) -> GatewaySample:
-    """A gateway's /metrics text -> its sample (ValueError when it is not Prometheus text)."""
-    out = GatewaySample()
-    tokens = metric_names.sample(metric_names.TOKENS)
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == tokens:
-                kind = s.labels.get("kind")
-                if kind == "input_cache_hit":
-                    out.input_hit += s.value
-                elif kind == "input_cache_miss":
-                    out.input_miss += s.value
-                elif kind == "output":
-                    out.output += s.value
-            elif s.name == "streamoe_gateway_inflight_requests":
-                out.inflight += s.value
-            elif s.name in ("streamoe_ttft_seconds_bucket", "streamoe_itl_seconds_bucket"):
-                hist = out.ttft if s.name.startswith("streamoe_ttft") else out.itl
-                le = float(s.labels["le"])
-                hist[le] = hist.get(le, 0.0) + s.value
-    return out
+    """A gateway's /metrics text -> the samples the planner reads (ValueError when it is not
+    Prometheus text)."""
+    return parse_metrics(text, (TOKENS, INFLIGHT, f"{TTFT}_bucket", f"{ITL}_bucket"))
 
 
-def _gain(now: dict[float, float], before: dict[float, float]) -> dict[float, float]:
-    return {le: max(0.0, c - before.get(le, 0.0)) for le, c in now.items()}
-
-
-def quantile_ms(hist: dict[float, float], q: float = QUANTILE) -> float | None:
-    """The q-quantile of a cumulative histogram, in ms: the upper bound of the bucket it falls in
-    (a bound, as Prometheus' histogram_quantile without the interpolation); None when empty."""
-    total = hist.get(math.inf, 0.0)
-    if total <= 0:
-        return None
-    finite = sorted(le for le in hist if le != math.inf)
-    for le in finite:
-        if hist[le] >= q * total:
-            return le * 1000.0
-    return (finite[-1] if finite else 0.0) * 1000.0 * 2  # past the last bucket: at least twice it
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
 
 
 @dataclass
@@ -108,27 +69,17 @@ class Observation:
 
 def observe(before: dict[str, GatewaySample], now: dict[str, GatewaySample], seconds: float,
             waiting: dict[str, int], actual: dict[str, int]) -> Observation:
-    """The gains between two scrapes of the gateways (by instance). A gateway new since the last
-    scrape counts from this one on (its counters started with it, or we only just found it)."""
-    obs = Observation(seconds, waiting=waiting, actual=actual)
-    ttft: dict[float, float] = {}
-    itl: dict[float, float] = {}
-    for instance, s in now.items():
-        obs.inflight += s.inflight
-        b = before.get(instance)
-        if b is None:
-            continue
-        hit, miss = max(0.0, s.input_hit - b.input_hit), max(0.0, s.input_miss - b.input_miss)
-        obs.input_tokens += hit + miss
-        obs.cached_tokens += hit
-        obs.output_tokens += max(0.0, s.output - b.output)
-        obs.first_tokens += max(0.0, s.first_tokens - b.first_tokens)
-        for le, c in _gain(s.ttft, b.ttft).items():
-            ttft[le] = ttft.get(le, 0.0) + c
-        for le, c in _gain(s.itl, b.itl).items():
-            itl[le] = itl.get(le, 0.0) + c
-    obs.ttft_ms, obs.itl_ms = quantile_ms(ttft), quantile_ms(itl)
-    return obs
+    """The gains between two scrapes of the gateways (by instance), as promtext.gains counts them:
+    a gateway new since the last scrape counts from this one on (its counters started with it, or
+    we only just found it); a counter that fell (the gateway restarted) counts its whole value."""
+    level = levels(now)
+    gained = dict.fromkeys(level, 0.0) | gains(before, now)  # every bucket bound, gained or not
+    hit, miss = total(gained, TOKENS, kind="input_cache_hit"), total(gained, TOKENS, kind="input_cache_miss")
+    ttft, itl = buckets(gained, TTFT), buckets(gained, ITL)
+    return Observation(seconds, first_tokens=ttft[-1][1] if ttft else 0.0,  # the +Inf bucket: every request
+                       input_tokens=hit + miss, cached_tokens=hit, output_tokens=total(gained, TOKENS, kind="output"),
+                       inflight=total(level, INFLIGHT), waiting=waiting, actual=actual,
+                       ttft_ms=_ms(quantile(QUANTILE, ttft)), itl_ms=_ms(quantile(QUANTILE, itl)))
 
 
 @dataclass
@@ -158,11 +109,11 @@ class Decider:
         self.below = {role: 0 for role in ROLES}
         self.mean_input_len = 1.0  # the last interval's with arrivals: the backlog's size
 
-    def wanted(self, obs: Observation, headroom: float = 0.0) -> dict[str, tuple[int, str]]:
-        """role -> (ranks, reason) for this interval alone (its demand times 1 + headroom), within
-        the bounds."""
+    def wanted(self, obs: Observation) -> dict[str, tuple[int, int, str]]:
+        """role -> (ranks, ranks for DOWN_HEADROOM more load, reason) for this interval alone,
+        within the bounds."""
         if obs.idle:
-            return {role: (getattr(self.low, role), "idle") for role in ROLES}
+            return {role: (getattr(self.low, role), getattr(self.low, role), "idle") for role in ROLES}
         if obs.first_tokens:
             self.mean_input_len = obs.input_tokens / obs.first_tokens
         rate = max(obs.first_tokens, 1.0) / obs.seconds
@@ -178,28 +129,30 @@ class Decider:
         out = {}
         for role, (tok_s, cap, bound, measured) in demand.items():
             reason = "load"
-            tok_s *= 1.0 + headroom
             if self.correction and bound is not None and measured is not None and measured > bound:
                 tok_s *= min(measured / bound, MAX_CORRECTION)
                 reason = "slo"
-            unit = getattr(self.units, role)
-            ranks = math.ceil(tok_s / cap / unit - 1e-9) * unit
-            lo, hi = getattr(self.low, role), getattr(self.high, role)
-            if ranks > hi or ranks < lo:
-                reason = "bounds" if reason == "load" else reason
-            out[role] = (min(max(ranks, lo), hi), reason)
+            ranks, clamped = self._within_bounds(role, tok_s / cap)
+            down, _ = self._within_bounds(role, tok_s * (1.0 + DOWN_HEADROOM) / cap)
+            out[role] = (ranks, down, "bounds" if clamped and reason == "load" else reason)
         return out
+
+    def _within_bounds(self, role: str, num_ranks: float) -> tuple[int, bool]:
+        """`num_ranks` rounded up to whole units and held within the bounds; whether it was clamped."""
+        unit = getattr(self.units, role)
+        ranks = math.ceil(num_ranks / unit - 1e-9) * unit
+        lo, hi = getattr(self.low, role), getattr(self.high, role)
+        return min(max(ranks, lo), hi), not lo <= ranks <= hi
 
     def decide(self, obs: Observation) -> list[Decision]:
         out = []
-        with_headroom = self.wanted(obs, DOWN_HEADROOM)
-        for role, (ranks, reason) in self.wanted(obs).items():
+        for role, (ranks, down, reason) in self.wanted(obs).items():
             now, direction = self.desired[role], None
             if ranks > now:
                 self.below[role] = 0
                 direction = "up"
-            elif with_headroom[role][0] < now:
-                ranks = with_headroom[role][0]
+            elif down < now:
+                ranks = down
                 self.below[role] += 1
                 if self.below[role] >= self.down_after:
                     self.below[role] = 0
