@@ -2,14 +2,17 @@
 
     python -m loadgen.bench_e2e [--preset small] [--num-requests 32] [--input-len 160]
                                 [--output-len 80] [--range-ratio 0.5] [--dtype auto]
+                                [--worker-threads share,all]
 
 1. `streamoe up` serves the preset (its own Redis, tokenizer, balancer, prefill rank, decode
    rank, gateway: each its own process); `python -m loadgen` sends the `random` workload, every
-   request at once, streamed, greedy, EOS ignored.
+   request at once, streamed, greedy, EOS ignored; once per `--worker-threads` value (how
+   `streamoe up` gives the workers their threads), each on a fresh system.
 2. The system is stopped; the batched engine of `streamoe generate` runs the same prompts (the
    same token ids, from the same seeded workload) in this process, all submitted at once.
-Prints output tokens/s and TTFT p50 of both, and their ratios. On a 2-core machine the services
-split the cores (prefill and decode get one each) where the in-process engine has both.
+Prints output tokens/s and TTFT p50 of each, and their ratios to the in-process engine. On a
+2-core machine `share` splits the cores (prefill and decode get one each) where the in-process
+engine has both; `all` gives each worker both, their idle OpenMP threads sleeping.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--range-ratio", type=float, default=0.5)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker-threads", default="share,all",
+                   help="streamoe up --worker-threads values to run the services with, comma-separated, in order")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--out", type=Path, default=None, help="write both results as JSON")
     return p.parse_args(argv)
@@ -50,9 +55,9 @@ def loadgen_argv(args: argparse.Namespace, url: str, vocab_size: int, out: Path)
             "--rate", "inf", "--no-progress", "--out", str(out)]
 
 
-def through_services(args: argparse.Namespace, vocab_size: int, run_dir: Path) -> dict:
+def through_services(args: argparse.Namespace, vocab_size: int, run_dir: Path, worker_threads: str) -> dict:
     with running_system("--preset", args.preset, "--dtype", args.dtype, "--port", str(args.port),
-                        "--run-dir", str(run_dir)) as url:
+                        "--run-dir", str(run_dir), "--worker-threads", worker_threads) as url:
         run_loadgen(["--url", url, "--workload", "random", "--num-requests", "2", "--input-len", "32",
                      "--output-len", "4", "--vocab-size", str(vocab_size), "--seed", "99", "--no-progress",
                      "--out", str(run_dir / "warmup.json")])
@@ -61,6 +66,7 @@ def through_services(args: argparse.Namespace, vocab_size: int, run_dir: Path) -
         result = run_loadgen(argv)
         result["command"] = "python -m loadgen " + shlex.join(argv)
         result["numerics"] = json.loads((run_dir / "processes.json").read_text()).get("numerics")
+        result["worker_threads"] = worker_threads
         return result
 
 
@@ -112,20 +118,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from shared.launcher.up import home
 
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    values = args.worker_threads.split(",")
+    if len(set(values)) != len(values):
+        raise SystemExit(f"--worker-threads={args.worker_threads}: name each value once")
     vocab_size = _vocab(args.preset)
-    services = through_services(args, vocab_size, run_dir)  # creates the preset on first use
+    services = {}
+    for value in values:
+        run_dir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+        services[value] = through_services(args, vocab_size, run_dir, value)  # creates the preset on first use
     local = in_process(args, home() / "models" / args.preset, vocab_size)
     print(f"{args.preset}, dtype {args.dtype}: {args.num_requests} requests at once, input {args.input_len} and "
           f"output {args.output_len} tokens ±{args.range_ratio:.0%}; {os.cpu_count()} cores")
-    print(f"{'':32} {'completed':>9} {'in tok':>7} {'out tok':>7} {'seconds':>8} {'out tok/s':>9} {'TTFT p50 ms':>11}")
-    for name, r in (("through the services (HTTP)", services), ("in-process engine", local)):
-        print(f"{name:32} {r['completed']:>9} {r['total_input_tokens']:>7} {r['total_output_tokens']:>7} "
+    print(f"{'':40} {'completed':>9} {'in tok':>7} {'out tok':>7} {'seconds':>8} {'out tok/s':>9} {'TTFT p50 ms':>11}")
+    rows = [(f"services, --worker-threads {value}", r) for value, r in services.items()]
+    for name, r in (*rows, ("in-process engine", local)):
+        print(f"{name:40} {r['completed']:>9} {r['total_input_tokens']:>7} {r['total_output_tokens']:>7} "
               f"{r['duration']:>8.1f} {r['output_throughput']:>9.1f} {r['median_ttft_ms']:>11.0f}")
-    print(f"output tok/s, services / in-process: {services['output_throughput'] / local['output_throughput']:.2f}x")
-    print(f"TTFT p50, services / in-process: {services['median_ttft_ms'] / local['median_ttft_ms']:.2f}x")
-    print(f"numerics: services {services['numerics']}, in-process {local['numerics']}")
-    print(f"loadgen: {services['command']}")
+    for value, r in services.items():
+        print(f"--worker-threads {value}: output tok/s, services / in-process "
+              f"{r['output_throughput'] / local['output_throughput']:.2f}x; TTFT p50 "
+              f"{r['median_ttft_ms'] / local['median_ttft_ms']:.2f}x")
+    print(f"numerics: services {next(iter(services.values()))['numerics']}, in-process {local['numerics']}")
+    print(f"loadgen: {next(iter(services.values()))['command']}")
     if args.out:
         args.out.write_text(json.dumps({"services": services, "in_process": local}, indent=2) + "\n")
     return 0

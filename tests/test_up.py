@@ -129,11 +129,19 @@ def test_up_with_ep_groups(tiny_fp32, tmp_path):
     """`--prefill-ep 2 --decode-ep 2`: two rank processes per role, ready only once each group has
     formed, a request served through both groups; then `up` killed with -9, and no service left."""
     proc, url, run_dir = start_up(tiny_fp32, tmp_path, "--prefill-ep", "2", "--decode-ep", "2", "--ep-wire", "exact",
-                                  "--num-redundant-experts", "2")
+                                  "--num-redundant-experts", "2", "--worker-threads", "all")
     try:
         processes = json.loads((run_dir / "processes.json").read_text())["processes"]
         ranks = sorted((p["name"], p["rank"]) for p in processes if p["name"] in ("prefill", "decode"))
         assert ranks == [("decode", 0), ("decode", 1), ("prefill", 0), ("prefill", 1)]
+        # --worker-threads all: every rank computes on every core, its OpenMP threads waiting passively
+        for p in processes:
+            if p["name"] in ("prefill", "decode"):
+                argv = Path(f"/proc/{p['pid']}/cmdline").read_bytes().split(b"\0")
+                assert argv[argv.index(b"--threads") + 1] == str(os.cpu_count()).encode(), argv
+                environ = Path(f"/proc/{p['pid']}/environ").read_bytes().split(b"\0")
+                environ = dict(e.split(b"=", 1) for e in environ if e)
+                assert environ.get(b"OMP_WAIT_POLICY") == os.environ.get("OMP_WAIT_POLICY", "PASSIVE").encode()
         assert complete(url, "tiny")["usage"]["completion_tokens"] == 5
         for role in ("prefill", "decode"):
             for r in range(2):
@@ -179,6 +187,34 @@ def test_up_with_an_embedded_redis_cluster(tiny_fp32, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_worker_threads():
+    """`share` splits the cores; `all` or a count may oversubscribe them, and then the workers'
+    OpenMP threads wait passively (unless the environment says otherwise); a bad value names itself."""
+    from shared.launcher.up import worker_threads
+
+    os.environ.pop("OMP_WAIT_POLICY", None)
+    assert worker_threads("share", 8, 2) == (4, {}) and worker_threads("share", 2, 4) == (1, {})
+    assert worker_threads("all", 8, 1) == (8, {})
+    assert worker_threads("all", 8, 2) == (8, {"OMP_WAIT_POLICY": "PASSIVE"})
+    assert worker_threads("3", 8, 2) == (3, {}) and worker_threads("3", 8, 3) == (3, {"OMP_WAIT_POLICY": "PASSIVE"})
+    os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
+    try:
+        assert worker_threads("all", 8, 2) == (8, {})
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+    for bad in ("0", "-1", "many", ""):
+        with pytest.raises(ValueError, match=f"--worker-threads={bad}: expected share, all"):
+            worker_threads(bad, 8, 2)
+
+
+def test_up_refuses_a_bad_worker_threads(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "shared.launcher.cli", "up", "--worker-threads", "lots", "--port",
+                           str(free_port()), "--run-dir", str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "STREAMOE_HOME": str(tmp_path / "home")})
+    assert done.returncode == 2 and "--worker-threads=lots: expected share, all" in done.stderr, done.stderr
+    assert not (tmp_path / "home").exists()  # refused before anything was made or started
 
 
 def test_up_refuses_a_port_something_listens_on(tmp_path):

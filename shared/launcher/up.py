@@ -23,7 +23,8 @@ their environment (`STREAMOE_REDIS_URL`, `STREAMOE_API_KEY`), never their comman
 `ps` shows to every user; `processes.json` has the Redis URL without its password.
 
 `--dtype auto` and `--moe-backend auto` are calibrated here, once, before any service starts, with
-the workers' thread count (shared/runtime/numerics.py); every worker and the cache service get the
+the workers' thread count (`--worker-threads`: by default the cores split between the workers;
+shared/runtime/numerics.py); every worker and the cache service get the
 concrete values, which are printed on stderr and kept in processes.json under "numerics".
 """
 from __future__ import annotations
@@ -78,6 +79,7 @@ class Child:
     instance: str = ""  # the instance id of the running process
     rolling: bool = False  # the rolling restart replaces it now: the supervisor leaves it alone
     retiring: bool = False  # the autoscaler drains it: never restarted, dropped once it exits
+    env: dict = field(default_factory=dict)  # set in its environment besides the secrets (a worker's OpenMP waits)
     # earlier processes still draining after a successor took their place: (process, instance id)
     leaving: list = field(default_factory=list)
 
@@ -95,8 +97,8 @@ class Child:
         self.instance = self.instance_id()
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, "--http-port", str(self.http_port),
                                       "--instance-id", self.instance, *self.args, *extra],
-                                     stdout=log, stderr=log, start_new_session=True, env={**os.environ, **secrets},
-                                     preexec_fn=die_with_parent)
+                                     stdout=log, stderr=log, start_new_session=True,
+                                     env={**os.environ, **secrets, **self.env}, preexec_fn=die_with_parent)
 
     def start_successor(self, secrets: dict[str, str]) -> None:
         """A new process beside the running one, which goes on (to be stopped, or stopping): on a
@@ -182,10 +184,14 @@ def up(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"streamoe up: {e}", file=sys.stderr)
             return 2
-    model = resolve_model(args)
     # with --autoscale, the most ranks it may run share the cores
     num_workers = args.prefill_ep + args.decode_ep if scaling is None else scaling[1].prefill + scaling[1].decode
-    threads = max(1, cores // num_workers)
+    try:
+        threads, worker_env = worker_threads(getattr(args, "worker_threads", "share"), cores, num_workers)
+    except ValueError as e:
+        print(f"streamoe up: {e}", file=sys.stderr)
+        return 2
+    model = resolve_model(args)
     try:
         from shared.model.config import ModelArgs
 
@@ -231,11 +237,11 @@ def up(args: argparse.Namespace) -> int:
                       run_dir / "balancer.log"),
                 *[Child("prefill", "services.prefill", [*worker, "--rank", str(r), "--ep-size", str(args.prefill_ep),
                                                         "--overlap", args.prefill_overlap],
-                        free_port(), run_dir / f"prefill-{r}.log", rank=r, ep_size=args.prefill_ep)
+                        free_port(), run_dir / f"prefill-{r}.log", rank=r, ep_size=args.prefill_ep, env=worker_env)
                   for r in range(args.prefill_ep if scaling is None else 0)],
                 *[Child("decode", "services.decode", [*worker, "--rank", str(r), "--ep-size", str(args.decode_ep),
                                                       "--overlap", args.decode_overlap],
-                        free_port(), run_dir / f"decode-{r}.log", rank=r, ep_size=args.decode_ep)
+                        free_port(), run_dir / f"decode-{r}.log", rank=r, ep_size=args.decode_ep, env=worker_env)
                   for r in range(args.decode_ep if scaling is None else 0)],
                 Child("gateway", "services.gateway", gateway + ["--host", args.host, "--reuse-port"], args.port,
                       run_dir / "gateway.log", shares_port=True)]
@@ -254,7 +260,7 @@ def up(args: argparse.Namespace) -> int:
             group = "" if index == 0 else f"{role}-{index}"
             return Child(role, f"services.{role}", [*worker, "--rank", "0", "--ep-size", "1", "--overlap",
                                                     overlap[role], *(["--ep-group-id", group] if group else [])],
-                         free_port(), run_dir / f"{group or role}-0.log", rank=0, group=group)
+                         free_port(), run_dir / f"{group or role}-0.log", rank=0, group=group, env=worker_env)
 
         autoscaler = Autoscaler(secrets, scaled_worker)
         children[3:3] = [autoscaler.new_worker(role) for role in ("prefill", "decode")
@@ -544,6 +550,31 @@ class Supervisor:
         self.rolling_restarts += 1
         self.write()
         print(f"streamoe up: rolling restart done ({len(self.children)} services)", file=sys.stderr, flush=True)
+
+
+def worker_threads(value: str, cores: int, num_workers: int) -> tuple[int, dict[str, str]]:
+    """--worker-threads: each worker's torch threads, and what its environment needs besides.
+
+    `share`: the cores split between the workers, so none is oversubscribed, but a worker's cores
+    idle while it waits (prefill between bursts). `all` (or a count): each worker computes on that
+    many threads, sharing the cores with the others. Where the threads of all workers exceed the
+    cores, OpenMP must not spin: a thread spinning at a barrier holds a core another process's
+    thread needs, and two busy workers then run several times slower than on a split. So their
+    threads wait passively (OMP_WAIT_POLICY=PASSIVE), unless the environment already says how."""
+    if value == "share":
+        return max(1, cores // num_workers), {}
+    if value == "all":
+        threads = cores
+    else:
+        try:
+            threads = int(value)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise ValueError(f"--worker-threads={value}: expected share, all or a positive count of threads")
+    if threads * num_workers <= cores or "OMP_WAIT_POLICY" in os.environ:
+        return threads, {}
+    return threads, {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def calibrate(model: Path, args: argparse.Namespace, threads: int):
