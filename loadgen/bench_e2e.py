@@ -2,7 +2,7 @@
 
     python -m loadgen.bench_e2e [--preset small] [--num-requests 32] [--input-len 160]
                                 [--output-len 80] [--range-ratio 0.5] [--dtype auto]
-                                [--worker-threads share,all]
+                                [--worker-threads share,lend,all]
 
 1. `streamoe up` serves the preset (its own Redis, tokenizer, balancer, prefill rank, decode
    rank, gateway: each its own process); `python -m loadgen` sends the `random` workload, every
@@ -12,7 +12,8 @@
    same token ids, from the same seeded workload) in this process, all submitted at once.
 Prints output tokens/s and TTFT p50 of each, and their ratios to the in-process engine. On a
 2-core machine `share` splits the cores (prefill and decode get one each) where the in-process
-engine has both; `all` gives each worker both, their idle OpenMP threads sleeping.
+engine has both; `lend` lends a worker the cores the other leaves idle, step by step; `all` gives
+each worker both, their idle OpenMP threads sleeping.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--range-ratio", type=float, default=0.5)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--worker-threads", default="share,all",
+    p.add_argument("--worker-threads", default="share,lend,all",
                    help="streamoe up --worker-threads values to run the services with, comma-separated, in order")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--out", type=Path, default=None, help="write both results as JSON")

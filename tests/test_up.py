@@ -6,11 +6,13 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -33,8 +35,9 @@ def alive(pid: int) -> bool:
         return False
 
 
-def complete(url: str, model: str, api_key: str | None = None) -> dict:
-    body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": 5, "temperature": 0}).encode()
+def complete(url: str, model: str, api_key: str | None = None, max_tokens: int = 5) -> dict:
+    body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True}).encode()
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
     req = urllib.request.Request(f"{url}/v1/completions", data=body, headers=headers)
     with urllib.request.urlopen(req, timeout=120) as r:
@@ -71,15 +74,35 @@ def stop_up(proc: subprocess.Popen, run_dir: Path) -> None:
 
 def test_up_serves_restarts_and_stops_cleanly(tiny_fp32, tmp_path):
     proc, url, run_dir = start_up(tiny_fp32, tmp_path, "--api-key", "sk-up-test-key", "--redis-appendfsync",
-                                  "always")
+                                  "always", "--worker-threads", "lend")
     try:
         with pytest.raises(urllib.error.HTTPError, match="401"):
             complete(url, "tiny")
-        assert len(complete(url, "tiny", "sk-up-test-key")["choices"][0]["text"]) >= 0
+        # --worker-threads lend: while prefill idles, decode computes on every core, then gives them back
+        lease, cores = run_dir / "core-lease", os.cpu_count()
+        seen = set()
+        with ThreadPoolExecutor(1) as pool:
+            done = pool.submit(complete, url, "tiny", "sk-up-test-key", 200)
+            while not done.done():
+                seen.add(struct.unpack("<2i", lease.read_bytes()))
+                time.sleep(0.002)
+            assert done.result()["usage"]["completion_tokens"] == 200
+        assert (0, cores) in seen, seen  # decode alone, on all of them
+        share = max(1, cores // 2)
+        assert {p for p, _ in seen} | {d for _, d in seen} <= {0, share, cores - share, cores}, seen
+        deadline = time.monotonic() + 10
+        while struct.unpack("<2i", lease.read_bytes()) != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert struct.unpack("<2i", lease.read_bytes()) == (0, 0)  # both idle: both gave their cores back
         listed = json.loads((run_dir / "processes.json").read_text())
         processes = listed["processes"]
         names = {p["name"] for p in processes}
         assert names == {"tokenizer", "cache", "balancer", "prefill", "decode", "gateway", "redis"}
+        for p in processes:
+            if p["name"] in ("prefill", "decode"):
+                argv = Path(f"/proc/{p['pid']}/cmdline").read_bytes().split(b"\0")
+                slot = 0 if p["name"] == "prefill" else 1
+                assert argv[argv.index(b"--core-lease") + 1] == f"{lease}:{slot}".encode(), argv
         # numerics calibrated once by `up` (an fp32 checkpoint stays fp32), the same on every worker
         numerics = listed["numerics"]
         assert numerics["dtype"] == "fp32" and numerics["calibration"] in ("measured", "cached"), numerics
@@ -190,12 +213,14 @@ def test_up_with_an_embedded_redis_cluster(tiny_fp32, tmp_path):
 
 
 def test_worker_threads():
-    """`share` splits the cores; `all` or a count may oversubscribe them, and then the workers'
-    OpenMP threads wait passively (unless the environment says otherwise); a bad value names itself."""
+    """`share` splits the cores (`lend` too, and lends them step by step); `all` or a count may
+    oversubscribe them, and then the workers' OpenMP threads wait passively (unless the environment
+    says otherwise); a bad value names itself."""
     from shared.launcher.up import worker_threads
 
     os.environ.pop("OMP_WAIT_POLICY", None)
     assert worker_threads("share", 8, 2) == (4, {}) and worker_threads("share", 2, 4) == (1, {})
+    assert worker_threads("lend", 8, 2) == (4, {})  # the share, and the lease lends the rest
     assert worker_threads("all", 8, 1) == (8, {})
     assert worker_threads("all", 8, 2) == (8, {"OMP_WAIT_POLICY": "PASSIVE"})
     assert worker_threads("3", 8, 2) == (3, {}) and worker_threads("3", 8, 3) == (3, {"OMP_WAIT_POLICY": "PASSIVE"})
@@ -205,7 +230,7 @@ def test_worker_threads():
     finally:
         del os.environ["OMP_WAIT_POLICY"]
     for bad in ("0", "-1", "many", ""):
-        with pytest.raises(ValueError, match=f"--worker-threads={bad}: expected share, all"):
+        with pytest.raises(ValueError, match=f"--worker-threads={bad}: expected share, lend, all"):
             worker_threads(bad, 8, 2)
 
 
@@ -213,7 +238,7 @@ def test_up_refuses_a_bad_worker_threads(tmp_path):
     done = subprocess.run([sys.executable, "-m", "shared.launcher.cli", "up", "--worker-threads", "lots", "--port",
                            str(free_port()), "--run-dir", str(tmp_path / "run")], capture_output=True, text=True,
                           timeout=60, env={**os.environ, "STREAMOE_HOME": str(tmp_path / "home")})
-    assert done.returncode == 2 and "--worker-threads=lots: expected share, all" in done.stderr, done.stderr
+    assert done.returncode == 2 and "--worker-threads=lots: expected share, lend, all" in done.stderr, done.stderr
     assert not (tmp_path / "home").exists()  # refused before anything was made or started
 
 

@@ -53,7 +53,7 @@ from shared.launcher.redis_server import free_port, reserve_port, start_redis
 from shared.planner.slo import parse_slo
 from shared.protocol import streams
 from shared.protocol.messages import Notice
-from shared.runtime import notices, redis_client
+from shared.runtime import core_lease, notices, redis_client
 from shared.runtime.listen import port_is_free
 
 BACKOFF_S = (1, 2, 4, 8, 16, 30)
@@ -80,6 +80,8 @@ class Child:
     rolling: bool = False  # the rolling restart replaces it now: the supervisor leaves it alone
     retiring: bool = False  # the autoscaler drains it: never restarted, dropped once it exits
     env: dict = field(default_factory=dict)  # set in its environment besides the secrets (a worker's OpenMP waits)
+    lease_slot: int | None = None  # a worker's slot in the core lease (--worker-threads lend)
+    lease: Path | None = None
     # earlier processes still draining after a successor took their place: (process, instance id)
     leaving: list = field(default_factory=list)
 
@@ -95,6 +97,9 @@ class Child:
     def start(self, secrets: dict[str, str], extra: tuple[str, ...] = ()) -> None:
         log = open(self.log_path, "a")
         self.instance = self.instance_id()
+        if self.lease is not None and self.lease_slot is not None:
+            core_lease.clear(self.lease, self.lease_slot)  # what a dead predecessor held
+            extra = (*extra, "--core-lease", f"{self.lease}:{self.lease_slot}")
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, "--http-port", str(self.http_port),
                                       "--instance-id", self.instance, *self.args, *extra],
                                      stdout=log, stderr=log, start_new_session=True,
@@ -200,7 +205,10 @@ def up(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"streamoe up: {e}", file=sys.stderr)
         return 2
-    numerics = calibrate(model, args, threads)  # before Redis and the services: a refusal leaves nothing running
+    lend = getattr(args, "worker_threads", "share") == "lend"
+    # lent cores: a busy worker mostly computes on all of them, so calibrate there
+    numerics = calibrate(model, args, cores if lend else threads)  # before Redis and the services: a refusal
+    # leaves nothing running
     run_dir = Path(args.run_dir or home() / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     stopping, hangups = [], []
@@ -229,6 +237,9 @@ def up(args: argparse.Namespace) -> int:
     gateway = ["--model", str(model), "--redis-wait-replicas", str(wait),
                "--progress-timeout-s", str(getattr(args, "progress_timeout_s", 30.0)), "--slo", str(slo)]
     reserve_port(args.port)  # the gateway's: never handed to another service
+    lease = run_dir / "core-lease" if lend else None  # one slot per worker (shared/runtime/core_lease.py)
+    if lease is not None:
+        core_lease.create(lease, num_workers)
     children = [Child("tokenizer", "services.tokenizer", ["--model", str(model)], free_port(),
                       run_dir / "tokenizer.log"),
                 Child("cache", "services.cache", ["--model", str(model), "--dtype", numerics.dtype, "--device",
@@ -237,11 +248,13 @@ def up(args: argparse.Namespace) -> int:
                       run_dir / "balancer.log"),
                 *[Child("prefill", "services.prefill", [*worker, "--rank", str(r), "--ep-size", str(args.prefill_ep),
                                                         "--overlap", args.prefill_overlap],
-                        free_port(), run_dir / f"prefill-{r}.log", rank=r, ep_size=args.prefill_ep, env=worker_env)
+                        free_port(), run_dir / f"prefill-{r}.log", rank=r, ep_size=args.prefill_ep, env=worker_env,
+                        lease_slot=r, lease=lease)
                   for r in range(args.prefill_ep if scaling is None else 0)],
                 *[Child("decode", "services.decode", [*worker, "--rank", str(r), "--ep-size", str(args.decode_ep),
                                                       "--overlap", args.decode_overlap],
-                        free_port(), run_dir / f"decode-{r}.log", rank=r, ep_size=args.decode_ep, env=worker_env)
+                        free_port(), run_dir / f"decode-{r}.log", rank=r, ep_size=args.decode_ep, env=worker_env,
+                        lease_slot=args.prefill_ep + r, lease=lease)
                   for r in range(args.decode_ep if scaling is None else 0)],
                 Child("gateway", "services.gateway", gateway + ["--host", args.host, "--reuse-port"], args.port,
                       run_dir / "gateway.log", shares_port=True)]
@@ -260,7 +273,8 @@ def up(args: argparse.Namespace) -> int:
             group = "" if index == 0 else f"{role}-{index}"
             return Child(role, f"services.{role}", [*worker, "--rank", "0", "--ep-size", "1", "--overlap",
                                                     overlap[role], *(["--ep-group-id", group] if group else [])],
-                         free_port(), run_dir / f"{group or role}-0.log", rank=0, group=group, env=worker_env)
+                         free_port(), run_dir / f"{group or role}-0.log", rank=0, group=group, env=worker_env,
+                         lease_slot=index + (high.prefill if role == "decode" else 0), lease=lease)
 
         autoscaler = Autoscaler(secrets, scaled_worker)
         children[3:3] = [autoscaler.new_worker(role) for role in ("prefill", "decode")
@@ -556,12 +570,13 @@ def worker_threads(value: str, cores: int, num_workers: int) -> tuple[int, dict[
     """--worker-threads: each worker's torch threads, and what its environment needs besides.
 
     `share`: the cores split between the workers, so none is oversubscribed, but a worker's cores
-    idle while it waits (prefill between bursts). `all` (or a count): each worker computes on that
+    idle while it waits (prefill between bursts). `lend`: the share at least, and step by step every
+    core the other workers leave idle (shared/runtime/core_lease.py). `all` (or a count): each worker computes on that
     many threads, sharing the cores with the others. Where the threads of all workers exceed the
     cores, OpenMP must not spin: a thread spinning at a barrier holds a core another process's
     thread needs, and two busy workers then run several times slower than on a split. So their
     threads wait passively (OMP_WAIT_POLICY=PASSIVE), unless the environment already says how."""
-    if value == "share":
+    if value in ("share", "lend"):
         return max(1, cores // num_workers), {}
     if value == "all":
         threads = cores
@@ -571,7 +586,7 @@ def worker_threads(value: str, cores: int, num_workers: int) -> tuple[int, dict[
         except ValueError:
             threads = 0
         if threads < 1:
-            raise ValueError(f"--worker-threads={value}: expected share, all or a positive count of threads")
+            raise ValueError(f"--worker-threads={value}: expected share, lend, all or a positive count of threads")
     if threads * num_workers <= cores or "OMP_WAIT_POLICY" in os.environ:
         return threads, {}
     return threads, {"OMP_WAIT_POLICY": "PASSIVE"}

@@ -32,6 +32,7 @@ from shared.protocol import metric_names, streams
 from shared.protocol.messages import Abort, LoadReport, Notice, Sampling
 from shared.protocol.wire import encode
 from shared.runtime import notices, redis_client
+from shared.runtime.core_lease import CoreLease, core_lease_flag
 from shared.runtime.numerics import (
     MOE_BACKEND_HELP,
     Numerics,
@@ -80,6 +81,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: a share of the cores)")
+    parser.add_argument("--core-lease", type=core_lease_flag, default=None, metavar="PATH:SLOT",
+                        help="compute each step on --threads plus the cores the machine's other workers leave "
+                        "idle (a file of streamoe up --worker-threads lend; shared/runtime/core_lease.py)")
     parser.add_argument("--load-ttl-s", type=float, default=5.0)
     parser.add_argument("--successor-of", default=None, metavar="INSTANCE",
                         help="the instance this one replaces while it still runs (a rolling restart): not "
@@ -155,6 +159,8 @@ class EngineService(EPRank, Service):
             speculative_tokens=self.speculative_tokens))
         self.num_kv_layers = model.args.num_kv_layers  # the MTP layer's included: a handoff's chunks
         self.compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute")  # tensors never run on the loop
+        self.core_lease = (None if args.core_lease is None else
+                           CoreLease(*args.core_lease, os.cpu_count() or 1, engine_threads(args)))
         self._last_report = 0.0
         self._withdrawn = False  # draining: the load report is gone, none is written again
         self.handing_over = False  # SIGTERM to the only rank of its role: serving on until a successor does
@@ -361,10 +367,21 @@ class EngineService(EPRank, Service):
     async def compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.compute_pool, fn, *args)
 
+    def _step(self, *args):
+        """engine.step on the compute thread, with the machine's idle cores when a core lease lends them."""
+        if self.core_lease is None:
+            return self.engine.step(*args)
+        self.core_lease.take()
+        try:
+            return self.engine.step(*args)
+        finally:
+            if not self.engine.has_unfinished():
+                self.core_lease.give_back()
+
     async def timed_step(self, *args):
         """One engine step on the compute thread, with its time and size in the metrics."""
         start = time.perf_counter()
-        deltas = await self.compute(self.engine.step, *args)
+        deltas = await self.compute(self._step, *args)
         self.step_seconds.observe(time.perf_counter() - start)
         self.batch_tokens.observe(self.engine.last_num_tokens)
         self.count_spec()  # before the step's tokens go out: a client that has them sees their drafts counted
@@ -462,6 +479,8 @@ class EngineService(EPRank, Service):
         if getattr(self, "_sent_report", None) is not None:  # ours only: a successor's report stays
             await self.redis.eval(_DELETE_IF_EQUAL, 1, self.load_key, self._sent_report)
         self.compute_pool.shutdown(wait=False)
+        if self.core_lease is not None:
+            self.core_lease.close()
 
 
 def engine_threads(args: argparse.Namespace) -> int:
