@@ -52,7 +52,11 @@ class DecodeService(EngineService):
         self.ready_to_admit: list[str] = []
         self.history: dict[str, list[int]] = {}  # prompt + output so far, for the deltas' prefix ids
         self.requests = {}
-        self.finished: deque[str] = deque(maxlen=4096)  # a late duplicate handoff must not run them again
+        # (request id, resumed) of the incarnations this rank ran to the end, refused, or lost to another
+        # instance: a late duplicate handoff of one must not run it again. A later incarnation of the
+        # same request (resumed elsewhere after this rank was taken for dead, then handed to this rank's
+        # stream) has a larger `resumed` (the tokens sent by then) and is new work.
+        self.finished: deque[tuple[str, int]] = deque(maxlen=4096)
         self._swept_at = 0.0
         rank = self.metric_labels
         self.handoffs_done = Counter(
@@ -142,7 +146,7 @@ class DecodeService(EngineService):
                 continue  # consumed already
             final = handoff.chunks[-1]
             if (final.finish_reason is not None or request_id in self.history or request_id in self.aborted
-                    or request_id in self.finished):
+                    or (request_id, final.request.resumed) in self.finished):
                 await self.consumed(request_id)  # finished at prefill, a duplicate handoff, or cancelled
                 continue
             if any(layer not in handoff.chunks for layer in range(self.num_kv_layers)):
@@ -183,7 +187,7 @@ class DecodeService(EngineService):
                 await self.compute(self.engine.abort, request_id)
                 self.fenced.labels(**self.metric_labels, write="admission").inc()
                 self.log.warning(json.dumps({"event": "fenced", "write": "admission", "request_id": request_id}))
-                self.finished.append(request_id)
+                self.finished.append((request_id, req.resumed))
                 await self.consumed(request_id)
                 continue
             self.history[request_id] = req.prompt_ids + [final.first_token]
@@ -252,7 +256,7 @@ class DecodeService(EngineService):
         await self.until_written(lambda: self.bus.publish(self.raw_deltas(request_id), TokenDelta(
             request_id, req.trace_id, req.gateway_id, req.resumed + 1, [], finish_reason="error", error=reason,
             status=500)))
-        self.finished.append(request_id)  # a redelivered handoff is dropped, not refused twice
+        self.finished.append((request_id, req.resumed))  # a redelivered handoff is dropped, not refused twice
         await self.consumed(request_id)
 
     async def reprefill(self, request_id: str, final: KVChunk, reason: str) -> None:
@@ -289,7 +293,7 @@ class DecodeService(EngineService):
             steps.append((delta, d.token_ids, len(history) - prompt_len, req.cache_salt))
             if d.finish_reason is not None:
                 del self.history[d.request_id], self.requests[d.request_id]
-                self.finished.append(d.request_id)
+                self.finished.append((d.request_id, req.resumed))
         async def record() -> list:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for delta, token_ids, num_emitted, _ in steps:
@@ -321,8 +325,9 @@ class DecodeService(EngineService):
         if delta.finish_reason is None:
             await self.compute(self.engine.abort, delta.request_id)
             self.history.pop(delta.request_id, None)
-            self.requests.pop(delta.request_id, None)
-            self.finished.append(delta.request_id)
+            req = self.requests.pop(delta.request_id, None)
+            if req is not None:
+                self.finished.append((delta.request_id, req.resumed))
         self.fenced.labels(**self.metric_labels, write="delta").inc()
         self.log.warning(json.dumps({"event": "fenced", "write": "delta", "request_id": delta.request_id,
                                      "index": delta.index}))
