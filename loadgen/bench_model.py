@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--roofline-batches", default="1,16,64", help="running requests of the roofline steps ('' : skip)")
     p.add_argument("--roofline-steps", type=int, default=4, help="decode steps timed per backend and batch")
+    p.add_argument("--roofline-baseline", default="loop",
+                   help="the MoE backend or plan the roofline steps alternate with (default loop: the engine "
+                        "before stacking; e.g. a plan without native, for native on vs off)")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="compare with transformers (--no-reference: the roofline only)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -200,9 +203,9 @@ def touched_experts(model, before: list[torch.Tensor]) -> tuple[int, list[torch.
 
 
 def run_roofline(model, plan: MoEPlan, batch: int, input_len: int, steps: int, gen: torch.Generator,
-                 bandwidth: float, rate: float) -> dict:
-    """Prefill `batch` prompts, then time `steps` decode steps with the chosen plan and with `loop`
-    alternately; the median step of each against the step's roofline."""
+                 bandwidth: float, rate: float, baseline: MoEPlan) -> dict:
+    """Prefill `batch` prompts, then time `steps` decode steps with the chosen plan and with `baseline`
+    (a backend or plan) alternately; the median step of each against the step's roofline."""
     args = model.args
     span = -(-(input_len + 2 * steps + 1) // 64) * 64  # each sequence on whole 64-slot blocks, as the engine's
     pool = LatentKVPool(args, batch * span, model.dtype, model.device)
@@ -217,11 +220,11 @@ def run_roofline(model, plan: MoEPlan, batch: int, input_len: int, steps: int, g
         model(part.reshape(-1), torch.arange(input_len).repeat(n), prefill, pool)
     token = torch.randint(3, args.vocab_size, (batch,), generator=gen)
     loads = [block.mlp.expert_load.clone() for block in model.model.layers if isinstance(block.mlp, MoE)]
-    times: dict[str, list[float]] = {"chosen": [], "loop": []}
+    times: dict[str, list[float]] = {"chosen": [], "baseline": []}
     costs = []
     for step in range(2 * steps):
-        which = "chosen" if step % 2 == 0 else "loop"
-        model.set_moe_backend(plan if which == "chosen" else "loop")
+        which = "chosen" if step % 2 == 0 else "baseline"
+        model.set_moe_backend(plan if which == "chosen" else baseline)
         pos = input_len + step
         decode = AttentionBatch([1] * batch, [pos + 1] * batch, [True] * batch, slot_mapping=slots[:, pos],
                                 context_slots=[slots[i, :pos + 1] for i in range(batch)])
@@ -236,9 +239,10 @@ def run_roofline(model, plan: MoEPlan, batch: int, input_len: int, steps: int, g
     bound = max(nbytes / (bandwidth * 1e9), flops / rate)
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     return {"batch": batch, "context": input_len, "step_ms": 1e3 * median["chosen"],
-            "loop_step_ms": 1e3 * median["loop"], "bytes": nbytes, "flops": flops,
+            "baseline": baseline.text, "baseline_step_ms": 1e3 * median["baseline"], "bytes": nbytes, "flops": flops,
             "bytes_ms": 1e3 * nbytes / (bandwidth * 1e9), "flops_ms": 1e3 * flops / rate,
-            "bound_ms": 1e3 * bound, "over_bound": median["chosen"] / bound, "loop_over_bound": median["loop"] / bound}
+            "bound_ms": 1e3 * bound, "over_bound": median["chosen"] / bound,
+            "baseline_over_bound": median["baseline"] / bound}
 
 
 def leading_agreement(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -270,8 +274,9 @@ def main(argv: list[str] | None = None) -> dict:
         if opts.roofline_batches:
             rate = matmul_rate(dtype, opts.device)
             report["matmul_flop_s"] = rate
+            baseline = MoEPlan.parse(opts.roofline_baseline)
             report["roofline"] = [run_roofline(ours, plan, int(batch), n, opts.roofline_steps, gen,
-                                               bandwidth["read_gbps"], rate)
+                                               bandwidth["read_gbps"], rate, baseline)
                                   for batch in opts.roofline_batches.split(",")]
     report["loadavg_1min"] = os.getloadavg()[0]  # other processes on the box make the numbers noisy
     print_report(report)
@@ -339,11 +344,11 @@ def print_report(r: dict) -> None:
         print(f"\ndecode step against its roofline (matmul {r['matmul_flop_s'] / 1e9:.0f} GFLOP/s in {r['dtype']}, "
               f"read {bw['read_gbps']:.1f} GB/s), context {r['input_len']}:")
         print(f"{'running':>8}{'MB read':>9}{'GFLOP':>8}{'bytes ms':>10}{'flops ms':>10}{'bound ms':>10}"
-              f"{'step ms':>9}{'÷ bound':>9}{'loop ms':>9}{'÷ bound':>9}")
+              f"{'step ms':>9}{'÷ bound':>9}{'baseline':>9}{'÷ bound':>9}   baseline: {r['roofline'][0]['baseline']}")
         for x in r["roofline"]:
             print(f"{x['batch']:8d}{x['bytes'] / 1e6:9.0f}{x['flops'] / 1e9:8.2f}{x['bytes_ms']:10.1f}"
                   f"{x['flops_ms']:10.1f}{x['bound_ms']:10.1f}{x['step_ms']:9.1f}{x['over_bound']:8.2f}x"
-                  f"{x['loop_step_ms']:9.1f}{x['loop_over_bound']:8.2f}x")
+                  f"{x['baseline_step_ms']:9.1f}{x['baseline_over_bound']:8.2f}x")
     print(f"1-min load average at the end: {r['loadavg_1min']:.2f} (on {os.cpu_count()} cores)")
 
 

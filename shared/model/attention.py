@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
+from shared.model import native
 from shared.model.config import ModelArgs
 from shared.model.kv_cache import DecodeBucket, PaddedBucket, ReadPlan, plan_reads
 from shared.model.norm import RMSNorm
@@ -104,15 +105,15 @@ class MLA(nn.Module):
         self.interleave = args.rope.interleave
         h, d, bias = args.num_attention_heads, args.hidden_size, args.attention_bias
         if args.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, h * args.qk_head_dim, bias=False)
+            self.q_proj = native.Linear(d, h * args.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(d, args.q_lora_rank, bias=bias)
+            self.q_a_proj = native.Linear(d, args.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
-            self.q_b_proj = nn.Linear(args.q_lora_rank, h * args.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, args.kv_lora_rank + args.qk_rope_head_dim, bias=bias)
+            self.q_b_proj = native.Linear(args.q_lora_rank, h * args.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = native.Linear(d, args.kv_lora_rank + args.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(args.kv_lora_rank, h * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * args.v_head_dim, d, bias=bias)
+        self.kv_b_proj = native.Linear(args.kv_lora_rank, h * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
+        self.o_proj = native.Linear(h * args.v_head_dim, d, bias=bias)
 
     # -- projections (the decode pipeline's ATTN-0) ---------------------------------------------
     def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

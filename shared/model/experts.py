@@ -19,7 +19,11 @@ Backends (`--moe-backend`), all on pairs already sorted by slot with per-slot co
 - `grouped`: `torch._grouped_mm` over the stack with the offsets on the device, silu·mul between
   the two GEMMs; no host synchronisation;
 - `bmm`: every slot's pairs padded to C rows, then batched `x @ Wᵀ` (reads C on the host);
-- `weight-major`: the same padding, batched as `W @ xᵀ` (the weights as the left operand).
+- `weight-major`: the same padding, batched as `W @ xᵀ` (the weights as the left operand);
+- `native`: the whole layer in one call of streamoe's own C loops (native.py; CPU, bf16): the
+  experts that got pairs only, 8 pairs at a time, gate/up, silu·mul and down with fp32 in between;
+  where a plan picks it for a token count, the step's bf16 linears of up to 8 rows take the same
+  loops (`native.Linear`).
 A plan may pick a backend per token count (`1:loop,16:weight-major`): `auto` is resolved into
 such a plan by calibration (shared/runtime/numerics.py).
 """
@@ -32,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKENDS = ("reference", "loop", "sparse", "grouped", "bmm", "weight-major")
+from shared.model import native
+
+BACKENDS = ("reference", "loop", "sparse", "grouped", "bmm", "weight-major", "native")
 
 
 class MLP(nn.Module):
@@ -40,9 +46,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+        self.gate_proj = native.Linear(dim, inter_dim, bias=False)
+        self.up_proj = native.Linear(dim, inter_dim, bias=False)
+        self.down_proj = native.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -134,9 +140,16 @@ class MoEPlan:
 def check_supported(plan: MoEPlan, device: torch.device | str, dtype: torch.dtype) -> None:
     """Refuse a backend this device and dtype cannot run, naming both."""
     device = torch.device(device)
+    where = f"device={device.type}, dtype={str(dtype).removeprefix('torch.')}"
+    if "native" in plan.backends:
+        if device.type != "cpu" or dtype != torch.bfloat16:
+            raise ValueError(f"--moe-backend=native: streamoe's native kernels take bf16 on the CPU only ({where}); "
+                             "use sparse, grouped or weight-major")
+        why = native.unavailable()
+        if why is not None:
+            raise ValueError(f"--moe-backend=native: the native kernels are unavailable here ({where}): {why}")
     if "grouped" not in plan.backends:
         return
-    where = f"device={device.type}, dtype={str(dtype).removeprefix('torch.')}"
     if not hasattr(torch, "_grouped_mm"):
         raise ValueError(f"--moe-backend=grouped: torch {torch.__version__} has no grouped matmul ({where}); "
                          "use bmm, weight-major or loop")
@@ -181,6 +194,8 @@ def run_experts(backend: str, xs: torch.Tensor, counts: torch.Tensor, stack: Exp
         return _grouped(xs, counts, stack)
     if backend in ("bmm", "weight-major"):
         return _padded(xs, counts, stack, weight_major=backend == "weight-major")
+    if backend == "native":
+        return native.experts(xs, counts, stack.w13, stack.w2)
     raise ValueError(f"moe backend {backend!r}: expected one of {', '.join(BACKENDS[1:])} here")
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from shared.model import native
 from shared.model.attention import MLA, AttentionBatch, LatentCache
 from shared.model.config import ModelArgs
 from shared.model.experts import MoEPlan, check_supported
@@ -39,7 +40,7 @@ class SharedHead(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.head = native.Linear(args.hidden_size, args.vocab_size, bias=False)
 
 
 class MTPLayer(DecoderLayer):
@@ -53,7 +54,7 @@ class MTPLayer(DecoderLayer):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False)
+        self.eh_proj = native.Linear(2 * args.hidden_size, args.hidden_size, bias=False)
         self.shared_head = SharedHead(args)
 
     def forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -79,7 +80,7 @@ class DeepseekV3(nn.Module):
         super().__init__()
         self.args = args
         self.model = Backbone(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = native.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args.rope, args.qk_rope_head_dim)
 
     @property
@@ -101,12 +102,16 @@ class DeepseekV3(nn.Module):
 
     def set_moe_backend(self, backend: str | MoEPlan) -> MoEPlan:
         """How every MoE layer runs its routed experts: a backend of experts.BACKENDS or a plan by
-        token count (`1:loop,16:weight-major`); refused, naming device and dtype, where it cannot run."""
+        token count (`1:loop,16:weight-major`); refused, naming device and dtype, where it cannot run.
+        The token counts whose backend is `native` also run the linears through it (native.Linear)."""
         plan = backend if isinstance(backend, MoEPlan) else MoEPlan.parse(backend)
         check_supported(plan, self.device, self.dtype)
+        native_rows = frozenset(m for m in range(1, native.MAX_ROWS + 1) if plan.choose(m) == "native")
         for module in self.modules():
             if hasattr(module, "plan") and isinstance(module.plan, MoEPlan):
                 module.plan = plan
+            if isinstance(module, native.Linear):
+                module.native_rows = native_rows
         return plan
 
     @torch.inference_mode()

@@ -4,8 +4,11 @@ Calibration times, at the model's shapes and with the caller's torch thread coun
 candidate dtype and each token bucket B in BUCKETS:
 - one routed MoE layer: random weights in an `ExpertStack`, random top-K routing of B tokens,
   the (token, expert) pairs sorted by expert, `experts.run_experts`, once per candidate backend
-  (loop, sparse, grouped where `check_supported` allows it, bmm, weight-major; never `reference`);
-- one dense matmul [B, hidden] @ [hidden, intermediate_size] (attention and the dense layers).
+  (loop, sparse, grouped, bmm, weight-major, native, each where `check_supported` allows it;
+  never `reference`);
+- one dense matmul [B, hidden] @ [hidden, intermediate_size] (attention and the dense layers). At a
+  bucket of at most native.MAX_ROWS tokens, `native` also runs the step's linears, so its MoE time
+  there is charged the difference between the dense matmul through native.linear and through torch.
 Each trial is warmed up once, then repeated until REPEATS runs or TRIAL_BUDGET_S, and stopped as
 soon as it is GIVE_UP× slower than the best backend so far in its bucket; the whole calibration
 stops measuring after CALIBRATION_BUDGET_S (a busy machine) and decides on what it measured.
@@ -39,9 +42,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from shared.launcher.cliargs import FlagValueError
 from shared.launcher.cliargs import home as streamoe_home  # (resolve takes a `home` of its own)
+from shared.model import native
 from shared.model.config import ModelArgs
 from shared.model.experts import ExpertStack, MoEPlan, check_supported, expert_counts, run_experts
 from shared.protocol import streams
@@ -49,7 +54,7 @@ from shared.protocol import streams
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # config.json -> flag
 BUCKETS = (1, 4, 16, 64, 256)  # tokens per step: decode batches up to chunked prefills
-TIMED_BACKENDS = ("loop", "sparse", "grouped", "bmm", "weight-major")
+TIMED_BACKENDS = ("loop", "sparse", "grouped", "bmm", "weight-major", "native")
 CALIBRATION_BYTES = 256 << 20
 NEAR_TIE = 1.1  # a bucket keeps the backend below it when that is within 10% of the fastest (noise)
 GIVE_UP = 3.0  # a trial this many times slower than its bucket's best so far cannot win: stop it
@@ -59,7 +64,7 @@ TRIAL_BUDGET_S = 0.1  # stop repeating a trial that has run this long (its best 
 # decides on what it has (the buckets measured so far; the first dtype when the second is unfinished)
 CALIBRATION_BUDGET_S = 20.0
 MOE_BACKEND_HELP = ("routed experts: auto (calibrated: the fastest per tokens per step), loop, sparse, grouped, bmm, "
-                    "weight-major, reference, or a plan, e.g. 1:loop,16:weight-major")
+                    "weight-major, native (CPU bf16), reference, or a plan, e.g. 1:native,16:weight-major")
 LOCK_TTL_MS = 120_000  # a worker that dies calibrating holds the others up this long at most
 log = logging.getLogger("streamoe.numerics")
 
@@ -144,20 +149,11 @@ def machine_id(device: str | torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda|{torch.cuda.get_device_name(device)}|{torch.cuda.get_device_capability(device)}"
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return f"{device.type}|{os.uname().machine}"
-    first: dict[str, str] = {}
-    for line in text.splitlines():  # the first processor's fields are the machine's
-        name, sep, value = line.partition(":")
-        if sep:
-            first.setdefault(name.strip(), value.strip())
-    return f"{device.type}|{first.get('model name', '?')}|{first.get('flags', first.get('Features', ''))}"
+    return native.cpu_id() if device.type == "cpu" else device.type
 
 
 # Raised when a backend's kernels change (a cached choice was measured on the old ones).
-KERNELS_VERSION = 2
+KERNELS_VERSION = 3
 
 
 def cache_key(machine: str, torch_version: str, device: str, shapes: Shapes, threads: int,
@@ -199,7 +195,7 @@ def measure(shapes: Shapes, dtype: torch.dtype, device: torch.device, backends: 
     stack.w13.uniform_(-0.02, 0.02)  # small values: no overflow, no denormals
     stack.w2.uniform_(-0.02, 0.02)
     dense_cols = max(1, min(shapes.dense_inter, CALIBRATION_BYTES // (4 * shapes.hidden)))
-    dense_w = torch.empty(shapes.hidden, dense_cols, dtype=dtype, device=device).uniform_(-0.02, 0.02)
+    dense_w = torch.empty(dense_cols, shapes.hidden, dtype=dtype, device=device).uniform_(-0.02, 0.02)  # as nn.Linear's
     timings = Timings({}, {})
     top_k = min(shapes.top_k, slots)
     for tokens in BUCKETS:
@@ -211,12 +207,14 @@ def measure(shapes: Shapes, dtype: torch.dtype, device: torch.device, backends: 
         order = ids.flatten().argsort(stable=True)  # pairs sorted by expert
         xs = x[order // top_k].contiguous()  # pair p = t * K + k belongs to token t
         counts = expert_counts(ids, slots)
-        timings.dense[tokens] = _best(lambda x=x: x @ dense_w, device)
+        timings.dense[tokens] = _best(lambda x=x: F.linear(x, dense_w), device)
         best = math.inf
         timings.moe[tokens] = {}
         for backend in backends:
             took = _best(lambda b=backend, xs=xs, counts=counts: run_experts(b, xs, counts, stack), device,
                          GIVE_UP * best, deadline)
+            if backend == "native" and tokens <= native.MAX_ROWS:  # it runs the step's linears too
+                took += _best(lambda x=x: native.linear(x, dense_w), device) - timings.dense[tokens]
             timings.moe[tokens][backend] = took
             best = min(best, took)
         if sum(min(t.values(), default=0.0) for t in timings.moe.values()) + sum(timings.dense.values()) > stop_after:

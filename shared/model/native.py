@@ -1,0 +1,169 @@
+"""streamoe's own CPU kernels for bf16 at a few rows (issue #15): `native/smallgemm.c`.
+
+At 1-8 rows a matmul is a read of its weights, and on some CPUs torch's bf16 paths at these sizes
+read them at a fraction of the bandwidth (loadgen/README.md). The C loops take each weight row
+while it streams by into every input row, accumulating in fp32, and round each output to bf16
+once: with AVX512-BF16 as bf16 pair products (`vdpbf16ps`), else with AVX-512 widened to fp32,
+else in plain C (`kind()`). Two entry points:
+- `linear(x, weight)`: x [M, K] @ weightᵀ for M <= MAX_ROWS (nn.Linear without bias);
+- `experts(xs, counts, w13, w2)`: a whole MoE layer's routed experts in one call (the `native`
+  MoE backend, experts.py): each slot's pairs, 8 at a time, through gate/up, silu·mul and down;
+  the intermediate silu·mul is rounded to bf16 where the dot products take bf16 (as torch's bf16
+  path rounds it), else kept in fp32.
+
+The source is compiled on first use with the C compiler (`$CC`, else `cc`) as
+`-O3 -march=native -fopenmp` into $STREAMOE_HOME/kernels/, keyed by the source, the compiler and
+the CPU (model and flags: a library built for one CPU never runs on another), written under a
+temporary name and renamed, so workers starting together never load a half-written file. Its OpenMP
+is the runtime torch has loaded (the same soname), and each call runs on torch.get_num_threads()
+threads. Without a compiler the kernels are unavailable (`unavailable()` says why): the `native`
+backend is then refused, and the calibration never measures it.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.launcher.cliargs import home
+
+SOURCE = Path(__file__).with_name("native") / "smallgemm.c"
+MAX_ROWS = 8  # rows per kernel pass (the C file's MAX_ROWS)
+FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared")
+_INT, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def cpu_id() -> str:
+    """The CPU a build or a measurement holds for: its model and flags (the first processor's)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"cpu|{os.uname().machine}"
+    first: dict[str, str] = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep:
+            first.setdefault(name.strip(), value.strip())
+    return f"cpu|{first.get('model name', '?')}|{first.get('flags', first.get('Features', ''))}"
+
+
+class NativeUnavailable(RuntimeError):
+    """The kernels cannot be built or loaded here; the message says why."""
+
+
+def library() -> ctypes.CDLL:
+    """The kernels built for this CPU (compiled on the first call of the process; reused from disk after that)."""
+    return build("native")
+
+
+@functools.cache
+def build(march: str) -> ctypes.CDLL:
+    """The kernels built with `-march=MARCH` (the tests build the older instruction sets' paths too)."""
+    compiler = os.environ.get("CC", "cc")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise NativeUnavailable(f"no C compiler: {compiler} --version failed ({e}); set $CC or install gcc") from e
+    source = SOURCE.read_bytes()
+    flags = [*FLAGS, f"-march={march}"]
+    key = hashlib.blake2b(b"\0".join([source, version.encode(), cpu_id().encode(), " ".join(flags).encode()]),
+                          digest_size=12).hexdigest()
+    target = home() / "kernels" / f"smallgemm-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
+        os.close(fd)
+        try:
+            built = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            if built.returncode != 0:
+                raise NativeUnavailable(f"{compiler} could not build {SOURCE.name}: {built.stderr.strip()[-400:]}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    lib.streamoe_linear_bf16.argtypes = [_PTR, _INT, _PTR, _INT, _INT, _INT, _INT, _PTR, _INT, ctypes.c_int]
+    lib.streamoe_experts_bf16.argtypes = [_PTR, _PTR, _INT, _PTR, _PTR, _INT, _INT, _PTR, ctypes.c_int]
+    for fn in (lib.streamoe_linear_bf16, lib.streamoe_experts_bf16, lib.streamoe_native_avx512):
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def kind(lib: ctypes.CDLL | None = None) -> str:
+    """How the built loops multiply: `avx512-bf16`, `avx512` or `c`."""
+    return {2: "avx512-bf16", 1: "avx512"}.get((lib or library()).streamoe_native_avx512(), "c")
+
+
+def unavailable() -> str | None:
+    """None when the kernels run here, else why not."""
+    try:
+        library()
+    except (NativeUnavailable, OSError) as e:
+        return str(e)
+    return None
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` takes these: CPU bf16, 1..MAX_ROWS rows, weight rows contiguous."""
+    return (x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype == weight.dtype == torch.bfloat16
+            and x.device.type == "cpu" and weight.device.type == "cpu" and weight.stride(1) == 1)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [M, K] bf16 (M <= MAX_ROWS) @ weight [N, K]ᵀ -> [M, N] bf16, accumulated in fp32."""
+    if not supports(x, weight):
+        raise ValueError(f"native.linear: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}: "
+                         f"needs CPU bf16, 1..{MAX_ROWS} rows, contiguous weight rows")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    rc = (lib or library()).streamoe_linear_bf16(weight.data_ptr(), weight.stride(0), x.data_ptr(), x.stride(0),
+                                                 m, k, n, y.data_ptr(), n, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"native.linear failed on x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    return y
+
+
+def experts(xs: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+            lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """xs [P, D] bf16 sorted by slot, counts [S] pairs per slot (int64), w13 [S, 2I, D], w2 [S, D, I]
+    (contiguous, bf16) -> ys [P, D] bf16: each pair through its slot's expert."""
+    xs, counts = xs.contiguous(), counts.contiguous()
+    if not (xs.dtype == w13.dtype == w2.dtype == torch.bfloat16 and counts.dtype == torch.int64
+            and w13.is_contiguous() and w2.is_contiguous() and xs.device.type == counts.device.type == "cpu"):
+        raise ValueError(f"native.experts: xs {xs.dtype}, w13 {w13.dtype}, w2 {w2.dtype}, counts {counts.dtype}: "
+                         "needs CPU bf16 contiguous stacks and int64 counts")
+    slots, dim, inter = w2.shape
+    if (w13.shape != (slots, 2 * inter, dim) or xs.dim() != 2 or xs.shape[1] != dim or counts.shape != (slots,)
+            or int(counts.sum()) != xs.shape[0]):
+        raise ValueError(f"native.experts: xs {tuple(xs.shape)}, counts {tuple(counts.shape)} summing to "
+                         f"{int(counts.sum())}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} do not fit together")
+    ys = torch.empty_like(xs)
+    rc = (lib or library()).streamoe_experts_bf16(xs.data_ptr(), counts.data_ptr(), slots, w13.data_ptr(),
+                                                  w2.data_ptr(), dim, inter, ys.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"native.experts failed on {xs.shape[0]} pairs over {w13.shape[0]} slots")
+    return ys
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs the row counts in `native_rows` through `linear` (the model sets them
+    from its MoE plan: the token counts whose backend is `native`); any other input through torch."""
+
+    native_rows: frozenset[int] = frozenset()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] in self.native_rows and supports(x, self.weight):
+            y = linear(x, self.weight)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,286 @@
+/* streamoe's CPU kernels for a few bf16 rows against weights that are read once (issue #15).
+ *
+ * At 1-8 rows a matmul is a read of its weights: the time is bytes / bandwidth if the loop keeps
+ * the loads streaming. torch's bf16 GEMM paths at these sizes read the weights at a fraction of
+ * the bandwidth on some CPUs (loadgen/README.md), so these loops do it plainly: each weight row is
+ * multiplied into every input row while it is in registers, accumulated in fp32, and each output
+ * rounded to bf16 once, to nearest even. Three paths, by what the compiler targets:
+ * - AVX512-BF16: 32 bf16 pair products per instruction (vdpbf16ps) into fp32; an fp32 input (the
+ *   experts' silu(gate) * up) is rounded to bf16 first, as torch's bf16 path rounds it;
+ * - AVX-512: each weight row widened to fp32 (bf16 is the top half of an fp32), fp32 FMAs;
+ * - plain C elsewhere (correct; the calibration only picks these loops where they are fast).
+ *
+ * Built by shared/model/native.py with `cc -O3 -march=native -fopenmp`. OpenMP resolves to the
+ * runtime torch has already loaded (the same soname), so these loops share torch's thread pool
+ * and thread count (the caller passes torch.get_num_threads()).
+ *
+ * Layouts (row-major, element strides): w [N, K] with row stride ldw; x [M, K] with ldx; y [M, N] with ldy.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define STREAMOE_AVX512 1
+#endif
+
+#define MAX_ROWS 8
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays a quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even */
+    return (uint16_t)(u >> 16);
+}
+
+/* The input rows as the dot products take them (`xval`, row stride `ldx` >= K, zero-padded past K):
+ * bf16 where the CPU multiplies bf16 pairs into fp32 (AVX512-BF16: x is bf16 already, or the
+ * intermediate rounded to bf16 as torch's bf16 path rounds it), else fp32.
+ * dot_rows: out[m * ldo + n] = sum_k x[m, k] * w[n, k] for n in [n0, n1), fp32 out. */
+#if defined(STREAMOE_AVX512) && defined(__AVX512BF16__)
+#define STREAMOE_DPBF16 1
+typedef uint16_t xval;
+#define XALIGN 32
+static inline xval to_xval_bf16(uint16_t h) { return h; }
+static inline xval to_xval_f32(float f) { return f32_to_bf16(f); }
+
+static inline __attribute__((always_inline)) void dot_rows_mr(const uint16_t *w, int64_t ldw, const xval *x,
+                                                              int64_t ldx, int64_t K, int M, int R, int64_t n0,
+                                                              int64_t n1, float *out, int64_t ldo) {
+    const int64_t body = K & ~(int64_t)31;
+    const __mmask32 tail = (__mmask32)((1ull << (K - body)) - 1ull);
+    for (int64_t n = n0; n < n1; n += R) {
+        const int r = (int)(n1 - n < R ? n1 - n : R);
+        __m512 acc[4][MAX_ROWS];
+        for (int i = 0; i < R; i++)
+            for (int m = 0; m < M; m++) acc[i][m] = _mm512_setzero_ps();
+        if (r == R) {
+            for (int64_t k = 0; k < body; k += 32) {
+                __m512bh wv[4];
+                for (int i = 0; i < R; i++) wv[i] = (__m512bh)_mm512_loadu_si512(w + (n + i) * ldw + k);
+                for (int m = 0; m < M; m++) {
+                    __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * ldx + k);
+                    for (int i = 0; i < R; i++) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv[i], xv);
+                }
+            }
+            if (tail) {
+                for (int i = 0; i < R; i++) {
+                    __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + (n + i) * ldw + body);
+                    for (int m = 0; m < M; m++)
+                        acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv, (__m512bh)_mm512_loadu_si512(x + m * ldx + body));
+                }
+            }
+        } else {
+            for (int i = 0; i < r; i++)
+                for (int64_t k = 0; k < K; k += 32) {
+                    __mmask32 mask = k < body ? (__mmask32)0xffffffffu : tail;
+                    __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + (n + i) * ldw + k);
+                    for (int m = 0; m < M; m++)
+                        acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv, (__m512bh)_mm512_loadu_si512(x + m * ldx + k));
+                }
+        }
+        for (int i = 0; i < r; i++)
+            for (int m = 0; m < M; m++) out[m * ldo + n + i] = _mm512_reduce_add_ps(acc[i][m]);
+    }
+}
+#else
+typedef float xval;
+#define XALIGN 16
+static inline xval to_xval_bf16(uint16_t h) { return bf16_to_f32(h); }
+static inline xval to_xval_f32(float f) { return f; }
+#ifdef STREAMOE_AVX512
+static inline __m512 load_bf16(const uint16_t *p, __mmask16 mask) {
+    __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline __attribute__((always_inline)) void dot_rows_mr(const uint16_t *w, int64_t ldw, const xval *x,
+                                                              int64_t ldx, int64_t K, int M, int R, int64_t n0,
+                                                              int64_t n1, float *out, int64_t ldo) {
+    const int64_t body = K & ~(int64_t)15;
+    const __mmask16 tail = (__mmask16)((1u << (K - body)) - 1u);
+    for (int64_t n = n0; n < n1; n += R) {
+        const int r = (int)(n1 - n < R ? n1 - n : R);
+        __m512 acc[4][MAX_ROWS];
+        for (int i = 0; i < R; i++)
+            for (int m = 0; m < M; m++) acc[i][m] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            __mmask16 mask = k < body ? (__mmask16)0xffff : tail;
+            for (int i = 0; i < r; i++) {
+                __m512 wv = load_bf16(w + (n + i) * ldw + k, mask);
+                for (int m = 0; m < M; m++) acc[i][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * ldx + k), acc[i][m]);
+            }
+        }
+        for (int i = 0; i < r; i++)
+            for (int m = 0; m < M; m++) out[m * ldo + n + i] = _mm512_reduce_add_ps(acc[i][m]);
+    }
+}
+#else
+static inline void dot_rows_mr(const uint16_t *w, int64_t ldw, const xval *x, int64_t ldx, int64_t K, int M, int R,
+                               int64_t n0, int64_t n1, float *out, int64_t ldo) {
+    (void)R;
+    for (int64_t n = n0; n < n1; n++) {
+        float acc[MAX_ROWS][8];
+        memset(acc, 0, sizeof acc);
+        const uint16_t *row = w + n * ldw;
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8)
+            for (int m = 0; m < M; m++)
+                for (int j = 0; j < 8; j++) acc[m][j] += bf16_to_f32(row[k + j]) * x[m * ldx + k + j];
+        for (int m = 0; m < M; m++) {
+            float s = 0.0f;
+            for (int j = 0; j < 8; j++) s += acc[m][j];
+            for (int64_t kk = k; kk < K; kk++) s += bf16_to_f32(row[kk]) * x[m * ldx + kk];
+            out[m * ldo + n] = s;
+        }
+    }
+}
+#endif
+#endif
+
+/* One specialised copy per row count, so the accumulators live in registers. */
+/* Four weight rows at a time up to 4 input rows, two beyond: more loads in flight, each input load reused. */
+#define DOT_CASE(MM) case MM: dot_rows_mr(w, ldw, x, ldx, K, MM, MM <= 4 ? 4 : 2, n0, n1, out, ldo); break;
+static void dot_rows(const uint16_t *w, int64_t ldw, const xval *x, int64_t ldx, int64_t K, int M, int64_t n0,
+                     int64_t n1, float *out, int64_t ldo) {
+    switch (M) {
+        DOT_CASE(1) DOT_CASE(2) DOT_CASE(3) DOT_CASE(4) DOT_CASE(5) DOT_CASE(6) DOT_CASE(7) DOT_CASE(8)
+        default: break;
+    }
+}
+
+static int64_t padded(int64_t K) { return (K + XALIGN - 1) / XALIGN * XALIGN; }
+
+/* bf16 rows x [M, K] (row stride ldx) -> xp [M, padded(K)], zeros past K. */
+static void prepare(const uint16_t *x, int64_t ldx, int M, int64_t K, xval *xp) {
+    const int64_t kp = padded(K);
+    for (int m = 0; m < M; m++) {
+        for (int64_t k = 0; k < K; k++) xp[m * kp + k] = to_xval_bf16(x[m * ldx + k]);
+        for (int64_t k = K; k < kp; k++) xp[m * kp + k] = 0;
+    }
+}
+
+/* This thread's share [*lo, *hi) of n rows, in runs of `align` rows. */
+static void share(int64_t n, int64_t align, int64_t *lo, int64_t *hi) {
+    int t = 0, nt = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+    nt = omp_get_num_threads();
+#endif
+    int64_t per = ((n + nt - 1) / nt + align - 1) / align * align;
+    *lo = t * per < n ? t * per : n;
+    *hi = *lo + per < n ? *lo + per : n;
+}
+
+int streamoe_native_version(void) { return 1; }
+
+/* 2: AVX512-BF16 dot products, 1: AVX-512 with fp32 FMAs, 0: plain C. */
+int streamoe_native_avx512(void) {
+#if defined(STREAMOE_DPBF16)
+    return 2;
+#elif defined(STREAMOE_AVX512)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* y [M, N] bf16 = x [M, K] bf16 @ w [N, K]^T bf16, M <= 8. Returns 0, or -1 for a bad argument. */
+int streamoe_linear_bf16(const uint16_t *w, int64_t ldw, const uint16_t *x, int64_t ldx, int64_t M, int64_t K,
+                         int64_t N, uint16_t *y, int64_t ldy, int nthreads) {
+    if (M < 1 || M > MAX_ROWS || K < 1 || N < 1) return -1;
+    xval *xp = malloc(sizeof(xval) * (size_t)(M * padded(K)));
+    if (!xp) return -1;
+    prepare(x, ldx, (int)M, K, xp);
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+    {
+        int64_t lo, hi;
+        share(N, 16, &lo, &hi);
+        float acc[MAX_ROWS * 64];
+        for (int64_t n = lo; n < hi; n += 64) { /* 64 outputs at a time, then rounded */
+            int64_t end = n + 64 < hi ? n + 64 : hi;
+            dot_rows(w, ldw, xp, padded(K), K, (int)M, n, end, acc - n, 64);
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t j = n; j < end; j++) y[m * ldy + j] = f32_to_bf16(acc[m * 64 + j - n]);
+        }
+    }
+    free(xp);
+    return 0;
+}
+
+/* Routed experts: xs [P, D] bf16, the (token, expert) pairs sorted by slot, counts [S] pairs per
+ * slot; w13 [S, 2I, D] (gate rows, then up rows), w2 [S, D, I] -> ys [P, D] bf16, each pair through
+ * its slot's SwiGLU expert: down(silu(gate x) * up x). Slots without pairs are not read. A slot's
+ * pairs go 8 at a time; every thread takes a share of the gate/up rows (the same rows of both, so
+ * it finishes its share of silu(gate) * up alone), then, after one barrier, a share of the down
+ * rows. The intermediate stays fp32. Returns 0, or -1 for a bad argument. */
+int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, const uint16_t *w13,
+                          const uint16_t *w2, int64_t D, int64_t I, uint16_t *ys, int nthreads) {
+    if (S < 1 || D < 1 || I < 1) return -1;
+    for (int64_t s = 0; s < S; s++)
+        if (counts[s] < 0) return -1;
+    const int64_t dp = padded(D), ip = padded(I);
+    xval *act = calloc((size_t)(2 * MAX_ROWS * ip), sizeof(xval)); /* two chunks' silu(gate) * up, zeros past I */
+    if (!act) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+    {
+        xval *xp = malloc(sizeof(xval) * (size_t)(MAX_ROWS * dp));
+        float *gate = malloc(sizeof(float) * (size_t)(MAX_ROWS * 64 * 2));
+        float *out = malloc(sizeof(float) * (size_t)(MAX_ROWS * 64));
+        int ok = xp && gate && out;
+#pragma omp atomic
+        failed += !ok;
+#pragma omp barrier
+        if (!failed) {
+            int64_t lo_i, hi_i, lo_d, hi_d, start = 0, chunk = 0;
+            share(I, 16, &lo_i, &hi_i);
+            share(D, 16, &lo_d, &hi_d);
+            for (int64_t s = 0; s < S; s++) {
+                const uint16_t *g = w13 + s * 2 * I * D, *down = w2 + s * D * I;
+                for (int64_t r0 = 0; r0 < counts[s]; r0 += MAX_ROWS, chunk++) {
+                    int M = (int)(counts[s] - r0 < MAX_ROWS ? counts[s] - r0 : MAX_ROWS);
+                    const uint16_t *x = xs + (start + r0) * D;
+                    xval *a = act + (chunk & 1) * MAX_ROWS * ip;
+                    prepare(x, D, M, D, xp);
+                    for (int64_t j = lo_i; j < hi_i; j += 64) {
+                        int64_t end = j + 64 < hi_i ? j + 64 : hi_i;
+                        dot_rows(g, D, xp, dp, D, M, j, end, gate - j, 128);              /* gate rows */
+                        dot_rows(g + I * D, D, xp, dp, D, M, j, end, gate + 64 - j, 128); /* up rows */
+                        for (int m = 0; m < M; m++)
+                            for (int64_t c = j; c < end; c++) {
+                                float gv = gate[m * 128 + c - j], uv = gate[m * 128 + 64 + c - j];
+                                a[m * ip + c] = to_xval_f32(gv / (1.0f + expf(-gv)) * uv);
+                            }
+                    }
+#pragma omp barrier
+                    for (int64_t n = lo_d; n < hi_d; n += 64) {
+                        int64_t end = n + 64 < hi_d ? n + 64 : hi_d;
+                        dot_rows(down, I, a, ip, I, M, n, end, out - n, 64);
+                        for (int m = 0; m < M; m++)
+                            for (int64_t c = n; c < end; c++)
+                                ys[(start + r0 + m) * D + c] = f32_to_bf16(out[m * 64 + c - n]);
+                    }
+                }
+                start += counts[s];
+            }
+        }
+        free(xp);
+        free(gate);
+        free(out);
+    }
+    free(act);
+    return failed ? -1 : 0;
+}

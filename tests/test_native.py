@@ -1,0 +1,163 @@
+"""Issue #15: streamoe's own bf16 CPU kernels (shared/model/native.py) and the `native` MoE backend:
+each output within one bf16 rounding of the float64 result, the model on a `native` plan as close
+to its fp32 self as on torch's kernels, and refusals that name what is missing."""
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+from modelcheck import incremental_logits
+
+from shared.model import native
+from shared.model.experts import ExpertStack, MoEPlan, check_supported, run_experts
+from shared.model.loader import load_model
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    """The kernels split their rows over torch's threads: test the split."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def builds() -> list:
+    """The kernels as built for this CPU, and the paths of older instruction sets it also runs:
+    plain C (-march=x86-64) and AVX-512 without BF16 (-march=skylake-avx512), whatever CI's CPU."""
+    libs = [native.library()]
+    if platform.machine() == "x86_64":
+        libs.append(native.build("x86-64"))
+        if {"avx512f", "avx512bw", "avx512vl"} <= set(native.cpu_id().rsplit("|", 1)[-1].split()):
+            libs.append(native.build("skylake-avx512"))
+    return libs
+
+
+def test_the_builds_cover_each_path_the_cpu_runs():
+    kinds = [native.kind(lib) for lib in builds()]
+    assert kinds[0] in ("avx512-bf16", "avx512", "c")
+    if platform.machine() == "x86_64":
+        assert kinds[1] == "c" and (len(kinds) == 2 or kinds[2] == "avx512")
+
+
+def within_one_rounding(got: torch.Tensor, want: torch.Tensor, terms: int) -> bool:
+    """got (bf16) is want (float64) rounded to bf16, give or take fp32 accumulation over `terms`."""
+    slack = 2.0 ** -8 * want.abs() + 1e-6 * terms ** 0.5 * want.abs().max()
+    return bool(((got.double() - want).abs() <= slack).all())
+
+
+@pytest.mark.parametrize("n,k", [(96, 64), (37, 100), (130, 17)])  # K not a multiple of 16: the masked tail
+def test_linear_is_the_float64_product_rounded_once(n, k):
+    gen = torch.Generator().manual_seed(n)
+    weight = torch.randn(n, k, generator=gen).bfloat16()
+    wide = torch.randn(native.MAX_ROWS, 2 * k, generator=gen).bfloat16()
+    for lib in builds():
+        for m in range(1, native.MAX_ROWS + 1):
+            for x in (wide[:m, :k].contiguous(), wide[:m, k:]):  # contiguous, and rows with a stride
+                got = native.linear(x, weight, lib)
+                assert got.shape == (m, n) and got.dtype == torch.bfloat16
+                assert within_one_rounding(got, x.double() @ weight.double().T, k), (native.kind(lib), m, x.stride())
+
+
+def test_linear_refuses_what_it_does_not_take_naming_it():
+    weight = torch.randn(8, 16).bfloat16()
+    for x, w in ((torch.randn(9, 16).bfloat16(), weight), (torch.randn(2, 16), weight.float()),
+                 (torch.randn(2, 8).bfloat16(), torch.randn(16, 8).bfloat16().T)):
+        assert not native.supports(x, w)
+        with pytest.raises(ValueError, match=r"native\.linear: x \("):
+            native.linear(x, w)
+
+
+def reference_experts(xs: torch.Tensor, counts: torch.Tensor, stack: ExpertStack, round_act: bool) -> torch.Tensor:
+    """Each pair through its slot's expert in float64; the intermediate rounded to bf16 as the kernel
+    rounds it with bf16 dot products, else unrounded (its fp32)."""
+    out, start, inter = [], 0, stack.w2.shape[2]
+    for slot, n in enumerate(counts.tolist()):
+        x = xs[start:start + n].double()
+        h = x @ stack.w13[slot].double().T
+        act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        if round_act:
+            act = act.bfloat16().double()
+        out.append(act @ stack.w2[slot].double().T)
+        start += n
+    return torch.cat(out)
+
+
+def test_native_experts_match_the_float64_reference_pair_by_pair():
+    """Empty slots, one pair, and a slot of 19 pairs (three passes of up to 8) in one call."""
+    gen = torch.Generator().manual_seed(3)
+    slots, dim, inter = 6, 80, 40
+    stack = ExpertStack((torch.randn(slots, 2 * inter, dim, generator=gen) * 0.2).bfloat16(),
+                        (torch.randn(slots, dim, inter, generator=gen) * 0.2).bfloat16())
+    counts = torch.tensor([0, 1, 19, 0, 5, 8])
+    xs = torch.randn(int(counts.sum()), dim, generator=gen).bfloat16()
+    got = run_experts("native", xs, counts, stack)
+    assert got.dtype == torch.bfloat16 and got.shape == xs.shape
+    assert torch.equal(got, native.experts(xs, counts, stack.w13, stack.w2, native.library()))
+    for lib in builds():
+        want = reference_experts(xs, counts, stack, round_act=native.kind(lib) == "avx512-bf16")
+        got = native.experts(xs, counts, stack.w13, stack.w2, lib)
+        assert within_one_rounding(got, want, dim + inter), native.kind(lib)
+    assert run_experts("native", xs[:0], torch.zeros(slots, dtype=torch.int64), stack).shape == (0, dim)
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tmp_path_factory):
+    from shared.model.presets import init_model
+
+    return init_model(tmp_path_factory.mktemp("tiny-bf16-native"), "tiny", seed=0, dtype="bf16")
+
+
+def test_a_native_plan_is_as_close_to_fp32_as_torchs_kernels(tiny_bf16, monkeypatch):
+    """Prefill (every row count) then decode steps of 3 sequences (3 rows: the linears go native too)
+    on `1:native`, against the same bf16 checkpoint computed in fp32; torch's `sparse` in bf16 for
+    the yardstick. The native path must be used, and no further from fp32 than torch's."""
+    truth_model = load_model(tiny_bf16, dtype="fp32")
+    model = load_model(tiny_bf16, dtype="bf16")
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, model.args.vocab_size, (n,), generator=gen).tolist() for n in (1, 6, 11)]
+    continuations = [torch.randint(3, model.args.vocab_size, (6,), generator=gen).tolist() for _ in prompts]
+    truth = torch.cat(incremental_logits(truth_model, prompts, continuations))
+
+    calls = {"linear": 0, "experts": 0}
+
+    def counting(name, fn):
+        def counted(*args):
+            calls[name] += 1
+            return fn(*args)
+        return counted
+    for name in calls:
+        monkeypatch.setattr(native, name, counting(name, getattr(native, name)))
+    errors = {}
+    for plan in ("sparse", "native"):
+        model.set_moe_backend(plan)
+        got = torch.cat(incremental_logits(model, prompts, continuations))
+        errors[plan] = (got - truth).abs().max().item()
+    assert calls["experts"] > 0 and calls["linear"] > 0, calls
+    assert model.lm_head.native_rows == frozenset(range(1, native.MAX_ROWS + 1))
+    assert errors["native"] <= 1.5 * errors["sparse"] + 1e-3, errors
+
+    model.set_moe_backend("1:native,4:sparse")  # the linears follow the plan's token counts
+    assert model.lm_head.native_rows == frozenset({1, 2, 3})
+    model.set_moe_backend("sparse")
+    assert model.lm_head.native_rows == frozenset()
+
+
+def test_native_is_refused_where_it_cannot_run_naming_device_dtype_and_reason(tiny_bf16, monkeypatch):
+    with pytest.raises(ValueError, match="native.*device=cpu, dtype=float32"):
+        check_supported(MoEPlan.single("native"), "cpu", torch.float32)
+    with pytest.raises(ValueError, match="native.*device=meta, dtype=bfloat16"):
+        check_supported(MoEPlan.parse("1:native,16:weight-major"), "meta", torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype=float32"):
+        load_model(tiny_bf16, dtype="fp32").set_moe_backend("native")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    native.build.cache_clear()
+    try:
+        assert "/nonexistent/cc" in native.unavailable()
+        with pytest.raises(ValueError, match="unavailable here.*no C compiler"):
+            check_supported(MoEPlan.single("native"), "cpu", torch.bfloat16)
+    finally:
+        native.build.cache_clear()
