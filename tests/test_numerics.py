@@ -271,4 +271,4 @@ async def test_a_handoff_in_another_dtype_is_refused_naming_both(redis):
     assert delta.finish_reason == "error" and delta.status == 500 and delta.index == 1
     assert "KV handoff of request req-1 is bfloat16; this decode rank computes in float32" in delta.error
     assert decode.handoffs == {} and await redis.xlen(decode.stream) == 0  # consumed, not re-prefilled
-    assert await redis.xlen(streams.tokenized_stream(0)) == 0 and "req-1" in decode.finished
+    assert await redis.xlen(streams.tokenized_stream(0)) == 0 and ("req-1", 0) in decode.finished

@@ -45,6 +45,39 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+#ifdef STREAMOE_AVX512
+/* The sums of four accumulators' lanes, as [sum a, sum b, sum c, sum d]: one tree for four, about
+ * half the shuffles of four separate reductions (at short K the reductions cost as much as the dots). */
+static inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+#define HALVES(v) _mm256_add_ps(_mm512_castps512_ps256(v), \
+                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
+    __m256 ab = _mm256_hadd_ps(HALVES(a), HALVES(b)), cd = _mm256_hadd_ps(HALVES(c), HALVES(d));
+#undef HALVES
+    __m256 abcd = _mm256_hadd_ps(ab, cd);
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+/* out[m * ldo + n + i] = the sum of acc[i][m]'s lanes, for the r <= R rows of this pass. */
+static inline __attribute__((always_inline)) void store_sums(__m512 acc[4][MAX_ROWS], int r, int R, int M,
+                                                             float *out, int64_t ldo, int64_t n) {
+    int m = 0;
+    if (r == 4 && R == 4) {
+        for (; m < M; m++) _mm_storeu_ps(out + m * ldo + n, sum4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]));
+    } else if (r == 2 && R == 2) {
+        for (; m + 1 < M; m += 2) {
+            float s[4];
+            _mm_storeu_ps(s, sum4(acc[0][m], acc[1][m], acc[0][m + 1], acc[1][m + 1]));
+            out[m * ldo + n] = s[0];
+            out[m * ldo + n + 1] = s[1];
+            out[(m + 1) * ldo + n] = s[2];
+            out[(m + 1) * ldo + n + 1] = s[3];
+        }
+    }
+    for (; m < M; m++)
+        for (int i = 0; i < r; i++) out[m * ldo + n + i] = _mm512_reduce_add_ps(acc[i][m]);
+}
+#endif
+
 /* The input rows as the dot products take them (`xval`, row stride `ldx` >= K, zero-padded past K):
  * bf16 where the CPU multiplies bf16 pairs into fp32 (AVX512-BF16: x is bf16 already, or the
  * intermediate rounded to bf16 as torch's bf16 path rounds it), else fp32.
@@ -58,7 +91,8 @@ static inline xval to_xval_f32(float f) { return f32_to_bf16(f); }
 
 static inline __attribute__((always_inline)) void dot_rows_mr(const uint16_t *w, int64_t ldw, const xval *x,
                                                               int64_t ldx, int64_t K, int M, int R, int64_t n0,
-                                                              int64_t n1, float *out, int64_t ldo) {
+                                                              int64_t n1, float *out, int64_t ldo,
+                                                              const uint16_t *next) {
     const int64_t body = K & ~(int64_t)31;
     const __mmask32 tail = (__mmask32)((1ull << (K - body)) - 1ull);
     for (int64_t n = n0; n < n1; n += R) {
@@ -69,7 +103,10 @@ static inline __attribute__((always_inline)) void dot_rows_mr(const uint16_t *w,
         if (r == R) {
             for (int64_t k = 0; k < body; k += 32) {
                 __m512bh wv[4];
-                for (int i = 0; i < R; i++) wv[i] = (__m512bh)_mm512_loadu_si512(w + (n + i) * ldw + k);
+                for (int i = 0; i < R; i++) {
+                    wv[i] = (__m512bh)_mm512_loadu_si512(w + (n + i) * ldw + k);
+                    if (next) _mm_prefetch((const char *)(next + (n + i) * ldw + k), _MM_HINT_T1);
+                }
                 for (int m = 0; m < M; m++) {
                     __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * ldx + k);
                     for (int i = 0; i < R; i++) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv[i], xv);
@@ -91,8 +128,7 @@ static inline __attribute__((always_inline)) void dot_rows_mr(const uint16_t *w,
                         acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv, (__m512bh)_mm512_loadu_si512(x + m * ldx + k));
                 }
         }
-        for (int i = 0; i < r; i++)
-            for (int m = 0; m < M; m++) out[m * ldo + n + i] = _mm512_reduce_add_ps(acc[i][m]);
+        store_sums(acc, r, R, M, out, ldo, n);
     }
 }
 #else
@@ -108,7 +144,9 @@ static inline __m512 load_bf16(const uint16_t *p, __mmask16 mask) {
 
 static inline __attribute__((always_inline)) void dot_rows_mr(const uint16_t *w, int64_t ldw, const xval *x,
                                                               int64_t ldx, int64_t K, int M, int R, int64_t n0,
-                                                              int64_t n1, float *out, int64_t ldo) {
+                                                              int64_t n1, float *out, int64_t ldo,
+                                                              const uint16_t *next) {
+    (void)next;
     const int64_t body = K & ~(int64_t)15;
     const __mmask16 tail = (__mmask16)((1u << (K - body)) - 1u);
     for (int64_t n = n0; n < n1; n += R) {
@@ -123,14 +161,14 @@ static inline __attribute__((always_inline)) void dot_rows_mr(const uint16_t *w,
                 for (int m = 0; m < M; m++) acc[i][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * ldx + k), acc[i][m]);
             }
         }
-        for (int i = 0; i < r; i++)
-            for (int m = 0; m < M; m++) out[m * ldo + n + i] = _mm512_reduce_add_ps(acc[i][m]);
+        store_sums(acc, r, R, M, out, ldo, n);
     }
 }
 #else
 static inline void dot_rows_mr(const uint16_t *w, int64_t ldw, const xval *x, int64_t ldx, int64_t K, int M, int R,
-                               int64_t n0, int64_t n1, float *out, int64_t ldo) {
+                               int64_t n0, int64_t n1, float *out, int64_t ldo, const uint16_t *next) {
     (void)R;
+    (void)next;
     for (int64_t n = n0; n < n1; n++) {
         float acc[MAX_ROWS][8];
         memset(acc, 0, sizeof acc);
@@ -152,9 +190,9 @@ static inline void dot_rows_mr(const uint16_t *w, int64_t ldw, const xval *x, in
 
 /* One specialised copy per row count, so the accumulators live in registers. */
 /* Four weight rows at a time up to 4 input rows, two beyond: more loads in flight, each input load reused. */
-#define DOT_CASE(MM) case MM: dot_rows_mr(w, ldw, x, ldx, K, MM, MM <= 4 ? 4 : 2, n0, n1, out, ldo); break;
+#define DOT_CASE(MM) case MM: dot_rows_mr(w, ldw, x, ldx, K, MM, MM <= 4 ? 4 : 2, n0, n1, out, ldo, next); break;
 static void dot_rows(const uint16_t *w, int64_t ldw, const xval *x, int64_t ldx, int64_t K, int M, int64_t n0,
-                     int64_t n1, float *out, int64_t ldo) {
+                     int64_t n1, float *out, int64_t ldo, const uint16_t *next) {
     switch (M) {
         DOT_CASE(1) DOT_CASE(2) DOT_CASE(3) DOT_CASE(4) DOT_CASE(5) DOT_CASE(6) DOT_CASE(7) DOT_CASE(8)
         default: break;
@@ -211,7 +249,7 @@ int streamoe_linear_bf16(const uint16_t *w, int64_t ldw, const uint16_t *x, int6
         float acc[MAX_ROWS * 64];
         for (int64_t n = lo; n < hi; n += 64) { /* 64 outputs at a time, then rounded */
             int64_t end = n + 64 < hi ? n + 64 : hi;
-            dot_rows(w, ldw, xp, padded(K), K, (int)M, n, end, acc - n, 64);
+            dot_rows(w, ldw, xp, padded(K), K, (int)M, n, end, acc - n, 64, NULL);
             for (int64_t m = 0; m < M; m++)
                 for (int64_t j = n; j < end; j++) y[m * ldy + j] = f32_to_bf16(acc[m * 64 + j - n]);
         }
@@ -250,15 +288,20 @@ int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, 
             share(D, 16, &lo_d, &hi_d);
             for (int64_t s = 0; s < S; s++) {
                 const uint16_t *g = w13 + s * 2 * I * D, *down = w2 + s * D * I;
+                int64_t nx = s + 1; /* the next slot with pairs: its weights are fetched during this one's last pass */
+                while (nx < S && counts[nx] == 0) nx++;
                 for (int64_t r0 = 0; r0 < counts[s]; r0 += MAX_ROWS, chunk++) {
                     int M = (int)(counts[s] - r0 < MAX_ROWS ? counts[s] - r0 : MAX_ROWS);
+                    int last = r0 + MAX_ROWS >= counts[s] && nx < S;
+                    const uint16_t *next_g = last ? w13 + nx * 2 * I * D : NULL, *next_down = last ? w2 + nx * D * I : NULL;
                     const uint16_t *x = xs + (start + r0) * D;
                     xval *a = act + (chunk & 1) * MAX_ROWS * ip;
                     prepare(x, D, M, D, xp);
                     for (int64_t j = lo_i; j < hi_i; j += 64) {
                         int64_t end = j + 64 < hi_i ? j + 64 : hi_i;
-                        dot_rows(g, D, xp, dp, D, M, j, end, gate - j, 128);              /* gate rows */
-                        dot_rows(g + I * D, D, xp, dp, D, M, j, end, gate + 64 - j, 128); /* up rows */
+                        dot_rows(g, D, xp, dp, D, M, j, end, gate - j, 128, next_g); /* gate rows */
+                        dot_rows(g + I * D, D, xp, dp, D, M, j, end, gate + 64 - j, 128,
+                                 next_g ? next_g + I * D : NULL); /* up rows */
                         for (int m = 0; m < M; m++)
                             for (int64_t c = j; c < end; c++) {
                                 float gv = gate[m * 128 + c - j], uv = gate[m * 128 + 64 + c - j];
@@ -268,7 +311,7 @@ int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, 
 #pragma omp barrier
                     for (int64_t n = lo_d; n < hi_d; n += 64) {
                         int64_t end = n + 64 < hi_d ? n + 64 : hi_d;
-                        dot_rows(down, I, a, ip, I, M, n, end, out - n, 64);
+                        dot_rows(down, I, a, ip, I, M, n, end, out - n, 64, next_down);
                         for (int m = 0; m < M; m++)
                             for (int64_t c = n; c < end; c++)
                                 ys[(start + r0 + m) * D + c] = f32_to_bf16(out[m * 64 + c - n]);
