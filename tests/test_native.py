@@ -104,6 +104,31 @@ def test_native_experts_match_the_float64_reference_pair_by_pair():
     assert run_experts("native", xs[:0], torch.zeros(slots, dtype=torch.int64), stack).shape == (0, dim)
 
 
+def test_decode_attention_reads_the_rows_in_place_within_one_rounding():
+    """Sequences of different lengths padded to one L (padding repeats a real row, as the read plan
+    pads), scattered over a pool: each head's softmax-weighted latent, against float64."""
+    gen = torch.Generator().manual_seed(4)
+    seqs, heads, latent, rope, length = 5, 6, 40, 8, 23
+    pool = torch.randn(200, latent + rope, generator=gen).bfloat16()
+    lengths = torch.tensor([23, 1, 9, 17, 23])
+    slots = torch.stack([torch.randperm(200, generator=gen)[:length] for _ in range(seqs)])
+    for i, n in enumerate(lengths.tolist()):
+        slots[i, n:] = slots[i, n - 1]
+    q = torch.randn(seqs, heads, latent + rope, generator=gen).bfloat16()
+    rows = pool[slots].double()  # [S, L, W]
+    scores = torch.einsum("shw,slw->shl", q.double(), rows) * 0.3
+    scores = scores.masked_fill(torch.arange(length)[None, None] >= lengths[:, None, None], float("-inf"))
+    want = torch.einsum("shl,slc->shc", scores.softmax(-1), rows[..., :latent])
+    for lib in builds():
+        got = native.decode_attention(q, pool, slots, lengths, latent, 0.3, lib)
+        assert got.shape == (seqs, heads, latent) and got.dtype == torch.bfloat16
+        assert within_one_rounding(got, want, length * (latent + rope)), native.kind(lib)
+    with pytest.raises(ValueError, match="native.decode_attention"):
+        native.decode_attention(q.float(), pool, slots, lengths, latent, 0.3)
+    with pytest.raises(RuntimeError, match="lengths"):
+        native.decode_attention(q, pool, slots, torch.tensor([23, 0, 9, 17, 23]), latent, 0.3)
+
+
 @pytest.fixture(scope="module")
 def tiny_bf16(tmp_path_factory):
     from shared.model.presets import init_model
@@ -122,7 +147,7 @@ def test_a_native_plan_is_as_close_to_fp32_as_torchs_kernels(tiny_bf16, monkeypa
     continuations = [torch.randint(3, model.args.vocab_size, (6,), generator=gen).tolist() for _ in prompts]
     truth = torch.cat(incremental_logits(truth_model, prompts, continuations))
 
-    calls = {"linear": 0, "experts": 0}
+    calls = {"linear": 0, "experts": 0, "decode_attention": 0}
 
     def counting(name, fn):
         def counted(*args):
@@ -136,7 +161,7 @@ def test_a_native_plan_is_as_close_to_fp32_as_torchs_kernels(tiny_bf16, monkeypa
         model.set_moe_backend(plan)
         got = torch.cat(incremental_logits(model, prompts, continuations))
         errors[plan] = (got - truth).abs().max().item()
-    assert calls["experts"] > 0 and calls["linear"] > 0, calls
+    assert calls["experts"] > 0 and calls["linear"] > 0 and calls["decode_attention"] > 0, calls
     assert model.lm_head.native_rows == frozenset(range(1, native.MAX_ROWS + 1))
     assert errors["native"] <= 1.5 * errors["sparse"] + 1e-3, errors
 

@@ -41,6 +41,8 @@ class LatentCache(Protocol):
 
     def load(self, layer: int, slots: torch.Tensor) -> torch.Tensor: ...
 
+    def layer_rows(self, layer: int) -> torch.Tensor: ...
+
 
 @dataclass
 class AttentionBatch:
@@ -114,6 +116,8 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps)
         self.kv_b_proj = native.Linear(args.kv_lora_rank, h * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
         self.o_proj = native.Linear(h * args.v_head_dim, d, bias=bias)
+        # the model's MoE plan where it has `native`: at its token counts the decodes read the cache in place
+        self.native_plan = None
 
     # -- projections (the decode pipeline's ATTN-0) ---------------------------------------------
     def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +158,13 @@ class MLA(nn.Module):
             return cache.load(self.layer, rows) if plan.is_cached else kv.index_select(0, rows)
 
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)  # [T, H, V]
+        in_place = (self.native_plan is not None and self.native_plan.choose(q_nope.shape[0]) == "native"
+                    and q_nope.device.type == "cpu" and q_nope.dtype == torch.bfloat16)
         for bucket in plan.decode:
+            if in_place and bucket.lengths is not None:
+                rows = cache.layer_rows(self.layer) if plan.is_cached else kv
+                out.index_copy_(0, bucket.rows, self._decode_in_place(q_nope, q_pe, bucket, rows))
+                continue
             out.index_copy_(0, bucket.rows, self._decode(q_nope, q_pe, bucket, read))
         for bucket in plan.padded:
             path = self._absorbed if bucket.is_absorbed else self._expanded
@@ -185,6 +195,15 @@ class MLA(nn.Module):
         context = read(bucket.slots).view(s, 1, length, -1)  # [S, 1, L, C+R]: the latent is its own value
         out = F.scaled_dot_product_attention(q[:, None], context, context, attn_mask=bucket.mask, scale=self.scale)
         return self._absorb_out(out[:, 0, :, :self.kv_lora_rank])
+
+    def _decode_in_place(self, q_nope: torch.Tensor, q_pe: torch.Tensor, bucket: DecodeBucket,
+                         rows: torch.Tensor) -> torch.Tensor:
+        """`_decode` through the native kernel (native.py), reading each context's rows where they lie in
+        `rows` (the cache layer, or the step's own rows), nothing gathered; scores, softmax and the
+        weighted sum in fp32."""
+        q = self._absorb_q(q_nope.index_select(0, bucket.rows), q_pe.index_select(0, bucket.rows))  # [S, H, C+R]
+        slots = bucket.slots.view(bucket.num_seqs, bucket.max_context)
+        return self._absorb_out(native.decode_attention(q, rows, slots, bucket.lengths, self.kv_lora_rank, self.scale))
 
     def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, bucket: PaddedBucket,
                   read: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

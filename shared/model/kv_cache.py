@@ -47,6 +47,10 @@ class LatentKVPool:
         """slots [L] -> [L, C+R]."""
         return self.kv[layer].index_select(0, slots)
 
+    def layer_rows(self, layer: int) -> torch.Tensor:
+        """Every slot's row of a layer [slots, C+R], in place (kernels that read by slot)."""
+        return self.kv[layer]
+
 
 @dataclass
 class DecodeBucket:
@@ -58,6 +62,7 @@ class DecodeBucket:
     rows: torch.Tensor  # [S] the sequences' token rows in the step
     slots: torch.Tensor  # [S * L] context rows to read, sequence by sequence; padding repeats the last
     mask: torch.Tensor | None  # [S, 1, 1, L] bool, True on real keys; None: no padding
+    lengths: torch.Tensor | None = None  # [S] int64 real keys of each sequence (the native kernel's)
 
 
 @dataclass
@@ -178,7 +183,7 @@ def _decode_bucket(members: list[int], context_lens: list[int], token_start: tor
     last = seq_lens[:, None] - 1
     slots = rows[seqs[:, None], torch.minimum(keys, last)]  # [S, L]
     mask = None if lens[-1] == lens[0] else (keys <= last)[:, None, None]
-    return DecodeBucket(len(members), lens[0], token_start[seqs], slots.flatten(), mask)
+    return DecodeBucket(len(members), lens[0], token_start[seqs], slots.flatten(), mask, seq_lens)
 
 
 def _padded_bucket(is_absorbed: bool, members: list[int], query_lens: list[int], context_lens: list[int],

@@ -4,12 +4,15 @@ At 1-8 rows a matmul is a read of its weights, and on some CPUs torch's bf16 pat
 read them at a fraction of the bandwidth (loadgen/README.md). The C loops take each weight row
 while it streams by into every input row, accumulating in fp32, and round each output to bf16
 once: with AVX512-BF16 as bf16 pair products (`vdpbf16ps`), else with AVX-512 widened to fp32,
-else in plain C (`kind()`). Two entry points:
+else in plain C (`kind()`). Three entry points:
 - `linear(x, weight)`: x [M, K] @ weightᵀ for M <= MAX_ROWS (nn.Linear without bias);
 - `experts(xs, counts, w13, w2)`: a whole MoE layer's routed experts in one call (the `native`
   MoE backend, experts.py): each slot's pairs, 8 at a time, through gate/up, silu·mul and down;
   the intermediate silu·mul is rounded to bf16 where the dot products take bf16 (as torch's bf16
-  path rounds it), else kept in fp32.
+  path rounds it), else kept in fp32;
+- `decode_attention(q, rows, slots, lengths, latent, scale)`: single-token decodes on the absorbed
+  path, each sequence's context read in place from the cache rows by slot (nothing gathered),
+  scores, softmax and the weighted sum in fp32 (MLA._decode_in_place).
 
 The source is compiled on first use with the C compiler (`$CC`, else `cc`) as
 `-O3 -march=native -fopenmp` into $STREAMOE_HOME/kernels/, keyed by the source, the compiler and
@@ -92,7 +95,10 @@ def build(march: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.streamoe_linear_bf16.argtypes = [_PTR, _INT, _PTR, _INT, _INT, _INT, _INT, _PTR, _INT, ctypes.c_int]
     lib.streamoe_experts_bf16.argtypes = [_PTR, _PTR, _INT, _PTR, _PTR, _INT, _INT, _PTR, ctypes.c_int]
-    for fn in (lib.streamoe_linear_bf16, lib.streamoe_experts_bf16, lib.streamoe_native_avx512):
+    lib.streamoe_decode_attention_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _PTR, _INT,
+                                                   ctypes.c_float, _PTR, ctypes.c_int]
+    for fn in (lib.streamoe_linear_bf16, lib.streamoe_experts_bf16, lib.streamoe_decode_attention_bf16,
+               lib.streamoe_native_avx512):
         fn.restype = ctypes.c_int
     return lib
 
@@ -154,6 +160,30 @@ def experts(xs: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch
     if rc != 0:
         raise RuntimeError(f"native.experts failed on {xs.shape[0]} pairs over {w13.shape[0]} slots")
     return ys
+
+
+def decode_attention(q: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, latent: int,
+                     scale: float, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """Single-token absorbed decode attention read in place from the cache rows: q [S, H, W] bf16 (latent
+    then rotary channels), kv [rows, W] bf16, slots [S, L] int64 (each sequence's context rows,
+    `lengths` [S] of them real) -> [S, H, latent] bf16: softmax(scale * q·k) over the context applied
+    to the rows' first `latent` channels, in fp32."""
+    q, slots, lengths = q.contiguous(), slots.contiguous(), lengths.contiguous()
+    s, h, w = q.shape
+    if not (q.dtype == kv.dtype == torch.bfloat16 and kv.is_contiguous() and kv.dim() == 2 and kv.shape[1] == w
+            and slots.dtype == lengths.dtype == torch.int64 and slots.dim() == 2 and slots.shape[0] == s
+            and lengths.shape == (s,) and 0 < latent <= w and q.device.type == kv.device.type == "cpu"):
+        raise ValueError(f"native.decode_attention: q {tuple(q.shape)} {q.dtype}, kv {tuple(kv.shape)} {kv.dtype}, "
+                         f"slots {tuple(slots.shape)}, lengths {tuple(lengths.shape)}, latent {latent}: "
+                         "needs CPU bf16 queries and rows of one width, int64 slots and lengths")
+    out = torch.empty(s, h, latent, dtype=torch.bfloat16)
+    rc = (lib or library()).streamoe_decode_attention_bf16(q.data_ptr(), s, h, w, kv.data_ptr(), slots.data_ptr(),
+                                                           slots.shape[1], lengths.data_ptr(), latent, scale,
+                                                           out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"native.decode_attention failed on {s} sequences of up to {slots.shape[1]} rows "
+                           f"(lengths {lengths.tolist()[:8]})")
+    return out
 
 
 class Linear(nn.Linear):

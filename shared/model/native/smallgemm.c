@@ -327,3 +327,110 @@ int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, 
     free(act);
     return failed ? -1 : 0;
 }
+
+/* Single-token decode attention on the absorbed path, read in place from the latent cache (no gather):
+ * q [S, H, W] bf16 (each head's query in latent space: C latent channels, then the rotary ones),
+ * kv the cache rows [*, W] bf16, slots [S, L] the rows of each sequence's context (lens[s] <= L of
+ * them real), out [S, H, C] bf16: softmax(scale * q . k) over the context, applied to its first C
+ * channels (the latent is its own value). Scores, softmax and the weighted sum in fp32; each
+ * output rounded to bf16 once. Sequences are spread over the threads. Returns 0, or -1 for a bad
+ * argument. */
+/* out [H, C] = sum_l p[h * len + l] * k_l[c], fp32; with AVX-512 by blocks of 4 heads x 64 channels in registers. */
+static void weigh_rows(const float *p, int64_t len, const uint16_t *kv, const int64_t *slot, int64_t W, int64_t H,
+                       int64_t C, float *out) {
+#ifdef STREAMOE_AVX512
+    for (int64_t h0 = 0; h0 < H; h0 += 4) {
+        const int hm = (int)(H - h0 < 4 ? H - h0 : 4);
+        for (int64_t c0 = 0; c0 < C; c0 += 64) {
+            __m512 acc[4][4];
+            __mmask16 mask[4];
+            for (int v = 0; v < 4; v++) {
+                int64_t left = C - c0 - 16 * v;
+                mask[v] = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1u) : 0;
+                for (int h = 0; h < 4; h++) acc[h][v] = _mm512_setzero_ps();
+            }
+            for (int64_t l = 0; l < len; l++) {
+                const uint16_t *k = kv + slot[l] * W + c0;
+                __m512 row[4];
+                for (int v = 0; v < 4; v++) {
+                    __m256i half = _mm256_maskz_loadu_epi16(mask[v], k + 16 * v);
+                    row[v] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+                }
+                for (int h = 0; h < hm; h++) {
+                    __m512 w = _mm512_set1_ps(p[(h0 + h) * len + l]);
+                    for (int v = 0; v < 4; v++) acc[h][v] = _mm512_fmadd_ps(w, row[v], acc[h][v]);
+                }
+            }
+            for (int h = 0; h < hm; h++)
+                for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(out + (h0 + h) * C + c0 + 16 * v, mask[v], acc[h][v]);
+        }
+    }
+#else
+    for (int64_t h = 0; h < H; h++) {
+        float *o = out + h * C;
+        for (int64_t c = 0; c < C; c++) o[c] = 0.0f;
+        for (int64_t l = 0; l < len; l++) {
+            const uint16_t *k = kv + slot[l] * W;
+            const float w = p[h * len + l];
+            for (int64_t c = 0; c < C; c++) o[c] += w * bf16_to_f32(k[c]);
+        }
+    }
+#endif
+}
+
+/* Single-token decode attention on the absorbed path, read in place from the latent cache (no gather):
+ * q [S, H, W] bf16 (each head's query in latent space: C latent channels, then the rotary ones),
+ * kv the cache rows [*, W] bf16, slots [S, L] the rows of each sequence's context (lens[s] <= L of
+ * them real), out [S, H, C] bf16: softmax(scale * q . k) over the context, applied to its first C
+ * channels (the latent is its own value). Scores (8 context rows at a time against every head),
+ * softmax and the weighted sum in fp32; each output rounded to bf16 once. Sequences are spread
+ * over the threads. Returns 0, or -1 for a bad argument. */
+int streamoe_decode_attention_bf16(const uint16_t *q, int64_t S, int64_t H, int64_t W, const uint16_t *kv,
+                                   const int64_t *slots, int64_t L, const int64_t *lens, int64_t C, float scale,
+                                   uint16_t *out, int nthreads) {
+    if (S < 1 || H < 1 || W < 1 || C < 1 || C > W || L < 1) return -1;
+    for (int64_t s = 0; s < S; s++)
+        if (lens[s] < 1 || lens[s] > L) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+    {
+        const int64_t wp = padded(W);
+        xval *rows = malloc(sizeof(xval) * (size_t)(MAX_ROWS * wp));
+        float *p = malloc(sizeof(float) * (size_t)(H * L));
+        float *dots = malloc(sizeof(float) * (size_t)(MAX_ROWS * H));
+        float *acc = malloc(sizeof(float) * (size_t)(H * C));
+        if (!rows || !p || !dots || !acc) {
+#pragma omp atomic
+            failed += 1;
+        } else {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t s = 0; s < S; s++) {
+                const int64_t len = lens[s];
+                const int64_t *slot = slots + s * L;
+                const uint16_t *qs = q + s * H * W;
+                /* scores: up to 8 context rows (gathered into `rows`) against the H query rows */
+                for (int64_t l0 = 0; l0 < len; l0 += MAX_ROWS) {
+                    int m = (int)(len - l0 < MAX_ROWS ? len - l0 : MAX_ROWS);
+                    for (int i = 0; i < m; i++) prepare(kv + slot[l0 + i] * W, W, 1, W, rows + i * wp);
+                    dot_rows(qs, W, rows, wp, W, m, 0, H, dots, H, NULL);
+                    for (int i = 0; i < m; i++)
+                        for (int64_t h = 0; h < H; h++) p[h * len + l0 + i] = scale * dots[i * H + h];
+                }
+                for (int64_t h = 0; h < H; h++) { /* softmax per head */
+                    float *ph = p + h * len, top = ph[0], total = 0.0f;
+                    for (int64_t l = 1; l < len; l++) top = ph[l] > top ? ph[l] : top;
+                    for (int64_t l = 0; l < len; l++) total += (ph[l] = expf(ph[l] - top));
+                    const float inv = 1.0f / total;
+                    for (int64_t l = 0; l < len; l++) ph[l] *= inv;
+                }
+                weigh_rows(p, len, kv, slot, W, H, C, acc);
+                for (int64_t i = 0; i < H * C; i++) out[s * H * C + i] = f32_to_bf16(acc[i]);
+            }
+        }
+        free(rows);
+        free(p);
+        free(dots);
+        free(acc);
+    }
+    return failed ? -1 : 0;
+}
