@@ -161,7 +161,7 @@ class MLA(nn.Module):
         in_place = (self.native_plan is not None and self.native_plan.choose(q_nope.shape[0]) == "native"
                     and q_nope.device.type == "cpu" and q_nope.dtype == torch.bfloat16)
         for bucket in plan.decode:
-            if in_place and bucket.lengths is not None:
+            if in_place:
                 rows = cache.layer_rows(self.layer) if plan.is_cached else kv
                 out.index_copy_(0, bucket.rows, self._decode_in_place(q_nope, q_pe, bucket, rows))
                 continue

@@ -62,7 +62,7 @@ class DecodeBucket:
     rows: torch.Tensor  # [S] the sequences' token rows in the step
     slots: torch.Tensor  # [S * L] context rows to read, sequence by sequence; padding repeats the last
     mask: torch.Tensor | None  # [S, 1, 1, L] bool, True on real keys; None: no padding
-    lengths: torch.Tensor | None = None  # [S] int64 real keys of each sequence (the native kernel's)
+    lengths: torch.Tensor  # [S] int64 real keys of each sequence
 
 
 @dataclass

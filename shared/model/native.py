@@ -45,17 +45,18 @@ _INT, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
 def cpu_id() -> str:
-    """The CPU a build or a measurement holds for: its model and flags (the first processor's)."""
+    """The CPU a build or a measurement holds for: `model|flags` (the first processor's), or the
+    architecture alone where /proc/cpuinfo cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return f"cpu|{os.uname().machine}"
+        return os.uname().machine
     first: dict[str, str] = {}
     for line in text.splitlines():
         name, sep, value = line.partition(":")
         if sep:
             first.setdefault(name.strip(), value.strip())
-    return f"cpu|{first.get('model name', '?')}|{first.get('flags', first.get('Features', ''))}"
+    return f"{first.get('model name', '?')}|{first.get('flags', first.get('Features', ''))}"
 
 
 class NativeUnavailable(RuntimeError):

@@ -156,7 +156,7 @@ def machine_id(device: str | torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda|{torch.cuda.get_device_name(device)}|{torch.cuda.get_device_capability(device)}"
-    return native.cpu_id() if device.type == "cpu" else device.type
+    return f"{device.type}|{native.cpu_id()}"
 
 
 # Raised when a backend's kernels change (a cached choice was measured on the old ones).
