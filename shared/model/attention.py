@@ -198,12 +198,26 @@ class MLA(nn.Module):
 
     def _decode_in_place(self, q_nope: torch.Tensor, q_pe: torch.Tensor, bucket: DecodeBucket,
                          rows: torch.Tensor) -> torch.Tensor:
-        """`_decode` through the native kernel (native.py), reading each context's rows where they lie in
-        `rows` (the cache layer, or the step's own rows), nothing gathered; scores, softmax and the
-        weighted sum in fp32."""
-        q = self._absorb_q(q_nope.index_select(0, bucket.rows), q_pe.index_select(0, bucket.rows))  # [S, H, C+R]
-        slots = bucket.slots.view(bucket.num_seqs, bucket.max_context)
-        return self._absorb_out(native.decode_attention(q, rows, slots, bucket.lengths, self.kv_lora_rank, self.scale))
+        """`_decode` through the native kernels (native.py): the W_UK and W_UV products per head, and
+        the attention reading each context's rows where they lie in `rows` (the cache layer, or the
+        step's own rows), nothing gathered; scores, softmax and the weighted sum in fp32."""
+        s, c = bucket.num_seqs, self.kv_lora_rank
+        q = q_nope.new_empty(s, self.num_heads, c + self.rope_dim)  # [S, H, C+R]
+        native.heads(q_nope.index_select(0, bucket.rows), self._w_uk_rows(), out=q[..., :c])
+        q[..., c:] = q_pe.index_select(0, bucket.rows)
+        slots = bucket.slots.view(s, bucket.max_context)
+        latent = native.decode_attention(q, rows, slots, bucket.lengths, c, self.scale)  # [S, H, C]
+        return native.heads(latent, self._w_b()[1])  # [S, H, V]
+
+    def _w_uk_rows(self) -> torch.Tensor:
+        """W_UK with its latent channels as rows, [H, C, N] contiguous, for native.heads: a copy of that
+        part of kv_b_proj (made once, again only if the weight changes)."""
+        weight = self.kv_b_proj.weight
+        key = (weight.data_ptr(), weight._version)
+        if getattr(self, "_w_uk_key", None) != key:
+            self._w_uk_t = self._w_b()[0].transpose(1, 2).contiguous()
+            self._w_uk_key = key
+        return self._w_uk_t
 
     def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, bucket: PaddedBucket,
                   read: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

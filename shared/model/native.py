@@ -4,15 +4,19 @@ At 1-8 rows a matmul is a read of its weights, and on some CPUs torch's bf16 pat
 read them at a fraction of the bandwidth (loadgen/README.md). The C loops take each weight row
 while it streams by into every input row, accumulating in fp32, and round each output to bf16
 once: with AVX512-BF16 as bf16 pair products (`vdpbf16ps`), else with AVX-512 widened to fp32,
-else in plain C (`kind()`). Three entry points:
-- `linear(x, weight)`: x [M, K] @ weightᵀ for M <= MAX_ROWS (nn.Linear without bias);
+else in plain C (`kind()`). The entry points:
+- `linear(x, weight)`: x [M, K] @ weightᵀ for M <= LINEAR_ROWS (nn.Linear without bias): the
+  weights read once, the rows met 8 at a time;
 - `experts(xs, counts, w13, w2)`: a whole MoE layer's routed experts in one call (the `native`
   MoE backend, experts.py): each slot's pairs, 8 at a time, through gate/up, silu·mul and down;
   the intermediate silu·mul is rounded to bf16 where the dot products take bf16 (as torch's bf16
   path rounds it), else kept in fp32;
 - `decode_attention(q, rows, slots, lengths, latent, scale)`: single-token decodes on the absorbed
   path, each sequence's context read in place from the cache rows by slot (nothing gathered),
-  scores, softmax and the weighted sum in fp32 (MLA._decode_in_place).
+  scores and softmax in fp32, the weighted sum in fp32 (with AVX512-BF16 of the probabilities
+  rounded to bf16, as torch's fused attention rounds them) (MLA._decode_in_place);
+- `heads(x, weight)`: per-head products, the absorbed attention's W_UK and W_UV (MLA._decode_in_place);
+- `rms_norm(x, weight, eps)`: norm.RMSNorm of a few rows in one call.
 
 The source is compiled on first use with the C compiler (`$CC`, else `cc`) as
 `-O3 -march=native -fopenmp` into $STREAMOE_HOME/kernels/, keyed by the source, the compiler and
@@ -40,6 +44,7 @@ from shared.launcher.cliargs import home
 
 SOURCE = Path(__file__).with_name("native") / "smallgemm.c"
 MAX_ROWS = 8  # rows per kernel pass (the C file's MAX_ROWS)
+LINEAR_ROWS = 32  # the most rows `linear` takes (at 64, torch's GEMM was as fast on an AVX512-BF16 EPYC)
 FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared")
 _INT, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -98,8 +103,11 @@ def build(march: str) -> ctypes.CDLL:
     lib.streamoe_experts_bf16.argtypes = [_PTR, _PTR, _INT, _PTR, _PTR, _INT, _INT, _PTR, ctypes.c_int]
     lib.streamoe_decode_attention_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _PTR, _INT,
                                                    ctypes.c_float, _PTR, ctypes.c_int]
+    lib.streamoe_heads_bf16.argtypes = [_PTR, _INT, _INT, _INT, _INT, _INT, _PTR, _INT, _INT, _INT, _PTR, _INT, _INT,
+                                        ctypes.c_int]
+    lib.streamoe_rms_norm_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, ctypes.c_float, _PTR, _INT]
     for fn in (lib.streamoe_linear_bf16, lib.streamoe_experts_bf16, lib.streamoe_decode_attention_bf16,
-               lib.streamoe_native_avx512):
+               lib.streamoe_heads_bf16, lib.streamoe_rms_norm_bf16, lib.streamoe_native_avx512):
         fn.restype = ctypes.c_int
     return lib
 
@@ -119,16 +127,16 @@ def unavailable() -> str | None:
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear` takes these: CPU bf16, 1..MAX_ROWS rows, weight rows contiguous."""
-    return (x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype == weight.dtype == torch.bfloat16
+    """Whether `linear` takes these: CPU bf16, 1..LINEAR_ROWS rows, weight rows contiguous."""
+    return (x.dim() == 2 and 0 < x.shape[0] <= LINEAR_ROWS and x.dtype == weight.dtype == torch.bfloat16
             and x.device.type == "cpu" and weight.device.type == "cpu" and weight.stride(1) == 1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """x [M, K] bf16 (M <= MAX_ROWS) @ weight [N, K]ᵀ -> [M, N] bf16, accumulated in fp32."""
+    """x [M, K] bf16 (M <= LINEAR_ROWS) @ weight [N, K]ᵀ -> [M, N] bf16, accumulated in fp32."""
     if not supports(x, weight):
         raise ValueError(f"native.linear: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}: "
-                         f"needs CPU bf16, 1..{MAX_ROWS} rows, contiguous weight rows")
+                         f"needs CPU bf16, 1..{LINEAR_ROWS} rows, contiguous weight rows")
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -185,6 +193,44 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor, len
         raise RuntimeError(f"native.decode_attention failed on {s} sequences of up to {slots.shape[1]} rows "
                            f"(lengths {lengths.tolist()[:8]})")
     return out
+
+
+def heads(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+          lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """Per-head products: x [M, H, K] bf16 @ weight[h] [N, K]ᵀ for each head h -> [M, H, N] bf16
+    (written into `out` where given, any strides with its last dim contiguous), accumulated in fp32
+    and rounded once, like a bf16 bmm; weight [H, N, K] may be a strided view (its rows contiguous)."""
+    m, h, k = x.shape
+    n = weight.shape[1]
+    if out is None:
+        out = torch.empty(m, h, n, dtype=torch.bfloat16)
+    if not (x.dtype == weight.dtype == out.dtype == torch.bfloat16 and weight.dim() == 3
+            and weight.shape[0] == h and weight.shape[2] == k and out.shape == (m, h, n) and m > 0
+            and x.stride(2) == weight.stride(2) == out.stride(2) == 1
+            and x.device.type == weight.device.type == out.device.type == "cpu"):
+        raise ValueError(f"native.heads: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}, "
+                         f"out {tuple(out.shape)}: needs CPU bf16 [M, H, K] @ [H, N, K] with contiguous last dims")
+    rc = (lib or library()).streamoe_heads_bf16(x.data_ptr(), x.stride(0), x.stride(1), m, h, k, weight.data_ptr(),
+                                                weight.stride(0), weight.stride(1), n, out.data_ptr(), out.stride(0),
+                                                out.stride(1), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"native.heads failed on x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """RMSNorm of x [M, K] bf16 (rows contiguous) by weight [K] bf16, computed as norm.RMSNorm does -> [M, K] bf16."""
+    if not (x.dim() == 2 and x.dtype == weight.dtype == torch.bfloat16 and weight.shape == (x.shape[1],)
+            and x.stride(1) == 1 and weight.is_contiguous() and x.shape[0] > 0
+            and x.device.type == weight.device.type == "cpu"):
+        raise ValueError(f"native.rms_norm: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}: "
+                         "needs CPU bf16 rows and a weight of their width")
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    rc = (lib or library()).streamoe_rms_norm_bf16(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1],
+                                                   weight.data_ptr(), eps, y.data_ptr(), y.stride(0))
+    if rc != 0:
+        raise RuntimeError(f"native.rms_norm failed on x {tuple(x.shape)}")
+    return y
 
 
 class Linear(nn.Linear):

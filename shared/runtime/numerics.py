@@ -7,7 +7,7 @@ candidate dtype and each token bucket B in BUCKETS:
   (loop, sparse, grouped, bmm, weight-major, native, each where `check_supported` allows it;
   never `reference`);
 - one dense matmul [B, hidden] @ [hidden, intermediate_size] (attention and the dense layers).
-`native` also runs the step's linears (at most native.MAX_ROWS tokens) and its single-token decode
+`native` also runs the step's linears (at most native.LINEAR_ROWS tokens) and its single-token decode
 attention, so its MoE time is charged the difference each makes: the dense matmul through
 native.linear against torch, and B decodes over ATTENTION_CONTEXT rows read in place against
 gathered and given to SDPA.
@@ -160,7 +160,7 @@ def machine_id(device: str | torch.device) -> str:
 
 
 # Raised when a backend's kernels change (a cached choice was measured on the old ones).
-KERNELS_VERSION = 4
+KERNELS_VERSION = 5
 
 
 def cache_key(machine: str, torch_version: str, device: str, shapes: Shapes, threads: int,
@@ -220,8 +220,8 @@ def measure(shapes: Shapes, dtype: torch.dtype, device: torch.device, backends: 
         for backend in backends:
             took = _best(lambda b=backend, xs=xs, counts=counts: run_experts(b, xs, counts, stack), device,
                          GIVE_UP * best, deadline)
-            if backend == "native":  # it runs the step's linears of <= 8 rows and its decode attention too
-                if tokens <= native.MAX_ROWS:
+            if backend == "native":  # it runs the step's linears of <= 32 rows and its decode attention too
+                if tokens <= native.LINEAR_ROWS:
                     took += _best(lambda x=x: native.linear(x, dense_w), device) - timings.dense[tokens]
                 took += _decode_attention_gain(shapes, tokens, device)
             timings.moe[tokens][backend] = took

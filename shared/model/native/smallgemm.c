@@ -29,6 +29,7 @@
 #endif
 
 #define MAX_ROWS 8
+#define PREFETCH_BYTES 16384
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -55,6 +56,12 @@ static inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 #undef HALVES
     __m256 abcd = _mm256_hadd_ps(ab, cd);
     return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+/* 16 bf16 values (masked) widened to fp32: bf16 is the top half of an fp32. */
+static inline __m512 load_bf16(const uint16_t *p, __mmask16 mask) {
+    __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 /* out[m * ldo + n + i] = the sum of acc[i][m]'s lanes, for the r <= R rows of this pass. */
@@ -137,10 +144,6 @@ typedef float xval;
 static inline xval to_xval_bf16(uint16_t h) { return bf16_to_f32(h); }
 static inline xval to_xval_f32(float f) { return f; }
 #ifdef STREAMOE_AVX512
-static inline __m512 load_bf16(const uint16_t *p, __mmask16 mask) {
-    __m256i h = _mm256_maskz_loadu_epi16(mask, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 static inline __attribute__((always_inline)) void dot_rows_mr(const uint16_t *w, int64_t ldw, const xval *x,
                                                               int64_t ldx, int64_t K, int M, int R, int64_t n0,
@@ -235,11 +238,17 @@ int streamoe_native_avx512(void) {
 #endif
 }
 
-/* y [M, N] bf16 = x [M, K] bf16 @ w [N, K]^T bf16, M <= 8. Returns 0, or -1 for a bad argument. */
+/* y [M, N] bf16 = x [M, K] bf16 @ w [N, K]^T bf16, any M: up to 8 rows one pass over the weights;
+ * beyond, every block of 16 weight rows (in L1/L2 once read) meets the rows 8 at a time, so the
+ * weights still come from memory once. Returns 0, or -1 for a bad argument. */
 int streamoe_linear_bf16(const uint16_t *w, int64_t ldw, const uint16_t *x, int64_t ldx, int64_t M, int64_t K,
                          int64_t N, uint16_t *y, int64_t ldy, int nthreads) {
-    if (M < 1 || M > MAX_ROWS || K < 1 || N < 1) return -1;
-    xval *xp = malloc(sizeof(xval) * (size_t)(M * padded(K)));
+    if (M < 1 || K < 1 || N < 1) return -1;
+    /* the weight rows ~16 KiB ahead are prefetched into L2 while these are multiplied: a cold
+     * matrix of a few MB read at ~1.25x the rate the hardware prefetchers alone reach (an EPYC Zen 4) */
+    const int64_t ahead = PREFETCH_BYTES / (2 * ldw) > 4 ? PREFETCH_BYTES / (2 * ldw) : 4;
+    const int64_t kp = padded(K), block = M > MAX_ROWS ? 16 : 64;
+    xval *xp = malloc(sizeof(xval) * (size_t)(M * kp));
     if (!xp) return -1;
     prepare(x, ldx, (int)M, K, xp);
 #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
@@ -247,14 +256,72 @@ int streamoe_linear_bf16(const uint16_t *w, int64_t ldw, const uint16_t *x, int6
         int64_t lo, hi;
         share(N, 16, &lo, &hi);
         float acc[MAX_ROWS * 64];
-        for (int64_t n = lo; n < hi; n += 64) { /* 64 outputs at a time, then rounded */
-            int64_t end = n + 64 < hi ? n + 64 : hi;
-            dot_rows(w, ldw, xp, padded(K), K, (int)M, n, end, acc - n, 64, NULL);
-            for (int64_t m = 0; m < M; m++)
-                for (int64_t j = n; j < end; j++) y[m * ldy + j] = f32_to_bf16(acc[m * 64 + j - n]);
+        for (int64_t n = lo; n < hi; n += block) { /* `block` outputs at a time, then rounded */
+            int64_t end = n + block < hi ? n + block : hi;
+            for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+                const int rows = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
+                dot_rows(w, ldw, xp + m0 * kp, kp, K, rows, n, end, acc - n, block, m0 == 0 ? w + ahead * ldw : NULL);
+                for (int64_t m = 0; m < rows; m++)
+                    for (int64_t j = n; j < end; j++) y[(m0 + m) * ldy + j] = f32_to_bf16(acc[m * block + j - n]);
+            }
         }
     }
     free(xp);
+    return 0;
+}
+
+/* Per-head products: y[m, h, :] = x[m, h, :] @ w[h]^T for m < M (any M, 8 rows a pass) and h < H, w[h]
+ * [N, K] rows; strides in elements: x (row ldxm, head ldxh), w (head ldwh, row ldw), y (row ldym,
+ * head ldyh). The absorbed attention's W_UK and W_UV products (MLA). Threads share the (head, 16
+ * outputs) blocks. Returns 0, or -1 for a bad argument. */
+int streamoe_heads_bf16(const uint16_t *x, int64_t ldxm, int64_t ldxh, int64_t M, int64_t H, int64_t K,
+                        const uint16_t *w, int64_t ldwh, int64_t ldw, int64_t N, uint16_t *y, int64_t ldym,
+                        int64_t ldyh, int nthreads) {
+    if (M < 1 || H < 1 || K < 1 || N < 1) return -1;
+    const int64_t kp = padded(K), blocks = (N + 15) / 16;
+    xval *xp = malloc(sizeof(xval) * (size_t)(M * H * kp)); /* every row of every head, as the dots take them */
+    if (!xp) return -1;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t h = 0; h < H; h++) prepare(x + m * ldxm + h * ldxh, K, 1, K, xp + (h * M + m) * kp);
+#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
+    for (int64_t b = 0; b < H * blocks; b++) {
+        const int64_t h = b / blocks, n0 = (b % blocks) * 16, n1 = n0 + 16 < N ? n0 + 16 : N;
+        float acc[MAX_ROWS * 16];
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+            const int rows = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
+            dot_rows(w + h * ldwh, ldw, xp + (h * M + m0) * kp, kp, K, rows, n0, n1, acc - n0, 16, NULL);
+            for (int m = 0; m < rows; m++)
+                for (int64_t n = n0; n < n1; n++)
+                    y[(m0 + m) * ldym + h * ldyh + n] = f32_to_bf16(acc[m * 16 + n - n0]);
+        }
+    }
+    free(xp);
+    return 0;
+}
+
+/* RMSNorm of M rows as the model computes it (norm.py): the mean square and the scale in fp32, the
+ * normalised row rounded to bf16, then times the bf16 weight and rounded again. x [M, K] (row stride
+ * ldx), weight [K], y [M, K] (row stride ldy). Returns 0, or -1 for a bad argument. */
+int streamoe_rms_norm_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *weight, float eps,
+                           uint16_t *y, int64_t ldy) {
+    if (M < 1 || K < 1) return -1;
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *row = x + m * ldx;
+        float total = 0.0f;
+        int64_t k = 0;
+#ifdef STREAMOE_AVX512
+        __m512 sq = _mm512_setzero_ps();
+        for (; k + 16 <= K; k += 16) {
+            __m512 v = load_bf16(row + k, (__mmask16)0xffff);
+            sq = _mm512_fmadd_ps(v, v, sq);
+        }
+        total = _mm512_reduce_add_ps(sq);
+#endif
+        for (; k < K; k++) total += bf16_to_f32(row[k]) * bf16_to_f32(row[k]);
+        const float scale = 1.0f / sqrtf(total / (float)K + eps);
+        for (k = 0; k < K; k++)
+            y[m * ldy + k] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(row[k]) * scale)) * bf16_to_f32(weight[k]));
+    }
     return 0;
 }
 
@@ -288,12 +355,12 @@ int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, 
             share(D, 16, &lo_d, &hi_d);
             for (int64_t s = 0; s < S; s++) {
                 const uint16_t *g = w13 + s * 2 * I * D, *down = w2 + s * D * I;
-                int64_t nx = s + 1; /* the next slot with pairs: its weights are fetched during this one's last pass */
-                while (nx < S && counts[nx] == 0) nx++;
                 for (int64_t r0 = 0; r0 < counts[s]; r0 += MAX_ROWS, chunk++) {
                     int M = (int)(counts[s] - r0 < MAX_ROWS ? counts[s] - r0 : MAX_ROWS);
-                    int last = r0 + MAX_ROWS >= counts[s] && nx < S;
-                    const uint16_t *next_g = last ? w13 + nx * 2 * I * D : NULL, *next_down = last ? w2 + nx * D * I : NULL;
+                    /* the rows ~16 KiB ahead prefetched on the first pass (faster here than fetching the
+                     * next expert whole during this one's last pass: 1.05-1.2x on an EPYC Zen 4) */
+                    const uint16_t *next_g = r0 == 0 ? g + (PREFETCH_BYTES / (2 * D)) * D : NULL;
+                    const uint16_t *next_down = r0 == 0 ? down + (PREFETCH_BYTES / (2 * I)) * I : NULL;
                     const uint16_t *x = xs + (start + r0) * D;
                     xval *a = act + (chunk & 1) * MAX_ROWS * ip;
                     prepare(x, D, M, D, xp);
@@ -328,17 +395,115 @@ int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, 
     return failed ? -1 : 0;
 }
 
-/* Single-token decode attention on the absorbed path, read in place from the latent cache (no gather):
- * q [S, H, W] bf16 (each head's query in latent space: C latent channels, then the rotary ones),
- * kv the cache rows [*, W] bf16, slots [S, L] the rows of each sequence's context (lens[s] <= L of
- * them real), out [S, H, C] bf16: softmax(scale * q . k) over the context, applied to its first C
- * channels (the latent is its own value). Scores, softmax and the weighted sum in fp32; each
- * output rounded to bf16 once. Sequences are spread over the threads. Returns 0, or -1 for a bad
- * argument. */
-/* out [H, C] = sum_l p[h * len + l] * k_l[c], fp32; with AVX-512 by blocks of 4 heads x 64 channels in registers. */
-static void weigh_rows(const float *p, int64_t len, const uint16_t *kv, const int64_t *slot, int64_t W, int64_t H,
-                       int64_t C, float *out) {
+/* Each head's softmax in place: p [H, len] scores -> probabilities, in fp32. */
 #ifdef STREAMOE_AVX512
+/* e^x in fp32 lanes (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, scaled by 2^n; within
+ * 2 ulp), for x <= 0 as the softmax takes it: below -87.3 the result is ~1e-38 instead of smaller. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+
+static void softmax_rows(float *p, int64_t H, int64_t len) {
+    const int64_t body = len & ~(int64_t)15;
+    const __mmask16 tail = (__mmask16)((1u << (len - body)) - 1u);
+    for (int64_t h = 0; h < H; h++) {
+        float *ph = p + h * len;
+        __m512 top = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
+        for (int64_t l = 0; l < len; l += 16)
+            top = _mm512_mask_max_ps(top, l < body ? (__mmask16)0xffff : tail, top, _mm512_loadu_ps(ph + l));
+        const __m512 peak = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+        for (int64_t l = 0; l < len; l += 16) {
+            const __mmask16 mask = l < body ? (__mmask16)0xffff : tail;
+            __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, ph + l), peak));
+            total = _mm512_mask_add_ps(total, mask, total, e);
+            _mm512_mask_storeu_ps(ph + l, mask, e);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+        for (int64_t l = 0; l < len; l += 16) {
+            const __mmask16 mask = l < body ? (__mmask16)0xffff : tail;
+            _mm512_mask_storeu_ps(ph + l, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, ph + l), inv));
+        }
+    }
+}
+#else
+static void softmax_rows(float *p, int64_t H, int64_t len) {
+    for (int64_t h = 0; h < H; h++) {
+        float *ph = p + h * len, top = ph[0], total = 0.0f;
+        for (int64_t l = 1; l < len; l++) top = ph[l] > top ? ph[l] : top;
+        for (int64_t l = 0; l < len; l++) total += (ph[l] = expf(ph[l] - top));
+        const float inv = 1.0f / total;
+        for (int64_t l = 0; l < len; l++) ph[l] *= inv;
+    }
+}
+#endif
+
+/* out [H, C] = sum_l p[h * len + l] * k_l[c] in fp32 (`pairs` is scratch of H * (len + 1) / 2 words).
+ * With AVX512-BF16 the probabilities are rounded to bf16 and meet the latent rows as bf16 pairs, two
+ * context rows per instruction (as torch's fused attention meets the values with probabilities in
+ * their dtype), by blocks of 8 heads x 32 channels in registers; with AVX-512 in fp32, by blocks of
+ * 4 heads x 64 channels; else in plain C. */
+static void weigh_rows(const float *p, int64_t len, const uint16_t *kv, const int64_t *slot, int64_t W, int64_t H,
+                       int64_t C, uint32_t *pairs, float *out) {
+#if defined(STREAMOE_DPBF16)
+    const int64_t np = (len + 1) / 2;
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t j = 0; j < np; j++) {
+            uint32_t lo = f32_to_bf16(p[h * len + 2 * j]), hi = 2 * j + 1 < len ? f32_to_bf16(p[h * len + 2 * j + 1]) : 0;
+            pairs[h * np + j] = lo | hi << 16;
+        }
+    /* unpacklo/hi interleave two rows within each 128-bit lane: the lo sums hold channels 8q..8q+3 of
+     * lane q, the hi sums 8q+4..8q+7; these put them back in order, 16 channels at a time */
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int64_t h0 = 0; h0 < H; h0 += 8) {
+        const int hm = (int)(H - h0 < 8 ? H - h0 : 8);
+        for (int64_t c0 = 0; c0 < C; c0 += 32) {
+            const int64_t left = C - c0;
+            const __mmask32 mask = left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << left) - 1u);
+            __m512 acc[8][2];
+            for (int h = 0; h < 8; h++) acc[h][0] = acc[h][1] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < np; j++) {
+                __m512i a = _mm512_maskz_loadu_epi16(mask, kv + slot[2 * j] * W + c0);
+                __m512i b = 2 * j + 1 < len ? _mm512_maskz_loadu_epi16(mask, kv + slot[2 * j + 1] * W + c0)
+                                            : _mm512_setzero_si512();
+                const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+                const uint32_t *pj = pairs + h0 * np + j;
+                if (hm == 8) {
+                    for (int h = 0; h < 8; h++) {
+                        const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pj[h * np]);
+                        acc[h][0] = _mm512_dpbf16_ps(acc[h][0], lo, w);
+                        acc[h][1] = _mm512_dpbf16_ps(acc[h][1], hi, w);
+                    }
+                } else {
+                    for (int h = 0; h < hm; h++) {
+                        const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pj[h * np]);
+                        acc[h][0] = _mm512_dpbf16_ps(acc[h][0], lo, w);
+                        acc[h][1] = _mm512_dpbf16_ps(acc[h][1], hi, w);
+                    }
+                }
+            }
+            const __mmask16 m0 = (__mmask16)mask, m1 = (__mmask16)(mask >> 16);
+            for (int h = 0; h < hm; h++) {
+                float *o = out + (h0 + h) * C + c0;
+                _mm512_mask_storeu_ps(o, m0, _mm512_permutex2var_ps(acc[h][0], first, acc[h][1]));
+                _mm512_mask_storeu_ps(o + 16, m1, _mm512_permutex2var_ps(acc[h][0], second, acc[h][1]));
+            }
+        }
+    }
+#elif defined(STREAMOE_AVX512)
+    (void)pairs;
     for (int64_t h0 = 0; h0 < H; h0 += 4) {
         const int hm = (int)(H - h0 < 4 ? H - h0 : 4);
         for (int64_t c0 = 0; c0 < C; c0 += 64) {
@@ -352,10 +517,7 @@ static void weigh_rows(const float *p, int64_t len, const uint16_t *kv, const in
             for (int64_t l = 0; l < len; l++) {
                 const uint16_t *k = kv + slot[l] * W + c0;
                 __m512 row[4];
-                for (int v = 0; v < 4; v++) {
-                    __m256i half = _mm256_maskz_loadu_epi16(mask[v], k + 16 * v);
-                    row[v] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-                }
+                for (int v = 0; v < 4; v++) row[v] = load_bf16(k + 16 * v, mask[v]);
                 for (int h = 0; h < hm; h++) {
                     __m512 w = _mm512_set1_ps(p[(h0 + h) * len + l]);
                     for (int v = 0; v < 4; v++) acc[h][v] = _mm512_fmadd_ps(w, row[v], acc[h][v]);
@@ -366,6 +528,7 @@ static void weigh_rows(const float *p, int64_t len, const uint16_t *kv, const in
         }
     }
 #else
+    (void)pairs;
     for (int64_t h = 0; h < H; h++) {
         float *o = out + h * C;
         for (int64_t c = 0; c < C; c++) o[c] = 0.0f;
@@ -399,7 +562,8 @@ int streamoe_decode_attention_bf16(const uint16_t *q, int64_t S, int64_t H, int6
         float *p = malloc(sizeof(float) * (size_t)(H * L));
         float *dots = malloc(sizeof(float) * (size_t)(MAX_ROWS * H));
         float *acc = malloc(sizeof(float) * (size_t)(H * C));
-        if (!rows || !p || !dots || !acc) {
+        uint32_t *pairs = malloc(sizeof(uint32_t) * (size_t)(H * ((L + 1) / 2)));
+        if (!rows || !p || !dots || !acc || !pairs) {
 #pragma omp atomic
             failed += 1;
         } else {
@@ -416,14 +580,8 @@ int streamoe_decode_attention_bf16(const uint16_t *q, int64_t S, int64_t H, int6
                     for (int i = 0; i < m; i++)
                         for (int64_t h = 0; h < H; h++) p[h * len + l0 + i] = scale * dots[i * H + h];
                 }
-                for (int64_t h = 0; h < H; h++) { /* softmax per head */
-                    float *ph = p + h * len, top = ph[0], total = 0.0f;
-                    for (int64_t l = 1; l < len; l++) top = ph[l] > top ? ph[l] : top;
-                    for (int64_t l = 0; l < len; l++) total += (ph[l] = expf(ph[l] - top));
-                    const float inv = 1.0f / total;
-                    for (int64_t l = 0; l < len; l++) ph[l] *= inv;
-                }
-                weigh_rows(p, len, kv, slot, W, H, C, acc);
+                softmax_rows(p, H, len);
+                weigh_rows(p, len, kv, slot, W, H, C, pairs, acc);
                 for (int64_t i = 0; i < H * C; i++) out[s * H * C + i] = f32_to_bf16(acc[i]);
             }
         }
@@ -431,6 +589,7 @@ int streamoe_decode_attention_bf16(const uint16_t *q, int64_t S, int64_t H, int6
         free(p);
         free(dots);
         free(acc);
+        free(pairs);
     }
     return failed ? -1 : 0;
 }
