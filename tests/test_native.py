@@ -77,19 +77,22 @@ def test_heads_and_rms_norm_are_the_float64_results_rounded():
     """native.heads on strided views (as MLA hands it W_UV inside kv_b_proj) against float64; native.rms_norm
     against norm.RMSNorm's own arithmetic (fp32 statistics, the normalised row rounded, then scaled)."""
     gen = torch.Generator().manual_seed(7)
-    heads, n, k = 3, 20, 40
-    packed = torch.randn(heads, n + 5, k + 3, generator=gen).bfloat16()  # weight rows inside a larger tensor
-    weight = packed[:, 5:, :k]
-    for lib in builds():
-        for m in (1, 5, 11):
-            x = torch.randn(m, heads, k + 2, generator=gen).bfloat16()[..., 1:k + 1]
-            out = torch.zeros(m, heads, n + 4, dtype=torch.bfloat16)
-            got = native.heads(x, weight, out=out[..., 2:n + 2], lib=lib)
-            want = torch.einsum("mhk,hnk->mhn", x.double(), weight.double())
-            assert within_one_rounding(got, want, k), (native.kind(lib), m)
-            assert (out[..., :2] == 0).all() and (out[..., n + 2:] == 0).all()  # nothing written outside
+    heads = 3
+    for n, k in ((20, 40), (70, 9), (16, 600)):  # outputs past a block of 16 and of 64; odd K; K past 512
+        packed_from = torch.randn(heads, n + 5, k + 3, generator=gen).bfloat16()
+        weight = packed_from[:, 5:, :k]  # a strided view, as MLA's W_UK and W_UV inside kv_b_proj
+        packed = native.pack_heads(weight)
+        for lib in builds():
+            for m in (1, 5, 11):
+                x = torch.randn(m, heads, k + 2, generator=gen).bfloat16()[..., 1:k + 1]
+                out = torch.zeros(m, heads, n + 4, dtype=torch.bfloat16)
+                got = native.heads(x, packed, n, out=out[..., 2:n + 2], lib=lib)
+                want = torch.einsum("mhk,hnk->mhn", x.double(), weight.double())
+                assert within_one_rounding(got, want, k), (native.kind(lib), m, n, k)
+                assert (out[..., :2] == 0).all() and (out[..., n + 2:] == 0).all()  # nothing written outside
     with pytest.raises(ValueError, match="native.heads"):
-        native.heads(torch.randn(2, heads, k), weight)
+        native.heads(torch.randn(2, heads, k), packed, n)
+    k = 40
 
     norm = RMSNorm(k, eps=1e-5)
     norm.weight.data = torch.randn(k, generator=gen).bfloat16()
@@ -190,12 +193,12 @@ def test_a_native_plan_is_as_close_to_fp32_as_torchs_kernels(tiny_bf16, monkeypa
     continuations = [torch.randint(3, model.args.vocab_size, (6,), generator=gen).tolist() for _ in prompts]
     truth = torch.cat(incremental_logits(truth_model, prompts, continuations))
 
-    calls = {"linear": 0, "experts": 0, "decode_attention": 0}
+    calls = {"linear": 0, "experts": 0, "decode_attention": 0, "heads": 0, "rms_norm": 0}
 
     def counting(name, fn):
-        def counted(*args):
+        def counted(*args, **kwargs):
             calls[name] += 1
-            return fn(*args)
+            return fn(*args, **kwargs)
         return counted
     for name in calls:
         monkeypatch.setattr(native, name, counting(name, getattr(native, name)))
@@ -204,8 +207,9 @@ def test_a_native_plan_is_as_close_to_fp32_as_torchs_kernels(tiny_bf16, monkeypa
         model.set_moe_backend(plan)
         got = torch.cat(incremental_logits(model, prompts, continuations))
         errors[plan] = (got - truth).abs().max().item()
-    assert calls["experts"] > 0 and calls["linear"] > 0 and calls["decode_attention"] > 0, calls
+    assert all(calls.values()), calls
     assert model.lm_head.native_rows == frozenset(range(1, native.LINEAR_ROWS + 1))
+    assert model.model.norm.native_rows == frozenset(range(1, native.NORM_ROWS + 1))
     assert errors["native"] <= 1.5 * errors["sparse"] + 1e-3, errors
 
     model.set_moe_backend("1:native,4:sparse")  # the linears follow the plan's token counts
@@ -229,3 +233,15 @@ def test_native_is_refused_where_it_cannot_run_naming_device_dtype_and_reason(ti
             check_supported(MoEPlan.single("native"), "cpu", torch.bfloat16)
     finally:
         native.build.cache_clear()
+
+
+def test_bench_attention_times_both_paths_and_they_agree(tmp_path):
+    from loadgen import bench_attention
+
+    out = tmp_path / "attention.json"
+    result = bench_attention.main(["--preset", "tiny", "--seqs", "1,3", "--context", "20", "--repeats", "1",
+                                   "--out", str(out)])
+    assert [row["seqs"] for row in result["rows"]] == [1, 3] and out.exists()
+    for row in result["rows"]:
+        assert row["ms"]["torch"] > 0 and row["ms"]["native"] > 0 and row["context"] == 21
+        assert row["max_diff_of_max"] < 0.05, row  # the same attention, up to bf16 rounding

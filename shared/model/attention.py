@@ -202,22 +202,24 @@ class MLA(nn.Module):
         the attention reading each context's rows where they lie in `rows` (the cache layer, or the
         step's own rows), nothing gathered; scores, softmax and the weighted sum in fp32."""
         s, c = bucket.num_seqs, self.kv_lora_rank
+        w_uk, w_uv = self._packed_w_b()
         q = q_nope.new_empty(s, self.num_heads, c + self.rope_dim)  # [S, H, C+R]
-        native.heads(q_nope.index_select(0, bucket.rows), self._w_uk_rows(), out=q[..., :c])
+        native.heads(q_nope.index_select(0, bucket.rows), w_uk, c, out=q[..., :c])
         q[..., c:] = q_pe.index_select(0, bucket.rows)
         slots = bucket.slots.view(s, bucket.max_context)
         latent = native.decode_attention(q, rows, slots, bucket.lengths, c, self.scale)  # [S, H, C]
-        return native.heads(latent, self._w_b()[1])  # [S, H, V]
+        return native.heads(latent, w_uv, self.v_dim)  # [S, H, V]
 
-    def _w_uk_rows(self) -> torch.Tensor:
-        """W_UK with its latent channels as rows, [H, C, N] contiguous, for native.heads: a copy of that
-        part of kv_b_proj (made once, again only if the weight changes)."""
+    def _packed_w_b(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK (its latent channels as outputs) and W_UV packed for native.heads: copies of kv_b_proj
+        in that layout, made once, again only if the weight changes."""
         weight = self.kv_b_proj.weight
         key = (weight.data_ptr(), weight._version)
-        if getattr(self, "_w_uk_key", None) != key:
-            self._w_uk_t = self._w_b()[0].transpose(1, 2).contiguous()
-            self._w_uk_key = key
-        return self._w_uk_t
+        if getattr(self, "_packed_key", None) != key:
+            w_uk, w_uv = self._w_b()
+            self._packed = native.pack_heads(w_uk.transpose(1, 2)), native.pack_heads(w_uv)
+            self._packed_key = key
+        return self._packed
 
     def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, bucket: PaddedBucket,
                   read: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -103,16 +103,20 @@ class DeepseekV3(nn.Module):
     def set_moe_backend(self, backend: str | MoEPlan) -> MoEPlan:
         """How every MoE layer runs its routed experts: a backend of experts.BACKENDS or a plan by
         token count (`1:loop,16:weight-major`); refused, naming device and dtype, where it cannot run.
-        The token counts whose backend is `native` also run the linears and norms of up to 32 rows
-        (native.Linear, RMSNorm) and the single-token decode attention (MLA._decode_in_place) through its kernels."""
+        The token counts whose backend is `native` also run the linears of up to 32 rows and the norms
+        of up to 64 (native.Linear, RMSNorm) and the single-token decode attention
+        (MLA._decode_in_place) through its kernels."""
         plan = backend if isinstance(backend, MoEPlan) else MoEPlan.parse(backend)
         check_supported(plan, self.device, self.dtype)
-        native_rows = frozenset(m for m in range(1, native.LINEAR_ROWS + 1) if plan.choose(m) == "native")
+        linear_rows = frozenset(m for m in range(1, native.LINEAR_ROWS + 1) if plan.choose(m) == "native")
+        norm_rows = frozenset(m for m in range(1, native.NORM_ROWS + 1) if plan.choose(m) == "native")
         for module in self.modules():
             if hasattr(module, "plan") and isinstance(module.plan, MoEPlan):
                 module.plan = plan
-            if isinstance(module, (native.Linear, RMSNorm)):
-                module.native_rows = native_rows
+            if isinstance(module, native.Linear):
+                module.native_rows = linear_rows
+            if isinstance(module, RMSNorm):
+                module.native_rows = norm_rows
             if isinstance(module, MLA):
                 module.native_plan = plan if "native" in plan.backends else None
         return plan

@@ -15,7 +15,9 @@ else in plain C (`kind()`). The entry points:
   path, each sequence's context read in place from the cache rows by slot (nothing gathered),
   scores and softmax in fp32, the weighted sum in fp32 (with AVX512-BF16 of the probabilities
   rounded to bf16, as torch's fused attention rounds them) (MLA._decode_in_place);
-- `heads(x, weight)`: per-head products, the absorbed attention's W_UK and W_UV (MLA._decode_in_place);
+- `heads(x, pack_heads(weight), n)`: per-head products against weights packed in input pairs (no
+  sum across vector lanes, so short dot products run at full rate), the absorbed attention's W_UK
+  and W_UV (MLA._decode_in_place);
 - `rms_norm(x, weight, eps)`: norm.RMSNorm of a few rows in one call.
 
 The source is compiled on first use with the C compiler (`$CC`, else `cc`) as
@@ -45,6 +47,7 @@ from shared.launcher.cliargs import home
 SOURCE = Path(__file__).with_name("native") / "smallgemm.c"
 MAX_ROWS = 8  # rows per kernel pass (the C file's MAX_ROWS)
 LINEAR_ROWS = 32  # the most rows `linear` takes (at 64, torch's GEMM was as fast on an AVX512-BF16 EPYC)
+NORM_ROWS = 64  # the most rows norm.RMSNorm gives `rms_norm` (one thread: a decode batch, not a prefill)
 FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared")
 _INT, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -103,7 +106,7 @@ def build(march: str) -> ctypes.CDLL:
     lib.streamoe_experts_bf16.argtypes = [_PTR, _PTR, _INT, _PTR, _PTR, _INT, _INT, _PTR, ctypes.c_int]
     lib.streamoe_decode_attention_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _PTR, _INT,
                                                    ctypes.c_float, _PTR, ctypes.c_int]
-    lib.streamoe_heads_bf16.argtypes = [_PTR, _INT, _INT, _INT, _INT, _INT, _PTR, _INT, _INT, _INT, _PTR, _INT, _INT,
+    lib.streamoe_heads_bf16.argtypes = [_PTR, _INT, _INT, _INT, _INT, _INT, _PTR, _INT, _INT, _PTR, _INT, _INT,
                                         ctypes.c_int]
     lib.streamoe_rms_norm_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, ctypes.c_float, _PTR, _INT]
     for fn in (lib.streamoe_linear_bf16, lib.streamoe_experts_bf16, lib.streamoe_decode_attention_bf16,
@@ -195,26 +198,36 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor, len
     return out
 
 
-def heads(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+def pack_heads(weight: torch.Tensor) -> torch.Tensor:
+    """weight [H, N, K] (any strides) -> the layout `heads` reads: [H, ceil(K/2), Np, 2] bf16, contiguous,
+    holding for each pair of inputs the N outputs' two weights (Np = N rounded up to 16, zeros beyond)."""
+    h, n, k = weight.shape
+    pairs, rows = -(-k // 2), -(-n // 16) * 16
+    padded = torch.zeros(h, rows, 2 * pairs, dtype=torch.bfloat16, device=weight.device)
+    padded[:, :n, :k] = weight
+    return padded.view(h, rows, pairs, 2).transpose(1, 2).contiguous()
+
+
+def heads(x: torch.Tensor, packed: torch.Tensor, n: int, out: torch.Tensor | None = None,
           lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """Per-head products: x [M, H, K] bf16 @ weight[h] [N, K]ᵀ for each head h -> [M, H, N] bf16
-    (written into `out` where given, any strides with its last dim contiguous), accumulated in fp32
-    and rounded once, like a bf16 bmm; weight [H, N, K] may be a strided view (its rows contiguous)."""
+    """Per-head products: x [M, H, K] bf16 @ weight[h] [n, K]ᵀ for each head h -> [M, H, n] bf16, the
+    weight given as `pack_heads(weight)` (written into `out` where given, any strides with its last
+    dim contiguous), accumulated in fp32 and rounded once, like a bf16 bmm."""
     m, h, k = x.shape
-    n = weight.shape[1]
     if out is None:
         out = torch.empty(m, h, n, dtype=torch.bfloat16)
-    if not (x.dtype == weight.dtype == out.dtype == torch.bfloat16 and weight.dim() == 3
-            and weight.shape[0] == h and weight.shape[2] == k and out.shape == (m, h, n) and m > 0
-            and x.stride(2) == weight.stride(2) == out.stride(2) == 1
-            and x.device.type == weight.device.type == out.device.type == "cpu"):
-        raise ValueError(f"native.heads: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}, "
-                         f"out {tuple(out.shape)}: needs CPU bf16 [M, H, K] @ [H, N, K] with contiguous last dims")
-    rc = (lib or library()).streamoe_heads_bf16(x.data_ptr(), x.stride(0), x.stride(1), m, h, k, weight.data_ptr(),
-                                                weight.stride(0), weight.stride(1), n, out.data_ptr(), out.stride(0),
-                                                out.stride(1), torch.get_num_threads())
+    if not (x.dtype == packed.dtype == out.dtype == torch.bfloat16 and packed.is_contiguous()
+            and packed.shape[0] == h and packed.shape[1] == -(-k // 2) and packed.shape[3] == 2
+            and n <= packed.shape[2] and packed.shape[2] % 16 == 0 and out.shape == (m, h, n) and m > 0
+            and x.stride(2) == out.stride(2) == 1 and x.device.type == packed.device.type == out.device.type == "cpu"):
+        raise ValueError(f"native.heads: x {tuple(x.shape)} {x.dtype}, packed {tuple(packed.shape)} {packed.dtype}, "
+                         f"n {n}, out {tuple(out.shape)}: needs CPU bf16 [M, H, K] and pack_heads of an [H, n, K] "
+                         "weight")
+    rc = (lib or library()).streamoe_heads_bf16(x.data_ptr(), x.stride(0), x.stride(1), m, h, k, packed.data_ptr(),
+                                                packed.shape[2], n, out.data_ptr(), out.stride(0), out.stride(1),
+                                                torch.get_num_threads())
     if rc != 0:
-        raise RuntimeError(f"native.heads failed on x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+        raise RuntimeError(f"native.heads failed on x {tuple(x.shape)}, packed {tuple(packed.shape)}")
     return out
 
 

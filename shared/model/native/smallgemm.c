@@ -46,6 +46,24 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* dst[i] = f32_to_bf16(src[i]) for i < n, 16 at a time with AVX-512 (the same integer rounding). */
+static inline void round_bf16(const float *src, uint16_t *dst, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+    const __m512i quiet = _mm512_set1_epi32(0x00400000);
+    for (; i + 16 <= n; i += 16) {
+        const __m512i u = _mm512_loadu_si512(src + i);
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, magnitude), inf);
+        __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+        r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, quiet));
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    }
+#endif
+    for (; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+}
+
 #ifdef STREAMOE_AVX512
 /* The sums of four accumulators' lanes, as [sum a, sum b, sum c, sum d]: one tree for four, about
  * half the shuffles of four separate reductions (at short K the reductions cost as much as the dots). */
@@ -262,7 +280,7 @@ int streamoe_linear_bf16(const uint16_t *w, int64_t ldw, const uint16_t *x, int6
                 const int rows = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
                 dot_rows(w, ldw, xp + m0 * kp, kp, K, rows, n, end, acc - n, block, m0 == 0 ? w + ahead * ldw : NULL);
                 for (int64_t m = 0; m < rows; m++)
-                    for (int64_t j = n; j < end; j++) y[(m0 + m) * ldy + j] = f32_to_bf16(acc[m * block + j - n]);
+                    round_bf16(acc + m * block, y + (m0 + m) * ldy + n, end - n);
             }
         }
     }
@@ -270,32 +288,67 @@ int streamoe_linear_bf16(const uint16_t *w, int64_t ldw, const uint16_t *x, int6
     return 0;
 }
 
-/* Per-head products: y[m, h, :] = x[m, h, :] @ w[h]^T for m < M (any M, 8 rows a pass) and h < H, w[h]
- * [N, K] rows; strides in elements: x (row ldxm, head ldxh), w (head ldwh, row ldw), y (row ldym,
- * head ldyh). The absorbed attention's W_UK and W_UV products (MLA). Threads share the (head, 16
- * outputs) blocks. Returns 0, or -1 for a bad argument. */
+/* Per-head products against weights packed in pairs: y[m, h, n] = sum_k x[m, h, k] * w[h][n, k] for
+ * m < M, h < H, n < N, with w[h] given as wp[h] [ceil(K/2), Np, 2] (wp[h][j][n] holds w[h][n, 2j]
+ * and w[h][n, 2j+1], zero past K; Np = N rounded up to 16, zero rows past N; native.pack_heads).
+ * Strides in elements: x (row ldxm, head ldxh), y (row ldym, head ldyh). With AVX512-BF16 each pair
+ * of x is broadcast against 16 outputs' pairs (vdpbf16ps), 4 rows x 64 outputs in registers, so no
+ * sum crosses lanes: the absorbed attention's W_UK (K = 64, a short dot product) and W_UV products
+ * (MLA). Threads share the (head, 4 rows) blocks. Returns 0, or -1 for a bad argument. */
 int streamoe_heads_bf16(const uint16_t *x, int64_t ldxm, int64_t ldxh, int64_t M, int64_t H, int64_t K,
-                        const uint16_t *w, int64_t ldwh, int64_t ldw, int64_t N, uint16_t *y, int64_t ldym,
-                        int64_t ldyh, int nthreads) {
-    if (M < 1 || H < 1 || K < 1 || N < 1) return -1;
-    const int64_t kp = padded(K), blocks = (N + 15) / 16;
-    xval *xp = malloc(sizeof(xval) * (size_t)(M * H * kp)); /* every row of every head, as the dots take them */
-    if (!xp) return -1;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t h = 0; h < H; h++) prepare(x + m * ldxm + h * ldxh, K, 1, K, xp + (h * M + m) * kp);
+                        const uint16_t *wp, int64_t Np, int64_t N, uint16_t *y, int64_t ldym, int64_t ldyh,
+                        int nthreads) {
+    if (M < 1 || H < 1 || K < 1 || N < 1 || Np < N || Np % 16) return -1;
+    const int64_t pairs = (K + 1) / 2, mblocks = (M + 3) / 4;
 #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
-    for (int64_t b = 0; b < H * blocks; b++) {
-        const int64_t h = b / blocks, n0 = (b % blocks) * 16, n1 = n0 + 16 < N ? n0 + 16 : N;
-        float acc[MAX_ROWS * 16];
-        for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
-            const int rows = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
-            dot_rows(w + h * ldwh, ldw, xp + (h * M + m0) * kp, kp, K, rows, n0, n1, acc - n0, 16, NULL);
-            for (int m = 0; m < rows; m++)
-                for (int64_t n = n0; n < n1; n++)
-                    y[(m0 + m) * ldym + h * ldyh + n] = f32_to_bf16(acc[m * 16 + n - n0]);
+    for (int64_t b = 0; b < H * mblocks; b++) {
+        const int64_t h = b / mblocks, m0 = (b % mblocks) * 4;
+        const int rows = (int)(M - m0 < 4 ? M - m0 : 4);
+        const uint16_t *w = wp + h * pairs * Np * 2;
+        uint32_t xs[4 * 256]; /* this block's rows as pairs, a 256-pair slice at a time */
+        float acc[4 * 64];
+        for (int64_t n0 = 0; n0 < N; n0 += 64) {
+            const int64_t width = N - n0 < 64 ? N - n0 : 64;
+            for (int i = 0; i < rows * 64; i++) acc[i] = 0.0f;
+            for (int64_t j0 = 0; j0 < pairs; j0 += 256) {
+                const int64_t jn = pairs - j0 < 256 ? pairs - j0 : 256;
+                for (int r = 0; r < 4; r++) {
+                    const uint16_t *row = x + (m0 + (r < rows ? r : 0)) * ldxm + h * ldxh;
+                    for (int64_t j = 0; j < jn; j++) {
+                        const int64_t k = 2 * (j0 + j);
+                        xs[r * 256 + j] = (uint32_t)row[k] | (k + 1 < K ? (uint32_t)row[k + 1] << 16 : 0u);
+                    }
+                }
+#if defined(STREAMOE_DPBF16)
+                __m512 sum[4][4];
+                for (int r = 0; r < 4; r++)
+                    for (int v = 0; v < 4; v++) sum[r][v] = _mm512_loadu_ps(acc + r * 64 + 16 * v);
+                const int vs = (int)((width + 15) / 16);
+                for (int64_t j = 0; j < jn; j++) {
+                    const uint16_t *wj = w + ((j0 + j) * Np + n0) * 2;
+                    __m512bh wv[4];
+                    for (int v = 0; v < 4; v++)
+                        wv[v] = (__m512bh)(v < vs ? _mm512_loadu_si512(wj + 32 * v) : _mm512_setzero_si512());
+                    for (int r = 0; r < 4; r++) { /* fixed counts, unrolled: the sums stay in registers */
+                        const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xs[r * 256 + j]);
+                        for (int v = 0; v < 4; v++) sum[r][v] = _mm512_dpbf16_ps(sum[r][v], wv[v], xv);
+                    }
+                }
+                for (int r = 0; r < 4; r++)
+                    for (int v = 0; v < 4; v++) _mm512_storeu_ps(acc + r * 64 + 16 * v, sum[r][v]);
+#else
+                for (int r = 0; r < rows; r++)
+                    for (int64_t j = 0; j < jn; j++) {
+                        const float x0 = bf16_to_f32((uint16_t)xs[r * 256 + j]), x1 = bf16_to_f32((uint16_t)(xs[r * 256 + j] >> 16));
+                        const uint16_t *wj = w + ((j0 + j) * Np + n0) * 2;
+                        for (int64_t n = 0; n < width; n++)
+                            acc[r * 64 + n] += x0 * bf16_to_f32(wj[2 * n]) + x1 * bf16_to_f32(wj[2 * n + 1]);
+                    }
+#endif
+            }
+            for (int r = 0; r < rows; r++) round_bf16(acc + r * 64, y + (m0 + r) * ldym + h * ldyh + n0, width);
         }
     }
-    free(xp);
     return 0;
 }
 
@@ -379,9 +432,7 @@ int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, 
                     for (int64_t n = lo_d; n < hi_d; n += 64) {
                         int64_t end = n + 64 < hi_d ? n + 64 : hi_d;
                         dot_rows(down, I, a, ip, I, M, n, end, out - n, 64, next_down);
-                        for (int m = 0; m < M; m++)
-                            for (int64_t c = n; c < end; c++)
-                                ys[(start + r0 + m) * D + c] = f32_to_bf16(out[m * 64 + c - n]);
+                        for (int m = 0; m < M; m++) round_bf16(out + m * 64, ys + (start + r0 + m) * D + n, end - n);
                     }
                 }
                 start += counts[s];
@@ -474,31 +525,26 @@ static void weigh_rows(const float *p, int64_t len, const uint16_t *kv, const in
             const __mmask32 mask = left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << left) - 1u);
             __m512 acc[8][2];
             for (int h = 0; h < 8; h++) acc[h][0] = acc[h][1] = _mm512_setzero_ps();
+            const uint32_t *ph[8]; /* each head's pairs; a block short of 8 heads repeats its last (not stored) */
+            for (int h = 0; h < 8; h++) ph[h] = pairs + (h0 + (h < hm ? h : hm - 1)) * np;
             for (int64_t j = 0; j < np; j++) {
                 __m512i a = _mm512_maskz_loadu_epi16(mask, kv + slot[2 * j] * W + c0);
-                __m512i b = 2 * j + 1 < len ? _mm512_maskz_loadu_epi16(mask, kv + slot[2 * j + 1] * W + c0)
-                                            : _mm512_setzero_si512();
+                /* an odd length's last pair meets a zero row (its probability is zero too) */
+                __m512i b = _mm512_maskz_loadu_epi16(2 * j + 1 < len ? mask : 0, kv + slot[2 * j + (2 * j + 1 < len)] * W + c0);
                 const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
-                const uint32_t *pj = pairs + h0 * np + j;
-                if (hm == 8) {
-                    for (int h = 0; h < 8; h++) {
-                        const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pj[h * np]);
-                        acc[h][0] = _mm512_dpbf16_ps(acc[h][0], lo, w);
-                        acc[h][1] = _mm512_dpbf16_ps(acc[h][1], hi, w);
-                    }
-                } else {
-                    for (int h = 0; h < hm; h++) {
-                        const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pj[h * np]);
-                        acc[h][0] = _mm512_dpbf16_ps(acc[h][0], lo, w);
-                        acc[h][1] = _mm512_dpbf16_ps(acc[h][1], hi, w);
-                    }
+                for (int h = 0; h < 8; h++) { /* a fixed count, unrolled: the sums stay in registers */
+                    const __m512bh w = (__m512bh)_mm512_set1_epi32((int)ph[h][j]);
+                    acc[h][0] = _mm512_dpbf16_ps(acc[h][0], lo, w);
+                    acc[h][1] = _mm512_dpbf16_ps(acc[h][1], hi, w);
                 }
             }
             const __mmask16 m0 = (__mmask16)mask, m1 = (__mmask16)(mask >> 16);
-            for (int h = 0; h < hm; h++) {
+            for (int h = 0; h < 8; h++) {
                 float *o = out + (h0 + h) * C + c0;
-                _mm512_mask_storeu_ps(o, m0, _mm512_permutex2var_ps(acc[h][0], first, acc[h][1]));
-                _mm512_mask_storeu_ps(o + 16, m1, _mm512_permutex2var_ps(acc[h][0], second, acc[h][1]));
+                if (h < hm) {
+                    _mm512_mask_storeu_ps(o, m0, _mm512_permutex2var_ps(acc[h][0], first, acc[h][1]));
+                    _mm512_mask_storeu_ps(o + 16, m1, _mm512_permutex2var_ps(acc[h][0], second, acc[h][1]));
+                }
             }
         }
     }
@@ -514,17 +560,20 @@ static void weigh_rows(const float *p, int64_t len, const uint16_t *kv, const in
                 mask[v] = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1u) : 0;
                 for (int h = 0; h < 4; h++) acc[h][v] = _mm512_setzero_ps();
             }
+            const float *ph[4]; /* each head's probabilities; a block short of 4 heads repeats its last (not stored) */
+            for (int h = 0; h < 4; h++) ph[h] = p + (h0 + (h < hm ? h : hm - 1)) * len;
             for (int64_t l = 0; l < len; l++) {
                 const uint16_t *k = kv + slot[l] * W + c0;
                 __m512 row[4];
                 for (int v = 0; v < 4; v++) row[v] = load_bf16(k + 16 * v, mask[v]);
-                for (int h = 0; h < hm; h++) {
-                    __m512 w = _mm512_set1_ps(p[(h0 + h) * len + l]);
+                for (int h = 0; h < 4; h++) { /* a fixed count, unrolled: the sums stay in registers */
+                    __m512 w = _mm512_set1_ps(ph[h][l]);
                     for (int v = 0; v < 4; v++) acc[h][v] = _mm512_fmadd_ps(w, row[v], acc[h][v]);
                 }
             }
-            for (int h = 0; h < hm; h++)
-                for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(out + (h0 + h) * C + c0 + 16 * v, mask[v], acc[h][v]);
+            for (int h = 0; h < 4; h++)
+                if (h < hm)
+                    for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(out + (h0 + h) * C + c0 + 16 * v, mask[v], acc[h][v]);
         }
     }
 #else
@@ -582,7 +631,7 @@ int streamoe_decode_attention_bf16(const uint16_t *q, int64_t S, int64_t H, int6
                 }
                 softmax_rows(p, H, len);
                 weigh_rows(p, len, kv, slot, W, H, C, pairs, acc);
-                for (int64_t i = 0; i < H * C; i++) out[s * H * C + i] = f32_to_bf16(acc[i]);
+                round_bf16(acc, out + s * H * C, H * C);
             }
         }
         free(rows);
