@@ -123,12 +123,16 @@ def run_reference(ref, prompts: torch.Tensor, steps: int) -> tuple[float, float,
 
 # -- memory bandwidth -----------------------------------------------------------------------------
 def memory_bandwidth(gib: float = 1.0, repeats: int = 5, device: str = "cpu") -> dict[str, float]:
-    """GB/s of streaming reads (sum of a ~1 GiB tensor: what a decode step does to its weights)
-    and of a copy (read + write, counted as 2x the bytes). Best of `repeats`."""
+    """GB/s of streaming reads (sum of a ~1 GiB tensor: what a decode step does to its weights),
+    of a copy (read + write, counted as 2x the bytes), and of cold reads the size of a weight matrix
+    (`chunk_read_gbps`: the same tensor summed CHUNK_BYTES at a time, the chunks in a shuffled
+    order, so each starts cold as a layer's matrices do). Best of `repeats`."""
     src = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     nbytes = src.numel() * 4
-    best_sum = best_copy = float("inf")
+    chunks = src[:src.numel() // (CHUNK_BYTES // 4) * (CHUNK_BYTES // 4)].view(-1, CHUNK_BYTES // 4)
+    order = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(0)).tolist()
+    best_sum = best_copy = best_chunks = float("inf")
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
@@ -138,8 +142,16 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5, device: str = "cpu") ->
         dst.copy_(src)
         _sync(device)
         t2 = time.perf_counter()
-        best_sum, best_copy = min(best_sum, t1 - t0), min(best_copy, t2 - t1)
-    return {"read_gbps": nbytes / best_sum / 1e9, "copy_gbps": 2 * nbytes / best_copy / 1e9}
+        for i in order:
+            chunks[i].sum()
+        _sync(device)
+        t3 = time.perf_counter()
+        best_sum, best_copy, best_chunks = min(best_sum, t1 - t0), min(best_copy, t2 - t1), min(best_chunks, t3 - t2)
+    return {"read_gbps": nbytes / best_sum / 1e9, "copy_gbps": 2 * nbytes / best_copy / 1e9,
+            "chunk_read_gbps": chunks.numel() * 4 / best_chunks / 1e9, "chunk_bytes": CHUNK_BYTES}
+
+
+CHUNK_BYTES = 3 << 19  # 1.5 MiB: one routed expert of `small` in bf16 (its three matrices)
 
 
 def matmul_rate(dtype: torch.dtype, device: str = "cpu", size: int = 2048, repeats: int = 3) -> float:
@@ -203,7 +215,7 @@ def touched_experts(model, before: list[torch.Tensor]) -> tuple[int, list[torch.
 
 
 def run_roofline(model, plan: MoEPlan, batch: int, input_len: int, steps: int, gen: torch.Generator,
-                 bandwidth: float, rate: float, baseline: MoEPlan) -> dict:
+                 bandwidth: float, rate: float, baseline: MoEPlan, chunk_bandwidth: float | None = None) -> dict:
     """Prefill `batch` prompts, then time `steps` decode steps with the chosen plan and with `baseline`
     (a backend or plan) alternately; the median step of each against the step's roofline."""
     args = model.args
@@ -238,7 +250,10 @@ def run_roofline(model, plan: MoEPlan, batch: int, input_len: int, steps: int, g
     flops = sorted(c[1] for c in costs)[len(costs) // 2]
     bound = max(nbytes / (bandwidth * 1e9), flops / rate)
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    # the same bound with the bytes at the cold-chunk read rate (what reading matrix-sized pieces achieves)
+    chunk_bound = max(nbytes / ((chunk_bandwidth or bandwidth) * 1e9), flops / rate)
     return {"batch": batch, "context": input_len, "step_ms": 1e3 * median["chosen"],
+            "chunk_bound_ms": 1e3 * chunk_bound, "over_chunk_bound": median["chosen"] / chunk_bound,
             "baseline": baseline.text, "baseline_step_ms": 1e3 * median["baseline"], "bytes": nbytes, "flops": flops,
             "bytes_ms": 1e3 * nbytes / (bandwidth * 1e9), "flops_ms": 1e3 * flops / rate,
             "bound_ms": 1e3 * bound, "over_bound": median["chosen"] / bound,
@@ -276,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
             report["matmul_flop_s"] = rate
             baseline = MoEPlan.parse(opts.roofline_baseline)
             report["roofline"] = [run_roofline(ours, plan, int(batch), n, opts.roofline_steps, gen,
-                                               bandwidth["read_gbps"], rate, baseline)
+                                               bandwidth["read_gbps"], rate, baseline, bandwidth["chunk_read_gbps"])
                                   for batch in opts.roofline_batches.split(",")]
     report["loadavg_1min"] = os.getloadavg()[0]  # other processes on the box make the numbers noisy
     print_report(report)
@@ -326,7 +341,8 @@ def print_report(r: dict) -> None:
     print(f"model {r['model']}  dtype={r['dtype']} moe_backend={r['moe_backend']} ({r['numerics_source']}) "
           f"device={r['device']} threads={r['threads']}")
     bw = r["memory_bandwidth"]
-    print(f"memory bandwidth: read {bw['read_gbps']:.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s")
+    print(f"memory bandwidth: read {bw['read_gbps']:.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s, cold "
+          f"{bw['chunk_bytes'] / 2**20:.1f} MiB pieces read {bw['chunk_read_gbps']:.1f} GB/s")
     if "ours" in r:
         ref = r["reference"]
         print(f"\nbatch={r['batch']} input_len={r['input_len']} output_len={r['output_len']}, best of "
@@ -344,11 +360,13 @@ def print_report(r: dict) -> None:
         print(f"\ndecode step against its roofline (matmul {r['matmul_flop_s'] / 1e9:.0f} GFLOP/s in {r['dtype']}, "
               f"read {bw['read_gbps']:.1f} GB/s), context {r['input_len']}:")
         print(f"{'running':>8}{'MB read':>9}{'GFLOP':>8}{'bytes ms':>10}{'flops ms':>10}{'bound ms':>10}"
-              f"{'step ms':>9}{'÷ bound':>9}{'baseline':>9}{'÷ bound':>9}   baseline: {r['roofline'][0]['baseline']}")
+              f"{'step ms':>9}{'÷ bound':>9}{'baseline':>9}{'÷ bound':>9}{'÷ pieces':>10}"
+              f"   baseline: {r['roofline'][0]['baseline']}")
         for x in r["roofline"]:
             print(f"{x['batch']:8d}{x['bytes'] / 1e6:9.0f}{x['flops'] / 1e9:8.2f}{x['bytes_ms']:10.1f}"
                   f"{x['flops_ms']:10.1f}{x['bound_ms']:10.1f}{x['step_ms']:9.1f}{x['over_bound']:8.2f}x"
-                  f"{x['baseline_step_ms']:9.1f}{x['baseline_over_bound']:8.2f}x")
+                  f"{x['baseline_step_ms']:9.1f}{x['baseline_over_bound']:8.2f}x{x['over_chunk_bound']:9.2f}x")
+        print("(÷ pieces: the step over the same bound with its bytes read at the cold-pieces rate)")
     print(f"1-min load average at the end: {r['loadavg_1min']:.2f} (on {os.cpu_count()} cores)")
 
 

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(opts.seed)
     stacks = cold_stacks(args, dtype, opts.device, gen)
     expert_bytes = 3 * args.hidden_size * args.moe_intermediate_size * dtype.itemsize
-    bandwidth = memory_bandwidth(device=opts.device)["read_gbps"]
+    measured = memory_bandwidth(device=opts.device)
+    bandwidth, pieces = measured["read_gbps"], measured["chunk_read_gbps"]
     backends = [b for b in BACKENDS if b != "reference" and _supported(b, opts.device, dtype)]
     rows = []
     for num_tokens in [int(b) for b in opts.batches.split(",")]:
@@ -105,13 +106,15 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"tokens": num_tokens, "experts_touched": touched, "chosen": chosen,
                      "ms": {b: 1e3 * s for b, s in seconds.items()}, "gb_s": gbps,
                      "of_bandwidth": {b: g / bandwidth for b, g in gbps.items()},
+                     "of_piece_bandwidth": {b: g / pieces for b, g in gbps.items()},
                      "chosen_over_loop_speed": seconds["loop"] / seconds[chosen]})
     command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "loadgen.bench_moe", *sys.argv[1:]])
     result = {"command": command, "device": opts.device, "dtype": str(dtype).removeprefix("torch."),
               "moe_backend": plan.text, "numerics_source": source, "threads": opts.threads,
               "shape": {"experts": args.n_routed_experts, "top_k": args.num_experts_per_tok,
                         "hidden": args.hidden_size, "moe_inter": args.moe_intermediate_size},
-              "read_gb_s": bandwidth, "cold_copies": len(stacks), "rows": rows}
+              "read_gb_s": bandwidth, "piece_read_gb_s": pieces, "piece_bytes": measured["chunk_bytes"],
+              "cold_copies": len(stacks), "rows": rows}
     report(result, backends)
     if opts.out is not None:
         opts.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -131,13 +134,17 @@ def report(r: dict, backends: list[str]) -> None:
     s = r["shape"]
     print(f"one routed MoE layer: {s['experts']} experts, top-{s['top_k']}, hidden {s['hidden']}, moe_inter "
           f"{s['moe_inter']}; {r['dtype']} on {r['device']}, {r['threads']} threads; backend {r['moe_backend']} "
-          f"({r['numerics_source']}); read bandwidth {r['read_gb_s']:.1f} GB/s; {r['cold_copies']} cold copies")
-    print(f"{'B':>4} {'experts':>8} " + " ".join(f"{b:>18}" for b in backends) + f" {'chosen':>13} {'vs loop':>8}")
+          f"({r['numerics_source']}); read bandwidth {r['read_gb_s']:.1f} GB/s "
+          f"(cold {r['piece_bytes'] / 2**20:.1f} MiB pieces {r['piece_read_gb_s']:.1f} GB/s); "
+          f"{r['cold_copies']} cold copies")
+    print(f"{'B':>4} {'experts':>8} " + " ".join(f"{b:>18}" for b in backends) + f" {'chosen':>13} {'vs loop':>8}"
+          f" {'pieces':>7}")
     for row in r["rows"]:
         cells = " ".join(f"{row['ms'][b]:7.2f}ms {row['of_bandwidth'][b]:5.2f}bw" for b in backends)
         print(f"{row['tokens']:4d} {row['experts_touched']:8d} {cells} {row['chosen']:>13} "
-              f"{row['chosen_over_loop_speed']:7.2f}x")
-    print("(ms per layer; bw = effective GB/s of the touched experts' weights / read bandwidth)")
+              f"{row['chosen_over_loop_speed']:7.2f}x {row['of_piece_bandwidth'][row['chosen']]:6.2f}")
+    print("(ms per layer; bw = effective GB/s of the touched experts' weights / read bandwidth; pieces = the chosen "
+          "backend's GB/s / the cold-pieces read rate)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """streamoe's own CPU kernels for bf16 at a few rows (issue #15): `native/smallgemm.c`.
 
-At 1-8 rows a matmul is a read of its weights, and on some CPUs torch's bf16 paths at these sizes
+At a few rows a matmul is a read of its weights, and on some CPUs torch's bf16 paths at these sizes
 read them at a fraction of the bandwidth (loadgen/README.md). The C loops take each weight row
 while it streams by into every input row, accumulating in fp32, and round each output to bf16
 once: with AVX512-BF16 as bf16 pair products (`vdpbf16ps`), else with AVX-512 widened to fp32,

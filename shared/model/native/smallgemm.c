@@ -1,6 +1,6 @@
 /* streamoe's CPU kernels for a few bf16 rows against weights that are read once (issue #15).
  *
- * At 1-8 rows a matmul is a read of its weights: the time is bytes / bandwidth if the loop keeps
+ * At a few rows a matmul is a read of its weights: the time is bytes / bandwidth if the loop keeps
  * the loads streaming. torch's bf16 GEMM paths at these sizes read the weights at a fraction of
  * the bandwidth on some CPUs (loadgen/README.md), so these loops do it plainly: each weight row is
  * multiplied into every input row while it is in registers, accumulated in fp32, and each output
@@ -14,7 +14,8 @@
  * runtime torch has already loaded (the same soname), so these loops share torch's thread pool
  * and thread count (the caller passes torch.get_num_threads()).
  *
- * Layouts (row-major, element strides): w [N, K] with row stride ldw; x [M, K] with ldx; y [M, N] with ldy.
+ * Layouts (row-major, element strides): w [N, K] with row stride ldw; x [M, K] with ldx; y [M, N] with ldy;
+ * the per-head products read weights packed by input pairs instead (streamoe_heads_bf16).
  */
 #include <math.h>
 #include <stdint.h>
