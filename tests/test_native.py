@@ -169,6 +169,24 @@ def test_decode_attention_reads_the_rows_in_place_within_one_rounding():
         else:
             off = within_one_rounding(got, want, length * (latent + rope))
         assert off, native.kind(lib)
+    # fewer sequences than threads: the heads are split in groups of 8 (20 heads: 8+8+4 at 1 sequence
+    # on 4 threads, 16+4 at 3)
+    wide_q = torch.randn(seqs, 20, latent + rope, generator=gen).bfloat16()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        for n in (1, 3):
+            scores = torch.einsum("shw,slw->shl", wide_q[:n].double(), rows[:n]) * 0.3
+            scores = scores.masked_fill(torch.arange(length)[None, None] >= lengths[:n, None, None], float("-inf"))
+            probs = scores.softmax(-1)
+            want = torch.einsum("shl,slc->shc", probs, rows[:n, :, :latent])
+            spread = torch.einsum("shl,slc->shc", probs, rows[:n, :, :latent].abs())
+            for lib in builds():
+                got = native.decode_attention(wide_q[:n], pool, slots[:n], lengths[:n], latent, 0.3, lib)
+                bound = 2.0 ** -8 * spread
+                assert within_one_rounding(got, want, length * (latent + rope), bound), (n, native.kind(lib))
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="native.decode_attention"):
         native.decode_attention(q.float(), pool, slots, lengths, latent, 0.3)
     with pytest.raises(RuntimeError, match="lengths"):

@@ -597,42 +597,52 @@ static void weigh_rows(const float *p, int64_t len, const uint16_t *kv, const in
  * them real), out [S, H, C] bf16: softmax(scale * q . k) over the context, applied to its first C
  * channels (the latent is its own value). Scores (8 context rows at a time against every head),
  * softmax and the weighted sum in fp32; each output rounded to bf16 once. Sequences are spread
- * over the threads. Returns 0, or -1 for a bad argument. */
+ * over the threads, and with fewer sequences than threads their heads too. Returns 0, or -1 for a
+ * bad argument. */
 int streamoe_decode_attention_bf16(const uint16_t *q, int64_t S, int64_t H, int64_t W, const uint16_t *kv,
                                    const int64_t *slots, int64_t L, const int64_t *lens, int64_t C, float scale,
                                    uint16_t *out, int nthreads) {
     if (S < 1 || H < 1 || W < 1 || C < 1 || C > W || L < 1) return -1;
     for (int64_t s = 0; s < S; s++)
         if (lens[s] < 1 || lens[s] > L) return -1;
+    /* fewer sequences than threads: each sequence's heads are split in groups (of whole blocks of 8,
+     * as weigh_rows takes them), so every thread has work; a group's softmax and sum are its own */
+    const int threads = nthreads > 0 ? nthreads : 1;
+    int64_t groups = S >= threads ? 1 : (threads + S - 1) / S;
+    if (groups > (H + 7) / 8) groups = (H + 7) / 8;
+    const int64_t per = ((H + groups - 1) / groups + 7) / 8 * 8; /* heads per group */
+    groups = (H + per - 1) / per;
     int failed = 0;
-#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+#pragma omp parallel num_threads(threads)
     {
         const int64_t wp = padded(W);
         xval *rows = malloc(sizeof(xval) * (size_t)(MAX_ROWS * wp));
-        float *p = malloc(sizeof(float) * (size_t)(H * L));
-        float *dots = malloc(sizeof(float) * (size_t)(MAX_ROWS * H));
-        float *acc = malloc(sizeof(float) * (size_t)(H * C));
-        uint32_t *pairs = malloc(sizeof(uint32_t) * (size_t)(H * ((L + 1) / 2)));
+        float *p = malloc(sizeof(float) * (size_t)(per * L));
+        float *dots = malloc(sizeof(float) * (size_t)(MAX_ROWS * per));
+        float *acc = malloc(sizeof(float) * (size_t)(per * C));
+        uint32_t *pairs = malloc(sizeof(uint32_t) * (size_t)(per * ((L + 1) / 2)));
         if (!rows || !p || !dots || !acc || !pairs) {
 #pragma omp atomic
             failed += 1;
         } else {
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t s = 0; s < S; s++) {
+            for (int64_t item = 0; item < S * groups; item++) {
+                const int64_t s = item / groups, h0 = (item % groups) * per;
+                const int64_t hn = H - h0 < per ? H - h0 : per;
                 const int64_t len = lens[s];
                 const int64_t *slot = slots + s * L;
-                const uint16_t *qs = q + s * H * W;
-                /* scores: up to 8 context rows (gathered into `rows`) against the H query rows */
+                const uint16_t *qs = q + (s * H + h0) * W;
+                /* scores: up to 8 context rows (gathered into `rows`) against the group's query rows */
                 for (int64_t l0 = 0; l0 < len; l0 += MAX_ROWS) {
                     int m = (int)(len - l0 < MAX_ROWS ? len - l0 : MAX_ROWS);
                     for (int i = 0; i < m; i++) prepare(kv + slot[l0 + i] * W, W, 1, W, rows + i * wp);
-                    dot_rows(qs, W, rows, wp, W, m, 0, H, dots, H, NULL);
+                    dot_rows(qs, W, rows, wp, W, m, 0, hn, dots, hn, NULL);
                     for (int i = 0; i < m; i++)
-                        for (int64_t h = 0; h < H; h++) p[h * len + l0 + i] = scale * dots[i * H + h];
+                        for (int64_t h = 0; h < hn; h++) p[h * len + l0 + i] = scale * dots[i * hn + h];
                 }
-                softmax_rows(p, H, len);
-                weigh_rows(p, len, kv, slot, W, H, C, pairs, acc);
-                round_bf16(acc, out + s * H * C, H * C);
+                softmax_rows(p, hn, len);
+                weigh_rows(p, len, kv, slot, W, hn, C, pairs, acc);
+                round_bf16(acc, out + (s * H + h0) * C, hn * C);
             }
         }
         free(rows);
