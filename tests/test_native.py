@@ -10,7 +10,7 @@ import torch
 from modelcheck import incremental_logits
 
 from shared.model import native
-from shared.model.experts import ExpertStack, MoEPlan, check_supported, run_experts
+from shared.model.experts import ExpertStack, MoEPlan, check_supported, combine, expert_counts, run_experts
 from shared.model.loader import load_model
 from shared.model.norm import RMSNorm
 
@@ -107,6 +107,42 @@ def test_heads_and_rms_norm_are_the_float64_results_rounded():
     assert within_one_rounding(norm(rows), want, k)
     with pytest.raises(ValueError, match="native.rms_norm"):
         native.rms_norm(rows.float(), norm.weight, 1e-5)
+
+
+def test_moe_is_the_torch_routing_and_combine_bit_for_bit():
+    """native.moe (sort, experts, combine in one call) against the steps MoE.routed_grouped takes in torch
+    around native.experts: equal to the bit, for one token, a few, and all tokens on few experts."""
+    gen = torch.Generator().manual_seed(11)
+    slots, dim, inter, top_k = 12, 64, 32, 4
+    stack = ExpertStack(torch.randn(slots, 2 * inter, dim, generator=gen).mul(0.1).bfloat16(),
+                        torch.randn(slots, dim, inter, generator=gen).mul(0.1).bfloat16())
+    for tokens, pool in ((1, slots), (5, slots), (33, top_k)):  # the last: every token on the same 4 experts
+        x = torch.randn(tokens, dim, generator=gen).bfloat16()
+        ids = torch.stack([torch.randperm(pool, generator=gen)[:top_k] for _ in range(tokens)])
+        weights = torch.rand(tokens, top_k, generator=gen)
+        order = ids.flatten().argsort(stable=True)
+        rows = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
+        for lib in builds():  # each build's own expert loops (they differ in how they round the intermediate)
+            ys = native.experts(x.index_select(0, order // top_k), expert_counts(ids, slots), stack.w13, stack.w2, lib)
+            want = combine(ys, rows.view(ids.shape), ids, weights).to(torch.bfloat16)
+            assert torch.equal(native.moe(x, ids, weights, stack.w13, stack.w2, lib), want), (tokens, native.kind(lib))
+    # the order of the sum: slot 1 is slot 0 negated and large, so slots 0 and 1 cancel exactly when added
+    # first (slot order) and leave fp32 rounding of their size behind when slot 2 comes between them
+    loud = ExpertStack(stack.w13.clone(), stack.w2.clone())
+    loud.w2[0] *= 512
+    loud.w13[1], loud.w2[1] = loud.w13[0], -loud.w2[0]
+    x = torch.randn(2, dim, generator=gen).bfloat16()
+    ids = torch.tensor([[0, 2, 1, 3], [2, 1, 3, 0]])
+    weights = torch.tensor([[0.5, 0.3, 0.5, 0.2], [0.3, 0.5, 0.2, 0.5]])
+    order = ids.flatten().argsort(stable=True)
+    rows = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
+    ys = native.experts(x.index_select(0, order // top_k), expert_counts(ids, slots), loud.w13, loud.w2)
+    want = combine(ys, rows.view(ids.shape), ids, weights).to(torch.bfloat16)
+    assert torch.equal(native.moe(x, ids, weights, loud.w13, loud.w2), want)
+    with pytest.raises(RuntimeError, match="out of range"):
+        native.moe(x, ids + slots, weights, stack.w13, stack.w2)
+    with pytest.raises(ValueError, match="native.moe"):
+        native.moe(x, ids, weights.double(), stack.w13, stack.w2)
 
 
 def reference_experts(xs: torch.Tensor, counts: torch.Tensor, stack: ExpertStack, round_act: bool) -> torch.Tensor:
@@ -211,7 +247,7 @@ def test_a_native_plan_is_as_close_to_fp32_as_torchs_kernels(tiny_bf16, monkeypa
     continuations = [torch.randint(3, model.args.vocab_size, (6,), generator=gen).tolist() for _ in prompts]
     truth = torch.cat(incremental_logits(truth_model, prompts, continuations))
 
-    calls = {"linear": 0, "experts": 0, "decode_attention": 0, "heads": 0, "rms_norm": 0}
+    calls = {"linear": 0, "moe": 0, "decode_attention": 0, "heads": 0, "rms_norm": 0}
 
     def counting(name, fn):
         def counted(*args, **kwargs):

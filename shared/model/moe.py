@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.model import native
 from shared.model.config import ModelArgs
 from shared.model.experts import MLP, ExpertStack, MoEPlan, combine, expert_counts, run_experts
 
@@ -106,6 +107,8 @@ class MoE(nn.Module):
         """Sort the (token, expert) pairs by expert, run every expert in one backend call, combine."""
         if self.stack is None:
             self.stack_experts()
+        if backend == "native":  # sorting, experts and the same fp32 combine in one call (native.moe)
+            return native.moe(x, ids, weights, self.stack.w13, self.stack.w2)
         top_k = ids.shape[1]
         order = ids.flatten().argsort(stable=True)  # [T*K] pairs by expert
         ys = run_experts(backend, x.index_select(0, order // top_k), counts, self.stack)  # [T*K, D]

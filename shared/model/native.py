@@ -15,14 +15,16 @@ else in plain C (`kind()`). The entry points:
   path, each sequence's context read in place from the cache rows by slot (nothing gathered),
   scores and softmax in fp32, the weighted sum in fp32 (with AVX512-BF16 of the probabilities
   rounded to bf16, as torch's fused attention rounds them) (MLA._decode_in_place);
+- `moe(x, ids, weights, w13, w2)`: the layer from its routing (MoE.routed_grouped): the pairs
+  sorted by slot, `experts`, and experts.combine's fp32 sum in slot order, bit for bit;
 - `heads(x, pack_heads(weight), n)`: per-head products against weights packed in input pairs (no
   sum across vector lanes, so short dot products run at full rate), the absorbed attention's W_UK
   and W_UV (MLA._decode_in_place);
 - `rms_norm(x, weight, eps)`: norm.RMSNorm of a few rows in one call.
 
 The source is compiled on first use with the C compiler (`$CC`, else `cc`) as
-`-O3 -march=native -fopenmp` into $STREAMOE_HOME/kernels/, keyed by the source, the compiler and
-the CPU (model and flags: a library built for one CPU never runs on another), written under a
+`-O3 -march=native -fopenmp -ffp-contract=off` into $STREAMOE_HOME/kernels/, keyed by the source,
+the compiler and the CPU (model and flags: a library built for one CPU never runs on another), written under a
 temporary name and renamed, so workers starting together never load a half-written file. Its OpenMP
 is the runtime torch has loaded (the same soname), and each call runs on torch.get_num_threads()
 threads. Without a compiler the kernels are unavailable (`unavailable()` says why): the `native`
@@ -48,7 +50,7 @@ SOURCE = Path(__file__).with_name("native") / "smallgemm.c"
 MAX_ROWS = 8  # rows per kernel pass (the C file's MAX_ROWS)
 LINEAR_ROWS = 32  # the most rows `linear` takes (at 64, torch's GEMM was as fast on an AVX512-BF16 EPYC)
 NORM_ROWS = 64  # the most rows norm.RMSNorm gives `rms_norm` (one thread: a decode batch, not a prefill)
-FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared")
+FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off")  # no fused multiply-adds but the written ones
 _INT, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -109,8 +111,9 @@ def build(march: str) -> ctypes.CDLL:
     lib.streamoe_heads_bf16.argtypes = [_PTR, _INT, _INT, _INT, _INT, _INT, _PTR, _INT, _INT, _PTR, _INT, _INT,
                                         ctypes.c_int]
     lib.streamoe_rms_norm_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, ctypes.c_float, _PTR, _INT]
+    lib.streamoe_moe_bf16.argtypes = [_PTR, _INT, _INT, _PTR, _PTR, _INT, _INT, _PTR, _PTR, _INT, _PTR, ctypes.c_int]
     for fn in (lib.streamoe_linear_bf16, lib.streamoe_experts_bf16, lib.streamoe_decode_attention_bf16,
-               lib.streamoe_heads_bf16, lib.streamoe_rms_norm_bf16, lib.streamoe_native_avx512):
+               lib.streamoe_heads_bf16, lib.streamoe_rms_norm_bf16, lib.streamoe_moe_bf16, lib.streamoe_native_avx512):
         fn.restype = ctypes.c_int
     return lib
 
@@ -172,6 +175,32 @@ def experts(xs: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch
     if rc != 0:
         raise RuntimeError(f"native.experts failed on {xs.shape[0]} pairs over {w13.shape[0]} slots")
     return ys
+
+
+def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+        lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """A routed MoE layer from its routing in one call: x [T, D] bf16, ids [T, K] int64 (each token's
+    distinct slots), weights [T, K] fp32, the stacks w13 [S, 2I, D] and w2 [S, D, I] -> [T, D] bf16:
+    the pairs sorted by slot, `experts`, then experts.combine's fp32 sum in slot order, rounded once
+    (the same numbers as those three steps in torch, bit for bit)."""
+    x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
+    slots, dim, inter = w2.shape
+    if not (x.dtype == w13.dtype == w2.dtype == torch.bfloat16 and ids.dtype == torch.int64
+            and weights.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == dim and ids.dim() == 2
+            and ids.shape[0] == x.shape[0] > 0 and weights.shape == ids.shape and 0 < ids.shape[1] <= 64
+            and w13.shape == (slots, 2 * inter, dim) and w13.is_contiguous() and w2.is_contiguous()
+            and x.device.type == ids.device.type == weights.device.type == w13.device.type == "cpu"):
+        raise ValueError(f"native.moe: x {tuple(x.shape)} {x.dtype}, ids {tuple(ids.shape)} {ids.dtype}, weights "
+                         f"{tuple(weights.shape)} {weights.dtype}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}: needs "
+                         "CPU bf16 rows and stacks, int64 ids and fp32 weights of one [T, K <= 64] shape")
+    out = torch.empty_like(x)
+    rc = (lib or library()).streamoe_moe_bf16(x.data_ptr(), x.shape[0], dim, ids.data_ptr(), weights.data_ptr(),
+                                              ids.shape[1], slots, w13.data_ptr(), w2.data_ptr(), inter,
+                                              out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"native.moe failed on {ids.shape[0]} tokens x {ids.shape[1]} experts over {slots} slots "
+                           "(an id out of range?)")
+    return out
 
 
 def decode_attention(q: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, latent: int,

@@ -10,7 +10,8 @@
  * - AVX-512: each weight row widened to fp32 (bf16 is the top half of an fp32), fp32 FMAs;
  * - plain C elsewhere (correct; the calibration only picks these loops where they are fast).
  *
- * Built by shared/model/native.py with `cc -O3 -march=native -fopenmp`. OpenMP resolves to the
+ * Built by shared/model/native.py with `cc -O3 -march=native -fopenmp -ffp-contract=off` (no fused
+ * multiply-add the source does not write: the MoE combine must round as torch does). OpenMP resolves to the
  * runtime torch has already loaded (the same soname), so these loops share torch's thread pool
  * and thread count (the caller passes torch.get_num_threads()).
  *
@@ -589,6 +590,73 @@ static void weigh_rows(const float *p, int64_t len, const uint16_t *kv, const in
         }
     }
 #endif
+}
+
+/* A whole routed MoE layer from the routing: x [T, D] bf16, ids [T, K] (each token's distinct expert
+ * slots, < S), weights [T, K] fp32 -> out [T, D] bf16. The (token, expert) pairs are sorted by slot
+ * (stable: token order within a slot) and run through streamoe_experts_bf16, then each token's
+ * outputs are combined in fp32 in slot order as experts.combine does (the first product, then one
+ * product added at a time, each rounded: built with -ffp-contract=off, so no fused multiply-add),
+ * and rounded to bf16 once. Returns 0, or -1 for a bad argument. */
+int streamoe_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const int64_t *ids, const float *weights, int64_t K,
+                      int64_t S, const uint16_t *w13, const uint16_t *w2, int64_t I, uint16_t *out, int nthreads) {
+    if (T < 1 || D < 1 || K < 1 || S < 1 || I < 1) return -1;
+    const int64_t P = T * K;
+    for (int64_t i = 0; i < P; i++)
+        if (ids[i] < 0 || ids[i] >= S) return -1;
+    int64_t *counts = calloc((size_t)S, sizeof(int64_t)), *row = malloc(sizeof(int64_t) * (size_t)P);
+    uint16_t *xs = malloc(sizeof(uint16_t) * (size_t)(P * D)), *ys = malloc(sizeof(uint16_t) * (size_t)(P * D));
+    int rc = -1;
+    if (counts && row && xs && ys) {
+        for (int64_t i = 0; i < P; i++) counts[ids[i]]++;
+        int64_t *next = malloc(sizeof(int64_t) * (size_t)S);
+        if (next) {
+            for (int64_t s = 0, start = 0; s < S; s++) {
+                next[s] = start;
+                start += counts[s];
+            }
+            for (int64_t i = 0; i < P; i++) { /* pair i = (token i / K, its k-th expert) */
+                row[i] = next[ids[i]]++;
+                memcpy(xs + row[i] * D, x + (i / K) * D, sizeof(uint16_t) * (size_t)D);
+            }
+            free(next);
+            rc = streamoe_experts_bf16(xs, counts, S, w13, w2, D, I, ys, nthreads);
+        }
+    }
+    if (rc == 0) {
+#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            int64_t order[64]; /* this token's pairs by slot (K <= 64; a token's slots are distinct) */
+            float acc[4096];
+            const int64_t kk = K < 64 ? K : 64;
+            for (int64_t k = 0; k < kk; k++) {
+                int64_t j = k;
+                for (; j > 0 && ids[t * K + order[j - 1]] > ids[t * K + k]; j--) order[j] = order[j - 1];
+                order[j] = k;
+            }
+            for (int64_t d0 = 0; d0 < D; d0 += 4096) {
+                const int64_t dn = D - d0 < 4096 ? D - d0 : 4096;
+                for (int64_t k = 0; k < kk; k++) {
+                    const int64_t pair = t * K + order[k];
+                    const uint16_t *y = ys + row[pair] * D + d0;
+                    const float w = weights[pair];
+                    if (k == 0)
+                        for (int64_t d = 0; d < dn; d++) acc[d] = bf16_to_f32(y[d]) * w;
+                    else
+                        for (int64_t d = 0; d < dn; d++) {
+                            const float product = bf16_to_f32(y[d]) * w;
+                            acc[d] = acc[d] + product;
+                        }
+                }
+                round_bf16(acc, out + t * D + d0, dn);
+            }
+        }
+    }
+    free(counts);
+    free(row);
+    free(xs);
+    free(ys);
+    return K > 64 ? -1 : rc;
 }
 
 /* Single-token decode attention on the absorbed path, read in place from the latent cache (no gather):
