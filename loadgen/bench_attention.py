@@ -19,6 +19,7 @@ FLOPs per sequence: 2·H·(N·C + L·(C+R) + L·C + C·V) (the absorbed products
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -32,6 +33,7 @@ from shared.model import native
 from shared.model.attention import MLA, AttentionBatch
 from shared.model.config import ModelArgs
 from shared.model.experts import MoEPlan
+from shared.model.kv_cache import LatentKVPool
 from shared.model.presets import PRESETS
 
 from .bench_moe import model_args
@@ -53,23 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class CacheCopies:
-    """The latent cache protocol (attention.LatentCache) over `copies` layers of random rows; the
-    MLA module's `layer` picks the copy."""
-
-    def __init__(self, copies: int, slots: int, width: int, gen: torch.Generator):
-        self.kv = torch.randn(copies, slots, width, generator=gen).to(torch.bfloat16)
-
-    def store(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
-        self.kv[layer].index_copy_(0, slots, kv)
-
-    def load(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        return self.kv[layer].index_select(0, slots)
-
-    def layer_rows(self, layer: int) -> torch.Tensor:
-        return self.kv[layer]
-
-
 def flops(args: ModelArgs, seqs: int, length: int) -> int:
     h, c, r = args.num_attention_heads, args.kv_lora_rank, args.qk_rope_head_dim
     n, v = args.qk_nope_head_dim, args.v_head_dim
@@ -84,7 +69,10 @@ def run(args: ModelArgs, seqs: int, context: int, repeats: int, gen: torch.Gener
     length = context + 1  # the cached rows and the new token's
     width = args.kv_lora_rank + args.qk_rope_head_dim
     copies = max(2, -(-COLD_BYTES // (seqs * length * width * 2)))
-    cache = CacheCopies(copies, seqs * length, width, gen)
+    # the engine's pool, with `copies` layers of random rows; the MLA module's `layer` picks the copy
+    cache = LatentKVPool(dataclasses.replace(args, num_hidden_layers=copies, num_nextn_predict_layers=0), seqs * length,
+                         torch.bfloat16)
+    cache.kv.copy_(torch.randn(cache.kv.shape, generator=gen))
     slots = torch.arange(seqs * length).view(seqs, length)
     batch = AttentionBatch([1] * seqs, [length] * seqs, [True] * seqs, slot_mapping=slots[:, -1],
                            context_slots=list(slots))

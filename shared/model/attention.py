@@ -160,9 +160,9 @@ class MLA(nn.Module):
         out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)  # [T, H, V]
         in_place = (self.native_plan is not None and self.native_plan.choose(q_nope.shape[0]) == "native"
                     and q_nope.device.type == "cpu" and q_nope.dtype == torch.bfloat16)
+        rows = (cache.layer_rows(self.layer) if plan.is_cached else kv) if in_place else None
         for bucket in plan.decode:
             if in_place:
-                rows = cache.layer_rows(self.layer) if plan.is_cached else kv
                 out.index_copy_(0, bucket.rows, self._decode_in_place(q_nope, q_pe, bucket, rows))
                 continue
             out.index_copy_(0, bucket.rows, self._decode(q_nope, q_pe, bucket, read))

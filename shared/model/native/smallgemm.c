@@ -600,7 +600,7 @@ static void weigh_rows(const float *p, int64_t len, const uint16_t *kv, const in
  * and rounded to bf16 once. Returns 0, or -1 for a bad argument. */
 int streamoe_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const int64_t *ids, const float *weights, int64_t K,
                       int64_t S, const uint16_t *w13, const uint16_t *w2, int64_t I, uint16_t *out, int nthreads) {
-    if (T < 1 || D < 1 || K < 1 || S < 1 || I < 1) return -1;
+    if (T < 1 || D < 1 || K < 1 || K > 64 || S < 1 || I < 1) return -1;
     const int64_t P = T * K;
     for (int64_t i = 0; i < P; i++)
         if (ids[i] < 0 || ids[i] >= S) return -1;
@@ -628,15 +628,14 @@ int streamoe_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const int64_t *id
         for (int64_t t = 0; t < T; t++) {
             int64_t order[64]; /* this token's pairs by slot (K <= 64; a token's slots are distinct) */
             float acc[4096];
-            const int64_t kk = K < 64 ? K : 64;
-            for (int64_t k = 0; k < kk; k++) {
+            for (int64_t k = 0; k < K; k++) {
                 int64_t j = k;
                 for (; j > 0 && ids[t * K + order[j - 1]] > ids[t * K + k]; j--) order[j] = order[j - 1];
                 order[j] = k;
             }
             for (int64_t d0 = 0; d0 < D; d0 += 4096) {
                 const int64_t dn = D - d0 < 4096 ? D - d0 : 4096;
-                for (int64_t k = 0; k < kk; k++) {
+                for (int64_t k = 0; k < K; k++) {
                     const int64_t pair = t * K + order[k];
                     const uint16_t *y = ys + row[pair] * D + d0;
                     const float w = weights[pair];
@@ -656,7 +655,7 @@ int streamoe_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const int64_t *id
     free(row);
     free(xs);
     free(ys);
-    return K > 64 ? -1 : rc;
+    return rc;
 }
 
 /* Single-token decode attention on the absorbed path, read in place from the latent cache (no gather):
