@@ -125,7 +125,10 @@ def test_moe_is_the_torch_routing_and_combine_bit_for_bit():
         for lib in builds():  # each build's own expert loops (they differ in how they round the intermediate)
             ys = native.experts(x.index_select(0, order // top_k), expert_counts(ids, slots), stack.w13, stack.w2, lib)
             want = combine(ys, rows.view(ids.shape), ids, weights).to(torch.bfloat16)
-            assert torch.equal(native.moe(x, ids, weights, stack.w13, stack.w2, lib), want), (tokens, native.kind(lib))
+            load = torch.arange(slots)
+            got = native.moe(x, ids, weights, stack.w13, stack.w2, load=load, lib=lib)
+            assert torch.equal(got, want), (tokens, native.kind(lib))
+            assert torch.equal(load, torch.arange(slots) + expert_counts(ids, slots))  # the pairs added
     # the order of the sum: slot 1 is slot 0 negated and large, so slots 0 and 1 cancel exactly when added
     # first (slot order) and leave fp32 rounding of their size behind when slot 2 comes between them
     loud = ExpertStack(stack.w13.clone(), stack.w2.clone())
@@ -145,6 +148,70 @@ def test_moe_is_the_torch_routing_and_combine_bit_for_bit():
         native.moe(x, ids, weights.double(), stack.w13, stack.w2)
 
 
+def test_gate_chooses_the_experts_torch_chooses():
+    """native.gate against moe.Gate's operators: the same experts for every token (group-limited, which
+    differs from a plain top-k here), their weights within fp32 rounding, normalised or not."""
+    from shared.model.config import ModelArgs
+    from shared.model.moe import Gate
+    from shared.model.presets import preset_config
+
+    gen = torch.Generator().manual_seed(8)
+    args = ModelArgs.from_dict({**preset_config("tiny"), "hidden_size": 80, "n_routed_experts": 32, "n_group": 4,
+                                "topk_group": 2, "num_experts_per_tok": 5, "routed_scaling_factor": 2.5})
+    for normalize in (True, False):
+        gate = Gate(args)
+        gate.norm_topk_prob = normalize
+        with torch.no_grad():
+            gate.weight.copy_(torch.randn(32, 80, generator=gen) * 0.1)
+            gate.e_score_correction_bias.copy_(torch.randn(32, generator=gen) * 0.05)
+        for tokens in (1, 6, 37):
+            x = torch.randn(tokens, 80, generator=gen).bfloat16()
+            want_weights, want_ids = gate(x)
+            want_ids, order = want_ids.sort(dim=-1)
+            want_weights = want_weights.gather(1, order)
+            plain = (gate.scores(x) + gate.e_score_correction_bias).topk(5, dim=-1).indices.sort(dim=-1).values
+            if tokens == 37:
+                assert not torch.equal(plain, want_ids)  # the groups matter to this choice
+            for lib in builds():
+                weights, ids = native.gate(x, gate.weight, gate.e_score_correction_bias, 4, 2, 5, normalize, 2.5, lib)
+                assert torch.equal(ids, want_ids), (tokens, native.kind(lib))
+                assert torch.allclose(weights, want_weights, rtol=1e-6, atol=0), (tokens, native.kind(lib))
+            gate.native_rows = frozenset({tokens})
+            assert torch.equal(gate(x)[1], want_ids)
+            gate.native_rows = frozenset()
+    with pytest.raises(RuntimeError, match="equal groups"):
+        native.gate(x, gate.weight, gate.e_score_correction_bias, 3, 2, 5, True, 1.0)
+    with pytest.raises(ValueError, match="native.gate"):
+        native.gate(x.float(), gate.weight, gate.e_score_correction_bias, 4, 2, 5, True, 1.0)
+
+
+def test_rope_and_kv_rows_are_torchs_operators_bit_for_bit():
+    """native.rope against rope.apply_rotary (a strided view of the query heads, both pair layouts) and
+    native.kv_rows against MLA.project_kv's norm, rotation and concatenation: equal to the bit."""
+    from shared.model.rope import apply_rotary
+
+    gen = torch.Generator().manual_seed(9)
+    tokens, heads, nope, rot, latent = 7, 3, 10, 8, 24
+    q = torch.randn(tokens, heads, nope + rot, generator=gen).bfloat16()
+    angles = torch.rand(tokens, rot // 2, generator=gen) * 40
+    cos, sin = (angles.cos() * 1.3).bfloat16(), (angles.sin() * 1.3).bfloat16()
+    q_pe = q[..., nope:]  # a view: rows and heads strided
+    norm = RMSNorm(latent, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(latent, generator=gen) + 0.5)
+    norm = norm.bfloat16()
+    kv = torch.randn(tokens, latent + rot, generator=gen).bfloat16() * 3
+    for interleave in (True, False):
+        want = apply_rotary(q_pe, cos, sin, interleave)
+        rows = torch.cat([norm(kv[:, :latent]), apply_rotary(kv[:, latent:], cos, sin, interleave)], dim=-1)
+        for lib in builds():
+            assert torch.equal(native.rope(q_pe, cos, sin, interleave, lib=lib), want), (interleave, native.kind(lib))
+            got = native.kv_rows(kv, norm.weight, norm.eps, cos, sin, interleave, lib)
+            assert torch.equal(got, rows), (interleave, native.kind(lib))
+    with pytest.raises(ValueError, match="native.rope"):
+        native.rope(q_pe.float(), cos, sin, True)
+
+
 def reference_experts(xs: torch.Tensor, counts: torch.Tensor, stack: ExpertStack, round_act: bool) -> torch.Tensor:
     """Each pair through its slot's expert in float64; the intermediate rounded to bf16 as the kernel
     rounds it with bf16 dot products, else unrounded (its fp32)."""
@@ -161,20 +228,21 @@ def reference_experts(xs: torch.Tensor, counts: torch.Tensor, stack: ExpertStack
 
 
 def test_native_experts_match_the_float64_reference_pair_by_pair():
-    """Empty slots, one pair, and a slot of 19 pairs (three passes of up to 8) in one call."""
+    """Empty slots, one pair, and a slot of 19 pairs (three passes of up to 8) in one call; with 4 slots
+    in use on 2 threads each thread runs whole experts, with 2 the threads share each expert's rows."""
     gen = torch.Generator().manual_seed(3)
     slots, dim, inter = 6, 80, 40
     stack = ExpertStack((torch.randn(slots, 2 * inter, dim, generator=gen) * 0.2).bfloat16(),
                         (torch.randn(slots, dim, inter, generator=gen) * 0.2).bfloat16())
-    counts = torch.tensor([0, 1, 19, 0, 5, 8])
-    xs = torch.randn(int(counts.sum()), dim, generator=gen).bfloat16()
-    got = run_experts("native", xs, counts, stack)
-    assert got.dtype == torch.bfloat16 and got.shape == xs.shape
-    assert torch.equal(got, native.experts(xs, counts, stack.w13, stack.w2, native.library()))
-    for lib in builds():
-        want = reference_experts(xs, counts, stack, round_act=native.kind(lib) == "avx512-bf16")
-        got = native.experts(xs, counts, stack.w13, stack.w2, lib)
-        assert within_one_rounding(got, want, dim + inter), native.kind(lib)
+    for counts in (torch.tensor([0, 1, 19, 0, 5, 8]), torch.tensor([0, 0, 19, 0, 0, 3])):
+        xs = torch.randn(int(counts.sum()), dim, generator=gen).bfloat16()
+        got = run_experts("native", xs, counts, stack)
+        assert got.dtype == torch.bfloat16 and got.shape == xs.shape
+        assert torch.equal(got, native.experts(xs, counts, stack.w13, stack.w2, native.library()))
+        for lib in builds():
+            want = reference_experts(xs, counts, stack, round_act=native.kind(lib) == "avx512-bf16")
+            got = native.experts(xs, counts, stack.w13, stack.w2, lib)
+            assert within_one_rounding(got, want, dim + inter), (native.kind(lib), counts.tolist())
     assert run_experts("native", xs[:0], torch.zeros(slots, dtype=torch.int64), stack).shape == (0, dim)
 
 
@@ -205,6 +273,16 @@ def test_decode_attention_reads_the_rows_in_place_within_one_rounding():
         else:
             off = within_one_rounding(got, want, length * (latent + rope))
         assert off, native.kind(lib)
+    # an odd row width: the last channel pairs with nothing (AVX512-BF16 meets the channels in pairs)
+    odd_pool, odd_q = pool[:, :-1].contiguous(), q[..., :-1].contiguous()
+    odd_rows = odd_pool[slots].double()
+    scores = torch.einsum("shw,slw->shl", odd_q.double(), odd_rows) * 0.3
+    probs = scores.masked_fill(torch.arange(length)[None, None] >= lengths[:, None, None], float("-inf")).softmax(-1)
+    want = torch.einsum("shl,slc->shc", probs, odd_rows[..., :latent])
+    spread = torch.einsum("shl,slc->shc", probs, odd_rows[..., :latent].abs())
+    for lib in builds():
+        got = native.decode_attention(odd_q, odd_pool, slots, lengths, latent, 0.3, lib)
+        assert within_one_rounding(got, want, length * (latent + rope), 2.0 ** -8 * spread), native.kind(lib)
     # fewer sequences than threads: the heads are split in groups of 8 (20 heads: 8+8+4 at 1 sequence
     # on 4 threads, 16+4 at 3)
     wide_q = torch.randn(seqs, 20, latent + rope, generator=gen).bfloat16()

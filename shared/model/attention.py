@@ -128,12 +128,22 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        if self._native_rows(q):  # the same rotation in one call
+            return q_nope, native.rope(q_pe, cos, sin, self.interleave)
         return q_nope, apply_rotary(q_pe, cos, sin, self.interleave)
 
     def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> the cache rows [T, C+R]: normalised latent, then the rotated shared key."""
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_a_proj_with_mqa(x)
+        if self._native_rows(kv):  # the same norm and rotation in one call
+            return native.kv_rows(kv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin, self.interleave)
+        latent, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return torch.cat([self.kv_a_layernorm(latent), apply_rotary(k_pe, cos, sin, self.interleave)], dim=-1)
+
+    def _native_rows(self, x: torch.Tensor) -> bool:
+        """Whether the model's plan computes these rows with the native kernels (CPU bf16, a `native` count)."""
+        return (self.native_plan is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+                and x.shape[0] <= native.NORM_ROWS and self.native_plan.choose(x.shape[0]) == "native")
 
     # -- core attention and output (ATTN-1) -----------------------------------------------------
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch,
@@ -161,10 +171,10 @@ class MLA(nn.Module):
         in_place = (self.native_plan is not None and self.native_plan.choose(q_nope.shape[0]) == "native"
                     and q_nope.device.type == "cpu" and q_nope.dtype == torch.bfloat16)
         rows = (cache.layer_rows(self.layer) if plan.is_cached else kv) if in_place else None
-        for bucket in plan.decode:
-            if in_place:
-                out.index_copy_(0, bucket.rows, self._decode_in_place(q_nope, q_pe, bucket, rows))
-                continue
+        if in_place and plan.decode:  # one call for every decode of the step (ReadPlan.decode_in_one)
+            bucket = plan.decode_in_one
+            out.index_copy_(0, bucket.rows, self._decode_in_place(q_nope, q_pe, bucket, rows))
+        for bucket in [] if in_place else plan.decode:
             out.index_copy_(0, bucket.rows, self._decode(q_nope, q_pe, bucket, read))
         for bucket in plan.padded:
             path = self._absorbed if bucket.is_absorbed else self._expanded

@@ -10,6 +10,7 @@ forward never reads a device value back. Legend: S = sequences, t / L = longest 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 
 import torch
 
@@ -96,6 +97,21 @@ class ReadPlan:
                                     if isinstance(getattr(part, f.name), torch.Tensor)})
 
         return ReadPlan(self.is_cached, [move(b) for b in self.decode], [move(b) for b in self.padded])
+
+    @cached_property
+    def decode_in_one(self) -> DecodeBucket | None:
+        """Every decode bucket of the step as one, each context padded (repeating its last row) to the
+        longest: for the native decode attention, which reads each sequence's own length and gathers
+        nothing, so one call serves the whole step. Built on the first use, shared by every layer."""
+        if len(self.decode) < 2:
+            return self.decode[0] if self.decode else None
+        length = max(b.max_context for b in self.decode)
+        slots = [b.slots.view(b.num_seqs, b.max_context) for b in self.decode]
+        slots = [torch.cat([s, s[:, -1:].expand(s.shape[0], length - s.shape[1])], dim=1) for s in slots]
+        lengths = torch.cat([b.lengths for b in self.decode])
+        return DecodeBucket(sum(b.num_seqs for b in self.decode), length, torch.cat([b.rows for b in self.decode]),
+                            torch.cat(slots).flatten(), (torch.arange(length) < lengths[:, None])[:, None, None],
+                            lengths)
 
 
 def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:

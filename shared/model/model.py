@@ -17,7 +17,7 @@ from shared.model import native
 from shared.model.attention import MLA, AttentionBatch, LatentCache
 from shared.model.config import ModelArgs
 from shared.model.experts import MoEPlan, check_supported
-from shared.model.moe import MLP, MoE
+from shared.model.moe import MLP, Gate, MoE
 from shared.model.norm import RMSNorm
 from shared.model.rope import RotaryEmbedding
 
@@ -103,9 +103,9 @@ class DeepseekV3(nn.Module):
     def set_moe_backend(self, backend: str | MoEPlan) -> MoEPlan:
         """How every MoE layer runs its routed experts: a backend of experts.BACKENDS or a plan by
         token count (`1:loop,16:weight-major`); refused, naming device and dtype, where it cannot run.
-        The token counts whose backend is `native` also run the linears of up to 32 rows and the norms
-        of up to 64 (native.Linear, RMSNorm) and the single-token decode attention
-        (MLA._decode_in_place) through its kernels."""
+        The token counts whose backend is `native` also run the linears of up to 32 rows, the norms
+        and gates of up to 64 (native.Linear, RMSNorm, Gate), the rotary embeddings and cache rows of
+        up to 64 (MLA) and the single-token decode attention (MLA._decode_in_place) through its kernels."""
         plan = backend if isinstance(backend, MoEPlan) else MoEPlan.parse(backend)
         check_supported(plan, self.device, self.dtype)
         linear_rows = frozenset(m for m in range(1, native.LINEAR_ROWS + 1) if plan.choose(m) == "native")
@@ -115,7 +115,7 @@ class DeepseekV3(nn.Module):
                 module.plan = plan
             if isinstance(module, native.Linear):
                 module.native_rows = linear_rows
-            if isinstance(module, RMSNorm):
+            if isinstance(module, (RMSNorm, Gate)):
                 module.native_rows = norm_rows
             if isinstance(module, MLA):
                 module.native_plan = plan if "native" in plan.backends else None

@@ -111,8 +111,13 @@ def build(march: str) -> ctypes.CDLL:
     lib.streamoe_heads_bf16.argtypes = [_PTR, _INT, _INT, _INT, _INT, _INT, _PTR, _INT, _INT, _PTR, _INT, _INT,
                                         ctypes.c_int]
     lib.streamoe_rms_norm_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, ctypes.c_float, _PTR, _INT]
-    lib.streamoe_moe_bf16.argtypes = [_PTR, _INT, _INT, _PTR, _PTR, _INT, _INT, _PTR, _PTR, _INT, _PTR, ctypes.c_int]
-    for fn in (lib.streamoe_linear_bf16, lib.streamoe_experts_bf16, lib.streamoe_decode_attention_bf16,
+    lib.streamoe_moe_bf16.argtypes = [_PTR, _INT, _INT, _PTR, _PTR, _INT, _INT, _PTR, _PTR, _INT, _PTR, _PTR,
+                                      ctypes.c_int]
+    lib.streamoe_rope_bf16.argtypes = [_PTR, _INT, _INT, _INT, _INT, _INT, _PTR, _PTR, ctypes.c_int, _PTR, _INT, _INT]
+    lib.streamoe_gate_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _INT, _INT, _INT, ctypes.c_int,
+                                       ctypes.c_float, _PTR, _PTR, ctypes.c_int]
+    for fn in (lib.streamoe_rope_bf16, lib.streamoe_gate_bf16,
+               lib.streamoe_linear_bf16, lib.streamoe_experts_bf16, lib.streamoe_decode_attention_bf16,
                lib.streamoe_heads_bf16, lib.streamoe_rms_norm_bf16, lib.streamoe_moe_bf16, lib.streamoe_native_avx512):
         fn.restype = ctypes.c_int
     return lib
@@ -178,11 +183,12 @@ def experts(xs: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch
 
 
 def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-        lib: ctypes.CDLL | None = None) -> torch.Tensor:
+        load: torch.Tensor | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """A routed MoE layer from its routing in one call: x [T, D] bf16, ids [T, K] int64 (each token's
     distinct slots), weights [T, K] fp32, the stacks w13 [S, 2I, D] and w2 [S, D, I] -> [T, D] bf16:
     the pairs sorted by slot, `experts`, then experts.combine's fp32 sum in slot order, rounded once
-    (the same numbers as those three steps in torch, bit for bit)."""
+    (the same numbers as those three steps in torch, bit for bit). Each slot's pairs are added to
+    `load` [S] int64 where given (MoE.expert_load)."""
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
     slots, dim, inter = w2.shape
     if not (x.dtype == w13.dtype == w2.dtype == torch.bfloat16 and ids.dtype == torch.int64
@@ -193,14 +199,42 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Te
         raise ValueError(f"native.moe: x {tuple(x.shape)} {x.dtype}, ids {tuple(ids.shape)} {ids.dtype}, weights "
                          f"{tuple(weights.shape)} {weights.dtype}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}: needs "
                          "CPU bf16 rows and stacks, int64 ids and fp32 weights of one [T, K <= 64] shape")
+    if load is not None and not (load.dtype == torch.int64 and load.shape == (slots,) and load.is_contiguous()
+                                 and load.device.type == "cpu"):
+        raise ValueError(f"native.moe: load {tuple(load.shape)} {load.dtype}: needs a CPU int64 [{slots}]")
     out = torch.empty_like(x)
     rc = (lib or library()).streamoe_moe_bf16(x.data_ptr(), x.shape[0], dim, ids.data_ptr(), weights.data_ptr(),
                                               ids.shape[1], slots, w13.data_ptr(), w2.data_ptr(), inter,
-                                              out.data_ptr(), torch.get_num_threads())
+                                              out.data_ptr(), None if load is None else load.data_ptr(),
+                                              torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"native.moe failed on {ids.shape[0]} tokens x {ids.shape[1]} experts over {slots} slots "
                            "(an id out of range?)")
     return out
+
+
+def gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, topk_group: int, top_k: int,
+         normalize: bool, scale: float, lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe.Gate in one call: x [T, D] bf16, the fp32 gate rows weight [E, D] and correction bias [E] ->
+    weights [T, K] fp32, ids [T, K] int64 (each token's experts in ascending order; the same choice
+    as the Gate's, ties to the lower index; its scores' fp32 sums in another order)."""
+    if not (x.dim() == 2 and x.dtype == torch.bfloat16 and x.stride(1) == 1 and x.shape[0] > 0
+            and weight.dtype == bias.dtype == torch.float32 and weight.dim() == 2 and weight.shape[1] == x.shape[1]
+            and weight.is_contiguous() and bias.shape == (weight.shape[0],) and bias.is_contiguous()
+            and x.device.type == weight.device.type == bias.device.type == "cpu"):
+        raise ValueError(f"native.gate: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}, "
+                         f"bias {tuple(bias.shape)} {bias.dtype}: needs CPU bf16 rows and fp32 gate rows of their "
+                         "width")
+    tokens, experts = x.shape[0], weight.shape[0]
+    ids = torch.empty(tokens, top_k, dtype=torch.int64)
+    weights = torch.empty(tokens, top_k, dtype=torch.float32)
+    rc = (lib or library()).streamoe_gate_bf16(x.data_ptr(), x.stride(0), tokens, x.shape[1], weight.data_ptr(),
+                                               bias.data_ptr(), experts, groups, topk_group, top_k, int(normalize),
+                                               scale, ids.data_ptr(), weights.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"native.gate failed: {experts} experts in {groups} groups, top {topk_group} groups, "
+                           f"top {top_k} experts (needs equal groups and K <= 64 of the kept groups' experts)")
+    return weights, ids
 
 
 def decode_attention(q: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, latent: int,
@@ -273,6 +307,46 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL
     if rc != 0:
         raise RuntimeError(f"native.rms_norm failed on x {tuple(x.shape)}")
     return y
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool, out: torch.Tensor | None = None,
+         lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """rope.apply_rotary of x [T, n, R] bf16 (any strides, channels contiguous) by cos/sin [T, R/2] bf16, bit
+    for bit, in one call (into `out` [T, n, R] where given, channels contiguous)."""
+    t, n, r = x.shape
+    if out is None:
+        out = torch.empty(t, n, r, dtype=torch.bfloat16)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if not (x.dtype == cos.dtype == sin.dtype == out.dtype == torch.bfloat16 and x.stride(2) == out.stride(2) == 1
+            and cos.shape == sin.shape == (t, r // 2) and out.shape == x.shape and r % 2 == 0 and t > 0
+            and x.device.type == cos.device.type == out.device.type == "cpu"):
+        raise ValueError(f"native.rope: x {tuple(x.shape)} {x.dtype}, cos {tuple(cos.shape)} {cos.dtype}, out "
+                         f"{tuple(out.shape)}: needs CPU bf16 [T, n, R] rows (R even) and [T, R/2] angles")
+    rc = (lib or library()).streamoe_rope_bf16(x.data_ptr(), x.stride(0), x.stride(1), t, n, r, cos.data_ptr(),
+                                               sin.data_ptr(), int(interleave), out.data_ptr(), out.stride(0),
+                                               out.stride(1))
+    if rc != 0:
+        raise RuntimeError(f"native.rope failed on x {tuple(x.shape)}")
+    return out
+
+
+def kv_rows(kv: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+            interleave: bool, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """MLA.project_kv after its projection: kv [T, C+R] bf16 (rows contiguous) -> the cache rows [T, C+R]:
+    the latent RMS-normalised by weight [C] (as rms_norm), the rotary key rotated (as rope)."""
+    c = weight.shape[0]
+    if not (kv.dim() == 2 and kv.dtype == weight.dtype == torch.bfloat16 and kv.stride(1) == 1
+            and 0 < c < kv.shape[1] and weight.is_contiguous() and kv.shape[0] > 0
+            and kv.device.type == weight.device.type == "cpu"):
+        raise ValueError(f"native.kv_rows: kv {tuple(kv.shape)} {kv.dtype}, weight {tuple(weight.shape)} "
+                         f"{weight.dtype}: needs CPU bf16 rows wider than the norm")
+    lib = lib or library()
+    out = torch.empty(kv.shape, dtype=torch.bfloat16)
+    if lib.streamoe_rms_norm_bf16(kv.data_ptr(), kv.stride(0), kv.shape[0], c, weight.data_ptr(), eps,
+                                  out.data_ptr(), out.stride(0)) != 0:
+        raise RuntimeError(f"native.kv_rows failed on kv {tuple(kv.shape)}")
+    rope(kv[:, None, c:], cos, sin, interleave, out[:, None, c:], lib)
+    return out
 
 
 class Linear(nn.Linear):

@@ -160,7 +160,7 @@ def machine_id(device: str | torch.device) -> str:
 
 
 # Raised when a backend's kernels change (a cached choice was measured on the old ones).
-KERNELS_VERSION = 6
+KERNELS_VERSION = 7
 
 
 def cache_key(machine: str, torch_version: str, device: str, shapes: Shapes, threads: int,

@@ -32,6 +32,8 @@
 
 #define MAX_ROWS 8
 #define PREFETCH_BYTES 16384
+#define WHOLE_EXPERTS 2
+#define SCORE_AHEAD 8 /* context rows: the next block of 8, prefetched while this one is scored */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -114,7 +116,7 @@ static inline __attribute__((always_inline)) void store_sums(__m512 acc[4][MAX_R
 typedef uint16_t xval;
 #define XALIGN 32
 static inline xval to_xval_bf16(uint16_t h) { return h; }
-static inline xval to_xval_f32(float f) { return f32_to_bf16(f); }
+static inline void store_xval(const float *src, xval *dst, int64_t n) { round_bf16(src, dst, n); }
 
 static inline __attribute__((always_inline)) void dot_rows_mr(const uint16_t *w, int64_t ldw, const xval *x,
                                                               int64_t ldx, int64_t K, int M, int R, int64_t n0,
@@ -162,7 +164,7 @@ static inline __attribute__((always_inline)) void dot_rows_mr(const uint16_t *w,
 typedef float xval;
 #define XALIGN 16
 static inline xval to_xval_bf16(uint16_t h) { return bf16_to_f32(h); }
-static inline xval to_xval_f32(float f) { return f; }
+static inline void store_xval(const float *src, xval *dst, int64_t n) { memcpy(dst, src, sizeof(float) * (size_t)n); }
 #ifdef STREAMOE_AVX512
 
 static inline __attribute__((always_inline)) void dot_rows_mr(const uint16_t *w, int64_t ldw, const xval *x,
@@ -380,6 +382,66 @@ int streamoe_rms_norm_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K,
     return 0;
 }
 
+#ifdef STREAMOE_AVX512
+/* e^x in fp32 lanes (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, scaled by 2^n; within
+ * 2 ulp), below -87.3 the result is ~1e-38 instead of smaller, above 88.7 infinity. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+
+#endif
+
+/* silu(g) * u for the n fp32 pairs g[i], u[i], into g, 16 at a time with AVX-512 (the exp within 2 ulp). */
+static inline void silu_mul(float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+#ifdef STREAMOE_AVX512
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + i);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* Rotary embedding as rope.apply_rotary computes it in bf16, bit for bit: x [T, n, R] (strides ldxt, ldxh;
+ * channels contiguous), cos/sin [T, R/2] bf16 -> out [T, n, R] (ldot, ldoh) = [x1 c - x2 s, x2 c + x1 s],
+ * each product and each sum rounded to bf16 as torch's operators round them; the pairs (x1, x2) are
+ * (x[2i], x[2i+1]) with `interleave` (the result de-interleaved), else the two halves. Returns 0, or -1. */
+int streamoe_rope_bf16(const uint16_t *x, int64_t ldxt, int64_t ldxh, int64_t T, int64_t n, int64_t R,
+                       const uint16_t *cos, const uint16_t *sin, int interleave, uint16_t *out, int64_t ldot,
+                       int64_t ldoh) {
+    if (T < 1 || n < 1 || R < 2 || R % 2) return -1;
+    const int64_t half = R / 2;
+#define BF(v) bf16_to_f32(f32_to_bf16(v))
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < n; h++) {
+            const uint16_t *xr = x + t * ldxt + h * ldxh;
+            uint16_t *o = out + t * ldot + h * ldoh;
+            for (int64_t i = 0; i < half; i++) {
+                const float x1 = bf16_to_f32(xr[interleave ? 2 * i : i]), x2 = bf16_to_f32(xr[interleave ? 2 * i + 1 : half + i]);
+                const float c = bf16_to_f32(cos[t * half + i]), sn = bf16_to_f32(sin[t * half + i]);
+                o[i] = f32_to_bf16(BF(x1 * c) - BF(x2 * sn));
+                o[half + i] = f32_to_bf16(BF(x2 * c) + BF(x1 * sn));
+            }
+        }
+#undef BF
+    return 0;
+}
+
 /* Routed experts: xs [P, D] bf16, the (token, expert) pairs sorted by slot, counts [S] pairs per
  * slot; w13 [S, 2I, D] (gate rows, then up rows), w2 [S, D, I] -> ys [P, D] bf16, each pair through
  * its slot's SwiGLU expert: down(silu(gate x) * up x). Slots without pairs are not read. A slot's
@@ -392,10 +454,26 @@ int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, 
     for (int64_t s = 0; s < S; s++)
         if (counts[s] < 0) return -1;
     const int64_t dp = padded(D), ip = padded(I);
-    xval *act = calloc((size_t)(2 * MAX_ROWS * ip), sizeof(xval)); /* two chunks' silu(gate) * up, zeros past I */
-    if (!act) return -1;
+    const int threads = nthreads > 0 ? nthreads : 1;
+    /* with at least WHOLE_EXPERTS slots in use per thread, each thread runs whole experts (no barrier) */
+    int64_t used = 0;
+    for (int64_t s = 0; s < S; s++) used += counts[s] > 0;
+    const int whole = used >= WHOLE_EXPERTS * threads;
+    int64_t *first = malloc(sizeof(int64_t) * (size_t)(S + 1)), *order = malloc(sizeof(int64_t) * (size_t)(used + 1));
+    /* two chunks' silu(gate) * up (shared), or one per thread (whole experts); zeros past I */
+    xval *act = calloc((size_t)((whole ? threads : 2) * MAX_ROWS * ip), sizeof(xval));
+    if (!act || !first || !order) {
+        free(act);
+        free(first);
+        free(order);
+        return -1;
+    }
+    for (int64_t s = 0, n = 0; s < S; s++) { /* each slot's first pair, and the slots in use */
+        first[s + 1] = (first[s] = s ? first[s - 1] + counts[s - 1] : 0) + counts[s];
+        if (counts[s] > 0) order[n++] = s;
+    }
     int failed = 0;
-#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+#pragma omp parallel num_threads(threads)
     {
         xval *xp = malloc(sizeof(xval) * (size_t)(MAX_ROWS * dp));
         float *gate = malloc(sizeof(float) * (size_t)(MAX_ROWS * 64 * 2));
@@ -404,7 +482,38 @@ int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, 
 #pragma omp atomic
         failed += !ok;
 #pragma omp barrier
-        if (!failed) {
+        if (!failed && whole) {
+#ifdef _OPENMP
+            xval *a = act + omp_get_thread_num() * MAX_ROWS * ip;
+#else
+            xval *a = act;
+#endif
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t u = 0; u < used; u++) {
+                const int64_t s = order[u];
+                const uint16_t *g = w13 + s * 2 * I * D, *down = w2 + s * D * I;
+                for (int64_t r0 = 0; r0 < counts[s]; r0 += MAX_ROWS) {
+                    const int M = (int)(counts[s] - r0 < MAX_ROWS ? counts[s] - r0 : MAX_ROWS);
+                    const uint16_t *next_g = r0 == 0 ? g + (PREFETCH_BYTES / (2 * D)) * D : NULL;
+                    const uint16_t *next_down = r0 == 0 ? down + (PREFETCH_BYTES / (2 * I)) * I : NULL;
+                    prepare(xs + (first[s] + r0) * D, D, M, D, xp);
+                    for (int64_t j = 0; j < I; j += 64) {
+                        const int64_t end = j + 64 < I ? j + 64 : I;
+                        dot_rows(g, D, xp, dp, D, M, j, end, gate - j, 128, next_g);
+                        dot_rows(g + I * D, D, xp, dp, D, M, j, end, gate + 64 - j, 128, next_g ? next_g + I * D : NULL);
+                        for (int m = 0; m < M; m++) {
+                            silu_mul(gate + m * 128, gate + m * 128 + 64, end - j);
+                            store_xval(gate + m * 128, a + m * ip + j, end - j);
+                        }
+                    }
+                    for (int64_t n = 0; n < D; n += 64) {
+                        const int64_t end = n + 64 < D ? n + 64 : D;
+                        dot_rows(down, I, a, ip, I, M, n, end, out - n, 64, next_down);
+                        for (int m = 0; m < M; m++) round_bf16(out + m * 64, ys + (first[s] + r0 + m) * D + n, end - n);
+                    }
+                }
+            }
+        } else if (!failed) {
             int64_t lo_i, hi_i, lo_d, hi_d, start = 0, chunk = 0;
             share(I, 16, &lo_i, &hi_i);
             share(D, 16, &lo_d, &hi_d);
@@ -424,11 +533,10 @@ int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, 
                         dot_rows(g, D, xp, dp, D, M, j, end, gate - j, 128, next_g); /* gate rows */
                         dot_rows(g + I * D, D, xp, dp, D, M, j, end, gate + 64 - j, 128,
                                  next_g ? next_g + I * D : NULL); /* up rows */
-                        for (int m = 0; m < M; m++)
-                            for (int64_t c = j; c < end; c++) {
-                                float gv = gate[m * 128 + c - j], uv = gate[m * 128 + 64 + c - j];
-                                a[m * ip + c] = to_xval_f32(gv / (1.0f + expf(-gv)) * uv);
-                            }
+                        for (int m = 0; m < M; m++) {
+                            silu_mul(gate + m * 128, gate + m * 128 + 64, end - j);
+                            store_xval(gate + m * 128, a + m * ip + j, end - j);
+                        }
                     }
 #pragma omp barrier
                     for (int64_t n = lo_d; n < hi_d; n += 64) {
@@ -445,76 +553,108 @@ int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, 
         free(out);
     }
     free(act);
+    free(first);
+    free(order);
     return failed ? -1 : 0;
 }
 
-/* Each head's softmax in place: p [H, len] scores -> probabilities, in fp32. */
-#ifdef STREAMOE_AVX512
-/* e^x in fp32 lanes (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, scaled by 2^n; within
- * 2 ulp), for x <= 0 as the softmax takes it: below -87.3 the result is ~1e-38 instead of smaller. */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(y, n);
-}
+/* The decode attention's scores, probabilities and pairs are kept by context row: p [len, hs] holds
+ * row l's scores (then probabilities) for a group's heads in p[l * hs + h], hs the group's head count
+ * rounded up to 16, so the softmax runs down the rows with 16 heads per vector and no sum crosses lanes. */
 
-static void softmax_rows(float *p, int64_t H, int64_t len) {
-    const int64_t body = len & ~(int64_t)15;
-    const __mmask16 tail = (__mmask16)((1u << (len - body)) - 1u);
-    for (int64_t h = 0; h < H; h++) {
-        float *ph = p + h * len;
+/* Each head's softmax in place, p [len, hs] scores -> probabilities, in fp32. */
+#ifdef STREAMOE_AVX512
+static void softmax_rows(float *p, int64_t hs, int64_t len) {
+    for (int64_t h = 0; h < hs; h += 16) {
         __m512 top = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
-        for (int64_t l = 0; l < len; l += 16)
-            top = _mm512_mask_max_ps(top, l < body ? (__mmask16)0xffff : tail, top, _mm512_loadu_ps(ph + l));
-        const __m512 peak = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-        for (int64_t l = 0; l < len; l += 16) {
-            const __mmask16 mask = l < body ? (__mmask16)0xffff : tail;
-            __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, ph + l), peak));
-            total = _mm512_mask_add_ps(total, mask, total, e);
-            _mm512_mask_storeu_ps(ph + l, mask, e);
+        for (int64_t l = 0; l < len; l++) top = _mm512_max_ps(top, _mm512_loadu_ps(p + l * hs + h));
+        for (int64_t l = 0; l < len; l++) {
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p + l * hs + h), top));
+            total = _mm512_add_ps(total, e);
+            _mm512_storeu_ps(p + l * hs + h, e);
         }
-        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-        for (int64_t l = 0; l < len; l += 16) {
-            const __mmask16 mask = l < body ? (__mmask16)0xffff : tail;
-            _mm512_mask_storeu_ps(ph + l, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, ph + l), inv));
-        }
+        const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), total);
+        for (int64_t l = 0; l < len; l++) _mm512_storeu_ps(p + l * hs + h, _mm512_mul_ps(_mm512_loadu_ps(p + l * hs + h), inv));
     }
 }
 #else
-static void softmax_rows(float *p, int64_t H, int64_t len) {
-    for (int64_t h = 0; h < H; h++) {
-        float *ph = p + h * len, top = ph[0], total = 0.0f;
-        for (int64_t l = 1; l < len; l++) top = ph[l] > top ? ph[l] : top;
-        for (int64_t l = 0; l < len; l++) total += (ph[l] = expf(ph[l] - top));
+static void softmax_rows(float *p, int64_t hs, int64_t len) {
+    for (int64_t h = 0; h < hs; h++) {
+        float top = p[h], total = 0.0f;
+        for (int64_t l = 1; l < len; l++) top = p[l * hs + h] > top ? p[l * hs + h] : top;
+        for (int64_t l = 0; l < len; l++) total += (p[l * hs + h] = expf(p[l * hs + h] - top));
         const float inv = 1.0f / total;
-        for (int64_t l = 0; l < len; l++) ph[l] *= inv;
+        for (int64_t l = 0; l < len; l++) p[l * hs + h] *= inv;
     }
 }
 #endif
 
-/* out [H, C] = sum_l p[h * len + l] * k_l[c] in fp32 (`pairs` is scratch of H * (len + 1) / 2 words).
+#if defined(STREAMOE_DPBF16)
+/* The bf16 bits of 16 fp32 lanes (rounded to nearest even, as f32_to_bf16), in each lane's low half. */
+static inline __m512i bf16_bits(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+    return _mm512_srli_epi32(r, 16);
+}
+
+static inline uint32_t load_u32(const uint16_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Scores of the context rows `slot` [len] against a group's queries packed by channel pairs,
+ * qp [hs / 16][npw][16] (npw = ceil(W / 2); lane h of qp[c][j] holds head 16c + h's channels 2j and
+ * 2j + 1, zero for heads past the group): each pair of a context row is broadcast against 16 heads'
+ * pairs (vdpbf16ps), 8 rows at a time, so no sum crosses lanes -> p [len, hs] = scale * q . k. */
+static void score_rows(const uint32_t *qp, int64_t hs, int64_t W, const uint16_t *kv, const int64_t *slot,
+                       int64_t len, float scale, float *p) {
+    const int64_t full = W / 2, npw = (W + 1) / 2;
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int64_t l0 = 0; l0 < len; l0 += 8) {
+        const int m = (int)(len - l0 < 8 ? len - l0 : 8);
+        const uint16_t *row[8]; /* a block short of 8 rows repeats its last (not stored) */
+        for (int i = 0; i < 8; i++) row[i] = kv + slot[l0 + (i < m ? i : m - 1)] * W;
+        for (int64_t l = l0 + SCORE_AHEAD; l < l0 + SCORE_AHEAD + 8 && l < len; l++) /* rows read soon, into L2 */
+            for (int64_t b = 0; b < 2 * W; b += 64) _mm_prefetch((const char *)(kv + slot[l] * W) + b, _MM_HINT_T1);
+        for (int64_t c = 0; c < hs / 16; c++) {
+            const uint32_t *qc = qp + c * npw * 16;
+            __m512 acc[8];
+            for (int i = 0; i < 8; i++) acc[i] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < full; j++) {
+                const __m512bh qv = (__m512bh)_mm512_loadu_si512(qc + j * 16);
+                for (int i = 0; i < 8; i++) /* a fixed count, unrolled: the sums stay in registers */
+                    acc[i] = _mm512_dpbf16_ps(acc[i], qv, (__m512bh)_mm512_set1_epi32((int)load_u32(row[i] + 2 * j)));
+            }
+            if (npw > full) { /* an odd width: the last channel alone */
+                const __m512bh qv = (__m512bh)_mm512_loadu_si512(qc + full * 16);
+                for (int i = 0; i < 8; i++)
+                    acc[i] = _mm512_dpbf16_ps(acc[i], qv, (__m512bh)_mm512_set1_epi32((int)row[i][W - 1]));
+            }
+            for (int i = 0; i < m; i++) _mm512_storeu_ps(p + (l0 + i) * hs + 16 * c, _mm512_mul_ps(acc[i], sv));
+        }
+    }
+}
+#endif
+
+/* out [hn, C] = sum_l p[l * hs + h] * k_l[c] in fp32 (`pairs` is scratch of hs * ceil(len / 2) words).
  * With AVX512-BF16 the probabilities are rounded to bf16 and meet the latent rows as bf16 pairs, two
  * context rows per instruction (as torch's fused attention meets the values with probabilities in
  * their dtype), by blocks of 8 heads x 32 channels in registers; with AVX-512 in fp32, by blocks of
  * 4 heads x 64 channels; else in plain C. */
-static void weigh_rows(const float *p, int64_t len, const uint16_t *kv, const int64_t *slot, int64_t W, int64_t H,
-                       int64_t C, uint32_t *pairs, float *out) {
+static void weigh_rows(const float *p, int64_t hs, int64_t len, const uint16_t *kv, const int64_t *slot, int64_t W,
+                       int64_t H, int64_t C, uint32_t *pairs, float *out) {
 #if defined(STREAMOE_DPBF16)
     const int64_t np = (len + 1) / 2;
-    for (int64_t h = 0; h < H; h++)
-        for (int64_t j = 0; j < np; j++) {
-            uint32_t lo = f32_to_bf16(p[h * len + 2 * j]), hi = 2 * j + 1 < len ? f32_to_bf16(p[h * len + 2 * j + 1]) : 0;
-            pairs[h * np + j] = lo | hi << 16;
+    for (int64_t j = 0; j < np; j++) /* pairs[j * hs + h]: head h's probabilities of rows 2j and 2j + 1 */
+        for (int64_t h = 0; h < hs; h += 16) {
+            const __m512i lo = bf16_bits(_mm512_loadu_ps(p + 2 * j * hs + h));
+            const __m512i hi = 2 * j + 1 < len ? bf16_bits(_mm512_loadu_ps(p + (2 * j + 1) * hs + h)) : _mm512_setzero_si512();
+            _mm512_storeu_si512(pairs + j * hs + h, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
         }
     /* unpacklo/hi interleave two rows within each 128-bit lane: the lo sums hold channels 8q..8q+3 of
      * lane q, the hi sums 8q+4..8q+7; these put them back in order, 16 channels at a time */
@@ -527,15 +667,16 @@ static void weigh_rows(const float *p, int64_t len, const uint16_t *kv, const in
             const __mmask32 mask = left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << left) - 1u);
             __m512 acc[8][2];
             for (int h = 0; h < 8; h++) acc[h][0] = acc[h][1] = _mm512_setzero_ps();
-            const uint32_t *ph[8]; /* each head's pairs; a block short of 8 heads repeats its last (not stored) */
-            for (int h = 0; h < 8; h++) ph[h] = pairs + (h0 + (h < hm ? h : hm - 1)) * np;
+            int64_t head[8]; /* a block short of 8 heads repeats its last (not stored) */
+            for (int h = 0; h < 8; h++) head[h] = h0 + (h < hm ? h : hm - 1);
             for (int64_t j = 0; j < np; j++) {
                 __m512i a = _mm512_maskz_loadu_epi16(mask, kv + slot[2 * j] * W + c0);
                 /* an odd length's last pair meets a zero row (its probability is zero too) */
                 __m512i b = _mm512_maskz_loadu_epi16(2 * j + 1 < len ? mask : 0, kv + slot[2 * j + (2 * j + 1 < len)] * W + c0);
                 const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+                const uint32_t *pj = pairs + j * hs;
                 for (int h = 0; h < 8; h++) { /* a fixed count, unrolled: the sums stay in registers */
-                    const __m512bh w = (__m512bh)_mm512_set1_epi32((int)ph[h][j]);
+                    const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pj[head[h]]);
                     acc[h][0] = _mm512_dpbf16_ps(acc[h][0], lo, w);
                     acc[h][1] = _mm512_dpbf16_ps(acc[h][1], hi, w);
                 }
@@ -562,14 +703,14 @@ static void weigh_rows(const float *p, int64_t len, const uint16_t *kv, const in
                 mask[v] = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1u) : 0;
                 for (int h = 0; h < 4; h++) acc[h][v] = _mm512_setzero_ps();
             }
-            const float *ph[4]; /* each head's probabilities; a block short of 4 heads repeats its last (not stored) */
-            for (int h = 0; h < 4; h++) ph[h] = p + (h0 + (h < hm ? h : hm - 1)) * len;
+            int64_t head[4]; /* a block short of 4 heads repeats its last (not stored) */
+            for (int h = 0; h < 4; h++) head[h] = h0 + (h < hm ? h : hm - 1);
             for (int64_t l = 0; l < len; l++) {
                 const uint16_t *k = kv + slot[l] * W + c0;
                 __m512 row[4];
                 for (int v = 0; v < 4; v++) row[v] = load_bf16(k + 16 * v, mask[v]);
                 for (int h = 0; h < 4; h++) { /* a fixed count, unrolled: the sums stay in registers */
-                    __m512 w = _mm512_set1_ps(ph[h][l]);
+                    __m512 w = _mm512_set1_ps(p[l * hs + head[h]]);
                     for (int v = 0; v < 4; v++) acc[h][v] = _mm512_fmadd_ps(w, row[v], acc[h][v]);
                 }
             }
@@ -585,11 +726,118 @@ static void weigh_rows(const float *p, int64_t len, const uint16_t *kv, const in
         for (int64_t c = 0; c < C; c++) o[c] = 0.0f;
         for (int64_t l = 0; l < len; l++) {
             const uint16_t *k = kv + slot[l] * W;
-            const float w = p[h * len + l];
+            const float w = p[l * hs + h];
             for (int64_t c = 0; c < C; c++) o[c] += w * bf16_to_f32(k[c]);
         }
     }
 #endif
+}
+
+/* The router of a DeepSeek-V3 MoE layer (moe.Gate) for T tokens x [T, D] bf16 (row stride ldx): sigmoid
+ * scores s = sigmoid(x . w[e]) against the fp32 gate rows w [E, D], in fp32 (exp within 2 ulp); the choice s + bias picks
+ * the experts (bias never weighs them): the top `topk_group` of G groups by the sum of each group's two
+ * best choices, then the top K experts within those. Out: ids [T, K] ascending, weights [T, K] their
+ * scores (divided by their sum + 1e-20 when `normalize`) times `scale`. Ties go to the lower index. The
+ * dot products run 4 tokens x 4 experts at a time, shared over the threads, then each token's choice.
+ * Returns 0, or -1 for a bad argument. */
+int streamoe_gate_bf16(const uint16_t *x, int64_t ldx, int64_t T, int64_t D, const float *w, const float *bias,
+                       int64_t E, int64_t G, int64_t topk_group, int64_t K, int normalize, float scale, int64_t *ids,
+                       float *weights, int nthreads) {
+    if (T < 1 || D < 1 || E < 1 || G < 1 || E % G || topk_group < 1 || topk_group > G || K < 1
+        || K > 64 || K > topk_group * (E / G))
+        return -1;
+    float *sc = malloc(sizeof(float) * (size_t)(T * E));
+    if (!sc) return -1;
+    const int64_t tblocks = (T + 3) / 4, eblocks = (E + 3) / 4, per = E / G;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < tblocks * eblocks; b++) {
+            const int64_t t0 = (b / eblocks) * 4, e0 = (b % eblocks) * 4;
+            const int tn = (int)(T - t0 < 4 ? T - t0 : 4), en = (int)(E - e0 < 4 ? E - e0 : 4);
+            float dot[4][4];
+#ifdef STREAMOE_AVX512
+            __m512 acc[4][4];
+            for (int i = 0; i < 4; i++)
+                for (int t = 0; t < 4; t++) acc[i][t] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; d += 16) {
+                const __mmask16 mask = D - d >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - d)) - 1u);
+                __m512 xv[4], wv[4];
+                for (int t = 0; t < 4; t++) xv[t] = load_bf16(x + (t0 + (t < tn ? t : 0)) * ldx + d, mask);
+                for (int i = 0; i < 4; i++) wv[i] = _mm512_maskz_loadu_ps(mask, w + (e0 + (i < en ? i : 0)) * D + d);
+                for (int i = 0; i < 4; i++)
+                    for (int t = 0; t < 4; t++) acc[i][t] = _mm512_fmadd_ps(wv[i], xv[t], acc[i][t]);
+            }
+            for (int t = 0; t < 4; t++) _mm_storeu_ps(dot[t], sum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+            const __m512 v = _mm512_loadu_ps(&dot[0][0]); /* sigmoid, 16 at a time (the exp within 2 ulp) */
+            _mm512_storeu_ps(&dot[0][0], _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                                       exp512(_mm512_sub_ps(_mm512_setzero_ps(), v)))));
+#else
+            for (int t = 0; t < tn; t++)
+                for (int i = 0; i < en; i++) {
+                    float total = 0.0f;
+                    for (int64_t d = 0; d < D; d++) total += bf16_to_f32(x[(t0 + t) * ldx + d]) * w[(e0 + i) * D + d];
+                    dot[t][i] = 1.0f / (1.0f + expf(-total));
+                }
+#endif
+            for (int t = 0; t < tn; t++)
+                for (int i = 0; i < en; i++) sc[(t0 + t) * E + e0 + i] = dot[t][i];
+        }
+        float *choice = malloc(sizeof(float) * (size_t)(E + G)); /* a token's choices, then its groups' */
+        if (!choice) {
+#pragma omp atomic
+            failed += 1;
+        } else {
+            float *group = choice + E;
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < T; t++) {
+                const float *st = sc + t * E;
+                for (int64_t e = 0; e < E; e++) choice[e] = st[e] + bias[e];
+                for (int64_t g = 0; g < G; g++) { /* the sum of the group's two best choices */
+                    float first = -INFINITY, second = -INFINITY;
+                    for (int64_t e = g * per; e < (g + 1) * per; e++) {
+                        if (choice[e] > first) {
+                            second = first;
+                            first = choice[e];
+                        } else if (choice[e] > second) {
+                            second = choice[e];
+                        }
+                    }
+                    group[g] = per > 1 ? first + second : first;
+                }
+                for (int64_t n = 0; n < topk_group; n++) { /* the best groups, marked with +inf */
+                    int64_t best = -1;
+                    for (int64_t g = 0; g < G; g++)
+                        if (group[g] != INFINITY && (best < 0 || group[g] > group[best])) best = g;
+                    group[best] = INFINITY;
+                }
+                int64_t *pick = ids + t * K, chosen = 0;
+                for (int64_t k = 0; k < K; k++) { /* the best experts of those groups, not chosen yet */
+                    int64_t best = -1;
+                    for (int64_t g = 0; g < G; g++) {
+                        if (group[g] != INFINITY) continue;
+                        for (int64_t e = g * per; e < (g + 1) * per; e++)
+                            if (choice[e] != INFINITY && (best < 0 || choice[e] > choice[best])) best = e;
+                    }
+                    choice[best] = INFINITY;
+                    int64_t j = chosen++; /* kept in ascending order */
+                    for (; j > 0 && pick[j - 1] > best; j--) pick[j] = pick[j - 1];
+                    pick[j] = best;
+                }
+                float total = 0.0f;
+                for (int64_t k = 0; k < K; k++) {
+                    weights[t * K + k] = st[pick[k]];
+                    total += st[pick[k]];
+                }
+                for (int64_t k = 0; k < K; k++)
+                    weights[t * K + k] = (normalize ? weights[t * K + k] / (total + 1e-20f) : weights[t * K + k]) * scale;
+            }
+            free(choice);
+        }
+    }
+    free(sc);
+    return failed ? -1 : 0;
 }
 
 /* A whole routed MoE layer from the routing: x [T, D] bf16, ids [T, K] (each token's distinct expert
@@ -597,9 +845,11 @@ static void weigh_rows(const float *p, int64_t len, const uint16_t *kv, const in
  * (stable: token order within a slot) and run through streamoe_experts_bf16, then each token's
  * outputs are combined in fp32 in slot order as experts.combine does (the first product, then one
  * product added at a time, each rounded: built with -ffp-contract=off, so no fused multiply-add),
- * and rounded to bf16 once. Returns 0, or -1 for a bad argument. */
+ * and rounded to bf16 once. Each slot's pair count is added to load [S] where given (the layer's
+ * expert load). Returns 0, or -1 for a bad argument. */
 int streamoe_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const int64_t *ids, const float *weights, int64_t K,
-                      int64_t S, const uint16_t *w13, const uint16_t *w2, int64_t I, uint16_t *out, int nthreads) {
+                      int64_t S, const uint16_t *w13, const uint16_t *w2, int64_t I, uint16_t *out, int64_t *load,
+                      int nthreads) {
     if (T < 1 || D < 1 || K < 1 || K > 64 || S < 1 || I < 1) return -1;
     const int64_t P = T * K;
     for (int64_t i = 0; i < P; i++)
@@ -609,6 +859,8 @@ int streamoe_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const int64_t *id
     int rc = -1;
     if (counts && row && xs && ys) {
         for (int64_t i = 0; i < P; i++) counts[ids[i]]++;
+        if (load)
+            for (int64_t e = 0; e < S; e++) load[e] += counts[e];
         int64_t *next = malloc(sizeof(int64_t) * (size_t)S);
         if (next) {
             for (int64_t s = 0, start = 0; s < S; s++) {
@@ -662,10 +914,11 @@ int streamoe_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const int64_t *id
  * q [S, H, W] bf16 (each head's query in latent space: C latent channels, then the rotary ones),
  * kv the cache rows [*, W] bf16, slots [S, L] the rows of each sequence's context (lens[s] <= L of
  * them real), out [S, H, C] bf16: softmax(scale * q . k) over the context, applied to its first C
- * channels (the latent is its own value). Scores (8 context rows at a time against every head),
- * softmax and the weighted sum in fp32; each output rounded to bf16 once. Sequences are spread
- * over the threads, and with fewer sequences than threads their heads too. Returns 0, or -1 for a
- * bad argument. */
+ * channels (the latent is its own value). Scores (with AVX512-BF16 each context row's channel pairs
+ * against 16 heads' at a time, score_rows; else 8 context rows at a time against every head),
+ * softmax and the weighted sum in fp32; each output rounded to bf16 once. Sequences are spread over
+ * the threads, and with fewer sequences than threads their heads too. Returns 0, or -1 for a bad
+ * argument. */
 int streamoe_decode_attention_bf16(const uint16_t *q, int64_t S, int64_t H, int64_t W, const uint16_t *kv,
                                    const int64_t *slots, int64_t L, const int64_t *lens, int64_t C, float scale,
                                    uint16_t *out, int nthreads) {
@@ -678,17 +931,25 @@ int streamoe_decode_attention_bf16(const uint16_t *q, int64_t S, int64_t H, int6
     int64_t groups = S >= threads ? 1 : (threads + S - 1) / S;
     if (groups > (H + 7) / 8) groups = (H + 7) / 8;
     const int64_t per = ((H + groups - 1) / groups + 7) / 8 * 8; /* heads per group */
+    const int64_t hs = (per + 15) / 16 * 16; /* the rows of p: a group's heads rounded up to 16 */
     groups = (H + per - 1) / per;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
+        float *p = malloc(sizeof(float) * (size_t)(hs * L));
+        float *acc = malloc(sizeof(float) * (size_t)(per * C));
+        uint32_t *pairs = malloc(sizeof(uint32_t) * (size_t)(hs * ((L + 1) / 2)));
+#if defined(STREAMOE_DPBF16)
+        const int64_t npw = (W + 1) / 2;
+        uint32_t *qp = malloc(sizeof(uint32_t) * (size_t)(hs * npw));
+        int ok = p && acc && pairs && qp;
+#else
         const int64_t wp = padded(W);
         xval *rows = malloc(sizeof(xval) * (size_t)(MAX_ROWS * wp));
-        float *p = malloc(sizeof(float) * (size_t)(per * L));
         float *dots = malloc(sizeof(float) * (size_t)(MAX_ROWS * per));
-        float *acc = malloc(sizeof(float) * (size_t)(per * C));
-        uint32_t *pairs = malloc(sizeof(uint32_t) * (size_t)(per * ((L + 1) / 2)));
-        if (!rows || !p || !dots || !acc || !pairs) {
+        int ok = p && acc && pairs && rows && dots;
+#endif
+        if (!ok) {
 #pragma omp atomic
             failed += 1;
         } else {
@@ -699,24 +960,48 @@ int streamoe_decode_attention_bf16(const uint16_t *q, int64_t S, int64_t H, int6
                 const int64_t len = lens[s];
                 const int64_t *slot = slots + s * L;
                 const uint16_t *qs = q + (s * H + h0) * W;
+#if defined(STREAMOE_DPBF16)
+                /* the group's queries by channel pairs, 16 heads to a vector (zeros past hn and W):
+                 * each vector gathers one pair from 16 query rows */
+                const __m512i heads16 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                                             13, 14, 15), _mm512_set1_epi32((int)W));
+                for (int64_t c = 0; c < hs / 16; c++) {
+                    const int64_t live = hn - 16 * c;
+                    const __mmask16 mask = live >= 16 ? (__mmask16)0xffff : live > 0 ? (__mmask16)((1u << live) - 1u) : 0;
+                    const uint16_t *base = qs + 16 * c * W;
+                    for (int64_t j = 0; j < W / 2; j++)
+                        _mm512_storeu_si512(qp + (c * npw + j) * 16,
+                                            _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask,
+                                                                        _mm512_add_epi32(heads16, _mm512_set1_epi32((int)(2 * j))),
+                                                                        base, 2));
+                    if (npw > W / 2) /* an odd width: the last channel alone */
+                        for (int64_t h = 0; h < 16; h++) qp[(c * npw + W / 2) * 16 + h] = h < live ? base[h * W + W - 1] : 0u;
+                }
+                score_rows(qp, hs, W, kv, slot, len, scale, p);
+#else
                 /* scores: up to 8 context rows (gathered into `rows`) against the group's query rows */
                 for (int64_t l0 = 0; l0 < len; l0 += MAX_ROWS) {
                     int m = (int)(len - l0 < MAX_ROWS ? len - l0 : MAX_ROWS);
                     for (int i = 0; i < m; i++) prepare(kv + slot[l0 + i] * W, W, 1, W, rows + i * wp);
                     dot_rows(qs, W, rows, wp, W, m, 0, hn, dots, hn, NULL);
                     for (int i = 0; i < m; i++)
-                        for (int64_t h = 0; h < hn; h++) p[h * len + l0 + i] = scale * dots[i * hn + h];
+                        for (int64_t h = 0; h < hs; h++) p[(l0 + i) * hs + h] = h < hn ? scale * dots[i * hn + h] : 0.0f;
                 }
-                softmax_rows(p, hn, len);
-                weigh_rows(p, len, kv, slot, W, hn, C, pairs, acc);
+#endif
+                softmax_rows(p, hs, len);
+                weigh_rows(p, hs, len, kv, slot, W, hn, C, pairs, acc);
                 round_bf16(acc, out + (s * H + h0) * C, hn * C);
             }
         }
-        free(rows);
         free(p);
-        free(dots);
         free(acc);
         free(pairs);
+#if defined(STREAMOE_DPBF16)
+        free(qp);
+#else
+        free(rows);
+        free(dots);
+#endif
     }
     return failed ? -1 : 0;
 }
