@@ -362,6 +362,8 @@ int streamoe_heads_bf16(const uint16_t *x, int64_t ldxm, int64_t ldxh, int64_t M
 int streamoe_rms_norm_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *weight, float eps,
                            uint16_t *y, int64_t ldy) {
     if (M < 1 || K < 1) return -1;
+    /* a decode batch's rows shared over torch's threads (the runtime's default count is torch's) */
+#pragma omp parallel for if (M * K >= 16384) schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const uint16_t *row = x + m * ldx;
         float total = 0.0f;
@@ -427,6 +429,7 @@ int streamoe_rope_bf16(const uint16_t *x, int64_t ldxt, int64_t ldxh, int64_t T,
     if (T < 1 || n < 1 || R < 2 || R % 2) return -1;
     const int64_t half = R / 2;
 #define BF(v) bf16_to_f32(f32_to_bf16(v))
+#pragma omp parallel for if (T * n * R >= 16384) schedule(static)
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < n; h++) {
             const uint16_t *xr = x + t * ldxt + h * ldxh;
