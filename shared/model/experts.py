@@ -23,8 +23,8 @@ Backends (`--moe-backend`), all on pairs already sorted by slot with per-slot co
 - `native`: the whole layer in one call of streamoe's own C loops (native.py; CPU, bf16): the
   experts that got pairs only, 8 pairs at a time, gate/up, silu·mul and down with fp32 in between
   (MoE.forward hands it the routing: `native.moe` sorts the pairs, combines them and counts the
-  load too); where a plan picks it for a token count, the step's bf16 linears of up to 32 rows,
-  norms, gate choices, rotary embeddings and cache rows of up to 64 take its loops too
+  load too); where a plan picks it for a token count, the step's bf16 linears,
+  norms, gate choices, rotary embeddings and cache rows of up to 64 rows take its loops too
   (`native.Linear`, `RMSNorm`, `native.gate`, `native.rope`, `native.kv_rows`), and its
   single-token decodes read the cache in place (`MLA._decode_in_place`).
 A plan may pick a backend per token count (`1:loop,16:weight-major`): `auto` is resolved into

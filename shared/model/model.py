@@ -103,7 +103,7 @@ class DeepseekV3(nn.Module):
     def set_moe_backend(self, backend: str | MoEPlan) -> MoEPlan:
         """How every MoE layer runs its routed experts: a backend of experts.BACKENDS or a plan by
         token count (`1:loop,16:weight-major`); refused, naming device and dtype, where it cannot run.
-        The token counts whose backend is `native` also run the linears of up to 32 rows, the norms
+        The token counts whose backend is `native` also run the linears, the norms
         and gates of up to 64 (native.Linear, RMSNorm, Gate), the rotary embeddings and cache rows of
         up to 64 (MLA) and the single-token decode attention (MLA._decode_in_place) through its kernels."""
         plan = backend if isinstance(backend, MoEPlan) else MoEPlan.parse(backend)

@@ -15,12 +15,16 @@ else in plain C (`kind()`). The entry points:
   path, each sequence's context read in place from the cache rows by slot (nothing gathered),
   scores and softmax in fp32, the weighted sum in fp32 (with AVX512-BF16 of the probabilities
   rounded to bf16, as torch's fused attention rounds them) (MLA._decode_in_place);
-- `moe(x, ids, weights, w13, w2)`: the layer from its routing (MoE.routed_grouped): the pairs
-  sorted by slot, `experts`, and experts.combine's fp32 sum in slot order, bit for bit;
+- `moe(x, ids, weights, w13, w2, load)`: the layer from its routing (MoE.forward): the pairs
+  sorted by slot, `experts`, and experts.combine's fp32 sum in slot order, bit for bit, the
+  slots' pair counts added to `load`;
+- `gate(x, weight, bias, ...)`: moe.Gate's choice (fp32 scores, group-limited top-k) in one call;
 - `heads(x, pack_heads(weight), n)`: per-head products against weights packed in input pairs (no
   sum across vector lanes, so short dot products run at full rate), the absorbed attention's W_UK
   and W_UV (MLA._decode_in_place);
-- `rms_norm(x, weight, eps)`: norm.RMSNorm of a few rows in one call.
+- `rms_norm(x, weight, eps)`: norm.RMSNorm of a few rows in one call;
+- `rope(x, cos, sin, interleave)`, `kv_rows(kv, weight, eps, cos, sin, interleave)`: the rotary
+  embedding, and MLA.project_kv's norm, rotation and concatenation, bit for bit as torch's operators.
 
 The source is compiled on first use with the C compiler (`$CC`, else `cc`) as
 `-O3 -march=native -fopenmp -ffp-contract=off` into $STREAMOE_HOME/kernels/, keyed by the source,
@@ -48,8 +52,8 @@ from shared.launcher.cliargs import home
 
 SOURCE = Path(__file__).with_name("native") / "smallgemm.c"
 MAX_ROWS = 8  # rows per kernel pass (the C file's MAX_ROWS)
-LINEAR_ROWS = 32  # the most rows `linear` takes (at 64, torch's GEMM was as fast on an AVX512-BF16 EPYC)
-NORM_ROWS = 64  # the most rows norm.RMSNorm gives `rms_norm` (one thread: a decode batch, not a prefill)
+LINEAR_ROWS = 64  # the most rows `linear` takes (64: 1-2.5% faster than torch's GEMM in a step, AVX512-BF16 EPYC)
+NORM_ROWS = 64  # the most rows norm.RMSNorm gives `rms_norm` (a decode batch, not a prefill)
 FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off")  # no fused multiply-adds but the written ones
 _INT, _PTR = ctypes.c_int64, ctypes.c_void_p
 

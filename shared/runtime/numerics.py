@@ -160,7 +160,7 @@ def machine_id(device: str | torch.device) -> str:
 
 
 # Raised when a backend's kernels change (a cached choice was measured on the old ones).
-KERNELS_VERSION = 7
+KERNELS_VERSION = 8
 
 
 def cache_key(machine: str, torch_version: str, device: str, shapes: Shapes, threads: int,
@@ -220,7 +220,7 @@ def measure(shapes: Shapes, dtype: torch.dtype, device: torch.device, backends: 
         for backend in backends:
             took = _best(lambda b=backend, xs=xs, counts=counts: run_experts(b, xs, counts, stack), device,
                          GIVE_UP * best, deadline)
-            if backend == "native":  # it runs the step's linears of <= 32 rows and its decode attention too
+            if backend == "native":  # it runs the step's linears of <= LINEAR_ROWS rows and its decode attention too
                 if tokens <= native.LINEAR_ROWS:
                     took += _best(lambda x=x: native.linear(x, dense_w), device) - timings.dense[tokens]
                 took += _decode_attention_gain(shapes, tokens, device)
