@@ -310,19 +310,21 @@ int streamoe_heads_bf16(const uint16_t *x, int64_t ldxm, int64_t ldxh, int64_t M
         const int rows = (int)(M - m0 < 4 ? M - m0 : 4);
         const uint16_t *w = wp + h * pairs * Np * 2;
         uint32_t xs[4 * 256]; /* this block's rows as pairs, a 256-pair slice at a time */
+        int64_t built = -1;   /* the slice xs holds: with K <= 512 one slice, built once for every n0 */
         float acc[4 * 64];
         for (int64_t n0 = 0; n0 < N; n0 += 64) {
             const int64_t width = N - n0 < 64 ? N - n0 : 64;
             for (int i = 0; i < rows * 64; i++) acc[i] = 0.0f;
             for (int64_t j0 = 0; j0 < pairs; j0 += 256) {
                 const int64_t jn = pairs - j0 < 256 ? pairs - j0 : 256;
-                for (int r = 0; r < 4; r++) {
+                for (int r = 0; r < 4 && built != j0; r++) {
                     const uint16_t *row = x + (m0 + (r < rows ? r : 0)) * ldxm + h * ldxh;
                     for (int64_t j = 0; j < jn; j++) {
                         const int64_t k = 2 * (j0 + j);
                         xs[r * 256 + j] = (uint32_t)row[k] | (k + 1 < K ? (uint32_t)row[k + 1] << 16 : 0u);
                     }
                 }
+                built = j0;
 #if defined(STREAMOE_DPBF16)
                 __m512 sum[4][4];
                 for (int r = 0; r < 4; r++)
