@@ -98,6 +98,43 @@ def test_grouped_decode_matches_dense_softmax(args, mla, decode_rows):
     close(ours, reference(mla, q_nope, q_pe, [pool.kv[0, s] for s in slots], [1] * n))
 
 
+def test_native_plan_decodes_every_bucket_in_one_call(args, mla, monkeypatch):
+    """On a `native` plan (bf16) the step's decode buckets go to the kernel as one
+    (ReadPlan.decode_in_one: each context padded with its last row to the longest, its own length
+    kept), and the output is the dense softmax's within bf16 rounding."""
+    from shared.model import native
+    from shared.model.experts import MoEPlan
+
+    n = len(DECODE_LENS)
+    pool, slots, q_nope, q_pe, kv = random_step(args, [1] * n, DECODE_LENS)
+    rows = torch.nn.utils.rnn.pad_sequence(slots, batch_first=True)
+    plan = plan_reads([1] * n, DECODE_LENS, [True] * n, rows, decode_rows=ROWS)
+    assert len(plan.decode) == 8
+    merged = plan.decode_in_one
+    assert merged.num_seqs == n and merged.max_context == max(DECODE_LENS)
+    by_row = dict(zip(merged.rows.tolist(), merged.lengths.tolist()))
+    assert by_row == dict(enumerate(DECODE_LENS))
+    table = merged.slots.view(n, -1)
+    for i, row in enumerate(merged.rows.tolist()):
+        length = DECODE_LENS[row]
+        assert torch.equal(table[i, :length], slots[row]) and (table[i, length:] == slots[row][-1]).all()
+    low = MLA(args, layer=0).eval()
+    low.load_state_dict(mla.state_dict())
+    low = low.bfloat16()
+    low.native_plan = MoEPlan.parse("native")
+    pool.kv = pool.kv.bfloat16()
+    calls = []
+    attend = native.decode_attention
+    monkeypatch.setattr(native, "decode_attention", lambda *a, **k: calls.append(a[0].shape[0]) or attend(*a, **k))
+    batch = AttentionBatch([1] * n, DECODE_LENS, [True] * n, plan=plan)
+    with torch.inference_mode():
+        ours = low.attend(q_nope.bfloat16(), q_pe.bfloat16(), kv.bfloat16(), batch, pool)
+    assert calls == [n]  # one call for the 8 buckets
+    want = reference(low, q_nope.bfloat16(), q_pe.bfloat16(), [pool.kv[0, s] for s in slots], [1] * n)
+    err = (ours.double() - want).abs().max().item()
+    assert err <= 3e-2 * want.abs().max().item(), err  # bf16 rounding; a wrong row or length is O(1)
+
+
 MIXED = [  # (query_len, context_len, absorbed): cached prefixes, whole prompts and decodes in one step
     (1, 90, True), (5, 12, False), (1, 1, True), (3, 70, True), (7, 7, False), (4, 4, True),
     (1, 130, True), (64, 200, False), (20, 20, False), (2, 300, True)]
