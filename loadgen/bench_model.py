@@ -19,6 +19,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -214,10 +215,34 @@ def touched_experts(model, before: list[torch.Tensor]) -> tuple[int, list[torch.
     return sum(int(((a - b) > 0).sum()) for a, b in zip(now, before)), now
 
 
+def read_probe(device: str = "cpu", gib: float = 0.25) -> Callable[[], dict[str, float]]:
+    """A quick read-rate probe to call between decode steps: one streaming sum of a `gib` tensor and
+    one shuffled pass over it in CHUNK_BYTES pieces (the tensor allocated once) -> GB/s of each."""
+    src = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
+    chunks = src[:src.numel() // (CHUNK_BYTES // 4) * (CHUNK_BYTES // 4)].view(-1, CHUNK_BYTES // 4)
+    order = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(1)).tolist()
+
+    def probe() -> dict[str, float]:
+        _sync(device)
+        t0 = time.perf_counter()
+        src.sum()
+        _sync(device)
+        t1 = time.perf_counter()
+        for i in order:
+            chunks[i].sum()
+        _sync(device)
+        t2 = time.perf_counter()
+        return {"read_gbps": src.numel() * 4 / (t1 - t0) / 1e9, "chunk_read_gbps": chunks.numel() * 4 / (t2 - t1) / 1e9}
+
+    return probe
+
+
 def run_roofline(model, plan: MoEPlan, batch: int, input_len: int, steps: int, gen: torch.Generator,
-                 bandwidth: float, rate: float, baseline: MoEPlan, chunk_bandwidth: float | None = None) -> dict:
+                 baseline: MoEPlan, probe: Callable[[], dict[str, float]], matmul: Callable[[], float]) -> dict:
     """Prefill `batch` prompts, then time `steps` decode steps with the chosen plan and with `baseline`
-    (a backend or plan) alternately; the median step of each against the step's roofline."""
+    (a backend or plan) alternately; the median step of each against the step's roofline. This host's
+    read rate moves from minute to minute, so the bound's is the median of `probe()` before the steps
+    and after each pair of them; the matmul rate (steadier) is the better of `matmul()` before and after."""
     args = model.args
     span = -(-(input_len + 2 * steps + 1) // 64) * 64  # each sequence on whole 64-slot blocks, as the engine's
     pool = LatentKVPool(args, batch * span, model.dtype, model.device)
@@ -234,6 +259,7 @@ def run_roofline(model, plan: MoEPlan, batch: int, input_len: int, steps: int, g
     loads = [block.mlp.expert_load.clone() for block in model.model.layers if isinstance(block.mlp, MoE)]
     times: dict[str, list[float]] = {"chosen": [], "baseline": []}
     costs = []
+    reads, rates = [probe()], [matmul()]
     for step in range(2 * steps):
         which = "chosen" if step % 2 == 0 else "baseline"
         model.set_moe_backend(plan if which == "chosen" else baseline)
@@ -245,14 +271,22 @@ def run_roofline(model, plan: MoEPlan, batch: int, input_len: int, steps: int, g
         times[which].append(time.perf_counter() - start)
         touched, loads = touched_experts(model, loads)
         costs.append(step_cost(model, [pos + 1] * batch, touched))
+        if which == "baseline":
+            reads.append(probe())
     model.set_moe_backend(plan)
+    rates.append(matmul())
+    bandwidth = sorted(r["read_gbps"] for r in reads)[len(reads) // 2]
+    chunk_bandwidth = sorted(r["chunk_read_gbps"] for r in reads)[len(reads) // 2]
+    rate = max(rates)
     nbytes = sorted(c[0] for c in costs)[len(costs) // 2]
     flops = sorted(c[1] for c in costs)[len(costs) // 2]
     bound = max(nbytes / (bandwidth * 1e9), flops / rate)
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     # the same bound with the bytes at the cold-chunk read rate (what reading matrix-sized pieces achieves)
-    chunk_bound = max(nbytes / ((chunk_bandwidth or bandwidth) * 1e9), flops / rate)
-    return {"batch": batch, "context": input_len, "step_ms": 1e3 * median["chosen"],
+    chunk_bound = max(nbytes / (chunk_bandwidth * 1e9), flops / rate)
+    return {"batch": batch, "context": input_len, "read_probes": reads, "matmul_probes": rates,
+            "read_gbps": bandwidth, "chunk_read_gbps": chunk_bandwidth, "matmul_flop_s": rate,
+            "step_ms": 1e3 * median["chosen"],
             "chunk_bound_ms": 1e3 * chunk_bound, "over_chunk_bound": median["chosen"] / chunk_bound,
             "baseline": baseline.text, "baseline_step_ms": 1e3 * median["baseline"], "bytes": nbytes, "flops": flops,
             "bytes_ms": 1e3 * nbytes / (bandwidth * 1e9), "flops_ms": 1e3 * flops / rate,
@@ -290,8 +324,9 @@ def main(argv: list[str] | None = None) -> dict:
             rate = matmul_rate(dtype, opts.device)
             report["matmul_flop_s"] = rate
             baseline = MoEPlan.parse(opts.roofline_baseline)
-            report["roofline"] = [run_roofline(ours, plan, int(batch), n, opts.roofline_steps, gen,
-                                               bandwidth["read_gbps"], rate, baseline, bandwidth["chunk_read_gbps"])
+            probe = read_probe(opts.device)
+            report["roofline"] = [run_roofline(ours, plan, int(batch), n, opts.roofline_steps, gen, baseline, probe,
+                                               lambda: matmul_rate(dtype, opts.device))
                                   for batch in opts.roofline_batches.split(",")]
     report["loadavg_1min"] = os.getloadavg()[0]  # other processes on the box make the numbers noisy
     print_report(report)
@@ -341,7 +376,7 @@ def print_report(r: dict) -> None:
     print(f"model {r['model']}  dtype={r['dtype']} moe_backend={r['moe_backend']} ({r['numerics_source']}) "
           f"device={r['device']} threads={r['threads']}")
     bw = r["memory_bandwidth"]
-    print(f"memory bandwidth: read {bw['read_gbps']:.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s, cold "
+    print(f"memory bandwidth at the start: read {bw['read_gbps']:.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s, cold "
           f"{bw['chunk_bytes'] / 2**20:.1f} MiB pieces read {bw['chunk_read_gbps']:.1f} GB/s")
     if "ours" in r:
         ref = r["reference"]
@@ -357,16 +392,18 @@ def print_report(r: dict) -> None:
         print(f"greedy agreement, sequence 0: first {r['greedy_agree_seq0']} of {r['greedy_tokens_seq0']} tokens; "
               f"first token equal in {r['first_token_agree_sequences']} of {r['batch']} sequences")
     if "roofline" in r:
-        print(f"\ndecode step against its roofline (matmul {r['matmul_flop_s'] / 1e9:.0f} GFLOP/s in {r['dtype']}, "
-              f"read {bw['read_gbps']:.1f} GB/s), context {r['input_len']}:")
-        print(f"{'running':>8}{'MB read':>9}{'GFLOP':>8}{'bytes ms':>10}{'flops ms':>10}{'bound ms':>10}"
-              f"{'step ms':>9}{'÷ bound':>9}{'baseline':>9}{'÷ bound':>9}{'÷ pieces':>10}"
+        print(f"\ndecode step against its roofline in {r['dtype']}, context {r['input_len']} (each row's read rates: "
+              f"the median of probes before its steps and after each pair; matmul: the better of before and after):")
+        print(f"{'running':>8}{'GB/s':>7}{'GFLOP/s':>9}{'MB read':>9}{'GFLOP':>8}{'bytes ms':>10}{'flops ms':>10}"
+              f"{'bound ms':>10}{'step ms':>9}{'÷ bound':>9}{'baseline':>9}{'÷ bound':>9}{'÷ pieces':>10}"
               f"   baseline: {r['roofline'][0]['baseline']}")
         for x in r["roofline"]:
-            print(f"{x['batch']:8d}{x['bytes'] / 1e6:9.0f}{x['flops'] / 1e9:8.2f}{x['bytes_ms']:10.1f}"
-                  f"{x['flops_ms']:10.1f}{x['bound_ms']:10.1f}{x['step_ms']:9.1f}{x['over_bound']:8.2f}x"
-                  f"{x['baseline_step_ms']:9.1f}{x['baseline_over_bound']:8.2f}x{x['over_chunk_bound']:9.2f}x")
-        print("(÷ pieces: the step over the same bound with its bytes read at the cold-pieces rate)")
+            print(f"{x['batch']:8d}{x['read_gbps']:7.1f}{x['matmul_flop_s'] / 1e9:9.0f}{x['bytes'] / 1e6:9.0f}"
+                  f"{x['flops'] / 1e9:8.2f}{x['bytes_ms']:10.1f}{x['flops_ms']:10.1f}{x['bound_ms']:10.1f}"
+                  f"{x['step_ms']:9.1f}{x['over_bound']:8.2f}x{x['baseline_step_ms']:9.1f}"
+                  f"{x['baseline_over_bound']:8.2f}x{x['over_chunk_bound']:9.2f}x")
+        print("(÷ pieces: the step over the same bound with its bytes read at the cold-pieces rate, "
+              "measured with the others)")
     print(f"1-min load average at the end: {r['loadavg_1min']:.2f} (on {os.cpu_count()} cores)")
 
 

@@ -377,3 +377,25 @@ def test_bench_attention_times_both_paths_and_they_agree(tmp_path):
     for row in result["rows"]:
         assert row["ms"]["torch"] > 0 and row["ms"]["native"] > 0 and row["context"] == 21
         assert row["max_diff_of_max"] < 0.05, row  # the same attention, up to bf16 rounding
+
+
+def test_bench_model_bounds_each_row_with_rates_measured_among_its_steps(tiny_bf16, tmp_path):
+    """bench_model's roofline rows: each with its read rates probed before its steps and after each
+    pair (the median kept), its matmul rate before and after (the better kept), and its bound and
+    ratios from those."""
+    from loadgen import bench_model
+
+    out = tmp_path / "model.json"
+    report = bench_model.main(["--model", str(tiny_bf16), "--no-reference", "--roofline-batches", "1,3",
+                               "--roofline-steps", "2", "--input-len", "8", "--dtype", "bf16", "--moe-backend",
+                               "native", "--roofline-baseline", "loop", "--threads", "2", "--out", str(out)])
+    assert [row["batch"] for row in report["roofline"]] == [1, 3] and out.exists()
+    for row in report["roofline"]:
+        assert len(row["read_probes"]) == 3 and len(row["matmul_probes"]) == 2  # before, then after each of 2 pairs
+        for key in ("read_gbps", "chunk_read_gbps"):
+            assert row[key] == sorted(p[key] for p in row["read_probes"])[1] > 0
+        assert row["matmul_flop_s"] == max(row["matmul_probes"]) > 0
+        bound = max(row["bytes"] / (row["read_gbps"] * 1e9), row["flops"] / row["matmul_flop_s"])
+        assert abs(row["bound_ms"] - 1e3 * bound) < 1e-9 * row["bound_ms"] + 1e-12
+        assert abs(row["over_bound"] - row["step_ms"] / row["bound_ms"]) < 1e-9 * row["over_bound"]
+        assert row["step_ms"] > 0 and row["baseline_step_ms"] > 0 and row["bytes"] > 0
