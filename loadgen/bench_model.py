@@ -128,31 +128,46 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5, device: str = "cpu") ->
     of a copy (read + write, counted as 2x the bytes), and of cold reads the size of a weight matrix
     (`chunk_read_gbps`: the same tensor summed CHUNK_BYTES at a time, the chunks in a shuffled
     order, so each starts cold as a layer's matrices do). Best of `repeats`."""
+    probe = read_probe(device, gib)
+    dst = torch.empty_like(probe.src)
+    best = {"read_gbps": 0.0, "chunk_read_gbps": 0.0}
+    best_copy = float("inf")
+    for _ in range(repeats):
+        rates = probe()
+        best = {k: max(v, rates[k]) for k, v in best.items()}
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(probe.src)
+        _sync(device)
+        best_copy = min(best_copy, time.perf_counter() - t0)
+    return {**best, "copy_gbps": 2 * probe.src.numel() * 4 / best_copy / 1e9, "chunk_bytes": CHUNK_BYTES}
+
+
+CHUNK_BYTES = 3 << 19  # 1.5 MiB: one routed expert of `small` in bf16 (its three matrices)
+
+
+def read_probe(device: str = "cpu", gib: float = 0.25) -> Callable[[], dict[str, float]]:
+    """A read-rate probe (memory_bandwidth's reads; bench_model also calls it between decode steps):
+    one streaming sum of a `gib` tensor and one shuffled pass over it in CHUNK_BYTES pieces (the
+    tensor allocated once, as `probe.src`) -> GB/s of each."""
     src = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    nbytes = src.numel() * 4
     chunks = src[:src.numel() // (CHUNK_BYTES // 4) * (CHUNK_BYTES // 4)].view(-1, CHUNK_BYTES // 4)
     order = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(0)).tolist()
-    best_sum = best_copy = best_chunks = float("inf")
-    for _ in range(repeats):
+
+    def probe() -> dict[str, float]:
         _sync(device)
         t0 = time.perf_counter()
         src.sum()
         _sync(device)
         t1 = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        t2 = time.perf_counter()
         for i in order:
             chunks[i].sum()
         _sync(device)
-        t3 = time.perf_counter()
-        best_sum, best_copy, best_chunks = min(best_sum, t1 - t0), min(best_copy, t2 - t1), min(best_chunks, t3 - t2)
-    return {"read_gbps": nbytes / best_sum / 1e9, "copy_gbps": 2 * nbytes / best_copy / 1e9,
-            "chunk_read_gbps": chunks.numel() * 4 / best_chunks / 1e9, "chunk_bytes": CHUNK_BYTES}
+        t2 = time.perf_counter()
+        return {"read_gbps": src.numel() * 4 / (t1 - t0) / 1e9, "chunk_read_gbps": chunks.numel() * 4 / (t2 - t1) / 1e9}
 
-
-CHUNK_BYTES = 3 << 19  # 1.5 MiB: one routed expert of `small` in bf16 (its three matrices)
+    probe.src = src
+    return probe
 
 
 def matmul_rate(dtype: torch.dtype, device: str = "cpu", size: int = 2048, repeats: int = 3) -> float:
@@ -213,28 +228,6 @@ def touched_experts(model, before: list[torch.Tensor]) -> tuple[int, list[torch.
     """Distinct experts the last step routed to, summed over MoE layers (from the load counters)."""
     now = [block.mlp.expert_load.clone() for block in model.model.layers if isinstance(block.mlp, MoE)]
     return sum(int(((a - b) > 0).sum()) for a, b in zip(now, before)), now
-
-
-def read_probe(device: str = "cpu", gib: float = 0.25) -> Callable[[], dict[str, float]]:
-    """A quick read-rate probe to call between decode steps: one streaming sum of a `gib` tensor and
-    one shuffled pass over it in CHUNK_BYTES pieces (the tensor allocated once) -> GB/s of each."""
-    src = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
-    chunks = src[:src.numel() // (CHUNK_BYTES // 4) * (CHUNK_BYTES // 4)].view(-1, CHUNK_BYTES // 4)
-    order = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(1)).tolist()
-
-    def probe() -> dict[str, float]:
-        _sync(device)
-        t0 = time.perf_counter()
-        src.sum()
-        _sync(device)
-        t1 = time.perf_counter()
-        for i in order:
-            chunks[i].sum()
-        _sync(device)
-        t2 = time.perf_counter()
-        return {"read_gbps": src.numel() * 4 / (t1 - t0) / 1e9, "chunk_read_gbps": chunks.numel() * 4 / (t2 - t1) / 1e9}
-
-    return probe
 
 
 def run_roofline(model, plan: MoEPlan, batch: int, input_len: int, steps: int, gen: torch.Generator,
