@@ -120,8 +120,6 @@ class MoE(nn.Module):
         """Sort the (token, expert) pairs by expert, run every expert in one backend call, combine."""
         if self.stack is None:
             self.stack_experts()
-        if backend == "native":  # MoE.forward calls native.moe itself; this is for callers with the routing
-            return native.moe(x, ids, weights, self.stack.w13, self.stack.w2)
         top_k = ids.shape[1]
         order = ids.flatten().argsort(stable=True)  # [T*K] pairs by expert
         ys = run_experts(backend, x.index_select(0, order // top_k), counts, self.stack)  # [T*K, D]

@@ -50,20 +50,25 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* The bf16 bits of 16 fp32 lanes (rounded to nearest even, as f32_to_bf16), in each lane's low half. */
+static inline __m512i bf16_bits(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+    return _mm512_srli_epi32(r, 16);
+}
+#endif
+
 /* dst[i] = f32_to_bf16(src[i]) for i < n, 16 at a time with AVX-512 (the same integer rounding). */
 static inline void round_bf16(const float *src, uint16_t *dst, int64_t n) {
     int64_t i = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
-    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
-    const __m512i quiet = _mm512_set1_epi32(0x00400000);
-    for (; i + 16 <= n; i += 16) {
-        const __m512i u = _mm512_loadu_si512(src + i);
-        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, magnitude), inf);
-        __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-        r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, quiet));
-        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-    }
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtepi32_epi16(bf16_bits(_mm512_loadu_ps(src + i))));
 #endif
     for (; i < n; i++) dst[i] = f32_to_bf16(src[i]);
 }
@@ -595,17 +600,6 @@ static void softmax_rows(float *p, int64_t hs, int64_t len) {
 #endif
 
 #if defined(STREAMOE_DPBF16)
-/* The bf16 bits of 16 fp32 lanes (rounded to nearest even, as f32_to_bf16), in each lane's low half. */
-static inline __m512i bf16_bits(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                  _mm512_set1_epi32(0x7f800000));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
-    return _mm512_srli_epi32(r, 16);
-}
-
 static inline uint32_t load_u32(const uint16_t *p) {
     uint32_t v;
     memcpy(&v, p, 4);
