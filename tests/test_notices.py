@@ -99,3 +99,97 @@ async def test_a_fenced_instance_cannot_touch_records_it_owns_no_more(redis):
         ownership.record_tokens(pipe, "old", "r1", [99], 3)  # no record: nothing is made again
         await pipe.execute()
     assert not await redis.exists(streams.owner_key("r1"), ownership.ids_key("r1"))
+
+
+async def test_resume_runs_a_taken_request_again_from_the_tokens_sent(redis):
+    """ownership.resume, shared by the balancer and by a rank cut out of its EP group: the request
+    taken from its instance goes to the tokenized stream as prompt + tokens sent, with what is left
+    of max_tokens; one whose every token was sent only gets its end; the instance's set forgets
+    both. A rank resuming its own requests (again=False) leaves a taken one (its tombstone) alone."""
+    import time
+
+    from shared.protocol.messages import Sampling, TokenDelta, TokenizedRequest
+    from shared.runtime import ownership
+    from shared.runtime.bus import Bus
+
+    bus = Bus(redis, "test")
+    deadline = time.time() + 60
+    running = TokenizedRequest("r1", "t1", "gw", Sampling(max_tokens=8), deadline, [5, 6, 7])
+    spent = TokenizedRequest("r2", "t2", "gw", Sampling(max_tokens=2), deadline, [5, 6])
+    async with redis.pipeline(transaction=False) as pipe:
+        ownership.record_admission(pipe, "cut", 0, running, 11)
+        ownership.record_tokens(pipe, "cut", "r1", [12, 13], 3)
+        ownership.record_admission(pipe, "cut", 0, spent, 21)
+        ownership.record_tokens(pipe, "cut", "r2", [22], 2)
+        await pipe.execute()
+    for stream in (streams.tokenized_stream(0), streams.delta_stream("gw")):
+        await bus.ensure_consumer_group(stream, "g")
+    done = await ownership.resume(redis, bus, 1, "cut", "r1", again=False)
+    assert (done.outcome, done.emitted, done.original) == ("resumed", 3, running)
+    (entry,) = await bus.read(streams.tokenized_stream(0), "g", TokenizedRequest, count=10, block_ms=None)
+    assert entry.message.prompt_ids == [5, 6, 7, 11, 12, 13] and entry.message.resumed == 3
+    assert entry.message.sampling.max_tokens == 5
+    assert await redis.hget(streams.owner_key("r1"), "instance_id") == ownership.tombstone("cut").encode()
+    assert await ownership.resume(redis, bus, 1, "cut", "r1", again=False) is None  # its tombstone: left
+    assert (await ownership.resume(redis, bus, 1, "cut", "r1")).outcome == "resumed"  # a balancer takes it again
+    done = await ownership.resume(redis, bus, 1, "cut", "r2", again=False)
+    assert (done.outcome, done.emitted) == ("finished", 2)
+    (end,) = await bus.read(streams.delta_stream("gw"), "g", TokenDelta, count=10, block_ms=None)
+    assert (end.message.index, end.message.token_ids, end.message.finish_reason) == (2, [], "length")
+    assert not await redis.exists(streams.owner_key("r2"), ownership.ids_key("r2"))
+    assert not await redis.smembers(ownership.owned_key("cut"))
+
+
+def test_a_later_incarnation_of_a_running_request_waits_for_the_earlier_to_be_fenced():
+    """A decode rank thawed after a freeze can read the handoff of a request the balancer resumed
+    (a larger `resumed`) before its next step refuses the earlier incarnation's record and drops
+    it. The later one waits and then joins; it is never dropped as a duplicate (the request would
+    be lost: the earlier incarnation sends nothing more)."""
+    from services.decode.decode_rank import handoff_verdict
+    from shared.protocol.messages import KVChunk, Sampling, TokenizedRequest
+    from shared.protocol.wire import TensorBlob
+
+    def handoff(resumed: int, finish_reason: str | None = None) -> KVChunk:
+        req = TokenizedRequest("r1", "t1", "gw", Sampling(max_tokens=8), 2e9, [5, 6, 7, 8][:3 + resumed],
+                               resumed=resumed)
+        return KVChunk("r1", "t1", -1, 2, TensorBlob("float32", [0], b""), "", request=req, first_token=9,
+                       finish_reason=finish_reason, final=True)
+
+    first, later = handoff(0), handoff(1)
+    assert handoff_verdict(later, first.request, False, False, []) == "wait"
+    assert handoff_verdict(later, None, True, False, [("r1", 0)]) == "wait"  # its end held: sent or fenced first
+    assert handoff_verdict(later, None, False, False, [("r1", 0)]) == "admit"  # the earlier one fenced
+    assert handoff_verdict(first, None, False, False, []) == "admit"
+    assert handoff_verdict(first, first.request, False, False, []) == "drop"  # a duplicate of what runs
+    assert handoff_verdict(first, later.request, False, False, []) == "drop"  # an earlier one, late
+    assert handoff_verdict(later, None, False, False, [("r1", 1)]) == "drop"  # ran here to the end
+    assert handoff_verdict(later, None, False, True, []) == "drop"  # cancelled
+    assert handoff_verdict(handoff(1, "stop"), None, False, False, []) == "drop"  # ended at prefill
+
+
+async def test_a_cut_ranks_death_notice_names_its_instance_after_its_load_report_lapsed(redis):
+    """A frozen rank's load report lapses (--load-ttl-s) before the group has cut it out: the death
+    notice still names the instance it ran as, seen while it reported, so the balancer resumes
+    that instance's requests at once (not when the instance, thawed, can no longer send them)."""
+    import logging
+    import types
+
+    from shared.ep.rank import EPRank
+
+    class Survivor(EPRank):  # the parts of a running rank that note_peer_instances and announce_cut read
+        role, group_id, rank = "decode", "g", 0
+        args = types.SimpleNamespace(ep_size=2)
+        log = logging.getLogger("test")
+
+    survivor = Survivor()
+    survivor.redis, survivor.peer_instances = redis, {}
+    survivor.group = types.SimpleNamespace(members=[0, 1])
+    load = streams.load_key("decode", "g", 1)
+    await redis.set(load, encode(LoadReport("decode", 1, "decode-1-frozen", 3, 0, 0, 10, group_id="g")))
+    await survivor.note_peer_instances()
+    await redis.delete(load)  # lapsed while it was frozen
+    await survivor.note_peer_instances()
+    await survivor.announce_cut([1], "heartbeat")
+    (notice,) = [decode(fields[b"m"], Notice) for _, fields in await redis.xrange(streams.NOTICES)]
+    assert (notice.kind, notice.instance_id, notice.rank, notice.reason) == ("death", "decode-1-frozen", 1,
+                                                                             "cut out (heartbeat)")

@@ -234,34 +234,15 @@ class BalancerService(Service):
     async def resume(self, instance: str, request_id: str) -> None:
         """A dead (or leaving) instance's request, taken from it in one step (ownership.take: it can
         record, and so send, nothing more) and run again from the tokens its client has."""
-        taken = await ownership.take(self.redis, instance, request_id)
-        if taken is not None:  # else: finished, or owned by a live rank now
-            raw_request, emitted = taken
-            try:
-                if raw_request is None:
-                    raise KeyError("request")
-                original = decode(raw_request, TokenizedRequest)
-            except (KeyError, WireError) as e:
-                original = None
-                self.log.error(json.dumps({"event": "bad_owner_record", "request_id": request_id, "error": str(e)}))
-            req = ownership.resumed_request(original, emitted) if original is not None else None
-            if original is None or time.time() >= original.deadline:
-                outcome = "expired"  # its gateway has answered already
-            elif req is not None:
-                # through the cache (its prompt's blocks) again
-                await self.bus.publish(streams.tokenized_stream(self.config.partition(request_id)), req)
-                outcome = "resumed"
-            else:  # every token was sent, only the end was not
-                await self.bus.publish(streams.delta_stream(original.gateway_id), TokenDelta(
-                    request_id, original.trace_id, original.gateway_id, len(emitted), [], finish_reason="length"))
-                outcome = "finished"
-            if outcome != "resumed":
-                await ownership.drop_taken(self.redis, instance, request_id)
-            self.resumed.labels(outcome=outcome).inc()
-            self.log.info(json.dumps({"event": "request_resumed", "request_id": request_id, "outcome": outcome,
-                                      "trace_id": original.trace_id if original else None,
-                                      "dead_instance": instance, "emitted": len(emitted)}))
-        await self.redis.srem(ownership.owned_key(instance), request_id)  # its own slot: not in the script
+        done = await ownership.resume(self.redis, self.bus, self.config.stream_partitions, instance, request_id)
+        if done is None:  # finished, or owned by a live rank now
+            return
+        if done.original is None:
+            self.log.error(json.dumps({"event": "bad_owner_record", "request_id": request_id}))
+        self.resumed.labels(outcome=done.outcome).inc()
+        self.log.info(json.dumps({"event": "request_resumed", "request_id": request_id, "outcome": done.outcome,
+                                  "trace_id": done.original.trace_id if done.original else None,
+                                  "dead_instance": instance, "emitted": done.emitted}))
 
     async def reap_abort_groups(self) -> None:
         prefix = streams.consumer_group("aborts-")

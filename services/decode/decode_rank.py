@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +15,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from shared.engine.engine import RequestError
 from shared.model.detok import prefix_window
 from shared.protocol import streams
-from shared.protocol.messages import KVChunk, TokenDelta
+from shared.protocol.messages import KVChunk, TokenDelta, TokenizedRequest
 from shared.protocol.tensors import checksum, from_blob
 from shared.protocol.wire import WireError
 from shared.runtime import ownership
@@ -33,6 +34,22 @@ HANDOFF_IDLE_S = 60.0
 HANDOFF_GRACE_S = 2.0
 
 
+def handoff_verdict(final: KVChunk, running: TokenizedRequest | None, held: bool, aborted: bool,
+                    finished: Container[tuple[str, int]]) -> str:
+    """What a rank does with a whole handoff (its `final` chunk): "drop" it (the request finished at
+    prefill, was cancelled, or this incarnation ran here already or runs now: a duplicate), "wait",
+    or "admit" it. A later incarnation (a larger `resumed`) of a request this rank still runs, or
+    holds finished while its blocks are stored, is the request resumed elsewhere after this rank was
+    taken for dead (frozen, then thawed): it waits until this rank's next record of the earlier one
+    is refused and drops it (`fence`), then joins as new work. Dropping it as a duplicate would lose
+    the request: the earlier incarnation can send nothing more."""
+    req = final.request
+    if (final.finish_reason is not None or aborted or (final.request_id, req.resumed) in finished
+            or (running is not None and running.resumed >= req.resumed)):
+        return "drop"
+    return "wait" if running is not None or held else "admit"
+
+
 @dataclass
 class Handoff:
     chunks: dict[int, KVChunk] = field(default_factory=dict)
@@ -40,6 +57,7 @@ class Handoff:
     layer0_received_at: float | None = None
     last_at: float = 0.0  # monotonic time of the latest chunk
     fetched: bool = False  # its missing chunks were looked for in the stream (claimed from another reader)
+    replacing: bool = False  # a later incarnation of a request this rank runs: it waits for the earlier to go
 
 
 class DecodeService(EngineService):
@@ -122,10 +140,23 @@ class DecodeService(EngineService):
                                       "chunks": len(handoff.chunks)}))
 
     async def drop_all(self) -> None:
+        """Cut out of its EP group (it did not answer), this rank drops what it ran, unsent. A
+        request the balancer took from it already (a death notice) runs elsewhere; one it still owns
+        (admitted after it thawed and before it found itself cut out, or finished with its end held)
+        is taken and resumed from here (ownership.resume), or nothing would ever send the rest: this
+        instance is alive, so no heartbeat lapses for it. The handoffs it read and did not admit stay
+        pending in its stream, where the next read claims them (`claim_stale`)."""
+        mine = list(self.requests) + [r for r in self.held if r not in self.requests]
         await super().drop_all()
         for held in (self.requests, self.history, self.held, self.handoffs):
             held.clear()
         self.ready_to_admit.clear()
+        for request_id in mine:
+            done = await ownership.resume(self.redis, self.bus, self.config.stream_partitions,
+                                          self.config.instance_id, request_id, again=False)
+            if done is not None:
+                self.log.warning(json.dumps({"event": "request_handed_back", "request_id": request_id,
+                                             "outcome": done.outcome, "emitted": done.emitted}))
 
     def receive(self, entry: Entry[KVChunk]) -> None:
         chunk = entry.message
@@ -145,9 +176,17 @@ class DecodeService(EngineService):
             if handoff is None:
                 continue  # consumed already
             final = handoff.chunks[-1]
-            if (final.finish_reason is not None or request_id in self.history or request_id in self.aborted
-                    or (request_id, final.request.resumed) in self.finished):
+            verdict = handoff_verdict(final, self.requests.get(request_id), request_id in self.held,
+                                      request_id in self.aborted, self.finished)
+            if verdict == "drop":
                 await self.consumed(request_id)  # finished at prefill, a duplicate handoff, or cancelled
+                continue
+            if verdict == "wait":  # the incarnation it replaces is dropped first (fenced at its next record)
+                if not handoff.replacing:
+                    handoff.replacing = True
+                    self.log.info(json.dumps({"event": "handoff_waits_for_fence", "request_id": request_id,
+                                              "resumed": final.request.resumed}))
+                waiting.append(request_id)
                 continue
             if any(layer not in handoff.chunks for layer in range(self.num_kv_layers)):
                 if not handoff.fetched:  # another instance reading this stream has them

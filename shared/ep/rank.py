@@ -46,6 +46,7 @@ class EPRank:
     joiners_seen = 0  # ranks asking to join, as this rank last saw (bit mask)
     joining = True  # not (yet, or any more) a member of the running group
     members_since = 0.0  # monotonic time this rank last applied a record
+    peer_instances: dict[int, str]  # rank -> the instance it last reported load as (note_peer_instances)
 
     def load_ep(self, args: argparse.Namespace) -> DeepseekV3:
         """The model with only this rank's routed experts read and kept, in the placement the
@@ -114,6 +115,7 @@ class EPRank:
         self.group.mtp_calls = self.engine.mtp_calls  # checked equal on every rank at each step
         self.membership = Membership(self.redis, self.role, self.group_id, self.rank, self.args.ep_size,
                                      transport.incarnation, self.args.rank_dead_after_s)
+        self.peer_instances = {}
         overlap = self.args.overlap == "on" or (self.args.overlap == "auto" and self.role in OVERLAP_BY_DEFAULT)
         if overlap:
             self.tracer = Tracer(self.args.trace, self.rank, self.role)
@@ -288,6 +290,7 @@ class EPRank:
         if record is not None and record.epoch > self.group.epoch and self.rank not in record.members:
             self.group.transport.mark_gone([p for p in self.group.members if p != self.rank], "fenced")
             return
+        await self.note_peer_instances()
         if time.monotonic() - self.members_since < self.args.rank_dead_after_s:
             return  # a member taken in a moment ago may not have renewed yet
         alive = await self.membership.others_alive()
@@ -296,13 +299,26 @@ class EPRank:
             self.log.warning(json.dumps({"event": "ep_rank_lapsed", "ranks": lapsed, "epoch": self.group.epoch}))
             self.group.transport.mark_gone(lapsed, "heartbeat")
 
+    async def note_peer_instances(self) -> None:
+        """The instance each other member runs as, from its load report, kept after the report
+        lapses: a frozen rank's report (--load-ttl-s) can lapse before the group has cut it out,
+        and its death notice must still name the instance whose requests the balancer resumes."""
+        peers = [p for p in self.group.members if p != self.rank]
+        keys = [streams.load_key(self.role, self.group_id, p) for p in peers]
+        for peer, raw in zip(peers, await redis_client.mget(self.redis, keys)):
+            instance = notices.instance_of(raw) if raw is not None else None
+            if instance:
+                self.peer_instances[peer] = instance
+
     async def announce_cut(self, ranks: list[int], reason: str) -> None:
         """Death notices for ranks the group cut out without one (they stopped answering): the balancer
-        resumes their requests and moves their queued work now (shared/runtime/notices.py)."""
+        resumes their requests and moves their queued work now (shared/runtime/notices.py). Each
+        names the instance the rank ran as when last seen (note_peer_instances)."""
         for rank in ranks:
             try:
-                await notices.publish(self.redis, Notice("death", self.role, "", self.group_id, rank,
-                                                         self.args.ep_size, reason=f"cut out ({reason})"))
+                await notices.publish(self.redis, Notice("death", self.role, self.peer_instances.get(rank, ""),
+                                                         self.group_id, rank, self.args.ep_size,
+                                                         reason=f"cut out ({reason})"))
             except RedisError as e:
                 self.log.warning(json.dumps({"event": "cut_not_announced", "rank": rank, "error": repr(e)}))
 

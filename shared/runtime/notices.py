@@ -76,7 +76,7 @@ async def publish(redis: Redis, notice: Notice) -> Notice:
     if worker and await others_serve(redis, notice.role, notice.group_id, notice.rank):
         # dead or leaving, it takes no more work: the others take it now
         load = await redis.get(streams.load_key(notice.role, notice.group_id, notice.rank))
-        if load is not None and _instance_of(load) == notice.instance_id:
+        if load is not None and instance_of(load) == notice.instance_id:
             await redis.delete(streams.load_key(notice.role, notice.group_id, notice.rank))
     if notice.instance_id and notice.kind == "death":
         await redis.delete(streams.heartbeat_key(notice.role, notice.instance_id))
@@ -109,7 +109,7 @@ async def other_reporter(redis: Redis, role: str, group_id: str, rank: int, inst
     """The instance whose load report stands for rank `rank` of the group, if it is not
     `instance_id` (a predecessor that left it, or a successor that wrote it); None otherwise."""
     raw = await redis.get(streams.load_key(role, group_id, rank))
-    other = _instance_of(raw) if raw is not None else None
+    other = instance_of(raw) if raw is not None else None
     return other if other and other != instance_id else None
 
 
@@ -130,7 +130,7 @@ def decode_notice(fields: dict[bytes, bytes]) -> Notice:
     return decode(fields[b"m"], Notice)
 
 
-def _instance_of(raw: bytes) -> str | None:
+def instance_of(raw: bytes) -> str | None:
     try:
         return decode(raw, LoadReport).instance_id
     except WireError:

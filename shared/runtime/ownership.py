@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import time
 from collections.abc import Iterable
 
 from shared.protocol import streams
-from shared.protocol.messages import TokenizedRequest
-from shared.protocol.wire import encode
+from shared.protocol.messages import TokenDelta, TokenizedRequest
+from shared.protocol.wire import WireError, decode, encode
 
 DECODE_INSTANCES = streams.DECODE_INSTANCES
 EXPIRE_AFTER_DEADLINE_S = 60
@@ -104,14 +105,15 @@ return 1
 """
 
 
-# KEYS: owner, ids; ARGV: instance, its tombstone. A dead instance's request, taken in one step:
-# the owner becomes `resuming:<instance>`, so the dead instance can record (and so send) nothing
-# more that the resumed request would not start after; the record stays, so a balancer that dies
-# before the resumed request is published takes it again (the tombstone is taken like the owner),
-# and the resumed request's admission replaces it (ADMIT_IF_FREE).
+# KEYS: owner, ids; ARGV: instance, its tombstone, whether the tombstone is taken too ('1' or '0').
+# A dead instance's request, taken in one step: the owner becomes `resuming:<instance>`, so the
+# dead instance can record (and so send) nothing more that the resumed request would not start
+# after; the record stays, so a balancer that dies before the resumed request is published takes
+# it again (the tombstone is taken like the owner), and the resumed request's admission replaces
+# it (ADMIT_IF_FREE).
 TAKE_IF_OWNER = """
 local owner = redis.call('HGET', KEYS[1], 'instance_id')
-if owner ~= ARGV[1] and owner ~= ARGV[2] then return false end
+if owner ~= ARGV[1] and (ARGV[3] ~= '1' or owner ~= ARGV[2]) then return false end
 redis.call('HSET', KEYS[1], 'instance_id', ARGV[2])
 return {redis.call('HGET', KEYS[1], 'request'), redis.call('GET', KEYS[2]) or ''}
 """
@@ -130,12 +132,56 @@ def tombstone(instance_id: str) -> str:
     return f"resuming:{instance_id}"
 
 
-async def take(redis, instance_id: str, request_id: str) -> tuple[bytes | None, list[int]] | None:
+async def take(redis, instance_id: str, request_id: str,
+               again: bool = True) -> tuple[bytes | None, list[int]] | None:
     """A dead instance's request, taken over: (its request as handed off, the ids sent), or None
-    when that instance owns it no more (finished, or resumed and admitted again)."""
+    when that instance owns it no more (finished, or resumed and admitted again). With `again`, a
+    request taken already and not admitted since (its tombstone) is taken again."""
     taken = await redis.eval(TAKE_IF_OWNER, 2, streams.owner_key(request_id), ids_key(request_id), instance_id,
-                             tombstone(instance_id))
+                             tombstone(instance_id), "1" if again else "0")
     return None if not taken else (taken[0], unpack_ids(taken[1]))
+
+
+@dataclasses.dataclass
+class Resumed:
+    """What `resume` did with a request taken from an instance: `outcome` is "resumed" (run again
+    from the tokens sent), "finished" (every token was sent, only its end was not: the end is sent
+    now) or "expired" (its deadline passed: its gateway has answered; or its record is unreadable,
+    `original` None)."""
+    outcome: str
+    original: TokenizedRequest | None
+    emitted: int
+
+
+async def resume(redis, bus, partitions: int, instance_id: str, request_id: str,
+                 again: bool = True) -> Resumed | None:
+    """Take `request_id` from `instance_id` (see `take`) and run it again elsewhere: a TokenizedRequest
+    of the prompt plus the tokens sent goes to the tokenized stream (through the cache, its
+    prompt's blocks are on disk, and the balancer). None when that instance owned it no more. The
+    request leaves the instance's `owned` set either way."""
+    taken = await take(redis, instance_id, request_id, again)
+    result = None
+    if taken is not None:
+        raw_request, emitted = taken
+        try:
+            original = decode(raw_request, TokenizedRequest) if raw_request is not None else None
+        except WireError:
+            original = None
+        req = resumed_request(original, emitted) if original is not None else None
+        if original is None or time.time() >= original.deadline:
+            outcome = "expired"
+        elif req is not None:
+            await bus.publish(streams.tokenized_stream(streams.partition_of(request_id, partitions)), req)
+            outcome = "resumed"
+        else:
+            await bus.publish(streams.delta_stream(original.gateway_id), TokenDelta(
+                request_id, original.trace_id, original.gateway_id, len(emitted), [], finish_reason="length"))
+            outcome = "finished"
+        if outcome != "resumed":
+            await drop_taken(redis, instance_id, request_id)
+        result = Resumed(outcome, original, len(emitted))
+    await redis.srem(owned_key(instance_id), request_id)  # its own slot: not in the script
+    return result
 
 
 async def drop_taken(redis, instance_id: str, request_id: str) -> None:
