@@ -130,6 +130,13 @@ def test_native_plan_decodes_every_bucket_in_one_call(args, mla, monkeypatch):
     with torch.inference_mode():
         ours = low.attend(q_nope.bfloat16(), q_pe.bfloat16(), kv.bfloat16(), batch, pool)
     assert calls == [n]  # one call for the 8 buckets
+    # every row a decode, in row order: the queries are read and the outputs written as they lie,
+    # the same numbers as through the index copies of a step with other rows
+    assert plan.decodes_only and torch.equal(merged.rows, torch.arange(n))
+    with torch.inference_mode():
+        copied = low._decode_in_place(q_nope.bfloat16(), q_pe.bfloat16(), merged, pool.layer_rows(0))
+        assert torch.equal(low.o_proj(copied.reshape(n, -1)), ours)
+    assert not plan_reads([1, 3], [5, 3], [True, False], torch.arange(20).view(2, 10)).decodes_only
     want = reference(low, q_nope.bfloat16(), q_pe.bfloat16(), [pool.kv[0, s] for s in slots], [1] * n)
     err = (ours.double() - want).abs().max().item()
     assert err <= 3e-2 * want.abs().max().item(), err  # bf16 rounding; a wrong row or length is O(1)

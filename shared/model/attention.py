@@ -167,10 +167,13 @@ class MLA(nn.Module):
         def read(rows: torch.Tensor) -> torch.Tensor:
             return cache.load(self.layer, rows) if plan.is_cached else kv.index_select(0, rows)
 
-        out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)  # [T, H, V]
         in_place = (self.native_plan is not None and self.native_plan.choose(q_nope.shape[0]) == "native"
                     and q_nope.device.type == "cpu" and q_nope.dtype == torch.bfloat16)
         rows = (cache.layer_rows(self.layer) if plan.is_cached else kv) if in_place else None
+        if in_place and plan.decodes_only:  # every row a decode, in row order: no copy in or out
+            out = self._decode_in_place(q_nope, q_pe, plan.decode_in_one, rows, every_row=True)
+            return self.o_proj(out.view(out.shape[0], -1))
+        out = q_nope.new_empty(q_nope.shape[0], self.num_heads, self.v_dim)  # [T, H, V]
         if in_place and plan.decode:  # one call for every decode of the step (ReadPlan.decode_in_one)
             bucket = plan.decode_in_one
             out.index_copy_(0, bucket.rows, self._decode_in_place(q_nope, q_pe, bucket, rows))
@@ -207,15 +210,18 @@ class MLA(nn.Module):
         return self._absorb_out(out[:, 0, :, :self.kv_lora_rank])
 
     def _decode_in_place(self, q_nope: torch.Tensor, q_pe: torch.Tensor, bucket: DecodeBucket,
-                         rows: torch.Tensor) -> torch.Tensor:
+                         rows: torch.Tensor, every_row: bool = False) -> torch.Tensor:
         """`_decode` through the native kernels (native.py): the W_UK and W_UV products per head, and
         the attention reading each context's rows where they lie in `rows` (the cache layer, or the
-        step's own rows), nothing gathered; scores, softmax and the weighted sum in fp32."""
+        step's own rows), nothing gathered; scores, softmax and the weighted sum in fp32. With
+        `every_row`, the bucket's rows are all of the step's, in order: the queries are read as they lie."""
         s, c = bucket.num_seqs, self.kv_lora_rank
         w_uk, w_uv = self._packed_w_b()
         q = q_nope.new_empty(s, self.num_heads, c + self.rope_dim)  # [S, H, C+R]
-        native.heads(q_nope.index_select(0, bucket.rows), w_uk, c, out=q[..., :c])
-        q[..., c:] = q_pe.index_select(0, bucket.rows)
+        if not every_row:
+            q_nope, q_pe = q_nope.index_select(0, bucket.rows), q_pe.index_select(0, bucket.rows)
+        native.heads(q_nope, w_uk, c, out=q[..., :c])
+        q[..., c:] = q_pe
         slots = bucket.slots.view(s, bucket.max_context)
         latent = native.decode_attention(q, rows, slots, bucket.lengths, c, self.scale)  # [S, H, C]
         return native.heads(latent, w_uv, self.v_dim)  # [S, H, V]

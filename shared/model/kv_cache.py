@@ -101,17 +101,27 @@ class ReadPlan:
     @cached_property
     def decode_in_one(self) -> DecodeBucket | None:
         """Every decode bucket of the step as one, each context padded (repeating its last row) to the
-        longest: for the native decode attention, which reads each sequence's own length and gathers
-        nothing, so one call serves the whole step. Built on the first use, shared by every layer."""
-        if len(self.decode) < 2:
-            return self.decode[0] if self.decode else None
+        longest, its sequences in the order of their token rows: for the native decode attention,
+        which reads each sequence's own length and gathers nothing, so one call serves the whole
+        step. Built on the first use, shared by every layer."""
+        if not self.decode:
+            return None
         length = max(b.max_context for b in self.decode)
         slots = [b.slots.view(b.num_seqs, b.max_context) for b in self.decode]
-        slots = [torch.cat([s, s[:, -1:].expand(s.shape[0], length - s.shape[1])], dim=1) for s in slots]
-        lengths = torch.cat([b.lengths for b in self.decode])
-        return DecodeBucket(sum(b.num_seqs for b in self.decode), length, torch.cat([b.rows for b in self.decode]),
-                            torch.cat(slots).flatten(), (torch.arange(length) < lengths[:, None])[:, None, None],
-                            lengths)
+        slots = torch.cat([torch.cat([s, s[:, -1:].expand(s.shape[0], length - s.shape[1])], dim=1) for s in slots])
+        rows, lengths = torch.cat([b.rows for b in self.decode]), torch.cat([b.lengths for b in self.decode])
+        rows, order = rows.sort()
+        slots, lengths = slots[order], lengths[order]
+        mask = (torch.arange(length) < lengths[:, None])[:, None, None]
+        return DecodeBucket(len(rows), length, rows, slots.flatten(), mask, lengths)
+
+    @cached_property
+    def decodes_only(self) -> bool:
+        """Whether every token row of the step is a decode, in row order in `decode_in_one` (its
+        outputs are the step's, with no index copy)."""
+        one = self.decode_in_one
+        return (not self.padded and one is not None
+                and bool(torch.equal(one.rows, torch.arange(one.num_seqs, device=one.rows.device))))
 
 
 def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
