@@ -152,13 +152,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL | None = None
     if not supports(x, weight):
         raise ValueError(f"native.linear: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}: "
                          f"needs CPU bf16, 1..{LINEAR_ROWS} rows, contiguous weight rows")
+    return _linear(x, weight, lib or library())
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+    """`linear` on inputs already checked (native.Linear's decode path: a few µs of checks per call
+    add up over the ~60 linears of a step)."""
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=torch.bfloat16)
-    rc = (lib or library()).streamoe_linear_bf16(weight.data_ptr(), weight.stride(0), x.data_ptr(), x.stride(0),
-                                                 m, k, n, y.data_ptr(), n, torch.get_num_threads())
+    rc = lib.streamoe_linear_bf16(weight.data_ptr(), weight.stride(0), x.data_ptr(), x.stride(0),
+                                  m, k, n, y.data_ptr(), n, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"native.linear failed on x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     return y
@@ -305,9 +311,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL
             and x.device.type == weight.device.type == "cpu"):
         raise ValueError(f"native.rms_norm: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}: "
                          "needs CPU bf16 rows and a weight of their width")
+    return _rms_norm(x, weight, eps, lib or library())
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL) -> torch.Tensor:
+    """`rms_norm` on inputs already checked (norm.RMSNorm's decode path)."""
     y = torch.empty(x.shape, dtype=torch.bfloat16)
-    rc = (lib or library()).streamoe_rms_norm_bf16(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1],
-                                                   weight.data_ptr(), eps, y.data_ptr(), y.stride(0))
+    rc = lib.streamoe_rms_norm_bf16(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], weight.data_ptr(), eps,
+                                    y.data_ptr(), y.stride(0))
     if rc != 0:
         raise RuntimeError(f"native.rms_norm failed on x {tuple(x.shape)}")
     return y
@@ -360,7 +371,10 @@ class Linear(nn.Linear):
     native_rows: frozenset[int] = frozenset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] in self.native_rows and supports(x, self.weight):
-            y = linear(x, self.weight)
+        w = self.weight
+        # `supports`, with the row count checked against native_rows (1..LINEAR_ROWS at most)
+        if (x.dim() == 2 and x.shape[0] in self.native_rows and x.dtype == w.dtype == torch.bfloat16 and x.is_cpu
+                and w.is_cpu and w.stride(1) == 1):
+            y = _linear(x, w, library())
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, w, self.bias)

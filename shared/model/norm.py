@@ -18,9 +18,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() == 2 and x.shape[0] in self.native_rows and x.dtype == self.weight.dtype == torch.bfloat16
-                and x.device.type == "cpu" and x.stride(1) == 1):
-            return native.rms_norm(x, self.weight, self.eps)
+        w = self.weight
+        # native.rms_norm's conditions, checked here once (the weight's width is the module's)
+        if (x.dim() == 2 and x.shape[0] in self.native_rows and x.dtype == w.dtype == torch.bfloat16 and x.is_cpu
+                and x.stride(1) == 1 and w.is_cpu and x.shape[1] == w.shape[0] and w.is_contiguous()):
+            return native._rms_norm(x, w, self.eps, native.library())
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
