@@ -252,7 +252,7 @@ async def test_a_handoff_in_another_dtype_is_refused_naming_both(redis):
     decode.log, decode._closing = logging.getLogger("test"), asyncio.Event()
     decode.config = ServiceConfig("redis://unused", "decode-test")
     decode.stream = streams.kv_stream("decode", 0)
-    decode.handoffs, decode.ready_to_admit, decode.history = {}, [], {}
+    decode.handoffs, decode.ready_to_admit, decode.history, decode.requests, decode.held = {}, [], {}, {}, {}
     decode.aborted, decode.finished = [], []
     await decode.bus.ensure_consumer_group(decode.stream, CONSUMER_GROUP)
     request = TokenizedRequest("req-1", "trace-1", "gw", Sampling(max_tokens=4), 0.0, [1, 2, 3])
