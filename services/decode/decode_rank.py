@@ -142,13 +142,15 @@ class DecodeService(EngineService):
     async def drop_all(self) -> None:
         """Cut out of its EP group (it did not answer), this rank drops what it ran, unsent. A
         request the balancer took from it already (a death notice) runs elsewhere; one it still owns
-        (admitted after it thawed and before it found itself cut out, or finished with its end held)
-        is taken and resumed from here (ownership.resume), or nothing would ever send the rest: this
-        instance is alive, so no heartbeat lapses for it. The handoffs it read and did not admit stay
-        pending in its stream, where the next read claims them (`claim_stale`)."""
-        mine = list(self.requests) + [r for r in self.held if r not in self.requests]
+        (admitted after it thawed and before it found itself cut out) is taken and resumed from here
+        (ownership.resume), or nothing would ever send the rest: this instance is alive, so no
+        heartbeat lapses for it. A finished request whose end is held while its blocks are stored
+        keeps it: `store_then_send` sends the end where this instance still owns the request and
+        fences it where not (resuming it would run it on past its stop). The handoffs it read and
+        did not admit stay pending in its stream, where the next read claims them (`claim_stale`)."""
+        mine = list(self.requests)
         await super().drop_all()
-        for held in (self.requests, self.history, self.held, self.handoffs):
+        for held in (self.requests, self.history, self.handoffs):
             held.clear()
         self.ready_to_admit.clear()
         for request_id in mine:
