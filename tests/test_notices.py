@@ -193,3 +193,44 @@ async def test_a_cut_ranks_death_notice_names_its_instance_after_its_load_report
     (notice,) = [decode(fields[b"m"], Notice) for _, fields in await redis.xrange(streams.NOTICES)]
     assert (notice.kind, notice.instance_id, notice.rank, notice.reason) == ("death", "decode-1-frozen", 1,
                                                                              "cut out (heartbeat)")
+
+
+async def test_a_taken_request_whose_end_was_held_gets_that_end(redis):
+    """With a prefix cache a decode rank holds a finished reply's last delta while the reply's blocks
+    are stored, and marks its record so (ownership.record_held_end). Taken then (it died), the request
+    gets that delta, its tokens and its finish, from the record, and nothing runs again (a stop is
+    not run past). A later admission clears an earlier incarnation's mark."""
+    import time
+
+    from shared.protocol.messages import Sampling, TokenDelta, TokenizedRequest
+    from shared.runtime import ownership
+    from shared.runtime.bus import Bus
+
+    bus = Bus(redis, "test")
+    for stream in (streams.raw_deltas_stream(0), streams.tokenized_stream(0)):
+        await bus.ensure_consumer_group(stream, "g")
+    req = TokenizedRequest("r3", "t3", "gw", Sampling(max_tokens=8, stop=["x"]), time.time() + 60, [5, 6, 7])
+    async with redis.pipeline(transaction=False) as pipe:
+        ownership.record_admission(pipe, "dying", 0, req, 11)
+        ownership.record_tokens(pipe, "dying", "r3", [12, 13], 3)  # the last step: 12, 13 and a stop
+        ownership.record_held_end(pipe, "dying", "r3", 1, "stop")
+        ownership.record_held_end(pipe, "other", "r3", 1, "length")  # not its owner: refused
+        assert (await pipe.execute())[3:] == [1, 1, 0]
+    done = await ownership.resume(redis, bus, 1, "dying", "r3")
+    assert (done.outcome, done.emitted) == ("finished", 3)
+    (entry,) = await bus.read(streams.raw_deltas_stream(0), "g", TokenDelta, count=10, block_ms=None)
+    end = entry.message
+    assert (end.index, end.token_ids, end.finish_reason, end.prefix_ids, end.stop, end.num_prompt_tokens) == (
+        1, [12, 13], "stop", [5, 6, 7, 11], ["x"], 3)
+    assert not await bus.read(streams.tokenized_stream(0), "g", TokenizedRequest, count=10, block_ms=None)
+    assert not await redis.exists(streams.owner_key("r3"), ownership.ids_key("r3"))
+
+    async with redis.pipeline(transaction=False) as pipe:  # marked, taken, then admitted again: unmarked
+        ownership.record_admission(pipe, "dying", 0, req, 11)
+        ownership.record_held_end(pipe, "dying", "r3", 1, "stop")
+        await pipe.execute()
+    await ownership.take(redis, "dying", "r3")
+    async with redis.pipeline(transaction=False) as pipe:
+        ownership.record_admission(pipe, "next", 1, req, 11)
+        assert (await pipe.execute())[0] == 1
+    assert await redis.hget(streams.owner_key("r3"), "end") is None

@@ -335,18 +335,23 @@ class DecodeService(EngineService):
             if d.finish_reason is not None:
                 del self.history[d.request_id], self.requests[d.request_id]
                 self.finished.append((d.request_id, req.resumed))
+        held = [delta for delta, *_ in steps if self.holds_end(delta)]
+
         async def record() -> list:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for delta, token_ids, num_emitted, _ in steps:
                     ownership.record_tokens(pipe, self.config.instance_id, delta.request_id, token_ids, num_emitted)
-                return await pipe.execute()
+                for delta in held:  # a death while their blocks are stored sends these ends (ownership.resume)
+                    ownership.record_held_end(pipe, self.config.instance_id, delta.request_id, delta.index,
+                                              delta.finish_reason)
+                return (await pipe.execute())[:len(steps)]
 
         owned = await self.until_written(record) if steps else []
         writes, finished = [], []
         for (delta, _, _, salt), mine in zip(steps, owned):
             if not mine:
                 await self.fence(delta)
-            elif delta.finish_reason in ("stop", "length") and self.prefix_cache is not None:
+            elif self.holds_end(delta):
                 # the end of the reply goes out once its blocks are stored, so the client's next turn
                 # finds its whole history; the records stay until then (a death resumes the end)
                 self.held[delta.request_id] = (delta, salt)
@@ -360,6 +365,10 @@ class DecodeService(EngineService):
         for request_id, token_ids, kv in self.engine.finished_kv:  # prompt + reply, for the next turn
             self.in_background(self.store_then_send(request_id, token_ids, kv))
         self.engine.finished_kv.clear()
+
+    def holds_end(self, delta: TokenDelta) -> bool:
+        """Whether this delta ends its reply and waits for the reply's blocks to be stored."""
+        return delta.finish_reason in ("stop", "length") and self.prefix_cache is not None
 
     async def fence(self, delta: TokenDelta) -> None:
         """This instance owns the request no more: its delta is not sent and the request is dropped."""

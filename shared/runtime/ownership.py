@@ -1,7 +1,8 @@
 """Who runs a request on the decode side, and how a dead rank's requests are resumed (services/README.md, "Delivery").
 
 A decode instance registers itself in one set, and for each request it admits keeps, in Redis:
-  - `owner:{id}` (hash): rank, instance, the request as it was handed off;
+  - `owner:{id}` (hash): rank, instance, the request as it was handed off, and `end` while a
+    finished reply's last delta is held unsent (its blocks being stored): that delta's index and finish;
   - `owner:{id}:ids` (string): every output token id sent to the client so far, int32 LE (its
     length / 4 is how many were sent);
   - `owned:{instance}` (set): the request ids it runs.
@@ -25,6 +26,7 @@ import struct
 import time
 from collections.abc import Iterable
 
+from shared.model.detok import prefix_window
 from shared.protocol import streams
 from shared.protocol.messages import TokenDelta, TokenizedRequest
 from shared.protocol.wire import WireError, decode, encode
@@ -62,6 +64,7 @@ ADMIT_IF_FREE = """
 local owner = redis.call('HGET', KEYS[1], 'instance_id')
 if owner and owner ~= ARGV[1] and string.sub(owner, 1, 9) ~= 'resuming:' then return 0 end
 redis.call('HSET', KEYS[1], 'rank', ARGV[2], 'instance_id', ARGV[1], 'request', ARGV[3])
+redis.call('HDEL', KEYS[1], 'end')
 redis.call('SET', KEYS[2], ARGV[4])
 redis.call('EXPIREAT', KEYS[1], ARGV[5])
 redis.call('EXPIREAT', KEYS[2], ARGV[5])
@@ -90,6 +93,17 @@ def record_admission(pipe, instance_id: str, rank: int, req: TokenizedRequest, f
 RECORD_IF_OWNER = """
 if redis.call('HGET', KEYS[1], 'instance_id') == ARGV[1] then
     redis.call('SETRANGE', KEYS[2], tonumber(ARGV[2]), ARGV[3])
+    return 1
+end
+return 0
+"""
+
+# KEYS: owner; ARGV: instance, "<index>:<finish reason>". A finished request whose last delta is held
+# unsent while its blocks are stored (services/decode/decode_rank.py): where that instance owns it,
+# the record says so, so that a resume sends the held tokens and the end instead of running on.
+END_IF_OWNER = """
+if redis.call('HGET', KEYS[1], 'instance_id') == ARGV[1] then
+    redis.call('HSET', KEYS[1], 'end', ARGV[2])
     return 1
 end
 return 0
@@ -128,6 +142,12 @@ def record_tokens(pipe, instance_id: str, request_id: str, new_ids: list[int], e
               (emitted - len(new_ids)) * 4, pack_ids(new_ids))
 
 
+def record_held_end(pipe, instance_id: str, request_id: str, index: int, finish_reason: str) -> None:
+    """Queue the mark of a finished request whose last delta (output index `index` on) is held unsent,
+    fenced like `record_tokens` (its result: 1 where this instance owns the request)."""
+    pipe.eval(END_IF_OWNER, 1, streams.owner_key(request_id), instance_id, f"{index}:{finish_reason}")
+
+
 def tombstone(instance_id: str) -> str:
     return f"resuming:{instance_id}"
 
@@ -146,8 +166,8 @@ async def take(redis, instance_id: str, request_id: str,
 class Resumed:
     """What `resume` did with a request taken from an instance: `outcome` is "resumed" (run again
     from the tokens sent), "finished" (every token was sent, only its end was not: the end is sent
-    now) or "expired" (its deadline passed: its gateway has answered; or its record is unreadable,
-    `original` None)."""
+    now; or it finished with its last delta held unsent: that delta is sent now) or "expired" (its
+    deadline passed: its gateway has answered; or its record is unreadable, `original` None)."""
     outcome: str
     original: TokenizedRequest | None
     emitted: int
@@ -168,8 +188,14 @@ async def resume(redis, bus, partitions: int, instance_id: str, request_id: str,
         except WireError:
             original = None
         req = resumed_request(original, emitted) if original is not None else None
+        end = await redis.hget(streams.owner_key(request_id), "end")
         if original is None or time.time() >= original.deadline:
             outcome = "expired"
+        elif end is not None:  # it finished; its last delta was held (blocks being stored) and never sent
+            index, _, reason = end.decode().partition(":")
+            await bus.publish(streams.raw_deltas_stream(streams.partition_of(request_id, partitions)),
+                              held_end(original, emitted, int(index), reason))
+            outcome = "finished"
         elif req is not None:
             await bus.publish(streams.tokenized_stream(streams.partition_of(request_id, partitions)), req)
             outcome = "resumed"
@@ -196,6 +222,16 @@ def forget(pipe, instance_id: str, request_ids: list[str]) -> None:
         for r in request_ids:
             pipe.eval(FORGET_IF_OWNER, 2, streams.owner_key(r), ids_key(r), instance_id)
         pipe.srem(owned_key(instance_id), *request_ids)
+
+
+def held_end(req: TokenizedRequest, emitted_ids: list[int], index: int, finish_reason: str) -> TokenDelta:
+    """The last delta of `req` as its decode rank held it: the output ids from `index` on, and the
+    finish (with the preceding ids and stop strings the tokenizer makes its text from)."""
+    prompt = req.prompt_ids[:original_prompt_len(req)]
+    window = prefix_window(req.sampling.stop)
+    return TokenDelta(req.request_id, req.trace_id, req.gateway_id, index, emitted_ids[index:],
+                      finish_reason=finish_reason, prefix_ids=(prompt + emitted_ids[:index])[-window:],
+                      stop=req.sampling.stop, num_prompt_tokens=len(prompt))
 
 
 def resumed_request(req: TokenizedRequest, emitted_ids: list[int]) -> TokenizedRequest | None:
