@@ -314,8 +314,6 @@ def main(argv: list[str] | None = None) -> dict:
         if opts.reference:
             report.update(compare_reference(ours, path, dtype, gen, opts))
         if opts.roofline_batches:
-            rate = matmul_rate(dtype, opts.device)
-            report["matmul_flop_s"] = rate
             baseline = MoEPlan.parse(opts.roofline_baseline)
             probe = read_probe(opts.device)
             report["roofline"] = [run_roofline(ours, plan, int(batch), n, opts.roofline_steps, gen, baseline, probe,
