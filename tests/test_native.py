@@ -55,10 +55,11 @@ def within_one_rounding(got: torch.Tensor, want: torch.Tensor, terms: int, input
 def test_linear_is_the_float64_product_rounded_once(n, k):
     gen = torch.Generator().manual_seed(n)
     weight = torch.randn(n, k, generator=gen).bfloat16()
-    wide = torch.randn(native.LINEAR_ROWS, 2 * k, generator=gen).bfloat16()
+    wide = torch.randn(native.LINEAR_ROWS, 2 * k + 1, generator=gen).bfloat16()
     for lib in builds():
-        for m in [*range(1, native.MAX_ROWS + 1), 9, 17, native.LINEAR_ROWS]:  # one pass, then several
-            for x in (wide[:m, :k].contiguous(), wide[:m, k:]):  # contiguous, and rows with a stride
+        # one pass, then several; from 16 rows outer products (AVX512-BF16), by 16 rows and 64
+        for m in [*range(1, native.MAX_ROWS + 1), 9, 16, 17, 33, native.LINEAR_ROWS]:
+            for x in (wide[:m, :k].contiguous(), wide[:m, k + 1:]):  # contiguous; an odd row stride and offset
                 got = native.linear(x, weight, lib)
                 assert got.shape == (m, n) and got.dtype == torch.bfloat16
                 assert within_one_rounding(got, x.double() @ weight.double().T, k), (native.kind(lib), m, x.stride())

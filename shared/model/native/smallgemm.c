@@ -265,12 +265,109 @@ int streamoe_native_avx512(void) {
 #endif
 }
 
+#if defined(STREAMOE_DPBF16)
+/* From OUTER_ROWS rows on, `linear` runs outer products instead of dot products: the input rows are
+ * packed by channel pairs, xp [K/2][Mp] (one 32-bit word per row holding its channels 2k and 2k+1;
+ * Mp = M rounded up to 16, zeros past M), and each weight row's pair is broadcast against 16 rows'
+ * pairs at a time. No sum across vector lanes is left to do, each input load serves R weight rows
+ * and each broadcast MB blocks of 16 rows, so the loop runs at the rate of the dot-product
+ * instruction (at 64 rows: 1.1-1.3x the dot products' rate, and 1.1-1.4x torch's, AVX512-BF16 EPYC). */
+#define OUTER_ROWS 16
+#define OUTER_GROUP 48 /* output columns per pass, kept as fp32 [column][64 rows] until rounded */
+typedef int32_t __attribute__((may_alias, aligned(2))) i32u; /* a bf16 pair at any even address */
+
+/* tmp[i * ldt + m] = sum over pairs kk of xp[kk][m] . w[i][2kk, 2kk+1], for R weight rows and MB blocks of 16 rows */
+static inline __attribute__((always_inline)) void outer_mr(const uint32_t *xp, int64_t Mp, const uint16_t *w,
+                                                           int64_t ldw, int64_t kpairs, const int MB, const int R,
+                                                           float *tmp, int64_t ldt) {
+    __m512 acc[12][4];
+    for (int i = 0; i < R; i++)
+        for (int b = 0; b < MB; b++) acc[i][b] = _mm512_setzero_ps();
+    for (int64_t kk = 0; kk < kpairs; kk++) {
+        __m512bh xv[4];
+        for (int b = 0; b < MB; b++) xv[b] = (__m512bh)_mm512_loadu_si512(xp + kk * Mp + 16 * b);
+        if ((kk & 15) == 0) /* the next R weight rows' next cache line (1.03-1.1x on the larger matrices) */
+            for (int i = 0; i < R; i++) _mm_prefetch((const char *)(w + (R + i) * ldw + 2 * kk), _MM_HINT_T0);
+        for (int i = 0; i < R; i++) {
+            const __m512bh wb = (__m512bh)_mm512_set1_epi32(*(const i32u *)(w + i * ldw + 2 * kk));
+            for (int b = 0; b < MB; b++) acc[i][b] = _mm512_dpbf16_ps(acc[i][b], xv[b], wb);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int b = 0; b < MB; b++) _mm512_storeu_ps(tmp + i * ldt + 16 * b, acc[i][b]);
+}
+
+/* Weight rows per pass by blocks of 16 input rows: 24 accumulators where the blocks allow (of 32 registers). */
+#define OUTER_R(MB) ((MB) == 4 ? 6 : (MB) == 3 ? 8 : 12)
+#define OUTER_CASE(MB, R) \
+    case (MB) * 16 + (R): outer_mr(xp + m0, Mp, w + n * ldw, ldw, kpairs, MB, R, tmp + (n - n0) * 64, 64); break;
+#define OUTER_UP_TO_6(MB) OUTER_CASE(MB, 1) OUTER_CASE(MB, 2) OUTER_CASE(MB, 3) OUTER_CASE(MB, 4) OUTER_CASE(MB, 5) \
+    OUTER_CASE(MB, 6)
+#define OUTER_7_TO_12(MB) OUTER_CASE(MB, 7) OUTER_CASE(MB, 8) OUTER_CASE(MB, 9) OUTER_CASE(MB, 10) OUTER_CASE(MB, 11) \
+    OUTER_CASE(MB, 12)
+
+static int linear_outer(const uint16_t *w, int64_t ldw, const uint16_t *x, int64_t ldx, int64_t M, int64_t K,
+                        int64_t N, uint16_t *y, int64_t ldy, int nthreads) {
+    const int64_t kpairs = K / 2, Mp = (M + 15) / 16 * 16;
+    uint32_t *xp = malloc(sizeof(uint32_t) * (size_t)(kpairs * Mp));
+    if (!xp) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+    {
+        const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        int64_t lo, hi;
+        share(kpairs, 16, &lo, &hi); /* each thread packs a share of the pairs: 16 rows' pair kk in one gather */
+        const __m512i row = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)ldx)); /* in bf16 units (scale 2) */
+        for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
+            const __mmask16 valid = M - m0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (M - m0)) - 1u);
+            for (int64_t kk = lo; kk < hi; kk++)
+                _mm512_storeu_si512(xp + kk * Mp + m0, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, row,
+                                                                                  x + m0 * ldx + 2 * kk, 2));
+        }
+        float *tmp = malloc(sizeof(float) * (size_t)(OUTER_GROUP * 64));
+#pragma omp atomic
+        failed += !tmp;
+#pragma omp barrier
+        share(N, 2, &lo, &hi);
+        const __m512i column = _mm512_mullo_epi32(lane, _mm512_set1_epi32(64));
+        for (int64_t n0 = lo; !failed && n0 < hi; n0 += OUTER_GROUP) {
+            const int64_t g = hi - n0 < OUTER_GROUP ? hi - n0 : OUTER_GROUP;
+            for (int64_t m0 = 0; m0 < Mp; m0 += 64) { /* 64 rows at a time; the group's weights stay in L1/L2 */
+                const int mb = (int)((Mp - m0) / 16 < 4 ? (Mp - m0) / 16 : 4), R = OUTER_R(mb);
+                for (int64_t n = n0; n < n0 + g; n += R) {
+                    switch (mb * 16 + (int)(n0 + g - n < R ? n0 + g - n : R)) {
+                        OUTER_UP_TO_6(4) OUTER_UP_TO_6(3) OUTER_CASE(3, 7) OUTER_CASE(3, 8)
+                        OUTER_UP_TO_6(2) OUTER_7_TO_12(2) OUTER_UP_TO_6(1) OUTER_7_TO_12(1)
+                        default: break;
+                    }
+                }
+                const int64_t rows = M - m0 < 64 ? M - m0 : 64;
+                for (int64_t j0 = 0; j0 < g; j0 += 16) { /* transposed back: 16 columns of a row in one gather */
+                    const __mmask16 cols = g - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (g - j0)) - 1u);
+                    for (int64_t m = 0; m < rows; m++) {
+                        const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), cols, column, tmp + j0 * 64 + m, 4);
+                        _mm256_mask_storeu_epi16(y + (m0 + m) * ldy + n0 + j0, cols, _mm512_cvtepi32_epi16(bf16_bits(v)));
+                    }
+                }
+            }
+        }
+        free(tmp);
+    }
+    free(xp);
+    return failed ? -1 : 0;
+}
+#endif
+
 /* y [M, N] bf16 = x [M, K] bf16 @ w [N, K]^T bf16, any M: up to 8 rows one pass over the weights;
  * beyond, every block of 16 weight rows (in L1/L2 once read) meets the rows 8 at a time, so the
- * weights still come from memory once. Returns 0, or -1 for a bad argument. */
+ * weights still come from memory once; from OUTER_ROWS rows with AVX512-BF16 and K even, outer
+ * products (linear_outer). Returns 0, or -1 for a bad argument. */
 int streamoe_linear_bf16(const uint16_t *w, int64_t ldw, const uint16_t *x, int64_t ldx, int64_t M, int64_t K,
                          int64_t N, uint16_t *y, int64_t ldy, int nthreads) {
     if (M < 1 || K < 1 || N < 1) return -1;
+#if defined(STREAMOE_DPBF16)
+    if (M >= OUTER_ROWS && K % 2 == 0) return linear_outer(w, ldw, x, ldx, M, K, N, y, ldy, nthreads);
+#endif
     /* the weight rows ~16 KiB ahead are prefetched into L2 while these are multiplied: a cold
      * matrix of a few MB read at ~1.25x the rate the hardware prefetchers alone reach (an EPYC Zen 4) */
     const int64_t ahead = PREFETCH_BYTES / (2 * ldw) > 4 ? PREFETCH_BYTES / (2 * ldw) : 4;
