@@ -7,6 +7,7 @@ import platform
 
 import pytest
 import torch
+import torch.nn.functional as F
 from modelcheck import incremental_logits
 
 from shared.model import native
@@ -108,6 +109,36 @@ def test_heads_and_rms_norm_are_the_float64_results_rounded():
     assert within_one_rounding(norm(rows), want, k)
     with pytest.raises(ValueError, match="native.rms_norm"):
         native.rms_norm(rows.float(), norm.weight, 1e-5)
+
+
+def test_mlp_and_the_residual_norm_are_torchs_bf16_steps_in_one_call():
+    """native.mlp against `linear` and torch's bf16 silu and mul (the silu's exp may move a rounding: at
+    most one bf16 step, rarely), its `add` as torch adds bf16 to the bit; native.add_rms_norm against
+    torch's bf16 sum and rms_norm of it, to the bit."""
+    gen = torch.Generator().manual_seed(11)
+    dim, inter = 40, 24
+    gate, up = (torch.randn(inter, dim, generator=gen).bfloat16() for _ in range(2))
+    down = torch.randn(dim, inter, generator=gen).bfloat16()
+    for lib in builds():
+        for m in (1, 5, 17, native.LINEAR_ROWS):
+            x = torch.randn(m, dim + 3, generator=gen).bfloat16()[:, 2:dim + 2]  # rows with a stride
+            h = F.silu(native.linear(x, gate, lib)) * native.linear(x, up, lib)
+            want = native.linear(h, down, lib)
+            got = native.mlp(x, gate, up, down, lib=lib)
+            step = 2.0 ** -7 * want.float().abs() + 1e-30
+            assert ((got.float() - want.float()).abs() <= step).all(), (native.kind(lib), m)
+            assert (got == want).float().mean() >= 0.98, (native.kind(lib), m)
+            routed = torch.randn(m, dim, generator=gen).bfloat16()
+            assert torch.equal(native.mlp(x, gate, up, down, add=routed, lib=lib), routed + got), (native.kind(lib), m)
+
+            r = torch.randn(m, dim, generator=gen).bfloat16()
+            weight = torch.randn(dim, generator=gen).bfloat16()
+            total, normed = native.add_rms_norm(x, r, weight, 1e-5, lib)
+            assert torch.equal(total, x + r) and torch.equal(normed, native.rms_norm(x + r, weight, 1e-5, lib))
+    with pytest.raises(ValueError, match="native.mlp"):
+        native.mlp(x, gate, up, down.T)
+    with pytest.raises(ValueError, match="native.add_rms_norm"):
+        native.add_rms_norm(x, r.float(), weight, 1e-5)
 
 
 def test_moe_is_the_torch_routing_and_combine_bit_for_bit():
@@ -326,7 +357,8 @@ def test_a_native_plan_is_as_close_to_fp32_as_torchs_kernels(tiny_bf16, monkeypa
     continuations = [torch.randint(3, model.args.vocab_size, (6,), generator=gen).tolist() for _ in prompts]
     truth = torch.cat(incremental_logits(truth_model, prompts, continuations))
 
-    calls = {"_linear": 0, "moe": 0, "decode_attention": 0, "heads": 0, "_rms_norm": 0}  # what the modules call
+    calls = {"_linear": 0, "moe": 0, "decode_attention": 0, "heads": 0, "_rms_norm": 0, "_mlp": 0,
+             "_add_rms_norm": 0}  # what the modules call
 
     def counting(name, fn):
         def counted(*args, **kwargs):

@@ -53,8 +53,14 @@ class MLP(nn.Module):
         self.up_proj = native.Linear(dim, inter_dim, bias=False)
         self.down_proj = native.Linear(inter_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, D] -> [M, D]; plus `add` [M, D] where given (the MoE layer's routed sum)."""
+        gate, up, down = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        if (self.gate_proj.runs_native(x) and x.stride(1) == 1 and gate.is_contiguous() and up.is_contiguous()
+                and down.is_contiguous() and (add is None or (add.dtype == x.dtype and add.is_contiguous()))):
+            return native._mlp(x, gate, up, down, add, native.library())  # the same steps in one call
+        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return y if add is None else add + y
 
 
 class ExpertStack:

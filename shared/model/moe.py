@@ -103,7 +103,7 @@ class MoE(nn.Module):
             routed = (self.routed_loop(x, weights, ids) if backend == "reference"
                       else self.routed_grouped(x, weights, ids, counts, backend))
         if self.shared_experts is not None:
-            routed = routed + self.shared_experts(x)
+            routed = self.shared_experts(x, add=routed)  # routed + shared, as torch adds them
         return routed
 
     def routed_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

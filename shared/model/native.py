@@ -23,7 +23,10 @@ else in plain C (`kind()`). The entry points:
 - `heads(x, pack_heads(weight), n)`: per-head products against weights packed in input pairs (no
   sum across vector lanes, so short dot products run at full rate), the absorbed attention's W_UK
   and W_UV (MLA._decode_in_place);
-- `rms_norm(x, weight, eps)`: norm.RMSNorm of a few rows in one call;
+- `rms_norm(x, weight, eps)`: norm.RMSNorm of a few rows in one call; `add_rms_norm(x, r, weight, eps)`:
+  the residual sum x + r and its norm in one call (DecoderLayer's sum after attention);
+- `mlp(x, gate, up, down, add)`: experts.MLP (the dense layers, the shared expert) in one call, each
+  step rounded as torch's bf16 operators round it, plus the MoE layer's routed sum where given;
 - `rope(x, cos, sin, interleave)`, `kv_rows(kv, weight, eps, cos, sin, interleave)`: the rotary
   embedding, and MLA.project_kv's norm, rotation and concatenation, bit for bit as torch's operators.
 
@@ -118,10 +121,13 @@ def build(march: str) -> ctypes.CDLL:
     lib.streamoe_rms_norm_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, ctypes.c_float, _PTR, _INT]
     lib.streamoe_moe_bf16.argtypes = [_PTR, _INT, _INT, _PTR, _PTR, _INT, _INT, _PTR, _PTR, _INT, _PTR, _PTR,
                                       ctypes.c_int]
+    lib.streamoe_add_rms_norm_bf16.argtypes = [_PTR, _INT, _PTR, _INT, _INT, _INT, _PTR, ctypes.c_float, _PTR, _INT,
+                                               _PTR, _INT]
+    lib.streamoe_mlp_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, ctypes.c_int]
     lib.streamoe_rope_bf16.argtypes = [_PTR, _INT, _INT, _INT, _INT, _INT, _PTR, _PTR, ctypes.c_int, _PTR, _INT, _INT]
     lib.streamoe_gate_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _INT, _INT, _INT, ctypes.c_int,
                                        ctypes.c_float, _PTR, _PTR, ctypes.c_int]
-    for fn in (lib.streamoe_rope_bf16, lib.streamoe_gate_bf16,
+    for fn in (lib.streamoe_rope_bf16, lib.streamoe_gate_bf16, lib.streamoe_add_rms_norm_bf16, lib.streamoe_mlp_bf16,
                lib.streamoe_linear_bf16, lib.streamoe_experts_bf16, lib.streamoe_decode_attention_bf16,
                lib.streamoe_heads_bf16, lib.streamoe_rms_norm_bf16, lib.streamoe_moe_bf16, lib.streamoe_native_avx512):
         fn.restype = ctypes.c_int
@@ -168,6 +174,35 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL) -> torch.Te
                                   m, k, n, y.data_ptr(), n, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"native.linear failed on x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    return y
+
+
+def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, add: torch.Tensor | None = None,
+        lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """experts.MLP in one call: x [M, D] bf16 (M <= LINEAR_ROWS) -> down(silu(gate x) * up x) [M, D] bf16,
+    each step rounded to bf16 as through `linear` and torch's bf16 silu and mul; plus `add` [M, D] (as
+    torch adds bf16) where given. gate, up [I, D] and down [D, I] contiguous."""
+    inter = gate.shape[0]
+    if not (supports(x, gate) and x.stride(1) == 1 and gate.shape == up.shape == (inter, x.shape[1])
+            and down.shape == (x.shape[1], inter) and up.dtype == down.dtype == torch.bfloat16
+            and gate.is_contiguous() and up.is_contiguous() and down.is_contiguous() and up.is_cpu and down.is_cpu
+            and (add is None or (add.shape == x.shape and add.dtype == torch.bfloat16 and add.is_cpu
+                                 and add.is_contiguous()))):
+        raise ValueError(f"native.mlp: x {tuple(x.shape)} {x.dtype}, gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
+                         f"down {tuple(down.shape)}, add {None if add is None else tuple(add.shape)}: needs CPU bf16, "
+                         f"1..{LINEAR_ROWS} rows, contiguous weights of matching shapes")
+    return _mlp(x, gate, up, down, add, lib or library())
+
+
+def _mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, add: torch.Tensor | None,
+         lib: ctypes.CDLL) -> torch.Tensor:
+    """`mlp` on inputs already checked (experts.MLP's decode path)."""
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    rc = lib.streamoe_mlp_bf16(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], gate.data_ptr(), up.data_ptr(),
+                               gate.shape[0], down.data_ptr(), None if add is None else add.data_ptr(), y.data_ptr(),
+                               torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"native.mlp failed on x {tuple(x.shape)}, gate {tuple(gate.shape)}")
     return y
 
 
@@ -325,6 +360,31 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDL
     return y
 
 
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float,
+                 lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual sum and its norm in one call: x, r [M, K] bf16 (rows contiguous) -> (x + r as torch
+    adds bf16, rms_norm of that sum)."""
+    if not (x.dim() == 2 and x.shape == r.shape and x.dtype == r.dtype == weight.dtype == torch.bfloat16
+            and weight.shape == (x.shape[1],) and x.stride(1) == r.stride(1) == 1 and weight.is_contiguous()
+            and x.shape[0] > 0 and x.device.type == r.device.type == weight.device.type == "cpu"):
+        raise ValueError(f"native.add_rms_norm: x {tuple(x.shape)} {x.dtype}, r {tuple(r.shape)} {r.dtype}, "
+                         f"weight {tuple(weight.shape)} {weight.dtype}: needs CPU bf16 rows of one shape and a weight "
+                         "of their width")
+    return _add_rms_norm(x, r, weight, eps, lib or library())
+
+
+def _add_rms_norm(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float,
+                  lib: ctypes.CDLL) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_rms_norm` on inputs already checked (norm.RMSNorm.add_forward's decode path)."""
+    s = torch.empty(x.shape, dtype=torch.bfloat16)
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    rc = lib.streamoe_add_rms_norm_bf16(x.data_ptr(), x.stride(0), r.data_ptr(), r.stride(0), x.shape[0], x.shape[1],
+                                        weight.data_ptr(), eps, s.data_ptr(), s.stride(0), y.data_ptr(), y.stride(0))
+    if rc != 0:
+        raise RuntimeError(f"native.add_rms_norm failed on x {tuple(x.shape)}")
+    return s, y
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool, out: torch.Tensor | None = None,
          lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """rope.apply_rotary of x [T, n, R] bf16 (any strides, channels contiguous) by cos/sin [T, R/2] bf16, bit
@@ -371,11 +431,14 @@ class Linear(nn.Linear):
 
     native_rows: frozenset[int] = frozenset()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def runs_native(self, x: torch.Tensor) -> bool:
+        """`supports`, with the row count checked against native_rows (1..LINEAR_ROWS at most)."""
         w = self.weight
-        # `supports`, with the row count checked against native_rows (1..LINEAR_ROWS at most)
-        if (x.dim() == 2 and x.shape[0] in self.native_rows and x.dtype == w.dtype == torch.bfloat16 and x.is_cpu
-                and w.is_cpu and w.stride(1) == 1):
-            y = _linear(x, w, library())
+        return (x.dim() == 2 and x.shape[0] in self.native_rows and x.dtype == w.dtype == torch.bfloat16 and x.is_cpu
+                and w.is_cpu and w.stride(1) == 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runs_native(x):
+            y = _linear(x, self.weight, library())
             return y if self.bias is None else y + self.bias
-        return F.linear(x, w, self.bias)
+        return F.linear(x, self.weight, self.bias)

@@ -27,3 +27,13 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+    def add_forward(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + r, this norm of it): a residual sum and the next norm, in one native call where it runs."""
+        w = self.weight
+        if (x.dim() == 2 and x.shape[0] in self.native_rows and x.shape == r.shape and x.dtype == r.dtype == w.dtype
+                == torch.bfloat16 and x.is_cpu and r.is_cpu and x.stride(1) == r.stride(1) == 1 and w.is_cpu
+                and x.shape[1] == w.shape[0] and w.is_contiguous()):
+            return native._add_rms_norm(x, r, w, self.eps, native.library())
+        s = x + r
+        return s, self(s)

@@ -287,7 +287,7 @@ static inline __attribute__((always_inline)) void outer_mr(const uint32_t *xp, i
         __m512bh xv[4];
         for (int b = 0; b < MB; b++) xv[b] = (__m512bh)_mm512_loadu_si512(xp + kk * Mp + 16 * b);
         if ((kk & 15) == 0) /* the next R weight rows' next cache line (1.03-1.1x on the larger matrices) */
-            for (int i = 0; i < R; i++) _mm_prefetch((const char *)(w + (R + i) * ldw + 2 * kk), _MM_HINT_T0);
+            for (int i = 0; i < R; i++) _mm_prefetch((const char *)(w + (R + i) * ldw + 2 * kk), _MM_HINT_T1);
         for (int i = 0; i < R; i++) {
             const __m512bh wb = (__m512bh)_mm512_set1_epi32(*(const i32u *)(w + i * ldw + 2 * kk));
             for (int b = 0; b < MB; b++) acc[i][b] = _mm512_dpbf16_ps(acc[i][b], xv[b], wb);
@@ -460,30 +460,56 @@ int streamoe_heads_bf16(const uint16_t *x, int64_t ldxm, int64_t ldxh, int64_t M
     return 0;
 }
 
-/* RMSNorm of M rows as the model computes it (norm.py): the mean square and the scale in fp32, the
- * normalised row rounded to bf16, then times the bf16 weight and rounded again. x [M, K] (row stride
- * ldx), weight [K], y [M, K] (row stride ldy). Returns 0, or -1 for a bad argument. */
+/* s[i] = a[i] + b[i] for n bf16 values, as torch adds bf16: in fp32, rounded to nearest even once. */
+static inline void add_rows(const uint16_t *a, const uint16_t *b, uint16_t *s, int64_t n) {
+    int64_t i = 0;
+#ifdef STREAMOE_AVX512
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_add_ps(load_bf16(a + i, (__mmask16)0xffff), load_bf16(b + i, (__mmask16)0xffff));
+        _mm256_storeu_si256((__m256i *)(s + i), _mm512_cvtepi32_epi16(bf16_bits(v)));
+    }
+#endif
+    for (; i < n; i++) s[i] = f32_to_bf16(bf16_to_f32(a[i]) + bf16_to_f32(b[i]));
+}
+
+/* RMSNorm of one row as the model computes it (norm.py): the mean square and the scale in fp32, the
+ * normalised row rounded to bf16, then times the bf16 weight and rounded again. */
+static inline void norm_row(const uint16_t *row, int64_t K, const uint16_t *weight, float eps, uint16_t *y) {
+    float total = 0.0f;
+    int64_t k = 0;
+#ifdef STREAMOE_AVX512
+    __m512 sq = _mm512_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+        __m512 v = load_bf16(row + k, (__mmask16)0xffff);
+        sq = _mm512_fmadd_ps(v, v, sq);
+    }
+    total = _mm512_reduce_add_ps(sq);
+#endif
+    for (; k < K; k++) total += bf16_to_f32(row[k]) * bf16_to_f32(row[k]);
+    const float scale = 1.0f / sqrtf(total / (float)K + eps);
+    for (k = 0; k < K; k++) y[k] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(row[k]) * scale)) * bf16_to_f32(weight[k]));
+}
+
+/* RMSNorm of M rows: x [M, K] (row stride ldx), weight [K], y [M, K] (row stride ldy). Returns 0, or
+ * -1 for a bad argument. */
 int streamoe_rms_norm_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, const uint16_t *weight, float eps,
                            uint16_t *y, int64_t ldy) {
     if (M < 1 || K < 1) return -1;
     /* a decode batch's rows shared over torch's threads (the runtime's default count is torch's) */
 #pragma omp parallel for if (M * K >= 16384) schedule(static)
+    for (int64_t m = 0; m < M; m++) norm_row(x + m * ldx, K, weight, eps, y + m * ldy);
+    return 0;
+}
+
+/* The residual sum and the next norm in one pass: s = x + r as torch adds bf16 (in fp32, rounded once),
+ * y = RMSNorm(s). x, r, s, y [M, K] with row strides ldx, ldr, lds, ldy. Returns 0, or -1 for a bad argument. */
+int streamoe_add_rms_norm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *r, int64_t ldr, int64_t M, int64_t K,
+                               const uint16_t *weight, float eps, uint16_t *s, int64_t lds, uint16_t *y, int64_t ldy) {
+    if (M < 1 || K < 1) return -1;
+#pragma omp parallel for if (M * K >= 16384) schedule(static)
     for (int64_t m = 0; m < M; m++) {
-        const uint16_t *row = x + m * ldx;
-        float total = 0.0f;
-        int64_t k = 0;
-#ifdef STREAMOE_AVX512
-        __m512 sq = _mm512_setzero_ps();
-        for (; k + 16 <= K; k += 16) {
-            __m512 v = load_bf16(row + k, (__mmask16)0xffff);
-            sq = _mm512_fmadd_ps(v, v, sq);
-        }
-        total = _mm512_reduce_add_ps(sq);
-#endif
-        for (; k < K; k++) total += bf16_to_f32(row[k]) * bf16_to_f32(row[k]);
-        const float scale = 1.0f / sqrtf(total / (float)K + eps);
-        for (k = 0; k < K; k++)
-            y[m * ldy + k] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(row[k]) * scale)) * bf16_to_f32(weight[k]));
+        add_rows(x + m * ldx, r + m * ldr, s + m * lds, K);
+        norm_row(s + m * lds, K, weight, eps, y + m * ldy);
     }
     return 0;
 }
@@ -521,6 +547,55 @@ static inline void silu_mul(float *g, const float *u, int64_t n) {
     }
 #endif
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* h[i] = silu(g[i]) * u[i] for n bf16 values as torch computes them in bf16: the silu in fp32 as
+ * g / (1 + e^-g) (the exp within 2 ulp), rounded; the product in fp32, rounded. Into g. */
+static void silu_mul_bf16(uint16_t *g, const uint16_t *u, int64_t n, int nthreads) {
+#pragma omp parallel for if (n >= 16384) num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
+    for (int64_t i0 = 0; i0 < n; i0 += 1024) {
+        const int64_t end = i0 + 1024 < n ? i0 + 1024 : n;
+        int64_t i = i0;
+#ifdef STREAMOE_AVX512
+        const __m512 one = _mm512_set1_ps(1.0f);
+        for (; i + 16 <= end; i += 16) {
+            const __m512 gv = load_bf16(g + i, (__mmask16)0xffff);
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            const __m512i s = bf16_bits(_mm512_div_ps(gv, _mm512_add_ps(one, e)));
+            const __m512 h = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(s, 16)), load_bf16(u + i, (__mmask16)0xffff));
+            _mm256_storeu_si256((__m256i *)(g + i), _mm512_cvtepi32_epi16(bf16_bits(h)));
+        }
+#endif
+        for (; i < end; i++) {
+            const float v = bf16_to_f32(g[i]);
+            g[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(v / (1.0f + expf(-v)))) * bf16_to_f32(u[i]));
+        }
+    }
+}
+
+/* A SwiGLU MLP of M rows as experts.MLP computes it in bf16 through `linear`, in one call: g = x wg^T and
+ * u = x wu^T rounded to bf16, silu(g) * u as torch's bf16 silu and mul, y = h wd^T rounded; with `add`
+ * (or NULL) then y + add as torch adds bf16 (the MoE layer's routed sum). wg, wu [I, D] and wd [D, I] with
+ * contiguous rows; x [M, D] (row stride ldx); add and y [M, D] contiguous. Returns 0, or -1 for a bad
+ * argument. */
+int streamoe_mlp_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t D, const uint16_t *wg, const uint16_t *wu,
+                      int64_t I, const uint16_t *wd, const uint16_t *add, uint16_t *y, int nthreads) {
+    if (M < 1 || D < 1 || I < 1) return -1;
+    uint16_t *g = malloc(sizeof(uint16_t) * (size_t)(2 * M * I));
+    if (!g) return -1;
+    uint16_t *u = g + M * I;
+    int rc = streamoe_linear_bf16(wg, D, x, ldx, M, D, I, g, I, nthreads);
+    if (rc == 0) rc = streamoe_linear_bf16(wu, D, x, ldx, M, D, I, u, I, nthreads);
+    if (rc == 0) {
+        silu_mul_bf16(g, u, M * I, nthreads);
+        rc = streamoe_linear_bf16(wd, I, g, I, M, I, D, y, D, nthreads);
+    }
+    if (rc == 0 && add) {
+#pragma omp parallel for if (M * D >= 16384) num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
+        for (int64_t m = 0; m < M; m++) add_rows(y + m * D, add + m * D, y + m * D, D);
+    }
+    free(g);
+    return rc;
 }
 
 /* Rotary embedding as rope.apply_rotary computes it in bf16, bit for bit: x [T, n, R] (strides ldxt, ldxh;
