@@ -155,12 +155,14 @@ def test_moe_is_the_torch_routing_and_combine_bit_for_bit():
         order = ids.flatten().argsort(stable=True)
         rows = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
         for lib in builds():  # each build's own expert loops (they differ in how they round the intermediate)
-            ys = native.experts(x.index_select(0, order // top_k), expert_counts(ids, slots), stack.w13, stack.w2, lib)
-            want = combine(ys, rows.view(ids.shape), ids, weights).to(torch.bfloat16)
-            load = torch.arange(slots)
-            got = native.moe(x, ids, weights, stack.w13, stack.w2, load=load, lib=lib)
-            assert torch.equal(got, want), (tokens, native.kind(lib))
-            assert torch.equal(load, torch.arange(slots) + expert_counts(ids, slots))  # the pairs added
+            for packed in {None, native.pack_experts(stack.w13, stack.w2, lib)}:  # and the tiles (AVX512-BF16)
+                ys = native.experts(x.index_select(0, order // top_k), expert_counts(ids, slots), stack.w13, stack.w2,
+                                    lib, packed=packed)
+                want = combine(ys, rows.view(ids.shape), ids, weights).to(torch.bfloat16)
+                load = torch.arange(slots)
+                got = native.moe(x, ids, weights, stack.w13, stack.w2, load=load, lib=lib, packed=packed)
+                assert torch.equal(got, want), (tokens, native.kind(lib), packed is None)
+                assert torch.equal(load, torch.arange(slots) + expert_counts(ids, slots))  # the pairs added
     # the order of the sum: slot 1 is slot 0 negated and large, so slots 0 and 1 cancel exactly when added
     # first (slot order) and leave fp32 rounding of their size behind when slot 2 comes between them
     loud = ExpertStack(stack.w13.clone(), stack.w2.clone())
@@ -178,6 +180,8 @@ def test_moe_is_the_torch_routing_and_combine_bit_for_bit():
         native.moe(x, ids + slots, weights, stack.w13, stack.w2)
     with pytest.raises(ValueError, match="native.moe"):
         native.moe(x, ids, weights.double(), stack.w13, stack.w2)
+    with pytest.raises(ValueError, match="not pack_experts of stacks of 12 slots"):
+        native.moe(x, ids, weights, stack.w13, stack.w2, packed=(stack.w13, stack.w2))
 
 
 def test_gate_chooses_the_experts_torch_chooses():
@@ -261,20 +265,31 @@ def reference_experts(xs: torch.Tensor, counts: torch.Tensor, stack: ExpertStack
 
 def test_native_experts_match_the_float64_reference_pair_by_pair():
     """Empty slots, one pair, and a slot of 19 pairs (three passes of up to 8) in one call; with 4 slots
-    in use on 2 threads each thread runs whole experts, with 2 the threads share each expert's rows."""
+    in use on 2 threads each thread runs whole experts, with 2 the threads share each expert's rows. The
+    stacks as they are, and (AVX512-BF16) packed in tiles, partial at both edges (I odd, D past 64)."""
     gen = torch.Generator().manual_seed(3)
-    slots, dim, inter = 6, 80, 40
+    slots, dim, inter = 6, 80, 41
     stack = ExpertStack((torch.randn(slots, 2 * inter, dim, generator=gen) * 0.2).bfloat16(),
                         (torch.randn(slots, dim, inter, generator=gen) * 0.2).bfloat16())
+    if native.kind() == "avx512-bf16":
+        w13p, w2p = stack.packed_for_native()
+        assert w13p.shape == (slots, 2, dim // 2, 64, 2) and w2p.shape == (slots, 2, 21, 64, 2)
+        assert stack.packed_for_native()[0] is w13p  # made once per weight version
     for counts in (torch.tensor([0, 1, 19, 0, 5, 8]), torch.tensor([0, 0, 19, 0, 0, 3])):
         xs = torch.randn(int(counts.sum()), dim, generator=gen).bfloat16()
         got = run_experts("native", xs, counts, stack)
         assert got.dtype == torch.bfloat16 and got.shape == xs.shape
-        assert torch.equal(got, native.experts(xs, counts, stack.w13, stack.w2, native.library()))
+        assert torch.equal(got, native.experts(xs, counts, stack.w13, stack.w2, native.library(),
+                                               packed=stack.packed_for_native()))
         for lib in builds():
             want = reference_experts(xs, counts, stack, round_act=native.kind(lib) == "avx512-bf16")
             got = native.experts(xs, counts, stack.w13, stack.w2, lib)
             assert within_one_rounding(got, want, dim + inter), (native.kind(lib), counts.tolist())
+            packed = native.pack_experts(stack.w13, stack.w2, lib)
+            assert (packed is None) == (native.kind(lib) != "avx512-bf16")
+            if packed is not None:
+                got = native.experts(xs, counts, stack.w13, stack.w2, lib, packed=packed)
+                assert within_one_rounding(got, want, dim + inter), ("packed", counts.tolist())
     assert run_experts("native", xs[:0], torch.zeros(slots, dtype=torch.int64), stack).shape == (0, dim)
 
 
@@ -381,6 +396,27 @@ def test_a_native_plan_is_as_close_to_fp32_as_torchs_kernels(tiny_bf16, monkeypa
     assert model.lm_head.native_rows == frozenset({1, 2, 3})
     model.set_moe_backend("sparse")
     assert model.lm_head.native_rows == frozenset()
+
+
+def test_the_packed_experts_are_made_with_the_plan_and_with_an_ep_ranks_staged_placement(tiny_bf16):
+    """The native loops' copy of each stack is made when a native plan is set, and by an EP rank when it
+    stages a placement (off the compute thread), not in a step; it follows a changed weight."""
+    if native.kind() != "avx512-bf16":
+        pytest.skip(f"the experts are packed for AVX512-BF16 only; this CPU's kernels are {native.kind()}")
+    from shared.ep.moe import EPMoE
+    model = load_model(tiny_bf16, dtype="bf16")
+    model.set_moe_backend("native")
+    moe = next(m for m in model.modules() if isinstance(getattr(m, "stack", None), ExpertStack))
+    assert getattr(moe.stack, "_packed_key", None) is not None
+    w13p = moe.stack.packed_for_native()[0]
+    moe.stack.w13[0, 0, 0] += 1  # a changed weight: packed again
+    assert not torch.equal(moe.stack.packed_for_native()[0], w13p)
+    slots = list(range(moe.num_experts))
+    rank = EPMoE(moe, 1, 0, 1, slots, exchange=None, wire="exact")
+    assert getattr(rank.stack, "_packed_key", None) is not None
+    staged = rank.stage(slots[::-1], lambda layer, expert: moe.experts[expert])
+    assert getattr(staged, "_packed_key", None) is not None
+    assert torch.equal(staged.packed_for_native()[1][0], rank.stack.packed_for_native()[1][-1])
 
 
 def test_native_is_refused_where_it_cannot_run_naming_device_dtype_and_reason(tiny_bf16, monkeypatch):

@@ -46,6 +46,8 @@ class EPMoE(nn.Module):
         # local slot i holds logical expert local_slots[i]: this rank's own stack, redundant copies included
         self.use_stack(ExpertStack.from_experts([moe.experts[e] for e in self.local_slots(phy2log)]))
         self.plan = moe.plan
+        if "native" in self.plan.backends:
+            self.stack.packed_for_native()
         self.exchange = exchange
         self.expert_load: torch.Tensor | None = None  # [E] tokens this rank routed, by logical expert
         self.dispatched = torch.zeros(size, dtype=torch.int64)  # [R] tokens sent to each rank (self included)
@@ -99,7 +101,10 @@ class EPMoE(nn.Module):
         missing = sorted({e for e in wanted if e not in held})
         with ThreadPoolExecutor(max(1, min(READ_THREADS, len(missing)))) as pool:  # safetensors reads: mmap
             read = dict(zip(missing, pool.map(lambda e: read_expert(self.layer, e), missing)))
-        return ExpertStack.from_experts([held[e] if e in held else read[e] for e in wanted])
+        stack = ExpertStack.from_experts([held[e] if e in held else read[e] for e in wanted])
+        if "native" in self.plan.backends:
+            stack.packed_for_native()  # the native loops' copy too, off the compute thread
+        return stack
 
     def switch(self, phy2log: list[int], stack: ExpertStack, owners: list[int] | None = None) -> None:
         """Take a staged placement (between steps, on every rank at the same step)."""

@@ -16,7 +16,7 @@ from torch import nn
 from shared.model import native
 from shared.model.attention import MLA, AttentionBatch, LatentCache
 from shared.model.config import ModelArgs
-from shared.model.experts import MoEPlan, check_supported
+from shared.model.experts import ExpertStack, MoEPlan, check_supported
 from shared.model.moe import MLP, Gate, MoE
 from shared.model.norm import RMSNorm
 from shared.model.rope import RotaryEmbedding
@@ -120,6 +120,8 @@ class DeepseekV3(nn.Module):
                 module.native_rows = norm_rows
             if isinstance(module, MLA):
                 module.native_plan = plan if "native" in plan.backends else None
+            if "native" in plan.backends and isinstance(getattr(module, "stack", None), ExpertStack):
+                module.stack.packed_for_native()  # the native loops' copy, made now rather than in a step
         return plan
 
     @torch.inference_mode()

@@ -96,7 +96,8 @@ class MoE(nn.Module):
         if backend == "native":  # sorting, experts, the same fp32 combine and the load count in one call
             if self.stack is None:
                 self.stack_experts()
-            routed = native.moe(x, ids, weights, self.stack.w13, self.stack.w2, load=self.expert_load)
+            routed = native.moe(x, ids, weights, self.stack.w13, self.stack.w2, load=self.expert_load,
+                                packed=self.stack.packed_for_native())
         else:
             counts = expert_counts(ids, self.num_experts)  # [E]
             self.expert_load += counts

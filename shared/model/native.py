@@ -113,14 +113,14 @@ def build(march: str) -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
     lib.streamoe_linear_bf16.argtypes = [_PTR, _INT, _PTR, _INT, _INT, _INT, _INT, _PTR, _INT, ctypes.c_int]
-    lib.streamoe_experts_bf16.argtypes = [_PTR, _PTR, _INT, _PTR, _PTR, _INT, _INT, _PTR, ctypes.c_int]
+    lib.streamoe_experts_bf16.argtypes = [_PTR, _PTR, _INT, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _PTR, ctypes.c_int]
     lib.streamoe_decode_attention_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _PTR, _INT,
                                                    ctypes.c_float, _PTR, ctypes.c_int]
     lib.streamoe_heads_bf16.argtypes = [_PTR, _INT, _INT, _INT, _INT, _INT, _PTR, _INT, _INT, _PTR, _INT, _INT,
                                         ctypes.c_int]
     lib.streamoe_rms_norm_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, ctypes.c_float, _PTR, _INT]
-    lib.streamoe_moe_bf16.argtypes = [_PTR, _INT, _INT, _PTR, _PTR, _INT, _INT, _PTR, _PTR, _INT, _PTR, _PTR,
-                                      ctypes.c_int]
+    lib.streamoe_moe_bf16.argtypes = [_PTR, _INT, _INT, _PTR, _PTR, _INT, _INT, _PTR, _PTR, _PTR, _PTR, _INT, _PTR,
+                                      _PTR, ctypes.c_int]
     lib.streamoe_add_rms_norm_bf16.argtypes = [_PTR, _INT, _PTR, _INT, _INT, _INT, _PTR, ctypes.c_float, _PTR, _INT,
                                                _PTR, _INT]
     lib.streamoe_mlp_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, ctypes.c_int]
@@ -206,10 +206,40 @@ def _mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tens
     return y
 
 
+TILE = 64  # output columns per tile of `pack_experts` (the C file's TILE)
+
+
+def pack_experts(w13: torch.Tensor, w2: torch.Tensor,
+                 lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The stacks w13 [S, 2I, D] and w2 [S, D, I] (bf16) copied into the tiles the loops read with
+    AVX512-BF16 (`experts`, `moe`): each matrix by tiles of 64 output columns, each tile [ceil(K/2)][64][2]
+    (a column's two weights of each input pair side by side), zeros past the edges; w13's tiles hold 32
+    gate then the same 32 up columns. None where the loops read the stacks as they are (another
+    instruction set, or an odd D)."""
+    if kind(lib) != "avx512-bf16" or w13.dtype != torch.bfloat16 or w13.device.type != "cpu":
+        return None
+    slots, dim, inter = w2.shape
+    if dim % 2:
+        return None
+    with torch.no_grad():
+        tiles13 = -(-inter // 32)
+        rows = torch.zeros(slots, 2, tiles13 * 32, dim, dtype=torch.bfloat16)  # [S, gate|up, I padded, D]
+        rows[:, :, :inter] = w13.view(slots, 2, inter, dim)
+        tiles = rows.view(slots, 2, tiles13, 32, dim).transpose(1, 2).reshape(slots, tiles13, TILE, dim // 2, 2)
+        w13p = tiles.transpose(2, 3).contiguous()
+        tiles2, pairs = -(-dim // TILE), -(-inter // 2)
+        down = torch.zeros(slots, tiles2 * TILE, 2 * pairs, dtype=torch.bfloat16)
+        down[:, :dim, :inter] = w2
+        w2p = down.view(slots, tiles2, TILE, pairs, 2).transpose(2, 3).contiguous()
+    return w13p, w2p
+
+
 def experts(xs: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-            lib: ctypes.CDLL | None = None) -> torch.Tensor:
+            lib: ctypes.CDLL | None = None,
+            packed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """xs [P, D] bf16 sorted by slot, counts [S] pairs per slot (int64), w13 [S, 2I, D], w2 [S, D, I]
-    (contiguous, bf16) -> ys [P, D] bf16: each pair through its slot's expert."""
+    (contiguous, bf16) -> ys [P, D] bf16: each pair through its slot's expert; read from `packed`
+    (`pack_experts` of the same stacks) where given."""
     xs, counts = xs.contiguous(), counts.contiguous()
     if not (xs.dtype == w13.dtype == w2.dtype == torch.bfloat16 and counts.dtype == torch.int64
             and w13.is_contiguous() and w2.is_contiguous() and xs.device.type == counts.device.type == "cpu"):
@@ -220,21 +250,39 @@ def experts(xs: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch
             or int(counts.sum()) != xs.shape[0]):
         raise ValueError(f"native.experts: xs {tuple(xs.shape)}, counts {tuple(counts.shape)} summing to "
                          f"{int(counts.sum())}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} do not fit together")
+    w13p, w2p = _packed_pointers(packed, slots, dim, inter)
     ys = torch.empty_like(xs)
     rc = (lib or library()).streamoe_experts_bf16(xs.data_ptr(), counts.data_ptr(), slots, w13.data_ptr(),
-                                                  w2.data_ptr(), dim, inter, ys.data_ptr(), torch.get_num_threads())
+                                                  w2.data_ptr(), w13p, w2p, dim, inter, ys.data_ptr(),
+                                                  torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"native.experts failed on {xs.shape[0]} pairs over {w13.shape[0]} slots")
     return ys
 
 
+def _packed_pointers(packed: tuple[torch.Tensor, torch.Tensor] | None, slots: int, dim: int,
+                     inter: int) -> tuple[int | None, int | None]:
+    """The packed tiles' addresses, checked against the stacks' shapes (None, None without them)."""
+    if packed is None:
+        return None, None
+    w13p, w2p = packed
+    if not (w13p.shape == (slots, -(-inter // 32), dim // 2, TILE, 2) and w2p.shape == (slots, -(-dim // TILE),
+            -(-inter // 2), TILE, 2) and w13p.dtype == w2p.dtype == torch.bfloat16 and w13p.is_contiguous()
+            and w2p.is_contiguous() and dim % 2 == 0):
+        raise ValueError(f"native experts: packed {tuple(w13p.shape)}, {tuple(w2p.shape)} are not pack_experts of "
+                         f"stacks of {slots} slots, D {dim}, I {inter}")
+    return w13p.data_ptr(), w2p.data_ptr()
+
+
 def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-        load: torch.Tensor | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+        load: torch.Tensor | None = None, lib: ctypes.CDLL | None = None,
+        packed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """A routed MoE layer from its routing in one call: x [T, D] bf16, ids [T, K] int64 (each token's
     distinct slots), weights [T, K] fp32, the stacks w13 [S, 2I, D] and w2 [S, D, I] -> [T, D] bf16:
     the pairs sorted by slot, `experts`, then experts.combine's fp32 sum in slot order, rounded once
     (the same numbers as those three steps in torch, bit for bit). Each slot's pairs are added to
-    `load` [S] int64 where given (MoE.expert_load)."""
+    `load` [S] int64 where given (MoE.expert_load). The experts are read from `packed` where given
+    (`pack_experts` of the same stacks)."""
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
     slots, dim, inter = w2.shape
     if not (x.dtype == w13.dtype == w2.dtype == torch.bfloat16 and ids.dtype == torch.int64
@@ -248,9 +296,10 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Te
     if load is not None and not (load.dtype == torch.int64 and load.shape == (slots,) and load.is_contiguous()
                                  and load.device.type == "cpu"):
         raise ValueError(f"native.moe: load {tuple(load.shape)} {load.dtype}: needs a CPU int64 [{slots}]")
+    w13p, w2p = _packed_pointers(packed, slots, dim, inter)
     out = torch.empty_like(x)
     rc = (lib or library()).streamoe_moe_bf16(x.data_ptr(), x.shape[0], dim, ids.data_ptr(), weights.data_ptr(),
-                                              ids.shape[1], slots, w13.data_ptr(), w2.data_ptr(), inter,
+                                              ids.shape[1], slots, w13.data_ptr(), w2.data_ptr(), w13p, w2p, inter,
                                               out.data_ptr(), None if load is None else load.data_ptr(),
                                               torch.get_num_threads())
     if rc != 0:
