@@ -85,7 +85,7 @@ def test_heads_and_rms_norm_are_the_float64_results_rounded():
         weight = packed_from[:, 5:, :k]  # a strided view, as MLA's W_UK and W_UV inside kv_b_proj
         packed = native.pack_heads(weight)
         for lib in builds():
-            for m in (1, 5, 11):
+            for m in (1, 5, 11, 64):  # blocks of 6 rows, and the last short
                 x = torch.randn(m, heads, k + 2, generator=gen).bfloat16()[..., 1:k + 1]
                 out = torch.zeros(m, heads, n + 4, dtype=torch.bfloat16)
                 got = native.heads(x, packed, n, out=out[..., 2:n + 2], lib=lib)

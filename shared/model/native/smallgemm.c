@@ -401,11 +401,60 @@ int streamoe_linear_bf16(const uint16_t *w, int64_t ldw, const uint16_t *x, int6
  * of x is broadcast against 16 outputs' pairs (vdpbf16ps), 4 rows x 64 outputs in registers, so no
  * sum crosses lanes: the absorbed attention's W_UK (K = 64, a short dot product) and W_UV products
  * (MLA). Threads share the (head, 4 rows) blocks. Returns 0, or -1 for a bad argument. */
+#if defined(STREAMOE_DPBF16)
+/* acc [R][64] = R rows' products with 64 outputs (vs vectors of 16 in use) of one head's packed weights w
+ * (at the block's first output): each pair of a row read as one 32-bit word and broadcast (K odd: the last
+ * channel alone), R x vs sums in registers. */
+static inline __attribute__((always_inline)) void heads_mr(const uint16_t *x, int64_t ldxm, const uint16_t *w,
+                                                           int64_t Np, int64_t K, const int R, int vs, float *acc) {
+    __m512 sum[6][4];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < 4; v++) sum[r][v] = _mm512_setzero_ps();
+    const int64_t full = K / 2;
+    for (int64_t j = 0; j <= full; j++) {
+        if (j == full && K % 2 == 0) break;
+        const uint16_t *wj = w + j * Np * 2;
+        __m512bh wv[4];
+        for (int v = 0; v < 4; v++)
+            wv[v] = (__m512bh)(v < vs ? _mm512_loadu_si512(wj + 32 * v) : _mm512_setzero_si512());
+        for (int r = 0; r < R; r++) { /* fixed counts, unrolled: the sums stay in registers */
+            const uint16_t *row = x + r * ldxm + 2 * j;
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(j < full ? *(const i32u *)row : (int32_t)row[0]);
+            for (int v = 0; v < 4; v++) sum[r][v] = _mm512_dpbf16_ps(sum[r][v], wv[v], xv);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < 4; v++) _mm512_storeu_ps(acc + r * 64 + 16 * v, sum[r][v]);
+}
+#define HEADS_CASE(RR) case RR: heads_mr(row0, ldxm, w + n0 * 2, Np, K, RR, vs, acc); break;
+#endif
+
 int streamoe_heads_bf16(const uint16_t *x, int64_t ldxm, int64_t ldxh, int64_t M, int64_t H, int64_t K,
                         const uint16_t *wp, int64_t Np, int64_t N, uint16_t *y, int64_t ldym, int64_t ldyh,
                         int nthreads) {
     if (M < 1 || H < 1 || K < 1 || N < 1 || Np < N || Np % 16) return -1;
-    const int64_t pairs = (K + 1) / 2, mblocks = (M + 3) / 4;
+    const int64_t pairs = (K + 1) / 2;
+#if defined(STREAMOE_DPBF16)
+    const int64_t mblocks = (M + 5) / 6; /* 6 rows x 64 outputs in registers */
+#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
+    for (int64_t b = 0; b < H * mblocks; b++) {
+        const int64_t h = b / mblocks, m0 = (b % mblocks) * 6;
+        const int rows = (int)(M - m0 < 6 ? M - m0 : 6);
+        const uint16_t *w = wp + h * pairs * Np * 2, *row0 = x + m0 * ldxm + h * ldxh;
+        float acc[6 * 64];
+        for (int64_t n0 = 0; n0 < N; n0 += 64) {
+            const int64_t width = N - n0 < 64 ? N - n0 : 64;
+            const int vs = (int)((width + 15) / 16);
+            switch (rows) {
+                HEADS_CASE(1) HEADS_CASE(2) HEADS_CASE(3) HEADS_CASE(4) HEADS_CASE(5) HEADS_CASE(6)
+                default: break;
+            }
+            for (int r = 0; r < rows; r++) round_bf16(acc + r * 64, y + (m0 + r) * ldym + h * ldyh + n0, width);
+        }
+    }
+    return 0;
+#else
+    const int64_t mblocks = (M + 3) / 4;
 #pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
     for (int64_t b = 0; b < H * mblocks; b++) {
         const int64_t h = b / mblocks, m0 = (b % mblocks) * 4;
@@ -427,24 +476,6 @@ int streamoe_heads_bf16(const uint16_t *x, int64_t ldxm, int64_t ldxh, int64_t M
                     }
                 }
                 built = j0;
-#if defined(STREAMOE_DPBF16)
-                __m512 sum[4][4];
-                for (int r = 0; r < 4; r++)
-                    for (int v = 0; v < 4; v++) sum[r][v] = _mm512_loadu_ps(acc + r * 64 + 16 * v);
-                const int vs = (int)((width + 15) / 16);
-                for (int64_t j = 0; j < jn; j++) {
-                    const uint16_t *wj = w + ((j0 + j) * Np + n0) * 2;
-                    __m512bh wv[4];
-                    for (int v = 0; v < 4; v++)
-                        wv[v] = (__m512bh)(v < vs ? _mm512_loadu_si512(wj + 32 * v) : _mm512_setzero_si512());
-                    for (int r = 0; r < 4; r++) { /* fixed counts, unrolled: the sums stay in registers */
-                        const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xs[r * 256 + j]);
-                        for (int v = 0; v < 4; v++) sum[r][v] = _mm512_dpbf16_ps(sum[r][v], wv[v], xv);
-                    }
-                }
-                for (int r = 0; r < 4; r++)
-                    for (int v = 0; v < 4; v++) _mm512_storeu_ps(acc + r * 64 + 16 * v, sum[r][v]);
-#else
                 for (int r = 0; r < rows; r++)
                     for (int64_t j = 0; j < jn; j++) {
                         const float x0 = bf16_to_f32((uint16_t)xs[r * 256 + j]), x1 = bf16_to_f32((uint16_t)(xs[r * 256 + j] >> 16));
@@ -452,12 +483,12 @@ int streamoe_heads_bf16(const uint16_t *x, int64_t ldxm, int64_t ldxh, int64_t M
                         for (int64_t n = 0; n < width; n++)
                             acc[r * 64 + n] += x0 * bf16_to_f32(wj[2 * n]) + x1 * bf16_to_f32(wj[2 * n + 1]);
                     }
-#endif
             }
             for (int r = 0; r < rows; r++) round_bf16(acc + r * 64, y + (m0 + r) * ldym + h * ldyh + n0, width);
         }
     }
     return 0;
+#endif
 }
 
 /* s[i] = a[i] + b[i] for n bf16 values, as torch adds bf16: in fp32, rounded to nearest even once. */
