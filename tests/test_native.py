@@ -141,6 +141,22 @@ def test_mlp_and_the_residual_norm_are_torchs_bf16_steps_in_one_call():
         native.add_rms_norm(x, r.float(), weight, 1e-5)
 
 
+def test_store_rows_is_index_copy():
+    """The new cache rows into their slots as LatentKVPool.store's index_copy_ puts them: slots given as
+    a strided int32 view too; a slot outside the pool refused, nothing written."""
+    gen = torch.Generator().manual_seed(5)
+    pool = torch.randn(50, 36, generator=gen).bfloat16()
+    rows = torch.randn(6, 40, generator=gen).bfloat16()[:, 2:38]  # a row stride
+    slots = torch.tensor([[7, 0], [49, 0], [3, 0], [20, 0], [8, 0], [31, 0]], dtype=torch.int32)[:, 0]
+    for lib in builds():
+        want, got = pool.clone().index_copy_(0, slots.long(), rows), pool.clone()
+        native.store_rows(got, slots, rows, lib)
+        assert torch.equal(got, want), native.kind(lib)
+        with pytest.raises(ValueError, match="a slot outside 0..49"):
+            native.store_rows(got, slots + 1, rows, lib)
+        assert torch.equal(got, want)
+
+
 def test_moe_is_the_torch_routing_and_combine_bit_for_bit():
     """native.moe (sort, experts, combine in one call) against the steps MoE.routed_grouped takes in torch
     around native.experts: equal to the bit, for one token, a few, and all tokens on few experts."""
@@ -373,7 +389,7 @@ def test_a_native_plan_is_as_close_to_fp32_as_torchs_kernels(tiny_bf16, monkeypa
     truth = torch.cat(incremental_logits(truth_model, prompts, continuations))
 
     calls = {"_linear": 0, "moe": 0, "decode_attention": 0, "heads": 0, "_rms_norm": 0, "_mlp": 0,
-             "_add_rms_norm": 0}  # what the modules call
+             "_add_rms_norm": 0, "store_rows": 0}  # what the modules call
 
     def counting(name, fn):
         def counted(*args, **kwargs):

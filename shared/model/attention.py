@@ -152,7 +152,9 @@ class MLA(nn.Module):
         attends to its `context_slots`; without one each sequence attends to its own new tokens."""
         q_nope, q_pe = self.project_q(x, cos, sin)
         kv = self.project_kv(x, cos, sin)  # [T, C+R]
-        if cache is not None:
+        if cache is not None and self._native_rows(kv) and cache.layer_rows(self.layer).dtype == kv.dtype:
+            native.store_rows(cache.layer_rows(self.layer), batch.slot_mapping, kv)  # cache.store, in one call
+        elif cache is not None:
             cache.store(self.layer, batch.slot_mapping, kv)
         return self.attend(q_nope, q_pe, kv, batch, cache)
 

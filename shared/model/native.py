@@ -27,6 +27,8 @@ else in plain C (`kind()`). The entry points:
   the residual sum x + r and its norm in one call (DecoderLayer's sum after attention);
 - `mlp(x, gate, up, down, add)`: experts.MLP (the dense layers, the shared expert) in one call, each
   step rounded as torch's bf16 operators round it, plus the MoE layer's routed sum where given;
+- `store_rows(pool, slots, rows)`: the new cache rows into their slots (LatentKVPool.store), every
+  destination line asked for at once;
 - `rope(x, cos, sin, interleave)`, `kv_rows(kv, weight, eps, cos, sin, interleave)`: the rotary
   embedding, and MLA.project_kv's norm, rotation and concatenation, bit for bit as torch's operators.
 
@@ -124,10 +126,12 @@ def build(march: str) -> ctypes.CDLL:
     lib.streamoe_add_rms_norm_bf16.argtypes = [_PTR, _INT, _PTR, _INT, _INT, _INT, _PTR, ctypes.c_float, _PTR, _INT,
                                                _PTR, _INT]
     lib.streamoe_mlp_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, ctypes.c_int]
+    lib.streamoe_store_rows_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _INT, _PTR]
     lib.streamoe_rope_bf16.argtypes = [_PTR, _INT, _INT, _INT, _INT, _INT, _PTR, _PTR, ctypes.c_int, _PTR, _INT, _INT]
     lib.streamoe_gate_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _INT, _INT, _INT, ctypes.c_int,
                                        ctypes.c_float, _PTR, _PTR, ctypes.c_int]
     for fn in (lib.streamoe_rope_bf16, lib.streamoe_gate_bf16, lib.streamoe_add_rms_norm_bf16, lib.streamoe_mlp_bf16,
+               lib.streamoe_store_rows_bf16,
                lib.streamoe_linear_bf16, lib.streamoe_experts_bf16, lib.streamoe_decode_attention_bf16,
                lib.streamoe_heads_bf16, lib.streamoe_rms_norm_bf16, lib.streamoe_moe_bf16, lib.streamoe_native_avx512):
         fn.restype = ctypes.c_int
@@ -472,6 +476,22 @@ def kv_rows(kv: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tenso
         raise RuntimeError(f"native.kv_rows failed on kv {tuple(kv.shape)}")
     rope(kv[:, None, c:], cos, sin, interleave, out[:, None, c:], lib)
     return out
+
+
+def store_rows(pool: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, lib: ctypes.CDLL | None = None) -> None:
+    """pool[slots] = rows for a cache layer pool [N, W] bf16 (contiguous), slots [T] int64, rows [T, W] bf16
+    (rows contiguous): LatentKVPool.store's index_copy_, with every destination line asked for at once."""
+    if slots.dtype != torch.int64 or not slots.is_contiguous():
+        slots = slots.to(torch.int64).contiguous()
+    if not (pool.dim() == rows.dim() == 2 and pool.dtype == rows.dtype == torch.bfloat16 and pool.is_contiguous()
+            and rows.shape[1] == pool.shape[1] and rows.stride(1) == 1 and slots.shape == (rows.shape[0],)
+            and pool.device.type == rows.device.type == slots.device.type == "cpu"):
+        raise ValueError(f"native.store_rows: pool {tuple(pool.shape)} {pool.dtype}, slots {tuple(slots.shape)} "
+                         f"{slots.dtype}, rows {tuple(rows.shape)} {rows.dtype}: needs CPU bf16 rows of the pool's "
+                         "width and a slot for each")
+    if (lib or library()).streamoe_store_rows_bf16(rows.data_ptr(), rows.stride(0), rows.shape[0], rows.shape[1],
+                                                   slots.data_ptr(), pool.shape[0], pool.data_ptr()) != 0:
+        raise ValueError(f"native.store_rows: a slot outside 0..{pool.shape[0] - 1}")
 
 
 class Linear(nn.Linear):

@@ -629,6 +629,22 @@ int streamoe_mlp_bf16(const uint16_t *x, int64_t ldx, int64_t M, int64_t D, cons
     return rc;
 }
 
+/* rows [T, W] (row stride ldr) into a cache layer by slot, pool[slots[t]] (row stride W), after asking
+ * for every destination line for writing (index_copy_ writes the rows one by one, each line a miss
+ * in turn: ~2x the time). Returns 0, or -1 for a slot outside [0, nslots). */
+int streamoe_store_rows_bf16(const uint16_t *rows, int64_t ldr, int64_t T, int64_t W, const int64_t *slots,
+                             int64_t nslots, uint16_t *pool) {
+    if (T < 0 || W < 1) return -1;
+    for (int64_t t = 0; t < T; t++)
+        if (slots[t] < 0 || slots[t] >= nslots) return -1;
+#ifdef STREAMOE_AVX512
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t b = 0; b < 2 * W; b += 64) _mm_prefetch((const char *)(pool + slots[t] * W) + b, _MM_HINT_ET0);
+#endif
+    for (int64_t t = 0; t < T; t++) memcpy(pool + slots[t] * W, rows + t * ldr, sizeof(uint16_t) * (size_t)W);
+    return 0;
+}
+
 /* Rotary embedding as rope.apply_rotary computes it in bf16, bit for bit: x [T, n, R] (strides ldxt, ldxh;
  * channels contiguous), cos/sin [T, R/2] bf16 -> out [T, n, R] (ldot, ldoh) = [x1 c - x2 s, x2 c + x1 s],
  * each product and each sum rounded to bf16 as torch's operators round them; the pairs (x1, x2) are
