@@ -388,8 +388,8 @@ def test_a_native_plan_is_as_close_to_fp32_as_torchs_kernels(tiny_bf16, monkeypa
     continuations = [torch.randint(3, model.args.vocab_size, (6,), generator=gen).tolist() for _ in prompts]
     truth = torch.cat(incremental_logits(truth_model, prompts, continuations))
 
-    calls = {"_linear": 0, "moe": 0, "decode_attention": 0, "heads": 0, "_rms_norm": 0, "_mlp": 0,
-             "_add_rms_norm": 0, "store_rows": 0}  # what the modules call
+    calls = {"_linear": 0, "moe": 0, "mla_decode": 0, "_rms_norm": 0, "_mlp": 0,
+             "_add_rms_norm": 0}  # what the modules call
 
     def counting(name, fn):
         def counted(*args, **kwargs):
@@ -433,6 +433,34 @@ def test_the_packed_experts_are_made_with_the_plan_and_with_an_ep_ranks_staged_p
     staged = rank.stage(slots[::-1], lambda layer, expert: moe.experts[expert])
     assert getattr(staged, "_packed_key", None) is not None
     assert torch.equal(staged.packed_for_native()[1][0], rank.stack.packed_for_native()[1][-1])
+
+
+def test_a_decode_step_in_one_call_is_the_module_path_to_the_bit(tiny_bf16, monkeypatch):
+    """MLA's decode steps through native.mla_decode against the same steps through the module's own
+    calls (projections, norms, rotations, the cache store, W_UK, the attention in place, W_UV, o_proj):
+    the same logits to the bit (each step reading the rows the earlier ones stored); the module path
+    used where it is off."""
+    from shared.model.attention import MLA
+    model = load_model(tiny_bf16, dtype="bf16")
+    model.set_moe_backend("native")
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, model.args.vocab_size, (n,), generator=gen).tolist() for n in (2, 9, 5)]
+    continuations = [torch.randint(3, model.args.vocab_size, (k,), generator=gen).tolist() for k in (4, 2, 4)]
+    calls = {"mla_decode": 0, "decode_attention": 0, "heads": 0, "store_rows": 0}
+
+    def counting(name, fn):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return counted
+    for name in calls:
+        monkeypatch.setattr(native, name, counting(name, getattr(native, name)))
+    fused = torch.cat(incremental_logits(model, prompts, continuations))
+    assert calls["mla_decode"] == 4 * model.args.num_hidden_layers and calls["decode_attention"] == 0, calls
+    calls.update(dict.fromkeys(calls, 0))
+    monkeypatch.setattr(MLA, "_decode_native", lambda self, *args: None)  # the module path
+    assert torch.equal(torch.cat(incremental_logits(model, prompts, continuations)), fused)
+    assert calls["mla_decode"] == 0 and calls["decode_attention"] and calls["heads"] and calls["store_rows"], calls
 
 
 def test_native_is_refused_where_it_cannot_run_naming_device_dtype_and_reason(tiny_bf16, monkeypatch):

@@ -150,6 +150,10 @@ class MLA(nn.Module):
                 cache: LatentCache | None = None) -> torch.Tensor:
         """x [T, D] -> [T, D]. With a cache the new rows are stored first, then each sequence
         attends to its `context_slots`; without one each sequence attends to its own new tokens."""
+        if cache is not None and batch.plan.decodes_only and batch.plan.is_cached and self._native_rows(x):
+            out = self._decode_native(x, cos, sin, batch, cache)
+            if out is not None:
+                return out
         q_nope, q_pe = self.project_q(x, cos, sin)
         kv = self.project_kv(x, cos, sin)  # [T, C+R]
         if cache is not None and self._native_rows(kv) and cache.layer_rows(self.layer).dtype == kv.dtype:
@@ -185,6 +189,30 @@ class MLA(nn.Module):
             path = self._absorbed if bucket.is_absorbed else self._expanded
             out.index_copy_(0, bucket.token_rows, path(q_nope, q_pe, bucket, read))
         return self.o_proj(out.view(out.shape[0], -1))
+
+    def _decode_native(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch,
+                       cache: LatentCache) -> torch.Tensor | None:
+        """A step of single-token decodes on a native plan, from x to o_proj in one call (native.mla_decode:
+        the same kernels in the same order as the path below); None where that call does not fit (biases,
+        strided inputs, a cache layer of another dtype), and the path below runs."""
+        pool = cache.layer_rows(self.layer)
+        q_a = getattr(self, "q_a_proj", None)
+        linears = [self.kv_a_proj_with_mqa, self.o_proj, *((q_a, self.q_b_proj) if q_a is not None else (self.q_proj,))]
+        if (any(m.bias is not None or not m.weight.is_contiguous() for m in linears) or x.stride(1) != 1
+                or pool.dtype != torch.bfloat16 or not pool.is_contiguous()):
+            return None
+        bucket = batch.plan.decode_in_one
+        w_uk, w_uv = self._packed_w_b()
+        slots = batch.slot_mapping
+        if slots.dtype != torch.int64 or not slots.is_contiguous():
+            slots = slots.to(torch.int64).contiguous()
+        return native.mla_decode(
+            x, None if q_a is None else q_a.weight, None if q_a is None else self.q_a_layernorm.weight,
+            self.q_a_layernorm.eps if q_a is not None else 0.0, self.q_b_proj.weight if q_a is not None else
+            self.q_proj.weight, self.num_heads, self.nope_dim, self.rope_dim, self.kv_a_proj_with_mqa.weight,
+            self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos.contiguous(), sin.contiguous(), self.interleave,
+            pool, slots, w_uk, w_uv, self.v_dim, bucket.slots.view(bucket.num_seqs, bucket.max_context),
+            bucket.lengths, self.scale, self.o_proj.weight, native.library())
 
     def _w_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)

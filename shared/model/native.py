@@ -29,6 +29,8 @@ else in plain C (`kind()`). The entry points:
   step rounded as torch's bf16 operators round it, plus the MoE layer's routed sum where given;
 - `store_rows(pool, slots, rows)`: the new cache rows into their slots (LatentKVPool.store), every
   destination line asked for at once;
+- `mla_decode(...)`: MLA.forward for a step of single-token decodes, from the normed input to o_proj,
+  in one call of the same kernels in the same order (the same bits; a dozen calls fewer per layer);
 - `rope(x, cos, sin, interleave)`, `kv_rows(kv, weight, eps, cos, sin, interleave)`: the rotary
   embedding, and MLA.project_kv's norm, rotation and concatenation, bit for bit as torch's operators.
 
@@ -127,11 +129,15 @@ def build(march: str) -> ctypes.CDLL:
                                                _PTR, _INT]
     lib.streamoe_mlp_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, ctypes.c_int]
     lib.streamoe_store_rows_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _INT, _PTR]
+    lib.streamoe_mla_decode_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _INT, _PTR, ctypes.c_float, _PTR, _INT, _INT,
+                                             _INT, _PTR, _INT, _PTR, ctypes.c_float, _PTR, _PTR, ctypes.c_int, _PTR,
+                                             _INT, _PTR, _PTR, _INT, _PTR, _INT, _INT, _PTR, _INT, _PTR,
+                                             ctypes.c_float, _PTR, _PTR, ctypes.c_int]
     lib.streamoe_rope_bf16.argtypes = [_PTR, _INT, _INT, _INT, _INT, _INT, _PTR, _PTR, ctypes.c_int, _PTR, _INT, _INT]
     lib.streamoe_gate_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _INT, _INT, _INT, ctypes.c_int,
                                        ctypes.c_float, _PTR, _PTR, ctypes.c_int]
     for fn in (lib.streamoe_rope_bf16, lib.streamoe_gate_bf16, lib.streamoe_add_rms_norm_bf16, lib.streamoe_mlp_bf16,
-               lib.streamoe_store_rows_bf16,
+               lib.streamoe_store_rows_bf16, lib.streamoe_mla_decode_bf16,
                lib.streamoe_linear_bf16, lib.streamoe_experts_bf16, lib.streamoe_decode_attention_bf16,
                lib.streamoe_heads_bf16, lib.streamoe_rms_norm_bf16, lib.streamoe_moe_bf16, lib.streamoe_native_avx512):
         fn.restype = ctypes.c_int
@@ -492,6 +498,30 @@ def store_rows(pool: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, lib:
     if (lib or library()).streamoe_store_rows_bf16(rows.data_ptr(), rows.stride(0), rows.shape[0], rows.shape[1],
                                                    slots.data_ptr(), pool.shape[0], pool.data_ptr()) != 0:
         raise ValueError(f"native.store_rows: a slot outside 0..{pool.shape[0] - 1}")
+
+
+def mla_decode(x: torch.Tensor, qa: torch.Tensor | None, qa_norm: torch.Tensor | None, q_eps: float, qb: torch.Tensor,
+               heads: int, nope: int, rope_dim: int, kva: torch.Tensor, kv_norm: torch.Tensor, kv_eps: float,
+               cos: torch.Tensor, sin: torch.Tensor, interleave: bool, pool: torch.Tensor, slot_mapping: torch.Tensor,
+               w_uk: torch.Tensor, w_uv: torch.Tensor, v_dim: int, context: torch.Tensor, lengths: torch.Tensor,
+               scale: float, o: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+    """MLA.forward on a step whose T rows are all single-token decodes (MLA._decode_native checks the
+    conditions): x [T, D] bf16 (rows contiguous) -> [T, D], the new cache rows stored at `slot_mapping`
+    of the layer `pool`, each row attending to its `context` [T, L] slots (`lengths` real). The
+    weights as the module holds them (qa None: q_proj in `qb`), W_UK and W_UV packed by `pack_heads`."""
+    t, d = x.shape
+    latent = kv_norm.shape[0]
+    out = torch.empty(t, d, dtype=torch.bfloat16)
+    rc = lib.streamoe_mla_decode_bf16(
+        x.data_ptr(), x.stride(0), t, d, None if qa is None else qa.data_ptr(), 0 if qa is None else qa.shape[0],
+        None if qa_norm is None else qa_norm.data_ptr(), q_eps, qb.data_ptr(), heads, nope, rope_dim, kva.data_ptr(),
+        latent, kv_norm.data_ptr(), kv_eps, cos.data_ptr(), sin.data_ptr(), int(interleave), pool.data_ptr(),
+        pool.shape[0], slot_mapping.data_ptr(), w_uk.data_ptr(), w_uk.shape[2], w_uv.data_ptr(), w_uv.shape[2],
+        v_dim, context.data_ptr(), context.shape[1], lengths.data_ptr(), scale, o.data_ptr(), out.data_ptr(),
+        torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"native.mla_decode failed on {t} rows (a slot outside the pool's {pool.shape[0]}?)")
+    return out
 
 
 class Linear(nn.Linear):

@@ -1324,3 +1324,48 @@ int streamoe_decode_attention_bf16(const uint16_t *q, int64_t S, int64_t H, int6
     }
     return failed ? -1 : 0;
 }
+
+/* MLA's attention for a step whose T rows are all single-token decodes, in one call (MLA.forward on the
+ * `decodes_only` path), the same kernels in the same order as the module's calls, so the same bits:
+ * q = q_b(norm(q_a x)) (or q_proj x where qa is NULL) as [T, H, N + R], its rotary part rotated; the
+ * cache row norm(latent) | rotate(k_pe) of kv_a x stored at slot_mapping[t] of the layer `pool`
+ * [nslots, C + R]; the latent query W_UK q_nope | q_pe; the attention over each row's context
+ * (ctx [T, L] slots, lens [T]) in place; W_UV of its output, and o_proj -> out [T, D] (contiguous).
+ * x [T, D] (row stride ldx); weights with contiguous rows; uk/uv packed by pack_heads (Np_uk, Np_uv
+ * outputs rounded up to 16). Returns 0, or -1 for a bad argument or no memory. */
+int streamoe_mla_decode_bf16(const uint16_t *x, int64_t ldx, int64_t T, int64_t D, const uint16_t *qa, int64_t Q,
+                             const uint16_t *qa_norm, float q_eps, const uint16_t *qb, int64_t H, int64_t N, int64_t R,
+                             const uint16_t *kva, int64_t C, const uint16_t *kv_norm, float kv_eps,
+                             const uint16_t *cos, const uint16_t *sin, int interleave, uint16_t *pool, int64_t nslots,
+                             const int64_t *slot_mapping, const uint16_t *uk, int64_t Np_uk, const uint16_t *uv,
+                             int64_t Np_uv, int64_t V, const int64_t *ctx, int64_t L, const int64_t *lens, float scale,
+                             const uint16_t *o, uint16_t *out, int nthreads) {
+    if (T < 1 || D < 1 || H < 1 || N < 1 || R < 2 || C < 1 || V < 1) return -1;
+    const int64_t W = C + R, Qw = qa ? Q : 0;
+    uint16_t *qa_out = malloc(sizeof(uint16_t) * (size_t)(T * (Qw + Qw + H * (N + R) + W + W + H * W + H * C + H * V)));
+    if (!qa_out) return -1;
+    uint16_t *qa_normed = qa_out + T * Qw, *q = qa_normed + T * Qw, *kv = q + T * H * (N + R), *rows = kv + T * W;
+    uint16_t *q_abs = rows + T * W, *latent = q_abs + T * H * W, *heads_out = latent + T * H * C;
+    int rc = 0;
+    if (qa) {
+        rc |= streamoe_linear_bf16(qa, D, x, ldx, T, D, Q, qa_out, Q, nthreads);
+        rc |= streamoe_rms_norm_bf16(qa_out, Q, T, Q, qa_norm, q_eps, qa_normed, Q);
+        rc |= streamoe_linear_bf16(qb, Q, qa_normed, Q, T, Q, H * (N + R), q, H * (N + R), nthreads);
+    } else {
+        rc |= streamoe_linear_bf16(qb, D, x, ldx, T, D, H * (N + R), q, H * (N + R), nthreads);
+    }
+    /* the rotary part straight into the latent query's last R channels */
+    rc |= streamoe_rope_bf16(q + N, H * (N + R), N + R, T, H, R, cos, sin, interleave, q_abs + C, H * W, W);
+    rc |= streamoe_linear_bf16(kva, D, x, ldx, T, D, W, kv, W, nthreads);
+    rc |= streamoe_rms_norm_bf16(kv, W, T, C, kv_norm, kv_eps, rows, W);
+    rc |= streamoe_rope_bf16(kv + C, W, W, T, 1, R, cos, sin, interleave, rows + C, W, W);
+    if (rc == 0) rc = streamoe_store_rows_bf16(rows, W, T, W, slot_mapping, nslots, pool);
+    if (rc == 0) {
+        rc |= streamoe_heads_bf16(q, H * (N + R), N + R, T, H, N, uk, Np_uk, C, q_abs, H * W, W, nthreads);
+        rc |= streamoe_decode_attention_bf16(q_abs, T, H, W, pool, ctx, L, lens, C, scale, latent, nthreads);
+        rc |= streamoe_heads_bf16(latent, H * C, C, T, H, C, uv, Np_uv, V, heads_out, H * V, V, nthreads);
+        rc |= streamoe_linear_bf16(o, H * V, heads_out, H * V, T, H * V, D, out, D, nthreads);
+    }
+    free(qa_out);
+    return rc ? -1 : 0;
+}
