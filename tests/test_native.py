@@ -388,7 +388,7 @@ def test_a_native_plan_is_as_close_to_fp32_as_torchs_kernels(tiny_bf16, monkeypa
     continuations = [torch.randint(3, model.args.vocab_size, (6,), generator=gen).tolist() for _ in prompts]
     truth = torch.cat(incremental_logits(truth_model, prompts, continuations))
 
-    calls = {"_linear": 0, "moe": 0, "mla_decode": 0, "_rms_norm": 0, "_mlp": 0,
+    calls = {"_linear": 0, "moe_block": 0, "mla_decode": 0, "_rms_norm": 0, "_mlp": 0,
              "_add_rms_norm": 0}  # what the modules call
 
     def counting(name, fn):
@@ -435,18 +435,20 @@ def test_the_packed_experts_are_made_with_the_plan_and_with_an_ep_ranks_staged_p
     assert torch.equal(staged.packed_for_native()[1][0], rank.stack.packed_for_native()[1][-1])
 
 
-def test_a_decode_step_in_one_call_is_the_module_path_to_the_bit(tiny_bf16, monkeypatch):
-    """MLA's decode steps through native.mla_decode against the same steps through the module's own
-    calls (projections, norms, rotations, the cache store, W_UK, the attention in place, W_UV, o_proj):
-    the same logits to the bit (each step reading the rows the earlier ones stored); the module path
-    used where it is off."""
+def test_the_fused_calls_are_the_module_path_to_the_bit(tiny_bf16, monkeypatch):
+    """MLA's decode steps through native.mla_decode, and each MoE layer with its residual through
+    native.moe_block, against the same steps through the modules' own calls (projections, norms,
+    rotations, the cache store, W_UK, the attention in place, W_UV, o_proj; the gate, the experts, the
+    shared expert, the sum): the same logits to the bit (each step reading the rows the earlier ones
+    stored); the module paths used where the fused calls are off."""
     from shared.model.attention import MLA
+    from shared.model.moe import MoE
     model = load_model(tiny_bf16, dtype="bf16")
     model.set_moe_backend("native")
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, model.args.vocab_size, (n,), generator=gen).tolist() for n in (2, 9, 5)]
     continuations = [torch.randint(3, model.args.vocab_size, (k,), generator=gen).tolist() for k in (4, 2, 4)]
-    calls = {"mla_decode": 0, "decode_attention": 0, "heads": 0, "store_rows": 0}
+    calls = {"mla_decode": 0, "decode_attention": 0, "heads": 0, "store_rows": 0, "moe_block": 0, "moe": 0}
 
     def counting(name, fn):
         def counted(*args, **kwargs):
@@ -455,12 +457,24 @@ def test_a_decode_step_in_one_call_is_the_module_path_to_the_bit(tiny_bf16, monk
         return counted
     for name in calls:
         monkeypatch.setattr(native, name, counting(name, getattr(native, name)))
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+
+    def loads():
+        return [torch.zeros(m.num_experts, dtype=torch.int64) if m.expert_load is None else m.expert_load.clone()
+                for m in moes]
+    before = loads()
     fused = torch.cat(incremental_logits(model, prompts, continuations))
+    counted = [b - a for a, b in zip(before, loads())]  # the experts' load, counted by the fused calls
     assert calls["mla_decode"] == 4 * model.args.num_hidden_layers and calls["decode_attention"] == 0, calls
+    assert calls["moe_block"] and calls["moe"] == 0, calls
     calls.update(dict.fromkeys(calls, 0))
-    monkeypatch.setattr(MLA, "_decode_native", lambda self, *args: None)  # the module path
+    monkeypatch.setattr(MLA, "_decode_native", lambda self, *args: None)  # the module paths
+    monkeypatch.setattr(MoE, "forward_residual", lambda self, x, h: h + self(x))
+    before = loads()
     assert torch.equal(torch.cat(incremental_logits(model, prompts, continuations)), fused)
-    assert calls["mla_decode"] == 0 and calls["decode_attention"] and calls["heads"] and calls["store_rows"], calls
+    assert all(torch.equal(b - a, c) for a, b, c in zip(before, loads(), counted))
+    assert calls["mla_decode"] == calls["moe_block"] == 0, calls
+    assert calls["decode_attention"] and calls["heads"] and calls["store_rows"] and calls["moe"], calls
 
 
 def test_native_is_refused_where_it_cannot_run_naming_device_dtype_and_reason(tiny_bf16, monkeypatch):

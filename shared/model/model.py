@@ -34,6 +34,8 @@ class DecoderLayer(nn.Module):
                 cache: LatentCache | None) -> torch.Tensor:
         h, x = self.post_attention_layernorm.add_forward(h, self.self_attn(self.input_layernorm(h), cos, sin, batch,
                                                                             cache))
+        if isinstance(self.mlp, MoE):
+            return self.mlp.forward_residual(x, h)  # h + mlp(x), in one call on a native plan
         return h + self.mlp(x)
 
 

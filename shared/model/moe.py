@@ -107,6 +107,25 @@ class MoE(nn.Module):
             routed = self.shared_experts(x, add=routed)  # routed + shared, as torch adds them
         return routed
 
+    def forward_residual(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """h + self(x): on a native plan in one call (native.moe_block: the gate, the experts, the shared
+        expert and the sum, the same kernels in the same order as forward's), else forward then the sum."""
+        gate, mlp = self.gate, self.shared_experts
+        if self.expert_load is None:
+            self.expert_load = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        if (x.dim() == 2 and x.shape[0] in gate.native_rows and self.plan.choose(x.shape[0]) == "native"
+                and x.dtype == h.dtype == torch.bfloat16 and x.is_cpu and h.is_cpu and x.is_contiguous()
+                and h.is_contiguous() and h.shape == x.shape and self.stack is not None
+                and self.expert_load.is_cpu and gate.weight.is_contiguous()
+                and (mlp is None or (mlp.gate_proj.runs_native(x) and all(
+                    w.is_contiguous() for w in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight))))):
+            shared = None if mlp is None else (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+            return native.moe_block(x, h, gate.weight, gate.e_score_correction_bias, gate.n_group, gate.topk_group,
+                                    gate.top_k, gate.norm_topk_prob, gate.routed_scaling_factor, self.stack.w13,
+                                    self.stack.w2, self.stack.packed_for_native(), self.expert_load, shared,
+                                    native.library())
+        return h + self(x)
+
     def routed_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """One token and one chosen expert at a time (the obviously correct reference)."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)

@@ -31,6 +31,8 @@ else in plain C (`kind()`). The entry points:
   destination line asked for at once;
 - `mla_decode(...)`: MLA.forward for a step of single-token decodes, from the normed input to o_proj,
   in one call of the same kernels in the same order (the same bits; a dozen calls fewer per layer);
+- `moe_block(...)`: a MoE layer's gate, experts, shared expert and residual sum in one call (the same
+  kernels in the same order: the same bits);
 - `rope(x, cos, sin, interleave)`, `kv_rows(kv, weight, eps, cos, sin, interleave)`: the rotary
   embedding, and MLA.project_kv's norm, rotation and concatenation, bit for bit as torch's operators.
 
@@ -133,11 +135,14 @@ def build(march: str) -> ctypes.CDLL:
                                              _INT, _PTR, _INT, _PTR, ctypes.c_float, _PTR, _PTR, ctypes.c_int, _PTR,
                                              _INT, _PTR, _PTR, _INT, _PTR, _INT, _INT, _PTR, _INT, _PTR,
                                              ctypes.c_float, _PTR, _PTR, ctypes.c_int]
+    lib.streamoe_moe_block_bf16.argtypes = [_PTR, _PTR, _INT, _INT, _PTR, _PTR, _INT, _INT, _INT, _INT, ctypes.c_int,
+                                            ctypes.c_float, _PTR, _PTR, _PTR, _PTR, _INT, _PTR, _PTR, _PTR, _PTR, _INT,
+                                            _PTR, ctypes.c_int]
     lib.streamoe_rope_bf16.argtypes = [_PTR, _INT, _INT, _INT, _INT, _INT, _PTR, _PTR, ctypes.c_int, _PTR, _INT, _INT]
     lib.streamoe_gate_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _INT, _INT, _INT, ctypes.c_int,
                                        ctypes.c_float, _PTR, _PTR, ctypes.c_int]
     for fn in (lib.streamoe_rope_bf16, lib.streamoe_gate_bf16, lib.streamoe_add_rms_norm_bf16, lib.streamoe_mlp_bf16,
-               lib.streamoe_store_rows_bf16, lib.streamoe_mla_decode_bf16,
+               lib.streamoe_store_rows_bf16, lib.streamoe_mla_decode_bf16, lib.streamoe_moe_block_bf16,
                lib.streamoe_linear_bf16, lib.streamoe_experts_bf16, lib.streamoe_decode_attention_bf16,
                lib.streamoe_heads_bf16, lib.streamoe_rms_norm_bf16, lib.streamoe_moe_bf16, lib.streamoe_native_avx512):
         fn.restype = ctypes.c_int
@@ -521,6 +526,29 @@ def mla_decode(x: torch.Tensor, qa: torch.Tensor | None, qa_norm: torch.Tensor |
         torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"native.mla_decode failed on {t} rows (a slot outside the pool's {pool.shape[0]}?)")
+    return out
+
+
+def moe_block(x: torch.Tensor, h: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor, groups: int,
+              topk_group: int, top_k: int, normalize: bool, scale: float, w13: torch.Tensor, w2: torch.Tensor,
+              packed: tuple[torch.Tensor, torch.Tensor] | None, load: torch.Tensor,
+              shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, lib: ctypes.CDLL) -> torch.Tensor:
+    """h + MoE(x) for x, h [T, D] bf16 (contiguous) in one call: `gate`, `moe` (the pairs added to `load`),
+    the shared expert's `mlp` (gate, up, down; None: none) with the routed sum added, then the residual;
+    the module's calls in the same order (MoE.forward_residual checks the conditions)."""
+    t, d = x.shape
+    w13p, w2p = _packed_pointers(packed, w2.shape[0], d, w2.shape[2])
+    out = torch.empty(t, d, dtype=torch.bfloat16)
+    sg, su, sd = shared if shared is not None else (None, None, None)
+    rc = lib.streamoe_moe_block_bf16(
+        x.data_ptr(), h.data_ptr(), t, d, gate_weight.data_ptr(), bias.data_ptr(), gate_weight.shape[0], groups,
+        topk_group, top_k, int(normalize), scale, w13.data_ptr(), w2.data_ptr(), w13p, w2p, w2.shape[2],
+        load.data_ptr(), None if sg is None else sg.data_ptr(), None if su is None else su.data_ptr(),
+        None if sd is None else sd.data_ptr(), 0 if sg is None else sg.shape[0], out.data_ptr(),
+        torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"native.moe_block failed on {t} tokens: {gate_weight.shape[0]} experts in {groups} "
+                           f"groups, top {top_k}")
     return out
 
 

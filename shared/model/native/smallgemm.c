@@ -1369,3 +1369,32 @@ int streamoe_mla_decode_bf16(const uint16_t *x, int64_t ldx, int64_t T, int64_t 
     free(qa_out);
     return rc ? -1 : 0;
 }
+
+/* A MoE layer's feed-forward for a step, with the residual, in one call (MoE.forward_residual): the
+ * gate's choice (streamoe_gate_bf16), the routed experts and their combine (streamoe_moe_bf16, the
+ * slots' pairs added to `load`), the shared expert with the routed sum added (streamoe_mlp_bf16; none
+ * where sg is NULL), then out = h + that, as torch adds bf16: the module's calls in the same order,
+ * so the same bits. x, h, out [T, D] contiguous. Returns 0, or -1 for a bad argument or no memory. */
+int streamoe_moe_block_bf16(const uint16_t *x, const uint16_t *h, int64_t T, int64_t D, const float *gw,
+                            const float *bias, int64_t E, int64_t G, int64_t topk_group, int64_t K, int normalize,
+                            float scale, const uint16_t *w13, const uint16_t *w2, const uint16_t *w13p,
+                            const uint16_t *w2p, int64_t I, int64_t *load, const uint16_t *sg, const uint16_t *su,
+                            const uint16_t *sd, int64_t Is, uint16_t *out, int nthreads) {
+    if (T < 1 || D < 1 || K < 1 || K > 64) return -1;
+    int64_t *ids = malloc(sizeof(int64_t) * (size_t)(T * K));
+    float *weights = malloc(sizeof(float) * (size_t)(T * K));
+    uint16_t *routed = malloc(sizeof(uint16_t) * (size_t)(T * D));
+    int rc = ids && weights && routed ? 0 : -1;
+    if (rc == 0) rc = streamoe_gate_bf16(x, D, T, D, gw, bias, E, G, topk_group, K, normalize, scale, ids, weights, nthreads);
+    if (rc == 0) rc = streamoe_moe_bf16(x, T, D, ids, weights, K, E, w13, w2, w13p, w2p, I, routed, load, nthreads);
+    if (rc == 0 && sg) rc = streamoe_mlp_bf16(x, D, T, D, sg, su, Is, sd, routed, out, nthreads);
+    if (rc == 0) {
+        const uint16_t *y = sg ? out : routed;
+#pragma omp parallel for if (T * D >= 16384) num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
+        for (int64_t t = 0; t < T; t++) add_rows(h + t * D, y + t * D, out + t * D, D);
+    }
+    free(ids);
+    free(weights);
+    free(routed);
+    return rc;
+}
