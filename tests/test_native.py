@@ -388,8 +388,8 @@ def test_a_native_plan_is_as_close_to_fp32_as_torchs_kernels(tiny_bf16, monkeypa
     continuations = [torch.randint(3, model.args.vocab_size, (6,), generator=gen).tolist() for _ in prompts]
     truth = torch.cat(incremental_logits(truth_model, prompts, continuations))
 
-    calls = {"_linear": 0, "moe_block": 0, "mla_decode": 0, "_rms_norm": 0, "_mlp": 0,
-             "_add_rms_norm": 0}  # what the modules call
+    calls = {"_linear": 0, "moe_block": 0, "decode_layers": 0, "_rms_norm": 0, "_mlp": 0,
+             "_add_rms_norm": 0}  # what the modules call (the decode steps' layers: decode_layers)
 
     def counting(name, fn):
         def counted(*args, **kwargs):
@@ -436,19 +436,22 @@ def test_the_packed_experts_are_made_with_the_plan_and_with_an_ep_ranks_staged_p
 
 
 def test_the_fused_calls_are_the_module_path_to_the_bit(tiny_bf16, monkeypatch):
-    """MLA's decode steps through native.mla_decode, and each MoE layer with its residual through
-    native.moe_block, against the same steps through the modules' own calls (projections, norms,
-    rotations, the cache store, W_UK, the attention in place, W_UV, o_proj; the gate, the experts, the
-    shared expert, the sum): the same logits to the bit (each step reading the rows the earlier ones
-    stored); the module paths used where the fused calls are off."""
+    """A decode step's layers through native.decode_layers (one call), each layer's attention through
+    native.mla_decode and each MoE layer with its residual through native.moe_block, and the modules'
+    own calls (projections, norms, rotations, the cache store, W_UK, the attention in place, W_UV,
+    o_proj; the gate, the experts, the shared expert, the sum): the same logits to the bit (each step
+    reading the rows the earlier ones stored) and the same expert load counts; each path used where
+    the ones above it are off."""
     from shared.model.attention import MLA
+    from shared.model.model import DeepseekV3
     from shared.model.moe import MoE
     model = load_model(tiny_bf16, dtype="bf16")
     model.set_moe_backend("native")
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, model.args.vocab_size, (n,), generator=gen).tolist() for n in (2, 9, 5)]
     continuations = [torch.randint(3, model.args.vocab_size, (k,), generator=gen).tolist() for k in (4, 2, 4)]
-    calls = {"mla_decode": 0, "decode_attention": 0, "heads": 0, "store_rows": 0, "moe_block": 0, "moe": 0}
+    calls = {"decode_layers": 0, "mla_decode": 0, "decode_attention": 0, "heads": 0, "store_rows": 0,
+             "moe_block": 0, "moe": 0}
 
     def counting(name, fn):
         def counted(*args, **kwargs):
@@ -459,22 +462,72 @@ def test_the_fused_calls_are_the_module_path_to_the_bit(tiny_bf16, monkeypatch):
         monkeypatch.setattr(native, name, counting(name, getattr(native, name)))
     moes = [m for m in model.modules() if isinstance(m, MoE)]
 
-    def loads():
-        return [torch.zeros(m.num_experts, dtype=torch.int64) if m.expert_load is None else m.expert_load.clone()
-                for m in moes]
-    before = loads()
-    fused = torch.cat(incremental_logits(model, prompts, continuations))
-    counted = [b - a for a, b in zip(before, loads())]  # the experts' load, counted by the fused calls
-    assert calls["mla_decode"] == 4 * model.args.num_hidden_layers and calls["decode_attention"] == 0, calls
-    assert calls["moe_block"] and calls["moe"] == 0, calls
-    calls.update(dict.fromkeys(calls, 0))
+    def run():
+        """The logits, the experts' load the run counted, and the calls it made."""
+        calls.update(dict.fromkeys(calls, 0))
+        before = [torch.zeros(m.num_experts, dtype=torch.int64) if m.expert_load is None else m.expert_load.clone()
+                  for m in moes]
+        logits = torch.cat(incremental_logits(model, prompts, continuations))
+        return logits, [m.expert_load - b for m, b in zip(moes, before)], dict(calls)
+
+    whole, counted, made = run()
+    assert made["decode_layers"] == 4 and made["mla_decode"] == 0 and made["decode_attention"] == 0, made
+    monkeypatch.setattr(DeepseekV3, "_decode_layers", lambda self, *args: False)  # layer by layer
+    logits, load, made = run()
+    assert torch.equal(logits, whole) and all(torch.equal(a, b) for a, b in zip(load, counted))
+    assert made["decode_layers"] == 0 and made["mla_decode"] == 4 * model.args.num_hidden_layers, made
+    assert made["moe_block"] and made["moe"] == 0, made
     monkeypatch.setattr(MLA, "_decode_native", lambda self, *args: None)  # the module paths
     monkeypatch.setattr(MoE, "forward_residual", lambda self, x, h: h + self(x))
-    before = loads()
-    assert torch.equal(torch.cat(incremental_logits(model, prompts, continuations)), fused)
-    assert all(torch.equal(b - a, c) for a, b, c in zip(before, loads(), counted))
-    assert calls["mla_decode"] == calls["moe_block"] == 0, calls
-    assert calls["decode_attention"] and calls["heads"] and calls["store_rows"] and calls["moe"], calls
+    logits, load, made = run()
+    assert torch.equal(logits, whole) and all(torch.equal(a, b) for a, b in zip(load, counted))
+    assert made["mla_decode"] == made["moe_block"] == 0, made
+    assert made["decode_attention"] and made["heads"] and made["store_rows"] and made["moe"], made
+
+
+def test_the_whole_step_call_reads_the_weights_the_modules_hold_now(tiny_bf16, monkeypatch):
+    """native.decode_layers reads the layers from a description made once: a weight changed in place, a
+    parameter or load counter replaced, or a bias added (which the fused calls do not take: the modules
+    then run) are seen at the next step, where the logits and load counts stay those of the module path."""
+    from shared.model.model import DeepseekV3
+    from shared.model.moe import MoE
+    model = load_model(tiny_bf16, dtype="bf16")
+    model.set_moe_backend("native")
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, model.args.vocab_size, (n,), generator=gen).tolist() for n in (3, 4)]
+    continuations = [torch.randint(3, model.args.vocab_size, (3,), generator=gen).tolist() for _ in prompts]
+    made = []
+    monkeypatch.setattr(native, "decode_layers", lambda *args, fn=native.decode_layers: made.append(1) or fn(*args))
+    fused = DeepseekV3._decode_layers
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    attn = model.model.layers[1].self_attn
+
+    def both() -> bool:
+        """Whether the whole-step call ran, after checking it against the module path."""
+        made.clear()
+        before = (torch.zeros(moe.num_experts, dtype=torch.int64) if moe.expert_load is None
+                  else moe.expert_load.clone())
+        got = torch.cat(incremental_logits(model, prompts, continuations))
+        load = moe.expert_load - before
+        ran = bool(made)
+        monkeypatch.setattr(DeepseekV3, "_decode_layers", lambda self, *args: False)
+        before = moe.expert_load.clone()
+        assert torch.equal(torch.cat(incremental_logits(model, prompts, continuations)), got)
+        assert torch.equal(moe.expert_load - before, load)
+        monkeypatch.setattr(DeepseekV3, "_decode_layers", fused)
+        return ran
+
+    assert both()
+    with torch.no_grad():
+        attn.o_proj.weight.mul_(1.5)  # in place: a new version
+        moe.stack.w2[:, :4].mul_(-1)  # the routed experts' own stack
+    assert both()
+    attn.q_b_proj.weight = torch.nn.Parameter(attn.q_b_proj.weight.detach() * 0.5, requires_grad=False)
+    moe.expert_load = moe.expert_load.clone()  # another counter (as distillation makes)
+    assert both()
+    attn.o_proj.bias = torch.nn.Parameter(torch.full((model.args.hidden_size,), 0.01, dtype=torch.bfloat16),
+                                          requires_grad=False)
+    assert not both()  # not described: the layers run one by one, with the bias
 
 
 def test_native_is_refused_where_it_cannot_run_naming_device_dtype_and_reason(tiny_bf16, monkeypatch):

@@ -8,6 +8,7 @@ Legend: T = tokens in the step (sequences packed without padding), D = hidden, V
 """
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 
 import torch
@@ -37,6 +38,117 @@ class DecoderLayer(nn.Module):
         if isinstance(self.mlp, MoE):
             return self.mlp.forward_residual(x, h)  # h + mlp(x), in one call on a native plan
         return h + self.mlp(x)
+
+
+_ABSENT = object()
+
+
+class LayerWeightsView:
+    """The main layers' weights as native.decode_layers reads them (one native.LayerWeights per layer),
+    described once, with every attribute the description read (a module, a parameter, the plan, the
+    stack, the load counter...) and each tensor's address and version: `current()` checks them all, a
+    few dozen µs, so a replaced or rewritten weight is described again, never read stale."""
+
+    def __init__(self, model: DeepseekV3, plan: MoEPlan):
+        self.plan = plan
+        self.watch: list[tuple[dict, str, object]] = []
+        self.tensors: list[torch.Tensor] = []  # every tensor pointed to (the packed copies kept alive here)
+        self.rows: frozenset[int] = frozenset(range(1, native.NORM_ROWS + 1))  # T every module runs natively
+        self.array = self._describe(model)
+        self.versioned = [x for x in self.tensors if not x.is_inference()]  # (inference tensors have no version)
+        self.state = self._state()
+
+    def _state(self) -> tuple:
+        return tuple(x.data_ptr() for x in self.tensors), tuple(x._version for x in self.versioned)
+
+    def current(self) -> bool:
+        return all(d.get(k, _ABSENT) is v for d, k, v in self.watch) and self._state() == self.state
+
+    def _read(self, owner: object, name: str):
+        """owner.name, noting where it was found (a module's parameters, buffers, children or __dict__)."""
+        spaces = ((owner._parameters, owner._buffers, owner._modules) if isinstance(owner, nn.Module) else ())
+        space = next((d for d in spaces if name in d), owner.__dict__)
+        value = space.get(name, _ABSENT)
+        self.watch.append((space, name, value))
+        return getattr(owner, name) if value is _ABSENT else value
+
+    def _ptr(self, x: torch.Tensor | None, dtype: torch.dtype = torch.bfloat16) -> int | None:
+        if x is None:
+            return None
+        if x.dtype != dtype or not x.is_contiguous() or not x.is_cpu:
+            raise _DoesNotFit
+        self.tensors.append(x)
+        return x.data_ptr()
+
+    def _weight(self, module: nn.Module, rows: bool = True) -> int:
+        """A native.Linear's or RMSNorm's weight (no bias), its native row counts narrowing `rows`."""
+        if rows:
+            self.rows &= self._read(module, "native_rows")
+        if isinstance(module, nn.Linear) and self._read(module, "bias") is not None:
+            raise _DoesNotFit
+        return self._ptr(self._read(module, "weight"))
+
+    def _describe(self, model: DeepseekV3) -> ctypes.Array | None:
+        layers = self._read(self._read(model, "model"), "layers")
+        count = model.args.num_hidden_layers
+        described = (native.LayerWeights * count)()
+        try:
+            for i, w in enumerate(described):
+                layer = self._read(layers, str(i))
+                attn, mlp = self._read(layer, "self_attn"), self._read(layer, "mlp")
+                norm, post = self._read(layer, "input_layernorm"), self._read(layer, "post_attention_layernorm")
+                if self._read(attn, "native_plan") is not self.plan:
+                    raise _DoesNotFit
+                w.in_norm, w.in_eps = self._weight(norm), self._read(norm, "eps")
+                w.post_norm, w.post_eps = self._weight(post), self._read(post, "eps")
+                q_a = self._read(attn, "q_a_proj") if "q_a_proj" in attn._modules else None
+                if q_a is not None:
+                    q_norm = self._read(attn, "q_a_layernorm")
+                    w.qa, w.Q = self._weight(q_a), q_a.weight.shape[0]
+                    w.qa_norm, w.q_eps = self._weight(q_norm, rows=False), self._read(q_norm, "eps")
+                w.qb = self._weight(self._read(attn, "q_b_proj" if q_a is not None else "q_proj"))
+                kv_norm = self._read(attn, "kv_a_layernorm")
+                w.kva = self._weight(self._read(attn, "kv_a_proj_with_mqa"))
+                w.kv_norm, w.kv_eps = self._weight(kv_norm, rows=False), self._read(kv_norm, "eps")
+                self._weight(self._read(attn, "kv_b_proj"), rows=False)  # (its packed copies below)
+                uk, uv = attn._packed_w_b()
+                w.uk, w.Np_uk, w.uv, w.Np_uv = self._ptr(uk), uk.shape[2], self._ptr(uv), uv.shape[2]
+                w.o = self._weight(self._read(attn, "o_proj"))
+                moe = isinstance(mlp, MoE)
+                if not moe and not isinstance(mlp, MLP):
+                    raise _DoesNotFit  # an EP layer
+                ffn = self._read(mlp, "shared_experts") if moe else mlp
+                if ffn is not None:
+                    w.sg, w.su = self._weight(self._read(ffn, "gate_proj")), self._weight(self._read(ffn, "up_proj"))
+                    w.sd, w.Is = self._weight(self._read(ffn, "down_proj")), ffn.gate_proj.weight.shape[0]
+                if moe:
+                    self._moe(w, mlp, model.device)
+        except _DoesNotFit:
+            return None
+        return described
+
+    def _moe(self, w: native.LayerWeights, mlp: MoE, device: torch.device) -> None:
+        gate, stack = self._read(mlp, "gate"), self._read(mlp, "stack")
+        if self._read(mlp, "plan") is not self.plan or stack is None:
+            raise _DoesNotFit
+        if mlp.expert_load is None:
+            mlp.expert_load = torch.zeros(mlp.num_experts, dtype=torch.int64, device=device)
+        self.rows &= self._read(gate, "native_rows")
+        w.gw = self._ptr(self._read(gate, "weight"), torch.float32)
+        w.bias = self._ptr(self._read(gate, "e_score_correction_bias"), torch.float32)
+        w.E, w.G, w.topk_group = gate.weight.shape[0], self._read(gate, "n_group"), self._read(gate, "topk_group")
+        w.K, w.normalize = self._read(gate, "top_k"), int(self._read(gate, "norm_topk_prob"))
+        w.scale = self._read(gate, "routed_scaling_factor")
+        w13, w2 = self._read(stack, "w13"), self._read(stack, "w2")
+        w.w13, w.w2, w.I = self._ptr(w13), self._ptr(w2), w2.shape[2]
+        packed = stack.packed_for_native()
+        w.w13p, w.w2p = native._packed_pointers(packed, *w2.shape)
+        self.tensors += [] if packed is None else list(packed)
+        w.load = self._ptr(self._read(mlp, "expert_load"), torch.int64)
+
+
+class _DoesNotFit(Exception):
+    """A layer native.decode_layers cannot run as it lies (a bias, a weight not contiguous, an EP layer...)."""
 
 
 class SharedHead(nn.Module):
@@ -133,11 +245,51 @@ class DeepseekV3(nn.Module):
         `on_layer(i)` runs once layer i's KV is in the cache (layer-wise KV streaming)."""
         h = self.model.embed_tokens(input_ids)  # [T, D]
         cos, sin = self.rotary.cos_sin(positions, h.dtype)
+        if on_layer is None and cache is not None and self._decode_layers(h, cos, sin, batch, cache):
+            return self.model.norm(h)  # every layer in one native call
         for i, layer in enumerate(self.main_layers):
             h = layer(h, cos, sin, batch, cache)
             if on_layer is not None:
                 on_layer(i)
         return self.model.norm(h)
+
+    def _decode_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch,
+                       cache: LatentCache) -> bool:
+        """Every main layer of a step whose rows are all single-token decodes in one native call
+        (native.decode_layers: the calls the modules make on a native plan, in their order, so the same
+        bits), h [T, D] updated in place; False (nothing done) where the step or a layer does not fit."""
+        t = h.shape[0]
+        layers = self.model.layers
+        plan = layers[0].self_attn.native_plan
+        if (plan is None or t > native.NORM_ROWS or plan.choose(t) != "native" or h.dtype != torch.bfloat16
+                or not h.is_cpu or not h.is_contiguous() or not batch.plan.is_cached or not batch.plan.decodes_only):
+            return False
+        described = self._layer_weights(plan, t)
+        if described is None:
+            return False
+        pools = [cache.layer_rows(i) for i in range(self.args.num_hidden_layers)]
+        if any(p.dtype != torch.bfloat16 or not p.is_cpu or not p.is_contiguous() for p in pools):
+            return False
+        bucket = batch.plan.decode_in_one
+        slots = batch.slot_mapping
+        if slots.dtype != torch.int64 or not slots.is_contiguous():
+            slots = slots.to(torch.int64).contiguous()
+        attn = layers[0].self_attn
+        n = len(pools)
+        native.decode_layers(described, h, attn.num_heads, attn.nope_dim, attn.rope_dim, attn.kv_lora_rank,
+                             attn.v_dim, attn.interleave, attn.scale, cos.contiguous(), sin.contiguous(), slots,
+                             bucket.slots.view(bucket.num_seqs, bucket.max_context), bucket.lengths,
+                             (ctypes.c_void_p * n)(*(p.data_ptr() for p in pools)),
+                             (ctypes.c_int64 * n)(*(p.shape[0] for p in pools)), native.library())
+        return True
+
+    def _layer_weights(self, plan: MoEPlan, t: int) -> ctypes.Array | None:
+        """The main layers' LayerWeightsView for `plan` (described again where anything it read changed);
+        None where a layer does not fit the fused calls or a module keeps T rows off its native kernels."""
+        view = getattr(self, "_layer_view", None)
+        if view is None or view.plan is not plan or not view.current():
+            view = self._layer_view = LayerWeightsView(self, plan)
+        return view.array if t in view.rows else None
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,9 @@ else in plain C (`kind()`). The entry points:
   in one call of the same kernels in the same order (the same bits; a dozen calls fewer per layer);
 - `moe_block(...)`: a MoE layer's gate, experts, shared expert and residual sum in one call (the same
   kernels in the same order: the same bits);
+- `decode_layers(...)`: every decoder layer of such a step in one call (its norms, `mla_decode`,
+  `add_rms_norm`, `moe_block` or the dense `mlp`, in the modules' order: the same bits, no return to
+  Python between layers), from weights described once (`LayerWeights`);
 - `rope(x, cos, sin, interleave)`, `kv_rows(kv, weight, eps, cos, sin, interleave)`: the rotary
   embedding, and MLA.project_kv's norm, rotation and concatenation, bit for bit as torch's operators.
 
@@ -141,7 +144,11 @@ def build(march: str) -> ctypes.CDLL:
     lib.streamoe_rope_bf16.argtypes = [_PTR, _INT, _INT, _INT, _INT, _INT, _PTR, _PTR, ctypes.c_int, _PTR, _INT, _INT]
     lib.streamoe_gate_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _INT, _INT, _INT, ctypes.c_int,
                                        ctypes.c_float, _PTR, _PTR, ctypes.c_int]
-    for fn in (lib.streamoe_rope_bf16, lib.streamoe_gate_bf16, lib.streamoe_add_rms_norm_bf16, lib.streamoe_mlp_bf16,
+    lib.streamoe_decode_layers_bf16.argtypes = [ctypes.POINTER(LayerWeights), _INT, _PTR, _INT, _INT, _INT, _INT, _INT,
+                                                _INT, _INT, ctypes.c_int, ctypes.c_double, _PTR, _PTR, _PTR, _PTR, _INT,
+                                                _PTR, _PTR, _PTR, ctypes.c_int]
+    for fn in (lib.streamoe_decode_layers_bf16, lib.streamoe_rope_bf16, lib.streamoe_gate_bf16,
+               lib.streamoe_add_rms_norm_bf16, lib.streamoe_mlp_bf16,
                lib.streamoe_store_rows_bf16, lib.streamoe_mla_decode_bf16, lib.streamoe_moe_block_bf16,
                lib.streamoe_linear_bf16, lib.streamoe_experts_bf16, lib.streamoe_decode_attention_bf16,
                lib.streamoe_heads_bf16, lib.streamoe_rms_norm_bf16, lib.streamoe_moe_bf16, lib.streamoe_native_avx512):
@@ -550,6 +557,38 @@ def moe_block(x: torch.Tensor, h: torch.Tensor, gate_weight: torch.Tensor, bias:
         raise RuntimeError(f"native.moe_block failed on {t} tokens: {gate_weight.shape[0]} experts in {groups} "
                            f"groups, top {top_k}")
     return out
+
+
+class LayerWeights(ctypes.Structure):
+    """One decoder layer's weights for `decode_layers` (the C file's streamoe_layer, field for field; each
+    8 bytes wide): the norms, the attention as `mla_decode` takes it, and the MoE layer as `moe_block` takes
+    it (gw set) or the dense MLP (sg, su, sd)."""
+
+    _fields_ = [("in_norm", _PTR), ("in_eps", ctypes.c_double), ("qa", _PTR), ("Q", _INT), ("qa_norm", _PTR),
+                ("q_eps", ctypes.c_double), ("qb", _PTR), ("kva", _PTR), ("kv_norm", _PTR), ("kv_eps", ctypes.c_double),
+                ("uk", _PTR), ("Np_uk", _INT), ("uv", _PTR), ("Np_uv", _INT), ("o", _PTR), ("post_norm", _PTR),
+                ("post_eps", ctypes.c_double), ("gw", _PTR), ("bias", _PTR), ("E", _INT), ("G", _INT),
+                ("topk_group", _INT), ("K", _INT), ("normalize", _INT), ("scale", ctypes.c_double), ("w13", _PTR),
+                ("w2", _PTR), ("w13p", _PTR), ("w2p", _PTR), ("I", _INT), ("load", _PTR), ("sg", _PTR), ("su", _PTR),
+                ("sd", _PTR), ("Is", _INT)]
+
+
+def decode_layers(layers: ctypes.Array, h: torch.Tensor, heads: int, nope: int, rope_dim: int, latent: int,
+                  v_dim: int, interleave: bool, scale: float, cos: torch.Tensor, sin: torch.Tensor,
+                  slot_mapping: torch.Tensor, context: torch.Tensor, lengths: torch.Tensor, pools: ctypes.Array,
+                  nslots: ctypes.Array, lib: ctypes.CDLL) -> None:
+    """The decoder layers of a step whose T rows are all single-token decodes, in one call: for each of
+    `layers` (LayerWeights), h = h + attention(norm(h)) as `mla_decode` (its cache rows into `pools[l]`,
+    of `nslots[l]` rows), then h = h + the MoE layer as `moe_block` (or the dense `mlp`), on h [T, D] bf16
+    (contiguous) in place: the modules' calls in their order, the same bits, without returning to Python
+    between them (DeepseekV3._decode_layers checks the conditions)."""
+    t, d = h.shape
+    rc = lib.streamoe_decode_layers_bf16(layers, len(layers), h.data_ptr(), t, d, heads, nope, rope_dim, latent, v_dim,
+                                         int(interleave), scale, cos.data_ptr(), sin.data_ptr(),
+                                         slot_mapping.data_ptr(), context.data_ptr(), context.shape[1],
+                                         lengths.data_ptr(), pools, nslots, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"native.decode_layers failed in layer {-rc - 1} on {t} rows (a slot outside the pool?)")
 
 
 class Linear(nn.Linear):

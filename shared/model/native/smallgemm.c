@@ -1416,3 +1416,70 @@ int streamoe_moe_block_bf16(const uint16_t *x, const uint16_t *h, int64_t T, int
     free(routed);
     return rc;
 }
+
+/* One decoder layer's weights for streamoe_decode_layers_bf16, as the modules hold them (the fields
+ * of native.LayerWeights, every one 8 bytes wide so both sides lay them out alike). The attention is
+ * streamoe_mla_decode_bf16's (qa NULL: q_proj in qb); gw not NULL: a MoE layer (streamoe_moe_block_bf16's
+ * weights, sg NULL: no shared expert), else a dense MLP in sg, su, sd. */
+typedef struct {
+    const uint16_t *in_norm;
+    double in_eps;
+    const uint16_t *qa;
+    int64_t Q;
+    const uint16_t *qa_norm;
+    double q_eps;
+    const uint16_t *qb, *kva, *kv_norm;
+    double kv_eps;
+    const uint16_t *uk;
+    int64_t Np_uk;
+    const uint16_t *uv;
+    int64_t Np_uv;
+    const uint16_t *o, *post_norm;
+    double post_eps;
+    const float *gw, *bias;
+    int64_t E, G, topk_group, K, normalize;
+    double scale;
+    const uint16_t *w13, *w2, *w13p, *w2p;
+    int64_t I;
+    int64_t *load;
+    const uint16_t *sg, *su, *sd;
+    int64_t Is;
+} streamoe_layer;
+
+/* The decoder layers of a step whose T rows are all single-token decodes, in one call (DeepseekV3.forward's
+ * loop on a native plan): for each layer, x = RMSNorm(h), a = the attention (streamoe_mla_decode_bf16, into
+ * pools[l] [nslots[l], C + R]), h = h + a and x = its norm (streamoe_add_rms_norm_bf16), then h = h + the
+ * MoE layer (streamoe_moe_block_bf16) or h + the dense MLP (streamoe_mlp_bf16): the calls the modules make,
+ * in their order, so the same bits, with no return to Python between them. h [T, D] (contiguous) in and
+ * out; the model's shapes H, N, R, C, V and rotary layout; cos, sin [T, R]; the step's slots, contexts
+ * (ctx [T, L], lens [T]). Returns 0, or -(layer + 1) where a layer's call failed (a slot outside the pool). */
+int streamoe_decode_layers_bf16(const streamoe_layer *layers, int64_t n, uint16_t *h, int64_t T, int64_t D, int64_t H,
+                                int64_t N, int64_t R, int64_t C, int64_t V, int interleave, double attn_scale,
+                                const uint16_t *cos, const uint16_t *sin, const int64_t *slot_mapping,
+                                const int64_t *ctx, int64_t L, const int64_t *lens, uint16_t *const *pools,
+                                const int64_t *nslots, int nthreads) {
+    if (n < 1 || T < 1 || D < 1) return -1;
+    uint16_t *x = malloc(sizeof(uint16_t) * (size_t)(3 * T * D));
+    if (!x) return -1;
+    uint16_t *a = x + T * D, *s = a + T * D;
+    int rc = 0;
+    int64_t l = 0;
+    for (; l < n && rc == 0; l++) {
+        const streamoe_layer *w = &layers[l];
+        rc |= streamoe_rms_norm_bf16(h, D, T, D, w->in_norm, (float)w->in_eps, x, D);
+        if (rc == 0)
+            rc = streamoe_mla_decode_bf16(x, D, T, D, w->qa, w->Q, w->qa_norm, (float)w->q_eps, w->qb, H, N, R, w->kva,
+                                          C, w->kv_norm, (float)w->kv_eps, cos, sin, interleave, pools[l], nslots[l],
+                                          slot_mapping, w->uk, w->Np_uk, w->uv, w->Np_uv, V, ctx, L, lens,
+                                          (float)attn_scale, w->o, a, nthreads);
+        if (rc == 0) rc = streamoe_add_rms_norm_bf16(h, D, a, D, T, D, w->post_norm, (float)w->post_eps, s, D, x, D);
+        if (rc == 0 && w->gw)
+            rc = streamoe_moe_block_bf16(x, s, T, D, w->gw, w->bias, w->E, w->G, w->topk_group, w->K, (int)w->normalize,
+                                         (float)w->scale, w->w13, w->w2, w->w13p, w->w2p, w->I, w->load, w->sg, w->su,
+                                         w->sd, w->Is, h, nthreads);
+        else if (rc == 0)
+            rc = streamoe_mlp_bf16(x, D, T, D, w->sg, w->su, w->Is, w->sd, s, h, nthreads);
+    }
+    free(x);
+    return rc ? (int)-l : 0;
+}
