@@ -280,8 +280,9 @@ def reference_experts(xs: torch.Tensor, counts: torch.Tensor, stack: ExpertStack
 
 
 def test_native_experts_match_the_float64_reference_pair_by_pair():
-    """Empty slots, one pair, and a slot of 19 pairs (three passes of up to 8) in one call; with 4 slots
-    in use on 2 threads each thread runs whole experts, with 2 the threads share each expert's rows. The
+    """Empty slots, one pair, and a slot of 19 pairs (three passes of up to 8; in tiles two of up to 16) at
+    once; with 4 slots in use on 2 threads each thread runs whole experts, with 2 the threads share each
+    expert's rows. The
     stacks as they are, and (AVX512-BF16) packed in tiles, partial at both edges (I odd, D past 64)."""
     gen = torch.Generator().manual_seed(3)
     slots, dim, inter = 6, 80, 41

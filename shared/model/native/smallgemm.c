@@ -33,6 +33,7 @@
 #define MAX_ROWS 8
 #define PREFETCH_BYTES 16384
 #define WHOLE_EXPERTS 2
+#define CHUNK_ROWS 16 /* pairs per pass over a slot's tiles (more pairs: the tiles streamed again) */
 #define SCORE_AHEAD 8 /* context rows: the next block of 8, prefetched while this one is scored */
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -743,8 +744,8 @@ static void down_tile(const uint16_t *w2p, int64_t t, int64_t D, int64_t I, cons
 /* Routed experts: xs [P, D] bf16, the (token, expert) pairs sorted by slot, counts [S] pairs per
  * slot; w13 [S, 2I, D] (gate rows, then up rows), w2 [S, D, I] -> ys [P, D] bf16, each pair through
  * its slot's SwiGLU expert: down(silu(gate x) * up x). Slots without pairs are not read. A slot's
- * pairs go 8 at a time; every thread takes a share of the gate/up rows (the same rows of both, so
- * it finishes its share of silu(gate) * up alone), then, after one barrier, a share of the down
+ * pairs go 8 at a time (16 through the tiles); every thread takes a share of the gate/up rows (the
+ * same rows of both, so it finishes its share of silu(gate) * up alone), then, after one barrier, a share of the down
  * rows. The intermediate stays fp32. With AVX512-BF16 and the packed copies w13p and w2p (not NULL;
  * D even), the slots' tiles instead (no sum across lanes). Returns 0, or -1 for a bad argument. */
 int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, const uint16_t *w13,
@@ -769,7 +770,14 @@ int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, 
     const int whole = used >= WHOLE_EXPERTS * threads;
     int64_t *first = malloc(sizeof(int64_t) * (size_t)(S + 1)), *order = malloc(sizeof(int64_t) * (size_t)(used + 1));
     /* two chunks' silu(gate) * up (shared), or one per thread (whole experts); zeros past I */
-    xval *act = calloc((size_t)((whole ? threads : 2) * MAX_ROWS * ip), sizeof(xval));
+    /* rows per pass over a slot's weights: the tiles take CHUNK_ROWS (groups of up to 6 re-read each tile
+     * from L2), the dot products MAX_ROWS */
+#if defined(STREAMOE_DPBF16)
+    const int64_t chunk_rows = tiles ? CHUNK_ROWS : MAX_ROWS;
+#else
+    const int64_t chunk_rows = MAX_ROWS;
+#endif
+    xval *act = calloc((size_t)((whole ? threads : 2) * chunk_rows * ip), sizeof(xval));
     if (!act || !first || !order) {
         free(act);
         free(first);
@@ -784,7 +792,7 @@ int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, 
 #pragma omp parallel num_threads(threads)
     {
         xval *xp = malloc(sizeof(xval) * (size_t)(MAX_ROWS * dp));
-        float *gate = malloc(sizeof(float) * (size_t)(MAX_ROWS * 64 * 2)); /* also the tiles' scratch */
+        float *gate = malloc(sizeof(float) * (size_t)(CHUNK_ROWS * 64 * 2)); /* also the tiles' scratch */
         float *out = malloc(sizeof(float) * (size_t)(MAX_ROWS * 64));
         int ok = xp && gate && out;
 #pragma omp atomic
@@ -792,7 +800,7 @@ int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, 
 #pragma omp barrier
         if (!failed && whole) {
 #ifdef _OPENMP
-            xval *a = act + omp_get_thread_num() * MAX_ROWS * ip;
+            xval *a = act + omp_get_thread_num() * chunk_rows * ip;
 #else
             xval *a = act;
 #endif
@@ -800,8 +808,8 @@ int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, 
             for (int64_t u = 0; u < used; u++) {
                 const int64_t s = order[u];
                 const uint16_t *g = w13 + s * 2 * I * D, *down = w2 + s * D * I;
-                for (int64_t r0 = 0; r0 < counts[s]; r0 += MAX_ROWS) {
-                    const int M = (int)(counts[s] - r0 < MAX_ROWS ? counts[s] - r0 : MAX_ROWS);
+                for (int64_t r0 = 0; r0 < counts[s]; r0 += chunk_rows) {
+                    const int M = (int)(counts[s] - r0 < chunk_rows ? counts[s] - r0 : chunk_rows);
                     const uint16_t *next_g = r0 == 0 ? g + (PREFETCH_BYTES / (2 * D)) * D : NULL;
                     const uint16_t *next_down = r0 == 0 ? down + (PREFETCH_BYTES / (2 * I)) * I : NULL;
 #if defined(STREAMOE_DPBF16)
@@ -836,14 +844,14 @@ int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, 
             share(D, 16, &lo_d, &hi_d);
             for (int64_t s = 0; s < S; s++) {
                 const uint16_t *g = w13 + s * 2 * I * D, *down = w2 + s * D * I;
-                for (int64_t r0 = 0; r0 < counts[s]; r0 += MAX_ROWS, chunk++) {
-                    int M = (int)(counts[s] - r0 < MAX_ROWS ? counts[s] - r0 : MAX_ROWS);
+                for (int64_t r0 = 0; r0 < counts[s]; r0 += chunk_rows, chunk++) {
+                    int M = (int)(counts[s] - r0 < chunk_rows ? counts[s] - r0 : chunk_rows);
                     /* the rows ~16 KiB ahead prefetched on the first pass (faster here than fetching the
                      * next expert whole during this one's last pass: 1.05-1.2x on an EPYC Zen 4) */
                     const uint16_t *next_g = r0 == 0 ? g + (PREFETCH_BYTES / (2 * D)) * D : NULL;
                     const uint16_t *next_down = r0 == 0 ? down + (PREFETCH_BYTES / (2 * I)) * I : NULL;
                     const uint16_t *x = xs + (start + r0) * D;
-                    xval *a = act + (chunk & 1) * MAX_ROWS * ip;
+                    xval *a = act + (chunk & 1) * chunk_rows * ip;
 #if defined(STREAMOE_DPBF16)
                     if (tiles) { /* this thread's share of the tiles, then of the down tiles */
                         int64_t lo, hi;
