@@ -473,7 +473,7 @@ def test_the_fused_calls_are_the_module_path_to_the_bit(tiny_bf16, monkeypatch):
 
     whole, counted, made = run()
     assert made["decode_layers"] == 4 and made["mla_decode"] == 0 and made["decode_attention"] == 0, made
-    monkeypatch.setattr(DeepseekV3, "_decode_layers", lambda self, *args: False)  # layer by layer
+    monkeypatch.setattr(DeepseekV3, "_decode_layers", lambda self, *args: None)  # layer by layer
     logits, load, made = run()
     assert torch.equal(logits, whole) and all(torch.equal(a, b) for a, b in zip(load, counted))
     assert made["decode_layers"] == 0 and made["mla_decode"] == 4 * model.args.num_hidden_layers, made
@@ -511,7 +511,7 @@ def test_the_whole_step_call_reads_the_weights_the_modules_hold_now(tiny_bf16, m
         got = torch.cat(incremental_logits(model, prompts, continuations))
         load = moe.expert_load - before
         ran = bool(made)
-        monkeypatch.setattr(DeepseekV3, "_decode_layers", lambda self, *args: False)
+        monkeypatch.setattr(DeepseekV3, "_decode_layers", lambda self, *args: None)
         before = moe.expert_load.clone()
         assert torch.equal(torch.cat(incremental_logits(model, prompts, continuations)), got)
         assert torch.equal(moe.expert_load - before, load)

@@ -106,6 +106,10 @@ class ReadPlan:
         step. Built on the first use, shared by every layer."""
         if not self.decode:
             return None
+        if len(self.decode) == 1:  # one bucket already in row order (one sequence, or equal contexts): itself
+            only = self.decode[0]
+            if only.num_seqs == 1 or torch.equal(only.rows, torch.arange(only.num_seqs, device=only.rows.device)):
+                return only
         length = max(b.max_context for b in self.decode)
         slots = [b.slots.view(b.num_seqs, b.max_context) for b in self.decode]
         slots = torch.cat([torch.cat([s, s[:, -1:].expand(s.shape[0], length - s.shape[1])], dim=1) for s in slots])

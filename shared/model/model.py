@@ -41,16 +41,33 @@ class DecoderLayer(nn.Module):
 
 
 _ABSENT = object()
+# modules, parameters and buffers registered anywhere so far (a module's attribute replaced counts): a
+# LayerWeightsView described before the latest one is looked at again
+_registrations = [0]
+
+
+def _registered(*_args) -> None:
+    _registrations[0] += 1
+
+
+for _register in (torch.nn.modules.module.register_module_parameter_registration_hook,
+                  torch.nn.modules.module.register_module_buffer_registration_hook,
+                  torch.nn.modules.module.register_module_module_registration_hook):
+    _register(_registered)
 
 
 class LayerWeightsView:
     """The main layers' weights as native.decode_layers reads them (one native.LayerWeights per layer),
-    described once, with every attribute the description read (a module, a parameter, the plan, the
-    stack, the load counter...) and each tensor's address and version: `current()` checks them all, a
-    few dozen µs, so a replaced or rewritten weight is described again, never read stale."""
+    described once. `current()` checks, in some tens of µs, that no module, parameter or buffer was
+    registered since (a replaced weight, an added bias: a global count), that the plain attributes a
+    step may change (the plans, the stacks, the load counters) are the ones read, and each tensor's
+    address and version: a replaced or rewritten weight is described again, never read stale."""
+
+    MUTABLE = frozenset({"native_plan", "plan", "stack", "expert_load", "w13", "w2"})  # watched one by one
 
     def __init__(self, model: DeepseekV3, plan: MoEPlan):
         self.plan = plan
+        self.registrations = _registrations[0]
         self.watch: list[tuple[dict, str, object]] = []
         self.tensors: list[torch.Tensor] = []  # every tensor pointed to (the packed copies kept alive here)
         self.rows: frozenset[int] = frozenset(range(1, native.NORM_ROWS + 1))  # T every module runs natively
@@ -62,15 +79,15 @@ class LayerWeightsView:
         return tuple(x.data_ptr() for x in self.tensors), tuple(x._version for x in self.versioned)
 
     def current(self) -> bool:
-        return all(d.get(k, _ABSENT) is v for d, k, v in self.watch) and self._state() == self.state
+        return (_registrations[0] == self.registrations and all(d.get(k, _ABSENT) is v for d, k, v in self.watch)
+                and self._state() == self.state)
 
     def _read(self, owner: object, name: str):
-        """owner.name, noting where it was found (a module's parameters, buffers, children or __dict__)."""
-        spaces = ((owner._parameters, owner._buffers, owner._modules) if isinstance(owner, nn.Module) else ())
-        space = next((d for d in spaces if name in d), owner.__dict__)
-        value = space.get(name, _ABSENT)
-        self.watch.append((space, name, value))
-        return getattr(owner, name) if value is _ABSENT else value
+        """owner.name, watched where it is one of the MUTABLE plain attributes."""
+        value = getattr(owner, name)
+        if name in self.MUTABLE and name in owner.__dict__:
+            self.watch.append((owner.__dict__, name, value))
+        return value
 
     def _ptr(self, x: torch.Tensor | None, dtype: torch.dtype = torch.bfloat16) -> int | None:
         if x is None:
@@ -89,10 +106,14 @@ class LayerWeightsView:
         return self._ptr(self._read(module, "weight"))
 
     def _describe(self, model: DeepseekV3) -> ctypes.Array | None:
-        layers = self._read(self._read(model, "model"), "layers")
+        backbone = self._read(model, "model")
+        layers = self._read(backbone, "layers")
         count = model.args.num_hidden_layers
         described = (native.LayerWeights * count)()
         try:
+            final = self._read(backbone, "norm")
+            self._weight(final)
+            self.final_norm, self.final_eps = final.weight, final.eps
             for i, w in enumerate(described):
                 layer = self._read(layers, str(i))
                 attn, mlp = self._read(layer, "self_attn"), self._read(layer, "mlp")
@@ -223,6 +244,7 @@ class DeepseekV3(nn.Module):
         up to 64 (MLA) and the single-token decode attention (MLA._decode_in_place) through its kernels."""
         plan = backend if isinstance(backend, MoEPlan) else MoEPlan.parse(backend)
         check_supported(plan, self.device, self.dtype)
+        _registrations[0] += 1  # the modules' native row counts change: a LayerWeightsView is described again
         linear_rows = frozenset(m for m in range(1, native.LINEAR_ROWS + 1) if plan.choose(m) == "native")
         norm_rows = frozenset(m for m in range(1, native.NORM_ROWS + 1) if plan.choose(m) == "native")
         for module in self.modules():
@@ -245,8 +267,9 @@ class DeepseekV3(nn.Module):
         `on_layer(i)` runs once layer i's KV is in the cache (layer-wise KV streaming)."""
         h = self.model.embed_tokens(input_ids)  # [T, D]
         cos, sin = self.rotary.cos_sin(positions, h.dtype)
-        if on_layer is None and cache is not None and self._decode_layers(h, cos, sin, batch, cache):
-            return self.model.norm(h)  # every layer in one native call
+        out = self._decode_layers(h, cos, sin, batch, cache) if on_layer is None and cache is not None else None
+        if out is not None:
+            return out  # every layer and the final norm in one native call
         for i, layer in enumerate(self.main_layers):
             h = layer(h, cos, sin, batch, cache)
             if on_layer is not None:
@@ -254,42 +277,43 @@ class DeepseekV3(nn.Module):
         return self.model.norm(h)
 
     def _decode_layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch,
-                       cache: LatentCache) -> bool:
-        """Every main layer of a step whose rows are all single-token decodes in one native call
-        (native.decode_layers: the calls the modules make on a native plan, in their order, so the same
-        bits), h [T, D] updated in place; False (nothing done) where the step or a layer does not fit."""
+                       cache: LatentCache) -> torch.Tensor | None:
+        """Every main layer of a step whose rows are all single-token decodes, and the final norm, in one
+        native call (native.decode_layers: the calls the modules make on a native plan, in their order, so
+        the same bits) -> the normed hidden states (h updated in place); None (nothing done) where the step
+        or a layer does not fit."""
         t = h.shape[0]
         layers = self.model.layers
         plan = layers[0].self_attn.native_plan
         if (plan is None or t > native.NORM_ROWS or plan.choose(t) != "native" or h.dtype != torch.bfloat16
                 or not h.is_cpu or not h.is_contiguous() or not batch.plan.is_cached or not batch.plan.decodes_only):
-            return False
-        described = self._layer_weights(plan, t)
-        if described is None:
-            return False
+            return None
+        view = self._layer_weights(plan, t)
+        if view is None:
+            return None
         pools = [cache.layer_rows(i) for i in range(self.args.num_hidden_layers)]
         if any(p.dtype != torch.bfloat16 or not p.is_cpu or not p.is_contiguous() for p in pools):
-            return False
+            return None
         bucket = batch.plan.decode_in_one
         slots = batch.slot_mapping
         if slots.dtype != torch.int64 or not slots.is_contiguous():
             slots = slots.to(torch.int64).contiguous()
         attn = layers[0].self_attn
         n = len(pools)
-        native.decode_layers(described, h, attn.num_heads, attn.nope_dim, attn.rope_dim, attn.kv_lora_rank,
-                             attn.v_dim, attn.interleave, attn.scale, cos.contiguous(), sin.contiguous(), slots,
-                             bucket.slots.view(bucket.num_seqs, bucket.max_context), bucket.lengths,
-                             (ctypes.c_void_p * n)(*(p.data_ptr() for p in pools)),
-                             (ctypes.c_int64 * n)(*(p.shape[0] for p in pools)), native.library())
-        return True
+        return native.decode_layers(view.array, h, attn.num_heads, attn.nope_dim, attn.rope_dim, attn.kv_lora_rank,
+                                    attn.v_dim, attn.interleave, attn.scale, cos.contiguous(), sin.contiguous(), slots,
+                                    bucket.slots.view(bucket.num_seqs, bucket.max_context), bucket.lengths,
+                                    (ctypes.c_void_p * n)(*(p.data_ptr() for p in pools)),
+                                    (ctypes.c_int64 * n)(*(p.shape[0] for p in pools)), view.final_norm,
+                                    view.final_eps, native.library())
 
-    def _layer_weights(self, plan: MoEPlan, t: int) -> ctypes.Array | None:
+    def _layer_weights(self, plan: MoEPlan, t: int) -> LayerWeightsView | None:
         """The main layers' LayerWeightsView for `plan` (described again where anything it read changed);
         None where a layer does not fit the fused calls or a module keeps T rows off its native kernels."""
         view = getattr(self, "_layer_view", None)
         if view is None or view.plan is not plan or not view.current():
             view = self._layer_view = LayerWeightsView(self, plan)
-        return view.array if t in view.rows else None
+        return view if view.array is not None and t in view.rows else None
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,7 @@ def build(march: str) -> ctypes.CDLL:
                                        ctypes.c_float, _PTR, _PTR, ctypes.c_int]
     lib.streamoe_decode_layers_bf16.argtypes = [ctypes.POINTER(LayerWeights), _INT, _PTR, _INT, _INT, _INT, _INT, _INT,
                                                 _INT, _INT, ctypes.c_int, ctypes.c_double, _PTR, _PTR, _PTR, _PTR, _INT,
-                                                _PTR, _PTR, _PTR, ctypes.c_int]
+                                                _PTR, _PTR, _PTR, _PTR, ctypes.c_double, _PTR, ctypes.c_int]
     for fn in (lib.streamoe_decode_layers_bf16, lib.streamoe_rope_bf16, lib.streamoe_gate_bf16,
                lib.streamoe_add_rms_norm_bf16, lib.streamoe_mlp_bf16,
                lib.streamoe_store_rows_bf16, lib.streamoe_mla_decode_bf16, lib.streamoe_moe_block_bf16,
@@ -576,19 +576,23 @@ class LayerWeights(ctypes.Structure):
 def decode_layers(layers: ctypes.Array, h: torch.Tensor, heads: int, nope: int, rope_dim: int, latent: int,
                   v_dim: int, interleave: bool, scale: float, cos: torch.Tensor, sin: torch.Tensor,
                   slot_mapping: torch.Tensor, context: torch.Tensor, lengths: torch.Tensor, pools: ctypes.Array,
-                  nslots: ctypes.Array, lib: ctypes.CDLL) -> None:
+                  nslots: ctypes.Array, final_norm: torch.Tensor, final_eps: float, lib: ctypes.CDLL) -> torch.Tensor:
     """The decoder layers of a step whose T rows are all single-token decodes, in one call: for each of
     `layers` (LayerWeights), h = h + attention(norm(h)) as `mla_decode` (its cache rows into `pools[l]`,
     of `nslots[l]` rows), then h = h + the MoE layer as `moe_block` (or the dense `mlp`), on h [T, D] bf16
-    (contiguous) in place: the modules' calls in their order, the same bits, without returning to Python
-    between them (DeepseekV3._decode_layers checks the conditions)."""
+    (contiguous) in place; returns the final norm of h (`final_norm`, as `rms_norm`): the modules' calls in
+    their order, the same bits, without returning to Python between them (DeepseekV3._decode_layers checks
+    the conditions)."""
     t, d = h.shape
+    normed = torch.empty(t, d, dtype=torch.bfloat16)
     rc = lib.streamoe_decode_layers_bf16(layers, len(layers), h.data_ptr(), t, d, heads, nope, rope_dim, latent, v_dim,
                                          int(interleave), scale, cos.data_ptr(), sin.data_ptr(),
                                          slot_mapping.data_ptr(), context.data_ptr(), context.shape[1],
-                                         lengths.data_ptr(), pools, nslots, torch.get_num_threads())
+                                         lengths.data_ptr(), pools, nslots, final_norm.data_ptr(), final_eps,
+                                         normed.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"native.decode_layers failed in layer {-rc - 1} on {t} rows (a slot outside the pool?)")
+    return normed
 
 
 class Linear(nn.Linear):

@@ -1460,12 +1460,14 @@ typedef struct {
  * MoE layer (streamoe_moe_block_bf16) or h + the dense MLP (streamoe_mlp_bf16): the calls the modules make,
  * in their order, so the same bits, with no return to Python between them. h [T, D] (contiguous) in and
  * out; the model's shapes H, N, R, C, V and rotary layout; cos, sin [T, R]; the step's slots, contexts
- * (ctx [T, L], lens [T]). Returns 0, or -(layer + 1) where a layer's call failed (a slot outside the pool). */
+ * (ctx [T, L], lens [T]); then normed [T, D] = RMSNorm(h) with the final norm's weight. Returns 0, or
+ * -(layer + 1) where a layer's call failed (a slot outside the pool). */
 int streamoe_decode_layers_bf16(const streamoe_layer *layers, int64_t n, uint16_t *h, int64_t T, int64_t D, int64_t H,
                                 int64_t N, int64_t R, int64_t C, int64_t V, int interleave, double attn_scale,
                                 const uint16_t *cos, const uint16_t *sin, const int64_t *slot_mapping,
                                 const int64_t *ctx, int64_t L, const int64_t *lens, uint16_t *const *pools,
-                                const int64_t *nslots, int nthreads) {
+                                const int64_t *nslots, const uint16_t *final_norm, double final_eps,
+                                uint16_t *normed, int nthreads) {
     if (n < 1 || T < 1 || D < 1) return -1;
     uint16_t *x = malloc(sizeof(uint16_t) * (size_t)(3 * T * D));
     if (!x) return -1;
@@ -1489,5 +1491,6 @@ int streamoe_decode_layers_bf16(const streamoe_layer *layers, int64_t n, uint16_
             rc = streamoe_mlp_bf16(x, D, T, D, w->sg, w->su, w->Is, w->sd, s, h, nthreads);
     }
     free(x);
-    return rc ? (int)-l : 0;
+    if (rc) return (int)-l;
+    return streamoe_rms_norm_bf16(h, D, T, D, final_norm, (float)final_eps, normed, D) ? -(int)n : 0;
 }
