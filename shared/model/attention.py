@@ -203,9 +203,7 @@ class MLA(nn.Module):
             return None
         bucket = batch.plan.decode_in_one
         w_uk, w_uv = self._packed_w_b()
-        slots = batch.slot_mapping
-        if slots.dtype != torch.int64 or not slots.is_contiguous():
-            slots = slots.to(torch.int64).contiguous()
+        slots = native.slot_indices(batch.slot_mapping)
         return native.mla_decode(
             x, None if q_a is None else q_a.weight, None if q_a is None else self.q_a_layernorm.weight,
             self.q_a_layernorm.eps if q_a is not None else 0.0, self.q_b_proj.weight if q_a is not None else

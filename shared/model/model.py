@@ -283,8 +283,8 @@ class DeepseekV3(nn.Module):
         the same bits) -> the normed hidden states (h updated in place); None (nothing done) where the step
         or a layer does not fit."""
         t = h.shape[0]
-        layers = self.model.layers
-        plan = layers[0].self_attn.native_plan
+        attn = self.model.layers[0].self_attn
+        plan = attn.native_plan
         if (plan is None or t > native.NORM_ROWS or plan.choose(t) != "native" or h.dtype != torch.bfloat16
                 or not h.is_cpu or not h.is_contiguous() or not batch.plan.is_cached or not batch.plan.decodes_only):
             return None
@@ -295,13 +295,10 @@ class DeepseekV3(nn.Module):
         if any(p.dtype != torch.bfloat16 or not p.is_cpu or not p.is_contiguous() for p in pools):
             return None
         bucket = batch.plan.decode_in_one
-        slots = batch.slot_mapping
-        if slots.dtype != torch.int64 or not slots.is_contiguous():
-            slots = slots.to(torch.int64).contiguous()
-        attn = layers[0].self_attn
         n = len(pools)
         return native.decode_layers(view.array, h, attn.num_heads, attn.nope_dim, attn.rope_dim, attn.kv_lora_rank,
-                                    attn.v_dim, attn.interleave, attn.scale, cos.contiguous(), sin.contiguous(), slots,
+                                    attn.v_dim, attn.interleave, attn.scale, cos.contiguous(), sin.contiguous(),
+                                    native.slot_indices(batch.slot_mapping),
                                     bucket.slots.view(bucket.num_seqs, bucket.max_context), bucket.lengths,
                                     (ctypes.c_void_p * n)(*(p.data_ptr() for p in pools)),
                                     (ctypes.c_int64 * n)(*(p.shape[0] for p in pools)), view.final_norm,

@@ -496,11 +496,15 @@ def kv_rows(kv: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tenso
     return out
 
 
+def slot_indices(slots: torch.Tensor) -> torch.Tensor:
+    """Cache slots as the kernels index with them: int64, contiguous (the tensor itself where it is)."""
+    return slots if slots.dtype == torch.int64 and slots.is_contiguous() else slots.to(torch.int64).contiguous()
+
+
 def store_rows(pool: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, lib: ctypes.CDLL | None = None) -> None:
     """pool[slots] = rows for a cache layer pool [N, W] bf16 (contiguous), slots [T] int64, rows [T, W] bf16
     (rows contiguous): LatentKVPool.store's index_copy_, with every destination line asked for at once."""
-    if slots.dtype != torch.int64 or not slots.is_contiguous():
-        slots = slots.to(torch.int64).contiguous()
+    slots = slot_indices(slots)
     if not (pool.dim() == rows.dim() == 2 and pool.dtype == rows.dtype == torch.bfloat16 and pool.is_contiguous()
             and rows.shape[1] == pool.shape[1] and rows.stride(1) == 1 and slots.shape == (rows.shape[0],)
             and pool.device.type == rows.device.type == slots.device.type == "cpu"):

@@ -747,8 +747,8 @@ static void down_tile(const uint16_t *w2p, int64_t t, int64_t D, int64_t I, cons
  * slot; w13 [S, 2I, D] (gate rows, then up rows), w2 [S, D, I] -> ys [P, D] bf16, each pair through
  * its slot's SwiGLU expert: down(silu(gate x) * up x). Slots without pairs are not read. A slot's
  * pairs go 8 at a time (16 through the tiles); every thread takes a share of the gate/up rows (the
- * same rows of both, so it finishes its share of silu(gate) * up alone), then, after one barrier, a share of the down
- * rows. The intermediate stays fp32. With AVX512-BF16 and the packed copies w13p and w2p (not NULL;
+ * same rows of both, so it finishes its share of silu(gate) * up alone), then, after one barrier, a
+ * share of the down rows. The intermediate stays fp32. With AVX512-BF16 and the packed copies w13p and w2p (not NULL;
  * D even), the slots' tiles instead (no sum across lanes). Returns 0, or -1 for a bad argument. */
 int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, const uint16_t *w13,
                           const uint16_t *w2, const uint16_t *w13p, const uint16_t *w2p, int64_t D, int64_t I,
@@ -771,9 +771,9 @@ int streamoe_experts_bf16(const uint16_t *xs, const int64_t *counts, int64_t S, 
     for (int64_t s = 0; s < S; s++) used += counts[s] > 0;
     const int whole = used >= WHOLE_EXPERTS * threads;
     int64_t *first = malloc(sizeof(int64_t) * (size_t)(S + 1)), *order = malloc(sizeof(int64_t) * (size_t)(used + 1));
-    /* two chunks' silu(gate) * up (shared), or one per thread (whole experts); zeros past I */
     /* rows per pass over a slot's weights: the tiles take CHUNK_ROWS (groups of up to 6 re-read each tile
-     * from L2), the dot products MAX_ROWS */
+     * from L2), the dot products MAX_ROWS; `act` holds two passes' silu(gate) * up (shared), or one per
+     * thread (whole experts), zeros past I */
 #if defined(STREAMOE_DPBF16)
     const int64_t chunk_rows = tiles ? CHUNK_ROWS : MAX_ROWS;
 #else
@@ -1478,7 +1478,7 @@ int streamoe_decode_layers_bf16(const streamoe_layer *layers, int64_t n, uint16_
     int64_t l = 0;
     for (; l < n && rc == 0; l++) {
         const streamoe_layer *w = &layers[l];
-        rc |= streamoe_rms_norm_bf16(h, D, T, D, w->in_norm, (float)w->in_eps, x, D);
+        rc = streamoe_rms_norm_bf16(h, D, T, D, w->in_norm, (float)w->in_eps, x, D);
         if (rc == 0)
             rc = streamoe_mla_decode_bf16(x, D, T, D, w->qa, w->Q, w->qa_norm, (float)w->q_eps, w->qb, H, N, R, w->kva,
                                           C, w->kv_norm, (float)w->kv_eps, cos, sin, interleave, pools[l], nslots[l],
