@@ -2,18 +2,21 @@
 
     python -m loadgen.bench_e2e [--preset small] [--num-requests 32] [--input-len 160]
                                 [--output-len 80] [--range-ratio 0.5] [--dtype auto]
-                                [--worker-threads share,lend,all]
+                                [--worker-threads share,lend,turns,all]
 
 1. `streamoe up` serves the preset (its own Redis, tokenizer, balancer, prefill rank, decode
    rank, gateway: each its own process); `python -m loadgen` sends the `random` workload, every
    request at once, streamed, greedy, EOS ignored; once per `--worker-threads` value (how
-   `streamoe up` gives the workers their threads), each on a fresh system.
+   `streamoe up` gives the workers their threads), each on a fresh system: its own run directory
+   and an empty prefix cache (the in-process engine has none; blocks a previous run stored would
+   spare the services most of their prefill).
 2. The system is stopped; the batched engine of `streamoe generate` runs the same prompts (the
    same token ids, from the same seeded workload) in this process, all submitted at once.
 Prints output tokens/s and TTFT p50 of each, and their ratios to the in-process engine. On a
 2-core machine `share` splits the cores (prefill and decode get one each) where the in-process
-engine has both; `lend` lends a worker the cores the other leaves idle, step by step; `all` gives
-each worker both, their idle OpenMP threads sleeping.
+engine has both; `lend` lends a worker the cores the other leaves idle, step by step; `turns` gives
+each worker every core, the two taking them in turn, a step each; `all` gives each worker both,
+their idle OpenMP threads sleeping.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--range-ratio", type=float, default=0.5)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--worker-threads", default="share,lend,all",
+    p.add_argument("--worker-threads", default="share,lend,turns,all",
                    help="streamoe up --worker-threads values to run the services with, comma-separated, in order")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--out", type=Path, default=None, help="write both results as JSON")
@@ -58,7 +61,8 @@ def loadgen_argv(args: argparse.Namespace, url: str, vocab_size: int, out: Path)
 
 def through_services(args: argparse.Namespace, vocab_size: int, run_dir: Path, worker_threads: str) -> dict:
     with running_system("--preset", args.preset, "--dtype", args.dtype, "--port", str(args.port),
-                        "--run-dir", str(run_dir), "--worker-threads", worker_threads) as url:
+                        "--run-dir", str(run_dir), "--cache-dir", str(run_dir / "cache"),
+                        "--worker-threads", worker_threads) as url:
         run_loadgen(["--url", url, "--workload", "random", "--num-requests", "2", "--input-len", "32",
                      "--output-len", "4", "--vocab-size", str(vocab_size), "--seed", "99", "--no-progress",
                      "--out", str(run_dir / "warmup.json")])

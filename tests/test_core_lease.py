@@ -1,4 +1,4 @@
-"""The core lease of `streamoe up --worker-threads lend` (shared/runtime/core_lease.py)."""
+"""The core lease of `streamoe up --worker-threads lend|turns` (shared/runtime/core_lease.py)."""
 from __future__ import annotations
 
 import argparse
@@ -79,11 +79,74 @@ def test_more_workers_than_cores_take_their_shares_without_waiting(tmp_path, res
     assert slots(path) == (1, 1, 1) and time.monotonic() - start < 5
 
 
+def test_turns_hand_every_core_to_one_worker_at_a_time(tmp_path, restore_threads):
+    """Turns: a step on every core; a waiter gets them at the end of the holder's step, and the
+    holder's next step waits for the waiter's to end, so the two alternate; never both computing."""
+    path = tmp_path / "lease"
+    core_lease.create(path, 2)
+    prefill, decode = (CoreLease(path, i, cores=2, share=1, mode="turns") for i in range(2))
+    assert decode.take_turn() == 2 and torch.get_num_threads() == 2 and slots(path) == (0, 2)
+    decode.end_turn(more=True)
+    assert slots(path) == (0, 2)  # no one waits: kept for its next step
+    got = {}
+
+    def wait_turn(lease, key):
+        threads = lease.take_turn(max_wait_s=30)
+        got[key] = (threads, time.monotonic(), slots(path))
+
+    claimer = threading.Thread(target=wait_turn, args=(prefill, "prefill"))
+    claimer.start()
+    time.sleep(0.3)
+    assert claimer.is_alive() and slots(path) == (core_lease.WAITING, 2)  # waiting, while decode computes
+    ended = time.monotonic()
+    decode.end_turn(more=True)  # hands over, and returns once prefill holds the cores
+    claimer.join(timeout=10)
+    assert got["prefill"][0] == 2 and got["prefill"][1] >= ended and got["prefill"][2] == (2, 0)
+    claimer = threading.Thread(target=wait_turn, args=(decode, "decode"))
+    claimer.start()
+    time.sleep(0.3)
+    assert claimer.is_alive() and slots(path) == (2, core_lease.WAITING)  # decode's next step waits its turn
+    prefill.end_turn(more=False)  # nothing left: its slot idle, decode's turn
+    claimer.join(timeout=10)
+    assert got["decode"][0] == 2 and got["decode"][2] == (0, 2)
+    # a holder that kept the cores (no one waited at the end of its step) hands them to a waiter before
+    # its next step: the waiter's step first
+    decode.end_turn(more=True)
+    order = []
+    waiter = threading.Thread(target=lambda: (prefill.take_turn(max_wait_s=30), order.append("prefill"),
+                                              time.sleep(0.2), prefill.end_turn(more=False)))
+    waiter.start()
+    while slots(path)[0] != core_lease.WAITING:
+        time.sleep(0.001)
+    assert decode.take_turn(max_wait_s=30) == 2
+    order.append("decode")
+    waiter.join(timeout=10)
+    assert order == ["prefill", "decode"] and slots(path) == (0, 2)
+    decode.end_turn(more=False)
+    assert slots(path) == (0, 0)
+
+
+def test_a_turn_that_never_comes_is_computed_on_the_share(tmp_path, restore_threads):
+    path = tmp_path / "lease"
+    core_lease.create(path, 2)
+    stuck, late = (CoreLease(path, i, cores=2, share=1, mode="turns") for i in range(2))
+    assert stuck.take_turn() == 2  # a worker that died mid-step, holding every core
+    start = time.monotonic()
+    assert late.take_turn(max_wait_s=0.2) == 1 and time.monotonic() - start >= 0.2
+    assert slots(path) == (2, 1)
+    late.end_turn(more=True)
+    assert slots(path) == (2, 1)  # no waiter: it keeps its share for its next step
+    core_lease.clear(path, 0)  # `up` restarts the dead worker
+    assert late.take_turn() == 2 and slots(path) == (0, 2)
+
+
 def test_refusals(tmp_path):
     path = tmp_path / "lease"
     core_lease.create(path, 2)
     with pytest.raises(ValueError, match=r"--core-lease=.*lease:2: the file has 2 slots"):
         CoreLease(path, 2, cores=2, share=1)
+    with pytest.raises(ValueError, match="--core-lease-mode=steal: expected one of lend, turns"):
+        CoreLease(path, 1, cores=2, share=1, mode="steal")
     assert core_lease_flag(f"{path}:1") == (path, 1)
     for bad in ("lease", ":1", f"{path}:x", f"{path}:-1"):
         with pytest.raises(argparse.ArgumentTypeError, match=f"--core-lease={bad}: expected PATH:SLOT"):

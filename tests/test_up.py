@@ -221,6 +221,7 @@ def test_worker_threads():
     os.environ.pop("OMP_WAIT_POLICY", None)
     assert worker_threads("share", 8, 2) == (4, {}) and worker_threads("share", 2, 4) == (1, {})
     assert worker_threads("lend", 8, 2) == (4, {})  # the share, and the lease lends the rest
+    assert worker_threads("turns", 8, 2) == (4, {})  # the share, when a turn comes too late
     assert worker_threads("all", 8, 1) == (8, {})
     assert worker_threads("all", 8, 2) == (8, {"OMP_WAIT_POLICY": "PASSIVE"})
     assert worker_threads("3", 8, 2) == (3, {}) and worker_threads("3", 8, 3) == (3, {"OMP_WAIT_POLICY": "PASSIVE"})
@@ -230,7 +231,7 @@ def test_worker_threads():
     finally:
         del os.environ["OMP_WAIT_POLICY"]
     for bad in ("0", "-1", "many", ""):
-        with pytest.raises(ValueError, match=f"--worker-threads={bad}: expected share, lend, all"):
+        with pytest.raises(ValueError, match=f"--worker-threads={bad}: expected share, lend, turns, all"):
             worker_threads(bad, 8, 2)
 
 
@@ -238,7 +239,14 @@ def test_up_refuses_a_bad_worker_threads(tmp_path):
     done = subprocess.run([sys.executable, "-m", "shared.launcher.cli", "up", "--worker-threads", "lots", "--port",
                            str(free_port()), "--run-dir", str(tmp_path / "run")], capture_output=True, text=True,
                           timeout=60, env={**os.environ, "STREAMOE_HOME": str(tmp_path / "home")})
-    assert done.returncode == 2 and "--worker-threads=lots: expected share, lend, all" in done.stderr, done.stderr
+    assert done.returncode == 2, done.stderr
+    assert "--worker-threads=lots: expected share, lend, turns, all" in done.stderr, done.stderr
+    done = subprocess.run([sys.executable, "-m", "shared.launcher.cli", "up", "--worker-threads", "turns",
+                           "--decode-ep", "2", "--port", str(free_port()), "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "STREAMOE_HOME": str(tmp_path / "home")})
+    assert done.returncode == 2 and ("--worker-threads turns with --prefill-ep 1 --decode-ep 2: the ranks of an EP "
+                                     "group compute each step together") in done.stderr, done.stderr
     assert not (tmp_path / "home").exists()  # refused before anything was made or started
 
 

@@ -122,17 +122,18 @@ class TokenizerService(Service):
 
     async def loop(self) -> None:
         while not self.stopping.is_set():
-            for stream, entry in await self.bus.take(CONSUMER_GROUP, self.kinds(), self.config.claim_idle_ms):
-                await self.handle(stream, entry)
+            taken = await self.bus.take(CONSUMER_GROUP, self.kinds(), self.config.claim_idle_ms)
+            deltas = [(stream, entry) for stream, entry in taken if isinstance(entry.message, TokenDelta)]
+            for stream, entry in taken:
+                if isinstance(entry.message, GenerateRequest):
+                    await self.tokenize(entry.message)
+                    await self.done(stream, [entry.entry_id])  # after what it produced is written
+            if deltas:
+                await self.detokenize(deltas)
 
-    async def handle(self, stream: str, entry) -> None:
-        msg = entry.message
-        if isinstance(msg, GenerateRequest):
-            await self.tokenize(msg)
-        else:
-            await self.detokenize(msg)
-        await self.bus.ack(stream, CONSUMER_GROUP, entry.entry_id)  # after what it produced is written
-        self.messages.labels(stream=stream, outcome="ok").inc()
+    async def done(self, stream: str, entry_ids: list[str]) -> None:
+        await self.bus.ack(stream, CONSUMER_GROUP, *entry_ids)
+        self.messages.labels(stream=stream, outcome="ok").inc(len(entry_ids))
 
     async def tokenize(self, req: GenerateRequest) -> None:
         loop = asyncio.get_running_loop()
@@ -161,18 +162,26 @@ class TokenizerService(Service):
         self.reply_memory.labels(outcome="miss").inc(len(keys) - len(found))
         return found
 
-    async def detokenize(self, delta: TokenDelta) -> None:
-        final = delta.finish_reason is not None
-        text = delta_text(self.token_bytes, delta.prefix_ids or [], delta.token_ids, delta.stop, final=final)
-        finish = "stop" if text.stopped else delta.finish_reason
-        out = TokenDelta(delta.request_id, delta.trace_id, delta.gateway_id, delta.index, delta.token_ids,
-                         finish_reason=finish, text=text.text, num_prompt_tokens=delta.num_prompt_tokens,
-                         num_cached_tokens=delta.num_cached_tokens, prompt_ids=delta.prompt_ids, error=delta.error,
-                         status=delta.status)
-        writes = [(streams.delta_stream(delta.gateway_id), out)]
-        if text.stopped and not final:
-            writes.append((streams.ABORTS, Abort(delta.request_id, delta.trace_id, "stop string")))
+    async def detokenize(self, taken: list[tuple[str, object]]) -> None:
+        """The text of every delta taken (a decode step sends one per running request): written in
+        one round trip, then acked in one per stream, not two round trips a token."""
+        writes, read = [], {}
+        for stream, entry in taken:
+            delta = entry.message
+            final = delta.finish_reason is not None
+            text = delta_text(self.token_bytes, delta.prefix_ids or [], delta.token_ids, delta.stop, final=final)
+            finish = "stop" if text.stopped else delta.finish_reason
+            writes.append((streams.delta_stream(delta.gateway_id), TokenDelta(
+                delta.request_id, delta.trace_id, delta.gateway_id, delta.index, delta.token_ids,
+                finish_reason=finish, text=text.text, num_prompt_tokens=delta.num_prompt_tokens,
+                num_cached_tokens=delta.num_cached_tokens, prompt_ids=delta.prompt_ids, error=delta.error,
+                status=delta.status)))
+            if text.stopped and not final:
+                writes.append((streams.ABORTS, Abort(delta.request_id, delta.trace_id, "stop string")))
+            read.setdefault(stream, []).append(entry.entry_id)
         await self.bus.publish_many(writes)
+        for stream, entry_ids in read.items():
+            await self.done(stream, entry_ids)  # after what they produced is written
 
     def trimmed_streams(self) -> list[str]:
         return list(self.kinds())

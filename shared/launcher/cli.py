@@ -89,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument("--port", type=int, default=8000)
     upp.add_argument("--prefill-ep", type=int, default=1)
     upp.add_argument("--decode-ep", type=int, default=1)
-    upp.add_argument("--worker-threads", default="share", metavar="share|lend|all|N",
+    upp.add_argument("--worker-threads", default="share", metavar="share|lend|turns|all|N",
                      help="torch threads of each prefill/decode worker: share (the cores split between them), "
-                          "lend (its share, plus every core the other workers leave idle, step by step), all "
+                          "lend (its share, plus every core the other workers leave idle, step by step), turns "
+                          "(every core, the workers taking them in turn, a step each; not with EP groups), all "
                           "(every worker all the cores; idle OpenMP threads then sleep) or a count")
     upp.add_argument("--ep-wire", choices=["fp8", "exact"], default="fp8")
     upp.add_argument("--num-redundant-experts", type=int, default=0)

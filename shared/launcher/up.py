@@ -80,8 +80,9 @@ class Child:
     rolling: bool = False  # the rolling restart replaces it now: the supervisor leaves it alone
     retiring: bool = False  # the autoscaler drains it: never restarted, dropped once it exits
     env: dict = field(default_factory=dict)  # set in its environment besides the secrets (a worker's OpenMP waits)
-    lease_slot: int | None = None  # a worker's slot in the core lease (--worker-threads lend)
+    lease_slot: int | None = None  # a worker's slot in the core lease (--worker-threads lend or turns)
     lease: Path | None = None
+    lease_mode: str = "lend"
     # earlier processes still draining after a successor took their place: (process, instance id)
     leaving: list = field(default_factory=list)
 
@@ -99,7 +100,7 @@ class Child:
         self.instance = self.instance_id()
         if self.lease is not None and self.lease_slot is not None:
             core_lease.clear(self.lease, self.lease_slot)  # what a dead predecessor held
-            extra = (*extra, "--core-lease", f"{self.lease}:{self.lease_slot}")
+            extra = (*extra, "--core-lease", f"{self.lease}:{self.lease_slot}", "--core-lease-mode", self.lease_mode)
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, "--http-port", str(self.http_port),
                                       "--instance-id", self.instance, *self.args, *extra],
                                      stdout=log, stderr=log, start_new_session=True,
@@ -196,6 +197,13 @@ def up(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"streamoe up: {e}", file=sys.stderr)
         return 2
+    lease_mode = getattr(args, "worker_threads", "share")
+    lend = lease_mode in core_lease.MODES
+    if lease_mode == "turns" and max(args.prefill_ep, args.decode_ep) > 1:
+        print(f"streamoe up: --worker-threads turns with --prefill-ep {args.prefill_ep} --decode-ep {args.decode_ep}: "
+              "the ranks of an EP group compute each step together, so they cannot take the cores in turn "
+              "(use lend or share)", file=sys.stderr)
+        return 2
     model = resolve_model(args)
     try:
         from shared.model.config import ModelArgs
@@ -205,7 +213,6 @@ def up(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"streamoe up: {e}", file=sys.stderr)
         return 2
-    lend = getattr(args, "worker_threads", "share") == "lend"
     # lent cores: a busy worker mostly computes on all of them, so calibrate there
     numerics = calibrate(model, args, cores if lend else threads)  # before Redis and the services: a refusal
     # leaves nothing running
@@ -249,12 +256,12 @@ def up(args: argparse.Namespace) -> int:
                 *[Child("prefill", "services.prefill", [*worker, "--rank", str(r), "--ep-size", str(args.prefill_ep),
                                                         "--overlap", args.prefill_overlap],
                         free_port(), run_dir / f"prefill-{r}.log", rank=r, ep_size=args.prefill_ep, env=worker_env,
-                        lease_slot=r, lease=lease)
+                        lease_slot=r, lease=lease, lease_mode=lease_mode)
                   for r in range(args.prefill_ep if scaling is None else 0)],
                 *[Child("decode", "services.decode", [*worker, "--rank", str(r), "--ep-size", str(args.decode_ep),
                                                       "--overlap", args.decode_overlap],
                         free_port(), run_dir / f"decode-{r}.log", rank=r, ep_size=args.decode_ep, env=worker_env,
-                        lease_slot=args.prefill_ep + r, lease=lease)
+                        lease_slot=args.prefill_ep + r, lease=lease, lease_mode=lease_mode)
                   for r in range(args.decode_ep if scaling is None else 0)],
                 Child("gateway", "services.gateway", gateway + ["--host", args.host, "--reuse-port"], args.port,
                       run_dir / "gateway.log", shares_port=True)]
@@ -274,7 +281,8 @@ def up(args: argparse.Namespace) -> int:
             return Child(role, f"services.{role}", [*worker, "--rank", "0", "--ep-size", "1", "--overlap",
                                                     overlap[role], *(["--ep-group-id", group] if group else [])],
                          free_port(), run_dir / f"{group or role}-0.log", rank=0, group=group, env=worker_env,
-                         lease_slot=index + (high.prefill if role == "decode" else 0), lease=lease)
+                         lease_slot=index + (high.prefill if role == "decode" else 0), lease=lease,
+                         lease_mode=lease_mode)
 
         autoscaler = Autoscaler(secrets, scaled_worker)
         children[3:3] = [autoscaler.new_worker(role) for role in ("prefill", "decode")
@@ -571,12 +579,13 @@ def worker_threads(value: str, cores: int, num_workers: int) -> tuple[int, dict[
 
     `share`: the cores split between the workers, so none is oversubscribed, but a worker's cores
     idle while it waits (prefill between bursts). `lend`: the share at least, and step by step every
-    core the other workers leave idle (shared/runtime/core_lease.py). `all` (or a count): each worker computes on that
+    core the other workers leave idle; `turns`: every core, the workers taking them in turn, a step
+    each (both shared/runtime/core_lease.py). `all` (or a count): each worker computes on that
     many threads, sharing the cores with the others. Where the threads of all workers exceed the
     cores, OpenMP must not spin: a thread spinning at a barrier holds a core another process's
     thread needs, and two busy workers then run several times slower than on a split. So their
     threads wait passively (OMP_WAIT_POLICY=PASSIVE), unless the environment already says how."""
-    if value in ("share", "lend"):
+    if value in ("share", "lend", "turns"):
         return max(1, cores // num_workers), {}
     if value == "all":
         threads = cores
@@ -586,7 +595,8 @@ def worker_threads(value: str, cores: int, num_workers: int) -> tuple[int, dict[
         except ValueError:
             threads = 0
         if threads < 1:
-            raise ValueError(f"--worker-threads={value}: expected share, lend, all or a positive count of threads")
+            raise ValueError(f"--worker-threads={value}: expected share, lend, turns, all or a positive count of "
+                             "threads")
     if threads * num_workers <= cores or "OMP_WAIT_POLICY" in os.environ:
         return threads, {}
     return threads, {"OMP_WAIT_POLICY": "PASSIVE"}

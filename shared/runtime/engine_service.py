@@ -31,7 +31,7 @@ from shared.model.loader import checkpoint_fingerprint, load_model
 from shared.protocol import metric_names, streams
 from shared.protocol.messages import Abort, LoadReport, Notice, Sampling
 from shared.protocol.wire import encode
-from shared.runtime import notices, redis_client
+from shared.runtime import core_lease, notices, redis_client
 from shared.runtime.core_lease import CoreLease, core_lease_flag
 from shared.runtime.numerics import (
     MOE_BACKEND_HELP,
@@ -84,6 +84,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--core-lease", type=core_lease_flag, default=None, metavar="PATH:SLOT",
                         help="compute each step on --threads plus the cores the machine's other workers leave "
                         "idle (a file of streamoe up --worker-threads lend; shared/runtime/core_lease.py)")
+    parser.add_argument("--core-lease-mode", choices=core_lease.MODES, default="lend",
+                        help="lend: each step on the cores the others leave idle; turns: every core, the "
+                        "workers taking them in turn, step by step (--worker-threads turns)")
     parser.add_argument("--load-ttl-s", type=float, default=5.0)
     parser.add_argument("--successor-of", default=None, metavar="INSTANCE",
                         help="the instance this one replaces while it still runs (a rolling restart): not "
@@ -160,7 +163,8 @@ class EngineService(EPRank, Service):
         self.num_kv_layers = model.args.num_kv_layers  # the MTP layer's included: a handoff's chunks
         self.compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute")  # tensors never run on the loop
         self.core_lease = (None if args.core_lease is None else
-                           CoreLease(*args.core_lease, os.cpu_count() or 1, engine_threads(args)))
+                           CoreLease(*args.core_lease, os.cpu_count() or 1, engine_threads(args),
+                                     args.core_lease_mode))
         self._last_report = 0.0
         self._withdrawn = False  # draining: the load report is gone, none is written again
         self.handing_over = False  # SIGTERM to the only rank of its role: serving on until a successor does
@@ -371,12 +375,11 @@ class EngineService(EPRank, Service):
         """engine.step on the compute thread, with the machine's idle cores when a core lease lends them."""
         if self.core_lease is None:
             return self.engine.step(*args)
-        self.core_lease.take()
+        self.core_lease.before_step()
         try:
             return self.engine.step(*args)
         finally:
-            if not self.engine.has_unfinished():
-                self.core_lease.give_back()
+            self.core_lease.after_step(self.engine.has_unfinished())
 
     async def timed_step(self, *args):
         """One engine step on the compute thread, with its time and size in the metrics."""
@@ -392,8 +395,6 @@ class EngineService(EPRank, Service):
         self.kv_total.set(self.engine.blocks.num_blocks)
         self.running.set(len(self.engine.scheduler.running))
         self.waiting.set(len(self.engine.scheduler.waiting))
-        self.count_expert_load()
-        self.count_dispatched()
         up = time.monotonic()
         self.gpu_seconds.inc(up - self._up_since)
         self._up_since = up
@@ -401,6 +402,7 @@ class EngineService(EPRank, Service):
         if not force and now - self._last_report < self.args.load_ttl_s / 5 and not self.stopping.is_set():
             return
         self._last_report = now
+        self.before_scrape()
         blocks = self.engine.blocks
         report = LoadReport(self.role, self.rank, self.config.instance_id, len(self.engine.scheduler.running),
                             len(self.engine.scheduler.waiting), blocks.num_blocks - blocks.num_free, blocks.num_blocks,
@@ -434,6 +436,12 @@ class EngineService(EPRank, Service):
                 await self.send_load_report()
             except RedisError as e:
                 self.log.warning(json.dumps({"event": "load_report_failed", "error": repr(e)}))
+
+    def before_scrape(self) -> None:
+        """The expert and EP counters are read from the model at a scrape and with each load report,
+        not after every step: a step's ~500 labelled increments cost it a few percent."""
+        self.count_expert_load()
+        self.count_dispatched()
 
     def count_expert_load(self) -> None:
         """The MoE layers' routed-token counts, as counters (what they gained since the last look)."""

@@ -331,7 +331,11 @@ class Service:
                 "service": self.name, "instance_id": self.config.instance_id, **self.health_fields()}
         return web.json_response(body, status=status)
 
+    def before_scrape(self) -> None:
+        """Bring counters kept elsewhere up to date, right before /metrics reads them."""
+
     async def _metrics(self, request: web.Request) -> web.Response:
+        self.before_scrape()
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _loop_through_outages(self) -> None:
