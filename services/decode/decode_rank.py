@@ -3,7 +3,6 @@ into its continuous batch, records that it owns the request, and emits indexed t
 every step."""
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections import deque
@@ -97,7 +96,6 @@ class DecodeService(EngineService):
         self.reprefills = Counter("streamoe_kv_reprefills", "Handoffs refused (missing or corrupt KV) and "
                                   "sent back to prefill", list(rank), registry=self.registry).labels(**rank)
         self.held: dict[str, tuple[TokenDelta, str | None]] = {}  # request -> its final delta, cache salt
-        self.writing: asyncio.Task | None = None  # the last step's records and deltas, written meanwhile
         await self.setup_engine_service()
         self.engine.keep_finished_kv = self.prefix_cache is not None
 
@@ -116,7 +114,6 @@ class DecodeService(EngineService):
                 if self.requests.pop(request_id, None) is not None or self.held.pop(request_id, None):
                     cancelled.append(request_id)
             if cancelled:
-                await self.written()  # their records go after the last step's writes
                 async with self.redis.pipeline(transaction=False) as pipe:
                     ownership.forget(pipe, self.config.instance_id, cancelled)
                     await pipe.execute()
@@ -124,7 +121,6 @@ class DecodeService(EngineService):
             await self.drop_stale_handoffs()
             await self.group_step(self.step)
             await self.report_load()
-        await self.written()
 
     def engine_requests(self) -> list[str]:
         return list(self.requests)
@@ -152,7 +148,6 @@ class DecodeService(EngineService):
         keeps it: `store_then_send` sends the end where this instance still owns the request and
         fences it where not (resuming it would run it on past its stop). The handoffs it read and
         did not admit stay pending in its stream, where the next read claims them (`claim_stale`)."""
-        await self.written()
         mine = list(self.requests)
         await super().drop_all()
         for held in (self.requests, self.history, self.handoffs):
@@ -323,22 +318,11 @@ class DecodeService(EngineService):
         tokens, only where this instance still owns the request (ownership.record_tokens); then
         the deltas of those go out. A request resumed elsewhere meanwhile (this rank was taken for
         dead: frozen, cut out) sends nothing more from here and is dropped, so no client gets a
-        token that its resumed run does not start after.
-
-        Pipelined: the step computes while the event loop writes the previous step's records and
-        deltas (`write_step`), whose round trips through Redis would otherwise leave the cores idle
-        between steps; its tokens go out once the previous step's have. A request fenced by those
-        writes meanwhile (its delta of this step computed already) sends nothing of this step."""
-        computing = asyncio.ensure_future(self.timed_step())
-        try:
-            await self.written()
-        finally:
-            deltas = await computing
+        token that its resumed run does not start after."""
+        deltas = await self.timed_step()
         steps = []  # (delta, new token ids, emitted so far, finished)
         for d in deltas:
-            req = self.requests.get(d.request_id)
-            if req is None:  # fenced by the last step's writes while this one computed
-                continue
+            req = self.requests[d.request_id]
             history = self.history[d.request_id]
             window = prefix_window(req.sampling.stop)
             prompt_len = ownership.original_prompt_len(req)
@@ -351,18 +335,6 @@ class DecodeService(EngineService):
             if d.finish_reason is not None:
                 del self.history[d.request_id], self.requests[d.request_id]
                 self.finished.append((d.request_id, req.resumed))
-        finished_kv = list(self.engine.finished_kv)  # read here: the next step appends to it
-        self.engine.finished_kv.clear()
-        self.writing = asyncio.create_task(self.write_step(steps, finished_kv))
-
-    async def written(self) -> None:
-        """The last step's records and deltas written (raising what writing them raised)."""
-        writing, self.writing = self.writing, None
-        if writing is not None:
-            await writing
-
-    async def write_step(self, steps: list, finished_kv: list) -> None:
-        """A step's records, then the deltas of the requests this instance still owns (`step`)."""
         held = [delta for delta, *_ in steps if self.holds_end(delta)]
 
         async def record() -> list:
@@ -390,8 +362,9 @@ class DecodeService(EngineService):
         if writes:
             await self.until_written(lambda: self.bus.publish_many(
                 writes, then=lambda pipe: ownership.forget(pipe, self.config.instance_id, finished)))
-        for request_id, token_ids, kv in finished_kv:  # prompt + reply, for the next turn
+        for request_id, token_ids, kv in self.engine.finished_kv:  # prompt + reply, for the next turn
             self.in_background(self.store_then_send(request_id, token_ids, kv))
+        self.engine.finished_kv.clear()
 
     def holds_end(self, delta: TokenDelta) -> bool:
         """Whether this delta ends its reply and waits for the reply's blocks to be stored."""
