@@ -82,11 +82,9 @@ class CoreLease:
         share) -> (our slot, the others' sum)."""
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         try:
-            raw = os.pread(self.fd, SLOT.size * self.num_slots, 0)
-            others = sum(SLOT.unpack_from(raw, i * SLOT.size)[0] for i in range(self.num_slots) if i != self.slot)
-            mine = max(self.share, self.cores - others) if want is None else want
-            os.pwrite(self.fd, SLOT.pack(mine), self.slot * SLOT.size)
-            return mine, others
+            others = sum(self._others())
+            self._set(max(self.share, self.cores - others) if want is None else want)
+            return self.held, others
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
