@@ -156,3 +156,21 @@ def test_cost_report_reads_the_live_system(system, url):
     assert report["sources"][0] == f"{url}/usage" and len(report["sources"]) == 7
     assert set(report["prefill_input_tokens_per_s"]) == {"0"}
     assert report["decode_output_tokens_per_s"]["0"] > 0 and report["cost_usd"] > 0 and report["gpu_hours"] > 0
+
+
+def test_bench_hops_streams_every_token_and_weighs_each_hop_against_the_step(tiny_fp32, tmp_path):
+    """loadgen.bench_hops: every stream gets all its tokens through the real tokenizer and gateway;
+    the CPU of each hop is counted over that phase and set against the decode step's CPU per token."""
+    from loadgen import bench_hops
+
+    out = tmp_path / "hops.json"
+    result = bench_hops.main(["--model", str(tiny_fp32), "--streams", "4", "--steps", "60", "--step-interval-ms",
+                              "5", "--dtype", "fp32", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["hops"]["tokens"] == 240 and set(result["hops"]["cpu_us_per_token"]) == {"tokenizer", "gateway",
+                                                                                           "redis"}
+    assert result["hops"]["cpu_us_per_token"]["gateway"] > 0 and result["hops"]["cpu_us_per_token"]["tokenizer"] > 0
+    step = result["decode_step"]
+    assert step["cpu_us_per_token"] > 0 and step["dtype"] == "fp32" and step["step_ms"] > 0
+    for name, us in result["hops"]["cpu_us_per_token"].items():
+        assert result["share_of_step"][name] == pytest.approx(us / step["cpu_us_per_token"])

@@ -126,6 +126,27 @@ async def test_dead_consumer_entries_are_claimed(redis):
     assert consumers[b"alive"] == 1 and consumers[b"dead"] == 0
 
 
+async def test_stale_entries_are_looked_for_at_most_once_an_interval(redis, monkeypatch):
+    """claim_stale with every_s (what take, prefill and decode pass: claim_interval_s) makes one
+    XAUTOCLAIM per interval per stream and group; what a dead consumer left is claimed at the next."""
+    from shared.runtime import bus as bus_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(bus_module.time, "monotonic", lambda: clock[0])
+    group, stream = streams.consumer_group("tokenizer"), streams.requests_stream(0)
+    dead, alive = Bus(redis, "dead"), Bus(redis, "alive")
+    await dead.ensure_consumer_group(stream, group)
+    assert await alive.claim_stale(stream, group, GenerateRequest, 0, every_s=1.0) == []  # looked: nothing yet
+    await dead.publish(stream, request(8))
+    assert len(await dead.read(stream, group, GenerateRequest, block_ms=100)) == 1  # then it dies
+    clock[0] += 0.9
+    assert await alive.claim_stale(stream, group, GenerateRequest, 0, every_s=1.0) == []  # not due
+    clock[0] += 0.2
+    assert [e.message.request_id for e in await alive.claim_stale(stream, group, GenerateRequest, 0,
+                                                                  every_s=1.0)] == ["r8"]
+    assert bus_module.claim_interval_s(30_000) == 1.0 and bus_module.claim_interval_s(1500) == 0.375
+
+
 async def test_an_entry_whose_read_reply_was_lost_is_read_again(redis):
     """Redis delivered the entry (it is pending on this consumer) but the reply never arrived."""
     group, bus = streams.consumer_group("gateway"), Bus(redis, "gw")

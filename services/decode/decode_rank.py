@@ -19,7 +19,7 @@ from shared.protocol.messages import KVChunk, TokenDelta, TokenizedRequest
 from shared.protocol.tensors import checksum, from_blob
 from shared.protocol.wire import WireError
 from shared.runtime import ownership
-from shared.runtime.bus import Entry
+from shared.runtime.bus import Entry, claim_interval_s
 from shared.runtime.engine_service import EngineService, sampling_params
 
 CONSUMER_GROUP = streams.consumer_group("decode")
@@ -105,7 +105,7 @@ class DecodeService(EngineService):
             entries = await self.bus.read(self.stream, CONSUMER_GROUP, KVChunk, count=256,
                                           block_ms=100 if idle else None)
             entries += await self.bus.claim_stale(self.stream, CONSUMER_GROUP, KVChunk, self.config.claim_idle_ms,
-                                                  count=256)
+                                                  count=256, every_s=claim_interval_s(self.config.claim_idle_ms))
             for entry in entries:
                 self.receive(entry)
             cancelled = []
@@ -321,6 +321,7 @@ class DecodeService(EngineService):
         token that its resumed run does not start after."""
         deltas = await self.timed_step()
         steps = []  # (delta, new token ids, emitted so far, finished)
+        output_tokens = self.tokens.labels(**self.metric_labels, kind="output")  # once a step, not a token
         for d in deltas:
             req = self.requests[d.request_id]
             history = self.history[d.request_id]
@@ -330,7 +331,7 @@ class DecodeService(EngineService):
                                finish_reason=d.finish_reason, prefix_ids=history[-window:], stop=req.sampling.stop,
                                num_prompt_tokens=prompt_len)
             history.extend(d.token_ids)
-            self.tokens.labels(**self.metric_labels, kind="output").inc(len(d.token_ids))
+            output_tokens.inc(len(d.token_ids))
             steps.append((delta, d.token_ids, len(history) - prompt_len, req.cache_salt))
             if d.finish_reason is not None:
                 del self.history[d.request_id], self.requests[d.request_id]

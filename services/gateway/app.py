@@ -391,10 +391,14 @@ class GatewayService(Service):
             # NOTE: redis-py (8.1) can swallow a cancel that lands inside a command and go on; the
             # task still counts it. A client gone while we published must not hold its slot to the end.
             raise asyncio.CancelledError
-        try:
-            delta = await asyncio.wait_for(state.queue.get(), max(0.0, deadline - time.time()))
-        except TimeoutError:
-            raise ApiError(504, "the request's deadline passed", None, "timeout") from None
+        if not state.queue.empty():  # a step's delta is usually there already: no timer, no await
+            delta = state.queue.get_nowait()
+        else:
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.time())):
+                    delta = await state.queue.get()
+            except TimeoutError:
+                raise ApiError(504, "the request's deadline passed", None, "timeout") from None
         state.finished = delta.finish_reason is not None  # the backend has ended it (error included)
         if delta.finish_reason == "error":
             state.outcome = "error"

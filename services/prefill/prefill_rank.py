@@ -14,6 +14,7 @@ from shared.protocol import streams
 from shared.protocol.messages import KVChunk, PrefillTask, TokenDelta, attention_compute
 from shared.protocol.tensors import checksum, to_blob
 from shared.protocol.wire import TensorBlob
+from shared.runtime.bus import claim_interval_s
 from shared.runtime.engine_service import EngineService, sampling_params
 
 CONSUMER_GROUP = streams.consumer_group("prefill")
@@ -38,7 +39,8 @@ class PrefillService(EngineService):
                 self.stream, CONSUMER_GROUP, PrefillTask, count=32, block_ms=100 if self.idle else None)
             if not self.stopping.is_set():
                 entries += await self.bus.claim_stale(self.stream, CONSUMER_GROUP, PrefillTask,
-                                                      self.config.claim_idle_ms)
+                                                      self.config.claim_idle_ms,
+                                                      every_s=claim_interval_s(self.config.claim_idle_ms))
             for entry in entries:
                 if entry.message.request.request_id in self.aborted:
                     await self.bus.ack(self.stream, CONSUMER_GROUP, entry.entry_id)
