@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from shared.protocol import streams
 from shared.protocol.messages import LoadReport, Notice
 from shared.protocol.wire import decode, encode
@@ -234,3 +236,29 @@ async def test_a_taken_request_whose_end_was_held_gets_that_end(redis):
         ownership.record_admission(pipe, "next", 1, req, 11)
         assert (await pipe.execute())[0] == 1
     assert await redis.hget(streams.owner_key("r3"), "end") is None
+
+
+@pytest.mark.parametrize("one_script", [True, False])
+async def test_a_steps_records_in_one_script_are_fenced_per_request(redis, one_script):
+    """record_tokens_many (a decode step's records: one script on one Redis, one command per request
+    on a cluster): each request is recorded where this instance owns it and answered 0 where it
+    does not (taken from it, or never its own), the others' records untouched, as record_tokens."""
+    from shared.protocol.messages import Sampling, TokenizedRequest
+    from shared.runtime import ownership
+
+    reqs = [TokenizedRequest(f"m{i}", f"t{i}", "g1", Sampling(max_tokens=8), 2e9, [5, 6, 7]) for i in range(3)]
+    async with redis.pipeline(transaction=False) as pipe:
+        for req, owner in zip(reqs, ["mine", "other", "mine"]):
+            ownership.record_admission(pipe, owner, 0, req, 11)
+        await pipe.execute()
+    await ownership.take(redis, "mine", "m2")  # taken for dead: fenced from here on
+    async with redis.pipeline(transaction=False) as pipe:
+        owned = ownership.record_tokens_many(pipe, "mine", [("m0", [12, 13], 3), ("m1", [40], 2), ("m2", [50], 2),
+                                                            ("gone", [1], 1)], one_script=one_script)
+        pipe.get(ownership.ids_key("m0"))  # a command queued after: its result comes after the records'
+        results = await pipe.execute()
+    assert owned(results) == [1, 0, 0, 0]
+    assert ownership.unpack_ids(results[1 if one_script else 4]) == [11, 12, 13]
+    assert ownership.unpack_ids(await redis.get(ownership.ids_key("m1"))) == [11]  # the other's record
+    assert ownership.unpack_ids(await redis.get(ownership.ids_key("m2"))) == [11]
+    assert not await redis.exists(ownership.ids_key("gone"))

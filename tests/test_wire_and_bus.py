@@ -126,6 +126,27 @@ async def test_dead_consumer_entries_are_claimed(redis):
     assert consumers[b"alive"] == 1 and consumers[b"dead"] == 0
 
 
+@pytest.mark.parametrize("kv_bytes", [64, 8192])
+async def test_publish_many_writes_every_entry_in_order_with_what_it_queues_after(redis, kv_bytes):
+    """publish_many: small entries go in one script (XADD_MANY), an entry with a large value
+    (a KV chunk) as pipelined XADDs; either way each stream holds its entries in order, the ids
+    returned are theirs, and what `then` queues runs in the same round trip, after them."""
+    bus = Bus(redis, "c1")
+    a, b = streams.raw_deltas_stream(0), streams.delta_stream("gw-x")
+    chunk = KVChunk("r9", "t9", 0, 2, TensorBlob("uint8", [kv_bytes], bytes(range(256)) * (kv_bytes // 256 or 1)), "x")
+    items = [(a, TokenDelta("r1", "t1", "gw-x", 0, [5])), (b, TokenDelta("r2", "t2", "gw-x", 3, [6, 7], text="hé")),
+             (a, TokenDelta("r1", "t1", "gw-x", 1, [8], finish_reason="length")), (b, chunk)]
+    ids = await bus.publish_many(items, then=lambda pipe: pipe.set("after", b"1"))
+    assert await redis.get("after") == b"1"
+    for stream in (a, b):
+        entries = await redis.xrange(stream)
+        mine = [(i, msg) for i, (s, msg) in zip(ids, items) if s == stream]
+        assert [e[0].decode() for e in entries] == [i for i, _ in mine]
+        for (_, fields), (_, msg) in zip(entries, mine):
+            attachments = [fields[k] for k in sorted(k for k in fields if k != b"m")]
+            assert decode(fields[b"m"], type(msg), attachments) == msg
+
+
 async def test_stale_entries_are_looked_for_at_most_once_an_interval(redis, monkeypatch):
     """claim_stale with every_s (what take, prefill and decode pass: claim_interval_s) makes one
     XAUTOCLAIM per interval per stream and group; what a dead consumer left is claimed at the next."""

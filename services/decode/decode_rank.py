@@ -18,7 +18,7 @@ from shared.protocol import streams
 from shared.protocol.messages import KVChunk, TokenDelta, TokenizedRequest
 from shared.protocol.tensors import checksum, from_blob
 from shared.protocol.wire import WireError
-from shared.runtime import ownership
+from shared.runtime import ownership, redis_client
 from shared.runtime.bus import Entry, claim_interval_s
 from shared.runtime.engine_service import EngineService, sampling_params
 
@@ -340,12 +340,14 @@ class DecodeService(EngineService):
 
         async def record() -> list:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for delta, token_ids, num_emitted, _ in steps:
-                    ownership.record_tokens(pipe, self.config.instance_id, delta.request_id, token_ids, num_emitted)
+                owned = ownership.record_tokens_many(
+                    pipe, self.config.instance_id, [(delta.request_id, token_ids, num_emitted)
+                                                    for delta, token_ids, num_emitted, _ in steps],
+                    one_script=not redis_client.is_cluster(self.redis))
                 for delta in held:  # a death while their blocks are stored sends these ends (ownership.resume)
                     ownership.record_held_end(pipe, self.config.instance_id, delta.request_id, delta.index,
                                               delta.finish_reason)
-                return (await pipe.execute())[:len(steps)]
+                return owned(await pipe.execute())
 
         owned = await self.until_written(record) if steps else []
         writes, finished = [], []
