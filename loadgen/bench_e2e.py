@@ -2,7 +2,7 @@
 
     python -m loadgen.bench_e2e [--preset small] [--num-requests 32] [--input-len 160]
                                 [--output-len 80] [--range-ratio 0.5] [--dtype auto]
-                                [--worker-threads share,lend,turns,all]
+                                [--worker-threads share,lend,turns,all] [--worker-cpus LIST]
 
 1. `streamoe up` serves the preset (its own Redis, tokenizer, balancer, prefill rank, decode
    rank, gateway: each its own process); `python -m loadgen` sends the `random` workload, every
@@ -16,7 +16,9 @@ Prints output tokens/s and TTFT p50 of each, and their ratios to the in-process 
 2-core machine `share` splits the cores (prefill and decode get one each) where the in-process
 engine has both; `lend` lends a worker the cores the other leaves idle, step by step; `turns` gives
 each worker every core, the two taking them in turn, a step each; `all` gives each worker both,
-their idle OpenMP threads sleeping.
+their idle OpenMP threads sleeping. With `--worker-cpus`, the workers and the in-process engine
+compute on those CPUs alone, and the other services, Redis and the load generator run on the
+rest: the comparison at equal compute, the hops no longer taking cores from the steps.
 """
 from __future__ import annotations
 
@@ -28,10 +30,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from shared.launcher.cliargs import cpu_list_flag, cpu_list_text
 
 from .system import running_system
 
@@ -47,6 +52,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker-threads", default="share,lend,turns,all",
                    help="streamoe up --worker-threads values to run the services with, comma-separated, in order")
+    p.add_argument("--worker-cpus", type=cpu_list_flag, default=None, metavar="LIST",
+                   help="streamoe up --worker-cpus: the workers on these CPUs, the other services, Redis and the "
+                   "load generator on the rest; the in-process engine then computes on these CPUs alone")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--out", type=Path, default=None, help="write both results as JSON")
     return p.parse_args(argv)
@@ -60,24 +68,26 @@ def loadgen_argv(args: argparse.Namespace, url: str, vocab_size: int, out: Path)
 
 
 def through_services(args: argparse.Namespace, vocab_size: int, run_dir: Path, worker_threads: str) -> dict:
+    pinning = [] if args.worker_cpus is None else ["--worker-cpus", cpu_list_text(args.worker_cpus)]
     with running_system("--preset", args.preset, "--dtype", args.dtype, "--port", str(args.port),
                         "--run-dir", str(run_dir), "--cache-dir", str(run_dir / "cache"),
-                        "--worker-threads", worker_threads) as url:
+                        "--worker-threads", worker_threads, *pinning) as url:
         run_loadgen(["--url", url, "--workload", "random", "--num-requests", "2", "--input-len", "32",
                      "--output-len", "4", "--vocab-size", str(vocab_size), "--seed", "99", "--no-progress",
-                     "--out", str(run_dir / "warmup.json")])
+                     "--out", str(run_dir / "warmup.json")], args.client_cpus)
         out = run_dir / "loadgen.json"
         argv = loadgen_argv(args, url, vocab_size, out)
-        result = run_loadgen(argv)
+        result = run_loadgen(argv, args.client_cpus)
         result["command"] = "python -m loadgen " + shlex.join(argv)
         result["numerics"] = json.loads((run_dir / "processes.json").read_text()).get("numerics")
         result["worker_threads"] = worker_threads
         return result
 
 
-def run_loadgen(argv: list[str]) -> dict:
+def run_loadgen(argv: list[str], cpus: frozenset[int] | None = None) -> dict:
     out = Path(argv[argv.index("--out") + 1])
-    subprocess.run([sys.executable, "-m", "loadgen", *argv], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "loadgen", *argv], check=True, stdout=subprocess.DEVNULL,
+                   preexec_fn=None if cpus is None else partial(os.sched_setaffinity, 0, cpus))
     return json.loads(out.read_text())
 
 
@@ -93,7 +103,9 @@ def in_process(args: argparse.Namespace, model_dir: Path, vocab_size: int) -> di
     from shared.model.config import ModelArgs
     from shared.runtime.numerics import Shapes, resolve
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.worker_cpus is not None:  # where `up` ran its workers
+        os.sched_setaffinity(0, args.worker_cpus)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     # the numerics `streamoe up` would choose with this process's threads (calibrated, or cached)
     numerics = resolve(Shapes.of(ModelArgs.from_file(model_dir / "config.json")), "cpu", torch.get_num_threads(),
                        args.dtype, "auto")
@@ -127,13 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(values)) != len(values):
         raise SystemExit(f"--worker-threads={args.worker_threads}: name each value once")
     vocab_size = _vocab(args.preset)
+    args.client_cpus = None  # the load generator's CPUs: with --worker-cpus, the others
+    if args.worker_cpus is not None:
+        allowed = frozenset(os.sched_getaffinity(0))
+        if not args.worker_cpus <= allowed:
+            raise SystemExit(f"--worker-cpus={cpu_list_text(args.worker_cpus)}: this process may run on "
+                             f"{cpu_list_text(allowed)} only")
+        args.client_cpus = allowed - args.worker_cpus or None
     services = {}
     for value in values:
         run_dir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
         services[value] = through_services(args, vocab_size, run_dir, value)  # creates the preset on first use
     local = in_process(args, home() / "models" / args.preset, vocab_size)
     print(f"{args.preset}, dtype {args.dtype}: {args.num_requests} requests at once, input {args.input_len} and "
-          f"output {args.output_len} tokens ±{args.range_ratio:.0%}; {os.cpu_count()} cores")
+          f"output {args.output_len} tokens ±{args.range_ratio:.0%}; {os.cpu_count()} cores"
+          + ("" if args.worker_cpus is None else f", workers and the in-process engine on CPUs "
+             f"{cpu_list_text(args.worker_cpus)}, the rest on the others"))
     print(f"{'':40} {'completed':>9} {'in tok':>7} {'out tok':>7} {'seconds':>8} {'out tok/s':>9} {'TTFT p50 ms':>11}")
     rows = [(f"services, --worker-threads {value}", r) for value, r in services.items()]
     for name, r in (*rows, ("in-process engine", local)):

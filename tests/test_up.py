@@ -194,10 +194,16 @@ def test_up_with_an_embedded_redis_cluster(tiny_fp32, tmp_path):
     """`--redis-shards 3 --redis-replicas 1`: six redis-servers joined into one cluster (three
     primaries, each with a replica that reached it with the run's password), the services on it
     with three stream partitions, a request served, and every process gone at the stop."""
-    proc, url, run_dir = start_up(tiny_fp32, tmp_path, "--redis-shards", "3", "--redis-replicas", "1")
+    proc, url, run_dir = start_up(tiny_fp32, tmp_path, "--redis-shards", "3", "--redis-replicas", "1",
+                                  "--worker-cpus", "0")
     try:
         processes = json.loads((run_dir / "processes.json").read_text())["processes"]
         assert sorted(p["rank"] for p in processes if p["name"] == "redis") == list(range(6))
+        # --worker-cpus 0: the workers on CPU 0, every other process (the Redis nodes too) on the rest
+        allowed = os.sched_getaffinity(0)
+        for p in processes:
+            want = {0} if p["name"] in ("prefill", "decode") else (allowed - {0} or allowed)
+            assert os.sched_getaffinity(p["pid"]) == want, p["name"]
         assert complete(url, "tiny")["usage"]["completion_tokens"] == 5
         roles = []
         for node in range(6):  # each node's view of the cluster: which nodes are primaries and replicas
@@ -210,6 +216,19 @@ def test_up_with_an_embedded_redis_cluster(tiny_fp32, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_cpu_lists():
+    """--worker-cpus reads CPU lists as `taskset -c` does; a bad one names itself."""
+    import argparse
+
+    from shared.launcher.cliargs import cpu_list_flag, cpu_list_text
+
+    assert cpu_list_flag("0-3,8") == {0, 1, 2, 3, 8} and cpu_list_flag("1") == {1}
+    assert cpu_list_text({0, 1, 2, 3, 8, 10, 11}) == "0-3,8,10-11" and cpu_list_text(cpu_list_flag("5")) == "5"
+    for bad in ("", "a", "3-1", "1,,2", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected CPU numbers and ranges"):
+            cpu_list_flag(bad)
 
 
 def test_worker_threads():
@@ -247,6 +266,10 @@ def test_up_refuses_a_bad_worker_threads(tmp_path):
                           env={**os.environ, "STREAMOE_HOME": str(tmp_path / "home")})
     assert done.returncode == 2 and ("--worker-threads turns with --prefill-ep 1 --decode-ep 2: the ranks of an EP "
                                      "group compute each step together") in done.stderr, done.stderr
+    done = subprocess.run([sys.executable, "-m", "shared.launcher.cli", "up", "--worker-cpus", "4095",
+                           "--port", str(free_port()), "--run-dir", str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "STREAMOE_HOME": str(tmp_path / "home")})
+    assert done.returncode == 2 and "--worker-cpus=4095: CPU 4095 is not one this process may run on" in done.stderr
     assert not (tmp_path / "home").exists()  # refused before anything was made or started
 
 

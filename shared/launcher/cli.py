@@ -15,6 +15,7 @@ from shared.launcher.cliargs import (
     SPECULATIVE_TOKENS_HELP,
     FlagValueError,
     apply_env_defaults,
+    cpu_list_flag,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "lend (its share, plus every core the other workers leave idle, step by step), turns "
                           "(every core, the workers taking them in turn, a step each; not with EP groups), all "
                           "(every worker all the cores; idle OpenMP threads then sleep) or a count")
+    upp.add_argument("--worker-cpus", type=cpu_list_flag, default=None, metavar="LIST",
+                     help="run the prefill and decode workers on these CPUs (e.g. 0-3,8; --worker-threads splits "
+                          "them) and every other process of the run (tokenizer, gateway, cache, balancer, Redis) "
+                          "on the rest, so that no token's trip through them takes a core from a step")
     upp.add_argument("--ep-wire", choices=["fp8", "exact"], default="fp8")
     upp.add_argument("--num-redundant-experts", type=int, default=0)
     upp.add_argument("--ep-nodes", type=NodeCounts.parse, default=NodeCounts(), metavar="N|GROUP=N,...",

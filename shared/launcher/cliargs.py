@@ -151,3 +151,29 @@ def resolve_speculative_tokens(value: str | int, has_mtp: bool) -> int:
         raise ValueError(f"--speculative-tokens={value}: the model has no MTP layer (num_nextn_predict_layers "
                          "is 0 in its config.json; `streamoe init-model --mtp` makes a preset with one)")
     return int(value)
+
+
+def cpu_list_flag(text: str) -> frozenset[int]:
+    """A list of CPUs like `taskset -c` takes (`0-3,8`), as an argparse type."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()) or (dash and int(last) < int(first)):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected CPU numbers and ranges, e.g. 0-3,8")
+        cpus.update(range(int(first), int(last if dash else first) + 1))
+    return frozenset(cpus)
+
+
+def cpu_list_text(cpus) -> str:
+    """The CPUs as `cpu_list_flag` reads them (ranges joined)."""
+    out, run = [], []
+    for cpu in sorted(cpus):
+        if run and cpu == run[-1] + 1:
+            run.append(cpu)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [cpu]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)

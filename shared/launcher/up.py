@@ -43,11 +43,12 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from secrets import token_hex
 from urllib.parse import urlsplit, urlunsplit
 
-from shared.launcher.cliargs import home, resolve_speculative_tokens
+from shared.launcher.cliargs import cpu_list_text, home, resolve_speculative_tokens
 from shared.launcher.redis_cluster import LocalCluster, start_cluster
 from shared.launcher.redis_server import free_port, reserve_port, start_redis
 from shared.planner.slo import parse_slo
@@ -83,6 +84,7 @@ class Child:
     lease_slot: int | None = None  # a worker's slot in the core lease (--worker-threads lend or turns)
     lease: Path | None = None
     lease_mode: str = "lend"
+    cpus: frozenset[int] | None = None  # a worker's CPUs (--worker-cpus); None: the supervisor's
     # earlier processes still draining after a successor took their place: (process, instance id)
     leaving: list = field(default_factory=list)
 
@@ -104,7 +106,8 @@ class Child:
         self.proc = subprocess.Popen([sys.executable, "-m", self.module, "--http-port", str(self.http_port),
                                       "--instance-id", self.instance, *self.args, *extra],
                                      stdout=log, stderr=log, start_new_session=True,
-                                     env={**os.environ, **secrets, **self.env}, preexec_fn=die_with_parent)
+                                     env={**os.environ, **secrets, **self.env},
+                                     preexec_fn=die_with_parent if self.cpus is None else partial(pinned, self.cpus))
 
     def start_successor(self, secrets: dict[str, str]) -> None:
         """A new process beside the running one, which goes on (to be stopped, or stopping): on a
@@ -138,6 +141,12 @@ class Child:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+
+def pinned(cpus: frozenset[int]) -> None:
+    """In a worker, before exec: `die_with_parent`, and its CPUs (--worker-cpus)."""
+    die_with_parent()
+    os.sched_setaffinity(0, cpus)
 
 
 def die_with_parent() -> None:
@@ -183,6 +192,15 @@ def up(args: argparse.Namespace) -> int:
         return 2
     partitions = getattr(args, "stream_partitions", None) or max(1, getattr(args, "redis_shards", 0))
     cores = os.cpu_count() or 2
+    worker_cpus = getattr(args, "worker_cpus", None)
+    allowed = frozenset(os.sched_getaffinity(0))
+    if worker_cpus is not None:
+        if not worker_cpus <= allowed:
+            print(f"streamoe up: --worker-cpus={cpu_list_text(worker_cpus)}: CPU "
+                  f"{cpu_list_text(worker_cpus - allowed)} is not one this process may run on "
+                  f"({cpu_list_text(allowed)})", file=sys.stderr)
+            return 2
+        cores = len(worker_cpus)
     scaling = None
     if getattr(args, "autoscale", False):
         try:
@@ -214,8 +232,12 @@ def up(args: argparse.Namespace) -> int:
         print(f"streamoe up: {e}", file=sys.stderr)
         return 2
     # lent cores: a busy worker mostly computes on all of them, so calibrate there
+    if worker_cpus is not None:  # calibrate where the workers will run
+        os.sched_setaffinity(0, worker_cpus)
     numerics = calibrate(model, args, cores if lend else threads)  # before Redis and the services: a refusal
     # leaves nothing running
+    if worker_cpus is not None:  # every process but the workers (Redis too, restarts too) on the other CPUs
+        os.sched_setaffinity(0, allowed - worker_cpus or allowed)  # (this thread starts them all)
     run_dir = Path(args.run_dir or home() / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     stopping, hangups = [], []
@@ -256,12 +278,12 @@ def up(args: argparse.Namespace) -> int:
                 *[Child("prefill", "services.prefill", [*worker, "--rank", str(r), "--ep-size", str(args.prefill_ep),
                                                         "--overlap", args.prefill_overlap],
                         free_port(), run_dir / f"prefill-{r}.log", rank=r, ep_size=args.prefill_ep, env=worker_env,
-                        lease_slot=r, lease=lease, lease_mode=lease_mode)
+                        lease_slot=r, lease=lease, lease_mode=lease_mode, cpus=worker_cpus)
                   for r in range(args.prefill_ep if scaling is None else 0)],
                 *[Child("decode", "services.decode", [*worker, "--rank", str(r), "--ep-size", str(args.decode_ep),
                                                       "--overlap", args.decode_overlap],
                         free_port(), run_dir / f"decode-{r}.log", rank=r, ep_size=args.decode_ep, env=worker_env,
-                        lease_slot=args.prefill_ep + r, lease=lease, lease_mode=lease_mode)
+                        lease_slot=args.prefill_ep + r, lease=lease, lease_mode=lease_mode, cpus=worker_cpus)
                   for r in range(args.decode_ep if scaling is None else 0)],
                 Child("gateway", "services.gateway", gateway + ["--host", args.host, "--reuse-port"], args.port,
                       run_dir / "gateway.log", shares_port=True)]
@@ -282,7 +304,7 @@ def up(args: argparse.Namespace) -> int:
                                                     overlap[role], *(["--ep-group-id", group] if group else [])],
                          free_port(), run_dir / f"{group or role}-0.log", rank=0, group=group, env=worker_env,
                          lease_slot=index + (high.prefill if role == "decode" else 0), lease=lease,
-                         lease_mode=lease_mode)
+                         lease_mode=lease_mode, cpus=worker_cpus)
 
         autoscaler = Autoscaler(secrets, scaled_worker)
         children[3:3] = [autoscaler.new_worker(role) for role in ("prefill", "decode")

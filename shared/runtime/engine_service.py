@@ -163,7 +163,7 @@ class EngineService(EPRank, Service):
         self.num_kv_layers = model.args.num_kv_layers  # the MTP layer's included: a handoff's chunks
         self.compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute")  # tensors never run on the loop
         self.core_lease = (None if args.core_lease is None else
-                           CoreLease(*args.core_lease, os.cpu_count() or 1, engine_threads(args),
+                           CoreLease(*args.core_lease, available_cores(), engine_threads(args),
                                      args.core_lease_mode))
         self._last_report = 0.0
         self._withdrawn = False  # draining: the load report is gone, none is written again
@@ -493,7 +493,12 @@ class EngineService(EPRank, Service):
 
 def engine_threads(args: argparse.Namespace) -> int:
     """--threads, or a share of the cores: what the rank computes with, so what calibration times."""
-    return args.threads or max(1, (os.cpu_count() or 1) // 2)
+    return args.threads or max(1, available_cores() // 2)
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on (`streamoe up --worker-cpus` pins the workers to some)."""
+    return len(os.sched_getaffinity(0)) or 1
 
 
 async def deployment_numerics(args: argparse.Namespace, log: logging.Logger) -> Numerics | None:
