@@ -199,12 +199,18 @@ def test_up_with_an_embedded_redis_cluster(tiny_fp32, tmp_path):
     try:
         processes = json.loads((run_dir / "processes.json").read_text())["processes"]
         assert sorted(p["rank"] for p in processes if p["name"] == "redis") == list(range(6))
-        # --worker-cpus 0: the workers on CPU 0, every other process (the Redis nodes too) on the rest
+        # --worker-cpus 0: the workers' steps on CPU 0; every other process (the Redis nodes too), and
+        # the workers' event loops once set up, on the rest (where there is a rest)
         allowed = os.sched_getaffinity(0)
+        others = allowed - {0} or allowed
         for p in processes:
-            want = {0} if p["name"] in ("prefill", "decode") else (allowed - {0} or allowed)
-            assert os.sched_getaffinity(p["pid"]) == want, p["name"]
+            assert os.sched_getaffinity(p["pid"]) == (others if others != allowed or p["name"] not in
+                                                      ("prefill", "decode") else {0}), p["name"]
         assert complete(url, "tiny")["usage"]["completion_tokens"] == 5
+        for p in processes:  # the compute thread each started for the request computes on CPU 0
+            if p["name"] in ("prefill", "decode"):
+                masks = [os.sched_getaffinity(int(t.name)) for t in Path(f"/proc/{p['pid']}/task").iterdir()]
+                assert {0} in masks, (p["name"], masks)
         roles = []
         for node in range(6):  # each node's view of the cluster: which nodes are primaries and replicas
             lines = (run_dir / "redis-cluster" / f"node{node}" / "nodes.conf").read_text().splitlines()

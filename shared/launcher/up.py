@@ -236,8 +236,9 @@ def up(args: argparse.Namespace) -> int:
         os.sched_setaffinity(0, worker_cpus)
     numerics = calibrate(model, args, cores if lend else threads)  # before Redis and the services: a refusal
     # leaves nothing running
+    others = allowed - worker_cpus if worker_cpus is not None else frozenset()
     if worker_cpus is not None:  # every process but the workers (Redis too, restarts too) on the other CPUs
-        os.sched_setaffinity(0, allowed - worker_cpus or allowed)  # (this thread starts them all)
+        os.sched_setaffinity(0, others or allowed)  # (this thread starts them all)
     run_dir = Path(args.run_dir or home() / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     stopping, hangups = [], []
@@ -259,7 +260,7 @@ def up(args: argparse.Namespace) -> int:
     worker = ["--model", str(model), "--dtype", numerics.dtype, "--moe-backend", numerics.moe_backend,
               "--device", args.device, "--threads", str(threads), "--ep-wire", args.ep_wire,
               "--num-redundant-experts", str(args.num_redundant_experts), "--speculative-tokens", str(speculative),
-              *cache]
+              *cache, *(["--event-loop-cpus", cpu_list_text(others)] if others else [])]  # the loop beside the hops
     wait = getattr(args, "redis_wait_replicas", None)
     wait = (1 if getattr(args, "redis_replicas", 0) else 0) if wait is None else wait
     slo = getattr(args, "slo", None) or parse_slo(None)

@@ -24,6 +24,7 @@ from shared.ep.rank import EPRank
 from shared.launcher.cliargs import (
     SPECULATIVE_TOKENS_HELP,
     FlagValueError,
+    cpu_list_flag,
     resolve_speculative_tokens,
     speculative_tokens_flag,
 )
@@ -84,6 +85,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--core-lease", type=core_lease_flag, default=None, metavar="PATH:SLOT",
                         help="compute each step on --threads plus the cores the machine's other workers leave "
                         "idle (a file of streamoe up --worker-threads lend; shared/runtime/core_lease.py)")
+    parser.add_argument("--event-loop-cpus", type=cpu_list_flag, default=None, metavar="LIST",
+                        help="once set up, run the event loop (Redis, HTTP, encoding) on these CPUs and leave the "
+                        "CPUs this process started on to its steps (streamoe up --worker-cpus gives the others)")
     parser.add_argument("--core-lease-mode", choices=core_lease.MODES, default="lend",
                         help="lend: each step on the cores the others leave idle; turns: every core, the "
                         "workers taking them in turn, step by step (--worker-threads turns)")
@@ -161,7 +165,10 @@ class EngineService(EPRank, Service):
             model_fingerprint=checkpoint_fingerprint(args.model, model.dtype),
             speculative_tokens=self.speculative_tokens))
         self.num_kv_layers = model.args.num_kv_layers  # the MTP layer's included: a handoff's chunks
-        self.compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute")  # tensors never run on the loop
+        # tensors never run on the loop; the compute thread on the CPUs this process started on, whatever the
+        # event loop's (--event-loop-cpus)
+        self.compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=os.sched_setaffinity,
+                                               initargs=(0, frozenset(os.sched_getaffinity(0))))
         self.core_lease = (None if args.core_lease is None else
                            CoreLease(*args.core_lease, available_cores(), engine_threads(args),
                                      args.core_lease_mode))
@@ -226,6 +233,8 @@ class EngineService(EPRank, Service):
         await self.setup_group()
         await self.report_load(force=True)
         self.in_background(self.keep_load_report())
+        if self.args.event_loop_cpus is not None:  # set up: from here the loop's work leaves the steps' CPUs
+            os.sched_setaffinity(0, self.args.event_loop_cpus)
 
     async def drop_all(self) -> None:
         """Forget every request this rank runs, sending nothing: it was cut out of its EP group while
