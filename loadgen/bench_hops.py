@@ -22,16 +22,15 @@ import asyncio
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 
-from shared.launcher.redis_server import free_port, start_redis
+from shared.launcher.redis_server import start_redis
+from shared.launcher.service_process import ServiceProcess
 from shared.model.config import ModelArgs
 from shared.protocol import streams
 from shared.protocol.messages import TokenDelta, TokenizedRequest
@@ -64,37 +63,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class Service:
-    """A service process on its own port, healthy once /health answers 200."""
-
-    def __init__(self, module: str, redis_url: str, run_dir: Path, *args: str):
-        self.port = free_port()
-        self.log = open(run_dir / f"{module}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", module, "--redis-url", redis_url, "--http-port",
-                                      str(self.port), "--instance-id", f"{module}-{self.port}", *args],
-                                     stdout=subprocess.DEVNULL, stderr=self.log)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{module} exited with {self.proc.returncode}: see {self.log.name}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"{module} not healthy within 120 s: see {self.log.name}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-
-async def stream_phase(args: argparse.Namespace, redis_url: str, gateway: Service, watched: dict[str, int],
+async def stream_phase(args: argparse.Namespace, redis_url: str, gateway: ServiceProcess, watched: dict[str, int],
                        vocab_size: int) -> dict:
     """Every stream opened, then --steps deltas each; CPU of `watched` (name -> pid) over the steps."""
     import aiohttp
@@ -195,17 +164,17 @@ def main(argv: list[str] | None = None) -> dict:
     vocab_size = ModelArgs.from_file(model_dir / "config.json").vocab_size
     run_dir = Path(tempfile.mkdtemp(prefix="bench-hops-"))
     redis_proc, redis_url = start_redis(run_dir / "redis", appendonly=False)
-    services: list[Service] = []
+    services: list[ServiceProcess] = []
     try:
         import redis as sync_redis
 
         with sync_redis.Redis.from_url(redis_url) as r:  # the gateway admits once both roles report load
             for role in ("prefill", "decode"):
                 r.set(streams.load_key(role, role, 0), b"{}", ex=3600)
-        tokenizer = Service("services.tokenizer", redis_url, run_dir, "--model", str(model_dir))
+        tokenizer = ServiceProcess("services.tokenizer", redis_url, "--model", str(model_dir), log_dir=run_dir)
         services.append(tokenizer)
-        gateway = Service("services.gateway", redis_url, run_dir, "--model", str(model_dir), "--served-model-name",
-                          MODEL_NAME, "--request-timeout-s", "600")
+        gateway = ServiceProcess("services.gateway", redis_url, "--model", str(model_dir), "--served-model-name",
+                                 MODEL_NAME, "--request-timeout-s", "600", log_dir=run_dir)
         services.append(gateway)
         hops = asyncio.run(stream_phase(args, redis_url, gateway, {
             "tokenizer": tokenizer.proc.pid, "gateway": gateway.proc.pid, "redis": redis_proc.pid}, vocab_size))

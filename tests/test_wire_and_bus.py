@@ -180,7 +180,7 @@ async def test_an_entry_whose_read_reply_was_lost_is_read_again(redis):
     assert await bus.reclaim_lost(streams.requests_stream(0), group, GenerateRequest, idle_ms=60_000) == []  # too fresh
     # at most once a second
     assert await bus.reclaim_lost(streams.requests_stream(0), group, GenerateRequest, idle_ms=0) == []
-    bus._reclaimed_at.clear()
+    bus._claimed_at.clear()
     again = await bus.reclaim_lost(streams.requests_stream(0), group, GenerateRequest, idle_ms=0)
     assert sorted(e.message.request_id for e in again) == ["r3", "r4"]  # r4 not acked yet either
 

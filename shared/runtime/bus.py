@@ -78,7 +78,6 @@ class Bus:
     def __init__(self, redis: Redis, consumer: str):
         self.redis = redis
         self.consumer = consumer  # unique per process: the instance id
-        self._reclaimed_at: dict[tuple[str, str], float] = {}
         self._claimed_at: dict[tuple[str, str], float] = {}  # claim_stale's last look, with every_s
         self._reads: dict[tuple[str, tuple[str, ...]], asyncio.Task] = {}  # per-slot reads in flight (cluster)
 
@@ -251,11 +250,7 @@ class Bus:
         """For a consumer that acks what it reads at once (its own stream or consumer group): entries pending
         longer than `idle_ms` were delivered to a read whose reply never arrived. At most one
         XAUTOCLAIM per `every_s`; redelivered entries must be harmless twice."""
-        now = time.monotonic()
-        if now - self._reclaimed_at.get((stream, consumer_group), 0.0) < every_s:
-            return []
-        self._reclaimed_at[stream, consumer_group] = now
-        entries = await self.claim_stale(stream, consumer_group, kind, idle_ms, count=256)
+        entries = await self.claim_stale(stream, consumer_group, kind, idle_ms, count=256, every_s=every_s)
         if entries:
             log.warning("re-reading %d entries of %s whose delivery was lost", len(entries), stream)
         return entries
