@@ -57,7 +57,8 @@ class Kill:
     kind: str
     pid: int
     at_s: float  # after the faults phase started
-    requests_on_it: int | None = None  # a worker: requests it ran or queued when killed (it waits for one)
+    # a worker: requests it ran or queued when killed (it waits for one; a decode rank: for a running one)
+    requests_on_it: int | None = None
     healthy_again_s: float | None = None  # from the kill to the restarted process answering /health
     # an EP group's rank: the survivors re-form without it (no restart), then take its successor in
     survivors_restarted: bool | None = None
@@ -160,7 +161,7 @@ async def killer(run_dir: Path, targets: list[str], t0: float, gap_s: float,
             survivors = [p for p in processes(run_dir) if p["name"] == kind and p["pid"] != victim["pid"]]
             in_group = rank != "" and kind in ("prefill", "decode") and survivors
             reforms = [await reform_counts(p) for p in survivors] if in_group else []
-            busy = await requests_on(victim) if kind in ("prefill", "decode") else None
+            busy = await requests_on(victim, running=kind == "decode") if kind in ("prefill", "decode") else None
             os.kill(victim["pid"], how)
             kill = Kill(target, victim["pid"], time.perf_counter() - t0, requests_on_it=busy)
             thawing = asyncio.create_task(thaw(victim["pid"], stop_s)) if how == signal.SIGSTOP else None
@@ -229,16 +230,21 @@ async def metric_or_none(process: dict, name: str, **labels: str) -> float | Non
         return None
 
 
-async def requests_on(process: dict, wait_s: float = 10.0) -> int:
-    """Waits (up to wait_s) until the worker runs or queues a request: a kill under load hits one."""
+async def requests_on(process: dict, wait_s: float = 10.0, running: bool = False) -> int:
+    """Waits (up to wait_s) until the worker runs or queues a request (with `running`: runs one) ->
+    how many it runs and queues: a kill under load hits one. A decode rank's queued request is a
+    handoff it has not admitted: stopped, it puts the handoff back on its own stream for its
+    successor, which the balancer does not count as going on elsewhere; a running one resumes
+    from its ownership record."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
             text = await scrape(process["ports"]["http"])
-            n = sample_sum(text, "streamoe_running_requests") + sample_sum(text, "streamoe_waiting_requests")
+            ran = sample_sum(text, "streamoe_running_requests")
+            n = ran + sample_sum(text, "streamoe_waiting_requests")
         except (aiohttp.ClientError, OSError):
-            n = 0
-        if n or time.monotonic() >= deadline:
+            ran = n = 0
+        if (ran if running else n) or time.monotonic() >= deadline:
             return int(n)
         await asyncio.sleep(0.02)
 
