@@ -72,7 +72,8 @@ def loadgen_argv(args: argparse.Namespace, url: str, vocab_size: int, out: Path)
 def warmup(args: argparse.Namespace) -> argparse.Namespace:
     """The warm-up both sides run first: the workload's shape (its prefill steps, each as large as the
     measured ones) with other prompts and 4 output tokens. A fresh worker's first large step runs slower
-    than the next ones (0.3-0.55 s more for a 2,048-token prefill here), once per process (on the 2-core EPYC of loadgen/README.md)."""
+    than the next ones, once per process (0.3-0.55 s more for a 2,048-token prefill on the 2-core EPYC
+    of loadgen/README.md)."""
     return argparse.Namespace(**{**vars(args), "output_len": 4, "seed": args.seed + 1})
 
 
