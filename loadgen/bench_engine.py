@@ -91,7 +91,7 @@ def run_ours(model, requests, opts, roof: tuple[float, float] | None = None) -> 
             decode_steps.append(time.perf_counter() - t)
             if roof is not None and None not in loads:
                 touched, loads = touched_experts(model, loads)
-                nbytes, flops = step_cost(model, contexts, touched)
+                nbytes, flops, _, _ = step_cost(model, contexts, touched)
                 over_bound.append((len(contexts), decode_steps[-1] / max(nbytes / roof[0], flops / roof[1])))
         if roof is not None:
             loads = [block.mlp.expert_load.clone() for block in model.model.layers if isinstance(block.mlp, MoE)]

@@ -3,6 +3,7 @@ each output within one bf16 rounding of the float64 result, the model on a `nati
 to its fp32 self as on torch's kernels, and refusals that name what is missing."""
 from __future__ import annotations
 
+import json
 import platform
 
 import pytest
@@ -579,4 +580,29 @@ def test_bench_model_bounds_each_row_with_rates_measured_among_its_steps(tiny_bf
         bound = max(row["bytes"] / (row["read_gbps"] * 1e9), row["flops"] / row["matmul_flop_s"])
         assert abs(row["bound_ms"] - 1e3 * bound) < 1e-9 * row["bound_ms"] + 1e-12
         assert abs(row["over_bound"] - row["step_ms"] / row["bound_ms"]) < 1e-9 * row["over_bound"]
+        bw, rate = row["read_gbps"] * 1e9, row["matmul_flop_s"]
+        parts = (max(row["expert_bytes"] / bw, row["expert_flops"] / rate)
+                 + max((row["bytes"] - row["expert_bytes"]) / bw, (row["flops"] - row["expert_flops"]) / rate))
+        assert 0 < row["expert_bytes"] < row["bytes"] and 0 < row["expert_flops"] < row["flops"]
+        assert abs(row["parts_bound_ms"] - 1e3 * parts) < 1e-9 * row["parts_bound_ms"]
+        assert row["bound_ms"] <= row["parts_bound_ms"] <= 2 * row["bound_ms"]
+        assert abs(row["over_parts_bound"] - row["step_ms"] / row["parts_bound_ms"]) < 1e-9 * row["over_parts_bound"]
         assert row["step_ms"] > 0 and row["baseline_step_ms"] > 0 and row["bytes"] > 0
+
+
+def test_bench_engine_runs_ours_loop_and_transformers_on_the_same_requests(tiny_fp32, tmp_path):
+    """bench_engine end to end on `tiny` in fp32: the chosen backend and `loop` give the same greedy
+    tokens, transformers' `generate` the same tokens as ours, and every full-batch decode step is
+    set against its roofline."""
+    from loadgen import bench_engine
+
+    out = tmp_path / "engine.json"
+    r = bench_engine.main(["--model", str(tiny_fp32), "--num-requests", "4", "--input-len", "12", "--output-len", "6",
+                           "--reference-requests", "4", "--reference-batch", "4", "--dtype", "fp32",
+                           "--moe-backend", "grouped", "--threads", "2", "--out", str(out)])
+    lengths = [len(t) for t in r["ours_all"]["tokens"]]
+    assert r["ours_all"]["output_tokens"] == sum(lengths) == r["requested_output_tokens"]
+    assert r["greedy_equal_chosen_vs_loop"] == 4 and r["ratio_chosen_vs_loop"] > 0
+    assert r["greedy_agreement_first_tokens"] == lengths  # token-identical to transformers in fp32
+    assert r["ours_all"]["median_over_bound_at_full_batch"] > 0
+    assert json.loads(out.read_text())["moe_backend"] == "grouped"
