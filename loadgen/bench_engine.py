@@ -111,7 +111,7 @@ def _median(values: list[float]) -> float | None:
     return sorted(values)[len(values) // 2] if values else None
 
 
-def run_reference(ref, requests, batch_size: int) -> dict:
+def run_reference(ref, requests, batch_size: int, device: str = "cpu") -> dict:
     tokens, outputs = 0, []
     start = time.perf_counter()
     for b in range(0, len(requests), batch_size):
@@ -123,7 +123,8 @@ def run_reference(ref, requests, batch_size: int) -> dict:
             ids[row, width - len(p):] = torch.tensor(p)  # left padding, as generate wants
             mask[row, width - len(p):] = 1
         longest = max(n for _, n in chunk)
-        out = ref.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+        out = ref.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=longest,
+                           min_new_tokens=longest,
                            do_sample=False, pad_token_id=0)
         for row, (_, n) in enumerate(chunk):
             outputs.append(out[row, width:width + n].tolist())
@@ -132,9 +133,9 @@ def run_reference(ref, requests, batch_size: int) -> dict:
     return {"seconds": elapsed, "output_tokens": tokens, "output_tok_s": tokens / elapsed, "tokens": outputs}
 
 
-def reference_kv_bytes_per_token(ref, vocab: int, n: int = 128) -> float:
+def reference_kv_bytes_per_token(ref, vocab: int, n: int = 128, device: str = "cpu") -> float:
     """Bytes transformers' own cache holds per token of one unpadded sequence."""
-    out = ref(input_ids=torch.randint(3, vocab, (1, n)), use_cache=True, logits_to_keep=1)
+    out = ref(input_ids=torch.randint(3, vocab, (1, n)).to(device), use_cache=True, logits_to_keep=1)
     layers = out.cache.layers
     return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values)) / n
 
@@ -168,10 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
     if sub:
         from transformers import DeepseekV3ForCausalLM
 
-        ref = DeepseekV3ForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
-        with torch.inference_mode():
-            result["reference"] = run_reference(ref, sub, opts.reference_batch)
-            result["reference_kv_bytes_per_token"] = reference_kv_bytes_per_token(ref, args.vocab_size)
+        ref = DeepseekV3ForCausalLM.from_pretrained(str(path), dtype=dtype).to(opts.device).eval()
+        with torch.inference_mode():  # on the same device as ours
+            result["reference"] = run_reference(ref, sub, opts.reference_batch, opts.device)
+            result["reference_kv_bytes_per_token"] = reference_kv_bytes_per_token(ref, args.vocab_size,
+                                                                                   device=opts.device)
         result["ours_subset"] = run_ours(model, sub, opts)
         agree = [next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
                  for x, y in zip(result["ours_subset"]["tokens"], result["reference"]["tokens"])]

@@ -606,3 +606,28 @@ def test_bench_engine_runs_ours_loop_and_transformers_on_the_same_requests(tiny_
     assert r["greedy_agreement_first_tokens"] == lengths  # token-identical to transformers in fp32
     assert r["ours_all"]["median_over_bound_at_full_batch"] > 0
     assert json.loads(out.read_text())["moe_backend"] == "grouped"
+
+
+def test_device_check_dry_runs_its_steps_on_the_cpu_within_its_budget(tmp_path):
+    """The prepared device script (loadgen/device_check.py), as a dry run on the CPU at toy sizes:
+    each step a subprocess with its exit status, the benchmarks' JSON and the headline figures
+    collected; a step the budget leaves no time for is recorded as skipped, not run."""
+    from loadgen import device_check
+
+    s = device_check.main(["--device", "cpu", "--quick", "--only", "environment,tests,engine,model",
+                           "--out", str(tmp_path / "run")])
+    assert list(s["steps"]) == ["environment", "tests", "engine", "model"]
+    assert all(step["rc"] == 0 for step in s["steps"].values()), s["steps"]
+    h = s["headlines"]
+    assert h["environment"]["device_available"] == torch.cuda.is_available()
+    assert ("passed" if torch.cuda.is_available() else "3 skipped") in h["tests"]
+    assert h["engine"]["greedy_equal_chosen_vs_loop"] == 4 and h["engine"]["output_tok_s"] > 0
+    assert [r["running"] for r in h["model"]] == [1, 3] and all(r["over_parts_bound"] > 0 for r in h["model"])
+    for name in ("device-check.json", "device-check.log", "bench-engine.json", "bench-model.json"):
+        assert (tmp_path / "run" / name).exists(), name
+    s = device_check.main(["--device", "cpu", "--quick", "--only", "engine", "--budget-s", "2",
+                           "--out", str(tmp_path / "short")])
+    assert s["steps"] == {"engine": {"command": s["steps"]["engine"]["command"], "rc": None,
+                                     "skipped": "no time left"}}
+    with pytest.raises(SystemExit, match="no step gpu"):
+        device_check.main(["--only", "tests,gpu", "--out", str(tmp_path / "bad")])
