@@ -106,8 +106,10 @@ def in_process(args: argparse.Namespace, model_dir: Path, vocab_size: int) -> di
     from shared.engine.sequence import SamplingParams
     from shared.model.loader import checkpoint_fingerprint, load_model
 
-    opts = parse_args(loadgen_argv(args, "http://unused", vocab_size, Path(os.devnull)))
-    requests = build(opts).requests  # the very prompts loadgen sent
+    def requests_of(workload: argparse.Namespace) -> list:  # the very prompts loadgen sends for it
+        return build(parse_args(loadgen_argv(workload, "http://unused", vocab_size, Path(os.devnull)))).requests
+
+    requests = requests_of(args)
     from shared.model.config import ModelArgs
     from shared.runtime.numerics import Shapes, resolve
 
@@ -119,8 +121,7 @@ def in_process(args: argparse.Namespace, model_dir: Path, vocab_size: int) -> di
                        args.dtype, "auto")
     model = load_model(model_dir, dtype=numerics.torch_dtype, moe_backend=numerics.moe_backend)
     engine = Engine(model, EngineConfig(model_fingerprint=checkpoint_fingerprint(model_dir, model.dtype)))
-    for i, r in enumerate(build(parse_args(loadgen_argv(warmup(args), "http://unused", vocab_size,
-                                                         Path(os.devnull)))).requests):
+    for i, r in enumerate(requests_of(warmup(args))):
         engine.add_request(f"warm-{i}", r.prompt, SamplingParams(max_tokens=r.output_len, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()

@@ -274,15 +274,18 @@ def run_roofline(model, plan: MoEPlan, batch: int, input_len: int, steps: int, g
     chunk_bandwidth = sorted(r["chunk_read_gbps"] for r in reads)[len(reads) // 2]
     rate = max(rates)
     nbytes, flops, expert_bytes, expert_flops = (sorted(c[i] for c in costs)[len(costs) // 2] for i in range(4))
-    bound = max(nbytes / (bandwidth * 1e9), flops / rate)
+
+    def roof(b: float, f: float, read_gbps: float = bandwidth) -> float:  # seconds
+        return max(b / (read_gbps * 1e9), f / rate)
+
+    bound = roof(nbytes, flops)
     # the routed experts and the rest of the step each at its own bound, one after the other: a
     # layer's experts wait for its attention, so the step cannot read the experts' weights while it
     # computes the rest (at 64 rows the experts are bound by their bytes, the rest by its FLOPs)
-    parts = (max(expert_bytes / (bandwidth * 1e9), expert_flops / rate)
-             + max((nbytes - expert_bytes) / (bandwidth * 1e9), (flops - expert_flops) / rate))
+    parts = roof(expert_bytes, expert_flops) + roof(nbytes - expert_bytes, flops - expert_flops)
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     # the same bound with the bytes at the cold-chunk read rate (what reading matrix-sized pieces achieves)
-    chunk_bound = max(nbytes / (chunk_bandwidth * 1e9), flops / rate)
+    chunk_bound = roof(nbytes, flops, chunk_bandwidth)
     return {"batch": batch, "context": input_len, "read_probes": reads, "matmul_probes": rates,
             "read_gbps": bandwidth, "chunk_read_gbps": chunk_bandwidth, "matmul_flop_s": rate,
             "step_ms": 1e3 * median["chosen"],
