@@ -43,6 +43,7 @@ from shared.runtime.numerics import (
     resolve,
     weights_checksum,
 )
+from shared.runtime.omp import name_thread, serial_pool, serial_thread
 from shared.runtime.service import Service, ServiceConfig
 
 _STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -139,9 +140,15 @@ class EngineService(EPRank, Service):
         super().__init__(config)
         if not 0 <= args.rank < args.ep_size:
             raise SystemExit(f"--rank={args.rank}: outside the EP group of --ep-size={args.ep_size}")
-        torch.set_num_threads(engine_threads(args))
-        self.numerics = numerics or resolve(Shapes.of_model(args.model), args.device, engine_threads(args),
-                                            args.dtype, args.moe_backend)
+        # tensors never run on the loop: one compute thread (the "GPU stream") loads, calibrates and steps, on
+        # the CPUs this process started on, whatever the event loop's (--event-loop-cpus); every other thread
+        # is serial, so the process holds one OpenMP team (shared/runtime/omp.py)
+        self.compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=compute_thread,
+                                               initargs=(frozenset(os.sched_getaffinity(0)), engine_threads(args)))
+        serial_thread()
+        self.numerics = numerics or self.compute_pool.submit(
+            resolve, Shapes.of_model(args.model), args.device, engine_threads(args), args.dtype,
+            args.moe_backend).result()
         # the concrete values from here on (load_ep reads args.dtype), in a copy: the caller's stays as given
         args = argparse.Namespace(**{**vars(args), "dtype": self.numerics.dtype,
                                      "moe_backend": self.numerics.moe_backend})
@@ -151,24 +158,9 @@ class EngineService(EPRank, Service):
         self.load_key = streams.load_key(self.role, self.group_id, self.rank)
         # every worker metric: two "rank 0"s of different groups (e.g. the autoscaler's groups of one) differ
         self.metric_labels = {"role": self.role, "group": self.group_id, "rank": str(self.rank)}
-        model = self.load_ep(args) if args.ep_size > 1 else load_model(args.model, dtype=args.dtype,
-                                                                        device=args.device)
-        model.set_moe_backend(args.moe_backend)  # refused, naming device and dtype, where it cannot run
-        try:
-            self.speculative_tokens = resolve_speculative_tokens(getattr(args, "speculative_tokens", "auto"),
-                                                                 model.mtp is not None)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-        self.engine = Engine(model, EngineConfig(
-            kv_cache_bytes=args.kv_cache_mib << 20, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, mode=self.role,
-            model_fingerprint=checkpoint_fingerprint(args.model, model.dtype),
-            speculative_tokens=self.speculative_tokens))
+        self.engine = self.compute_pool.submit(self.build_engine, args).result()
+        model = self.engine.model
         self.num_kv_layers = model.args.num_kv_layers  # the MTP layer's included: a handoff's chunks
-        # tensors never run on the loop; the compute thread on the CPUs this process started on, whatever the
-        # event loop's (--event-loop-cpus)
-        self.compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=os.sched_setaffinity,
-                                               initargs=(0, frozenset(os.sched_getaffinity(0))))
         self.core_lease = (None if args.core_lease is None else
                            CoreLease(*args.core_lease, available_cores(), engine_threads(args),
                                      args.core_lease_mode))
@@ -224,9 +216,26 @@ class EngineService(EPRank, Service):
                              "first)", ("position",)))
         self._up_since = time.monotonic()
 
+    def build_engine(self, args: argparse.Namespace) -> Engine:
+        """The model (this rank's experts only in an EP group) and its engine, on the compute thread."""
+        model = self.load_ep(args) if args.ep_size > 1 else load_model(args.model, dtype=args.dtype,
+                                                                        device=args.device)
+        model.set_moe_backend(args.moe_backend)  # refused, naming device and dtype, where it cannot run
+        try:
+            self.speculative_tokens = resolve_speculative_tokens(getattr(args, "speculative_tokens", "auto"),
+                                                                 model.mtp is not None)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        return Engine(model, EngineConfig(
+            kv_cache_bytes=args.kv_cache_mib << 20, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, mode=self.role,
+            model_fingerprint=checkpoint_fingerprint(args.model, model.dtype),
+            speculative_tokens=self.speculative_tokens))
+
     async def setup_engine_service(self) -> None:
         """What every worker sets up after its own stream: aborts, the prefix cache, the EP group
         (waits for every rank), and a first load report so the balancer sees it."""
+        asyncio.get_running_loop().set_default_executor(serial_pool())  # to_thread's helpers: no OpenMP teams
         await self.setup_aborts()
         await self.setup_prefix_cache()
         await self.announce_predecessor()
@@ -498,6 +507,13 @@ class EngineService(EPRank, Service):
         self.compute_pool.shutdown(wait=False)
         if self.core_lease is not None:
             self.core_lease.close()
+
+
+def compute_thread(cpus: frozenset[int], threads: int) -> None:
+    """The compute thread's set-up: its name, its CPUs and its OpenMP team's size (torch's count)."""
+    name_thread("compute")
+    os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(threads)
 
 
 def engine_threads(args: argparse.Namespace) -> int:
