@@ -173,8 +173,9 @@ class MLA(nn.Module):
         def read(rows: torch.Tensor) -> torch.Tensor:
             return cache.load(self.layer, rows) if plan.is_cached else kv.index_select(0, rows)
 
-        in_place = (self.native_plan is not None and self.native_plan.choose(q_nope.shape[0]) == "native"
-                    and q_nope.device.type == "cpu" and q_nope.dtype == torch.bfloat16)
+        # the decodes read their contexts in place on any native plan, at every token count: the kernel
+        # beats the gathered SDPA at 1 to 64 sequences (loadgen.bench_attention), whatever runs the experts
+        in_place = (self.native_plan is not None and q_nope.device.type == "cpu" and q_nope.dtype == torch.bfloat16)
         rows = (cache.layer_rows(self.layer) if plan.is_cached else kv) if in_place else None
         if in_place and plan.decodes_only:  # every row a decode, in row order: no copy in or out
             out = self._decode_in_place(q_nope, q_pe, plan.decode_in_one, rows, every_row=True)

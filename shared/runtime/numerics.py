@@ -7,10 +7,10 @@ candidate dtype and each token bucket B in BUCKETS:
   (loop, sparse, grouped, bmm, weight-major, native, each where `check_supported` allows it;
   never `reference`);
 - one dense matmul [B, hidden] @ [hidden, intermediate_size] (attention and the dense layers).
-`native` also runs the step's linears (at most native.LINEAR_ROWS tokens) and its single-token decode
-attention, so its MoE time is charged the difference each makes: the dense matmul through
-native.linear against torch, and B decodes over ATTENTION_CONTEXT rows read in place against
-gathered and given to SDPA.
+`native` also runs the step's linears (at most native.LINEAR_ROWS tokens), so its MoE time is charged
+the difference they make: the dense matmul through native.linear against torch. (A plan with
+`native` at any count also runs every single-token decode attention in place, at every count:
+attention.MLA.attend; that is the plan's, not a bucket's, so no bucket is charged for it.)
 Each trial is warmed up once, then repeated until REPEATS runs or TRIAL_BUDGET_S, and stopped as
 soon as it is GIVE_UP× slower than the best backend so far in its bucket; the whole calibration
 stops measuring after CALIBRATION_BUDGET_S (a busy machine) and decides on what it measured.
@@ -58,7 +58,6 @@ CHECKPOINT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  
 BUCKETS = (1, 4, 16, 64, 256)  # tokens per step: decode batches up to chunked prefills
 TIMED_BACKENDS = ("loop", "sparse", "grouped", "bmm", "weight-major", "native")
 CALIBRATION_BYTES = 256 << 20
-ATTENTION_CONTEXT = 256  # rows per sequence where the calibration times the decode attention
 NEAR_TIE = 1.1  # a bucket keeps the backend below it when that is within 10% of the fastest (noise)
 GIVE_UP = 3.0  # a trial this many times slower than its bucket's best so far cannot win: stop it
 REPEATS = 3
@@ -92,15 +91,11 @@ class Shapes:
     top_k: int
     dense_inter: int
     checkpoint_dtype: str  # "bfloat16" | "float32" | "float16"
-    heads: int = 0  # the decode attention's: heads, latent and rotary channels (0: not timed)
-    latent: int = 0
-    rope: int = 0
 
     @classmethod
     def of(cls, args: ModelArgs) -> Shapes:
         return cls(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts, args.num_experts_per_tok,
-                   args.intermediate_size, args.dtype, args.num_attention_heads, args.kv_lora_rank,
-                   args.qk_rope_head_dim)
+                   args.intermediate_size, args.dtype)
 
     @classmethod
     def of_model(cls, model_dir: Path) -> Shapes:
@@ -160,7 +155,7 @@ def machine_id(device: str | torch.device) -> str:
 
 
 # Raised when a backend's kernels change (a cached choice was measured on the old ones).
-KERNELS_VERSION = 8
+KERNELS_VERSION = 9
 
 
 def cache_key(machine: str, torch_version: str, device: str, shapes: Shapes, threads: int,
@@ -220,37 +215,14 @@ def measure(shapes: Shapes, dtype: torch.dtype, device: torch.device, backends: 
         for backend in backends:
             took = _best(lambda b=backend, xs=xs, counts=counts: run_experts(b, xs, counts, stack), device,
                          GIVE_UP * best, deadline)
-            if backend == "native":  # it runs the step's linears of <= LINEAR_ROWS rows and its decode attention too
-                if tokens <= native.LINEAR_ROWS:
-                    took += _best(lambda x=x: native.linear(x, dense_w), device) - timings.dense[tokens]
-                took += _decode_attention_gain(shapes, tokens, device)
+            if backend == "native" and tokens <= native.LINEAR_ROWS:  # it runs the step's linears of as many rows
+                took += _best(lambda x=x: native.linear(x, dense_w), device) - timings.dense[tokens]
             timings.moe[tokens][backend] = took
             best = min(best, took)
         if sum(min(t.values(), default=0.0) for t in timings.moe.values()) + sum(timings.dense.values()) > stop_after:
             timings.complete = False
             break
     return timings
-
-
-def _decode_attention_gain(shapes: Shapes, seqs: int, device: torch.device) -> float:
-    """Seconds the native decode attention takes beyond torch's (negative: it saves them): `seqs`
-    single-token bf16 decodes over ATTENTION_CONTEXT rows each, torch gathering the rows and calling
-    SDPA as attention.MLA._decode does, native reading them in place."""
-    if not shapes.heads:
-        return 0.0
-    width, length = shapes.latent + shapes.rope, ATTENTION_CONTEXT
-    rows = torch.empty(seqs * length, width, dtype=torch.bfloat16, device=device).uniform_(-1, 1)
-    q = torch.randn(seqs, shapes.heads, width, device=device).to(torch.bfloat16)
-    slots = torch.randperm(seqs * length, device=device).view(seqs, length)
-    lengths = torch.full((seqs,), length, dtype=torch.int64, device=device)
-    scale = width ** -0.5
-
-    def gathered() -> torch.Tensor:
-        context = rows.index_select(0, slots.flatten()).view(seqs, 1, length, width)
-        return F.scaled_dot_product_attention(q[:, None], context, context, scale=scale)[:, 0, :, :shapes.latent]
-
-    return (_best(lambda: native.decode_attention(q, rows, slots, lengths, shapes.latent, scale), device)
-            - _best(gathered, device))
 
 
 def _best(fn: Callable[[], object], device: torch.device, give_up: float = math.inf,
