@@ -142,6 +142,37 @@ def test_native_plan_decodes_every_bucket_in_one_call(args, mla, monkeypatch):
     assert err <= 3e-2 * want.abs().max().item(), err  # bf16 rounding; a wrong row or length is O(1)
 
 
+@pytest.mark.parametrize("plan_text, in_place", [("1:native,4:weight-major", True), ("weight-major", False)])
+def test_a_plan_with_native_attends_in_place_at_every_count(args, mla, monkeypatch, plan_text, in_place):
+    """A plan with `native` at some count reads the decodes' contexts in place at every count, the
+    counts it gives another backend included (set_moe_backend's MLA.native_plan); a plan without
+    `native` gathers them for SDPA."""
+    from shared.model import native
+    from shared.model.experts import MoEPlan
+
+    n = len(DECODE_LENS)  # past the plan's native count
+    pool, slots, q_nope, q_pe, kv = random_step(args, [1] * n, DECODE_LENS)
+    plan = plan_reads([1] * n, DECODE_LENS, [True] * n, torch.nn.utils.rnn.pad_sequence(slots, batch_first=True),
+                      decode_rows=ROWS)
+    low = MLA(args, layer=0).eval()
+    low.load_state_dict(mla.state_dict())
+    low = low.bfloat16()
+    moe_plan = MoEPlan.parse(plan_text)
+    assert moe_plan.choose(n) == "weight-major"
+    low.native_plan = moe_plan if "native" in moe_plan.backends else None  # as DeepseekV3.set_moe_backend sets it
+    pool.kv = pool.kv.bfloat16()
+    calls = []
+    attend = native.decode_attention
+    monkeypatch.setattr(native, "decode_attention", lambda *a, **k: calls.append(a[0].shape[0]) or attend(*a, **k))
+    batch = AttentionBatch([1] * n, DECODE_LENS, [True] * n, plan=plan)
+    with torch.inference_mode():
+        ours = low.attend(q_nope.bfloat16(), q_pe.bfloat16(), kv.bfloat16(), batch, pool)
+    assert calls == ([n] if in_place else [])
+    want = reference(low, q_nope.bfloat16(), q_pe.bfloat16(), [pool.kv[0, s] for s in slots], [1] * n)
+    err = (ours.double() - want).abs().max().item()
+    assert err <= 3e-2 * want.abs().max().item(), err
+
+
 MIXED = [  # (query_len, context_len, absorbed): cached prefixes, whole prompts and decodes in one step
     (1, 90, True), (5, 12, False), (1, 1, True), (3, 70, True), (7, 7, False), (4, 4, True),
     (1, 130, True), (64, 200, False), (20, 20, False), (2, 300, True)]
