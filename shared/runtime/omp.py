@@ -2,12 +2,13 @@
 
 GNU OpenMP (the runtime torch's CPU build and our native kernels share) gives every thread that
 starts a parallel region a team of its own, whose threads stay parked for that thread's next region
-until it exits. A worker whose main thread loaded the model (a parallel region with every core)
-and whose compute thread then runs the steps holds two teams: more OpenMP threads than cores. libgomp
-then cuts every waiting thread's spin to at most a thousand iterations (`gomp_throttled_spin_count`,
-whatever GOMP_SPINCOUNT or OMP_WAIT_POLICY say) before it sleeps in the kernel, and a decode step's
-~1,400 regions each pay a wake-up: on 2 cores a 32-row bf16 `small` step took 78-81 ms against 60-63
-ms with one master (loadgen/README.md, "One OpenMP master").
+until it exits. A worker whose main thread ever ran a parallel region (a load, a tensor op on the
+event loop) or whose `asyncio.to_thread` helper did (an EPLB placement staged, a prefix-cache read)
+while its compute thread runs the steps holds two teams: more OpenMP threads than cores. libgomp then
+cuts every waiting thread's spin to at most a thousand iterations (whatever GOMP_SPINCOUNT or
+OMP_WAIT_POLICY say) before it sleeps in the kernel, and a decode step's ~1,400 regions pay a wake-up
+at most of them: on 2 cores a 32-row bf16 `small` step took 1.20x as long (`python -m
+loadgen.bench_omp`; loadgen/README.md, "One OpenMP team per worker process").
 
 So a worker computes on one thread (shared/runtime/engine_service.py: the model loads, the
 calibration measures and the steps run there), and every other thread of the process that may touch
