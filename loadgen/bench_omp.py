@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -53,15 +52,15 @@ def one_layout(opts: argparse.Namespace) -> dict:
     from shared.engine.sequence import SamplingParams
     from shared.model.config import ModelArgs
     from shared.model.loader import load_model
-    from shared.runtime.engine_service import compute_thread
+    from shared.runtime.engine_service import compute_pool
     from shared.runtime.omp import serial_thread
 
     from .bench_model import model_dir, resolve_numerics
 
     path = model_dir(opts.model)
     args = ModelArgs.from_file(path / "config.json")
-    compute = ThreadPoolExecutor(1, initializer=compute_thread,
-                                 initargs=(frozenset(os.sched_getaffinity(0)), opts.threads))
+    compute = compute_pool(opts.threads)
+
     def run(fn, *fn_args):
         return fn(*fn_args) if opts.layout == "main" else compute.submit(fn, *fn_args).result()
 

@@ -98,11 +98,26 @@ def test_grouped_decode_matches_dense_softmax(args, mla, decode_rows):
     close(ours, reference(mla, q_nope, q_pe, [pool.kv[0, s] for s in slots], [1] * n))
 
 
+def bf16_counting_kernel_calls(args, mla, pool, native_plan, monkeypatch) -> tuple[MLA, list[int]]:
+    """A bf16 copy of `mla` on `native_plan`, the pool in bf16, and the list that records the sequence
+    count of each native.decode_attention call from now on."""
+    from shared.model import native
+
+    low = MLA(args, layer=0).eval()
+    low.load_state_dict(mla.state_dict())
+    low = low.bfloat16()
+    low.native_plan = native_plan
+    pool.kv = pool.kv.bfloat16()
+    calls = []
+    attend = native.decode_attention
+    monkeypatch.setattr(native, "decode_attention", lambda *a, **k: calls.append(a[0].shape[0]) or attend(*a, **k))
+    return low, calls
+
+
 def test_native_plan_decodes_every_bucket_in_one_call(args, mla, monkeypatch):
     """On a `native` plan (bf16) the step's decode buckets go to the kernel as one
     (ReadPlan.decode_in_one: each context padded with its last row to the longest, its own length
     kept), and the output is the dense softmax's within bf16 rounding."""
-    from shared.model import native
     from shared.model.experts import MoEPlan
 
     n = len(DECODE_LENS)
@@ -118,14 +133,7 @@ def test_native_plan_decodes_every_bucket_in_one_call(args, mla, monkeypatch):
     for i, row in enumerate(merged.rows.tolist()):
         length = DECODE_LENS[row]
         assert torch.equal(table[i, :length], slots[row]) and (table[i, length:] == slots[row][-1]).all()
-    low = MLA(args, layer=0).eval()
-    low.load_state_dict(mla.state_dict())
-    low = low.bfloat16()
-    low.native_plan = MoEPlan.parse("native")
-    pool.kv = pool.kv.bfloat16()
-    calls = []
-    attend = native.decode_attention
-    monkeypatch.setattr(native, "decode_attention", lambda *a, **k: calls.append(a[0].shape[0]) or attend(*a, **k))
+    low, calls = bf16_counting_kernel_calls(args, mla, pool, MoEPlan.parse("native"), monkeypatch)
     batch = AttentionBatch([1] * n, DECODE_LENS, [True] * n, plan=plan)
     with torch.inference_mode():
         ours = low.attend(q_nope.bfloat16(), q_pe.bfloat16(), kv.bfloat16(), batch, pool)
@@ -147,23 +155,16 @@ def test_a_plan_with_native_attends_in_place_at_every_count(args, mla, monkeypat
     """A plan with `native` at some count reads the decodes' contexts in place at every count, the
     counts it gives another backend included (set_moe_backend's MLA.native_plan); a plan without
     `native` gathers them for SDPA."""
-    from shared.model import native
     from shared.model.experts import MoEPlan
 
     n = len(DECODE_LENS)  # past the plan's native count
     pool, slots, q_nope, q_pe, kv = random_step(args, [1] * n, DECODE_LENS)
     plan = plan_reads([1] * n, DECODE_LENS, [True] * n, torch.nn.utils.rnn.pad_sequence(slots, batch_first=True),
                       decode_rows=ROWS)
-    low = MLA(args, layer=0).eval()
-    low.load_state_dict(mla.state_dict())
-    low = low.bfloat16()
     moe_plan = MoEPlan.parse(plan_text)
     assert moe_plan.choose(n) == "weight-major"
-    low.native_plan = moe_plan if "native" in moe_plan.backends else None  # as DeepseekV3.set_moe_backend sets it
-    pool.kv = pool.kv.bfloat16()
-    calls = []
-    attend = native.decode_attention
-    monkeypatch.setattr(native, "decode_attention", lambda *a, **k: calls.append(a[0].shape[0]) or attend(*a, **k))
+    low, calls = bf16_counting_kernel_calls(args, mla, pool, moe_plan if "native" in moe_plan.backends else None,
+                                            monkeypatch)  # as DeepseekV3.set_moe_backend sets MLA.native_plan
     batch = AttentionBatch([1] * n, DECODE_LENS, [True] * n, plan=plan)
     with torch.inference_mode():
         ours = low.attend(q_nope.bfloat16(), q_pe.bfloat16(), kv.bfloat16(), batch, pool)

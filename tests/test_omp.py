@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent("""
     import json, os
     from concurrent.futures import ThreadPoolExecutor
     import torch
-    from shared.runtime.engine_service import compute_thread
+    from shared.runtime.engine_service import compute_pool
     from shared.runtime.omp import serial_pool, serial_thread
 
     def names():
@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
     def region():  # 16M elements: a parallel region on every thread the caller may use
         return float((torch.ones(4096, 4096) * 2).sum())
 
-    compute = ThreadPoolExecutor(1, initializer=compute_thread, initargs=(frozenset(os.sched_getaffinity(0)), 2))
+    compute = compute_pool(2)
     serial_thread()  # the event loop's thread
     out = {"main_threads": torch.get_num_threads()}
     out["compute_threads"] = compute.submit(torch.get_num_threads).result()

@@ -143,8 +143,7 @@ class EngineService(EPRank, Service):
         # tensors never run on the loop: one compute thread (the "GPU stream") loads, calibrates and steps, on
         # the CPUs this process started on, whatever the event loop's (--event-loop-cpus); every other thread
         # is serial, so the process holds one OpenMP team (shared/runtime/omp.py)
-        self.compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=compute_thread,
-                                               initargs=(frozenset(os.sched_getaffinity(0)), engine_threads(args)))
+        self.compute_pool = compute_pool(engine_threads(args))
         serial_thread()
         self.numerics = numerics or self.compute_pool.submit(
             resolve, Shapes.of_model(args.model), args.device, engine_threads(args), args.dtype,
@@ -507,6 +506,12 @@ class EngineService(EPRank, Service):
         self.compute_pool.shutdown(wait=False)
         if self.core_lease is not None:
             self.core_lease.close()
+
+
+def compute_pool(threads: int) -> ThreadPoolExecutor:
+    """The compute thread, on the CPUs this process runs on now, its OpenMP team `threads` strong."""
+    return ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=compute_thread,
+                              initargs=(frozenset(os.sched_getaffinity(0)), threads))
 
 
 def compute_thread(cpus: frozenset[int], threads: int) -> None:
