@@ -139,7 +139,7 @@ async def test_exact_wire_gives_ep1_tokens_and_transformers(tiny_fp32, prompts, 
     await asyncio.gather(*[rank.group.transport.close() for rank in ranks])
 
 
-@pytest.mark.parametrize("backend", ["loop", "sparse", "bmm", "weight-major"])
+@pytest.mark.parametrize("backend", ["loop", "sparse", "bmm", "weight-major", "native"])
 async def test_every_moe_backend_gives_ep1_tokens_with_redundant_slots(tiny_fp32, prompts, ep1_tokens, backend):
     """EP 4 with 4 redundant slots, each rank on its own stack of slots, in each backend: the
     tokens of EP 1 (on the default grouped backend)."""

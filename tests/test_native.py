@@ -311,6 +311,63 @@ def test_native_experts_match_the_float64_reference_pair_by_pair():
     assert run_experts("native", xs[:0], torch.zeros(slots, dtype=torch.int64), stack).shape == (0, dim)
 
 
+def test_fp32_experts_match_the_float64_reference_pair_by_pair():
+    """The fp32 loops (AVX2 where built for it, and plain C): empty slots, one pair, a slot of 53 pairs
+    (passes of 24, 24 and 5; groups of 5 and 4 rows against blocks of 2 weight rows, and the rows left
+    over one by one), K not a multiple of 8 (the masked tail); with 4 slots in use on 2 threads each
+    thread runs whole experts, with 2 the threads share each expert's rows. Within fp32 accumulation
+    of the float64 result."""
+    gen = torch.Generator().manual_seed(5)
+    slots, dim, inter = 6, 83, 41
+    stack = ExpertStack(torch.randn(slots, 2 * inter, dim, generator=gen) * 0.2,
+                        torch.randn(slots, dim, inter, generator=gen) * 0.2)
+    for counts in map(torch.tensor, ([0, 1, 53, 0, 5, 8], [0, 0, 53, 0, 0, 3], [1, 0, 0, 0, 0, 0])):
+        xs = torch.randn(int(counts.sum()), dim, generator=gen)
+        got = run_experts("native", xs, counts, stack)
+        assert got.dtype == torch.float32 and got.shape == xs.shape
+        for lib in builds():
+            want = reference_experts(xs, counts, stack, round_act=False)
+            got = native.experts(xs, counts, stack.w13, stack.w2, lib)
+            assert ((got.double() - want).abs() <= 1e-5 * want.abs().max()).all(), (native.kind(lib), counts.tolist())
+    with pytest.raises(ValueError, match="native.experts: xs torch.float32, w13 torch.bfloat16"):
+        native.experts(xs, counts, stack.w13.bfloat16(), stack.w2.bfloat16())
+
+
+def test_fp32_moe_is_the_torch_combine_bit_for_bit():
+    """native.moe in fp32 (sort, experts, combine in one call) against experts.combine around
+    native.experts: equal to the bit, for one token, a few, and all tokens on few experts, with the
+    pairs counted into `load`; and the sum in slot order (two slots that cancel when added first)."""
+    gen = torch.Generator().manual_seed(13)
+    slots, dim, inter, top_k = 12, 72, 40, 4
+    stack = ExpertStack(torch.randn(slots, 2 * inter, dim, generator=gen) * 0.1,
+                        torch.randn(slots, dim, inter, generator=gen) * 0.1)
+    for tokens, pool in ((1, slots), (5, slots), (33, top_k)):
+        x = torch.randn(tokens, dim, generator=gen)
+        ids = torch.stack([torch.randperm(pool, generator=gen)[:top_k] for _ in range(tokens)])
+        weights = torch.rand(tokens, top_k, generator=gen)
+        order = ids.flatten().argsort(stable=True)
+        rows = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
+        for lib in builds():
+            ys = native.experts(x.index_select(0, order // top_k), expert_counts(ids, slots), stack.w13, stack.w2, lib)
+            load = torch.arange(slots)
+            got = native.moe(x, ids, weights, stack.w13, stack.w2, load=load, lib=lib)
+            assert got.dtype == torch.float32
+            assert torch.equal(got, combine(ys, rows.view(ids.shape), ids, weights)), (tokens, native.kind(lib))
+            assert torch.equal(load, torch.arange(slots) + expert_counts(ids, slots))
+    loud = ExpertStack(stack.w13.clone(), stack.w2.clone())
+    loud.w2[0] *= 2.0 ** 20
+    loud.w13[1], loud.w2[1] = loud.w13[0], -loud.w2[0]
+    x = torch.randn(2, dim, generator=gen)
+    ids = torch.tensor([[0, 2, 1, 3], [2, 1, 3, 0]])
+    weights = torch.tensor([[0.5, 0.3, 0.5, 0.2], [0.3, 0.5, 0.2, 0.5]])
+    order = ids.flatten().argsort(stable=True)
+    rows = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
+    ys = native.experts(x.index_select(0, order // top_k), expert_counts(ids, slots), loud.w13, loud.w2)
+    assert torch.equal(native.moe(x, ids, weights, loud.w13, loud.w2), combine(ys, rows.view(ids.shape), ids, weights))
+    with pytest.raises(ValueError, match="native.moe.*one dtype"):
+        native.moe(x, ids, weights, stack.w13.bfloat16(), stack.w2.bfloat16())
+
+
 def test_decode_attention_reads_the_rows_in_place_within_one_rounding():
     """Sequences of different lengths padded to one L (padding repeats a real row, as the read plan
     pads), scattered over a pool: each head's softmax-weighted latent, against float64."""
@@ -533,12 +590,11 @@ def test_the_whole_step_call_reads_the_weights_the_modules_hold_now(tiny_bf16, m
 
 
 def test_native_is_refused_where_it_cannot_run_naming_device_dtype_and_reason(tiny_bf16, monkeypatch):
-    with pytest.raises(ValueError, match="native.*device=cpu, dtype=float32"):
-        check_supported(MoEPlan.single("native"), "cpu", torch.float32)
+    with pytest.raises(ValueError, match="native.*device=cpu, dtype=float16"):
+        check_supported(MoEPlan.single("native"), "cpu", torch.float16)
     with pytest.raises(ValueError, match="native.*device=meta, dtype=bfloat16"):
         check_supported(MoEPlan.parse("1:native,16:weight-major"), "meta", torch.bfloat16)
-    with pytest.raises(ValueError, match="dtype=float32"):
-        load_model(tiny_bf16, dtype="fp32").set_moe_backend("native")
+    check_supported(MoEPlan.single("native"), "cpu", torch.float32)  # its fp32 experts
     monkeypatch.setenv("CC", "/nonexistent/cc")
     native.build.cache_clear()
     try:

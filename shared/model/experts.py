@@ -20,10 +20,10 @@ Backends (`--moe-backend`), all on pairs already sorted by slot with per-slot co
   the two GEMMs; no host synchronisation;
 - `bmm`: every slot's pairs padded to C rows, then batched `x @ Wᵀ` (reads C on the host);
 - `weight-major`: the same padding, batched as `W @ xᵀ` (the weights as the left operand);
-- `native`: the whole layer in one call of streamoe's own C loops (native.py; CPU, bf16): the
-  experts that got pairs only, 8 pairs at a time, gate/up, silu·mul and down with fp32 in between
-  (MoE.forward hands it the routing: `native.moe` sorts the pairs, combines them and counts the
-  load too); where a plan picks it for a token count, the step's bf16 linears,
+- `native`: the whole layer in one call of streamoe's own C loops (native.py; CPU, bf16 or fp32):
+  the experts that got pairs only, 8 pairs at a time (fp32: up to 24, in groups of 5), gate/up,
+  silu·mul and down with fp32 in between (MoE.forward hands it the routing: `native.moe` sorts the
+  pairs, combines them and counts the load too); in bf16, where a plan picks it for a token count, the step's linears,
   norms, gate choices, rotary embeddings and cache rows of up to 64 rows take its loops too
   (`native.Linear`, `RMSNorm`, `native.gate`, `native.rope`, `native.kv_rows`), and its
   single-token decodes read the cache in place (`MLA._decode_in_place`).
@@ -160,9 +160,9 @@ def check_supported(plan: MoEPlan, device: torch.device | str, dtype: torch.dtyp
     device = torch.device(device)
     where = f"device={device.type}, dtype={str(dtype).removeprefix('torch.')}"
     if "native" in plan.backends:
-        if device.type != "cpu" or dtype != torch.bfloat16:
-            raise ValueError(f"--moe-backend=native: streamoe's native kernels take bf16 on the CPU only ({where}); "
-                             "use sparse, grouped or weight-major")
+        if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"--moe-backend=native: streamoe's native kernels take bf16 or fp32 on the CPU only "
+                             f"({where}); use sparse, grouped or weight-major")
         why = native.unavailable()
         if why is not None:
             raise ValueError(f"--moe-backend=native: the native kernels are unavailable here ({where}): {why}")

@@ -1,4 +1,5 @@
-"""streamoe's own CPU kernels for bf16 at a few rows (issue #15): `native/smallgemm.c`.
+"""streamoe's own CPU kernels for bf16 at a few rows, and the routed experts in fp32 (issue #15):
+`native/smallgemm.c`.
 
 At a few rows a matmul is a read of its weights, and on some CPUs torch's bf16 paths at these sizes
 read them at a fraction of the bandwidth (loadgen/README.md). The C loops take each weight row
@@ -11,14 +12,17 @@ else in plain C (`kind()`). The entry points:
 - `experts(xs, counts, w13, w2)`: a whole MoE layer's routed experts in one call (the `native`
   MoE backend, experts.py): each slot's pairs, 8 at a time, through gate/up, silu·mul and down;
   the intermediate silu·mul is rounded to bf16 where the dot products take bf16 (as torch's bf16
-  path rounds it), else kept in fp32;
+  path rounds it), else kept in fp32. fp32 rows and stacks take the fp32 loops (AVX2 with FMA,
+  else plain C): a slot's pairs 24 at a time, met by blocks of weight rows in groups of up to 5
+  while the block is in L1, the next block prefetched; where a model computes in fp32 this is the
+  only native kernel it runs (its linears, norms and attention stay torch's);
 - `decode_attention(q, rows, slots, lengths, latent, scale)`: single-token decodes on the absorbed
   path, each sequence's context read in place from the cache rows by slot (nothing gathered),
   scores and softmax in fp32, the weighted sum in fp32 (with AVX512-BF16 of the probabilities
   rounded to bf16, as torch's fused attention rounds them) (MLA._decode_in_place);
 - `moe(x, ids, weights, w13, w2, load)`: the layer from its routing (MoE.forward): the pairs
-  sorted by slot, `experts`, and experts.combine's fp32 sum in slot order, bit for bit, the
-  slots' pair counts added to `load`;
+  sorted by slot, `experts`, and experts.combine's fp32 sum in slot order, bit for bit (bf16 or
+  fp32), the slots' pair counts added to `load`;
 - `gate(x, weight, bias, ...)`: moe.Gate's choice (fp32 scores, group-limited top-k) in one call;
 - `heads(x, pack_heads(weight), n)`: per-head products against weights packed in input pairs (no
   sum across vector lanes, so short dot products run at full rate), the absorbed attention's W_UK
@@ -123,6 +127,9 @@ def build(march: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.streamoe_linear_bf16.argtypes = [_PTR, _INT, _PTR, _INT, _INT, _INT, _INT, _PTR, _INT, ctypes.c_int]
     lib.streamoe_experts_bf16.argtypes = [_PTR, _PTR, _INT, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _PTR, ctypes.c_int]
+    lib.streamoe_experts_f32.argtypes = [_PTR, _PTR, _INT, _PTR, _PTR, _INT, _INT, _PTR, ctypes.c_int]
+    lib.streamoe_moe_f32.argtypes = [_PTR, _INT, _INT, _PTR, _PTR, _INT, _INT, _PTR, _PTR, _INT, _PTR, _PTR,
+                                     ctypes.c_int]
     lib.streamoe_decode_attention_bf16.argtypes = [_PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _PTR, _INT,
                                                    ctypes.c_float, _PTR, ctypes.c_int]
     lib.streamoe_heads_bf16.argtypes = [_PTR, _INT, _INT, _INT, _INT, _INT, _PTR, _INT, _INT, _PTR, _INT, _INT,
@@ -151,7 +158,8 @@ def build(march: str) -> ctypes.CDLL:
                lib.streamoe_add_rms_norm_bf16, lib.streamoe_mlp_bf16,
                lib.streamoe_store_rows_bf16, lib.streamoe_mla_decode_bf16, lib.streamoe_moe_block_bf16,
                lib.streamoe_linear_bf16, lib.streamoe_experts_bf16, lib.streamoe_decode_attention_bf16,
-               lib.streamoe_heads_bf16, lib.streamoe_rms_norm_bf16, lib.streamoe_moe_bf16, lib.streamoe_native_avx512):
+               lib.streamoe_heads_bf16, lib.streamoe_rms_norm_bf16, lib.streamoe_moe_bf16, lib.streamoe_native_avx512,
+               lib.streamoe_experts_f32, lib.streamoe_moe_f32):
         fn.restype = ctypes.c_int
     return lib
 
@@ -259,24 +267,29 @@ def pack_experts(w13: torch.Tensor, w2: torch.Tensor,
 def experts(xs: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
             lib: ctypes.CDLL | None = None,
             packed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """xs [P, D] bf16 sorted by slot, counts [S] pairs per slot (int64), w13 [S, 2I, D], w2 [S, D, I]
-    (contiguous, bf16) -> ys [P, D] bf16: each pair through its slot's expert; read from `packed`
-    (`pack_experts` of the same stacks) where given."""
+    """xs [P, D] sorted by slot, counts [S] pairs per slot (int64), w13 [S, 2I, D], w2 [S, D, I]
+    (contiguous, CPU; bf16, or fp32 throughout) -> ys [P, D] of xs's dtype: each pair through its
+    slot's expert; read from `packed` (`pack_experts` of the same bf16 stacks) where given."""
     xs, counts = xs.contiguous(), counts.contiguous()
-    if not (xs.dtype == w13.dtype == w2.dtype == torch.bfloat16 and counts.dtype == torch.int64
-            and w13.is_contiguous() and w2.is_contiguous() and xs.device.type == counts.device.type == "cpu"):
+    if not (xs.dtype == w13.dtype == w2.dtype and xs.dtype in (torch.bfloat16, torch.float32)
+            and counts.dtype == torch.int64 and w13.is_contiguous() and w2.is_contiguous()
+            and xs.device.type == counts.device.type == w13.device.type == "cpu"):
         raise ValueError(f"native.experts: xs {xs.dtype}, w13 {w13.dtype}, w2 {w2.dtype}, counts {counts.dtype}: "
-                         "needs CPU bf16 contiguous stacks and int64 counts")
+                         "needs CPU contiguous stacks of the rows' dtype (bf16 or fp32) and int64 counts")
     slots, dim, inter = w2.shape
     if (w13.shape != (slots, 2 * inter, dim) or xs.dim() != 2 or xs.shape[1] != dim or counts.shape != (slots,)
             or int(counts.sum()) != xs.shape[0]):
         raise ValueError(f"native.experts: xs {tuple(xs.shape)}, counts {tuple(counts.shape)} summing to "
                          f"{int(counts.sum())}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} do not fit together")
-    w13p, w2p = _packed_pointers(packed, slots, dim, inter)
+    lib = lib or library()
     ys = torch.empty_like(xs)
-    rc = (lib or library()).streamoe_experts_bf16(xs.data_ptr(), counts.data_ptr(), slots, w13.data_ptr(),
-                                                  w2.data_ptr(), w13p, w2p, dim, inter, ys.data_ptr(),
-                                                  torch.get_num_threads())
+    if xs.dtype == torch.float32:
+        rc = lib.streamoe_experts_f32(xs.data_ptr(), counts.data_ptr(), slots, w13.data_ptr(), w2.data_ptr(), dim,
+                                      inter, ys.data_ptr(), torch.get_num_threads())
+    else:
+        w13p, w2p = _packed_pointers(packed, slots, dim, inter)
+        rc = lib.streamoe_experts_bf16(xs.data_ptr(), counts.data_ptr(), slots, w13.data_ptr(), w2.data_ptr(), w13p,
+                                       w2p, dim, inter, ys.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"native.experts failed on {xs.shape[0]} pairs over {w13.shape[0]} slots")
     return ys
@@ -299,31 +312,39 @@ def _packed_pointers(packed: tuple[torch.Tensor, torch.Tensor] | None, slots: in
 def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         load: torch.Tensor | None = None, lib: ctypes.CDLL | None = None,
         packed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """A routed MoE layer from its routing in one call: x [T, D] bf16, ids [T, K] int64 (each token's
-    distinct slots), weights [T, K] fp32, the stacks w13 [S, 2I, D] and w2 [S, D, I] -> [T, D] bf16:
-    the pairs sorted by slot, `experts`, then experts.combine's fp32 sum in slot order, rounded once
-    (the same numbers as those three steps in torch, bit for bit). Each slot's pairs are added to
-    `load` [S] int64 where given (MoE.expert_load). The experts are read from `packed` where given
-    (`pack_experts` of the same stacks)."""
+    """A routed MoE layer from its routing in one call: x [T, D] (bf16, or fp32 with fp32 stacks), ids
+    [T, K] int64 (each token's distinct slots), weights [T, K] fp32, the stacks w13 [S, 2I, D] and w2
+    [S, D, I] -> [T, D] of x's dtype: the pairs sorted by slot, `experts`, then experts.combine's fp32
+    sum in slot order (in bf16, rounded once: the same numbers as those three steps in torch, bit for
+    bit). Each slot's pairs are added to `load` [S] int64 where given (MoE.expert_load). The bf16
+    experts are read from `packed` where given (`pack_experts` of the same stacks)."""
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
     slots, dim, inter = w2.shape
-    if not (x.dtype == w13.dtype == w2.dtype == torch.bfloat16 and ids.dtype == torch.int64
+    if not (x.dtype == w13.dtype == w2.dtype and x.dtype in (torch.bfloat16, torch.float32)
+            and ids.dtype == torch.int64
             and weights.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == dim and ids.dim() == 2
             and ids.shape[0] == x.shape[0] > 0 and weights.shape == ids.shape and 0 < ids.shape[1] <= 64
             and w13.shape == (slots, 2 * inter, dim) and w13.is_contiguous() and w2.is_contiguous()
             and x.device.type == ids.device.type == weights.device.type == w13.device.type == "cpu"):
         raise ValueError(f"native.moe: x {tuple(x.shape)} {x.dtype}, ids {tuple(ids.shape)} {ids.dtype}, weights "
-                         f"{tuple(weights.shape)} {weights.dtype}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}: needs "
-                         "CPU bf16 rows and stacks, int64 ids and fp32 weights of one [T, K <= 64] shape")
+                         f"{tuple(weights.shape)} {weights.dtype}, w13 {tuple(w13.shape)} {w13.dtype}, w2 "
+                         f"{tuple(w2.shape)}: needs CPU rows and stacks of one dtype (bf16 or fp32), int64 ids and "
+                         "fp32 weights of one [T, K <= 64] shape")
     if load is not None and not (load.dtype == torch.int64 and load.shape == (slots,) and load.is_contiguous()
                                  and load.device.type == "cpu"):
         raise ValueError(f"native.moe: load {tuple(load.shape)} {load.dtype}: needs a CPU int64 [{slots}]")
-    w13p, w2p = _packed_pointers(packed, slots, dim, inter)
+    lib = lib or library()
     out = torch.empty_like(x)
-    rc = (lib or library()).streamoe_moe_bf16(x.data_ptr(), x.shape[0], dim, ids.data_ptr(), weights.data_ptr(),
-                                              ids.shape[1], slots, w13.data_ptr(), w2.data_ptr(), w13p, w2p, inter,
-                                              out.data_ptr(), None if load is None else load.data_ptr(),
-                                              torch.get_num_threads())
+    load_ptr = None if load is None else load.data_ptr()
+    if x.dtype == torch.float32:
+        rc = lib.streamoe_moe_f32(x.data_ptr(), x.shape[0], dim, ids.data_ptr(), weights.data_ptr(), ids.shape[1],
+                                  slots, w13.data_ptr(), w2.data_ptr(), inter, out.data_ptr(), load_ptr,
+                                  torch.get_num_threads())
+    else:
+        w13p, w2p = _packed_pointers(packed, slots, dim, inter)
+        rc = lib.streamoe_moe_bf16(x.data_ptr(), x.shape[0], dim, ids.data_ptr(), weights.data_ptr(), ids.shape[1],
+                                   slots, w13.data_ptr(), w2.data_ptr(), w13p, w2p, inter, out.data_ptr(), load_ptr,
+                                   torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"native.moe failed on {ids.shape[0]} tokens x {ids.shape[1]} experts over {slots} slots "
                            "(an id out of range?)")

@@ -7,8 +7,9 @@ candidate dtype and each token bucket B in BUCKETS:
   (loop, sparse, grouped, bmm, weight-major, native, each where `check_supported` allows it;
   never `reference`);
 - one dense matmul [B, hidden] @ [hidden, intermediate_size] (attention and the dense layers).
-`native` also runs the step's linears (at most native.LINEAR_ROWS tokens), so its MoE time is charged
-the difference they make: the dense matmul through native.linear against torch. (A plan with
+`native` also runs the step's bf16 linears (at most native.LINEAR_ROWS tokens), so in bf16 its MoE time is
+charged the difference they make: the dense matmul through native.linear against torch (in fp32 it runs
+the routed experts only). (A plan with
 `native` at any count also runs every single-token decode attention in place, at every count:
 attention.MLA.attend; that is the plan's, not a bucket's, so no bucket is charged for it.)
 Each trial is warmed up once, then repeated until REPEATS runs or TRIAL_BUDGET_S, and stopped as
@@ -66,7 +67,7 @@ TRIAL_BUDGET_S = 0.1  # stop repeating a trial that has run this long (its best 
 # decides on what it has (the buckets measured so far; the first dtype when the second is unfinished)
 CALIBRATION_BUDGET_S = 20.0
 MOE_BACKEND_HELP = ("routed experts: auto (calibrated: the fastest per tokens per step), loop, sparse, grouped, bmm, "
-                    "weight-major, native (CPU bf16), reference, or a plan, e.g. 1:native,16:weight-major")
+                    "weight-major, native (CPU bf16 or fp32), reference, or a plan, e.g. 1:native,16:weight-major")
 LOCK_TTL_MS = 120_000  # a worker that dies calibrating holds the others up this long at most
 log = logging.getLogger("streamoe.numerics")
 
@@ -155,7 +156,7 @@ def machine_id(device: str | torch.device) -> str:
 
 
 # Raised when a backend's kernels change (a cached choice was measured on the old ones).
-KERNELS_VERSION = 9
+KERNELS_VERSION = 10
 
 
 def cache_key(machine: str, torch_version: str, device: str, shapes: Shapes, threads: int,
@@ -215,7 +216,7 @@ def measure(shapes: Shapes, dtype: torch.dtype, device: torch.device, backends: 
         for backend in backends:
             took = _best(lambda b=backend, xs=xs, counts=counts: run_experts(b, xs, counts, stack), device,
                          GIVE_UP * best, deadline)
-            if backend == "native" and tokens <= native.LINEAR_ROWS:  # it runs the step's linears of as many rows
+            if backend == "native" and dtype == torch.bfloat16 and tokens <= native.LINEAR_ROWS:  # and the linears
                 took += _best(lambda x=x: native.linear(x, dense_w), device) - timings.dense[tokens]
             timings.moe[tokens][backend] = took
             best = min(best, took)

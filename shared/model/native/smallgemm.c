@@ -1,4 +1,5 @@
-/* streamoe's CPU kernels for a few bf16 rows against weights that are read once (issue #15).
+/* streamoe's CPU kernels for a few bf16 rows against weights that are read once (issue #15), and the
+ * routed experts in fp32 (the last section: AVX2 with FMA, else plain C).
  *
  * At a few rows a matmul is a read of its weights: the time is bytes / bandwidth if the loop keeps
  * the loads streaming. torch's bf16 GEMM paths at these sizes read the weights at a fraction of
@@ -1495,4 +1496,311 @@ int streamoe_decode_layers_bf16(const streamoe_layer *layers, int64_t n, uint16_
     free(x);
     if (rc) return (int)-l;
     return streamoe_rms_norm_bf16(h, D, T, D, final_norm, (float)final_eps, normed, D) ? -(int)n : 0;
+}
+
+/* ---- fp32: the routed experts where the model computes in fp32 (hosts without fast bf16) ----
+ *
+ * The same plain loop as the bf16 dot products, for fp32 weights and rows: a few weight rows at a time,
+ * each 8-lane load multiplied into every input row of a group of <= 6 while in registers (AVX2 with
+ * FMA: 16 vector registers, so R weight rows x M input rows <= 12 sums), the group's sums reduced
+ * across lanes once at the end. A block of R weight rows stays in L1 while every group of the slot's
+ * rows meets it, so the weights are read from memory once per pass however many rows there are.
+ * Without AVX2 the same order in plain C. (torch's fp32 batched products at these shapes reach ~66
+ * GFLOP/s on an AVX2 EPYC, and pad each slot to the largest one's count: loadgen/README.md.) */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define STREAMOE_AVX2 1
+#endif
+
+#define F32_CHUNK 24 /* a slot's rows per pass (the gate/up sums of a pass: F32_CHUNK x 128 fp32) */
+#define F32_GROUP 5  /* input rows met by one block of weight rows in registers */
+
+#ifdef STREAMOE_AVX2
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Lanes [0, n) of a vector of 8 set, n in [0, 8]. */
+static inline __m256i lanes8(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* out[m * ldo + n + i] = sum_k x[m, k] w[n + i, k] for i < R, m < M (compile-time M, R: the sums in registers). */
+static inline __attribute__((always_inline)) void dot_f32_mr(const float *w, int64_t ldw, const float *x, int64_t ldx,
+                                                             int64_t K, const int M, const int R, int64_t n,
+                                                             float *out, int64_t ldo) {
+    __m256 acc[8][F32_GROUP];
+    for (int i = 0; i < R; i++)
+        for (int m = 0; m < M; m++) acc[i][m] = _mm256_setzero_ps();
+    const int64_t body = K & ~(int64_t)7;
+    for (int64_t k = 0; k < body; k += 8) {
+        __m256 wv[8];
+        if ((k & 15) == 0) /* the next block's line at this offset (a prefetch past the end does not fault) */
+            for (int i = 0; i < R; i++) _mm_prefetch((const char *)(w + (n + R + i) * ldw + k), _MM_HINT_T0);
+        for (int i = 0; i < R; i++) wv[i] = _mm256_loadu_ps(w + (n + i) * ldw + k);
+        for (int m = 0; m < M; m++) {
+            const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+            for (int i = 0; i < R; i++) acc[i][m] = _mm256_fmadd_ps(wv[i], xv, acc[i][m]);
+        }
+    }
+    if (body < K) {
+        const __m256i mask = lanes8(K - body);
+        for (int i = 0; i < R; i++) {
+            const __m256 wv = _mm256_maskload_ps(w + (n + i) * ldw + body, mask);
+            for (int m = 0; m < M; m++)
+                acc[i][m] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x + m * ldx + body, mask), acc[i][m]);
+        }
+    }
+    /* the R x M sums, four at a time (three horizontal adds and one 128-bit add for four) */
+    __m256 flat[8 * F32_GROUP];
+    float sums[8 * F32_GROUP];
+    for (int m = 0; m < M; m++)
+        for (int i = 0; i < R; i++) flat[m * R + i] = acc[i][m];
+    int j = 0;
+    for (; j + 4 <= R * M; j += 4) {
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(flat[j], flat[j + 1]), _mm256_hadd_ps(flat[j + 2], flat[j + 3]));
+        _mm_storeu_ps(sums + j, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    }
+    for (; j < R * M; j++) sums[j] = hsum256(flat[j]);
+    for (int m = 0; m < M; m++)
+        for (int i = 0; i < R; i++) out[m * ldo + n + i] = sums[m * R + i];
+}
+
+/* e^x in 8 fp32 lanes (Cephes' expf, as exp512 above; within 2 ulp), clamped to [-87.3, 88.3]. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.3762626647949f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(_mm256_mul_ps(y, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* times 2^n: n (|n| <= 127) into the exponent field of 1.0, in two halves so 2^n never overflows */
+    const __m256i ni = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(ni, 1);
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
+    const __m256 s2 = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), _mm256_set1_epi32(127)), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(y, s1), s2);
+}
+#endif
+
+/* silu(g) * u for the n fp32 pairs g[i], u[i], into g (8 at a time with AVX2: the exp within 2 ulp). */
+static void silu_mul_f32(float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+#ifdef STREAMOE_AVX2
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* Weight rows per block for a group of M input rows (R x M <= 12 sums, and loads to spare). */
+static inline int f32_block(int64_t M) { return M <= 1 ? 8 : M == 2 ? 4 : M == 3 ? 3 : 2; }
+
+#ifdef STREAMOE_AVX2
+#define F32_CASE(MM, RR) case MM * 16 + RR: dot_f32_mr(w, ldw, x, ldx, K, MM, RR, n, out, ldo); return;
+#endif
+/* One block: weight rows [n, n + R) against the M rows x (M <= F32_GROUP, R as f32_block gives, or 1). */
+static void dot_f32_block(const float *w, int64_t ldw, const float *x, int64_t ldx, int64_t K, int64_t M, int R,
+                          int64_t n, float *out, int64_t ldo) {
+#ifdef STREAMOE_AVX2
+    switch ((int)M * 16 + R) {
+        F32_CASE(1, 8) F32_CASE(2, 4) F32_CASE(3, 3) F32_CASE(3, 2) F32_CASE(4, 2) F32_CASE(5, 2)
+        F32_CASE(1, 1) F32_CASE(2, 1) F32_CASE(3, 1) F32_CASE(4, 1) F32_CASE(5, 1)
+        default: break;
+    }
+#endif
+    for (int i = 0; i < R; i++) { /* plain C, 8 partial sums per row as the vector lanes */
+        const float *row = w + (n + i) * ldw;
+        for (int64_t m = 0; m < M; m++) {
+            float acc[8] = {0};
+            int64_t k = 0;
+            for (; k + 8 <= K; k += 8)
+                for (int j = 0; j < 8; j++) acc[j] += row[k + j] * x[m * ldx + k + j];
+            float s = 0.0f;
+            for (int j = 0; j < 8; j++) s += acc[j];
+            for (; k < K; k++) s += row[k] * x[m * ldx + k];
+            out[m * ldo + n + i] = s;
+        }
+    }
+}
+
+/* out[m * ldo + n] = sum_k x[m, k] w[n, k] for n in [n0, n1) and every m < M: the rows in even groups of at
+ * most F32_GROUP, and each block of weight rows met by every group while it is in L1. */
+static void dot_f32(const float *w, int64_t ldw, const float *x, int64_t ldx, int64_t K, int64_t M, int64_t n0,
+                    int64_t n1, float *out, int64_t ldo) {
+    const int64_t groups = (M + F32_GROUP - 1) / F32_GROUP;
+    const int R = f32_block((M + groups - 1) / groups); /* the largest group's; the others are one row smaller */
+    int64_t n = n0;
+    for (; n + R <= n1; n += R)
+        for (int64_t g = 0, m0 = 0; g < groups; g++) {
+            const int64_t rows = (M - m0) / (groups - g);
+            dot_f32_block(w, ldw, x + m0 * ldx, ldx, K, rows, R, n, out + m0 * ldo, ldo);
+            m0 += rows;
+        }
+    for (; n < n1; n++)
+        for (int64_t g = 0, m0 = 0; g < groups; g++) {
+            const int64_t rows = (M - m0) / (groups - g);
+            dot_f32_block(w, ldw, x + m0 * ldx, ldx, K, rows, 1, n, out + m0 * ldo, ldo);
+            m0 += rows;
+        }
+}
+
+/* One pass of M <= F32_CHUNK rows x (stride D) through gate/up rows [j0, j1) of a slot's w13 [2I, D]:
+ * act [M][ip] columns [j0, j1) = silu(gate) * up, in fp32. `buf` is scratch [F32_CHUNK][128]. */
+static void gate_up_f32(const float *w13, int64_t D, int64_t I, const float *x, int64_t M, int64_t j0, int64_t j1,
+                        float *act, int64_t ip, float *buf) {
+    for (int64_t j = j0; j < j1; j += 64) {
+        const int64_t end = j + 64 < j1 ? j + 64 : j1;
+        dot_f32(w13, D, x, D, D, M, j, end, buf - j, 128);               /* gate rows */
+        dot_f32(w13 + I * D, D, x, D, D, M, j, end, buf + 64 - j, 128);  /* the same up rows */
+        for (int64_t m = 0; m < M; m++) {
+            silu_mul_f32(buf + m * 128, buf + m * 128 + 64, end - j);
+            memcpy(act + m * ip + j, buf + m * 128, sizeof(float) * (size_t)(end - j));
+        }
+    }
+}
+
+/* Routed experts in fp32, as streamoe_experts_bf16 lays them out: xs [P, D] sorted by slot, counts [S],
+ * w13 [S, 2I, D], w2 [S, D, I] -> ys [P, D]. With at least WHOLE_EXPERTS slots in use per thread each
+ * thread runs whole slots (no barrier); else every thread takes a share of each slot's gate/up rows and,
+ * after a barrier, of its down rows. Returns 0, or -1 for a bad argument or no memory. */
+int streamoe_experts_f32(const float *xs, const int64_t *counts, int64_t S, const float *w13, const float *w2,
+                         int64_t D, int64_t I, float *ys, int nthreads) {
+    if (S < 1 || D < 1 || I < 1) return -1;
+    for (int64_t s = 0; s < S; s++)
+        if (counts[s] < 0) return -1;
+    const int threads = nthreads > 0 ? nthreads : 1;
+    int64_t used = 0;
+    for (int64_t s = 0; s < S; s++) used += counts[s] > 0;
+    const int whole = used >= WHOLE_EXPERTS * threads;
+    const int64_t ip = I;
+    int64_t *first = malloc(sizeof(int64_t) * (size_t)(S + 1)), *order = malloc(sizeof(int64_t) * (size_t)(used + 1));
+    float *act = malloc(sizeof(float) * (size_t)((whole ? threads : 2) * F32_CHUNK * ip));
+    if (!act || !first || !order) {
+        free(act);
+        free(first);
+        free(order);
+        return -1;
+    }
+    for (int64_t s = 0, n = 0; s < S; s++) {
+        first[s + 1] = (first[s] = s ? first[s - 1] + counts[s - 1] : 0) + counts[s];
+        if (counts[s] > 0) order[n++] = s;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = malloc(sizeof(float) * (size_t)(F32_CHUNK * 128));
+#pragma omp atomic
+        failed += !buf;
+#pragma omp barrier
+        if (!failed && whole) {
+#ifdef _OPENMP
+            float *a = act + omp_get_thread_num() * F32_CHUNK * ip;
+#else
+            float *a = act;
+#endif
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t u = 0; u < used; u++) {
+                const int64_t s = order[u];
+                for (int64_t r0 = 0; r0 < counts[s]; r0 += F32_CHUNK) {
+                    const int64_t M = counts[s] - r0 < F32_CHUNK ? counts[s] - r0 : F32_CHUNK;
+                    gate_up_f32(w13 + s * 2 * I * D, D, I, xs + (first[s] + r0) * D, M, 0, I, a, ip, buf);
+                    dot_f32(w2 + s * D * I, I, a, ip, I, M, 0, D, ys + (first[s] + r0) * D, D);
+                }
+            }
+        } else if (!failed) {
+            int64_t lo_i, hi_i, lo_d, hi_d, chunk = 0;
+            share(I, 8, &lo_i, &hi_i);
+            share(D, 8, &lo_d, &hi_d);
+            for (int64_t u = 0; u < used; u++) {
+                const int64_t s = order[u];
+                for (int64_t r0 = 0; r0 < counts[s]; r0 += F32_CHUNK, chunk++) {
+                    const int64_t M = counts[s] - r0 < F32_CHUNK ? counts[s] - r0 : F32_CHUNK;
+                    float *a = act + (chunk & 1) * F32_CHUNK * ip; /* two passes' worth: one barrier a pass */
+                    gate_up_f32(w13 + s * 2 * I * D, D, I, xs + (first[s] + r0) * D, M, lo_i, hi_i, a, ip, buf);
+#pragma omp barrier
+                    dot_f32(w2 + s * D * I, I, a, ip, I, M, lo_d, hi_d, ys + (first[s] + r0) * D, D);
+                }
+            }
+        }
+        free(buf);
+    }
+    free(act);
+    free(first);
+    free(order);
+    return failed ? -1 : 0;
+}
+
+/* A routed MoE layer in fp32 from its routing, as streamoe_moe_bf16 (the pairs sorted by slot, stable;
+ * streamoe_experts_f32; each token's outputs combined in slot order, the first product then one product
+ * added at a time, as experts.combine does; no rounding to bf16): x [T, D], ids [T, K], weights [T, K]
+ * -> out [T, D]; each slot's pair count added to load [S] where given. Returns 0, or -1. */
+int streamoe_moe_f32(const float *x, int64_t T, int64_t D, const int64_t *ids, const float *weights, int64_t K,
+                     int64_t S, const float *w13, const float *w2, int64_t I, float *out, int64_t *load,
+                     int nthreads) {
+    if (T < 1 || D < 1 || K < 1 || K > 64 || S < 1 || I < 1) return -1;
+    const int64_t P = T * K;
+    for (int64_t i = 0; i < P; i++)
+        if (ids[i] < 0 || ids[i] >= S) return -1;
+    int64_t *counts = calloc((size_t)S, sizeof(int64_t)), *row = malloc(sizeof(int64_t) * (size_t)P);
+    int64_t *next = malloc(sizeof(int64_t) * (size_t)S);
+    float *xs = malloc(sizeof(float) * (size_t)(P * D)), *ys = malloc(sizeof(float) * (size_t)(P * D));
+    int rc = -1;
+    if (counts && row && next && xs && ys) {
+        for (int64_t i = 0; i < P; i++) counts[ids[i]]++;
+        if (load)
+            for (int64_t e = 0; e < S; e++) load[e] += counts[e];
+        for (int64_t s = 0, start = 0; s < S; s++) {
+            next[s] = start;
+            start += counts[s];
+        }
+        for (int64_t i = 0; i < P; i++) { /* pair i = (token i / K, its k-th expert) */
+            row[i] = next[ids[i]]++;
+            memcpy(xs + row[i] * D, x + (i / K) * D, sizeof(float) * (size_t)D);
+        }
+        rc = streamoe_experts_f32(xs, counts, S, w13, w2, D, I, ys, nthreads);
+    }
+    if (rc == 0) {
+#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            int64_t order[64]; /* this token's pairs by slot (a token's slots are distinct) */
+            for (int64_t k = 0; k < K; k++) {
+                int64_t j = k;
+                for (; j > 0 && ids[t * K + order[j - 1]] > ids[t * K + k]; j--) order[j] = order[j - 1];
+                order[j] = k;
+            }
+            float *o = out + t * D;
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t pair = t * K + order[k];
+                const float *y = ys + row[pair] * D;
+                const float w = weights[pair];
+                if (k == 0)
+                    for (int64_t d = 0; d < D; d++) o[d] = y[d] * w;
+                else
+                    for (int64_t d = 0; d < D; d++) {
+                        const float product = y[d] * w;
+                        o[d] = o[d] + product;
+                    }
+            }
+        }
+    }
+    free(counts);
+    free(row);
+    free(next);
+    free(xs);
+    free(ys);
+    return rc;
 }
