@@ -170,11 +170,23 @@ def read_probe(device: str = "cpu", gib: float = 0.25) -> Callable[[], dict[str,
     return probe
 
 
-def matmul_rate(dtype: torch.dtype, device: str = "cpu", size: int = 2048, repeats: int = 3) -> float:
-    """FLOP/s of a square matmul in `dtype` (the compute roof of the roofline). Best of `repeats`."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    a @ b
+def matmul_rate(dtype: torch.dtype, device: str = "cpu", size: int = 2048, repeats: int = 3,
+                slow_s: float = 0.1) -> float:
+    """FLOP/s of a square matmul in `dtype` (the compute roof of the roofline), best of `repeats`: at
+    `size`, or at the largest power of two from 256 up whose product took over `slow_s` (where the
+    dtype crawls, as bf16 on a CPU without AVX512-BF16 or AMX: a 2048³ product there takes ~25 s,
+    and the rate is what a smaller one shows)."""
+    n = min(256, size)
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b  # the warm-up, timed only to decide whether to go larger
+        _sync(device)
+        if n >= size or time.perf_counter() - t0 > slow_s:
+            break
+        n *= 2
     best = float("inf")
     for _ in range(repeats):
         _sync(device)
@@ -182,7 +194,7 @@ def matmul_rate(dtype: torch.dtype, device: str = "cpu", size: int = 2048, repea
         a @ b
         _sync(device)
         best = min(best, time.perf_counter() - t0)
-    return 2 * size ** 3 / best
+    return 2 * n ** 3 / best
 
 
 def _sync(device: str) -> None:
