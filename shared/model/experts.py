@@ -56,8 +56,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, D] -> [M, D]; plus `add` [M, D] where given (the MoE layer's routed sum)."""
         gate, up, down = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
-        if (self.gate_proj.runs_native(x) and x.stride(1) == 1 and gate.is_contiguous() and up.is_contiguous()
-                and down.is_contiguous() and (add is None or (add.dtype == x.dtype and add.is_contiguous()))):
+        if (x.dtype == torch.bfloat16 and self.gate_proj.runs_native(x) and x.stride(1) == 1  # (fp32: each linear)
+                and gate.is_contiguous() and up.is_contiguous() and down.is_contiguous()
+                and (add is None or (add.dtype == x.dtype and add.is_contiguous()))):
             return native._mlp(x, gate, up, down, add, native.library())  # the same steps in one call
         y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return y if add is None else add + y

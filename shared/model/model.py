@@ -241,8 +241,9 @@ class DeepseekV3(nn.Module):
         token count (`1:loop,16:weight-major`); refused, naming device and dtype, where it cannot run.
         The token counts whose backend is `native` also run the linears, the norms
         and gates of up to 64 (native.Linear, RMSNorm, Gate) and the rotary embeddings and cache rows of
-        up to 64 (MLA) through its kernels; a plan with `native` at any count runs every step's
-        single-token decode attention in place (MLA._decode_in_place), at every count."""
+        up to 64 (MLA) through its kernels (in fp32 the linears of up to native.F32_LINEAR_ROWS only); in
+        bf16 a plan with `native` at any count runs every step's single-token decode attention in place
+        (MLA._decode_in_place), at every count."""
         plan = backend if isinstance(backend, MoEPlan) else MoEPlan.parse(backend)
         check_supported(plan, self.device, self.dtype)
         _registrations[0] += 1  # the modules' native row counts change: a LayerWeightsView is described again

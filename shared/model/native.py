@@ -9,13 +9,15 @@ else in plain C (`kind()`). The entry points:
 - `linear(x, weight)`: x [M, K] @ weightᵀ for M <= LINEAR_ROWS (nn.Linear without bias): up to 15
   rows the weights read once, the rows met 8 at a time; from 16 rows (AVX512-BF16, K even) outer
   products, the rows packed by channel pairs and each weight pair broadcast against 16 rows at once;
+  in fp32 up to F32_LINEAR_ROWS rows on the fp32 experts' loops (below);
 - `experts(xs, counts, w13, w2)`: a whole MoE layer's routed experts in one call (the `native`
   MoE backend, experts.py): each slot's pairs, 8 at a time, through gate/up, silu·mul and down;
   the intermediate silu·mul is rounded to bf16 where the dot products take bf16 (as torch's bf16
   path rounds it), else kept in fp32. fp32 rows and stacks take the fp32 loops (AVX2 with FMA,
   else plain C): a slot's pairs 24 at a time, met by blocks of weight rows in groups of up to 5
-  while the block is in L1, the next block prefetched; where a model computes in fp32 this is the
-  only native kernel it runs (its linears, norms and attention stay torch's);
+  while the block is in L1, the next block prefetched; where a model computes in fp32 these and
+  `linear` up to F32_LINEAR_ROWS rows are the native kernels it runs (its norms, attention and
+  larger linears stay torch's);
 - `decode_attention(q, rows, slots, lengths, latent, scale)`: single-token decodes on the absorbed
   path, each sequence's context read in place from the cache rows by slot (nothing gathered),
   scores and softmax in fp32, the weighted sum in fp32 (with AVX512-BF16 of the probabilities
@@ -70,6 +72,7 @@ from shared.launcher.cliargs import home
 SOURCE = Path(__file__).with_name("native") / "smallgemm.c"
 MAX_ROWS = 8  # rows per kernel pass (the C file's MAX_ROWS)
 LINEAR_ROWS = 64  # the most rows `linear` takes (at 64 1.1-1.4x torch's GEMM per call; at 512 torch's is faster)
+F32_LINEAR_ROWS = 32  # in fp32 (AVX2 EPYC, cold weights: 1.4-4x torch's at 1-16 rows, 1.1-2.5x at 32, 0.8-1.2x at 64)
 NORM_ROWS = 64  # the most rows norm.RMSNorm gives `rms_norm` (a decode batch, not a prefill)
 FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off")  # no fused multiply-adds but the written ones
 _INT, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -127,6 +130,7 @@ def build(march: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.streamoe_linear_bf16.argtypes = [_PTR, _INT, _PTR, _INT, _INT, _INT, _INT, _PTR, _INT, ctypes.c_int]
     lib.streamoe_experts_bf16.argtypes = [_PTR, _PTR, _INT, _PTR, _PTR, _PTR, _PTR, _INT, _INT, _PTR, ctypes.c_int]
+    lib.streamoe_linear_f32.argtypes = [_PTR, _INT, _PTR, _INT, _INT, _INT, _INT, _PTR, _INT, ctypes.c_int]
     lib.streamoe_experts_f32.argtypes = [_PTR, _PTR, _INT, _PTR, _PTR, _INT, _INT, _PTR, ctypes.c_int]
     lib.streamoe_moe_f32.argtypes = [_PTR, _INT, _INT, _PTR, _PTR, _INT, _INT, _PTR, _PTR, _INT, _PTR, _PTR,
                                      ctypes.c_int]
@@ -159,7 +163,7 @@ def build(march: str) -> ctypes.CDLL:
                lib.streamoe_store_rows_bf16, lib.streamoe_mla_decode_bf16, lib.streamoe_moe_block_bf16,
                lib.streamoe_linear_bf16, lib.streamoe_experts_bf16, lib.streamoe_decode_attention_bf16,
                lib.streamoe_heads_bf16, lib.streamoe_rms_norm_bf16, lib.streamoe_moe_bf16, lib.streamoe_native_avx512,
-               lib.streamoe_experts_f32, lib.streamoe_moe_f32):
+               lib.streamoe_experts_f32, lib.streamoe_moe_f32, lib.streamoe_linear_f32, lib.streamoe_native_avx2):
         fn.restype = ctypes.c_int
     return lib
 
@@ -167,6 +171,11 @@ def build(march: str) -> ctypes.CDLL:
 def kind(lib: ctypes.CDLL | None = None) -> str:
     """How the built loops multiply: `avx512-bf16`, `avx512` or `c`."""
     return {2: "avx512-bf16", 1: "avx512"}.get((lib or library()).streamoe_native_avx512(), "c")
+
+
+def f32_kind(lib: ctypes.CDLL | None = None) -> str:
+    """How the fp32 loops multiply: `avx2` (with FMA) or `c`."""
+    return "avx2" if (lib or library()).streamoe_native_avx2() else "c"
 
 
 def unavailable() -> str | None:
@@ -179,16 +188,20 @@ def unavailable() -> str | None:
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear` takes these: CPU bf16, 1..LINEAR_ROWS rows, weight rows contiguous."""
-    return (x.dim() == 2 and 0 < x.shape[0] <= LINEAR_ROWS and x.dtype == weight.dtype == torch.bfloat16
-            and x.device.type == "cpu" and weight.device.type == "cpu" and weight.stride(1) == 1)
+    """Whether `linear` takes these: CPU bf16 of 1..LINEAR_ROWS rows or fp32 of 1..F32_LINEAR_ROWS,
+    weight rows contiguous."""
+    rows = LINEAR_ROWS if x.dtype == torch.bfloat16 else F32_LINEAR_ROWS if x.dtype == torch.float32 else 0
+    return (x.dim() == 2 and 0 < x.shape[0] <= rows and x.dtype == weight.dtype and x.device.type == "cpu"
+            and weight.device.type == "cpu" and weight.stride(1) == 1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """x [M, K] bf16 (M <= LINEAR_ROWS) @ weight [N, K]ᵀ -> [M, N] bf16, accumulated in fp32."""
+    """x [M, K] @ weight [N, K]ᵀ -> [M, N], accumulated in fp32: bf16 (M <= LINEAR_ROWS; each output
+    rounded once) or fp32 (M <= F32_LINEAR_ROWS)."""
     if not supports(x, weight):
         raise ValueError(f"native.linear: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}: "
-                         f"needs CPU bf16, 1..{LINEAR_ROWS} rows, contiguous weight rows")
+                         f"needs CPU bf16 of 1..{LINEAR_ROWS} rows or fp32 of 1..{F32_LINEAR_ROWS}, "
+                         "contiguous weight rows")
     return _linear(x, weight, lib or library())
 
 
@@ -199,9 +212,10 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL) -> torch.Te
         x = x.contiguous()
     m, k = x.shape
     n = weight.shape[0]
-    y = torch.empty(m, n, dtype=torch.bfloat16)
-    rc = lib.streamoe_linear_bf16(weight.data_ptr(), weight.stride(0), x.data_ptr(), x.stride(0),
-                                  m, k, n, y.data_ptr(), n, torch.get_num_threads())
+    y = torch.empty(m, n, dtype=x.dtype)
+    fn = lib.streamoe_linear_f32 if x.dtype == torch.float32 else lib.streamoe_linear_bf16
+    rc = fn(weight.data_ptr(), weight.stride(0), x.data_ptr(), x.stride(0), m, k, n, y.data_ptr(), n,
+            torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"native.linear failed on x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     return y
@@ -627,10 +641,12 @@ class Linear(nn.Linear):
     native_rows: frozenset[int] = frozenset()
 
     def runs_native(self, x: torch.Tensor) -> bool:
-        """`supports`, with the row count checked against native_rows (1..LINEAR_ROWS at most)."""
+        """`supports`, with the row count checked against native_rows (1..LINEAR_ROWS at most; in fp32
+        1..F32_LINEAR_ROWS)."""
         w = self.weight
-        return (x.dim() == 2 and x.shape[0] in self.native_rows and x.dtype == w.dtype == torch.bfloat16 and x.is_cpu
-                and w.is_cpu and w.stride(1) == 1)
+        return (x.dim() == 2 and x.shape[0] in self.native_rows and x.dtype == w.dtype and x.is_cpu and w.is_cpu
+                and w.stride(1) == 1 and (x.dtype == torch.bfloat16 or (x.dtype == torch.float32
+                                                                        and x.shape[0] <= F32_LINEAR_ROWS)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.runs_native(x):

@@ -7,9 +7,8 @@ candidate dtype and each token bucket B in BUCKETS:
   (loop, sparse, grouped, bmm, weight-major, native, each where `check_supported` allows it;
   never `reference`);
 - one dense matmul [B, hidden] @ [hidden, intermediate_size] (attention and the dense layers).
-`native` also runs the step's bf16 linears (at most native.LINEAR_ROWS tokens), so in bf16 its MoE time is
-charged the difference they make: the dense matmul through native.linear against torch (in fp32 it runs
-the routed experts only). (A plan with
+`native` also runs the step's linears (at most native.LINEAR_ROWS tokens in bf16, F32_LINEAR_ROWS in fp32),
+so its MoE time is charged the difference they make: the dense matmul through native.linear against torch. (A plan with
 `native` at any count also runs every single-token decode attention in place, at every count:
 attention.MLA.attend; that is the plan's, not a bucket's, so no bucket is charged for it.)
 Each trial is warmed up once, then repeated until REPEATS runs or TRIAL_BUDGET_S, and stopped as
@@ -156,7 +155,7 @@ def machine_id(device: str | torch.device) -> str:
 
 
 # Raised when a backend's kernels change (a cached choice was measured on the old ones).
-KERNELS_VERSION = 10
+KERNELS_VERSION = 11
 
 
 def cache_key(machine: str, torch_version: str, device: str, shapes: Shapes, threads: int,
@@ -216,7 +215,7 @@ def measure(shapes: Shapes, dtype: torch.dtype, device: torch.device, backends: 
         for backend in backends:
             took = _best(lambda b=backend, xs=xs, counts=counts: run_experts(b, xs, counts, stack), device,
                          GIVE_UP * best, deadline)
-            if backend == "native" and dtype == torch.bfloat16 and tokens <= native.LINEAR_ROWS:  # and the linears
+            if backend == "native" and native.supports(x, dense_w):  # it runs the step's linears of as many rows
                 took += _best(lambda x=x: native.linear(x, dense_w), device) - timings.dense[tokens]
             timings.moe[tokens][backend] = took
             best = min(best, took)

@@ -1512,6 +1512,15 @@ int streamoe_decode_layers_bf16(const streamoe_layer *layers, int64_t n, uint16_
 #define STREAMOE_AVX2 1
 #endif
 
+/* 1: the fp32 loops use AVX2 with FMA, 0: plain C. */
+int streamoe_native_avx2(void) {
+#ifdef STREAMOE_AVX2
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 #define F32_CHUNK 24 /* a slot's rows per pass (the gate/up sums of a pass: F32_CHUNK x 128 fp32) */
 #define F32_GROUP 5  /* input rows met by one block of weight rows in registers */
 
@@ -1656,6 +1665,20 @@ static void dot_f32(const float *w, int64_t ldw, const float *x, int64_t ldx, in
             dot_f32_block(w, ldw, x + m0 * ldx, ldx, K, rows, 1, n, out + m0 * ldo, ldo);
             m0 += rows;
         }
+}
+
+/* y [M, N] (row stride ldy) = x [M, K] (ldx) @ w [N, K]^T (ldw), fp32: each thread a share of the weight
+ * rows, read once, met by every group of rows. Returns 0, or -1 for a bad argument. */
+int streamoe_linear_f32(const float *w, int64_t ldw, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t N,
+                        float *y, int64_t ldy, int nthreads) {
+    if (M < 1 || K < 1 || N < 1 || ldw < K || ldx < K || ldy < N) return -1;
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+    {
+        int64_t lo, hi;
+        share(N, 8, &lo, &hi);
+        if (lo < hi) dot_f32(w, ldw, x, ldx, K, M, lo, hi, y, ldy);
+    }
+    return 0;
 }
 
 /* One pass of M <= F32_CHUNK rows x (stride D) through gate/up rows [j0, j1) of a slot's w13 [2I, D]:
